@@ -1,0 +1,239 @@
+"""Load a Mamba checkpoint from a local directory or a Hugging Face Hub id, in either format.
+
+Formats:
+- state-spaces: `config.json` with d_model / n_layer / ssm_cfg / pad_vocab_size_multiple /
+  tie_embeddings, and `pytorch_model.bin`.
+- Hugging Face transformers: `config.json` of a `Mamba2Config` / `MambaConfig` and
+  `model.safetensors`, or shards listed in `model.safetensors.index.json`.
+
+Sizes (inner width, heads, groups, state size, dt rank, kernel) are derived from the weight shapes;
+the config only settles what shapes cannot (ngroups vs d_state, epsilons, chunk size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from server.model.config import Arch, ConfigError, Format, ModelConfig
+from server.model.lm import MambaLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SS_WEIGHTS = "pytorch_model.bin"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be found or read; the message names what is missing."""
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local directory as is; otherwise a Hub repo id, downloaded (with progress) or taken
+    from the local cache when HF_HUB_OFFLINE is set."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; --model takes a checkpoint directory or a Hub id")
+        return path
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"model directory {text} does not exist (and it is not a Hub id 'org/name')")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    log.info("fetching %s from the Hugging Face Hub%s", repo_id, " (offline: cache only)" if offline else "")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(f"{repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hub: {exc}") from exc
+
+
+def read_raw_config(model_dir: Path) -> dict[str, Any]:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{cfg_path} must hold a JSON object")
+    return raw
+
+
+def detect_format(raw: Mapping[str, Any]) -> Format:
+    if "d_model" in raw and "n_layer" in raw:
+        return "state-spaces"
+    if raw.get("model_type") in ("mamba2", "mamba", "falcon_mamba") or "hidden_size" in raw:
+        return "hf"
+    raise ModelLoadError("config.json is neither a state-spaces nor a transformers Mamba config")
+
+
+def read_weights(model_dir: Path) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint, from safetensors (single or sharded) or pytorch_model.bin."""
+    if (model_dir / HF_INDEX).is_file():
+        return _read_sharded(model_dir)
+    if (model_dir / HF_WEIGHTS).is_file():
+        return load_file(str(model_dir / HF_WEIGHTS))
+    if (model_dir / SS_WEIGHTS).is_file():
+        state = torch.load(model_dir / SS_WEIGHTS, map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    raise ModelLoadError(f"{model_dir} has no weights: expected {HF_WEIGHTS}, {HF_INDEX} or {SS_WEIGHTS}")
+
+
+def _read_sharded(model_dir: Path) -> dict[str, Tensor]:
+    index = json.loads((model_dir / HF_INDEX).read_text())
+    shards = sorted(set(index.get("weight_map", {}).values()))
+    missing = [s for s in shards if not (model_dir / s).is_file()]
+    if missing:
+        raise ModelLoadError(f"{model_dir} is missing shards listed in {HF_INDEX}: {', '.join(missing)}")
+    weights: dict[str, Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(str(model_dir / shard)))
+    return weights
+
+
+def canonical_names(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Map both formats' names onto the state-spaces layout MambaLM uses."""
+    out = {}
+    for name, tensor in weights.items():
+        name = name.removeprefix("model.")
+        out[name.replace("backbone.embeddings.", "backbone.embedding.")] = tensor
+    return out
+
+
+def config_from_checkpoint(raw: Mapping[str, Any], weights: Mapping[str, Tensor]) -> ModelConfig:
+    fmt = detect_format(raw)
+    common = _shared_fields(raw, weights, fmt)
+    arch: Arch = "mamba2" if "backbone.layers.0.mixer.dt_bias" in weights else "mamba1"
+    shapes = _mamba2_shapes(raw, weights, fmt) if arch == "mamba2" else _mamba1_shapes(weights)
+    try:
+        return ModelConfig(arch=arch, **common, **shapes)
+    except (TypeError, ConfigError) as exc:
+        raise ModelLoadError(f"inconsistent checkpoint: {exc}") from exc
+
+
+def _shared_fields(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format) -> dict[str, Any]:
+    emb = _need(w, "backbone.embedding.weight")
+    n_layer = sum(1 for k in w if k.startswith("backbone.layers.") and k.endswith(".mixer.in_proj.weight"))
+    if fmt == "state-spaces":
+        if raw.get("d_intermediate", 0) or raw.get("attn_layer_idx"):
+            raise ModelLoadError("hybrid checkpoints (MLP or attention layers) are not supported")
+        ssm_cfg = raw.get("ssm_cfg") or {}
+        unpadded, eps = int(raw.get("vocab_size", emb.shape[0])), float(raw.get("norm_epsilon", 1e-5))
+        residual_fp32 = bool(raw.get("residual_in_fp32", True))
+        dt_limit = tuple(ssm_cfg.get("dt_limit", (0.0, float("inf"))))
+    else:
+        unpadded, eps = emb.shape[0], float(raw.get("layer_norm_epsilon", 1e-5))
+        residual_fp32 = bool(raw.get("residual_in_fp32", True))
+        dt_limit = tuple(raw.get("time_step_limit", (0.0, float("inf"))))
+    tied = "lm_head.weight" not in w or bool(
+        w["lm_head.weight"].data_ptr() == emb.data_ptr() or torch.equal(w["lm_head.weight"], emb)
+    )
+    return {
+        "d_model": emb.shape[1],
+        "n_layer": n_layer,
+        "vocab_size": emb.shape[0],
+        "unpadded_vocab_size": min(unpadded, emb.shape[0]),
+        "norm_eps": eps,
+        "residual_in_fp32": residual_fp32,
+        "tie_embeddings": tied,
+        "conv_bias": "backbone.layers.0.mixer.conv1d.bias" in w,
+        "proj_bias": "backbone.layers.0.mixer.in_proj.bias" in w,
+        "dt_limit": (_number(dt_limit[0]), _number(dt_limit[1])),
+        "extra": {"format": fmt},
+    }
+
+
+def _mamba2_shapes(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format) -> dict[str, Any]:
+    conv = _need(w, "backbone.layers.0.mixer.conv1d.weight")  # (c, 1, k)
+    nheads = _need(w, "backbone.layers.0.mixer.A_log").shape[0]
+    d_inner = _need(w, "backbone.layers.0.mixer.out_proj.weight").shape[1]
+    ssm_cfg = raw.get("ssm_cfg") or {}
+    ngroups = int(ssm_cfg.get("ngroups", 1) if fmt == "state-spaces" else raw.get("n_groups", 1))
+    bc = conv.shape[0] - d_inner  # 2 * g * n
+    if bc <= 0 or bc % (2 * ngroups):
+        raise ModelLoadError(
+            f"conv width {conv.shape[0]} does not fit d_inner {d_inner} and {ngroups} groups"
+        )
+    chunk = ssm_cfg.get("chunk_size", 256) if fmt == "state-spaces" else raw.get("chunk_size", 256)
+    return {
+        "d_inner": d_inner,
+        "headdim": d_inner // nheads,
+        "ngroups": ngroups,
+        "d_state": bc // (2 * ngroups),
+        "d_conv": conv.shape[-1],
+        "chunk_size": int(chunk),
+        "expand": max(1, d_inner // _need(w, "backbone.embedding.weight").shape[1]),
+    }
+
+
+def _mamba1_shapes(w: Mapping[str, Tensor]) -> dict[str, Any]:
+    a_log = _need(w, "backbone.layers.0.mixer.A_log")  # (e, n)
+    return {
+        "d_inner": a_log.shape[0],
+        "d_state": a_log.shape[1],
+        "d_conv": _need(w, "backbone.layers.0.mixer.conv1d.weight").shape[-1],
+        "dt_rank": _need(w, "backbone.layers.0.mixer.dt_proj.weight").shape[1],
+        "expand": max(1, a_log.shape[0] // _need(w, "backbone.embedding.weight").shape[1]),
+    }
+
+
+def _number(value: Any) -> float:
+    """A JSON number, string ("inf") or transformers' {"__float__": "Infinity"} encoding."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
+def _need(w: Mapping[str, Tensor], name: str) -> Tensor:
+    if name not in w:
+        raise ModelLoadError(f"checkpoint lacks tensor {name}")
+    return w[name]
+
+
+def load_model(
+    path_or_id: str | os.PathLike[str], *, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> tuple[ModelConfig, MambaLM]:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model_dir = resolve_model_dir(path_or_id)
+    raw = read_raw_config(model_dir)
+    weights = canonical_names(read_weights(model_dir))
+    cfg = config_from_checkpoint(raw, weights)
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    result = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights do not match the config: missing {missing}, unexpected {result.unexpected_keys}"
+        )
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    log.info(
+        "loaded %s %s (%d layers, d_model %d) from %s", cfg.arch, dtype, cfg.n_layer, cfg.d_model, model_dir
+    )
+    return cfg, model

@@ -1,0 +1,69 @@
+"""The Mamba2 mixer (state-spaces layout), with an explicit (conv, ssm) state in and out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from server.model.config import ModelConfig
+from server.model.layers import GatedRMSNorm, causal_conv, causal_conv_step
+from server.model.ssd import ssd_scan, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, h, c = cfg.d_inner, cfg.nheads, cfg.conv_dim
+        self.in_proj = nn.Linear(
+            cfg.d_model, cfg.d_in_proj, bias=cfg.proj_bias
+        )  # -> [z (e), xBC (c), dt (h)]
+        self.conv1d = nn.Conv1d(c, c, cfg.d_conv, groups=c, bias=cfg.conv_bias)  # weight (c, 1, k)
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.D = nn.Parameter(torch.ones(h))
+        self.norm = GatedRMSNorm(e, group_size=e // cfg.ngroups, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.proj_bias)
+
+    def _split_proj(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        z, xbc, dt = zxbcdt.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        return z, xbc, dt
+
+    def _dt(self, dt: Tensor) -> Tensor:
+        lo, hi = self.cfg.dt_limit
+        return F.softplus(dt.float() + self.dt_bias.float()).clamp(lo, hi)
+
+    def _A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())  # (h,)
+
+    def _skip(self, x: Tensor) -> Tensor:
+        # D is (h,) or, for D_has_hdim checkpoints, (h, p); x is (..., h, p)
+        d = self.D.float()
+        return x.float() * (d if d.dim() == 2 else d.unsqueeze(-1))
+
+    def forward(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u: (b, l, d); conv_state: (b, c, k-1); ssm_state: (b, h, p, n) fp32 -> (out, conv, ssm)."""
+        cfg = self.cfg
+        z, xbc, dt = self._split_proj(self.in_proj(u))
+        xbc, conv_state = causal_conv(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
+        x, B, C = xbc.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))  # (b, l, h, p)
+        B, C = (t.unflatten(-1, (cfg.ngroups, cfg.d_state)) for t in (B, C))  # (b, l, g, n)
+        y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, cfg.chunk_size, ssm_state)
+        y = (y + self._skip(x)).flatten(-2)  # (b, l, e)
+        out = self.out_proj(self.norm(y, z).to(u.dtype))
+        return out, conv_state, ssm_state
+
+    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u: (b, d), one token per row; states as in `forward`."""
+        cfg = self.cfg
+        z, xbc, dt = self._split_proj(self.in_proj(u))
+        xbc, conv_state = causal_conv_step(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
+        x, B, C = xbc.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))  # (b, h, p)
+        B, C = (t.unflatten(-1, (cfg.ngroups, cfg.d_state)) for t in (B, C))  # (b, g, n)
+        y, ssm_state = ssd_step(x, self._dt(dt), self._A(), B, C, ssm_state)
+        y = (y + self._skip(x)).flatten(-2)  # (b, e)
+        return self.out_proj(self.norm(y, z).to(u.dtype)), conv_state, ssm_state

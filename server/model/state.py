@@ -1,0 +1,58 @@
+"""The live state pool: one (conv, ssm) state per slot and layer, preallocated.
+
+    conv: (n_layer, slots, c, k-1)  model dtype  the last k-1 inputs of the depthwise conv
+    ssm:  (n_layer, slots, h, p, n) fp32         Mamba2 (h heads of dim p, state size n)
+          (n_layer, slots, e, n)    fp32         Mamba1
+
+A slot's state as named tensors (what the cache stores) drops the slot axis:
+    "conv": (n_layer, c, k-1), "ssm": (n_layer, h, p, n) or (n_layer, e, n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from server.model.config import ModelConfig
+
+StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class StatePool:
+    def __init__(self, cfg: ModelConfig, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.slots = cfg, slots
+        self.conv = torch.zeros(cfg.n_layer, slots, cfg.conv_dim, cfg.d_conv - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(cfg.n_layer, slots, *cfg.ssm_state_shape(), dtype=torch.float32, device=device)
+
+    def spec(self) -> StateSpec:
+        return {
+            "conv": ((self.conv.shape[0], *self.conv.shape[2:]), self.conv.dtype),
+            "ssm": ((self.ssm.shape[0], *self.ssm.shape[2:]), self.ssm.dtype),
+        }
+
+    def check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.slots})")
+
+    def read(self, slot: int) -> dict[str, Tensor]:
+        """A copy of one slot's state."""
+        self.check_slot(slot)
+        return {"conv": self.conv[:, slot].clone(), "ssm": self.ssm[:, slot].clone()}
+
+    def write(self, slot: int, state: Mapping[str, Tensor]) -> None:
+        self.check_slot(slot)
+        spec = self.spec()
+        if set(state) != set(spec):
+            raise ValueError(f"state names {sorted(state)} != {sorted(spec)}")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != spec[name][0]:
+                raise ValueError(f"state {name!r} has shape {tuple(tensor.shape)}, expected {spec[name][0]}")
+        self.conv[:, slot].copy_(state["conv"], non_blocking=True)
+        self.ssm[:, slot].copy_(state["ssm"], non_blocking=True)
+
+    def reset(self, slot: int) -> None:
+        self.check_slot(slot)
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
