@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
-class FinishReason(str, Enum):
+class FinishReason(str, Enum):  # noqa: UP042  (str() of a member must stay "FinishReason.X")
     STOP = "stop"  # an EOS / stop token / stop string
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # client disconnected or request cancelled (never sent to clients)
