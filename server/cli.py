@@ -26,4 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_arguments(sub.add_parser("generate", help="print one completion and the tokens/s"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return generate.run(args)
+    from server.model.loader import ModelLoadError
+
+    try:
+        return generate.run(args)
+    except (ModelLoadError, RuntimeError, OSError) as exc:
+        print(f"tssc: error: {exc}", file=sys.stderr)
+        return 2
