@@ -1,0 +1,83 @@
+"""A pool of fixed-size byte blocks, preallocated on one device (hot: VRAM; cold: pinned host RAM).
+
+No allocator call per checkpoint and no fragmentation: a checkpoint occupies exactly one block. Not
+thread-safe: `StateCache` calls it under its lock. Reading or writing a block's bytes happens outside the
+lock, protected by the owner's pins. `fences` hold the CUDA event after the last reader of a freed block;
+a writer reusing the block waits on it first.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+
+class BlockArena:
+    """`n` blocks of `block_bytes` each, in chunks of `(blocks, block_bytes)` uint8 tensors."""
+
+    def __init__(self, block_bytes: int, budget_bytes: int, device: torch.device, pin: bool) -> None:
+        self.block_bytes = block_bytes
+        self.device = device
+        self._pin = pin and device.type == "cpu"
+        self._chunks: list[torch.Tensor] = []
+        self._bases: list[int] = []
+        self._allocated = 0
+        self._free: list[int] = []
+        self.fences: dict[int, torch.cuda.Event] = {}
+        self.used = 0
+        self.target = budget_bytes // block_bytes
+        self._grow(self.target)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks usable now: the target, or more while pinned blocks keep occupancy above a shrunk target."""
+        return max(self.target, self.used)
+
+    @property
+    def bytes_used(self) -> int:
+        return self.used * self.block_bytes
+
+    @property
+    def bytes_capacity(self) -> int:
+        return self.capacity * self.block_bytes
+
+    def alloc(self) -> int | None:
+        """A free block id, or None when the tier is at capacity (the caller evicts and retries)."""
+        if self.used >= self.target or not self._free:
+            return None
+        self.used += 1
+        return self._free.pop()
+
+    def release(self, block: int, fence: torch.cuda.Event | None = None) -> None:
+        self.used -= 1
+        self._free.append(block)
+        if fence is not None:
+            self.fences[block] = fence
+
+    def block(self, block: int) -> torch.Tensor:
+        """`(block_bytes,)` uint8 view of one block."""
+        i = bisect.bisect_right(self._bases, block) - 1
+        return self._chunks[i][block - self._bases[i]]
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """New target; grows the physical pool if needed (shrinking keeps memory, lowers the limit)."""
+        self.target = budget_bytes // self.block_bytes
+        self._grow(self.target)
+
+    def over(self) -> int:
+        """Blocks to evict to get back under the target."""
+        return max(0, self.used - self.target)
+
+    def _grow(self, blocks: int) -> None:
+        extra = blocks - self._allocated
+        if extra <= 0:
+            return
+        # (blocks, block_bytes) uint8; pinned host memory is allocated pinned (no pageable copy first)
+        chunk = torch.empty(
+            (extra, self.block_bytes), dtype=torch.uint8, device=self.device, pin_memory=self._pin
+        )
+        self._chunks.append(chunk)
+        self._bases.append(self._allocated)
+        self._free = list(range(self._allocated + extra - 1, self._allocated - 1, -1)) + self._free
+        self._allocated += extra

@@ -1,0 +1,162 @@
+"""Contracts of the state cache: what the engine may call, what locks, what mutates, when eviction is safe.
+
+Vocabulary (see DESIGN.md): a *checkpoint* is the complete recurrent state of one sequence after its first
+`position` tokens, stored as named tensors (`spec`: name -> (shape, dtype) of one slot's state, e.g.
+`conv: (n_layer, conv_dim, d_conv - 1)`, `ssm: (n_layer, nheads, headdim, d_state)`). A checkpoint lives in
+one or more *tiers*: `hot` (device arena, FP8 by default), `cold` (pinned host arena, FP16 by default),
+`disk` (one safetensors file). A *lease* pins one checkpoint between `lookup` and `release`.
+
+Thread-safety contract (every implementation of `CheckpointCache`):
+- All public methods may be called concurrently from asyncio tasks and from worker threads. None of them
+  awaits; none blocks on another caller for longer than a bookkeeping step (one lock guards the index,
+  the block free lists and the counters; tensor copies and file I/O run outside it, protected by pins).
+- `lookup` mutates bookkeeping only (last-used time, pin count, counters). It never copies tensors.
+- `fetch` copies tensors out of the leased checkpoint without holding the lock; the lease guarantees the
+  storage it reads is not evicted, freed or overwritten until `release`.
+- `capture` reserves storage under the lock (evicting as needed), encodes/copies outside it, then
+  publishes the checkpoint under the lock. A checkpoint becomes visible to `lookup` only once published.
+- Eviction is safe exactly for checkpoints with pin count 0 that are published. A leased checkpoint is
+  never evicted from any tier; deleting its session marks it dead and frees it at its last `release`.
+- Budgets are hard limits: `bytes_used <= bytes_capacity` in every tier at every instant. When a budget
+  cannot be met because everything evictable is pinned, the capture is refused for that tier.
+- Observer callbacks run on the caller's thread, never under the lock; they must be fast and must not
+  call back into the cache.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Tier = Literal["hot", "cold", "disk"]
+TIERS: tuple[Tier, ...] = ("hot", "cold", "disk")
+LookupResult = Literal["hot_hit", "cold_hit", "disk_hit", "miss"]
+MissCause = Literal["never_saved", "evicted", ""]
+StateSpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+State = Mapping[str, torch.Tensor]
+
+
+class CheckpointUnavailable(RuntimeError):
+    """`fetch` could not produce the leased state (a disk file failed its checksum or vanished).
+
+    The checkpoint has been dropped and counted; the lease is still valid and must be released. The
+    caller falls back: look up again (a shallower checkpoint may exist) or prefill from scratch.
+    """
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A pinned checkpoint, returned by `lookup`. Hashable; release exactly once.
+
+    `position` tokens of the request are covered by the checkpoint: resume prefill at `tokens[position:]`.
+    `tier` is the tier `fetch` will read (the hottest one holding it at lookup time).
+    """
+
+    lease_id: int
+    checkpoint_id: int
+    namespace: str
+    session: str | None
+    position: int
+    tier: Tier
+
+
+class CacheObserver:
+    """Hook for the metrics layer (Prometheus lives in `server`, never here). Override what you need.
+
+    Results/causes: `on_lookup("hot_hit" | "cold_hit" | "disk_hit" | "miss", "never_saved" | "evicted" | "")`.
+    `on_fetch(tier, seconds)`: host time of `fetch` on CPU; on CUDA, GPU time between CUDA events, reported
+    lazily once the events completed (at a later cache call). `on_capture(seconds)`: same rules for capture.
+    `on_evict(tier)`: one checkpoint copy left `tier` by policy (not by `delete_session`).
+    `on_reuse(tokens)`: a successful fetch let the caller skip `tokens` tokens of prefill.
+    `on_corrupt()`: a disk file was found truncated/corrupt and skipped.
+    """
+
+    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
+        return None
+
+    def on_fetch(self, tier: Tier, seconds: float) -> None:
+        return None
+
+    def on_capture(self, seconds: float) -> None:
+        return None
+
+    def on_evict(self, tier: Tier) -> None:
+        return None
+
+    def on_reuse(self, tokens: int) -> None:
+        return None
+
+    def on_corrupt(self) -> None:
+        return None
+
+
+class Codec(abc.ABC):
+    """Encodes one named state tensor into storage tensors and back. Vectorized; never loops in Python
+    over rows. Encodes along the last axis: a tensor `(..., D)` becomes `data (..., D)` in the storage
+    dtype plus, for scaled codecs, `scale (...)` fp32 (one scale per vector). Pure function of its input:
+    no state, no lock."""
+
+    name: str
+    storage_dtype: torch.dtype
+    scaled: bool
+
+    @abc.abstractmethod
+    def encode_into(self, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Write the encoding of `x (..., D)` into `data (..., D)` and `scale (...)` (same device as x)."""
+
+    @abc.abstractmethod
+    def decode_into(self, data: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Write the decoded values into `out (..., D)` (any float dtype, same device as data)."""
+
+
+class CheckpointCache(abc.ABC):
+    """The facade the engine calls (DESIGN invariant 5: at admission, at capture points and at finish,
+    never once per token). Implemented by `cache.manager.StateCache`."""
+
+    @abc.abstractmethod
+    def lookup(self, namespace: str, session: str | None, tokens: Sequence[int]) -> Lease | None:
+        """Deepest published checkpoint of `(namespace, session)` whose token prefix equals
+        `tokens[:position]` (position <= len(tokens)); token content is compared, never a hash. Pins it
+        (no tier may evict it) until `release`. Counts the lookup result and, for misses, the cause:
+        `evicted` if a matching checkpoint existed and was evicted, else `never_saved`."""
+
+    @abc.abstractmethod
+    def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
+        """Decode the leased checkpoint into tensors on the cache device with the spec dtypes (into `out`
+        when given, e.g. the live slot's views, and return them). On CUDA the copies are ordered on the
+        current stream (no host sync): work queued after `fetch` on that stream sees the state.
+        Raises `CheckpointUnavailable` if the stored copy is corrupt (never returns a wrong state)."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease) -> None:
+        """Unpin. After release the checkpoint is evictable again. Releasing twice raises KeyError."""
+
+    @abc.abstractmethod
+    def capture(
+        self, namespace: str, session: str | None, tokens: Sequence[int], state: State, *, reason: str
+    ) -> bool:
+        """Store `state`, the full-precision state after `tokens` (its whole prefix; position = len).
+        Write-through: the cold copy is encoded from `state` itself, the hot copy too (FP8). On CPU both are
+        written before returning. On CUDA they run on a side stream after the current stream's queued work;
+        `state` must be a copy the caller will not modify in place (`ModelRunner.capture` and
+        `PrefillResult.captures` are copies); dropping it is safe (the allocator knows the side stream).
+        Returns False if admission skipped it (duplicate, within `min_gap` of an existing ancestor, or no
+        tier could take it)."""
+
+    @abc.abstractmethod
+    def capture_positions(self, start: int, end: int, boundaries: Sequence[int]) -> list[int]:
+        """Policy: absolute positions p, start < p <= end, at which a prefill of `tokens[start:end]` should
+        capture (message boundaries, every K tokens, and `end`), thinned by `min_gap`. Pure; no lock."""
+
+    @abc.abstractmethod
+    def delete_session(self, namespace: str, session: str | None) -> int:
+        """Drop every checkpoint of the session in every tier; return the bytes freed now (leased
+        checkpoints are freed at their release and are not counted here)."""
+
+    @abc.abstractmethod
+    def session_info(self, namespace: str, session: str | None) -> dict[str, Any] | None:
+        """Checkpoints of the session (position, tiers, reason, times) and bytes per tier; None if unknown."""

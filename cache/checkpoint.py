@@ -1,0 +1,72 @@
+"""Bookkeeping records: a checkpoint (metadata + where its copies live) and a session (its prefix tree)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cache.base import Tier
+from cache.prefix import Node, PrefixTree
+
+SessionKey = tuple[str, str | None]  # (namespace, session id or None for the namespace's anonymous session)
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """One stored state after `position` tokens of session `key`. Mutated only under the cache lock.
+
+    Copies: `hot`/`cold` are block ids in the arenas, `disk` a file path; `pending` holds the encoded fields
+    (CPU) while the disk file is being written. `cost` is the recompute it saves (tokens). `pins` counts
+    leases (and the capture writing it); a pinned checkpoint keeps every copy. `dead`: its session was deleted
+    while pinned; it is freed at the last unpin.
+    """
+
+    cid: int
+    key: SessionKey
+    node: Node
+    position: int
+    reason: str
+    created: float
+    last_used: float
+    hot: int | None = None
+    cold: int | None = None
+    disk: Path | None = None
+    disk_bytes: int = 0  # bytes reserved against the disk budget (file or pending write)
+    pending: dict[str, torch.Tensor] | None = None
+    ready: torch.cuda.Event | None = None  # capture copies done (CUDA)
+    fences: dict[Tier, torch.cuda.Event] = field(default_factory=dict)  # last read of each copy (CUDA)
+    pins: int = 0
+    published: bool = False
+    dead: bool = False
+
+    @property
+    def cost(self) -> float:
+        return float(self.position)
+
+    def tiers(self) -> list[Tier]:
+        out: list[Tier] = []
+        if self.hot is not None:
+            out.append("hot")
+        if self.cold is not None:
+            out.append("cold")
+        if self.disk is not None or self.pending is not None:
+            out.append("disk")
+        return out
+
+    def visible(self) -> bool:
+        """Can a lookup return it?"""
+        return self.published and not self.dead and bool(self.tiers())
+
+
+@dataclass(eq=False)
+class Session:
+    key: SessionKey
+    tree: PrefixTree = field(default_factory=PrefixTree)
+    cids: set[int] = field(default_factory=set)
+    ghosts: deque[Node] = field(default_factory=deque)
+
+    def empty(self) -> bool:
+        return not self.cids and not self.ghosts

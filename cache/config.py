@@ -1,0 +1,54 @@
+"""Configuration of the state cache (frozen, validated at construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+HotDtype = Literal["fp8", "fp16", "bf16", "fp32"]
+ColdDtype = Literal["fp16", "bf16", "fp32"]
+_HOT: tuple[str, ...] = ("fp8", "fp16", "bf16", "fp32")
+_COLD: tuple[str, ...] = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Budgets are bytes (hard limits). `hot_window` W: checkpoints per session kept in the hot tier.
+    `checkpoint_interval` K: capture every K tokens (0 = off). `min_gap`: admission skips a capture less than
+    `min_gap` tokens deeper than an existing checkpoint on the same token path (0 = only exact duplicates).
+    `disk_dir=None` or `disk_bytes=0` disables the disk tier. `device`: where the hot tier lives ("cuda",
+    "cuda:1", "cpu"); the cold tier is always host memory, pinned when CUDA is available.
+    `max_ghosts`: evicted-checkpoint markers kept per session to tell `evicted` misses from `never_saved`.
+    `fused_codecs`: on CUDA, compile the FP8/FP16 codecs into fused kernels (eager fallback); ignored on CPU."""
+
+    hot_bytes: int = 0
+    cold_bytes: int = 0
+    disk_dir: Path | None = None
+    disk_bytes: int = 0
+    hot_window: int = 4
+    hot_dtype: HotDtype = "fp8"
+    cold_dtype: ColdDtype = "fp16"
+    checkpoint_interval: int = 0
+    min_gap: int = 0
+    device: str = "cpu"
+    max_ghosts: int = 64
+    latency_samples: int = 1024
+    fused_codecs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hot_bytes", "cold_bytes", "disk_bytes", "hot_window", "checkpoint_interval", "min_gap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.hot_dtype not in _HOT:
+            raise ValueError(f"hot_dtype must be one of {_HOT}")
+        if self.cold_dtype not in _COLD:
+            raise ValueError(f"cold_dtype must be one of {_COLD}")
+        if self.max_ghosts < 0 or self.latency_samples < 1:
+            raise ValueError("max_ghosts must be >= 0 and latency_samples >= 1")
+        if self.disk_dir is not None and not isinstance(self.disk_dir, Path):
+            object.__setattr__(self, "disk_dir", Path(self.disk_dir))
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.disk_dir is not None and self.disk_bytes > 0

@@ -1,0 +1,151 @@
+"""Disk tier storage: one safetensors file per checkpoint, written atomically, verified on read.
+
+A file holds the encoded fields (`"{state}.data"`, `"{state}.scale"`), the token prefix (`"tokens"`, int32)
+and metadata (namespace, session, position, reason, created, layout fingerprint, blake2b checksum of every
+tensor's bytes and the identity fields). Files live under `disk_dir/<fingerprint hash>/`, so models never mix.
+`scan` rebuilds the index at start: truncated or unreadable files are skipped and counted (and removed);
+`read` verifies the checksum and the tokens, so a corrupt file is never decoded into a live state.
+Stateless apart from the directory; no lock (writes go to unique names, reads of a file being deleted fail
+cleanly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+HEADER_SLACK = 16384  # bytes reserved per file for the safetensors header + metadata
+
+
+class CorruptFile(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One valid file found by `scan`."""
+
+    path: Path
+    nbytes: int
+    namespace: str
+    session: str | None
+    tokens: tuple[int, ...]
+    reason: str
+    created: float
+    last_used: float
+
+
+class DiskStore:
+    def __init__(self, root: Path, fingerprint: str) -> None:
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
+        self.dir = root / digest
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+
+    @staticmethod
+    def estimate(block_bytes: int, position: int) -> int:
+        """An upper bound on a file's size, reserved against the budget before it is written."""
+        return block_bytes + 4 * position + HEADER_SLACK
+
+    def write(
+        self,
+        namespace: str,
+        session: str | None,
+        tokens: tuple[int, ...],
+        fields: Mapping[str, torch.Tensor],
+        reason: str,
+        created: float,
+    ) -> tuple[Path, int]:
+        """Write one checkpoint (CPU tensors); return its path and size. Atomic: tmp file + rename."""
+        tensors = {name: t.contiguous() for name, t in fields.items()}
+        tensors["tokens"] = torch.tensor(tokens, dtype=torch.int32)
+        meta = {
+            "namespace": namespace,
+            "session": session or "",
+            "has_session": "1" if session is not None else "0",
+            "position": str(len(tokens)),
+            "reason": reason,
+            "created": repr(created),
+            "fingerprint": self.fingerprint,
+        }
+        meta["checksum"] = _checksum(tensors, meta)
+        path = self.dir / f"{uuid.uuid4().hex}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path, path.stat().st_size
+
+    def read(self, path: Path, tokens: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The encoded fields of a file, after checking checksum and tokens. Raises CorruptFile."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise CorruptFile(f"{path.name}: {exc}") from exc
+        if meta.get("checksum") != _checksum(tensors, meta):
+            raise CorruptFile(f"{path.name}: checksum mismatch")
+        if tuple(tensors.pop("tokens").tolist()) != tokens:
+            raise CorruptFile(f"{path.name}: token prefix differs from the index")
+        return tensors
+
+    def scan(self) -> tuple[list[DiskRecord], int]:
+        """Valid files (oldest first) and the number of corrupt ones skipped (and removed)."""
+        records: list[DiskRecord] = []
+        corrupt = 0
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for path in sorted(self.dir.glob("*.safetensors")):
+            try:
+                records.append(self._record(path))
+            except (OSError, SafetensorError, CorruptFile, KeyError, ValueError) as exc:
+                log.warning("skipping unreadable checkpoint file %s: %s", path, exc)
+                corrupt += 1
+                path.unlink(missing_ok=True)
+        records.sort(key=lambda r: r.last_used)
+        return records, corrupt
+
+    @staticmethod
+    def delete(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def _record(self, path: Path) -> DiskRecord:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tokens = tuple(f.get_tensor("tokens").tolist())
+        if meta.get("fingerprint") != self.fingerprint or int(meta["position"]) != len(tokens) or not tokens:
+            raise CorruptFile("metadata does not match")
+        st = path.stat()
+        session = meta["session"] if meta.get("has_session") == "1" else None
+        created = float(meta.get("created", st.st_mtime))
+        return DiskRecord(
+            path,
+            st.st_size,
+            meta["namespace"],
+            session,
+            tokens,
+            meta.get("reason", ""),
+            created,
+            max(st.st_mtime, created),
+        )
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in ("namespace", "session", "has_session", "position", "fingerprint"):
+        h.update(f"{key}={meta.get(key, '')};".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy().data)
+    return h.hexdigest()

@@ -1,0 +1,99 @@
+"""Byte layout of one encoded checkpoint: every field of every state tensor at a fixed offset in a flat block.
+
+All checkpoints of a model encode to the same number of bytes per codec, so a tier is a pool of fixed-size
+blocks (`cache.arena`). A block `(block_bytes,)` uint8 is viewed, field by field, as typed tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.base import Codec, StateSpec
+
+ALIGN = 256  # bytes; keeps every typed view aligned (and GPU accesses coalesced)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class Field:
+    """One stored tensor: `name.data` or `name.scale`."""
+
+    state: str
+    part: str  # "data" | "scale"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+class BlockLayout:
+    """Where each encoded field of a state spec sits inside a block, for one codec."""
+
+    def __init__(self, spec: StateSpec, codec: Codec) -> None:
+        if not spec:
+            raise ValueError("empty state spec")
+        self.spec = {name: (tuple(shape), dtype) for name, (shape, dtype) in sorted(spec.items())}
+        self.codec = codec
+        fields: list[Field] = []
+        offset = 0
+        for name, (shape, _) in self.spec.items():
+            if len(shape) < 1 or min(shape) < 1:
+                raise ValueError(f"state {name!r} needs a non-empty shape, got {shape}")
+            parts = [("data", shape, codec.storage_dtype)]
+            if codec.scaled:
+                parts.append(("scale", shape[:-1], torch.float32))
+            for part, pshape, dtype in parts:
+                nbytes = _numel(pshape) * dtype.itemsize
+                fields.append(Field(name, part, pshape, dtype, offset, nbytes))
+                offset = _round_up(offset + nbytes, ALIGN)
+        self.fields = tuple(fields)
+        self.block_bytes = max(offset, ALIGN)
+
+    def views(self, block: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """`block: (block_bytes,)` uint8 -> {state name: (data view, scale view or None)}."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for f in self.fields:
+            view = block[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape)
+            data, scale = out.get(f.state, (view, None))
+            out[f.state] = (data, view) if f.part == "scale" else (view, scale)
+        return out
+
+    def named(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views keyed `"{state}.{part}"` (the names used in disk files)."""
+        return {
+            f"{f.state}.{f.part}": block[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape)
+            for f in self.fields
+        }
+
+    def fingerprint(self) -> str:
+        """Identifies spec + codec: files written under another fingerprint are not this model's."""
+        parts = [
+            f"{n}:{'x'.join(map(str, s))}:{str(d).removeprefix('torch.')}" for n, (s, d) in self.spec.items()
+        ]
+        return f"{self.codec.name}|" + ",".join(parts)
+
+    def encode_into(self, state: dict[str, torch.Tensor], block: torch.Tensor) -> None:
+        """Encode every state tensor into `block` (same device as the state)."""
+        for name, (data, scale) in self.views(block).items():
+            self.codec.encode_into(state[name], data, scale)
+
+    def decode_into(self, block: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        for name, (data, scale) in self.views(block).items():
+            self.codec.decode_into(data, scale, out[name])
+
+    def empty_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in self.spec.items()
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

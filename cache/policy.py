@@ -1,0 +1,90 @@
+"""Policy: where to capture, and which checkpoint copy a full tier gives up (plain Python, no torch).
+
+Eviction is Greedy-Dual-Size: a copy in a tier has priority `H = L + cost / size`, where `cost` is the
+recompute it saves (its position, in tokens: restoring it skips that much prefill), `size` its encoded bytes
+in that tier, and `L` the tier's clock, raised to the `H` of each evicted copy. A copy's `H` is refreshed
+whenever it is captured or looked up, so the order is recency weighted by recompute saved per byte: a deep,
+recently used checkpoint outlives a shallow, stale one. The lowest `H` that is not pinned goes first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+
+
+class GreedyDual:
+    """Priorities of the copies held in one tier; a heap with lazy invalidation."""
+
+    def __init__(self) -> None:
+        self.clock = 0.0
+        self._prio: dict[int, float] = {}
+        self._heap: list[tuple[float, int, int]] = []
+        self._seq = itertools.count()
+
+    def __contains__(self, cid: int) -> bool:
+        return cid in self._prio
+
+    def __len__(self) -> int:
+        return len(self._prio)
+
+    def touch(self, cid: int, cost: float, size: int) -> None:
+        """Insert or refresh `cid` (after a capture or a hit)."""
+        h = self.clock + cost / max(size, 1)
+        self._prio[cid] = h
+        heapq.heappush(self._heap, (h, next(self._seq), cid))
+        if len(self._heap) > 4 * len(self._prio) + 64:
+            self._compact()
+
+    def remove(self, cid: int) -> None:
+        self._prio.pop(cid, None)
+
+    def priority(self, cid: int) -> float:
+        return self._prio[cid]
+
+    def victim(self, evictable: Callable[[int], bool]) -> int | None:
+        """The lowest-priority evictable id (not removed: call `evicted` once it is gone)."""
+        skipped: list[tuple[float, int, int]] = []
+        found: int | None = None
+        while self._heap:
+            h, _seq, cid = self._heap[0]
+            if self._prio.get(cid) != h:
+                heapq.heappop(self._heap)
+                continue
+            if evictable(cid):
+                found = cid
+                break
+            skipped.append(heapq.heappop(self._heap))
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return found
+
+    def evicted(self, cid: int) -> None:
+        """`cid` left the tier by eviction: advance the clock to its priority."""
+        self.clock = max(self.clock, self._prio.pop(cid))
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if self._prio.get(e[2]) == e[0]]
+        heapq.heapify(self._heap)
+
+
+def capture_positions(
+    start: int, end: int, boundaries: Sequence[int], interval: int, min_gap: int
+) -> list[int]:
+    """Absolute positions p in (start, end] to capture at during a prefill of tokens[start:end].
+
+    Candidates: the message `boundaries` inside the range, every multiple of `interval` (0 = none) and `end`.
+    Thinned from the end backwards: a candidate closer than `min_gap` to the next kept one, or to `start`
+    (the checkpoint being resumed, when start > 0), is dropped; `end` is always kept.
+    """
+    if end <= start:
+        return []
+    cands = {b for b in boundaries if start < b <= end}
+    if interval > 0:
+        cands.update(range((start // interval + 1) * interval, end + 1, interval))
+    kept = [end]
+    for p in sorted(cands - {end}, reverse=True):
+        if kept[-1] - p >= min_gap and (start == 0 or p - start >= min_gap):
+            kept.append(p)
+    return sorted(kept)

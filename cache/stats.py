@@ -1,0 +1,98 @@
+"""Plain-number statistics of the cache (read by server/metrics.py) and the latency recorder behind them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cache.base import TIERS, LookupResult, MissCause, Tier
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """One tier. `checkpoint_bytes` is the encoded size of one checkpoint there (all are equal per model)."""
+
+    bytes_used: int
+    bytes_capacity: int
+    checkpoints: int
+    evictions: int
+    checkpoint_bytes: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A consistent snapshot. Counters are monotonic totals since construction; `*_seconds` are the most
+    recent `latency_samples` samples (the observer hook gets every sample, for histograms)."""
+
+    tiers: dict[Tier, TierStats]
+    lookups: dict[tuple[LookupResult, MissCause], int]
+    tokens_reused: int
+    captures: int
+    captures_skipped: int
+    disk_corrupt: int
+    sessions: int
+    leases: int
+    fetch_seconds: dict[Tier, tuple[float, ...]] = field(default_factory=dict)
+    capture_seconds: tuple[float, ...] = ()
+
+
+Sink = Callable[[float], None]
+
+
+class LatencyRecorder:
+    """Durations of asynchronous GPU work without host syncs. Thread-safe.
+
+    On CPU `start()`/`stop()` measure host time and call the sink at once. On CUDA they record timing events
+    on the current stream (or `pair` takes two recorded events); a pair is resolved once its end event has
+    completed, at a later `poll()`, which calls the sinks outside the recorder's lock.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self._cuda = cuda
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event, Sink]] = deque()
+
+    def start(self) -> object:
+        if not self._cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, token: object, sink: Sink) -> None:
+        if not self._cuda:
+            assert isinstance(token, float)
+            sink(time.perf_counter() - token)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        assert isinstance(token, torch.cuda.Event)
+        self.pair(token, end, sink)
+
+    def pair(self, start: torch.cuda.Event, end: torch.cuda.Event, sink: Sink) -> None:
+        with self._lock:
+            self._pending.append((start, end, sink))
+
+    def poll(self) -> None:
+        done: list[tuple[float, Sink]] = []
+        with self._lock:
+            while self._pending and self._pending[0][1].query():
+                start, end, sink = self._pending.popleft()
+                done.append((start.elapsed_time(end) / 1000.0, sink))
+        for seconds, sink in done:
+            sink(seconds)
+
+
+def empty_lookup_counts() -> dict[tuple[LookupResult, MissCause], int]:
+    keys: list[tuple[LookupResult, MissCause]] = [("hot_hit", ""), ("cold_hit", ""), ("disk_hit", "")]
+    keys += [("miss", "never_saved"), ("miss", "evicted")]
+    return dict.fromkeys(keys, 0)
+
+
+def sample_deques(n: int) -> dict[Tier, deque[float]]:
+    return {t: deque(maxlen=n) for t in TIERS}

@@ -1,0 +1,157 @@
+"""Disk tier: spills, restart survival, truncated and corrupt files, hard byte budget (real files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cache import CacheConfig, CheckpointUnavailable, StateCache
+from cache.codec import make_codec, roundtrip
+
+SPEC = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
+FP16_BLOCK = 3072
+
+
+def _make_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) for name, (shape, _) in SPEC.items()}
+
+
+def _make_cache(disk: Path, **kw: Any) -> StateCache:
+    cfg: dict[str, Any] = {"hot_bytes": 0, "cold_bytes": FP16_BLOCK, "disk_dir": disk, "disk_bytes": 10**6}
+    cfg.update(kw)
+    return StateCache(CacheConfig(**cfg), SPEC)
+
+
+def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: roundtrip(make_codec("fp16"), v) for k, v in state.items()}
+
+
+def _fetch(cache: StateCache, sess: str, tokens: list[int]) -> tuple[int, str, dict[str, torch.Tensor]]:
+    lease = cache.lookup("ns", sess, tokens)
+    assert lease is not None
+    try:
+        return lease.position, lease.tier, cache.fetch(lease)
+    finally:
+        cache.release(lease)
+
+
+def _files(disk: Path) -> list[Path]:
+    return sorted(disk.glob("*/*.safetensors"))
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cold_eviction_spills_to_disk_exactly(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    a = _make_state(1)
+    cache.capture("ns", "a", [1, 2, 3], a, reason="x")
+    cache.capture("ns", "b", [4, 5, 6], _make_state(2), reason="x")  # a leaves RAM for disk
+    assert len(_files(tmp_path)) == 1
+    pos, tier, got = _fetch(cache, "a", [1, 2, 3, 9])
+    assert (pos, tier) == (3, "disk")
+    _assert_equal(got, _fp16(a))
+    assert cache.stats().lookups[("disk_hit", "")] == 1
+
+
+def test_sessions_survive_restart(tmp_path: Path) -> None:
+    states = {f"s{i}": _make_state(i) for i in range(4)}
+    cache = _make_cache(tmp_path, cold_bytes=2 * FP16_BLOCK)
+    for i, (sess, st) in enumerate(states.items()):
+        cache.capture("ns", sess, [i] * (i + 2), st, reason="generation_end")
+    cache.close()  # flushes the two still only in RAM
+    assert len(_files(tmp_path)) == 4
+    del cache
+    fresh = _make_cache(tmp_path)
+    assert fresh.stats().tiers["disk"].checkpoints == 4
+    for i, (sess, st) in enumerate(states.items()):
+        pos, tier, got = _fetch(fresh, sess, [i] * (i + 5))
+        assert (pos, tier) == (i + 2, "disk")
+        _assert_equal(got, _fp16(st))
+    info = fresh.session_info("ns", "s0")
+    assert info is not None and info["checkpoints"][0]["reason"] == "generation_end"
+
+
+def test_truncated_file_is_skipped_and_counted(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2], _make_state(1), reason="x")
+    cache.capture("ns", "b", [3, 4], _make_state(2), reason="x")
+    cache.close()
+    files = _files(tmp_path)
+    assert len(files) == 2
+    victim = files[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    fresh = _make_cache(tmp_path)
+    stats = fresh.stats()
+    assert stats.disk_corrupt == 1 and stats.tiers["disk"].checkpoints == 1
+    assert not victim.exists()
+    found = [fresh.lookup("ns", s, t) for s, t in (("a", [1, 2]), ("b", [3, 4]))]
+    assert sum(lease is not None for lease in found) == 1
+
+
+def test_flipped_byte_is_detected_never_restored(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2], _make_state(1), reason="x")
+    cache.capture("ns", "a", [1, 2, 3, 4], _make_state(2), reason="x")  # [1, 2] spills
+    (path,) = _files(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x40  # inside the tensor data, header still valid
+    path.write_bytes(bytes(raw))
+    cache.capture("ns", "b", [7], _make_state(3), reason="x")  # [1, 2, 3, 4] goes to disk too
+    lease = cache.lookup("ns", "a", [1, 2, 9])
+    assert lease is not None and lease.tier == "disk"
+    with pytest.raises(CheckpointUnavailable):
+        cache.fetch(lease)
+    cache.release(lease)
+    assert cache.stats().disk_corrupt == 1
+    assert cache.lookup("ns", "a", [1, 2, 9]) is None
+    assert not path.exists()
+
+
+def test_disk_budget_is_hard(tmp_path: Path) -> None:
+    one = FP16_BLOCK + 16384 + 4 * 40  # the reservation for a 40-token checkpoint
+    cache = _make_cache(tmp_path, disk_bytes=2 * one)
+    for i in range(12):
+        cache.capture("ns", f"s{i}", [i] * 40, _make_state(i), reason="x")
+        disk = cache.stats().tiers["disk"]
+        assert disk.bytes_used <= disk.bytes_capacity == 2 * one
+        assert sum(p.stat().st_size for p in _files(tmp_path)) <= disk.bytes_used
+    evictions = cache.stats().tiers["disk"].evictions
+    assert evictions > 0 and len(_files(tmp_path)) == 12 - 1 - evictions
+
+
+def test_restart_with_smaller_budget_keeps_newest(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    for i in range(4):
+        cache.capture("ns", f"s{i}", [i] * 10, _make_state(i), reason="x")
+    cache.close()
+    size = max(p.stat().st_size for p in _files(tmp_path))
+    fresh = _make_cache(tmp_path, disk_bytes=2 * size)
+    assert fresh.stats().tiers["disk"].checkpoints == 2
+    assert len(_files(tmp_path)) == 2
+
+
+def test_delete_session_removes_files(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    cache.capture("ns", "a", [1], _make_state(1), reason="x")
+    cache.capture("ns", "a", [1, 2], _make_state(2), reason="x")
+    assert len(_files(tmp_path)) == 1
+    assert cache.delete_session("ns", "a") > 0
+    assert _files(tmp_path) == []
+    assert cache.stats().tiers["disk"].bytes_used == 0
+
+
+def test_other_model_files_are_not_mixed(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    cache.capture("ns", "a", [1], _make_state(1), reason="x")
+    cache.close()
+    spec2 = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 8), torch.float32)}
+    other = StateCache(CacheConfig(cold_bytes=10**5, disk_dir=tmp_path, disk_bytes=10**6), spec2)
+    assert other.lookup("ns", "a", [1]) is None
+    assert other.stats().disk_corrupt == 0

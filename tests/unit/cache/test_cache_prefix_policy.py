@@ -1,0 +1,129 @@
+"""Radix tree over token content, Greedy-Dual eviction order and capture positions (plain Python)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache.policy import GreedyDual, capture_positions
+from cache.prefix import PrefixTree
+
+
+def _deepest(tree: PrefixTree, tokens: tuple[int, ...]) -> int | None:
+    best = None
+    for node in tree.path(tokens):
+        if node.value is not None:
+            best = node.value
+    return best
+
+
+def test_branches_share_trunk_and_match_exactly() -> None:
+    tree = PrefixTree()
+    trunk = tuple(range(10))
+    a, b = (*trunk, 1, 2, 3), (*trunk, 1, 9, 9)
+    for i, toks in enumerate((trunk, a, b)):
+        tree.insert(toks).value = i
+    assert _deepest(tree, (*a, 5)) == 1
+    assert _deepest(tree, (*b, 5)) == 2
+    assert _deepest(tree, (*trunk, 1, 7)) == 0
+    assert _deepest(tree, trunk[:9]) is None
+    assert tree.insert(a).tokens() == a
+
+
+def test_prune_removes_empty_nodes_and_merges() -> None:
+    tree = PrefixTree()
+    n1 = tree.insert((1, 2, 3))
+    n2 = tree.insert((1, 2, 3, 4, 5))
+    n3 = tree.insert((1, 2, 9))
+    n1.value, n2.value, n3.value = 1, 2, 3
+    n3.value = None
+    tree.prune(n3)
+    n1.value = None
+    tree.prune(n1)
+    assert _deepest(tree, (1, 2, 3, 4, 5)) == 2
+    assert list(tree.root.children.values()) == [n2]
+    assert n2.label == (1, 2, 3, 4, 5) and n2.tokens() == (1, 2, 3, 4, 5)
+    n2.value = None
+    tree.prune(n2)
+    assert tree.empty()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=1, max_size=20), st.data())
+def test_tree_matches_brute_force(seqs: list[list[int]], data: st.DataObject) -> None:
+    tree = PrefixTree()
+    stored: dict[tuple[int, ...], int] = {}
+    for i, s in enumerate(seqs):
+        toks = tuple(s)
+        tree.insert(toks).value = i
+        stored[toks] = i
+    for toks in list(stored)[: len(stored) // 2]:  # remove some
+        node = tree.insert(toks)
+        node.value = None
+        tree.prune(node)
+        del stored[toks]
+    query = tuple(data.draw(st.lists(st.integers(0, 3), max_size=14)))
+    expect = None
+    for n in range(len(query) + 1):
+        expect = stored.get(query[:n], expect)
+    assert _deepest(tree, query) == expect
+
+
+def test_greedy_dual_evicts_lowest_cost_per_byte_first() -> None:
+    gd = GreedyDual()
+    for cid, cost in ((1, 100.0), (2, 10.0), (3, 50.0)):
+        gd.touch(cid, cost, size=10)
+    order = []
+    while (v := gd.victim(lambda c: True)) is not None:
+        order.append(v)
+        gd.evicted(v)
+    assert order == [2, 3, 1]
+
+
+def test_greedy_dual_recency_ages_out_stale_entries() -> None:
+    gd = GreedyDual()
+    gd.touch(1, 100.0, size=10)  # deep but never used again
+    for cid in range(2, 40):  # a stream of shallower, fresh ones, each evicting the previous
+        gd.touch(cid, 20.0, size=10)
+        v = gd.victim(lambda c: True)
+        assert v is not None
+        gd.evicted(v)
+    assert 1 not in gd  # the clock caught up with it
+
+
+def test_greedy_dual_skips_unevictable_and_refresh_reorders() -> None:
+    gd = GreedyDual()
+    for cid in (1, 2, 3):
+        gd.touch(cid, float(cid), size=1)
+    assert gd.victim(lambda c: c != 1) == 2
+    gd.touch(2, 10.0, size=1)  # a hit refreshes
+    assert gd.victim(lambda c: c != 1) == 3
+    assert gd.victim(lambda c: False) is None
+    assert len(gd) == 3
+
+
+def test_capture_positions_boundaries_interval_and_end() -> None:
+    assert capture_positions(0, 100, [5, 40, 100, 200], interval=32, min_gap=0) == [5, 32, 40, 64, 96, 100]
+    assert capture_positions(50, 100, [40, 60], interval=32, min_gap=0) == [60, 64, 96, 100]
+    assert capture_positions(10, 10, [10], interval=4, min_gap=0) == []
+
+
+def test_capture_positions_thinned_by_min_gap() -> None:
+    got = capture_positions(0, 100, [5, 40, 95], interval=32, min_gap=10)
+    assert got[-1] == 100 and 95 not in got
+    assert all(b - a >= 10 for a, b in itertools.pairwise(got))
+    assert capture_positions(90, 100, [95], interval=0, min_gap=10) == [100]
+
+
+def test_capture_positions_random_invariants() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        start = rng.randrange(0, 500)
+        end = start + rng.randrange(1, 500)
+        bounds = [rng.randrange(0, 1000) for _ in range(rng.randrange(0, 8))]
+        k, gap = rng.choice([0, 16, 64]), rng.choice([0, 8, 32])
+        got = capture_positions(start, end, bounds, interval=k, min_gap=gap)
+        assert got[-1] == end and all(start < p <= end for p in got) and got == sorted(set(got))
