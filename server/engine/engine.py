@@ -1,0 +1,291 @@
+"""`Engine`: the asyncio side of continuous batching.
+
+One asyncio task (`_run`) drives the torch-free `Scheduler` on the event loop; every model and
+cache operation runs on one dedicated worker thread (`ModelWorker`), so the event loop stays
+responsive while a step computes. A step is:
+
+    admit (loop)  ->  restore slots from the cache (worker)  ->  plan (loop)
+    ->  prefill chunks + one batched decode + sampling + finish captures (worker)
+    ->  deliver events, free finished slots, record metrics (loop)
+
+`generate(req)` yields `TokenEvent`s; closing or cancelling the iterator aborts the request, which
+frees its slot immediately (the scheduler lives on the loop, so no step can be using a freed slot
+for a new request). A step already in flight may still compute the aborted row; its results are
+dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+
+from cache.base import CheckpointCache
+from server.engine.request import Seq
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.worker import ModelWorker, StepResult
+from server.model.runner import ModelRunner
+from server.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from server.metrics import Metrics
+    from server.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class EngineNotReady(RuntimeError):
+    """`generate` was called before `start()` or after `stop()`."""
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (model error, engine stopped); other requests go on."""
+
+
+class RequestMetrics(Protocol):
+    """What the engine records (implemented by `server.metrics.Metrics`)."""
+
+    def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None: ...
+    def observe_queue(self, seconds: float) -> None: ...
+    def observe_first_token(self, seconds: float) -> None: ...
+    def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
+    def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
+
+
+class _NoMetrics:
+    def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None: ...
+    def observe_queue(self, seconds: float) -> None: ...
+    def observe_first_token(self, seconds: float) -> None: ...
+    def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
+    def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int  # live slots, at most the runner's
+    prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
+
+
+class Engine:
+    """Continuous-batching generation over a `ModelRunner`, resuming prompts from a state cache."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        cache: CheckpointCache | None,
+        *,
+        metrics: RequestMetrics | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig(max_slots=runner.max_slots)
+        if self.config.max_slots > runner.max_slots:
+            raise ValueError("max_slots exceeds the runner's live slots")
+        self._runner, self._tokenizer, self._cache = runner, tokenizer, cache
+        self._metrics: RequestMetrics = metrics if metrics is not None else _NoMetrics()
+        self._worker = ModelWorker(runner, cache, vocab_limit=tokenizer.vocab_size)
+        self._scheduler = Scheduler(SchedulerConfig(self.config.max_slots, self.config.prefill_budget))
+        self._seqs: dict[str, Seq] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def cache(self) -> CheckpointCache | None:
+        return self._cache
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+    @property
+    def num_running(self) -> int:
+        return self._scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._scheduler.num_waiting
+
+    @property
+    def num_free_slots(self) -> int:
+        return self._scheduler.num_free_slots
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine loop on the running event loop (idempotent)."""
+        if self.ready:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tssc-model")
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tssc-engine")
+
+    async def stop(self) -> None:
+        """Fail every open request with `EngineError`, stop the loop and the worker, close the cache."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for seq in list(self._seqs.values()):
+            self._end(seq, error=EngineError("the engine stopped"))
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        close = getattr(self._cache, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's events; the last one has `finish_reason` set.
+
+        Raises ValueError for an invalid request, EngineNotReady before `start()`, EngineError if
+        the engine fails the request. Closing the iterator early aborts the request.
+        """
+        seq = self._submit(req)
+        try:
+            while True:
+                item = await seq.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._abort(seq)
+
+    def _submit(self, req: GenerationRequest) -> Seq:
+        if not self.ready:
+            raise EngineNotReady("the engine is not running")
+        if not req.prompt_tokens:
+            raise ValueError("the prompt is empty")
+        vocab = self._worker.vocab_limit
+        if any(not 0 <= t < vocab for t in req.prompt_tokens):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if req.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic())
+        self._scheduler.add(seq.entry)
+        self._seqs[req.request_id] = seq
+        self._wake.set()
+        return seq
+
+    def _abort(self, seq: Seq) -> None:
+        """Drop a still-open request (client gone); its slot is free on return."""
+        if self._seqs.get(seq.request_id) is not seq:
+            return
+        seq.aborted = True
+        del self._seqs[seq.request_id]
+        self._scheduler.abort(seq.request_id)
+        self._metrics.observe_finish("abort", time.monotonic() - seq.t_arrival)
+        log.info("request aborted", extra={"request_id": seq.request_id, "session_id": seq.req.session_id})
+        self._wake.set()
+
+    def _end(self, seq: Seq, error: BaseException | None = None) -> None:
+        """A request finished (or failed): free its slot and account for it."""
+        if self._seqs.get(seq.request_id) is not seq:
+            return
+        del self._seqs[seq.request_id]
+        self._scheduler.finish(seq.request_id)
+        reason = "error" if error is not None else (seq.finish_reason.value if seq.finish_reason else "abort")
+        self._metrics.observe_finish(reason, time.monotonic() - seq.t_arrival)
+        if error is not None:
+            seq.events.put_nowait(error if isinstance(error, EngineError) else EngineError(str(error)))
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._scheduler.num_running and not self._scheduler.num_waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a step must not take the server down
+                log.exception("engine step failed; failing the running requests")
+                for seq in [self._seqs[e.request_id] for e in self._scheduler.running()]:
+                    self._end(seq, error=exc)
+
+    async def _in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._executor is None:
+            raise EngineNotReady("the engine is not running")
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _step(self) -> None:
+        admitted = [self._seqs[e.request_id] for e in self._scheduler.admit()]
+        if admitted:
+            await self._admit(admitted)
+        plan = self._scheduler.plan()
+        if plan.empty:
+            return
+        seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
+        seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
+        self._apply(await self._in_worker(self._worker.execute, plan, seq_of))
+
+    async def _admit(self, seqs: list[Seq]) -> None:
+        now = time.monotonic()
+        for seq in seqs:
+            seq.t_admitted = now
+            self._metrics.observe_queue(now - seq.t_arrival)
+        cached = await self._in_worker(self._worker.admit, seqs)
+        for seq, n in zip(seqs, cached, strict=True):
+            if self._seqs.get(seq.request_id) is not seq:
+                continue
+            seq.cached_tokens = seq.entry.num_computed = n
+            prompt = len(seq.req.prompt_tokens)
+            self._metrics.observe_prompt(n, prompt - n)
+            log.debug(
+                "admitted into slot %d: %d of %d prompt tokens from a checkpoint",
+                seq.slot,
+                n,
+                prompt,
+                extra={"request_id": seq.request_id, "session_id": seq.req.session_id},
+            )
+
+    def _apply(self, result: StepResult) -> None:
+        """Deliver a step's results to the still-open requests (aborted ones are skipped)."""
+        live = lambda s: self._seqs.get(s.request_id) is s
+        for seq, n in result.prefilled:
+            if live(seq):
+                self._scheduler.advance(seq.entry, n)
+        for seq, exc in result.errors:
+            self._end(seq, error=exc)
+        for seq, event in result.events:
+            if not live(seq):
+                continue
+            if seq.last_itl is None and seq.t_first is not None:
+                self._metrics.observe_first_token(seq.t_first - seq.t_arrival)
+            self._metrics.observe_token(seq.last_itl)
+            seq.events.put_nowait(event)
+            if event.finish_reason is not None:
+                self._end(seq)
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Load the model, tokenizer and state cache that `settings` name (blocking: call it in a thread)."""
+    from server.engine.factory import build_engine as build
+
+    return build(settings, metrics)

@@ -1,0 +1,107 @@
+"""`build_engine(settings, metrics)`: the model, tokenizer and state cache that the settings name."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from cache.base import CacheObserver, LookupResult, MissCause, Tier
+from server.engine.engine import Engine, EngineConfig
+
+if TYPE_CHECKING:
+    from cache.manager import StateCache
+    from server.metrics import Metrics
+    from server.model.runner import ModelRunner
+    from server.settings import Settings
+
+log = logging.getLogger(__name__)
+DEFAULT_PREFILL_BUDGET = 512
+
+
+class MetricsObserver(CacheObserver):
+    """Forwards the cache's observer hooks to `server.metrics.Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
+        self.metrics.on_lookup(result, cause)
+
+    def on_fetch(self, tier: Tier, seconds: float) -> None:
+        self.metrics.on_fetch(tier, seconds)
+
+    def on_capture(self, seconds: float) -> None:
+        self.metrics.on_capture(seconds)
+
+    def on_evict(self, tier: Tier) -> None:
+        self.metrics.on_evict(tier)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def build_cache(settings: Settings, runner: ModelRunner, metrics: Metrics | None) -> StateCache | None:
+    if settings.no_cache:
+        return None
+    from cache.config import CacheConfig
+    from cache.manager import StateCache
+
+    config = CacheConfig(
+        hot_bytes=int(settings.hot_bytes),
+        cold_bytes=int(settings.cold_bytes),
+        disk_dir=settings.disk_dir,
+        disk_bytes=int(settings.disk_bytes) if settings.disk_dir is not None else 0,
+        hot_window=settings.hot_window,
+        hot_dtype=settings.hot_dtype,
+        cold_dtype=settings.cold_dtype,
+        checkpoint_interval=settings.checkpoint_interval,
+        device=str(runner.device),
+    )
+    observer = MetricsObserver(metrics) if metrics is not None else None
+    return StateCache(config, runner.state_spec(), observer=observer)
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
+    from server.model.loader import load_model, resolve_model_dir
+    from server.model.runner import ModelRunner
+    from server.model.tokenizer import Tokenizer
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    model_dir = resolve_model_dir(settings.model)
+    config, model = load_model(model_dir, device=device, dtype=dtype)
+    runner = ModelRunner(model, settings.max_num_seqs, device)
+    tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
+    cache = build_cache(settings, runner, metrics)
+    if metrics is not None:
+        metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
+    budget = int(getattr(settings, "max_prefill_tokens", DEFAULT_PREFILL_BUDGET))
+    log.info(
+        "engine built: %s on %s (%s), %d slots, cache %s",
+        settings.model_name,
+        device,
+        dtype,
+        settings.max_num_seqs,
+        "off" if cache is None else "on",
+    )
+    return Engine(
+        runner,
+        tokenizer,
+        cache,
+        metrics=metrics,
+        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=budget),
+    )

@@ -1,0 +1,125 @@
+"""Per-request state of the engine and the per-token bookkeeping (no torch).
+
+A `Seq` is created when a request is submitted and lives until it finishes or is aborted. The model
+worker appends sampled tokens with `Seq.append`, which applies the stop rules in order:
+
+1. an EOS token (unless `ignore_eos`) or one of `stop_token_ids`: finish `stop`; the token counts
+   as generated but its text is not emitted;
+2. a stop string completed by the detokenizer: finish `stop`; text up to the stop string only;
+3. `max_tokens` generated: finish `length`.
+
+Timestamps are `time.monotonic()` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.detokenizer import DecodeFn, IncrementalDetokenizer
+from server.engine.scheduler import Entry
+from server.engine.types import FinishReason, GenerationRequest, TokenEvent, TopLogprob
+
+EventItem = TokenEvent | BaseException
+
+
+@dataclass(eq=False)
+class Seq:
+    req: GenerationRequest
+    entry: Entry
+    detok: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    events: asyncio.Queue[EventItem]
+    t_arrival: float
+    output: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    capture_plan: tuple[int, ...] = ()  # absolute prompt positions to capture during prefill
+    generator: Any = None  # torch.Generator of a seeded request (created by the worker)
+    finish_reason: FinishReason | None = None
+    aborted: bool = False
+    t_admitted: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    last_itl: float | None = None  # seconds between the last two tokens (None after the first)
+
+    @classmethod
+    def create(cls, req: GenerationRequest, decode: DecodeFn, eos_ids: tuple[int, ...], now: float) -> Seq:
+        p = req.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+        arrival = req.arrival_time if 0 < req.arrival_time <= now else now
+        return cls(
+            req=req,
+            entry=Entry(req.request_id, num_prompt=len(req.prompt_tokens)),
+            detok=IncrementalDetokenizer(decode, stop=p.stop, prompt_tail=req.prompt_tokens),
+            stop_ids=frozenset(stop_ids),
+            events=asyncio.Queue(),
+            t_arrival=arrival,
+        )
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.aborted
+
+    @property
+    def slot(self) -> int:
+        assert self.entry.slot is not None, "not running"
+        return self.entry.slot
+
+    def state_tokens(self) -> tuple[int, ...]:
+        """The tokens the slot's state covers once generation ended (the last sample is never fed)."""
+        return self.req.prompt_tokens + tuple(self.output[:-1])
+
+    def append(
+        self,
+        token: int,
+        now: float,
+        logprob: float | None = None,
+        top: tuple[TopLogprob, ...] = (),
+    ) -> TokenEvent:
+        """Record one sampled token; return its event (the last one carries finish and usage)."""
+        self.output.append(token)
+        finish: FinishReason | None
+        if token in self.stop_ids:
+            text, finish = self.detok.flush(), FinishReason.STOP
+        else:
+            text = self.detok.push(token)
+            finish = FinishReason.STOP if self.detok.stopped else None
+            if finish is None and len(self.output) >= self.req.params.max_tokens:
+                text, finish = text + self.detok.flush(), FinishReason.LENGTH
+        self.last_itl = now - self.t_last if self.t_last is not None else None
+        self.t_first = self.t_first if self.t_first is not None else now
+        self.t_last = now
+        self.finish_reason = finish
+        return self._event(token, text, logprob, top, now)
+
+    def _event(
+        self, token: int, text: str, logprob: float | None, top: tuple[TopLogprob, ...], now: float
+    ) -> TokenEvent:
+        extra: dict[str, float] = {}
+        if self.finish_reason is not None:
+            extra = self.timings(now)
+        return TokenEvent(
+            request_id=self.request_id,
+            token_id=token,
+            text=text,
+            logprob=logprob,
+            top_logprobs=top,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.req.prompt_tokens),
+            cached_tokens=self.cached_tokens,
+            completion_tokens=len(self.output),
+            extra=extra,
+        )
+
+    def timings(self, now: float) -> dict[str, float]:
+        out = {"duration_s": now - self.t_arrival}
+        if self.t_admitted is not None:
+            out["queue_s"] = self.t_admitted - self.t_arrival
+        if self.t_first is not None:
+            out["ttft_s"] = self.t_first - self.t_arrival
+        return out

@@ -1,0 +1,209 @@
+"""Tokenizer and chat template of a served model.
+
+The tokenizer comes from the model directory through transformers' `AutoTokenizer`. The chat
+template is the one in `tokenizer_config.json` (or a `chat_template.jinja` next to it); a model
+without one gets `FALLBACK_CHAT_TEMPLATE`, a ChatML-like format:
+
+    <|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+With the fallback, `<|im_end|>` is also a stop string (`chat_stop`), since a base model's
+vocabulary rarely has it as one token.
+
+`encode_chat` also returns message *boundaries*: for each message, the token position where the
+rendering of the conversation up to and including that message ends. They are capture candidates
+for the state cache, and each is a true prefix of the full rendering: the partial rendering must be
+a string prefix of the full one, and the position counts only whole tokens inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+FALLBACK_STOP = "<|im_end|>"
+
+Message = Mapping[str, Any]
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered (an unsupported role, a template error)."""
+
+
+class Tokenizer:
+    """A transformers tokenizer plus the chat template and stop tokens the server uses."""
+
+    def __init__(self, hf: Any, model_name: str, chat_template: str | None = None) -> None:
+        self.hf = hf
+        # transformers mutates the Rust tokenizer's padding/truncation state on every encode, so
+        # concurrent encodes (API threads) are serialized, and decoding (the engine's worker
+        # thread, once per token) uses its own copy of the backend tokenizer.
+        self._lock = threading.Lock()
+        self._decoder = _backend_copy(hf)
+        self.model_name = model_name
+        self.uses_fallback_template = not chat_template
+        self.chat_template = chat_template or FALLBACK_CHAT_TEMPLATE
+        self.eos_token_id: int | None = hf.eos_token_id
+        self.eos_ids: tuple[int, ...] = self._eos_ids()
+        fallback_single = hf.convert_tokens_to_ids(FALLBACK_STOP) if self.uses_fallback_template else None
+        # Stop strings implied by the template (always applied to chat requests by the API).
+        self.chat_stop: tuple[str, ...] = (FALLBACK_STOP,) if self.uses_fallback_template else ()
+        if isinstance(fallback_single, int) and fallback_single != hf.unk_token_id:
+            self.eos_ids = tuple(sorted({*self.eos_ids, fallback_single}))
+        self.vocab_size: int = len(hf)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_name: str | None = None) -> Tokenizer:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(path))
+        template = getattr(hf, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: take the default one
+            template = template.get("default") or next(iter(template.values()), None)
+        if not template:
+            log.info("tokenizer at %s has no chat template; using the ChatML-like fallback", path)
+        name = model_name or Path(str(path).rstrip("/")).name or str(path)
+        return cls(hf, name, template or None)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        gen_cfg = getattr(self.hf, "generation_config", None)
+        extra = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif isinstance(extra, list):
+            ids.update(int(i) for i in extra)
+        return tuple(sorted(i for i in ids if i is not None))
+
+    # ---- plain text -------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._lock:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Plain decode (no clean-up of spaces, so that incremental decoding stays prefix-stable)."""
+        if self._decoder is not None:
+            return str(self._decoder.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        with self._lock:
+            return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text for logprob entries (special tokens included)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        msgs = [_normalize(m) for m in messages]
+        try:
+            with self._lock:
+                text = self.hf.apply_chat_template(
+                    msgs,
+                    chat_template=self.chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                )
+        except Exception as exc:  # jinja raises TemplateError, raise_exception(...) too
+            raise ChatTemplateError(f"cannot render the conversation: {exc}") from exc
+        return str(text)
+
+    def encode_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """(prompt tokens, message-end boundaries) of a conversation, boundaries ascending in [1, len]."""
+        if not messages:
+            raise ChatTemplateError("messages must not be empty")
+        full = self.render_chat(messages, add_generation_prompt)
+        tokens, ends = self._encode_with_ends(full)
+        boundaries: set[int] = set()
+        for i in range(1, len(messages) + 1):
+            try:
+                part = self.render_chat(messages[:i], add_generation_prompt=False)
+            except ChatTemplateError:
+                continue  # a template may refuse some partial conversations
+            chars = _common_prefix_len(part, full)
+            position = _tokens_within(ends, chars)
+            if position > 0:
+                boundaries.add(position)
+        return tokens, sorted(boundaries)
+
+    def _encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Tokens of `text` and, per token, the character offset where it ends."""
+        if getattr(self.hf, "is_fast", False):
+            with self._lock:
+                enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = list(enc["input_ids"])
+            ends = _monotonic([int(e) for _, e in enc["offset_mapping"]])
+            return tokens, ends
+        tokens = self.encode(text, add_special_tokens=False)
+        ends = [len(self.decode(tokens[: i + 1], skip_special_tokens=False)) for i in range(len(tokens))]
+        return tokens, _monotonic(ends)
+
+
+def _backend_copy(hf: Any) -> Any:
+    """An independent copy of a fast tokenizer's Rust backend (None for a slow tokenizer)."""
+    backend = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer as RustTokenizer
+
+    return RustTokenizer.from_str(backend.to_str())
+
+
+def _normalize(message: Message) -> dict[str, Any]:
+    """A message whose content is a string (OpenAI content parts are joined)."""
+    out = dict(message)
+    content = out.get("content")
+    if content is None:
+        out["content"] = ""
+    elif not isinstance(content, str):
+        parts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+        out["content"] = "".join(str(p) for p in parts)
+    return out
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over C-speed slice compares)."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))  # invariant: a[:lo] == b[:lo]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _monotonic(ends: list[int]) -> list[int]:
+    """Running maximum of token end offsets (special or empty tokens may report 0)."""
+    out, high = [], 0
+    for e in ends:
+        high = max(high, e)
+        out.append(high)
+    return out
+
+
+def _tokens_within(ends: Sequence[int], chars: int) -> int:
+    """Number of leading tokens that end at or before character `chars`."""
+    lo, hi = 0, len(ends)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ends[mid] <= chars:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

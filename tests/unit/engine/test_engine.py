@@ -1,0 +1,260 @@
+"""The engine on a tiny seeded Mamba2: continuous batching, cache resume, abort, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cache.config import CacheConfig
+from cache.manager import StateCache
+from server.engine import Engine, EngineConfig, build_engine
+from server.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from server.metrics import Metrics
+from server.model.loader import load_model
+from server.model.runner import ModelRunner
+from server.model.tokenizer import Tokenizer
+from server.settings import Settings
+from tests.tiny_models import hf_model, make_tokenizer
+
+TOK_VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-mamba2")
+    hf_model("mamba2", seed=3, vocab=320, chunk_size=8).save_pretrained(path)
+    make_tokenizer(path, vocab=TOK_VOCAB)
+    return path
+
+
+def _lossless_cache(runner: ModelRunner, interval: int = 8) -> StateCache:
+    config = CacheConfig(
+        hot_bytes=2**22, cold_bytes=2**23, hot_dtype="fp32", cold_dtype="fp32", checkpoint_interval=interval
+    )
+    return StateCache(config, runner.state_spec())
+
+
+def _make_engine(
+    model_dir: Path, slots: int = 4, cache: bool = False, budget: int = 16, metrics: Metrics | None = None
+) -> Engine:
+    runner = ModelRunner(load_model(model_dir)[1], max_slots=slots)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    state_cache = _lossless_cache(runner) if cache else None
+    config = EngineConfig(max_slots=slots, prefill_budget=budget)
+    return Engine(runner, tokenizer, state_cache, metrics=metrics, config=config)
+
+
+def _prompt(n: int, seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(5, TOK_VOCAB, (n,), generator=g).tolist())
+
+
+def _req(
+    rid: str,
+    prompt: Sequence[int],
+    max_tokens: int = 10,
+    session: str | None = None,
+    boundaries: Sequence[int] = (),
+    **params: object,
+) -> GenerationRequest:
+    fields: dict[str, object] = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sp = SamplingParams(**{**fields, **params})  # type: ignore[arg-type]
+    return GenerationRequest(rid, tuple(prompt), sp, session_id=session, boundaries=tuple(boundaries))
+
+
+async def _collect(engine: Engine, req: GenerationRequest) -> list[TokenEvent]:
+    return [e async for e in engine.generate(req)]
+
+
+def _tokens(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+@contextlib.asynccontextmanager
+async def _running(engine: Engine) -> AsyncIterator[Engine]:
+    engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+async def _alone(model_dir: Path, reqs: Sequence[GenerationRequest]) -> list[list[int]]:
+    async with _running(_make_engine(model_dir, slots=1)) as engine:
+        return [_tokens(await _collect(engine, r)) for r in reqs]
+
+
+async def test_batched_continuous_decoding_matches_each_request_alone(model_dir: Path) -> None:
+    prompts = [_prompt(n, seed=n) for n in (5, 23, 9, 40, 2, 17)]
+    reqs = [_req(f"r{i}", p, max_tokens=6 + 3 * i) for i, p in enumerate(prompts)]
+    expected = await _alone(model_dir, reqs)
+    async with _running(_make_engine(model_dir, slots=3, budget=10)) as engine:
+
+        async def staggered(i: int, r: GenerationRequest) -> list[int]:
+            await asyncio.sleep(0.01 * i)  # later arrivals join a batch already decoding
+            return _tokens(await _collect(engine, r))
+
+        got = await asyncio.gather(*(staggered(i, r) for i, r in enumerate(reqs)))
+        assert engine.num_running == 0 and engine.num_free_slots == 3
+    assert got == expected
+    assert [len(t) for t in got] == [r.params.max_tokens for r in reqs]
+
+
+async def test_final_event_carries_usage_and_finish_reason(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir)) as engine:
+        events = await _collect(engine, _req("u", _prompt(12, 1), max_tokens=5))
+    assert [e.finish_reason for e in events] == [None] * 4 + [FinishReason.LENGTH]
+    last = events[-1]
+    assert (last.prompt_tokens, last.completion_tokens, last.cached_tokens) == (12, 5, 0)
+    assert {"ttft_s", "queue_s", "duration_s"} <= set(last.extra)
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(_tokens(events))
+
+
+async def test_resumed_follow_up_equals_a_cold_run_with_a_lossless_cache(model_dir: Path) -> None:
+    turn1 = _prompt(30, seed=11)
+    async with _running(_make_engine(model_dir, cache=True)) as engine:
+        first = await _collect(engine, _req("t1", turn1, max_tokens=7, session="s"))
+        reply = _tokens(first)
+        turn2 = turn1 + tuple(reply) + _prompt(13, seed=12)
+        second = await _collect(engine, _req("t2", turn2, max_tokens=12, session="s"))
+    assert first[-1].cached_tokens == 0
+    assert second[-1].cached_tokens == len(turn1) + len(reply) - 1  # the last reply token is never fed
+    (cold,) = await _alone(model_dir, [_req("cold", turn2, max_tokens=12)])
+    assert _tokens(second) == cold
+
+
+async def test_edit_resumes_from_a_message_boundary(model_dir: Path) -> None:
+    base = _prompt(26, seed=21)
+    boundaries = (6, 15, 26)
+    async with _running(_make_engine(model_dir, cache=True)) as engine:
+        await _collect(engine, _req("a", base, max_tokens=3, session="e", boundaries=boundaries))
+        edited = base[:15] + _prompt(9, seed=22)  # message 3 changed
+        events = await _collect(engine, _req("b", edited, max_tokens=8, session="e"))
+        other = await _collect(engine, _req("c", edited, max_tokens=8, session="other"))
+    assert events[-1].cached_tokens == 15
+    assert other[-1].cached_tokens == 0  # sessions do not see each other's checkpoints
+    (cold,) = await _alone(model_dir, [_req("cold", edited, max_tokens=8)])
+    assert _tokens(events) == cold == _tokens(other)
+
+
+async def test_closing_the_stream_aborts_and_frees_the_slot_at_once(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir, slots=1)) as engine:
+        stream = engine.generate(_req("long", _prompt(8, 2), max_tokens=10_000))
+        await anext(stream)
+        assert engine.num_running == 1
+        await stream.aclose()
+        assert engine.num_running == 0 and engine.num_free_slots == 1
+        events = await asyncio.wait_for(_collect(engine, _req("next", _prompt(8, 3), max_tokens=3)), 10)
+        assert events[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_cancelling_the_consumer_aborts_a_waiting_request(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir, slots=1)) as engine:
+        hog = engine.generate(_req("hog", _prompt(8, 2), max_tokens=10_000))
+        await anext(hog)
+        waiter = asyncio.create_task(_collect(engine, _req("w", _prompt(8, 4), max_tokens=3)))
+        await asyncio.sleep(0.05)
+        assert engine.num_waiting == 1
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert engine.num_waiting == 0 and engine.num_running == 1
+        await hog.aclose()
+        assert engine.num_free_slots == 1
+
+
+async def test_seeded_sampling_is_reproducible_inside_a_batch(model_dir: Path) -> None:
+    prompt = _prompt(10, 5)
+    sampled: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "seed": 1234}
+    async with _running(_make_engine(model_dir, slots=3)) as engine:
+        alone = _tokens(await _collect(engine, _req("s1", prompt, max_tokens=12, **sampled)))
+        crowd = await asyncio.gather(
+            _collect(engine, _req("s2", prompt, max_tokens=12, **sampled)),
+            _collect(engine, _req("n1", _prompt(20, 6), max_tokens=12, temperature=1.0)),
+            _collect(engine, _req("n2", _prompt(3, 7), max_tokens=12, temperature=0.7)),
+        )
+        other_seed = _tokens(
+            await _collect(engine, _req("s3", prompt, max_tokens=12, **{**sampled, "seed": 99}))
+        )
+    assert _tokens(crowd[0]) == alone
+    assert other_seed != alone
+
+
+async def test_eos_and_stop_token_ids_finish_with_stop(model_dir: Path) -> None:
+    prompt = _prompt(10, 8)
+    async with _running(_make_engine(model_dir)) as engine:
+        free = _tokens(await _collect(engine, _req("f", prompt, max_tokens=6)))
+        stop_at = free[3]
+        events = await _collect(engine, _req("s", prompt, max_tokens=6, stop_token_ids=(stop_at,)))
+    assert _tokens(events) == free[: free.index(stop_at) + 1]
+    assert events[-1].finish_reason == FinishReason.STOP
+
+
+async def test_invalid_requests_are_rejected_before_queueing(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir)) as engine:
+        with pytest.raises(ValueError):
+            await _collect(engine, _req("bad", (5, TOK_VOCAB + 3)))
+        with pytest.raises(ValueError):
+            await _collect(engine, _req("empty", ()))
+        assert engine.num_waiting == 0 and engine.num_running == 0
+
+
+async def test_metrics_record_cached_and_computed_prompt_tokens(model_dir: Path) -> None:
+    metrics = Metrics(process_collectors=False)
+    prompt = _prompt(20, 9)
+    async with _running(_make_engine(model_dir, cache=True, metrics=metrics)) as engine:
+        events = await _collect(engine, _req("m1", prompt, max_tokens=4, session="m"))
+        await _collect(engine, _req("m2", prompt + tuple(_tokens(events)), max_tokens=4, session="m"))
+    value = lambda name, **labels: metrics.registry.get_sample_value(name, labels)
+    assert value("tssc_prompt_tokens_total", source="cached") == 20 + 4 - 1
+    assert value("tssc_prompt_tokens_total", source="computed") == 20 + 1
+    assert value("tssc_requests_total", finish_reason="length") == 2
+    assert value("tssc_generation_tokens_total") == 8
+    assert value("tssc_time_to_first_token_seconds_count") == 2
+    assert value("tssc_inter_token_latency_seconds_count") == 6
+
+
+async def test_build_engine_from_settings_serves_a_chat(model_dir: Path) -> None:
+    settings = Settings(model=str(model_dir), device="cpu", max_num_seqs=2, hot_dtype="fp32")
+    metrics = Metrics(process_collectors=False)
+    engine = await asyncio.to_thread(build_engine, settings, metrics)
+    assert engine.cache is not None and not engine.ready
+    tokens, boundaries = engine.tokenizer.encode_chat([{"role": "user", "content": "hello world"}])
+    async with _running(engine):
+        assert engine.ready
+        req = GenerationRequest(
+            "chat", tuple(tokens), SamplingParams(max_tokens=4), boundaries=tuple(boundaries)
+        )
+        events = await _collect(engine, req)
+    assert events[-1].finish_reason is not None and not engine.ready
+    assert (
+        metrics.registry.get_sample_value(
+            "tssc_model_info",
+            {"model": settings.model_name, "arch": "mamba2", "dtype": "fp32", "device": "cpu"},
+        )
+        == 1
+    )
+
+
+async def test_presence_penalty_prevents_repeats_and_logprobs_come_back(model_dir: Path) -> None:
+    prompt = _prompt(6, 13)
+    async with _running(_make_engine(model_dir, slots=2)) as engine:
+        plain, penalised = await asyncio.gather(
+            _collect(engine, _req("plain", prompt, max_tokens=40)),
+            _collect(
+                engine,
+                _req("pen", prompt, max_tokens=40, presence_penalty=1e4, logprobs=True, top_logprobs=3),
+            ),
+        )
+    assert len(set(_tokens(plain))) < 40  # the tiny model repeats itself without a penalty
+    assert len(set(_tokens(penalised))) == 40
+    assert all(e.logprob is None for e in plain)
+    first = penalised[0]  # no output yet: the penalty cannot matter, so greedy = the raw argmax
+    assert first.logprob is not None and len(first.top_logprobs) == 3
+    assert first.top_logprobs[0].token_id == first.token_id
+    assert first.top_logprobs[0].logprob == pytest.approx(first.logprob)

@@ -1,0 +1,187 @@
+"""The torch-free scheduler: slot accounting, FCFS admission, prefill budget, abort."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from server.engine.scheduler import Entry, Scheduler, SchedulerConfig
+
+
+def _make(max_slots: int = 2, budget: int = 16) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_slots=max_slots, prefill_budget=budget))
+
+
+def _run_step(s: Scheduler) -> None:
+    """Admit, then prefill the planned chunks as the engine would."""
+    s.admit()
+    for chunk in s.plan().prefills:
+        s.advance(chunk.entry, chunk.end - chunk.start)
+
+
+def test_admission_is_fcfs_and_bounded_by_slots() -> None:
+    s = _make(max_slots=2, budget=1000)
+    for i in range(4):
+        s.add(Entry(f"r{i}", num_prompt=5))
+    assert [e.request_id for e in s.admit()] == ["r0", "r1"]
+    assert s.num_free_slots == 0 and s.num_waiting == 2
+    assert s.admit() == []
+    s.finish("r1")
+    assert [e.request_id for e in s.admit()] == ["r2"]
+
+
+def test_finish_and_abort_free_the_slot_immediately_and_idempotently() -> None:
+    s = _make(max_slots=1)
+    s.add(Entry("a", num_prompt=3))
+    (a,) = s.admit()
+    assert a.slot == 0 and s.num_free_slots == 0
+    assert s.abort("a") is a
+    assert s.num_free_slots == 1 and a.slot is None
+    assert s.abort("a") is None and s.finish("a") is None
+    assert s.num_free_slots == 1
+
+
+def test_abort_of_a_waiting_entry_removes_it() -> None:
+    s = _make(max_slots=1)
+    s.add(Entry("a", num_prompt=3))
+    s.add(Entry("b", num_prompt=3))
+    s.admit()
+    s.abort("b")
+    assert s.num_waiting == 0
+    s.finish("a")
+    assert s.admit() == []
+
+
+def test_prefill_budget_is_split_oldest_first_and_chunked() -> None:
+    s = _make(max_slots=3, budget=10)
+    s.add(Entry("a", num_prompt=7))
+    s.add(Entry("b", num_prompt=7))
+    s.admit()
+    plan = s.plan()
+    assert [(c.entry.request_id, c.start, c.end) for c in plan.prefills] == [("a", 0, 7), ("b", 0, 3)]
+    for c in plan.prefills:
+        s.advance(c.entry, c.end - c.start)
+    plan = s.plan()
+    assert [(c.entry.request_id, c.start, c.end) for c in plan.prefills] == [("b", 3, 7)]
+    assert [e.request_id for e in plan.decodes] == ["a"]
+
+
+def test_cached_prefix_shortens_the_prefill() -> None:
+    s = _make(max_slots=1, budget=100)
+    s.add(Entry("a", num_prompt=50))
+    (a,) = s.admit()
+    a.num_computed = 45  # the engine restored a checkpoint at position 45
+    (chunk,) = s.plan().prefills
+    assert (chunk.start, chunk.end) == (45, 50)
+
+
+def test_admission_waits_for_the_prefill_backlog_but_never_skips_the_head() -> None:
+    s = _make(max_slots=4, budget=8)
+    s.add(Entry("long", num_prompt=100))
+    s.add(Entry("short", num_prompt=2))
+    assert [e.request_id for e in s.admit()] == ["long"]  # backlog 100 >= budget: stop
+    assert s.admit() == []
+    for _ in range(20):
+        _run_step(s)
+    assert s.get("short") is not None and s.get("short").slot is not None  # type: ignore[union-attr]
+
+
+def test_duplicate_and_empty_requests_are_rejected() -> None:
+    s = _make()
+    s.add(Entry("a", num_prompt=1))
+    with pytest.raises(ValueError):
+        s.add(Entry("a", num_prompt=1))
+    with pytest.raises(ValueError):
+        s.add(Entry("b", num_prompt=0))
+
+
+def test_no_starvation_under_continuous_arrivals() -> None:
+    s = _make(max_slots=2, budget=4)
+    s.add(Entry("first", num_prompt=30))
+    for step in range(200):
+        s.add(Entry(f"x{step}", num_prompt=3))
+        _run_step(s)
+        for e in s.running():
+            if e.decoding and e.request_id != "first":
+                s.finish(e.request_id)
+        first = s.get("first")
+        if first is not None and first.decoding:
+            return
+    pytest.fail("the first request never finished its prefill")
+
+
+class SlotMachine(RuleBasedStateMachine):
+    """Random add / admit / step / finish / abort sequences never leak or double-book a slot."""
+
+    @initialize(max_slots=st.integers(1, 5), budget=st.integers(1, 20))
+    def setup(self, max_slots: int, budget: int) -> None:
+        self.s = _make(max_slots, budget)
+        self.max_slots = max_slots
+        self.next_id = 0
+        self.known: list[str] = []
+        self.admitted_order: list[int] = []
+
+    @rule(prompt=st.integers(1, 40))
+    def add(self, prompt: int) -> None:
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        self.s.add(Entry(rid, num_prompt=prompt))
+        self.known.append(rid)
+
+    @rule()
+    def admit(self) -> None:
+        for e in self.s.admit():
+            self.admitted_order.append(e.seq_no)
+
+    @rule(cached=st.integers(0, 40))
+    def restore(self, cached: int) -> None:
+        for e in self.s.running():
+            if e.num_computed == 0:
+                e.num_computed = min(cached, e.num_prompt - 1)
+
+    @rule()
+    def step(self) -> None:
+        for c in self.s.plan().prefills:
+            assert c.start == c.entry.num_computed and c.end > c.start
+            self.s.advance(c.entry, c.end - c.start)
+
+    @precondition(lambda self: bool(self.known))
+    @rule(i=st.integers(0, 1000), use_abort=st.booleans())
+    def remove(self, i: int, use_abort: bool) -> None:
+        rid = self.known[i % len(self.known)]
+        if use_abort:
+            self.s.abort(rid)
+        else:
+            self.s.finish(rid)
+
+    @invariant()
+    def slots_are_conserved(self) -> None:
+        running = self.s.running()
+        slots = [e.slot for e in running]
+        assert None not in slots
+        assert len(set(slots)) == len(slots)
+        assert len(running) + self.s.num_free_slots == self.max_slots
+        assert all(0 <= sl < self.max_slots for sl in slots if sl is not None)
+        assert all(e.slot is None for e in self.s.waiting())
+
+    @invariant()
+    def admission_is_fcfs(self) -> None:
+        assert self.admitted_order == sorted(self.admitted_order)
+
+    @invariant()
+    def plan_respects_the_budget(self) -> None:
+        plan = self.s.plan()
+        assert sum(c.end - c.start for c in plan.prefills) <= self.s.config.prefill_budget
+        assert not {id(c.entry) for c in plan.prefills} & {id(e) for e in plan.decodes}
+
+    def teardown(self) -> None:
+        for rid in self.known:
+            self.s.abort(rid)
+        assert self.s.num_free_slots == self.max_slots
+        assert self.s.num_running == 0 and self.s.num_waiting == 0
+
+
+TestSlotMachine = SlotMachine.TestCase
+TestSlotMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
