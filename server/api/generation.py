@@ -1,0 +1,133 @@
+"""Driving the engine for one HTTP request: fan-out merge, collection, disconnect, error mapping.
+
+Every engine iterator is closed with `aclose()` however the request ends (finish, client
+disconnect, cancellation, error): closing it is what aborts the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from starlette.requests import Request
+
+from server.api.errors import APIError
+from server.engine.types import GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class GeneratingEngine(Protocol):
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+_DONE = object()
+
+
+@contextlib.asynccontextmanager
+async def closing(events: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T], None]:
+    """Like `contextlib.aclosing` for any async iterator (closed if it can be)."""
+    try:
+        yield events
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _pump(
+    engine: GeneratingEngine, index: int, req: GenerationRequest, queue: asyncio.Queue[Any]
+) -> None:
+    try:
+        async with closing(engine.generate(req)) as events:
+            async for event in events:
+                await queue.put((index, event))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await queue.put(exc)
+        return
+    await queue.put(_DONE)
+
+
+async def merged_events(
+    engine: GeneratingEngine, reqs: Sequence[GenerationRequest]
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """(choice index, event) from every request, interleaved as they come. Close it to abort all."""
+    if len(reqs) == 1:
+        async with closing(engine.generate(reqs[0])) as events:
+            async for event in events:
+                yield 0, event
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    tasks = [asyncio.create_task(_pump(engine, i, r, queue)) for i, r in enumerate(reqs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(engine: GeneratingEngine, reqs: Sequence[GenerationRequest]) -> list[list[TokenEvent]]:
+    """Every event of every choice, in order, per choice."""
+    out: list[list[TokenEvent]] = [[] for _ in reqs]
+    async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+        async for index, event in events:
+            out[index].append(event)
+    return out
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising `ClientDisconnected`) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def engine_error(exc: Exception) -> APIError:
+    """An engine exception as an API error: bad input is 400, anything else 503 (retryable)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc) or "invalid request", code="invalid_value")
+    log.exception("engine error", exc_info=exc)
+    return APIError(
+        503,
+        "The engine could not complete the request; try again.",
+        code="engine_error",
+        headers={"Retry-After": "1"},
+    )

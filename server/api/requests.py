@@ -1,0 +1,165 @@
+"""From a validated OpenAI request to the engine's `GenerationRequest`s (one per choice).
+
+Checks the limits that depend on the server's settings and tokenizer: the model name, `n`,
+`max_tokens`, the prompt length, token ids inside the vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.api.errors import APIError, bad_request
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.engine.types import GenerationRequest, SamplingParams
+from server.settings import Settings
+
+DEFAULT_MAX_TOKENS = 256
+_SEED_MOD = 2**63
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One tokenized prompt: `boundaries` are message ends (chat) and `text` is the prompt (echo)."""
+
+    tokens: tuple[int, ...]
+    boundaries: tuple[int, ...] = ()
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who asks: `namespace` comes from the API key, `session_id` from the header or body."""
+
+    request_id: str
+    namespace: str
+    session_id: str | None
+
+
+def check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise APIError(404, f"The model '{requested}' does not exist.", param="model", code="model_not_found")
+
+
+def resolve_session(header: str | None, body: str | None) -> str | None:
+    if header is not None and body is not None and header != body:
+        raise bad_request("X-Session-ID and session_id disagree.", param="session_id")
+    return header if header is not None else body
+
+
+def _max_tokens(requested: int | None, settings: Settings, param: str) -> int:
+    if requested is None:
+        return min(DEFAULT_MAX_TOKENS, settings.max_tokens_cap)
+    if requested > settings.max_tokens_cap:
+        raise bad_request(f"{param} must be <= {settings.max_tokens_cap}.", param=param)
+    return requested
+
+
+def _check_n(n: int, settings: Settings) -> None:
+    if n > settings.max_n:
+        raise bad_request(f"n must be <= {settings.max_n}.", param="n")
+
+
+def check_prompt_length(n_tokens: int, settings: Settings, param: str) -> None:
+    if n_tokens > settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"The prompt has {n_tokens} tokens; this server accepts at most {settings.max_prompt_tokens}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if n_tokens == 0:
+        raise bad_request("The prompt must not be empty.", param=param)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab_size}).", param=param)
+
+
+def chat_sampling(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
+    _check_n(req.n, settings)
+    max_tokens = _max_tokens(
+        req.requested_max_tokens,
+        settings,
+        "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+    )
+    return _sampling(req, max_tokens, req.logprobs, req.top_logprobs or 0)
+
+
+def completion_sampling(req: CompletionRequest, settings: Settings) -> SamplingParams:
+    _check_n(req.n, settings)
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported.", param="echo")
+    max_tokens = _max_tokens(req.requested_max_tokens, settings, "max_tokens")
+    wants = req.logprobs is not None
+    return _sampling(req, max_tokens, wants, req.logprobs or 0)
+
+
+def _sampling(
+    req: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
+    stop = req.stop_list()
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": max(req.top_k, 0) if req.top_k is not None else None,
+        "min_p": req.min_p,
+        "seed": req.seed,
+        "stop": stop,
+        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "ignore_eos": req.ignore_eos,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
+    }
+    try:
+        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def fan_out(
+    ctx: RequestContext, prompts: Sequence[Prompt], params: SamplingParams, n: int
+) -> list[GenerationRequest]:
+    """One request per (prompt, choice), choice index = prompt_index * n + j. Seeded choices get
+    distinct, reproducible seeds (seed + index)."""
+    now = time.monotonic()
+    out = []
+    for p_idx, prompt in enumerate(prompts):
+        for j in range(n):
+            index = p_idx * n + j
+            choice_params = params
+            if params.seed is not None and index:
+                choice_params = _with_seed(params, (params.seed + index) % _SEED_MOD)
+            out.append(
+                GenerationRequest(
+                    request_id=f"{ctx.request_id}-{index}",
+                    prompt_tokens=prompt.tokens,
+                    params=choice_params,
+                    namespace=ctx.namespace,
+                    session_id=ctx.session_id,
+                    boundaries=prompt.boundaries,
+                    arrival_time=now,
+                )
+            )
+    return out
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return replace(params, seed=seed)
+
+
+def with_extra_stop(params: SamplingParams, extra: Sequence[str]) -> SamplingParams:
+    """Add the chat template's own stop strings (e.g. a fallback template's end-of-turn marker)."""
+    added = tuple(s for s in extra if s and s not in params.stop)
+    return replace(params, stop=params.stop + added) if added else params

@@ -1,0 +1,82 @@
+"""GET /health, GET /metrics, GET and DELETE /v1/sessions/{id}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+
+from server.api.errors import APIError, bad_request
+from server.api.logs import session_id_var
+from server.api.protocol import MAX_SESSION_ID, _valid_session_id
+from server.api.responses import Health, SessionDeleted
+from server.api.routes_openai import ERRORS, Namespace
+from server.api.state import AppState, app_state
+from server.metrics import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+SessionPath = Annotated[str, Path(min_length=1, max_length=MAX_SESSION_ID)]
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the engine runs; 503 before (and if loading failed)."""
+    state = app_state(request)
+    status: Literal["ok", "loading", "failed"] = "ok"
+    if not state.ready:
+        status = "failed" if state.load_error else "loading"
+    body = Health(status=status, model=state.settings.model_name)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    state = app_state(request)
+    try:
+        state.metrics.refresh(state.engine if state.ready else None)
+    except Exception:  # a stats failure must not hide the counters
+        log.exception("metrics refresh failed")
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _session(request: Request, session_id: str) -> tuple[AppState, Any]:
+    try:
+        _valid_session_id(session_id)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="session_id") from exc
+    request.scope.setdefault("state", {})["session_id"] = session_id
+    session_id_var.set(session_id)
+    state = app_state(request)
+    cache = state.require_engine().cache
+    return state, cache
+
+
+def _not_found(session_id: str) -> APIError:
+    return APIError(
+        404, f"No session '{session_id}' in the state cache.", param="session_id", code="session_not_found"
+    )
+
+
+@router.get("/v1/sessions/{session_id}", responses=ERRORS)
+async def get_session(session_id: SessionPath, request: Request, namespace: Namespace) -> JSONResponse:
+    """Checkpoints and bytes per tier of one of this key's sessions."""
+    _, cache = _session(request, session_id)
+    info = cache.session_info(namespace, session_id) if cache is not None else None
+    if info is None:
+        raise _not_found(session_id)
+    return JSONResponse(jsonable_encoder({"id": session_id, "object": "session", **info}))
+
+
+@router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=ERRORS)
+async def delete_session(session_id: SessionPath, request: Request, namespace: Namespace) -> SessionDeleted:
+    """Drop every checkpoint of the session, in every tier."""
+    _, cache = _session(request, session_id)
+    if cache is None or cache.session_info(namespace, session_id) is None:
+        raise _not_found(session_id)
+    freed = await anyio.to_thread.run_sync(cache.delete_session, namespace, session_id)
+    return SessionDeleted(id=session_id, bytes_freed=int(freed))

@@ -1,0 +1,295 @@
+"""POST /v1/chat/completions, POST /v1/completions, GET /v1/models."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.api.auth import authenticate
+from server.api.errors import APIError, bad_request
+from server.api.formatting import (
+    chat_logprobs,
+    choice_text,
+    completion_logprobs,
+    final_event,
+    finish_reason_out,
+    usage_of,
+)
+from server.api.generation import ClientDisconnected, collect, engine_error, until_disconnect
+from server.api.logs import session_id_var
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, _valid_session_id
+from server.api.requests import (
+    Prompt,
+    RequestContext,
+    chat_sampling,
+    check_model,
+    check_prompt_length,
+    check_token_ids,
+    completion_sampling,
+    fan_out,
+    resolve_session,
+    with_extra_stop,
+)
+from server.api.responses import (
+    ChatChoice,
+    ChatCompletion,
+    ChatResponseMessage,
+    Completion,
+    CompletionChoice,
+    ErrorResponse,
+    FinishReasonOut,
+    ModelCard,
+    ModelList,
+)
+from server.api.state import AppState, EngineLike, ReleasingStream, app_state
+from server.api.streaming import StreamSpec, chat_stream, completion_stream
+from server.engine.types import GenerationRequest, TokenEvent
+
+_bearer = HTTPBearer(auto_error=False, description="An API key given to the server with --api-key.")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+CLIENT_CLOSED = 499
+
+
+def namespace_dep(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """Authenticate; the request's session namespace."""
+    state = app_state(request)
+    header = f"Bearer {credentials.credentials}" if credentials is not None else None
+    namespace = authenticate(header, state.settings.api_key)
+    request.scope.setdefault("state", {})["namespace"] = namespace
+    return namespace
+
+
+Namespace = Annotated[str, Depends(namespace_dep)]
+SessionHeader = Annotated[str | None, Header(alias="X-Session-ID")]
+router = APIRouter(responses=ERRORS)
+
+
+def _context(request: Request, namespace: str, header: str | None, body: str | None) -> RequestContext:
+    if header is not None:
+        try:
+            _valid_session_id(header)
+        except ValueError as exc:
+            raise bad_request(f"X-Session-ID: {exc}", param="X-Session-ID") from exc
+    session = resolve_session(header, body)
+    request.scope.setdefault("state", {})["session_id"] = session
+    session_id_var.set(session)
+    request_id = str(request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex)
+    return RequestContext(request_id=request_id, namespace=namespace, session_id=session)
+
+
+def _response_headers(ctx: RequestContext) -> dict[str, str]:
+    return {"X-Session-ID": ctx.session_id} if ctx.session_id else {}
+
+
+async def _encode_chat(engine: EngineLike, body: ChatCompletionRequest) -> Prompt:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    try:
+        tokens, boundaries = await anyio.to_thread.run_sync(engine.tokenizer.encode_chat, messages)
+    except ValueError as exc:  # ChatTemplateError: an unsupported role or conversation
+        raise bad_request(str(exc), param="messages") from exc
+    return Prompt(tokens=tuple(tokens), boundaries=tuple(boundaries))
+
+
+async def _collect(
+    request: Request, engine: EngineLike, reqs: list[GenerationRequest]
+) -> list[list[TokenEvent]]:
+    try:
+        return await until_disconnect(request, collect(engine, reqs))
+    except ClientDisconnected:
+        raise
+    except Exception as exc:
+        raise engine_error(exc) from exc
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, namespace: Namespace, x_session_id: SessionHeader = None
+) -> Response:
+    state = app_state(request)
+    check_model(body.model, state.settings.model_name)
+    ctx = _context(request, namespace, x_session_id, body.session_id)
+    params = chat_sampling(body, state.settings)
+    engine = state.require_engine()
+    params = with_extra_stop(params, getattr(engine.tokenizer, "chat_stop", ()))
+    state.acquire()
+    try:
+        prompt = await _encode_chat(engine, body)
+        check_prompt_length(len(prompt.tokens), state.settings, "messages")
+        reqs = fan_out(ctx, [prompt], params, body.n)
+        spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs)
+        if body.stream:
+            stream = chat_stream(engine, reqs, spec)
+            return ReleasingStream(stream, state.release, _response_headers(ctx))
+        per_choice = await _collect(request, engine, reqs)
+    except ClientDisconnected:
+        state.release()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        state.release()
+        raise
+    state.release()
+    return _chat_response(spec, ctx, per_choice, body.logprobs)
+
+
+def _spec(
+    state: AppState, engine: EngineLike, ctx: RequestContext, prefix: str, n: int, usage: bool, logprobs: bool
+) -> StreamSpec:
+    return StreamSpec(
+        response_id=prefix + ctx.request_id.removeprefix("req-"),
+        created=_now(),
+        model=state.settings.model_name,
+        n=n,
+        include_usage=usage,
+        logprobs=logprobs,
+        token_text=engine.tokenizer.token_text,
+    )
+
+
+def _reason(final: TokenEvent | None) -> FinishReasonOut:
+    return finish_reason_out(final.finish_reason if final is not None else None) or "stop"
+
+
+def _now() -> int:
+    import time
+
+    return int(time.time())
+
+
+def _chat_response(
+    spec: StreamSpec, ctx: RequestContext, per_choice: Sequence[Sequence[TokenEvent]], logprobs: bool
+) -> Response:
+    finals = [final_event(events) for events in per_choice]
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=choice_text(events)),
+            logprobs=chat_logprobs(events, spec.token_text) if logprobs else None,
+            finish_reason=_reason(finals[i]),
+        )
+        for i, events in enumerate(per_choice)
+    ]
+    body = ChatCompletion(
+        id=spec.response_id,
+        created=spec.created,
+        model=spec.model,
+        choices=choices,
+        usage=usage_of(finals, spec.n),
+        session_id=ctx.session_id,
+    )
+    return _json(body.model_dump(mode="json"), ctx)
+
+
+def _json(content: dict[str, Any], ctx: RequestContext) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(content, headers=_response_headers(ctx))
+
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[Prompt]:
+    tok = engine.tokenizer
+    raw = body.prompt
+    if isinstance(raw, str):
+        texts: list[str] | None = [raw]
+    elif raw and isinstance(raw[0], str):
+        texts = [str(t) for t in raw]
+    else:
+        texts = None
+    if texts is not None:
+        encoded = await anyio.to_thread.run_sync(lambda: [tok.encode(t) for t in texts])
+        return [Prompt(tokens=tuple(ids), text=t) for ids, t in zip(encoded, texts, strict=True)]
+    lists = [raw] if isinstance(raw[0], int) else raw
+    prompts = []
+    for ids in lists:
+        assert isinstance(ids, list)
+        token_ids = [int(i) for i in ids if isinstance(i, int)]
+        check_token_ids(token_ids, int(tok.vocab_size), "prompt")
+        prompts.append(Prompt(tokens=tuple(token_ids), text=tok.decode(token_ids) if body.echo else ""))
+    return prompts
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def completions(
+    body: CompletionRequest, request: Request, namespace: Namespace, x_session_id: SessionHeader = None
+) -> Response:
+    state = app_state(request)
+    check_model(body.model, state.settings.model_name)
+    ctx = _context(request, namespace, x_session_id, body.session_id)
+    params = completion_sampling(body, state.settings)
+    engine = state.require_engine()
+    state.acquire()
+    try:
+        prompts = await _encode_prompts(engine, body)
+        for prompt in prompts:
+            check_prompt_length(len(prompt.tokens), state.settings, "prompt")
+        if len(prompts) * body.n > state.settings.max_n * 8:
+            raise bad_request("Too many choices (prompts x n).", param="n")
+        reqs = fan_out(ctx, prompts, params, body.n)
+        echo = [prompts[i // body.n].text if body.echo else "" for i in range(len(reqs))]
+        spec = _spec(state, engine, ctx, "cmpl-", body.n, body.include_usage, body.logprobs is not None)
+        if body.stream:
+            stream = completion_stream(engine, reqs, spec, echo)
+            return ReleasingStream(stream, state.release, _response_headers(ctx))
+        per_choice = await _collect(request, engine, reqs)
+    except ClientDisconnected:
+        state.release()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        state.release()
+        raise
+    state.release()
+    return _completion_response(spec, ctx, per_choice, echo)
+
+
+def _completion_response(
+    spec: StreamSpec, ctx: RequestContext, per_choice: Sequence[Sequence[TokenEvent]], echo: Sequence[str]
+) -> Response:
+    finals = [final_event(events) for events in per_choice]
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=echo[i] + choice_text(events),
+            logprobs=completion_logprobs(events, spec.token_text, len(echo[i])) if spec.logprobs else None,
+            finish_reason=_reason(finals[i]),
+        )
+        for i, events in enumerate(per_choice)
+    ]
+    body = Completion(
+        id=spec.response_id,
+        created=spec.created,
+        model=spec.model,
+        choices=choices,
+        usage=usage_of(finals, spec.n),
+        session_id=ctx.session_id,
+    )
+    return _json(body.model_dump(mode="json"), ctx)
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request, namespace: Namespace) -> ModelList:
+    state = app_state(request)
+    return ModelList(data=[ModelCard(id=state.settings.model_name, created=state.created)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request, namespace: Namespace) -> ModelCard:
+    state = app_state(request)
+    if model_id != state.settings.model_name:
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return ModelCard(id=model_id, created=state.created)

@@ -1,0 +1,108 @@
+"""Per-app state (no globals): settings, metrics, the engine, in-flight accounting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.api.errors import APIError
+from server.engine.types import GenerationRequest, TokenEvent
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+class EngineLike(Protocol):
+    """What the API uses of `server.engine.engine.Engine`."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def cache(self) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+    def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    engine: EngineLike | None = None
+    load_error: str | None = None
+    inflight: int = 0
+    on_load_error: Callable[[], None] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and bool(self.engine.ready)
+
+    def require_engine(self) -> EngineLike:
+        """The engine, or 503 while the model loads (or failed to)."""
+        if self.engine is None or not self.engine.ready:
+            message = (
+                "The model is still loading." if self.load_error is None else "The model failed to load."
+            )
+            raise APIError(503, message, code="model_not_ready", headers={"Retry-After": "5"})
+        return self.engine
+
+    def acquire(self) -> None:
+        """Count one generation request in flight, or 429 when saturated."""
+        if self.inflight >= self.settings.max_concurrent_requests:
+            raise APIError(
+                429,
+                f"Too many requests in flight (limit {self.settings.max_concurrent_requests}); retry shortly.",
+                code="too_many_requests",
+                headers={"Retry-After": "1"},
+            )
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight = max(0, self.inflight - 1)
+
+
+def app_state(request: Request) -> AppState:
+    state = request.app.state.tssc
+    assert isinstance(state, AppState)
+    return state
+
+
+class ReleasingStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            # A disconnect may cancel the stream while it waits in `send`: close the generator
+            # now (aborting its engine requests) rather than at garbage collection.
+            aclose = getattr(self._content, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,173 @@
+"""Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+
+Chat: each choice opens with a `{"role": "assistant", "content": ""}` delta, then content deltas,
+then an empty delta carrying `finish_reason`. Completions: text chunks, then an empty chunk with
+`finish_reason`. With `stream_options.include_usage`, every chunk has `"usage": null` and one last
+chunk with no choices carries the usage. An engine error after the headers went out is sent as an
+`{"error": ...}` event before `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from server.api.errors import APIError
+from server.api.formatting import (
+    TokenText,
+    chat_logprob_entry,
+    completion_logprobs,
+    finish_reason_out,
+    has_logprob,
+    usage_of,
+)
+from server.api.generation import GeneratingEngine, engine_error, merged_events
+from server.api.responses import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+)
+from server.engine.types import GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every chunk of one response shares."""
+
+    response_id: str
+    created: int
+    model: str
+    n: int
+    include_usage: bool
+    logprobs: bool
+    token_text: TokenText
+
+
+def sse(body: BaseModel | dict[str, Any]) -> bytes:
+    data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _chat_chunk(spec: StreamSpec, choice: ChatChunkChoice | None) -> bytes:
+    chunk = ChatCompletionChunk(
+        id=spec.response_id, created=spec.created, model=spec.model, choices=[choice] if choice else []
+    )
+    data = chunk.model_dump(mode="json")
+    for choice_data in data["choices"]:  # OpenAI deltas carry only the fields that changed
+        choice_data["delta"] = {k: v for k, v in choice_data["delta"].items() if v is not None}
+    if not spec.include_usage:
+        data.pop("usage")
+    return sse(data)
+
+
+def _chat_event_chunk(spec: StreamSpec, index: int, event: TokenEvent) -> bytes | None:
+    logprobs = None
+    if spec.logprobs and has_logprob(event):
+        logprobs = ChatLogprobs(content=[chat_logprob_entry(event, spec.token_text)])
+    if not event.text and logprobs is None:
+        return None
+    choice = ChatChunkChoice(index=index, delta=ChatDelta(content=event.text), logprobs=logprobs)
+    return _chat_chunk(spec, choice)
+
+
+async def chat_stream(
+    engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec
+) -> AsyncGenerator[bytes, None]:
+    for index in range(len(reqs)):
+        yield _chat_chunk(spec, ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+    finals: list[TokenEvent | None] = [None] * len(reqs)
+    try:
+        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+            async for index, event in events:
+                if (chunk := _chat_event_chunk(spec, index, event)) is not None:
+                    yield chunk
+                if event.finish_reason is not None:
+                    finals[index] = event
+                    reason = finish_reason_out(event.finish_reason)
+                    yield _chat_chunk(
+                        spec, ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)
+                    )
+    except Exception as exc:
+        yield _error_event(engine_error(exc))
+        yield DONE
+        return
+    if spec.include_usage:
+        usage_chunk = ChatCompletionChunk(
+            id=spec.response_id,
+            created=spec.created,
+            model=spec.model,
+            choices=[],
+            usage=usage_of(finals, spec.n),
+        )
+        yield sse(usage_chunk)
+    yield DONE
+
+
+def _completion_chunk(spec: StreamSpec, choice: CompletionChoice | None, final: bool = False) -> bytes:
+    chunk = Completion(
+        id=spec.response_id, created=spec.created, model=spec.model, choices=[choice] if choice else []
+    )
+    data = chunk.model_dump(mode="json", exclude={"session_id"})
+    if not spec.include_usage:
+        data.pop("usage")
+    return sse(data)
+
+
+def _completion_event_chunk(spec: StreamSpec, index: int, event: TokenEvent, offset: int) -> bytes | None:
+    logprobs = None
+    if spec.logprobs and has_logprob(event):
+        logprobs = completion_logprobs([event], spec.token_text, offset)
+    if not event.text and logprobs is None:
+        return None
+    return _completion_chunk(spec, CompletionChoice(index=index, text=event.text, logprobs=logprobs))
+
+
+async def completion_stream(
+    engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec, echo: Sequence[str]
+) -> AsyncGenerator[bytes, None]:
+    """`echo[i]` is text to send first for choice i (the prompt, with `echo`), or empty."""
+    offsets = [len(e) for e in echo]
+    for index, text in enumerate(echo):
+        if text:
+            yield _completion_chunk(spec, CompletionChoice(index=index, text=text))
+    finals: list[TokenEvent | None] = [None] * len(reqs)
+    try:
+        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+            async for index, event in events:
+                if (chunk := _completion_event_chunk(spec, index, event, offsets[index])) is not None:
+                    yield chunk
+                offsets[index] += len(event.text)
+                if event.finish_reason is not None:
+                    finals[index] = event
+                    reason = finish_reason_out(event.finish_reason)
+                    yield _completion_chunk(
+                        spec, CompletionChoice(index=index, text="", finish_reason=reason)
+                    )
+    except Exception as exc:
+        yield _error_event(engine_error(exc))
+        yield DONE
+        return
+    if spec.include_usage:
+        usage = usage_of(finals, spec.n)
+        last = Completion(
+            id=spec.response_id, created=spec.created, model=spec.model, choices=[], usage=usage
+        )
+        yield sse(last.model_dump(mode="json", exclude={"session_id"}))
+    yield DONE
+
+
+def _error_event(err: APIError) -> bytes:
+    log.warning("stream ended by an error: %s", err.message)
+    return sse(err.body())

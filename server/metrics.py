@@ -1,0 +1,253 @@
+"""Every Prometheus metric of tssc, defined once, on a registry owned by a `Metrics` object.
+
+No module-level registry: each server (and each test) builds its own `Metrics`, so two apps in one
+process never collide. All names start with `tssc_` and use base units (seconds, bytes); the
+standard process (`process_*`) and platform (`python_info`) collectors are registered next to them.
+
+Who records what:
+- the cache calls the observer methods (`on_lookup`, `on_fetch`, `on_capture`, `on_evict`);
+- the engine calls the `observe_*` request methods (it alone sees queueing and every token);
+- `refresh(engine)` sets the gauges from `engine.cache.stats()` and the engine's queues; the
+  `/metrics` route calls it before every scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from cache.base import CacheObserver, LookupResult, MissCause, Tier
+from cache.stats import CacheStats
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE_LATEST: str = _CONTENT_TYPE
+TIERS: tuple[str, ...] = ("hot", "cold", "disk")
+GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
+
+_LOOKUP_LABELS = (
+    ("hot_hit", ""),
+    ("cold_hit", ""),
+    ("disk_hit", ""),
+    ("miss", "never_saved"),
+    ("miss", "evicted"),
+)
+# Latency buckets (seconds): from sub-millisecond restores to multi-second CPU prefills.
+_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class EngineLike(Protocol):
+    """What `Metrics.refresh` reads from the engine (duck-typed; no import of the engine)."""
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def cache(self) -> Any: ...
+
+
+class Metrics(CacheObserver):
+    """The process's metrics, on their own `CollectorRegistry`; also the cache's observer."""
+
+    def __init__(self, *, process_collectors: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if process_collectors:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self._define_cache_metrics()
+        self._define_request_metrics()
+
+    # ---- definitions -----------------------------------------------------------------------
+
+    def _define_cache_metrics(self) -> None:
+        r = self.registry
+        self.cache_bytes = Gauge(
+            "tssc_state_cache_bytes", "Bytes of checkpoints held per tier.", ["tier"], registry=r
+        )
+        self.cache_capacity_bytes = Gauge(
+            "tssc_state_cache_capacity_bytes", "Byte budget per tier.", ["tier"], registry=r
+        )
+        self.cache_checkpoints = Gauge(
+            "tssc_state_cache_checkpoints", "Checkpoints held per tier.", ["tier"], registry=r
+        )
+        self.cache_fetch_seconds = Histogram(
+            "tssc_state_cache_fetch_seconds",
+            "Lookup-to-live-slot latency of a restore, by the tier that served it.",
+            ["tier"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.cache_capture_seconds = Histogram(
+            "tssc_state_cache_capture_seconds",
+            "Time to capture a checkpoint from a live slot.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "tssc_state_cache_lookups_total",
+            "Cache lookups by result (hot_hit, cold_hit, disk_hit, miss) and cause.",
+            ["result", "cause"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "tssc_state_cache_evictions_total", "Checkpoints evicted per tier.", ["tier"], registry=r
+        )
+        self.cache_disk_corrupt = Counter(
+            "tssc_state_cache_disk_corrupt_total", "Disk checkpoints found corrupt and skipped.", registry=r
+        )
+        self.sessions = Gauge("tssc_sessions", "Sessions known to the cache.", registry=r)
+        for result, cause in _LOOKUP_LABELS:
+            self.cache_lookups.labels(result=result, cause=cause)
+        for tier in TIERS:
+            self.cache_bytes.labels(tier=tier)
+            self.cache_capacity_bytes.labels(tier=tier)
+            self.cache_checkpoints.labels(tier=tier)
+            self.cache_evictions.labels(tier=tier)
+
+    def _define_request_metrics(self) -> None:
+        r = self.registry
+        self.prompt_tokens = Counter(
+            "tssc_prompt_tokens_total",
+            "Prompt tokens, by source: served from a checkpoint (cached) or prefilled (computed).",
+            ["source"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "tssc_generation_tokens_total", "Generated (completion) tokens.", registry=r
+        )
+        self.requests_running = Gauge("tssc_requests_running", "Requests holding a live slot.", registry=r)
+        self.requests_waiting = Gauge(
+            "tssc_requests_waiting", "Requests waiting for a live slot.", registry=r
+        )
+        self.requests = Counter(
+            "tssc_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r
+        )
+        self.ttft_seconds = Histogram(
+            "tssc_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_seconds = Histogram(
+            "tssc_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            buckets=(*_FAST_BUCKETS, 2.5, 5.0),
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            "tssc_request_duration_seconds", "Arrival to finish.", buckets=_SLOW_BUCKETS, registry=r
+        )
+        self.request_queue_seconds = Histogram(
+            "tssc_request_queue_seconds",
+            "Arrival to admission into a slot.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.gpu_memory_bytes = Gauge(
+            "tssc_gpu_memory_bytes", "CUDA memory (allocated, reserved, total).", ["kind"], registry=r
+        )
+        self.model_info = Gauge(
+            "tssc_model_info", "1 for the served model.", ["model", "arch", "dtype", "device"], registry=r
+        )
+        for kind in GPU_MEMORY_KINDS:
+            self.gpu_memory_bytes.labels(kind=kind)
+        for source in ("cached", "computed"):
+            self.prompt_tokens.labels(source=source)
+        for reason in ("stop", "length", "abort"):
+            self.requests.labels(finish_reason=reason)
+
+    # ---- cache observer protocol (called by cache.manager.StateCache) ----------------------
+
+    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
+        """One lookup: `result` is hot_hit / cold_hit / disk_hit / miss; `cause` (misses) says why."""
+        self.cache_lookups.labels(result=result, cause=cause).inc()
+
+    def on_fetch(self, tier: Tier, seconds: float) -> None:
+        """A checkpoint from `tier` reached a live slot, `seconds` after the lookup."""
+        self.cache_fetch_seconds.labels(tier=tier).observe(seconds)
+
+    def on_capture(self, seconds: float) -> None:
+        self.cache_capture_seconds.observe(seconds)
+
+    def on_evict(self, tier: Tier) -> None:
+        self.cache_evictions.labels(tier=tier).inc()
+
+    def on_corrupt(self) -> None:
+        self.cache_disk_corrupt.inc()
+
+    # ---- request metrics (called by the engine) --------------------------------------------
+
+    def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None:
+        self.prompt_tokens.labels(source="cached").inc(cached_tokens)
+        self.prompt_tokens.labels(source="computed").inc(computed_tokens)
+
+    def observe_queue(self, seconds: float) -> None:
+        self.request_queue_seconds.observe(seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft_seconds.observe(seconds)
+
+    def observe_token(self, inter_token_seconds: float | None = None) -> None:
+        """One generated token; `inter_token_seconds` is None for a request's first token."""
+        self.generation_tokens.inc()
+        if inter_token_seconds is not None:
+            self.inter_token_seconds.observe(inter_token_seconds)
+
+    def observe_finish(self, finish_reason: str, duration_seconds: float) -> None:
+        self.requests.labels(finish_reason=finish_reason).inc()
+        self.request_duration_seconds.observe(duration_seconds)
+
+    def set_model_info(self, *, model: str, arch: str, dtype: str, device: str) -> None:
+        """Called once the model is loaded: `model` is the served model id."""
+        self.model_info.clear()
+        self.model_info.labels(model=model, arch=arch, dtype=dtype, device=device).set(1)
+
+    # ---- gauges ----------------------------------------------------------------------------
+
+    def refresh(self, engine: EngineLike | None) -> None:
+        """Set the gauges from the engine's queues, its cache's stats and CUDA memory."""
+        if engine is not None:
+            self.requests_running.set(engine.num_running)
+            self.requests_waiting.set(engine.num_waiting)
+            cache = engine.cache
+            if cache is not None:
+                self.set_cache_stats(cache.stats())
+        self._refresh_gpu_memory()
+
+    def set_cache_stats(self, stats: CacheStats) -> None:
+        """Copy a `StateCache.stats()` snapshot into the tier gauges."""
+        for tier, tier_stats in stats.tiers.items():
+            self.cache_bytes.labels(tier=tier).set(tier_stats.bytes_used)
+            self.cache_capacity_bytes.labels(tier=tier).set(tier_stats.bytes_capacity)
+            self.cache_checkpoints.labels(tier=tier).set(tier_stats.checkpoints)
+        self.sessions.set(stats.sessions)
+
+    def _refresh_gpu_memory(self) -> None:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return
+        if not torch.cuda.is_available():
+            return
+        self.gpu_memory_bytes.labels(kind="allocated").set(torch.cuda.memory_allocated())
+        self.gpu_memory_bytes.labels(kind="reserved").set(torch.cuda.memory_reserved())
+        self.gpu_memory_bytes.labels(kind="total").set(torch.cuda.get_device_properties(0).total_memory)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,140 @@
+"""Server settings: every CLI flag `--some-flag` is also the environment variable `TSSC_SOME_FLAG`.
+
+Precedence: command line > environment > default. Byte sizes accept plain integers or strings such
+as "512MiB", "2GiB", "1.5GB". `--api-key` repeats on the command line; `TSSC_API_KEY` holds a
+comma-separated list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import ByteSize, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "TSSC_"
+DEMO_MODEL_RESOURCE = "assets/demo-mamba2"
+
+Device = Literal["auto", "cpu", "cuda"]
+ModelDType = Literal["auto", "fp32", "fp16", "bf16"]
+HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
+ColdDType = Literal["fp16", "bf16", "fp32"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def default_model_path() -> str:
+    """The bundled demo model (package data `server/assets/demo-mamba2`), as a filesystem path."""
+    return str(importlib.resources.files("server").joinpath(DEMO_MODEL_RESOURCE))
+
+
+class Settings(BaseSettings):
+    """Everything `tssc serve` can be told. Immutable once built."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # model and device
+    model: str = Field(default_factory=default_model_path, description="Model directory or hub id.")
+    served_model_name: str | None = Field(
+        None, description="Model id reported by the API (default: from --model)."
+    )
+    device: Device = Field("auto", description="Where the model runs: auto picks cuda when available.")
+    dtype: ModelDType = Field("auto", description="Model weights dtype: auto is bf16 on cuda, fp32 on cpu.")
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="Live slots: sequences decoded together.")
+    # network
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted Bearer key (repeatable; env: comma-separated)."
+    )
+    # state cache
+    no_cache: bool = Field(False, description="Disable the state cache (every request prefills in full).")
+    hot_window: int = Field(4, ge=0, description="Most recent checkpoints per session kept in the hot tier.")
+    hot_bytes: ByteSize = Field(ByteSize(512 * 2**20), description="Hot tier (VRAM) byte budget.")
+    cold_bytes: ByteSize = Field(ByteSize(2 * 2**30), description="Cold tier (pinned RAM) byte budget.")
+    hot_dtype: HotDType = Field("fp8", description="Hot tier storage precision.")
+    cold_dtype: ColdDType = Field("fp16", description="Cold tier (and disk) storage precision.")
+    disk_dir: Path | None = Field(None, description="Directory of the disk tier (off when unset).")
+    disk_bytes: ByteSize = Field(ByteSize(8 * 2**30), description="Disk tier byte budget.")
+    checkpoint_interval: int = Field(256, ge=1, description="Capture a checkpoint every N prompt tokens.")
+    # limits
+    max_prompt_tokens: int = Field(32768, ge=1, description="Longest prompt accepted, in tokens.")
+    max_body_bytes: ByteSize = Field(ByteSize(8 * 2**20), description="Largest request body accepted.")
+    max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before 429.")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    log_level: LogLevel = Field("info", description="Logging level.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _nonempty_keys(cls, value: list[str]) -> list[str]:
+        if any(not k for k in value):
+            raise ValueError("an API key must not be empty")
+        return value
+
+    @field_validator("log_level", "device", "dtype", "hot_dtype", "cold_dtype", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def model_name(self) -> str:
+        """The id `/v1/models` reports and requests must name."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model.rstrip("/")).name or self.model
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key)
+
+    @property
+    def log_level_int(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(name: str, annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "{" + ",".join(str(a) for a in get_args(annotation)) + "}"
+    return name.upper()
+
+
+def build_parser(prog: str = "tssc serve") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per `Settings` field; unset flags stay absent."""
+    parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
+    for name, field in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        help_text = f"{field.description} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action="store_true", help=help_text)
+        elif name == "api_key":
+            parser.add_argument(_flag(name), dest=name, action="append", metavar="KEY", help=help_text)
+        else:
+            parser.add_argument(
+                _flag(name), dest=name, metavar=_metavar(name, field.annotation), help=help_text
+            )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, prog: str = "tssc serve") -> Settings:
+    """Settings from `argv` (command line) over `TSSC_*` environment variables over defaults.
+
+    Raises `SystemExit(2)` on unknown flags (argparse) and `pydantic.ValidationError` on bad values.
+    """
+    namespace = build_parser(prog).parse_args(list(argv) if argv is not None else None)
+    return Settings(**vars(namespace))

@@ -1,0 +1,120 @@
+"""Start a real `tssc` server (uvicorn, subprocess) on a free loopback port, for tests and benches.
+
+    with start_server(["--model", str(model_dir), "--no-cache"]) as srv:
+        httpx.get(srv.base_url + "/health")
+
+Also builds the seeded tiny model every integration test serves (`make_tiny_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_VOCAB = 320
+
+
+@dataclass(frozen=True)
+class ServerProc:
+    base_url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def char_tokenizer() -> Any:
+    """A character-level tokenizer (printable ASCII, no merges) with the chat special tokens.
+
+    Every token is one character, so any generated text re-tokenizes to exactly the generated
+    tokens: what lets a follow-up turn resume from the previous turn's finish checkpoint even
+    though a random tiny model writes gibberish."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    from server.train.tokenizer import SPECIAL_TOKENS
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def make_tiny_model(directory: Path, seed: int = 0, d_model: int = 32, n_layer: int = 2) -> Path:
+    """A seeded tiny Mamba2 (transformers layout) plus the character tokenizer and chat template."""
+    from server.train.tokenizer import save_tokenizer
+    from tests.tiny_models import hf_model
+
+    model = hf_model("mamba2", seed=seed, vocab=TINY_VOCAB, d_model=d_model, n_layer=n_layer, chunk_size=8)
+    model.save_pretrained(directory)
+    save_tokenizer(char_tokenizer(), directory)
+    return directory
+
+
+def _wait_healthy(srv: ServerProc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(srv.base_url + "/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"server not healthy after {timeout}s:\n{srv.log_tail()}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def start_server(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+    timeout: float = 120.0,
+) -> Iterator[ServerProc]:
+    """Run `python -m server.serve --host 127.0.0.1 --port <free> ARGS` until the block exits."""
+    port = free_port()
+    log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+    log_path = log_dir / f"tssc-server-{port}.log"
+    cmd = [sys.executable, "-m", "server.serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    srv = ServerProc(base_url=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=log_path)
+    try:
+        _wait_healthy(srv, timeout)
+        yield srv
+    finally:
+        _stop(proc)

@@ -1,0 +1,128 @@
+"""Settings: every flag parses, has a TSSC_* variable, and the command line wins over the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import Settings, build_parser, default_model_path, parse_settings
+
+ISSUE_FLAGS = [
+    "--model",
+    "--host",
+    "--port",
+    "--device",
+    "--dtype",
+    "--max-num-seqs",
+    "--hot-window",
+    "--hot-bytes",
+    "--cold-bytes",
+    "--hot-dtype",
+    "--cold-dtype",
+    "--disk-dir",
+    "--disk-bytes",
+    "--checkpoint-interval",
+    "--no-cache",
+    "--api-key",
+    "--max-prompt-tokens",
+    "--max-body-bytes",
+    "--max-concurrent-requests",
+    "--max-tokens-cap",
+    "--max-n",
+    "--log-level",
+    "--served-model-name",
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TSSC_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_issue() -> None:
+    s = parse_settings([])
+    assert s.host == "127.0.0.1"
+    assert (s.hot_dtype, s.cold_dtype) == ("fp8", "fp16")
+    assert s.device == "auto"
+    assert s.no_cache is False
+    assert s.api_key == []
+    assert s.model == default_model_path()
+    assert Path(s.model).parts[-3:] == ("server", "assets", "demo-mamba2")
+
+
+def test_every_issue_flag_exists() -> None:
+    options = {opt for action in build_parser()._actions for opt in action.option_strings}
+    missing = [f for f in ISSUE_FLAGS if f not in options]
+    assert not missing
+
+
+def test_every_field_has_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSSC_PORT", "9123")
+    monkeypatch.setenv("TSSC_HOT_BYTES", "64MiB")
+    monkeypatch.setenv("TSSC_NO_CACHE", "true")
+    monkeypatch.setenv("TSSC_HOT_DTYPE", "FP32")
+    monkeypatch.setenv("TSSC_DISK_DIR", "/tmp/tssc-disk")
+    monkeypatch.setenv("TSSC_API_KEY", "alpha, beta")
+    s = parse_settings([])
+    assert s.port == 9123
+    assert s.hot_bytes == 64 * 2**20
+    assert s.no_cache is True
+    assert s.hot_dtype == "fp32"
+    assert s.disk_dir == Path("/tmp/tssc-disk")
+    assert s.api_key == ["alpha", "beta"]
+
+
+def test_command_line_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSSC_PORT", "9123")
+    monkeypatch.setenv("TSSC_API_KEY", "from-env")
+    s = parse_settings(["--port", "9555", "--api-key", "a", "--api-key", "b"])
+    assert s.port == 9555
+    assert s.api_key == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096), ("1 kib", 1024)],
+)
+def test_byte_sizes_accept_units(text: str, expected: int) -> None:
+    assert parse_settings(["--cold-bytes", text]).cold_bytes == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--hot-dtype", "int4"],
+        ["--cold-dtype", "fp8"],
+        ["--device", "tpu"],
+        ["--port", "70000"],
+        ["--max-num-seqs", "0"],
+        ["--hot-bytes", "lots"],
+        ["--log-level", "loud"],
+    ],
+)
+def test_bad_values_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(ValidationError):
+        parse_settings(argv)
+
+
+def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings(["--no-such-flag"])
+    assert info.value.code == 2
+
+
+def test_served_model_name_defaults_to_the_model_directory() -> None:
+    assert parse_settings(["--model", "/models/my-mamba/"]).model_name == "my-mamba"
+    assert parse_settings(["--model", "/m/x", "--served-model-name", "chat"]).model_name == "chat"
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings(port=1234)
+    with pytest.raises(ValidationError):
+        s.port = 1  # type: ignore[misc]
