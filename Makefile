@@ -37,3 +37,6 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench-cpu: $(STAMP)
+	$(PY) bench/ttft_cpu.py

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 DecodeFn = Callable[[Sequence[int]], str]
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 8  # the API allows 4 user stops; chat templates may add their own
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 6  # prompt tokens that seed the decode window
 _MAX_HELD_TOKENS = 6  # a UTF-8 character spans at most 4 bytes: longer runs are invalid bytes, released
