@@ -133,14 +133,18 @@ class ModelConfig:
                 "head_dim": self.headdim,
                 "n_groups": self.ngroups,
                 "chunk_size": self.chunk_size,
-                "time_step_limit": [self.dt_limit[0], self.dt_limit[1]],
-            }
+            } | _strict_json_limit(self.dt_limit)
         return common | {
             "model_type": "mamba",
             "architectures": ["MambaForCausalLM"],
             "intermediate_size": self.d_inner,
             "time_step_rank": self.dt_rank,
         }
+
+
+def _strict_json_limit(limit: tuple[float, float]) -> dict[str, Any]:
+    """transformers' default dt limit is (0, inf); omit it then, since strict JSON has no Infinity."""
+    return {} if limit == (0.0, math.inf) else {"time_step_limit": list(limit)}
 
 
 def _largest_pad_multiple(padded: int, unpadded: int) -> int:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from server.model.config import Arch, ConfigError, Format, ModelConfig
 from server.model.lm import MambaLM
@@ -211,6 +212,21 @@ def _need(w: Mapping[str, Tensor], name: str) -> Tensor:
     return w[name]
 
 
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Skip random initialisation of modules whose weights are about to be loaded (on the meta
+    device it only costs time: the first meta normal_ imports torch._refs, ~1.5 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def load_model(
     path_or_id: str | os.PathLike[str], *, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> tuple[ModelConfig, MambaLM]:
@@ -220,7 +236,7 @@ def load_model(
     raw = read_raw_config(model_dir)
     weights = canonical_names(read_weights(model_dir))
     cfg = config_from_checkpoint(raw, weights)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = MambaLM(cfg)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)

@@ -18,6 +18,7 @@ a string prefix of the full one, and the position counts only whole tokens insid
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,21 @@ FALLBACK_STOP = "<|im_end|>"
 Message = Mapping[str, Any]
 
 
+def model_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """End-of-sequence ids a model directory declares in generation_config.json or config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((model_dir / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(i) for i in value if isinstance(i, int))
+    return tuple(sorted(ids))
+
+
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered (an unsupported role, a template error)."""
 
@@ -44,8 +60,11 @@ class ChatTemplateError(ValueError):
 class Tokenizer:
     """A transformers tokenizer plus the chat template and stop tokens the server uses."""
 
-    def __init__(self, hf: Any, model_name: str, chat_template: str | None = None) -> None:
+    def __init__(
+        self, hf: Any, model_name: str, chat_template: str | None = None, extra_eos: Sequence[int] = ()
+    ) -> None:
         self.hf = hf
+        self._extra_eos = tuple(extra_eos)
         # transformers mutates the Rust tokenizer's padding/truncation state on every encode, so
         # concurrent encodes (API threads) are serialized, and decoding (the engine's worker
         # thread, once per token) uses its own copy of the backend tokenizer.
@@ -74,16 +93,11 @@ class Tokenizer:
         if not template:
             log.info("tokenizer at %s has no chat template; using the ChatML-like fallback", path)
         name = model_name or Path(str(path).rstrip("/")).name or str(path)
-        return cls(hf, name, template or None)
+        return cls(hf, name, template or None, extra_eos=model_eos_ids(Path(path)))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = {self.eos_token_id} if self.eos_token_id is not None else set()
-        gen_cfg = getattr(self.hf, "generation_config", None)
-        extra = getattr(gen_cfg, "eos_token_id", None)
-        if isinstance(extra, int):
-            ids.add(extra)
-        elif isinstance(extra, list):
-            ids.update(int(i) for i in extra)
+        ids.update(self._extra_eos)
         return tuple(sorted(i for i in ids if i is not None))
 
     # ---- plain text -------------------------------------------------------------------------
