@@ -13,24 +13,16 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
 from server.engine.types import GenerationRequest, TokenEvent
+from server.metrics import EngineLike as MetricsEngine
 from server.metrics import Metrics
 from server.settings import Settings
 
 
-class EngineLike(Protocol):
-    """What the API uses of `server.engine.engine.Engine`."""
+class EngineLike(MetricsEngine, Protocol):
+    """What the API uses of `server.engine.engine.Engine` (beyond what metrics read)."""
 
     @property
     def ready(self) -> bool: ...
-
-    @property
-    def num_running(self) -> int: ...
-
-    @property
-    def num_waiting(self) -> int: ...
-
-    @property
-    def cache(self) -> Any: ...
 
     @property
     def tokenizer(self) -> Any: ...
