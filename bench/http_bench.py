@@ -1,0 +1,245 @@
+"""End to end over HTTP: `tssc serve` in a subprocess, N concurrent multi-turn chat sessions with edits and
+regenerates, run with the state cache and with `--no-cache`.
+
+    python -m bench.http_bench [--model DIR] [--sessions 8] [--turns 8] [--out BENCHMARKS.md] [--plot ttft.png]
+
+Without --model a random-weight mamba2-130m-shaped checkpoint with a tiny byte-level tokenizer is written
+to a temporary directory. Reported per mode: TTFT p50/p99, inter-token latency p50/p99, completion tokens/s,
+and the cache's hit rate per tier (from /metrics); the plot shows TTFT against the conversation length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+WORDS = [
+    "state",
+    "space",
+    "model",
+    "cache",
+    "token",
+    "session",
+    "prefix",
+    "restore",
+    "checkpoint",
+    "layer",
+    "kernel",
+    "graph",
+    "decode",
+]
+
+
+@dataclass
+class Sample:
+    prompt_tokens: int
+    ttft: float
+    gaps: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+
+
+def write_random_model(directory: Path, d_model: int = 768, n_layer: int = 24) -> Path:
+    import torch
+
+    from server.model.config import ModelConfig
+    from server.model.export import save_pretrained
+    from server.model.lm import MambaLM
+    from tests.tiny_models import make_tokenizer
+
+    torch.manual_seed(0)
+    model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=512))
+    save_pretrained(model, directory, fmt="hf")
+    make_tokenizer(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError("server did not become healthy")
+
+
+async def chat(client: httpx.AsyncClient, model: str, session: str, messages: list[dict[str, str]]) -> Sample:
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": 32,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    sample, last, text = Sample(0, float("nan")), None, []
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=body, headers={"X-Session-ID": session}
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                sample.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                sample.completion_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    text.append(choice["delta"]["content"])
+                    if last is None:
+                        sample.ttft = now - t0
+                    else:
+                        sample.gaps.append(now - last)
+                    last = now
+    messages.append({"role": "assistant", "content": "".join(text)})
+    return sample
+
+
+async def session(
+    client: httpx.AsyncClient, model: str, sid: str, turns: int, rng: random.Random
+) -> list[Sample]:
+    """Multi-turn chat; every 4th turn regenerates the last answer, every 5th edits an earlier message."""
+    messages = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=200))}]
+    samples = []
+    for turn in range(turns):
+        if turn % 4 == 3 and len(messages) > 2:
+            messages.pop()  # regenerate: drop the last answer and resend
+        elif turn % 5 == 4 and len(messages) > 3:
+            messages[1]["content"] = " ".join(rng.choices(WORDS, k=60))  # edit an early user message
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=40))})
+        else:
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(40, 200)))})
+        samples.append(await chat(client, model, sid, messages))
+    return samples
+
+
+def lookups(metrics_text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("tssc_state_cache_lookups_total{"):
+            result = line.split('result="')[1].split('"')[0]
+            out[result] = out.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def run_mode(
+    args: argparse.Namespace, model_dir: Path, no_cache: bool
+) -> tuple[list[Sample], dict[str, float], float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--max-num-seqs", str(args.sessions)] + (["--no-cache"] if no_cache else [])
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            await wait_ready(client, proc)
+            name = (await client.get("/v1/models")).json()["data"][0]["id"]
+            t0 = time.perf_counter()
+            rngs = [random.Random(i) for i in range(args.sessions)]
+            results = await asyncio.gather(
+                *(session(client, name, f"s{i}", args.turns, rngs[i]) for i in range(args.sessions))
+            )
+            wall = time.perf_counter() - t0
+            hits = lookups((await client.get("/metrics")).text)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return [s for r in results for s in r], hits, wall
+
+
+def pct(values: list[float], q: float) -> float:
+    vals = sorted(v for v in values if v == v)
+    return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else float("nan")
+
+
+def row(mode: str, samples: list[Sample], hits: dict[str, float], wall: float) -> str:
+    ttft = [s.ttft for s in samples]
+    gaps = [g for s in samples for g in s.gaps]
+    total = sum(hits.values()) or 1.0
+    rates = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(hits.items())) or "n/a"
+    tokens = sum(s.completion_tokens for s in samples)
+    return (
+        f"| {mode} | {len(samples)} | {pct(ttft, 0.5) * 1e3:.1f} | {pct(ttft, 0.99) * 1e3:.1f} | "
+        f"{pct(gaps, 0.5) * 1e3:.2f} | {pct(gaps, 0.99) * 1e3:.2f} | {tokens / wall:,.0f} | {rates} |"
+    )
+
+
+def plot(results: dict[str, list[Sample]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, samples in results.items():
+        ax.scatter([s.prompt_tokens for s in samples], [s.ttft * 1e3 for s in samples], s=10, label=mode)
+    ax.set_xlabel("conversation length (prompt tokens)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--plot", type=Path, default=Path("bench/ttft_vs_length.png"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or write_random_model(Path(tmp) / "random-mamba2-130m")
+        results, lines = {}, []
+        for mode, no_cache in (("cache", False), ("no-cache", True)):
+            samples, hits, wall = asyncio.run(run_mode(args, model_dir, no_cache))
+            results[mode] = samples
+            lines.append(row(mode, samples, hits, wall))
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    text = [
+        "",
+        f"### (d) end to end over HTTP: {card}, {args.sessions} sessions x {args.turns} turns",
+        "",
+        "| mode | requests | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | completion tok/s | lookups |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+        f"![TTFT vs conversation length]({args.plot.name})",
+    ]
+    print("\n".join(text))
+    plot(results, args.plot)
+    with args.out.open("a") as f:
+        f.write("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()

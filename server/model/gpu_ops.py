@@ -1,0 +1,278 @@
+# mypy: disable-error-code="no-untyped-def"
+# (Triton JIT kernels take untyped pointer and constexpr arguments.)
+"""Our own Triton kernels for the GPU path (imported only where triton is installed).
+
+- `conv_step`: one token of the depthwise causal conv + SiLU, reading and updating the conv state of
+  each row's slot in the live pool in place (rows whose slot is -1 are padding: state untouched, output 0).
+  Replaces causal-conv1d's `causal_conv1d_update` when that extension is not built.
+- `ssm_step`: one token of the Mamba2 recurrence for each row, in place in the fp32 live pool, indexed by
+  slot (-1 = padding). Same maths as mamba-ssm's `selective_state_update` with a head-tied dt, with
+  blocks of several head rows per program and dt / dt_limit / softplus computed once per head.
+- `conv_prefill`: the causal conv + SiLU over a segment from the carried conv state, reading the
+  in_proj output in place (strided rows) and writing row-major: no transposed copies.
+- `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
+  `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
+
+Shape letters as in `server.model.config`; S is the number of slots in the live pool.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _softplus(x: tl.tensor) -> tl.tensor:
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, state_ptr, w_ptr, b_ptr, idx_ptr, out_ptr,
+    c,
+    stride_xb, stride_ss, stride_sc, stride_sk, stride_wc, stride_wk, stride_ob,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < c
+    slot = tl.load(idx_ptr + row).to(tl.int64)
+    out_ptrs = out_ptr + row * stride_ob + offs
+    if slot < 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty), mask=mask)
+        return
+    srow = state_ptr + slot * stride_ss + offs * stride_sc
+    wrow = w_ptr + offs * stride_wc
+    x = tl.load(x_ptr + row * stride_xb + offs, mask=mask, other=0.0)
+    acc = tl.load(wrow + (K - 1) * stride_wk, mask=mask, other=0.0).to(tl.float32) * x.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(K - 1):
+        s = tl.load(srow + k * stride_sk, mask=mask, other=0.0)
+        acc += tl.load(wrow + k * stride_wk, mask=mask, other=0.0).to(tl.float32) * s.to(tl.float32)
+        if k > 0:  # shift left: the value at k moves to k-1 (already read by this thread)
+            tl.store(srow + (k - 1) * stride_sk, s, mask=mask)
+    tl.store(srow + (K - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=mask)
+    out = acc * tl.sigmoid(acc)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def conv_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor) -> Tensor:
+    """x: (b, c) (rows may be strided, channels contiguous); state: (S, c, k-1) updated in place;
+    weight: (c, k); bias: (c,) | None; idx: (b,) int slot per row, -1 = padding. Returns (b, c)."""
+    b, c = x.shape
+    k = weight.shape[-1]
+    assert x.stride(-1) == 1 and state.shape[1:] == (c, k - 1) and idx.shape == (b,)
+    out = torch.empty(b, c, dtype=x.dtype, device=x.device)  # (b, c)
+    block = min(1024, triton.next_power_of_2(c))
+    grid = (b, triton.cdiv(c, block))
+    _conv_step_kernel[grid](
+        x, state, weight, bias, idx, out,
+        c,
+        x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), weight.stride(1),
+        out.stride(0),
+        K=k, HAS_BIAS=bias is not None, BLOCK_C=block, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _conv_prefill_kernel(
+    x_ptr, state_ptr, w_ptr, b_ptr, out_ptr,
+    length, c,
+    stride_xl, stride_sc, stride_sk, stride_wc, stride_wk, stride_ol,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = chans < c
+    mask = (rows < length)[:, None] & mask_c[None, :]
+    acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(K):
+        src = rows - (K - 1) + j  # input position; < 0 reads the carried state
+        from_x = tl.load(
+            x_ptr + src[:, None] * stride_xl + chans[None, :], mask=mask & (src >= 0)[:, None], other=0.0
+        ).to(tl.float32)
+        from_state = tl.load(
+            state_ptr + (src + K - 1)[:, None] * stride_sk + chans[None, :] * stride_sc,
+            mask=mask & (src < 0)[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(w_ptr + chans * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+        acc += (from_x + from_state) * w[None, :]
+    out = acc * tl.sigmoid(acc)
+    tl.store(
+        out_ptr + rows[:, None] * stride_ol + chans[None, :], out.to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+def conv_prefill(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The causal conv + SiLU over a segment continuing from `state`, in the row-major layout (no transposes).
+
+    x: (1, l, c) with contiguous channels (rows may be strided); state: (1, c, k-1); weight: (c, 1, k).
+    Returns (out (1, l, c) contiguous, new state (1, c, k-1)), like `server.model.layers.causal_conv`."""
+    _, length, c = x.shape
+    k = weight.shape[-1]
+    assert x.stride(-1) == 1 and state.shape == (1, c, k - 1)
+    w = weight[:, 0, :]  # (c, k)
+    out = torch.empty(1, length, c, dtype=x.dtype, device=x.device)  # (1, l, c)
+    block_l, block_c = 32, min(128, triton.next_power_of_2(c))
+    grid = (triton.cdiv(length, block_l), triton.cdiv(c, block_c))
+    _conv_prefill_kernel[grid](
+        x, state, w, bias, out,
+        length, c,
+        x.stride(1), state.stride(1), state.stride(2), w.stride(0), w.stride(1), out.stride(1),
+        K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    tail = x[0, max(0, length - (k - 1)) :].transpose(0, 1).to(state.dtype)  # (c, min(l, k-1))
+    new_state = torch.cat([state[0], tail], dim=-1)[:, -(k - 1) :]  # (c, k-1)
+    return out, new_state.unsqueeze(0)
+
+
+@triton.jit
+def _ssm_step_kernel(
+    state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_ptr, b_ptr, c_ptr, d_ptr, idx_ptr, out_ptr,
+    p, n, heads_per_group, dt_lo, dt_hi,
+    stride_ss, stride_sh, stride_sp,
+    stride_xb, stride_xh, stride_dtb, stride_bb, stride_bg, stride_cb, stride_cg,
+    stride_dh, stride_dp, stride_ob, stride_oh,
+    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    row = tl.program_id(1)
+    head = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    out_ptrs = out_ptr + row * stride_ob + head * stride_oh + offs_p
+    slot = tl.load(idx_ptr + row).to(tl.int64)
+    if slot < 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_P], dtype=out_ptr.dtype.element_ty), mask=mask_p)
+        return
+    dt = tl.load(dt_ptr + row * stride_dtb + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
+    dt = tl.minimum(tl.maximum(_softplus(dt), dt_lo), dt_hi)
+    decay = tl.exp(dt * tl.load(a_ptr + head).to(tl.float32))
+    group = head // heads_per_group
+    mask_n = offs_n < n
+    bv = tl.load(b_ptr + row * stride_bb + group * stride_bg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + row * stride_cb + group * stride_cg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_xb + head * stride_xh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + slot * stride_ss + head * stride_sh + offs_p[:, None] * stride_sp + offs_n[None, :]
+    mask = mask_p[:, None] & mask_n[None, :]
+    s = tl.load(s_ptrs, mask=mask, other=0.0)
+    s = s * decay + (dt * x)[:, None] * bv[None, :]
+    tl.store(s_ptrs, s, mask=mask)
+    y = tl.sum(s * cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(d_ptr + head * stride_dh + offs_p * stride_dp, mask=mask_p, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+def ssm_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    dt_bias: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    idx: Tensor,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    block_p: int = 16,
+) -> Tensor:
+    """state: (S, h, p, n) fp32, in place; x: (b, h, p); dt: (b, h) raw (before bias and softplus);
+    dt_bias, A: (h,) fp32; B, C: (b, g, n); D: (h,) or (h, p); idx: (b,). Returns y (b, h, p) in x's dtype,
+    without the gate."""
+    b, h, p = x.shape
+    n = state.shape[-1]
+    assert state.stride(-1) == 1 and x.stride(-1) == 1 and dt.stride(-1) == 1
+    assert B.stride(-1) == 1 and C.stride(-1) == 1 and state.dtype == torch.float32
+    out = torch.empty(b, h, p, dtype=x.dtype, device=x.device)  # (b, h, p)
+    d2 = D if D is None or D.dim() == 2 else D.unsqueeze(-1).expand(h, p)
+    block_p = min(block_p, triton.next_power_of_2(p))
+    grid = (triton.cdiv(p, block_p), b, h)
+    _ssm_step_kernel[grid](
+        state, x, dt, dt_bias, A, B, C, d2, idx, out,
+        p, n, h // B.shape[1], float(dt_limit[0]), min(float(dt_limit[1]), 3.0e38),
+        state.stride(0), state.stride(1), state.stride(2),
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        d2.stride(0) if d2 is not None else 0, d2.stride(1) if d2 is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_D=d2 is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _scan_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, y_ptr, hout_ptr,
+    length, e, n,
+    stride_xb, stride_xl, stride_dtb, stride_dtl, stride_ae,
+    stride_bb, stride_bl, stride_cb, stride_cl, stride_zb, stride_zl,
+    stride_hb, stride_he, stride_yb, stride_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    bi = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < e
+    mask_n = offs_n < n
+    mask = mask_e[:, None] & mask_n[None, :]
+    h_ptrs = bi * stride_hb + offs_e[:, None] * stride_he + offs_n[None, :]
+    h = tl.load(h0_ptr + h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offs_e[:, None] * stride_ae + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    d = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if HAS_D:
+        d = tl.load(d_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    for t in range(length):
+        x = tl.load(x_ptr + bi * stride_xb + t * stride_xl + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * stride_dtb + t * stride_dtl + offs_e, mask=mask_e, other=0.0).to(
+            tl.float32
+        )
+        bv = tl.load(b_ptr + bi * stride_bb + t * stride_bl + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + bi * stride_cb + t * stride_cl + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * bv[None, :]
+        y = tl.sum(h * cv[None, :], axis=1) + d * x
+        if HAS_Z:
+            z = tl.load(z_ptr + bi * stride_zb + t * stride_zl + offs_e, mask=mask_e, other=0.0).to(
+                tl.float32
+            )
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + bi * stride_yb + t * stride_yl + offs_e, y, mask=mask_e)
+    tl.store(hout_ptr + h_ptrs, h, mask=mask)
+
+
+def selective_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None, h0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mamba1: x, dt (softplus'ed), z: (b, l, e); A: (e, n) fp32; B, C: (b, l, n); D: (e,); h0: (b, e, n).
+
+    Returns (y (b, l, e) fp32 including the D skip and the silu(z) gate, final state (b, e, n) fp32)."""
+    b, length, e = x.shape
+    n = A.shape[-1]
+    for t in (x, dt, B, C) + ((z,) if z is not None else ()):
+        assert t.stride(-1) == 1
+    h0 = h0.float().contiguous()
+    y = torch.empty(b, length, e, dtype=torch.float32, device=x.device)  # (b, l, e)
+    h_out = torch.empty_like(h0)  # (b, e, n)
+    block_e = min(64, triton.next_power_of_2(e))
+    grid = (triton.cdiv(e, block_e), b)
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    _scan_kernel[grid](
+        x, dt, A, B, C, D, z, h0, y, h_out,
+        length, e, n,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), A.stride(0),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), zs[0], zs[1],
+        h0.stride(0), h0.stride(1), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, BLOCK_E=block_e, BLOCK_N=triton.next_power_of_2(n),
+        num_warps=4,
+    )  # fmt: skip
+    return y, h_out

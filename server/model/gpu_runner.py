@@ -1,0 +1,242 @@
+"""GpuModelRunner: the ModelRunner interface on mamba-ssm's Triton kernels, our Triton steps and CUDA graphs.
+
+Same contract as `server.model.runner.ModelRunner` (prefill / decode / capture / restore / reset /
+state_spec; live ssm state fp32, conv state in the model dtype). What differs is how the work runs:
+- residual add + RMSNorm fused (mamba-ssm's Triton `rms_norm_fn`), the gated norm on its Triton kernel;
+- prefill: the chunked SSD scan from the slot's state, split at the capture positions, logits of the
+  last token only unless all are asked for; each segment replays as CUDA graphs of power-of-two pieces
+  (`gpu_prefill`) up to GRAPH_PREFILL_MAX tokens, which removes the host launch cost (~1.3 ms a layer
+  eager) of short segments; longer segments and `all_logits=True` run eagerly (there the GPU work hides
+  the launches, while each graph piece adds a few ms of small-kernel latency);
+- decode: each layer updates the live pool in place through slot indices (no gather / scatter), and the
+  whole step (embedding to logits) replays as one CUDA graph per batch bucket (1, 2, 4, ..., 256, up to
+  max_slots); rows past the batch are padding (slot -1). Inputs go through pinned host buffers copied
+  `non_blocking`; a token tensor already on the device (the sampler's output) is copied device-to-device.
+
+`make_runner(model, max_slots, device)` returns this runner on CUDA with the kernels present, else the
+torch runner. Graphs are captured lazily at first use of a bucket / piece length; `warmup()` captures
+them all up front (call it before serving). Memory: the pool (fp32 ssm state: n_layer*h*p*n*4 bytes
+a slot, 168 MB for mamba2-2.7b) plus one scratch slot for the prefill graphs and their activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
+from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
+from server.model.gpu_prefill import GRAPH_PREFILL_MAX, PrefillGraphs
+from server.model.kernels import Kernels, load_kernels
+from server.model.lm import MambaLM
+from server.model.mamba1 import Mamba1Mixer
+from server.model.mamba2 import Mamba2Mixer
+from server.model.runner import ModelRunner, PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+class GpuModelRunner(ModelRunner):
+    def __init__(
+        self,
+        model: MambaLM,
+        max_slots: int,
+        device: str | torch.device | None = None,
+        *,
+        kernels: Kernels | None = None,
+        use_graphs: bool = True,
+        prefill_graphs: bool = True,
+        ssm_step: SsmStep = "tssc",
+        conv_prefill: ConvPrefill = "torch",
+    ) -> None:
+        super().__init__(model, max_slots, device)
+        self.kernels = kernels or load_kernels()
+        if not self.kernels.gpu_ready:
+            raise RuntimeError(f"GPU kernels unavailable: {self.kernels.summary()}")
+        from server.model import gpu_ops
+
+        self.ops: ModuleType = gpu_ops
+        self.layers = [self._wrap(b.mixer, ssm_step, conv_prefill) for b in model.blocks()]
+        self.norms = [b.norm for b in model.blocks()]
+        self.stager = InputStager(max(buckets_for(max_slots)), self.device)
+        graphs_ok = use_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self._step, self.stager, max_slots) if graphs_ok else None
+        self.prefill_graphs = self._prefill_graphs() if graphs_ok and prefill_graphs else None
+
+    def _prefill_graphs(self) -> PrefillGraphs:
+        pool = self.pool
+        conv = torch.zeros_like(pool.conv[:, :1])  # (n_layer, 1, c, k-1) scratch
+        ssm = torch.zeros_like(pool.ssm[:, :1])  # (n_layer, 1, ...) fp32 scratch
+        return PrefillGraphs(self._piece, conv, ssm, self.config.d_model, self.dtype)
+
+    def _wrap(
+        self, mixer: Mamba2Mixer | Mamba1Mixer, ssm_step: SsmStep, conv: ConvPrefill
+    ) -> Mamba2Gpu | Mamba1Gpu:
+        if isinstance(mixer, Mamba2Mixer):
+            return Mamba2Gpu(mixer, self.kernels, self.ops, ssm_step, conv)
+        return Mamba1Gpu(mixer, self.kernels, self.ops, conv)
+
+    # ---- shared pieces ---------------------------------------------------------------------------
+
+    def _add_norm(self, i: int, out: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """residual += out; return (rmsnorm_i(residual) in the model dtype, residual)."""
+        norm = self.norms[i]
+        fn = self.kernels.add_rmsnorm
+        assert fn is not None
+        normed, res = fn(
+            out, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True,
+            residual_in_fp32=self.config.residual_in_fp32,
+        )  # fmt: skip
+        return normed, out if res is None else res
+
+    def _final_norm(self, out: Tensor, residual: Tensor) -> Tensor:
+        """Final add + norm_f -> hidden (..., d) in the model dtype."""
+        norm = self.model.backbone.norm_f
+        fn = self.kernels.add_rmsnorm
+        assert fn is not None
+        normed: Tensor = fn(
+            out, norm.weight, None, residual=residual, eps=norm.eps, prenorm=False,
+            residual_in_fp32=self.config.residual_in_fp32,
+        )  # fmt: skip
+        return normed
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., d) -> fp32 logits over the padded vocab."""
+        logits: Tensor = self.model.lm_head(hidden).float()
+        return logits
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        emb: Tensor = self.model.backbone.embedding(ids)
+        return emb
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    def _run_layers(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor]:
+        """ids (1, l); conv (n_layer, 1, c, k-1) and ssm (n_layer, 1, ...) fp32 continued in place
+        -> (last mixer output, residual), both (1, l, d)."""
+        out, residual = self._embed(ids), None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out, new_conv, new_ssm = layer.prefill(hidden, conv[i], ssm[i])
+            conv[i].copy_(new_conv)
+            ssm[i].copy_(new_ssm)
+        assert residual is not None
+        return out, residual
+
+    def _piece(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
+        """What a prefill graph runs: -> the last token's final hidden (1, d)."""
+        out, residual = self._run_layers(ids, conv, ssm)
+        return self._final_norm(out[:, -1], residual[:, -1])
+
+    def _segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
+        """ids (1, l) from the slot's state; updates the slot; logits (l or 1, v) fp32."""
+        conv, ssm = self.pool.conv[:, slot : slot + 1], self.pool.ssm[:, slot : slot + 1]
+        graphs = self.prefill_graphs
+        if graphs is not None and not all_logits and ids.shape[1] <= GRAPH_PREFILL_MAX:
+            graphs.conv.copy_(conv)
+            graphs.ssm.copy_(ssm)
+            hidden = graphs.run(ids)
+            conv.copy_(graphs.conv)
+            ssm.copy_(graphs.ssm)
+            return self._logits(hidden)
+        out, residual = self._run_layers(ids, conv, ssm)
+        if not all_logits:
+            out, residual = out[:, -1:], residual[:, -1:]
+        return self._logits(self._final_norm(out, residual))[0]
+
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: Sequence[int], slot: int, capture_at: Sequence[int] = (), all_logits: bool = False
+    ) -> PrefillResult:
+        """Continue slot's state over `tokens`, splitting at capture positions (1..len)."""
+        self.pool.check_slot(slot)
+        n = len(tokens)
+        bad = sorted(p for p in set(capture_at) if not 0 < p <= n)
+        if bad:
+            raise ValueError(f"capture positions must lie in [1, {n}], got {bad}")
+        cuts = set(capture_at)
+        ids = torch.as_tensor(list(tokens), dtype=torch.long).pin_memory() if self._pinned() else None
+        ids_dev = (ids if ids is not None else torch.as_tensor(list(tokens), dtype=torch.long)).to(
+            self.device, non_blocking=True
+        )[None]  # (1, l)
+        result = PrefillResult(last_logits=torch.empty(0, device=self.device))
+        pieces: list[Tensor] = []
+        start = 0
+        for end in sorted(cuts | {n}):
+            if end > start:
+                pieces.append(self._segment(ids_dev[:, start:end], slot, all_logits)[:, : self.vocab])
+            if end in cuts:
+                result.captures[end] = self.pool.read(slot)
+            start = end
+        if pieces:
+            result.last_logits = pieces[-1][-1]
+            if all_logits:
+                result.all_logits = torch.cat(pieces)
+        return result
+
+    def _pinned(self) -> bool:
+        return self.device.type == "cuda"
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def _step(self, tokens: Tensor, idx: Tensor) -> Tensor:
+        """tokens (b,) int64, idx (b,) int32 slot per row (-1 = padding) -> logits (b, v_padded) fp32."""
+        out, residual = self._embed(tokens), None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out = layer.step(hidden, self.pool.conv[i], self.pool.ssm[i], idx)
+        assert residual is not None
+        return self._logits(self._final_norm(out, residual))
+
+    def _check_slots(self, slots: Sequence[int]) -> None:
+        live = [s for s in slots if s >= 0]
+        if len(live) != len(set(live)):
+            raise ValueError("a slot appears twice in one decode batch")
+        if any(s >= self.max_slots for s in live):
+            raise IndexError(f"slot index out of range [0, {self.max_slots})")
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
+        """One token for each slot; slot -1 is padding. Returns logits (b, v) fp32.
+
+        `tokens` may be a device tensor (no host round trip); `slots` are checked on the host."""
+        slot_list = slots.tolist() if isinstance(slots, Tensor) else [int(s) for s in slots]
+        count = len(slot_list) if isinstance(tokens, Tensor) else len(tokens)
+        if count != len(slot_list) or (isinstance(tokens, Tensor) and tokens.dim() != 1):
+            raise ValueError("tokens and slots must be 1-D and of equal length")
+        self._check_slots(slot_list)
+        if count == 0:
+            return torch.zeros(0, self.vocab, device=self.device)
+        if count > self.stager.capacity:
+            return torch.cat(
+                [self.decode(tokens[i : i + 256], slot_list[i : i + 256]) for i in range(0, count, 256)]
+            )
+        if self.graphs is not None:
+            logits = self.graphs.run(tokens, slot_list)
+        else:
+            bucket = count
+            tok, idx = self.stager.stage(tokens, slot_list, bucket)
+            logits = self._step(tok, idx)
+        return logits[:count, : self.vocab].clone()
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, prefill: bool = True) -> None:
+        """Capture the decode graphs (and the prefill graphs) now, else each is captured at first use."""
+        if self.graphs is not None:
+            self.graphs.capture_all(batch_sizes)
+        if prefill and self.prefill_graphs is not None:
+            self.prefill_graphs.capture_all()
+
+
+def make_runner(model: MambaLM, max_slots: int, device: str | torch.device | None = None) -> ModelRunner:
+    """The GPU runner on CUDA with the kernels importable, else the torch runner (same interface)."""
+    dev = torch.device(device) if device is not None else model.backbone.embedding.weight.device
+    if dev.type == "cuda":
+        kernels = load_kernels()
+        if kernels.gpu_ready:
+            return GpuModelRunner(model, max_slots, dev, kernels=kernels)
+        log.warning("CUDA without the GPU kernels (%s): using the torch path", kernels.summary())
+    return ModelRunner(model, max_slots, dev)
