@@ -1,7 +1,8 @@
-"""The cache's bookkeeping: sessions, checkpoints, block ownership, budgets, eviction and counters.
+"""The cache's bookkeeping: checkpoint lifecycle, block ownership, leases, budgets, eviction and counters.
 
-Plain Python plus block ids; the caller (`StateCache`) holds its lock around every method. Side effects
-that must run outside the lock are queued: `events` (observer callbacks) and `spills` (disk writes).
+Sessions and prefix trees live in `index` (`cache.index`). Plain Python plus block ids; the caller (`StateCache`) holds its lock around every method. Side effects
+that must run outside the lock are queued: `events` (observer callbacks) here, and file I/O (spill writes,
+unlinks) in `disk` (`cache.disk_tier`, which also says why deleting after the lock is race-free).
 Invariants kept here: every tier's used bytes <= its capacity; a pinned checkpoint loses no copy; a copy
 leaves a tier only through `_drop_copy`.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,23 +20,13 @@ from cache.base import TIERS, Lease, LookupResult, MissCause, Tier
 from cache.checkpoint import Checkpoint, Session, SessionKey
 from cache.config import CacheConfig
 from cache.disk import DiskRecord, DiskStore
+from cache.disk_tier import DiskTier, Spill
+from cache.index import SessionIndex
 from cache.layout import BlockLayout
 from cache.policy import GreedyDual
 from cache.stats import empty_lookup_counts
 
 Event = tuple[str, object, object]  # (observer method, arg, arg)
-
-
-@dataclass(frozen=True)
-class Spill:
-    """A disk write to run outside the lock: the encoded cold fields of checkpoint `cid` (CPU tensors)."""
-
-    cid: int
-    key: SessionKey
-    tokens: tuple[int, ...]
-    fields: dict[str, torch.Tensor]
-    reason: str
-    created: float
 
 
 class Book:
@@ -50,17 +40,13 @@ class Book:
     ) -> None:
         self.config = config
         self.arenas: dict[Tier, BlockArena | None] = {"hot": hot, "cold": cold}
-        self.cold_layout = cold_layout
-        self.store = store
+        self.disk = DiskTier(store, config.disk_bytes, cold_layout)
         self.policy = {t: GreedyDual() for t in TIERS}
-        self.disk_used = 0
-        self.disk_target = config.disk_bytes if store is not None else 0
-        self.sessions: dict[SessionKey, Session] = {}
-        self.ckpts: dict[int, Checkpoint] = {}
+        self.index = SessionIndex(config.max_ghosts)
+        self.ckpts = self.index.ckpts  # cid -> checkpoint (the index's table, shared)
         self.leases: dict[int, int] = {}
         self._next_id = 0
         self.events: list[Event] = []
-        self.spills: list[Spill] = []
         self.lookups = empty_lookup_counts()
         self.evictions: dict[Tier, int] = dict.fromkeys(TIERS, 0)
         self.tokens_reused = 0
@@ -72,24 +58,22 @@ class Book:
 
     def admit(self, key: SessionKey, tokens: tuple[int, ...], reason: str) -> Checkpoint | None:
         """Admission + storage reservation. Returns a pinned, unpublished checkpoint, or None if skipped."""
-        session = self.sessions.get(key) or self.sessions.setdefault(key, Session(key))
-        if self._near_duplicate(session, tokens):
+        session = self.index.session(key)
+        if self.index.near_duplicate(session, tokens, self.config.min_gap):
             self.captures_skipped += 1
             return None
         self._make_window_room(session)
         hot = self._alloc("hot")
         cold = self._alloc("cold")
-        session = self.sessions.setdefault(key, session)  # evictions above may have dropped it as empty
+        session = self.index.sessions.setdefault(key, session)  # evictions above may have dropped it as empty
         if hot is None and cold is None:
             self.captures_skipped += 1
-            self._drop_session_if_empty(session)
+            self.index.drop_if_empty(session)
             return None
         node = session.tree.insert(tokens)
         now = time.time()
         cp = Checkpoint(self._new_id(), key, node, len(tokens), reason, now, now, hot=hot, cold=cold, pins=1)
-        node.value, node.ghost = cp.cid, False
-        self.ckpts[cp.cid] = cp
-        session.cids.add(cp.cid)
+        self.index.add(session, cp)
         return cp
 
     def write_fences(self, cp: Checkpoint) -> list[torch.cuda.Event | None]:
@@ -119,20 +103,7 @@ class Book:
     # ---- lookup / leases -----------------------------------------------------------------------------
 
     def find(self, key: SessionKey, tokens: tuple[int, ...]) -> tuple[Checkpoint | None, MissCause]:
-        session = self.sessions.get(key)
-        if session is None:
-            return None, "never_saved"
-        best: Checkpoint | None = None
-        ghost = False
-        for node in session.tree.path(tokens):
-            cp = self.ckpts.get(node.value) if node.value is not None else None
-            if cp is not None and cp.visible():
-                best, ghost = cp, False
-            elif node.ghost:
-                ghost = True
-        if best is None:
-            return None, "evicted" if ghost else "never_saved"
-        return best, ""
+        return self.index.find(key, tokens)
 
     def lease(self, cp: Checkpoint) -> Lease:
         tier = cp.tiers()[0]
@@ -171,7 +142,7 @@ class Book:
     # ---- sessions ------------------------------------------------------------------------------------
 
     def delete_session(self, key: SessionKey) -> int:
-        session = self.sessions.pop(key, None)
+        session = self.index.sessions.pop(key, None)
         if session is None:
             return 0
         freed = 0
@@ -190,8 +161,8 @@ class Book:
             arena = self.arenas[tier]
             if budget is not None and arena is not None:
                 arena.set_budget(budget)
-        if disk is not None and self.store is not None:
-            self.disk_target = disk
+        if disk is not None:
+            self.disk.resize(disk)
         self.enforce_budgets()
 
     def enforce_budgets(self) -> None:
@@ -200,11 +171,8 @@ class Book:
             arena = self.arenas[tier]
             while arena is not None and arena.over() and self._evict_one(tier):
                 pass
-        while self.disk_used > self.disk_target and self._evict_one("disk"):
+        while self.disk.over() and self._evict_one("disk"):
             pass
-
-    def disk_capacity(self) -> int:
-        return max(self.disk_target, self.disk_used)
 
     def _alloc(self, tier: Tier) -> int | None:
         arena = self.arenas[tier]
@@ -214,15 +182,6 @@ class Book:
         while block is None and arena.target > 0 and self._evict_one(tier):
             block = arena.alloc()
         return block
-
-    def _reserve_disk(self, nbytes: int) -> bool:
-        if self.store is None or nbytes > self.disk_target:
-            return False
-        while self.disk_used + nbytes > self.disk_target:
-            if not self._evict_one("disk"):
-                return False
-        self.disk_used += nbytes
-        return True
 
     def _evict_one(self, tier: Tier) -> bool:
         cid = self.policy[tier].victim(self._evictable)
@@ -236,7 +195,7 @@ class Book:
             self._spill(cp)
         self._drop_copy(cp, tier)
         if not cp.tiers():
-            self._forget(cp, ghost=True)
+            self.index.forget(cp, ghost=True)
         return True
 
     def _evictable(self, cid: int) -> bool:
@@ -256,80 +215,49 @@ class Book:
             self.events.append(("on_evict", "hot", None))
             self._drop_copy(cp, "hot")
             if not cp.tiers():
-                self._forget(cp, ghost=True)
+                self.index.forget(cp, ghost=True)
 
     def _spill(self, cp: Checkpoint) -> None:
-        """Queue the cold copy of `cp` for the disk tier (its bytes are cloned now: the block is freed next)."""
+        """Queue the cold copy of `cp` for the disk tier (see `DiskTier.spill`, and its wait on CUDA)."""
         arena = self.arenas["cold"]
-        if self.store is None or arena is None or cp.cold is None:
+        if arena is None or cp.cold is None:
             return
-        tokens = cp.node.tokens()
-        if not self._reserve_disk(DiskStore.estimate(arena.block_bytes, len(tokens))):
-            return
-        if cp.ready is not None:
-            cp.ready.synchronize()  # the capture's D2H copy must have landed before the host reads it
-        fields = {k: v.clone() for k, v in self.cold_layout.named(arena.block(cp.cold)).items()}
-        cp.pending = fields
-        cp.disk_bytes = DiskStore.estimate(arena.block_bytes, len(tokens))
-        self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
-        self.spills.append(Spill(cp.cid, cp.key, tokens, fields, cp.reason, cp.created))
+        if self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk")):
+            self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
 
     def spill_done(self, spill: Spill, path: Path | None, nbytes: int) -> None:
         """A queued disk write finished (`path` None: it failed). Drop the file if the checkpoint is gone."""
         cp = self.ckpts.get(spill.cid)
         if cp is None or cp.pending is not spill.fields:
-            if path is not None and self.store is not None:
-                self.store.delete(path)
+            self.disk.discard(path)
             return
-        cp.pending = None
-        if path is None:
-            self._drop_copy(cp, "disk")
-            if not cp.tiers():
-                self._forget(cp, ghost=True)
+        if path is not None:
+            self.disk.landed(cp, path, nbytes)
             return
-        cp.disk = path
-        self.disk_used += nbytes - cp.disk_bytes
-        cp.disk_bytes = nbytes
+        self._drop_copy(cp, "disk")
+        if not cp.tiers():
+            self.index.forget(cp, ghost=True)
 
     def flush_spills(self) -> None:
         """Queue every published checkpoint that has no disk copy yet (used at close)."""
         for cp in list(self.ckpts.values()):
-            if (
-                cp.cid in self.ckpts
-                and cp.published
-                and not cp.dead
-                and cp.disk is None
-                and cp.pending is None
-                and cp.cold is not None
-            ):
+            live = (
+                cp.cid in self.ckpts and cp.published and not cp.dead
+            )  # an earlier spill may have evicted it
+            if live and cp.cold is not None and "disk" not in cp.tiers():
                 self._spill(cp)
 
     def adopt_disk(self, rec: DiskRecord) -> bool:
         """Index a file found at start. False if it does not fit the budget or duplicates another."""
-        if rec.nbytes + self.disk_used > self.disk_target:
+        if not self.disk.fits(rec.nbytes):
             return False
-        key: SessionKey = (rec.namespace, rec.session)
-        session = self.sessions.get(key) or self.sessions.setdefault(key, Session(key))
+        session = self.index.session((rec.namespace, rec.session))
         node = session.tree.insert(rec.tokens)
         if node.value is not None:
             return False
-        cp = Checkpoint(
-            self._new_id(),
-            key,
-            node,
-            len(rec.tokens),
-            rec.reason,
-            rec.created,
-            rec.last_used,
-            disk=rec.path,
-            disk_bytes=rec.nbytes,
-            published=True,
-        )
-        node.value = cp.cid
-        self.ckpts[cp.cid] = cp
-        session.cids.add(cp.cid)
-        self.disk_used += rec.nbytes
-        self.policy["disk"].touch(cp.cid, cp.cost, rec.nbytes)
+        cp = self.disk.adopt(rec, self._new_id(), node)
+        self.index.add(session, cp)
+        self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
         return True
 
     def drop_corrupt_disk(self, cp: Checkpoint) -> None:
@@ -343,12 +271,7 @@ class Book:
         """Remove one copy; return the bytes it occupied."""
         self.policy[tier].remove(cp.cid)
         if tier == "disk":
-            freed = cp.disk_bytes if (cp.disk is not None or cp.pending is not None) else 0
-            if cp.disk is not None and self.store is not None:
-                self.store.delete(cp.disk)
-            self.disk_used -= freed
-            cp.disk, cp.pending, cp.disk_bytes = None, None, 0
-            return freed
+            return self.disk.drop(cp)
         block = cp.hot if tier == "hot" else cp.cold
         arena = self.arenas[tier]
         if block is None or arena is None:
@@ -362,43 +285,8 @@ class Book:
 
     def _free(self, cp: Checkpoint) -> int:
         freed = sum(self._drop_copy(cp, t) for t in TIERS)
-        self._forget(cp, ghost=False)
+        self.index.forget(cp, ghost=False)
         return freed
-
-    def _forget(self, cp: Checkpoint, ghost: bool) -> None:
-        """Remove a checkpoint with no copies left; leave a ghost marker if it was evicted."""
-        self.ckpts.pop(cp.cid, None)
-        session = self.sessions.get(cp.key)
-        if session is None or cp.cid not in session.cids:
-            return  # its session was deleted
-        session.cids.discard(cp.cid)
-        node = cp.node
-        node.value = None
-        if ghost and self.config.max_ghosts > 0:
-            node.ghost = True
-            session.ghosts.append(node)
-            while len(session.ghosts) > self.config.max_ghosts:
-                old = session.ghosts.popleft()
-                if old.ghost and old.value is None:
-                    old.ghost = False
-                    session.tree.prune(old)
-        else:
-            session.tree.prune(node)
-        self._drop_session_if_empty(session)
-
-    def _drop_session_if_empty(self, session: Session) -> None:
-        if session.empty() and self.sessions.get(session.key) is session:
-            del self.sessions[session.key]
-
-    def _near_duplicate(self, session: Session, tokens: tuple[int, ...]) -> bool:
-        deepest = 0
-        for node in session.tree.path(tokens):
-            cp = self.ckpts.get(node.value) if node.value is not None else None
-            if cp is not None and not cp.dead:
-                deepest = node.depth
-        if deepest == len(tokens):
-            return True
-        return deepest > 0 and len(tokens) - deepest < self.config.min_gap
 
     def _copy_bytes(self, cp: Checkpoint, tier: Tier) -> int:
         if tier == "disk":

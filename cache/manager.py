@@ -1,8 +1,9 @@
 """`StateCache`: the facade the engine calls (contract and thread-safety rules in `cache.base`).
 
-One `threading.Lock` guards the bookkeeping (`cache.book.Book`); tensor copies (`cache.copies`) and disk I/O
-(`cache.disk`) run outside it on storage pinned by the checkpoint's pin count. Observer callbacks are
-dispatched after the lock is released.
+One `threading.Lock` guards the bookkeeping (`cache.book.Book`); tensor copies and file I/O (`cache.storage`)
+run outside it on storage pinned by the checkpoint's pin count. File I/O that bookkeeping decides under the
+lock (spill writes, unlinks of dropped copies) is queued and taken in the same critical section, then run
+after the lock is released (`_run_io`). Observer callbacks are dispatched after the lock is released.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any
 
 import torch
 
-from cache import copies
-from cache.arena import BlockArena
 from cache.base import (
     TIERS,
     CacheObserver,
@@ -26,15 +25,14 @@ from cache.base import (
     StateSpec,
     Tier,
 )
-from cache.book import Book, Spill
+from cache.book import Book
 from cache.checkpoint import Checkpoint, SessionKey
-from cache.codec import make_codec
 from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
-from cache.layout import BlockLayout
+from cache.disk_tier import DiskWork
 from cache.policy import capture_positions
 from cache.stats import CacheStats, LatencyRecorder, TierStats, sample_deques
-from cache.transfer import Transfers
+from cache.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +45,15 @@ class StateCache(CheckpointCache):
         self.device = torch.device(config.device)
         self.spec = {name: (tuple(shape), dtype) for name, (shape, dtype) in spec.items()}
         self.observer = observer or CacheObserver()
-        fused = config.fused_codecs and self.device.type == "cuda"
-        self.hot_layout = BlockLayout(self.spec, make_codec(config.hot_dtype, fused))
-        self.cold_layout = BlockLayout(self.spec, make_codec(config.cold_dtype, fused))
-        self._transfers = Transfers(self.device)
-        self._recorder = LatencyRecorder(self._transfers.cuda)
+        self._storage = Storage(config, self.spec)
+        self.hot_layout = self._storage.hot_layout
+        self.cold_layout = self._storage.cold_layout
+        self._recorder = LatencyRecorder(self._storage.transfers.cuda)
         self._fetch_samples = sample_deques(config.latency_samples)
         self._capture_samples = sample_deques(config.latency_samples)["hot"]
         self._lock = threading.Lock()
-        self._book = Book(config, self._make_hot(), self._make_cold(), self.cold_layout, self._make_store())
+        st = self._storage
+        self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store)
         self._load_disk()
 
     # ---- public API ----------------------------------------------------------------------------------
@@ -76,14 +74,16 @@ class StateCache(CheckpointCache):
         result = dict(out) if out is not None else self.hot_layout.empty_state(self.device)
         with self._lock:
             cp = self._book.leased(lease)
-            source = self._source(cp, lease.tier)
+            source = self._storage.source(self._book, cp, lease.tier)
         token = self._recorder.start()
         try:
-            fence = self._read(lease.tier, cp, source, result)
+            fence = self._storage.read(lease.tier, cp, source, result)
         except CorruptFile as exc:
             log.warning("disk checkpoint unusable: %s", exc)
             with self._lock:
                 self._book.drop_corrupt_disk(cp)
+                work = self._book.disk.take()
+            self._run_io(work)
             self._dispatch()
             raise CheckpointUnavailable(str(exc)) from exc
         with self._lock:
@@ -99,36 +99,38 @@ class StateCache(CheckpointCache):
     def release(self, lease: Lease) -> None:
         with self._lock:
             self._book.end_lease(lease)
-            spills = self._take_spills()
-        self._write_spills(spills)
+            work = self._book.disk.take()
+        self._run_io(work)
         self._dispatch()
 
     def capture(
         self, namespace: str, session: str | None, tokens: Sequence[int], state: State, *, reason: str
     ) -> bool:
         toks = tuple(tokens)
-        values = self._check_state(state)
+        values = self._storage.check_state(state)
         if not toks:
             return False
         token = self._recorder.start()
         with self._lock:
             cp = self._book.admit((namespace, session), toks, reason)
-            job = self._capture_job(cp) if cp is not None else None
-            spills = self._take_spills()
-        self._write_spills(spills)
+            job = self._storage.capture_job(self._book, cp) if cp is not None else None
+            work = self._book.disk.take()
+        self._run_io(work)
         if cp is None or job is None:
             self._dispatch()
             return False
         try:
-            started, ready = copies.write_capture(self._transfers, values, job[0], job[1], job[2])
+            started, ready = self._storage.write_capture(values, job)
         except BaseException:
             with self._lock:
                 self._book.abort(cp)
+                work = self._book.disk.take()
+            self._run_io(work)
             raise
         with self._lock:
             ok = self._book.publish(cp, ready)
-            spills = self._take_spills()
-        self._write_spills(spills)
+            work = self._book.disk.take()
+        self._run_io(work)
         if started is not None and ready is not None:
             self._recorder.pair(started, ready, self._on_capture)
         else:
@@ -143,13 +145,15 @@ class StateCache(CheckpointCache):
     def delete_session(self, namespace: str, session: str | None) -> int:
         with self._lock:
             freed = self._book.delete_session((namespace, session))
+            work = self._book.disk.take()
+        self._run_io(work)  # the session's files, unreachable since the index dropped them above
         self._dispatch()
         return freed
 
     def session_info(self, namespace: str, session: str | None) -> dict[str, Any] | None:
         key: SessionKey = (namespace, session)
         with self._lock:
-            sess = self._book.sessions.get(key)
+            sess = self._book.index.sessions.get(key)
             if sess is None or not sess.cids:
                 return None
             cps = sorted((self._book.ckpts[c] for c in sess.cids), key=lambda cp: cp.position)
@@ -168,7 +172,7 @@ class StateCache(CheckpointCache):
                 captures=book.captures,
                 captures_skipped=book.captures_skipped,
                 disk_corrupt=book.disk_corrupt,
-                sessions=len(book.sessions),
+                sessions=len(book.index.sessions),
                 leases=len(book.leases),
                 fetch_seconds={t: tuple(d) for t, d in self._fetch_samples.items()},
                 capture_seconds=tuple(self._capture_samples),
@@ -185,127 +189,50 @@ class StateCache(CheckpointCache):
                 raise ValueError("budgets must be >= 0")
         with self._lock:
             self._book.resize(hot_bytes, cold_bytes, disk_bytes)
-            spills = self._take_spills()
-        self._write_spills(spills)
+            work = self._book.disk.take()
+        self._run_io(work)
         self._dispatch()
 
     def close(self, flush: bool = True) -> None:
         """With a disk tier and `flush`, write every checkpoint that has no disk copy yet (budget permitting),
         so sessions survive a restart. The cache stays usable."""
-        if not flush or self._book.store is None:
+        if not flush or self._storage.store is None:
             return
         with self._lock:
             self._book.flush_spills()
-            spills = self._take_spills()
-        self._write_spills(spills)
+            work = self._book.disk.take()
+        self._run_io(work)
         self._dispatch()
 
     # ---- construction --------------------------------------------------------------------------------
 
-    def _make_hot(self) -> BlockArena | None:
-        size = self.hot_layout.block_bytes
-        if self.config.hot_window == 0 or self.config.hot_bytes < size:
-            return None
-        return BlockArena(size, self.config.hot_bytes, self.device, pin=False)
-
-    def _make_cold(self) -> BlockArena | None:
-        size = self.cold_layout.block_bytes
-        if self.config.cold_bytes < size:
-            return None
-        return BlockArena(size, self.config.cold_bytes, torch.device("cpu"), pin=self._transfers.cuda)
-
-    def _make_store(self) -> DiskStore | None:
-        if not self.config.disk_enabled or self.config.disk_dir is None:
-            return None
-        return DiskStore(self.config.disk_dir, self.cold_layout.fingerprint())
-
     def _load_disk(self) -> None:
-        store = self._book.store
+        store = self._storage.store
         if store is None:
             return
         records, corrupt = store.scan()
         with self._lock:
             self._book.disk_corrupt += corrupt
-            for rec in reversed(records):  # newest first: they keep their place if the budget shrank
-                if not self._book.adopt_disk(rec):
-                    store.delete(rec.path)
+            # newest first: they keep their place if the budget shrank
+            rejected = [rec.path for rec in reversed(records) if not self._book.adopt_disk(rec)]
+        self._storage.unlink(rejected)
         for _ in range(corrupt):
             self.observer.on_corrupt()
         log.info("disk tier: %d checkpoints indexed, %d corrupt files skipped", len(records), corrupt)
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _check_state(self, state: State) -> dict[str, torch.Tensor]:
-        if set(state) != set(self.spec):
-            raise ValueError(f"state names {sorted(state)} != spec {sorted(self.spec)}")
-        out: dict[str, torch.Tensor] = {}
-        for name, (shape, _) in self.spec.items():
-            t = state[name]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"state {name!r}: shape {tuple(t.shape)} != spec {shape}")
-            out[name] = t.to(self.device, non_blocking=True)
-        return out
-
-    def _capture_job(
-        self, cp: Checkpoint
-    ) -> tuple[
-        tuple[BlockLayout, torch.Tensor] | None,
-        tuple[BlockLayout, torch.Tensor] | None,
-        list[torch.cuda.Event | None],
-    ]:
-        hot, cold = self._book.arenas["hot"], self._book.arenas["cold"]
-        hot_job = (self.hot_layout, hot.block(cp.hot)) if hot is not None and cp.hot is not None else None
-        cold_job = (
-            (self.cold_layout, cold.block(cp.cold)) if cold is not None and cp.cold is not None else None
-        )
-        return hot_job, cold_job, self._book.write_fences(cp)
-
-    def _source(self, cp: Checkpoint, tier: Tier) -> object:
-        """What `_read` needs for `tier`, captured under the lock (the lease keeps it valid)."""
-        if tier == "disk":
-            return cp.pending if cp.pending is not None else (cp.disk, cp.node.tokens())
-        arena = self._book.arenas[tier]
-        block = cp.hot if tier == "hot" else cp.cold
-        assert arena is not None and block is not None, "a leased copy vanished"
-        return arena.block(block)
-
-    def _read(self, tier: Tier, cp: Checkpoint, source: object, out: dict[str, torch.Tensor]) -> object:
-        tr = self._transfers
-        if tier == "hot":
-            assert isinstance(source, torch.Tensor)
-            return copies.read_hot(tr, self.hot_layout, source, cp.ready, out)
-        if tier == "cold":
-            assert isinstance(source, torch.Tensor)
-            return copies.read_cold(tr, self.cold_layout, source, cp.ready, out)
-        if isinstance(source, tuple):
-            path, tokens = source
-            if path is None or self._book.store is None:
-                raise CorruptFile("disk copy vanished")
-            source = self._book.store.read(path, tokens)
-        assert isinstance(source, dict)
-        try:
-            copies.read_fields(tr, self.cold_layout, source, out)
-        except (KeyError, RuntimeError) as exc:
-            raise CorruptFile(f"bad fields: {exc}") from exc
-        return None
-
-    def _take_spills(self) -> list[Spill]:
-        spills, self._book.spills = self._book.spills, []
-        return spills
-
-    def _write_spills(self, spills: list[Spill]) -> None:
-        store = self._book.store
-        for spill in spills:
-            path, nbytes = None, 0
-            try:
-                assert store is not None
-                path, nbytes = store.write(
-                    spill.key[0], spill.key[1], spill.tokens, spill.fields, spill.reason, spill.created
-                )
-            except OSError as exc:
-                log.warning("disk spill failed: %s", exc)
+    def _run_io(self, work: DiskWork) -> None:
+        """Run file I/O taken from the bookkeeping under the lock, now that it is released: unlinks first
+        (they free disk space), then spill writes. A write whose checkpoint went meanwhile queues its file
+        for unlink, which the recursive call deletes."""
+        self._storage.unlink(work.unlinks)
+        for spill in work.spills:
+            path, nbytes = self._storage.write_spill(spill)
             with self._lock:
                 self._book.spill_done(spill, path, nbytes)
+                late = self._book.disk.take()
+            self._run_io(late)
 
     def _dispatch(self) -> None:
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""
@@ -331,8 +258,9 @@ class StateCache(CheckpointCache):
     def _tier_stats(self, tier: Tier, count: int) -> TierStats:
         book = self._book
         if tier == "disk":
-            size = DiskStore.estimate(self.cold_layout.block_bytes, 0) if book.store is not None else 0
-            return TierStats(book.disk_used, book.disk_capacity(), count, book.evictions["disk"], size)
+            disk = book.disk
+            size = DiskStore.estimate(self.cold_layout.block_bytes, 0) if disk.store is not None else 0
+            return TierStats(disk.used, disk.capacity(), count, book.evictions["disk"], size)
         arena = book.arenas[tier]
         if arena is None:
             return TierStats(0, 0, count, book.evictions[tier], 0)

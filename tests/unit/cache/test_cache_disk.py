@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 
 from cache import CacheConfig, CheckpointUnavailable, StateCache
 from cache.codec import make_codec, roundtrip
+from cache.disk import DiskStore
 
 SPEC = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
 FP16_BLOCK = 3072
@@ -147,6 +150,78 @@ def test_delete_session_removes_files(tmp_path: Path) -> None:
     assert cache.stats().tiers["disk"].bytes_used == 0
 
 
+def _in_thread(fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Run `fn` in another thread; fail (instead of hanging) if it does not finish in `timeout` seconds."""
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "blocked: the cache lock is held during file I/O"
+    return out[0]
+
+
+def _gate_unlinks(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold every file deletion at a gate (then run the real one): returns (entered, proceed)."""
+    entered, proceed = threading.Event(), threading.Event()
+    real_delete = DiskStore.delete
+
+    def gated_delete(path: Path) -> None:
+        entered.set()
+        proceed.wait(10)
+        real_delete(path)
+
+    monkeypatch.setattr(DiskStore, "delete", staticmethod(gated_delete))
+    return entered, proceed
+
+
+def test_delete_session_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # While the session's unlinks are held up, other callers run and its checkpoints are already invisible:
+    # a capture into the same session stores a new checkpoint that the late unlinks leave alone.
+    cache = _make_cache(tmp_path)
+    for n in range(1, 4):
+        cache.capture("ns", "a", list(range(n)), _make_state(n), reason="x")
+    cache.capture("ns", "b", [9], _make_state(9), reason="x")
+    cache.close()
+    assert len(_files(tmp_path)) == 4
+    entered, proceed = _gate_unlinks(monkeypatch)
+    freed: list[int] = []
+    deleter = threading.Thread(target=lambda: freed.append(cache.delete_session("ns", "a")))
+    deleter.start()
+    try:
+        assert entered.wait(10)
+        assert _in_thread(lambda: cache.lookup("ns", "a", [0, 1, 2])) is None
+        assert _in_thread(lambda: _fetch(cache, "b", [9]))[:2] == (1, "cold")
+        assert _in_thread(lambda: cache.capture("ns", "a", [0, 1, 2], _make_state(7), reason="x"))
+    finally:
+        proceed.set()
+        deleter.join(10)
+    assert freed[0] > 0 and len(_files(tmp_path)) == 1  # a's three files gone, b's kept
+    pos, tier, got = _fetch(cache, "a", [0, 1, 2])
+    assert (pos, tier) == (3, "cold")
+    _assert_equal(got, _fp16(_make_state(7)))
+
+
+def test_disk_eviction_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = FP16_BLOCK + 16384 + 4 * 5  # the reservation for a 5-token checkpoint: the disk holds one
+    cache = _make_cache(tmp_path, disk_bytes=one)
+    for i in range(3):  # s0 then s1 reach disk (s1 evicts s0), s2 stays in RAM
+        cache.capture("ns", f"s{i}", [i] * 5, _make_state(i), reason="x")
+    entered, proceed = _gate_unlinks(monkeypatch)
+    capturer = threading.Thread(target=lambda: cache.capture("ns", "s3", [3] * 5, _make_state(3), reason="x"))
+    capturer.start()  # spilling s2 evicts s1 from disk: its unlink is held at the gate
+    try:
+        assert entered.wait(10)
+        assert _in_thread(lambda: cache.lookup("ns", "s1", [1] * 5)) is None
+        pos, tier, got = _in_thread(lambda: _fetch(cache, "s2", [2] * 5))  # its spill is queued, not written
+        assert (pos, tier) == (5, "disk")
+        _assert_equal(got, _fp16(_make_state(2)))
+    finally:
+        proceed.set()
+        capturer.join(10)
+    assert len(_files(tmp_path)) == 1
+    assert cache.stats().tiers["disk"].evictions == 2
+
+
 def test_other_model_files_are_not_mixed(tmp_path: Path) -> None:
     cache = _make_cache(tmp_path)
     cache.capture("ns", "a", [1], _make_state(1), reason="x")
@@ -155,3 +230,19 @@ def test_other_model_files_are_not_mixed(tmp_path: Path) -> None:
     other = StateCache(CacheConfig(cold_bytes=10**5, disk_dir=tmp_path, disk_bytes=10**6), spec2)
     assert other.lookup("ns", "a", [1]) is None
     assert other.stats().disk_corrupt == 0
+
+
+def test_failed_spill_write_gives_its_disk_reservation_back(tmp_path: Path) -> None:
+    cache = _make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2, 3], _make_state(1), reason="x")
+    cache.capture("ns", "b", [4, 5, 6], _make_state(2), reason="x")  # a spills: creates the spec dir
+    spec_dir = _files(tmp_path)[0].parent
+    used_before = cache.stats().tiers["disk"].bytes_used
+    for f in spec_dir.iterdir():
+        f.unlink()
+    spec_dir.rmdir()
+    spec_dir.write_text("not a directory")  # every write below it now fails
+    cache.capture("ns", "c", [7, 8, 9], _make_state(3), reason="x")  # b's spill fails
+    disk = cache.stats().tiers["disk"]
+    assert disk.bytes_used <= used_before
+    assert disk.bytes_used <= disk.bytes_capacity

@@ -1,0 +1,149 @@
+"""Disk-tier bookkeeping: the byte budget, queued spills (file writes) and queued unlinks (file deletions).
+
+Part of `Book`: plain Python, the caller holds the cache lock around every method, and nothing here touches
+a file. A spill queues a checkpoint's encoded cold fields for `DiskStore.write`; dropping a disk copy queues
+its path for unlink. The manager takes the queue (`take`) in the same critical section that filled it, so
+the queue is empty whenever the lock is free, and runs the I/O after releasing the lock.
+
+Deleting after the lock is race-free: a queued path is already unreachable. Its copy was removed from its
+checkpoint under the lock (and the checkpoint from the index, if it had no other copy), so no `lookup` can
+lease it and no `fetch` can start reading it; a `fetch` already reading it holds a lease, and a leased
+checkpoint never loses a copy (the one exception, a disk copy `fetch` found corrupt, is unreadable anyway).
+File names are unique (uuid4) and never reused, so no capture or spill can write the path being unlinked.
+
+Budget: `used` counts disk copies and reserved writes. A dropped copy gives its bytes back under the lock,
+before its file is unlinked, so the files on disk can exceed the budget by the files being deleted, until
+the call that dropped them returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cache.checkpoint import Checkpoint, SessionKey
+from cache.disk import DiskRecord, DiskStore
+from cache.layout import BlockLayout
+from cache.prefix import Node
+
+
+@dataclass(frozen=True)
+class Spill:
+    """A disk write to run outside the lock: the encoded cold fields of checkpoint `cid` (CPU tensors)."""
+
+    cid: int
+    key: SessionKey
+    tokens: tuple[int, ...]
+    fields: dict[str, torch.Tensor]
+    reason: str
+    created: float
+
+
+@dataclass
+class DiskWork:
+    """File I/O queued under the lock, to run after releasing it."""
+
+    spills: list[Spill] = field(default_factory=list)
+    unlinks: list[Path] = field(default_factory=list)
+
+
+class DiskTier:
+    def __init__(self, store: DiskStore | None, budget: int, layout: BlockLayout) -> None:
+        self.store = store
+        self.layout = layout  # the cold layout: a spill writes the cold copy's fields
+        self.used = 0
+        self.target = budget if store is not None else 0
+        self.work = DiskWork()
+
+    def capacity(self) -> int:
+        return max(self.target, self.used)
+
+    def over(self) -> bool:
+        return self.used > self.target
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.target
+
+    def resize(self, budget: int) -> None:
+        if self.store is not None:
+            self.target = budget
+
+    def reserve(self, nbytes: int, evict_one: Callable[[], bool]) -> bool:
+        """Charge `nbytes` to the budget, evicting disk copies (`evict_one`) to make room. False: no room."""
+        if self.store is None or nbytes > self.target:
+            return False
+        while not self.fits(nbytes):
+            if not evict_one():
+                return False
+        self.used += nbytes
+        return True
+
+    def spill(self, cp: Checkpoint, block: torch.Tensor, evict_one: Callable[[], bool]) -> bool:
+        """Queue the cold copy of `cp` (`block`: `(block_bytes,)` uint8, host) for writing. Its bytes are
+        cloned now, because the caller frees the block next. False if the budget has no room for it.
+
+        On CUDA the cold block is filled by the capture's non-blocking D2H copy on the capture stream, and
+        `cp.ready` marks its end. The host-side clone would read whatever bytes have landed so far, so it
+        must wait for `ready` first. The wait runs under the cache lock because the clone must: the block is
+        released right after (eviction makes room for a waiting allocation), and once released another
+        capture may overwrite it. It is short in practice: the copy was queued when the checkpoint was
+        captured, and a checkpoint is normally spilled long after (cold eviction or `close`); only a
+        checkpoint evicted right after its own capture (a cold tier of very few blocks) waits for a copy
+        still in flight. Removing it would mean keeping the block allocated until the write finishes.
+        """
+        if self.store is None:
+            return False
+        tokens = cp.node.tokens()
+        nbytes = DiskStore.estimate(self.layout.block_bytes, len(tokens))
+        if not self.reserve(nbytes, evict_one):
+            return False
+        if cp.ready is not None:
+            cp.ready.synchronize()
+        fields = {k: v.clone() for k, v in self.layout.named(block).items()}
+        cp.pending, cp.disk_bytes = fields, nbytes
+        self.work.spills.append(Spill(cp.cid, cp.key, tokens, fields, cp.reason, cp.created))
+        return True
+
+    def adopt(self, rec: DiskRecord, cid: int, node: Node) -> Checkpoint:
+        """A published checkpoint whose only copy is the file `rec` found at start; charges it to the budget."""
+        self.used += rec.nbytes
+        key: SessionKey = (rec.namespace, rec.session)
+        return Checkpoint(
+            cid,
+            key,
+            node,
+            len(rec.tokens),
+            rec.reason,
+            rec.created,
+            rec.last_used,
+            disk=rec.path,
+            disk_bytes=rec.nbytes,
+            published=True,
+        )
+
+    def landed(self, cp: Checkpoint, path: Path, nbytes: int) -> None:
+        """The spill of `cp` wrote `path` (`nbytes`): the reservation becomes the file's real size."""
+        cp.pending, cp.disk = None, path
+        self.used += nbytes - cp.disk_bytes
+        cp.disk_bytes = nbytes
+
+    def discard(self, path: Path | None) -> None:
+        """Queue for unlink a file that nothing refers to any more."""
+        if path is not None:
+            self.work.unlinks.append(path)
+
+    def drop(self, cp: Checkpoint) -> int:
+        """Remove the disk copy of `cp` (file or pending write), queue its file for unlink; return its bytes."""
+        freed = cp.disk_bytes if (cp.disk is not None or cp.pending is not None) else 0
+        self.discard(cp.disk)
+        self.used -= freed
+        cp.disk, cp.pending, cp.disk_bytes = None, None, 0
+        return freed
+
+    def take(self) -> DiskWork:
+        """Hand the queued I/O to the caller, who runs it after releasing the lock."""
+        work, self.work = self.work, DiskWork()
+        return work

@@ -1,0 +1,136 @@
+"""The cache's physical side: block layouts, arenas, streams and the disk store, and the tensor copies and
+file operations on them. No bookkeeping and no lock: `StateCache` calls `capture_job` and `source` under its
+lock (they only look up block views) and everything else outside it, on storage pinned by a lease or by the
+capture that reserved it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from cache import copies
+from cache.arena import BlockArena
+from cache.base import State, Tier
+from cache.book import Book
+from cache.checkpoint import Checkpoint
+from cache.codec import make_codec
+from cache.config import CacheConfig
+from cache.disk import CorruptFile, DiskStore
+from cache.disk_tier import Spill
+from cache.layout import BlockLayout
+from cache.transfer import Event, Transfers
+
+log = logging.getLogger(__name__)
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+BlockJob = tuple[BlockLayout, torch.Tensor]  # (layout, `(block_bytes,)` uint8 block) a capture encodes into
+CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None]]  # hot, cold, write fences
+
+
+class Storage:
+    def __init__(self, config: CacheConfig, spec: Spec) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.spec = spec
+        fused = config.fused_codecs and self.device.type == "cuda"
+        self.hot_layout = BlockLayout(spec, make_codec(config.hot_dtype, fused))
+        self.cold_layout = BlockLayout(spec, make_codec(config.cold_dtype, fused))
+        self.transfers = Transfers(self.device)
+        self.store = self._make_store()
+
+    # ---- construction --------------------------------------------------------------------------------
+
+    def make_hot(self) -> BlockArena | None:
+        size = self.hot_layout.block_bytes
+        if self.config.hot_window == 0 or self.config.hot_bytes < size:
+            return None
+        return BlockArena(size, self.config.hot_bytes, self.device, pin=False)
+
+    def make_cold(self) -> BlockArena | None:
+        size = self.cold_layout.block_bytes
+        if self.config.cold_bytes < size:
+            return None
+        return BlockArena(size, self.config.cold_bytes, torch.device("cpu"), pin=self.transfers.cuda)
+
+    def _make_store(self) -> DiskStore | None:
+        if not self.config.disk_enabled or self.config.disk_dir is None:
+            return None
+        return DiskStore(self.config.disk_dir, self.cold_layout.fingerprint())
+
+    # ---- captures ------------------------------------------------------------------------------------
+
+    def check_state(self, state: State) -> dict[str, torch.Tensor]:
+        if set(state) != set(self.spec):
+            raise ValueError(f"state names {sorted(state)} != spec {sorted(self.spec)}")
+        out: dict[str, torch.Tensor] = {}
+        for name, (shape, _) in self.spec.items():
+            t = state[name]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state {name!r}: shape {tuple(t.shape)} != spec {shape}")
+            out[name] = t.to(self.device, non_blocking=True)
+        return out
+
+    def capture_job(self, book: Book, cp: Checkpoint) -> CaptureJob:
+        """The blocks reserved for `cp` and the fences to wait for before writing them (under the lock)."""
+        hot, cold = book.arenas["hot"], book.arenas["cold"]
+        hot_job = (self.hot_layout, hot.block(cp.hot)) if hot is not None and cp.hot is not None else None
+        cold_job = (
+            (self.cold_layout, cold.block(cp.cold)) if cold is not None and cp.cold is not None else None
+        )
+        return hot_job, cold_job, book.write_fences(cp)
+
+    def write_capture(self, values: State, job: CaptureJob) -> tuple[Event | None, Event | None]:
+        return copies.write_capture(self.transfers, values, job[0], job[1], job[2])
+
+    # ---- fetches -------------------------------------------------------------------------------------
+
+    def source(self, book: Book, cp: Checkpoint, tier: Tier) -> object:
+        """What `read` needs for `tier`, captured under the lock (the lease keeps it valid)."""
+        if tier == "disk":
+            return cp.pending if cp.pending is not None else (cp.disk, cp.node.tokens())
+        arena = book.arenas[tier]
+        block = cp.hot if tier == "hot" else cp.cold
+        assert arena is not None and block is not None, "a leased copy vanished"
+        return arena.block(block)
+
+    def read(self, tier: Tier, cp: Checkpoint, source: object, out: dict[str, torch.Tensor]) -> object:
+        """Decode the copy in `tier` into `out`; return the fence of the read. Raises CorruptFile."""
+        tr = self.transfers
+        if tier == "hot":
+            assert isinstance(source, torch.Tensor)
+            return copies.read_hot(tr, self.hot_layout, source, cp.ready, out)
+        if tier == "cold":
+            assert isinstance(source, torch.Tensor)
+            return copies.read_cold(tr, self.cold_layout, source, cp.ready, out)
+        if isinstance(source, tuple):
+            path, tokens = source
+            if path is None or self.store is None:
+                raise CorruptFile("disk copy vanished")
+            source = self.store.read(path, tokens)
+        assert isinstance(source, dict)
+        try:
+            copies.read_fields(tr, self.cold_layout, source, out)
+        except (KeyError, RuntimeError) as exc:
+            raise CorruptFile(f"bad fields: {exc}") from exc
+        return None
+
+    # ---- files ---------------------------------------------------------------------------------------
+
+    def write_spill(self, spill: Spill) -> tuple[Path | None, int]:
+        """Write a spilled checkpoint; its path and size, or (None, 0) if the write failed."""
+        try:
+            assert self.store is not None
+            return self.store.write(
+                spill.key[0], spill.key[1], spill.tokens, spill.fields, spill.reason, spill.created
+            )
+        except (OSError, SafetensorError) as exc:  # a full or broken disk: the copy is dropped
+            log.warning("disk spill failed: %s", exc)
+            return None, 0
+
+    @staticmethod
+    def unlink(paths: list[Path]) -> None:
+        for path in paths:
+            DiskStore.delete(path)
