@@ -22,7 +22,9 @@ DecodeFn = Callable[[Sequence[int]], str]
 MAX_STOP_STRINGS = 8  # the API allows 4 user stops; chat templates may add their own
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 6  # prompt tokens that seed the decode window
-_MAX_HELD_TOKENS = 6  # a UTF-8 character spans at most 4 bytes: longer runs are invalid bytes, released
+# Tokens that may end mid-character before the window moves on regardless (a guard against a
+# stream of invalid bytes growing the decode window forever; real text settles within a few).
+_MAX_HELD_TOKENS = 64
 
 
 class IncrementalDetokenizer:
@@ -39,35 +41,43 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
         self._prefix_text = decode(self._tokens) if self._tokens else ""
+        self._sent = 0  # characters of the window past `_prefix_text` already released
         self._pending = ""  # decoded, UTF-8-complete, not yet released (could start a stop string)
         self.stopped = False  # a stop string was found; nothing more is ever released
         self.text = ""  # everything released so far
 
     def push(self, token_id: int) -> str:
-        """Add one generated token; return the text it releases (possibly empty)."""
+        """Add one generated token; return the text it releases (possibly empty).
+
+        Everything up to the window's last complete character is released; a trailing U+FFFD (an
+        incomplete character) is held. The window moves on only at a token that ends a character."""
         if self.stopped:
             return ""
         self._tokens.append(token_id)
         window = self._decode(self._tokens[self._prefix_offset :])
-        if len(window) <= len(self._prefix_text):
-            return ""  # nothing visible yet (special tokens): wait
+        incomplete = window.endswith(_REPLACEMENT)
         held = len(self._tokens) - self._read_offset
-        if window.endswith(_REPLACEMENT) and held < _MAX_HELD_TOKENS:
-            return ""  # an incomplete character: wait for its next bytes
-        new_text = window[len(self._prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._tokens)
-        self._prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
-        return self._release(new_text, final=False)
+        if incomplete and held < _MAX_HELD_TOKENS:
+            window = window[:-1]
+        start = len(self._prefix_text) + self._sent
+        new_text = window[start:] if len(window) > start else ""
+        if incomplete and held < _MAX_HELD_TOKENS:
+            self._sent += len(new_text)
+        else:
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+            self._prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+            self._sent = 0
+        return self._release(new_text, final=False) if new_text else ""
 
     def flush(self) -> str:
         """The request ended: release everything still held (an incomplete character included)."""
         if self.stopped:
             return ""
         window = self._decode(self._tokens[self._prefix_offset :])
-        tail = window[len(self._prefix_text) :] if len(window) > len(self._prefix_text) else ""
+        start = len(self._prefix_text) + self._sent
+        tail = window[start:] if len(window) > start else ""
         self._prefix_offset = self._read_offset = len(self._tokens)
-        self._prefix_text = ""
+        self._prefix_text, self._sent = "", 0
         return self._release(tail, final=True)
 
     def _release(self, new_text: str, *, final: bool) -> str:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cache.base import CacheObserver, LookupResult, MissCause, Tier
 from server.engine.engine import Engine, EngineConfig
 
 if TYPE_CHECKING:
@@ -18,33 +17,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_PREFILL_BUDGET = 512
-
-
-class MetricsObserver(CacheObserver):
-    """Forwards the cache's observer hooks to `server.metrics.Metrics`."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
-        self.metrics.on_lookup(result, cause)
-
-    def on_fetch(self, tier: Tier, seconds: float) -> None:
-        self.metrics.on_fetch(tier, seconds)
-
-    def on_capture(self, seconds: float) -> None:
-        self.metrics.on_capture(seconds)
-
-    def on_evict(self, tier: Tier) -> None:
-        self.metrics.on_evict(tier)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -70,21 +42,23 @@ def build_cache(settings: Settings, runner: ModelRunner, metrics: Metrics | None
         checkpoint_interval=settings.checkpoint_interval,
         device=str(runner.device),
     )
-    observer = MetricsObserver(metrics) if metrics is not None else None
-    return StateCache(config, runner.state_spec(), observer=observer)
+    return StateCache(config, runner.state_spec(), observer=metrics)
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
+    from server.model.defaults import pick_device
+    from server.model.gpu_runner import GpuModelRunner, make_runner
     from server.model.loader import load_model, resolve_model_dir
-    from server.model.runner import ModelRunner
     from server.model.tokenizer import Tokenizer
 
-    device = resolve_device(settings.device)
+    device = pick_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model_dir = resolve_model_dir(settings.model)
     config, model = load_model(model_dir, device=device, dtype=dtype)
-    runner = ModelRunner(model, settings.max_num_seqs, device)
+    runner = make_runner(model, settings.max_num_seqs, device)  # GPU kernels + CUDA graphs when available
+    if isinstance(runner, GpuModelRunner):
+        runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
     cache = build_cache(settings, runner, metrics)
     if metrics is not None:

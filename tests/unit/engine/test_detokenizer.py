@@ -152,3 +152,15 @@ def test_real_byte_level_bpe_stream_equals_full_decode(tmp_path: Path) -> None:
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_every_split_of_straddling_characters_round_trips() -> None:
+    """Each token may end mid-character for many tokens in a row (found by hypothesis): text
+    is released up to the last complete character, never as U+FFFD."""
+    text = "\x80\U00010000\U00010000"
+    data = text.encode()
+    for mask in range(1 << (len(data) - 1)):
+        points = [0, *(i + 1 for i in range(len(data) - 1) if mask >> i & 1), len(data)]
+        vocab = _ByteVocab()
+        pieces, _ = _stream(vocab, vocab.ids([data[a:b] for a, b in itertools.pairwise(points)]))
+        assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces), points
