@@ -61,23 +61,18 @@ fetch_sdist() {
   echo "$found"
 }
 
-# Replace the hard-coded -gencode list of a setup.py by the chosen architectures.
+# Drop the hard-coded -gencode list of a setup.py so TORCH_CUDA_ARCH_LIST decides (one implementation,
+# shared with the Dockerfile: deploy/docker/build_kernels.py).
 patch_archs() {
-  local setup="$1"
-  TSSC_SETUP="$setup" "$PY" - <<'PYEOF'
-import os
-path = os.environ["TSSC_SETUP"]
-src = open(path).read()
-marker = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
-if marker not in src:
-    raise SystemExit(f"{path}: layout changed, cannot patch the -gencode list")
-inject = (
-    "    _tssc_archs = [a.replace('.', '').replace('+PTX', '')\n"
-    "                   for a in os.environ['TSSC_CUDA_ARCHS'].replace(';', ' ').split()]\n"
-    "    if not HIP_BUILD:\n"
-    "        cc_flag = [f for a in _tssc_archs for f in ('-gencode', f'arch=compute_{a},code=sm_{a}')]\n"
-)
-open(path, "w").write(src.replace(marker, inject + marker, 1))
+  "$PY" - "$1" "$ROOT/deploy/docker" <<'PYEOF'
+import sys
+sys.path.insert(0, sys.argv[2])
+from build_kernels import strip_hardcoded_arches
+path = sys.argv[1]
+src, count = strip_hardcoded_arches(open(path).read())
+if count == 0:
+    raise SystemExit(f"{path}: no hard-coded -gencode flags found; layout changed?")
+open(path, "w").write(src)
 PYEOF
 }
 
@@ -87,7 +82,7 @@ build_from_sdist() {
   mkdir -p "$WORK/src"
   tar -xzf "$sdist" -C "$WORK/src"
   patch_archs "$dir/setup.py"
-  (cd "$dir" && TSSC_CUDA_ARCHS="$ARCHS" "$PY" -m pip wheel --no-deps --no-build-isolation -w "$OUT" .)
+  (cd "$dir" && TORCH_CUDA_ARCH_LIST="$ARCHS" "$PY" -m pip wheel --no-deps --no-build-isolation -w "$OUT" .)
 }
 
 echo "wheelhouse: $OUT; CUDA architectures: $ARCHS" >&2
