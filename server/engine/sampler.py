@@ -34,6 +34,7 @@ class SamplingBatch:
     frequency: Tensor  # (b,) fp32
     repetition: Tensor  # (b,) fp32
     generators: tuple[torch.Generator | None, ...]
+    max_top_k: int  # host-side: the largest top_k of any row (0 = none)
     use_top_k: bool
     use_top_p: bool
     use_min_p: bool
@@ -49,18 +50,33 @@ class SamplingBatch:
         generators: Sequence[torch.Generator | None],
         device: torch.device,
     ) -> SamplingBatch:
-        def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
+        # One (7, b) host tensor, pinned on CUDA, and one non-blocking copy: no per-field transfer.
+        host = torch.tensor(
+            [
+                [
+                    p.temperature,
+                    p.top_k,
+                    p.top_p,
+                    p.min_p,
+                    p.presence_penalty,
+                    p.frequency_penalty,
+                    p.repetition_penalty,
+                ]
+                for p in params
+            ],
+            dtype=torch.float32,
+        ).T.contiguous()
+        temperature, top_k, top_p, min_p, presence, frequency, repetition = to_device(host, device).unbind(0)
         return cls(
-            temperature=f32([p.temperature for p in params]),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=f32([p.top_p for p in params]),
-            min_p=f32([p.min_p for p in params]),
-            presence=f32([p.presence_penalty for p in params]),
-            frequency=f32([p.frequency_penalty for p in params]),
-            repetition=f32([p.repetition_penalty for p in params]),
+            temperature=temperature,
+            top_k=top_k.long(),  # exact: top_k < 2**24
+            top_p=top_p,
+            min_p=min_p,
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
             generators=tuple(generators),
+            max_top_k=max((p.top_k for p in params if not p.greedy), default=0),
             use_top_k=any(p.top_k > 0 and not p.greedy for p in params),
             use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
             use_min_p=any(p.min_p > 0.0 and not p.greedy for p in params),
@@ -69,6 +85,18 @@ class SamplingBatch:
             top_logprobs=max((p.top_logprobs for p in params if p.logprobs), default=0),
             want_logprobs=any(p.logprobs for p in params),
         )
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`: pinned and copied non_blocking on CUDA (no host synchronisation)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def penalised_rows(batch: SamplingBatch) -> Tensor:
+    """(b,) int32 on the device: 1 where the row applies any penalty (its token counts matter)."""
+    return ((batch.presence != 0) | (batch.frequency != 0) | (batch.repetition != 1)).to(torch.int32)
 
 
 def has_penalty(p: SamplingParams) -> bool:
@@ -94,8 +122,21 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch, counts: Tensor, prompt
     return logits - batch.presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
+def apply_top_k(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Top-k alone: a topk of the largest k, not a sort of the whole row. Ties with the k-th value
+    are kept. Rows with top_k 0 are untouched."""
+    kmax = min(batch.max_top_k, logits.shape[-1])
+    top = logits.topk(kmax, dim=-1).values  # (b, kmax), descending
+    k = batch.top_k.clamp(1, kmax).unsqueeze(1) - 1  # (b, 1)
+    kth = top.gather(-1, k)  # (b, 1)
+    kth = torch.where(batch.top_k.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Mask (to -inf) what top-k and top-p exclude; both act on the sorted row."""
+    if not batch.use_top_p:
+        return apply_top_k(logits, batch)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, v)
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)  # (1, v)
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
@@ -153,10 +194,12 @@ class TokenCounts:
         ids = torch.tensor([t for t in prompt_tokens if 0 <= t < self.vocab], dtype=torch.long)
         prompt[slot, ids.to(self.device)] = True
 
-    def add(self, slots: Tensor, tokens: Tensor) -> None:
-        """slots, tokens (r,) int64 on the device: one more occurrence of each token."""
+    def add(self, slots: Tensor, tokens: Tensor, weights: Tensor | None = None) -> None:
+        """slots, tokens (r,) int64 on the device: `weights` (r,) int32 more occurrences of each token
+        (default 1); a weight of 0 leaves a row's counts alone without a host-side selection."""
         counts, _ = self._alloc()
-        counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        values = torch.ones_like(tokens, dtype=torch.int32) if weights is None else weights.to(torch.int32)
+        counts.index_put_((slots, tokens), values, accumulate=True)
 
     def rows(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """(counts (b, v), prompt (b, v)) of the given slots."""

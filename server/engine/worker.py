@@ -26,7 +26,15 @@ from torch import Tensor
 
 from cache.base import CheckpointCache
 from server.engine.request import Seq
-from server.engine.sampler import SampleOutput, Sampler, SamplingBatch, TokenCounts, has_penalty
+from server.engine.sampler import (
+    SampleOutput,
+    Sampler,
+    SamplingBatch,
+    TokenCounts,
+    has_penalty,
+    penalised_rows,
+    to_device,
+)
 from server.engine.scheduler import StepPlan
 from server.engine.types import TokenEvent, TopLogprob
 from server.model.runner import ModelRunner
@@ -151,14 +159,13 @@ class ModelWorker:
             logits[:, self.vocab_limit :] = float("-inf")
         params = [s.req.params for s in rows]
         batch = SamplingBatch.build(params, [s.generator for s in rows], self.device)
-        slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)
+        slots = to_device(torch.tensor([s.slot for s in rows], dtype=torch.long), self.device)
         counts = prompt = None
         if batch.use_penalties:
             counts, prompt = self.counts.rows(slots)
         out = self.sampler.sample(logits, batch, counts, prompt)
-        if batch.use_penalties:  # row indices built on the host: no boolean-mask sync
-            pen = torch.tensor([i for i, p in enumerate(params) if has_penalty(p)], device=self.device)
-            self.counts.add(slots.index_select(0, pen), out.tokens.index_select(0, pen))
+        if batch.use_penalties:  # a 0/1 weight per row, on the device: no host-side row selection
+            self.counts.add(slots, out.tokens, weights=penalised_rows(batch))
         tokens = out.tokens.tolist()  # the step's one host sync
         logprobs = _host_logprobs(out, len(rows))
         now = time.monotonic()

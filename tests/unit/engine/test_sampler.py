@@ -156,3 +156,23 @@ def test_logprobs_are_the_raw_distribution() -> None:
 def test_no_logprobs_unless_asked() -> None:
     out = Sampler().sample(_logits(), _batch(*[SamplingParams(temperature=0.0)] * 4))
     assert out.logprobs is None and out.top_ids is None
+
+
+def test_token_counts_add_only_weighted_rows() -> None:
+    counts = TokenCounts(max_slots=3, vocab=10, device=CPU)
+    slots, tokens = torch.tensor([2, 0, 1]), torch.tensor([7, 7, 4])
+    counts.add(slots, tokens, weights=torch.tensor([1, 0, 1], dtype=torch.int32))
+    counts.add(slots, tokens, weights=torch.tensor([1, 0, 1], dtype=torch.int32))
+    rows, _ = counts.rows(torch.tensor([0, 1, 2]))
+    assert rows[2, 7] == 2 and rows[1, 4] == 2 and int(rows[0].sum()) == 0
+
+
+def test_top_k_with_top_p_uses_the_same_k_as_top_k_alone() -> None:
+    logits = _logits(seed=3)
+    alone = apply_top_k_top_p(logits, _batch(*(SamplingParams(top_k=k) for k in (5, 2, 9, 1))))
+    with_p = apply_top_k_top_p(logits, _batch(*(SamplingParams(top_k=k, top_p=0.999) for k in (5, 2, 9, 1))))
+    for row in range(4):  # top_p=0.999 only ever trims inside what top_k kept
+        assert set(with_p[row].isfinite().nonzero().flatten().tolist()) <= set(
+            alone[row].isfinite().nonzero().flatten().tolist()
+        )
+    assert alone.isfinite().sum(-1).tolist() == [5, 2, 9, 1]
