@@ -23,8 +23,8 @@ serve: $(STAMP)
 	$(VENV)/bin/tssc serve $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check server cache
+	$(VENV)/bin/ruff check --no-cache .
+	$(VENV)/bin/ruff format --no-cache --check .
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

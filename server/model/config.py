@@ -126,14 +126,18 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
         }
         if self.arch == "mamba2":
-            return common | {
-                "model_type": "mamba2",
-                "architectures": ["Mamba2ForCausalLM"],
-                "num_heads": self.nheads,
-                "head_dim": self.headdim,
-                "n_groups": self.ngroups,
-                "chunk_size": self.chunk_size,
-            } | _strict_json_limit(self.dt_limit)
+            return (
+                common
+                | {
+                    "model_type": "mamba2",
+                    "architectures": ["Mamba2ForCausalLM"],
+                    "num_heads": self.nheads,
+                    "head_dim": self.headdim,
+                    "n_groups": self.ngroups,
+                    "chunk_size": self.chunk_size,
+                }
+                | _strict_json_limit(self.dt_limit)
+            )
         return common | {
             "model_type": "mamba",
             "architectures": ["MambaForCausalLM"],
