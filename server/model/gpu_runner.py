@@ -35,7 +35,7 @@ from server.model.kernels import Kernels, load_kernels
 from server.model.lm import MambaLM
 from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
-from server.model.runner import ModelRunner, PrefillResult
+from server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class GpuModelRunner(ModelRunner):
         out, residual = self._run_layers(ids, conv, ssm)
         return self._final_norm(out[:, -1], residual[:, -1])
 
-    def _segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
+    def _prefill_segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
         """ids (1, l) from the slot's state; updates the slot; logits (l or 1, v) fp32."""
         conv, ssm = self.pool.conv[:, slot : slot + 1], self.pool.ssm[:, slot : slot + 1]
         graphs = self.prefill_graphs
@@ -148,35 +148,11 @@ class GpuModelRunner(ModelRunner):
             out, residual = out[:, -1:], residual[:, -1:]
         return self._logits(self._final_norm(out, residual))[0]
 
-    @torch.inference_mode()
-    def prefill(
-        self, tokens: Sequence[int], slot: int, capture_at: Sequence[int] = (), all_logits: bool = False
-    ) -> PrefillResult:
-        """Continue slot's state over `tokens`, splitting at capture positions (1..len)."""
-        self.pool.check_slot(slot)
-        n = len(tokens)
-        bad = sorted(p for p in set(capture_at) if not 0 < p <= n)
-        if bad:
-            raise ValueError(f"capture positions must lie in [1, {n}], got {bad}")
-        cuts = set(capture_at)
-        ids = torch.as_tensor(list(tokens), dtype=torch.long).pin_memory() if self._pinned() else None
-        ids_dev = (ids if ids is not None else torch.as_tensor(list(tokens), dtype=torch.long)).to(
-            self.device, non_blocking=True
-        )[None]  # (1, l)
-        result = PrefillResult(last_logits=torch.empty(0, device=self.device))
-        pieces: list[Tensor] = []
-        start = 0
-        for end in sorted(cuts | {n}):
-            if end > start:
-                pieces.append(self._segment(ids_dev[:, start:end], slot, all_logits)[:, : self.vocab])
-            if end in cuts:
-                result.captures[end] = self.pool.read(slot)
-            start = end
-        if pieces:
-            result.last_logits = pieces[-1][-1]
-            if all_logits:
-                result.all_logits = torch.cat(pieces)
-        return result
+    def _token_ids(self, tokens: Sequence[int]) -> Tensor:
+        host = torch.as_tensor(list(tokens), dtype=torch.long)
+        if self._pinned():
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)[None]  # (1, l)
 
     def _pinned(self) -> bool:
         return self.device.type == "cuda"

@@ -68,16 +68,13 @@ class ModelRunner:
         if bad:
             raise ValueError(f"capture positions must lie in [1, {n}], got {bad}")
         cuts = set(capture_at)
-        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device).unsqueeze(0)  # (1, l)
-        slots = torch.tensor([slot], device=self.device)
+        ids = self._token_ids(tokens)  # (1, l) on the device
         result = PrefillResult(last_logits=torch.empty(0, device=self.device))
         pieces: list[Tensor] = []
         start = 0
         for end in sorted(cuts | {n}):
             if end > start:
-                logits, states = self.model.run(ids[:, start:end], self._slot_states(slots))
-                self._store(slots, states)
-                pieces.append(logits[0, :, : self.vocab])
+                pieces.append(self._prefill_segment(ids[:, start:end], slot, all_logits)[:, : self.vocab])
             if end in cuts:
                 result.captures[end] = self.pool.read(slot)
             start = end
@@ -86,6 +83,17 @@ class ModelRunner:
             if all_logits:
                 result.all_logits = torch.cat(pieces)
         return result
+
+    def _token_ids(self, tokens: Sequence[int]) -> Tensor:
+        return torch.as_tensor(list(tokens), dtype=torch.long, device=self.device).unsqueeze(0)
+
+    def _prefill_segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
+        """ids (1, l) continuing the slot's state, which it updates -> logits (l, v_padded) fp32.
+        (Subclasses may return only the last row when `all_logits` is False.)"""
+        slots = torch.tensor([slot], device=self.device)
+        logits, states = self.model.run(ids, self._slot_states(slots))
+        self._store(slots, states)
+        return logits[0]
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
