@@ -188,14 +188,11 @@ class Book:
         if cid is None:
             return False
         self.policy[tier].evicted(cid)
-        self.evictions[tier] += 1
-        self.events.append(("on_evict", tier, None))
+        self._count_eviction(tier)
         cp = self.ckpts[cid]
         if tier == "cold" and cp.disk is None and cp.pending is None:
             self._spill(cp)
-        self._drop_copy(cp, tier)
-        if not cp.tiers():
-            self.index.forget(cp, ghost=True)
+        self._lose_copy(cp, tier)
         return True
 
     def _evictable(self, cid: int) -> bool:
@@ -207,15 +204,15 @@ class Book:
         if self.arenas["hot"] is None:
             return
         hot = [self.ckpts[c] for c in session.cids if self.ckpts[c].hot is not None]
-        hot = sorted((cp for cp in hot if self._evictable(cp.cid)), key=lambda cp: cp.last_used)
-        excess = len([c for c in session.cids if self.ckpts[c].hot is not None]) - self.config.hot_window + 1
-        for cp in hot[: max(0, excess)]:
-            self.policy["hot"].remove(cp.cid)
-            self.evictions["hot"] += 1
-            self.events.append(("on_evict", "hot", None))
-            self._drop_copy(cp, "hot")
-            if not cp.tiers():
-                self.index.forget(cp, ghost=True)
+        excess = len(hot) - self.config.hot_window + 1
+        oldest = sorted((cp for cp in hot if self._evictable(cp.cid)), key=lambda cp: cp.last_used)
+        for cp in oldest[: max(0, excess)]:
+            self._count_eviction("hot")
+            self._lose_copy(cp, "hot")
+
+    def _count_eviction(self, tier: Tier) -> None:
+        self.evictions[tier] += 1
+        self.events.append(("on_evict", tier, None))
 
     def _spill(self, cp: Checkpoint) -> None:
         """Queue the cold copy of `cp` for the disk tier (see `DiskTier.spill`, and its wait on CUDA)."""
@@ -234,9 +231,7 @@ class Book:
         if path is not None:
             self.disk.landed(cp, path, nbytes)
             return
-        self._drop_copy(cp, "disk")
-        if not cp.tiers():
-            self.index.forget(cp, ghost=True)
+        self._lose_copy(cp, "disk")
 
     def flush_spills(self) -> None:
         """Queue every published checkpoint that has no disk copy yet (used at close)."""
@@ -282,6 +277,12 @@ class Book:
         else:
             cp.cold = None
         return arena.block_bytes
+
+    def _lose_copy(self, cp: Checkpoint, tier: Tier) -> None:
+        """Drop one copy by eviction or failure; a checkpoint left with none becomes a ghost."""
+        self._drop_copy(cp, tier)
+        if not cp.tiers():
+            self.index.forget(cp, ghost=True)
 
     def _free(self, cp: Checkpoint) -> int:
         freed = sum(self._drop_copy(cp, t) for t in TIERS)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 HEADER_SLACK = 16384  # bytes reserved per file for the safetensors header + metadata
@@ -90,7 +90,7 @@ class DiskStore:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (OSError, SafetensorError) as exc:
             raise CorruptFile(f"{path.name}: {exc}") from exc
         if meta.get("checksum") != _checksum(tensors, meta):

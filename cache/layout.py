@@ -6,6 +6,7 @@ blocks (`cache.arena`). A block `(block_bytes,)` uint8 is viewed, field by field
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,10 @@ class Field:
     offset: int
     nbytes: int
 
+    def view(self, block: torch.Tensor) -> torch.Tensor:
+        """This field inside `block: (block_bytes,)` uint8, as a typed `shape` tensor."""
+        return block[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
 
 class BlockLayout:
     """Where each encoded field of a state spec sits inside a block, for one codec."""
@@ -48,7 +53,7 @@ class BlockLayout:
             if codec.scaled:
                 parts.append(("scale", shape[:-1], torch.float32))
             for part, pshape, dtype in parts:
-                nbytes = _numel(pshape) * dtype.itemsize
+                nbytes = math.prod(pshape) * dtype.itemsize
                 fields.append(Field(name, part, pshape, dtype, offset, nbytes))
                 offset = _round_up(offset + nbytes, ALIGN)
         self.fields = tuple(fields)
@@ -58,17 +63,14 @@ class BlockLayout:
         """`block: (block_bytes,)` uint8 -> {state name: (data view, scale view or None)}."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for f in self.fields:
-            view = block[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape)
+            view = f.view(block)
             data, scale = out.get(f.state, (view, None))
             out[f.state] = (data, view) if f.part == "scale" else (view, scale)
         return out
 
     def named(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views keyed `"{state}.{part}"` (the names used in disk files)."""
-        return {
-            f"{f.state}.{f.part}": block[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape)
-            for f in self.fields
-        }
+        return {f"{f.state}.{f.part}": f.view(block) for f in self.fields}
 
     def fingerprint(self) -> str:
         """Identifies spec + codec: files written under another fingerprint are not this model's."""
@@ -90,10 +92,3 @@ class BlockLayout:
         return {
             name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in self.spec.items()
         }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -285,14 +285,3 @@ class StateCache(CheckpointCache):
             for cp in cps
         ]
         return {"namespace": key[0], "session": key[1], "checkpoints": items, "bytes": per_tier}
-
-
-def state_bytes(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
-    """Bytes of one live state (full precision), e.g. to size budgets in checkpoints."""
-    total = 0
-    for shape, dtype in spec.values():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n * dtype.itemsize
-    return total

@@ -50,12 +50,6 @@ class Transfers:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    @staticmethod
-    def host_wait(event: Event | None) -> None:
-        """Block the host until `event` completed (only before reading pinned memory on the host)."""
-        if event is not None:
-            event.synchronize()
-
     def keep_alive(self, tensors: list[torch.Tensor]) -> None:
         """Tell the caching allocator these tensors are used by the current stream too."""
         if self.cuda:

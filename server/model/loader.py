@@ -141,11 +141,9 @@ def _shared_fields(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format)
             raise ModelLoadError("hybrid checkpoints (MLP or attention layers) are not supported")
         ssm_cfg = raw.get("ssm_cfg") or {}
         unpadded, eps = int(raw.get("vocab_size", emb.shape[0])), float(raw.get("norm_epsilon", 1e-5))
-        residual_fp32 = bool(raw.get("residual_in_fp32", True))
         dt_limit = tuple(ssm_cfg.get("dt_limit", (0.0, float("inf"))))
     else:
         unpadded, eps = emb.shape[0], float(raw.get("layer_norm_epsilon", 1e-5))
-        residual_fp32 = bool(raw.get("residual_in_fp32", True))
         dt_limit = tuple(raw.get("time_step_limit", (0.0, float("inf"))))
     tied = "lm_head.weight" not in w or bool(
         w["lm_head.weight"].data_ptr() == emb.data_ptr() or torch.equal(w["lm_head.weight"], emb)
@@ -156,7 +154,7 @@ def _shared_fields(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format)
         "vocab_size": emb.shape[0],
         "unpadded_vocab_size": min(unpadded, emb.shape[0]),
         "norm_eps": eps,
-        "residual_in_fp32": residual_fp32,
+        "residual_in_fp32": bool(raw.get("residual_in_fp32", True)),
         "tie_embeddings": tied,
         "conv_bias": "backbone.layers.0.mixer.conv1d.bias" in w,
         "proj_bias": "backbone.layers.0.mixer.in_proj.bias" in w,

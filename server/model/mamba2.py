@@ -31,6 +31,14 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = zxbcdt.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         return z, xbc, dt
 
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """xbc (..., c) after the conv -> x (..., h, p), B (..., g, n), C (..., g, n)."""
+        cfg = self.cfg
+        gn = cfg.ngroups * cfg.d_state
+        x, B, C = xbc.split([cfg.d_inner, gn, gn], dim=-1)
+        B, C = (t.unflatten(-1, (cfg.ngroups, cfg.d_state)) for t in (B, C))
+        return x.unflatten(-1, (cfg.nheads, cfg.headdim)), B, C
+
     def _dt(self, dt: Tensor) -> Tensor:
         lo, hi = self.cfg.dt_limit
         return F.softplus(dt.float() + self.dt_bias.float()).clamp(lo, hi)
@@ -48,9 +56,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         z, xbc, dt = self._split_proj(self.in_proj(u))
         xbc, conv_state = causal_conv(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
-        x, B, C = xbc.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))  # (b, l, h, p)
-        B, C = (t.unflatten(-1, (cfg.ngroups, cfg.d_state)) for t in (B, C))  # (b, l, g, n)
+        x, B, C = self._split_xbc(xbc)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
         y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, cfg.chunk_size, ssm_state)
         y = (y + self._skip(x)).flatten(-2)  # (b, l, e)
         out = self.out_proj(self.norm(y, z).to(u.dtype))
@@ -58,12 +64,9 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, d), one token per row; states as in `forward`."""
-        cfg = self.cfg
         z, xbc, dt = self._split_proj(self.in_proj(u))
         xbc, conv_state = causal_conv_step(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
-        x, B, C = xbc.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))  # (b, h, p)
-        B, C = (t.unflatten(-1, (cfg.ngroups, cfg.d_state)) for t in (B, C))  # (b, g, n)
+        x, B, C = self._split_xbc(xbc)  # (b, h, p), (b, g, n), (b, g, n)
         y, ssm_state = ssd_step(x, self._dt(dt), self._A(), B, C, ssm_state)
         y = (y + self._skip(x)).flatten(-2)  # (b, e)
         return self.out_proj(self.norm(y, z).to(u.dtype)), conv_state, ssm_state

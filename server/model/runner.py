@@ -64,10 +64,10 @@ class ModelRunner:
         """Continue slot's state over `tokens`, splitting at capture positions (1..len)."""
         self.pool.check_slot(slot)
         n = len(tokens)
-        bad = sorted(p for p in set(capture_at) if not 0 < p <= n)
+        cuts = set(capture_at)
+        bad = sorted(p for p in cuts if not 0 < p <= n)
         if bad:
             raise ValueError(f"capture positions must lie in [1, {n}], got {bad}")
-        cuts = set(capture_at)
         ids = self._token_ids(tokens)  # (1, l) on the device
         result = PrefillResult(last_logits=torch.empty(0, device=self.device))
         pieces: list[Tensor] = []

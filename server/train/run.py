@@ -18,6 +18,7 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer
 
+from server.model.defaults import pick_device
 from server.model.export import save_pretrained
 from server.model.lm import MambaLM
 from server.train import corpus as corpus_mod
@@ -40,12 +41,6 @@ class RunPaths:
     out_dir: Path  # the model directory
     slice_out: Path | None = None  # where to write the held-out slice for the tests
     tokenizer_dir: Path | None = None  # reuse this tokenizer instead of training one
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def heldout_slice(docs: Sequence[corpus_mod.Document]) -> str:
@@ -123,7 +118,7 @@ def _save(model: MambaLM, tok: Tokenizer, cfg: TrainConfig, out: Path) -> int:
 def train_and_export(cfg: TrainConfig, paths: RunPaths, command: str, started: float) -> dict[str, Any]:
     """Returns the report also written to out_dir/train_report.json (and rendered as README.md)."""
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device)  # fails at once if CUDA is asked for and missing
     with_tests = cfg.test_suites == "train"
     c = corpus_mod.load_corpus(
         cfg.heldout_fraction, cfg.valid_fraction, with_tests, None, cfg.max_files, cfg.max_file_bytes
