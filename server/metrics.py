@@ -13,7 +13,6 @@ Who records what:
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
@@ -29,8 +28,6 @@ from prometheus_client import (
 
 from cache.base import CacheObserver, LookupResult, MissCause, Tier
 from cache.stats import CacheStats
-
-log = logging.getLogger(__name__)
 
 CONTENT_TYPE_LATEST: str = _CONTENT_TYPE
 TIERS: tuple[str, ...] = ("hot", "cold", "disk")

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _build(settings: Settings, metrics: Metrics) -> EngineLike:
-    from server.engine.engine import build_engine
+    from server.engine.factory import build_engine
 
     engine: EngineLike = build_engine(settings, metrics)
     return engine

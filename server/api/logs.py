@@ -10,7 +10,6 @@ import contextvars
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tssc_request_id", default=None)
@@ -60,7 +59,3 @@ def configure_logging(level: int) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the app logs each request itself
-
-
-def now() -> float:
-    return time.perf_counter()

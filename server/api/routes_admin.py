@@ -15,7 +15,7 @@ from server.api.logs import session_id_var
 from server.api.protocol import MAX_SESSION_ID, _valid_session_id
 from server.api.responses import Health, SessionDeleted
 from server.api.routes_openai import ERRORS, Namespace
-from server.api.state import AppState, app_state
+from server.api.state import app_state
 from server.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,14 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _session(request: Request, session_id: str) -> tuple[AppState, Any]:
+def _session_cache(request: Request, session_id: str) -> Any:
     try:
         _valid_session_id(session_id)
     except ValueError as exc:
         raise bad_request(str(exc), param="session_id") from exc
     request.scope.setdefault("state", {})["session_id"] = session_id
     session_id_var.set(session_id)
-    state = app_state(request)
-    cache = state.require_engine().cache
-    return state, cache
+    return app_state(request).require_engine().cache
 
 
 def _not_found(session_id: str) -> APIError:
@@ -65,7 +63,7 @@ def _not_found(session_id: str) -> APIError:
 @router.get("/v1/sessions/{session_id}", responses=ERRORS)
 async def get_session(session_id: SessionPath, request: Request, namespace: Namespace) -> JSONResponse:
     """Checkpoints and bytes per tier of one of this key's sessions."""
-    _, cache = _session(request, session_id)
+    cache = _session_cache(request, session_id)
     info = cache.session_info(namespace, session_id) if cache is not None else None
     if info is None:
         raise _not_found(session_id)
@@ -75,7 +73,7 @@ async def get_session(session_id: SessionPath, request: Request, namespace: Name
 @router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=ERRORS)
 async def delete_session(session_id: SessionPath, request: Request, namespace: Namespace) -> SessionDeleted:
     """Drop every checkpoint of the session, in every tier."""
-    _, cache = _session(request, session_id)
+    cache = _session_cache(request, session_id)
     if cache is None or cache.session_info(namespace, session_id) is None:
         raise _not_found(session_id)
     freed = await anyio.to_thread.run_sync(cache.delete_session, namespace, session_id)

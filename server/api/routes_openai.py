@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.api.auth import authenticate
-from server.api.errors import APIError, bad_request
+from server.api.errors import bad_request
 from server.api.formatting import (
     chat_logprobs,
     choice_text,
@@ -147,7 +149,7 @@ def _spec(
 ) -> StreamSpec:
     return StreamSpec(
         response_id=prefix + ctx.request_id.removeprefix("req-"),
-        created=_now(),
+        created=int(time.time()),
         model=state.settings.model_name,
         n=n,
         include_usage=usage,
@@ -158,12 +160,6 @@ def _spec(
 
 def _reason(final: TokenEvent | None) -> FinishReasonOut:
     return finish_reason_out(final.finish_reason if final is not None else None) or "stop"
-
-
-def _now() -> int:
-    import time
-
-    return int(time.time())
 
 
 def _chat_response(
@@ -191,8 +187,6 @@ def _chat_response(
 
 
 def _json(content: dict[str, Any], ctx: RequestContext) -> Response:
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(content, headers=_response_headers(ctx))
 
 
@@ -290,6 +284,5 @@ async def list_models(request: Request, namespace: Namespace) -> ModelList:
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request, namespace: Namespace) -> ModelCard:
     state = app_state(request)
-    if model_id != state.settings.model_name:
-        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    check_model(model_id, state.settings.model_name)
     return ModelCard(id=model_id, created=state.created)

@@ -115,7 +115,7 @@ async def chat_stream(
     yield DONE
 
 
-def _completion_chunk(spec: StreamSpec, choice: CompletionChoice | None, final: bool = False) -> bytes:
+def _completion_chunk(spec: StreamSpec, choice: CompletionChoice | None) -> bytes:
     chunk = Completion(
         id=spec.response_id, created=spec.created, model=spec.model, choices=[choice] if choice else []
     )

@@ -3,6 +3,7 @@ detokenizer. `build_engine(settings, metrics)` builds one from the server settin
 
 from __future__ import annotations
 
-from server.engine.engine import Engine, EngineConfig, EngineError, EngineNotReady, build_engine
+from server.engine.engine import Engine, EngineConfig, EngineError, EngineNotReady
+from server.engine.factory import build_engine
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineNotReady", "build_engine"]

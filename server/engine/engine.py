@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
 from server.engine.request import Seq
@@ -32,10 +32,6 @@ from server.engine.types import GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from server.metrics import Metrics
-    from server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -282,10 +278,3 @@ class Engine:
             seq.events.put_nowait(event)
             if event.finish_reason is not None:
                 self._end(seq)
-
-
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
-    """Load the model, tokenizer and state cache that `settings` name (blocking: call it in a thread)."""
-    from server.engine.factory import build_engine as build
-
-    return build(settings, metrics)

@@ -63,7 +63,6 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     cache = build_cache(settings, runner, metrics)
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
-    budget = int(getattr(settings, "max_prefill_tokens", DEFAULT_PREFILL_BUDGET))
     log.info(
         "engine built: %s on %s (%s), %d slots, cache %s",
         settings.model_name,
@@ -77,5 +76,5 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         tokenizer,
         cache,
         metrics=metrics,
-        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=budget),
+        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=DEFAULT_PREFILL_BUDGET),
     )

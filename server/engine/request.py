@@ -62,10 +62,6 @@ class Seq:
         return self.req.request_id
 
     @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.aborted
-
-    @property
     def slot(self) -> int:
         assert self.entry.slot is not None, "not running"
         return self.entry.slot
