@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 log = logging.getLogger(__name__)
-DEFAULT_PREFILL_BUDGET = 512
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -76,5 +75,5 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         tokenizer,
         cache,
         metrics=metrics,
-        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=DEFAULT_PREFILL_BUDGET),
+        config=EngineConfig(max_slots=settings.max_num_seqs),
     )

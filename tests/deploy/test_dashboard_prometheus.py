@@ -36,7 +36,14 @@ from tests.deploy.dashboard_queries import (
     variable_query,
     variables,
 )
-from tests.integration.server_proc import ServerProc, free_port, make_tiny_model, start_server
+from tests.integration.server_proc import (
+    ServerProc,
+    free_port,
+    make_tiny_model,
+    start_server,
+    stop_process,
+    wait_until_ok,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,27 +93,10 @@ def _run_prometheus(target_port: int, workdir: Path) -> Iterator[Prometheus]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     prom = Prometheus(url=f"http://127.0.0.1:{port}", proc=proc)
     try:
-        _wait_ready(prom, workdir / "prometheus.log")
+        wait_until_ok(proc, prom.url + "/-/ready", workdir / "prometheus.log", timeout=30.0)
         yield prom
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def _wait_ready(prom: Prometheus, log: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if prom.proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(prom.url + "/-/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"prometheus not ready:\n{log.read_text()[-3000:]}")
+        stop_process(proc)
 
 
 def _chat(client: httpx.Client, session: str, messages: list[dict[str, str]]) -> str:

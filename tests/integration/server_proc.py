@@ -34,8 +34,7 @@ class ServerProc:
     log_path: Path
 
     def log_tail(self, n: int = 40) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
+        return _tail(self.log_path, n)
 
 
 def free_port() -> int:
@@ -73,19 +72,24 @@ def make_tiny_model(directory: Path, seed: int = 0, d_model: int = 32, n_layer: 
     return directory
 
 
-def _wait_healthy(srv: ServerProc, timeout: float) -> None:
+def wait_until_ok(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail early (with the log's tail) if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log_tail()}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{_tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(srv.base_url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"server not healthy after {timeout}s:\n{srv.log_tail()}")
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{_tail(log_path)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _tail(log_path: Path, n: int = 40) -> str:
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -114,7 +118,7 @@ def start_server(
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     srv = ServerProc(base_url=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=log_path)
     try:
-        _wait_healthy(srv, timeout)
+        wait_until_ok(proc, srv.base_url + "/health", log_path, timeout)
         yield srv
     finally:
-        _stop(proc)
+        stop_process(proc)
