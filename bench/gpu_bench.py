@@ -135,7 +135,7 @@ def our_decode(model: MambaLM, batch: int, steps: int, ssm_step: str = "tssc") -
     runner.pool.ssm.normal_(0, 0.1)
     runner.pool.conv.normal_(0, 0.1)
     slots = list(range(batch))
-    runner.warmup([batch])
+    runner.warmup([batch], prefill=False)
     tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
 
     def run() -> None:
@@ -171,7 +171,8 @@ def section_decode(rep: Report, models: list[str], batches: list[int], d2d: floa
         rep.table(f"(a) decode, bf16, {name}", [*header, "upstream % roofline", "ours % roofline"], rows)
 
 
-def upstream_prefill(upstream: Any, length: int, reps: int) -> float:
+def upstream_prefill_fn(upstream: Any, length: int) -> Callable[[], None]:
+    """One upstream prefill of `length` random tokens (batch 1, logits of the last token only)."""
     from mamba_ssm.utils.generation import InferenceParams
 
     ids = torch.randint(0, VOCAB, (1, length), device="cuda")
@@ -183,6 +184,11 @@ def upstream_prefill(upstream: Any, length: int, reps: int) -> float:
         params.seqlen_offset = 0
         upstream(ids, inference_params=params, num_last_tokens=1)
 
+    return run
+
+
+def upstream_prefill(upstream: Any, length: int, reps: int) -> float:
+    run = upstream_prefill_fn(upstream, length)
     run()
     return sync_time(run, reps)
 

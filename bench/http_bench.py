@@ -3,8 +3,8 @@ regenerates, run with the state cache and with `--no-cache`.
 
     python -m bench.http_bench [--model DIR] [--sessions 8] [--turns 8] [--out BENCHMARKS.md] [--plot ttft.png]
 
-Without --model a random-weight mamba2-130m-shaped checkpoint with a tiny byte-level tokenizer is written
-to a temporary directory. Reported per mode: TTFT p50/p99, inter-token latency p50/p99, completion tokens/s,
+Without --model a random-weight checkpoint of the `--shape` (mamba2-130m by default; bf16 on a GPU) with a tiny
+byte-level tokenizer is written to a temporary directory. Reported per mode: TTFT p50/p99, inter-token latency p50/p99, completion tokens/s,
 and the cache's hit rate per tier (from /metrics); the plot shows TTFT against the conversation length.
 """
 
@@ -50,7 +50,12 @@ class Sample:
     completion_tokens: int = 0
 
 
-def write_random_model(directory: Path, d_model: int = 768, n_layer: int = 24) -> Path:
+SHAPES = {"mamba2-130m": (768, 24), "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
+
+
+def write_random_model(directory: Path, shape: str = "mamba2-130m") -> Path:
+    """A random-weight Mamba2 of a published shape (byte-level vocab of 512), built on the GPU when there is
+    one and saved in bf16 there (fp32 on CPU), with a tiny byte-level tokenizer and chat template."""
     import torch
 
     from server.model.config import ModelConfig
@@ -58,9 +63,12 @@ def write_random_model(directory: Path, d_model: int = 768, n_layer: int = 24) -
     from server.model.lm import MambaLM
     from tests.tiny_models import make_tokenizer
 
+    d_model, n_layer = SHAPES[shape]
+    cuda = torch.cuda.is_available()
     torch.manual_seed(0)
-    model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=512))
-    save_pretrained(model, directory, fmt="hf")
+    with torch.device("cuda" if cuda else "cpu"):
+        model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=512))
+    save_pretrained(model, directory, fmt="hf", dtype=torch.bfloat16 if cuda else None)
     make_tokenizer(directory)
     return directory
 
@@ -222,13 +230,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path)
+    parser.add_argument(
+        "--shape", choices=list(SHAPES), default="mamba2-130m", help="random model without --model"
+    )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--plot", type=Path, default=Path("bench/ttft_vs_length.png"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or write_random_model(Path(tmp) / "random-mamba2-130m")
+        model_dir = args.model or write_random_model(Path(tmp) / f"random-{args.shape}", args.shape)
         results, lines = {}, []
         for mode, no_cache in (("cache", False), ("no-cache", True)):
             samples, hits, wall = asyncio.run(run_mode(args, model_dir, no_cache))
@@ -239,7 +250,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     text = [
         "",
-        f"### (d) end to end over HTTP: {card}, {args.sessions} sessions x {args.turns} turns",
+        f"### (d) end to end over HTTP: {card}, {args.model or 'random ' + args.shape}, "
+        f"{args.sessions} sessions x {args.turns} turns",
         "",
         "| mode | requests | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | completion tok/s | lookups |",
         "|---|---|---|---|---|---|---|---|",

@@ -113,7 +113,15 @@ def _conv_prefill_kernel(
     )
 
 
-def conv_prefill(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def conv_prefill(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    block_l: int = 32,
+    block_c: int = 128,
+    num_warps: int = 4,
+) -> tuple[Tensor, Tensor]:
     """The causal conv + SiLU over a segment continuing from `state`, in the row-major layout (no transposes).
 
     x: (1, l, c) with contiguous channels (rows may be strided); state: (1, c, k-1); weight: (c, 1, k).
@@ -123,13 +131,13 @@ def conv_prefill(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None) 
     assert x.stride(-1) == 1 and state.shape == (1, c, k - 1)
     w = weight[:, 0, :]  # (c, k)
     out = torch.empty(1, length, c, dtype=x.dtype, device=x.device)  # (1, l, c)
-    block_l, block_c = 32, min(128, triton.next_power_of_2(c))
+    block_c = min(block_c, triton.next_power_of_2(c))
     grid = (triton.cdiv(length, block_l), triton.cdiv(c, block_c))
     _conv_prefill_kernel[grid](
         x, state, w, bias, out,
         length, c,
         x.stride(1), state.stride(1), state.stride(2), w.stride(0), w.stride(1), out.stride(1),
-        K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+        K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps,
     )  # fmt: skip
     tail = x[0, max(0, length - (k - 1)) :].transpose(0, 1).to(state.dtype)  # (c, min(l, k-1))
     new_state = torch.cat([state[0], tail], dim=-1)[:, -(k - 1) :]  # (c, k-1)
@@ -187,6 +195,7 @@ def ssm_step(
     idx: Tensor,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     block_p: int = 16,
+    num_warps: int = 4,
 ) -> Tensor:
     """state: (S, h, p, n) fp32, in place; x: (b, h, p); dt: (b, h) raw (before bias and softplus);
     dt_bias, A: (h,) fp32; B, C: (b, g, n); D: (h,) or (h, p); idx: (b,). Returns y (b, h, p) in x's dtype,
@@ -206,7 +215,7 @@ def ssm_step(
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         d2.stride(0) if d2 is not None else 0, d2.stride(1) if d2 is not None else 0,
         out.stride(0), out.stride(1),
-        HAS_D=d2 is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), num_warps=4,
+        HAS_D=d2 is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -246,3 +246,23 @@ def test_failed_spill_write_gives_its_disk_reservation_back(tmp_path: Path) -> N
     disk = cache.stats().tiers["disk"]
     assert disk.bytes_used <= used_before
     assert disk.bytes_used <= disk.bytes_capacity
+
+
+def test_checksum_covers_every_chunk_of_a_large_tensor(tmp_path: Path) -> None:
+    """A tensor spanning several hash chunks: a flipped byte in any chunk, or the last, is caught."""
+    from cache import disk
+
+    store = DiskStore(tmp_path, "fp")
+    big = torch.arange(3 * disk.CHUNK // 4 + 5, dtype=torch.int32)  # 3 chunks and a partial one
+    fields = {"ssm.data": big.view(torch.uint8), "ssm.scale": torch.ones(4)}
+    path, _ = store.write("ns", "s", (1, 2), fields, "x", 0.0)
+    assert torch.equal(store.read(path, (1, 2))["ssm.data"], fields["ssm.data"])
+    raw = path.read_bytes()
+    for where in (disk.CHUNK + 17, 3 * disk.CHUNK + 3):  # offsets inside the data, from the file's end
+        flipped = bytearray(raw)
+        flipped[len(raw) - where] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(disk.CorruptFile, match="checksum"):
+            store.read(path, (1, 2))
+    path.write_bytes(raw)
+    assert torch.equal(store.read(path, (1, 2))["ssm.data"], fields["ssm.data"])

@@ -1,0 +1,158 @@
+"""Where the GPU time goes: kernel profiles of prefill and decode, and block-size sweeps of our Triton kernels.
+
+    python -m bench.gpu_profile [--model mamba2-2.7b] [--length 8192] [--sections prefill,decode,sweep]
+                                [--out profile.md]
+
+- prefill: one prefill of `--length` tokens by upstream mamba_ssm, by ours with the torch conv and by ours
+  with the Triton conv; wall time (median of 3) and the kernels that take the most device time;
+- decode: one eager decode step at batch 64 (ours), its top kernels;
+- sweep: `ssm_step` (batch 1 / 64 / 256) and `conv_prefill` (the prefill length) over block sizes and warps,
+  in GB/s of the bytes each kernel must move.
+Everything is printed and appended to `--out` as markdown; this is the evidence behind the bench tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.gpu_bench import VOCAB, Report, build_pair, sync_time, upstream_prefill_fn
+from server.model import gpu_ops
+from server.model.gpu_runner import GpuModelRunner
+
+
+def top_kernels(fn: Callable[[], object], rows: int = 12) -> list[list[str]]:
+    """[kernel, calls, device ms, share] for the kernels of one run of fn, most device time first."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if _device_us(e) > 0]
+    total = sum(_device_us(e) for e in events) or 1.0
+    events.sort(key=_device_us, reverse=True)
+    return [
+        [
+            e.key[:70].replace("|", "/"),
+            str(e.count),
+            f"{_device_us(e) / 1e3:.2f}",
+            f"{_device_us(e) / total:.0%}",
+        ]
+        for e in events[:rows]
+    ] + [["total", "", f"{total / 1e3:.2f}", "100%"]]
+
+
+def _device_us(event: object) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def section_prefill(rep: Report, model: str, length: int) -> None:
+    upstream, ours = build_pair(model)
+    tokens = torch.randint(0, VOCAB, (length,)).tolist()
+    runs: dict[str, Callable[[], object]] = {"upstream": upstream_prefill_fn(upstream, length)}
+    for conv in ("torch", "triton"):
+        runner = GpuModelRunner(ours, 1, "cuda", prefill_graphs=False, conv_prefill=conv)  # type: ignore[arg-type]
+
+        def mine(runner: GpuModelRunner = runner) -> None:
+            runner.reset(0)
+            runner.prefill(tokens, 0)
+
+        runs[f"ours, {conv} conv"] = mine
+    header = ["kernel", "calls", "device ms", "share"]
+    for name, fn in runs.items():
+        fn()
+        wall = sync_time(fn, reps=3)
+        rep.table(f"profile: prefill {length:,} tokens, {model}, {name}: {wall * 1e3:.1f} ms wall", header,
+                  top_kernels(fn))  # fmt: skip
+
+
+def section_decode(rep: Report, model: str, batch: int = 64) -> None:
+    _, ours = build_pair(model)
+    runner = GpuModelRunner(ours, batch, "cuda", use_graphs=False)
+    tokens, slots = torch.randint(0, VOCAB, (batch,), device="cuda"), list(range(batch))
+    rows = top_kernels(lambda: runner.decode(tokens, slots), rows=16)
+    rep.table(f"profile: one eager decode step, {model}, batch {batch}", ["kernel", "calls", "device ms", "share"],
+              rows)  # fmt: skip
+
+
+def section_sweep(rep: Report, model: str, length: int, d2d: float) -> None:
+    _, ours = build_pair(model)
+    cfg = ours.cfg
+    h, p, n, g = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
+    rows = [row for batch in (1, 64, 256) for row in _sweep_ssm(h, p, n, g, batch, d2d)]
+    c, k = cfg.conv_dim, cfg.d_conv
+    x = torch.randn(1, length, c, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(1, c, k - 1, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(c, 1, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(c, device="cuda", dtype=torch.bfloat16)
+    moved = 2 * x.numel() * 2
+    for block_l, block_c, warps in itertools.product((16, 32, 64), (64, 128, 256), (4, 8)):
+
+        def conv(bl: int = block_l, bc: int = block_c, w: int = warps) -> None:
+            gpu_ops.conv_prefill(x, state, weight, bias, block_l=bl, block_c=bc, num_warps=w)
+
+        secs = sync_time(conv, reps=10)
+        rows.append(["conv_prefill", f"l={length}", f"block_l={block_l} block_c={block_c} warps={warps}",
+                     f"{secs * 1e6:.1f}", f"{moved / secs / 1e9:,.0f}", f"{moved / secs / 1e9 / d2d:.0%}"])  # fmt: skip
+    header = ["kernel", "shape", "config", "us", "GB/s", "of copy bw"]
+    rep.table(f"sweep: our Triton kernels, {model} shapes", header, rows)
+
+
+def _sweep_ssm(h: int, p: int, n: int, g: int, batch: int, d2d: float) -> list[list[str]]:
+    state = torch.randn(batch, h, p, n, device="cuda")  # (S, h, p, n) fp32
+    x = torch.randn(batch, h, p, device="cuda", dtype=torch.bfloat16)
+    dt = torch.randn(batch, h, device="cuda", dtype=torch.bfloat16)
+    bias, A = torch.rand(h, device="cuda"), -torch.rand(h, device="cuda")
+    B = torch.randn(batch, g, n, device="cuda", dtype=torch.bfloat16)
+    C = torch.randn_like(B)
+    D, idx = torch.rand(h, device="cuda"), torch.arange(batch, device="cuda", dtype=torch.int32)
+    moved = 2 * state.numel() * 4  # read + write of the fp32 state dominates
+    rows = []
+    for block_p, warps in itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8)):
+
+        def run(bp: int = block_p, w: int = warps) -> None:
+            gpu_ops.ssm_step(state, x, dt, bias, A, B, C, D, idx, block_p=bp, num_warps=w)
+
+        secs = sync_time(run, reps=20)
+        gbs = moved / secs / 1e9
+        rows.append(["ssm_step", f"b={batch}", f"block_p={block_p} warps={warps}", f"{secs * 1e6:.1f}",
+                     f"{gbs:,.0f}", f"{gbs / d2d:.0%}"])  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="mamba2-2.7b")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--sections", default="prefill,decode,sweep")
+    parser.add_argument("--out", type=Path, default=Path("profile.md"))
+    args = parser.parse_args()
+    from bench.gpu_bench import copy_bandwidth
+
+    d2d, h2d = copy_bandwidth()
+    rep = Report(args.out)
+    rep.write(
+        ["", f"## GPU profile: {torch.cuda.get_device_name()}, copy {d2d:,.0f} GB/s, H2D {h2d:,.1f} GB/s"]
+    )
+    sections = args.sections.split(",")
+    if "prefill" in sections:
+        section_prefill(rep, args.model, args.length)
+    if "decode" in sections:
+        section_decode(rep, args.model)
+    if "sweep" in sections:
+        section_sweep(rep, args.model, args.length, d2d)
+
+
+if __name__ == "__main__":
+    main()
