@@ -90,6 +90,7 @@ def copy_bandwidth() -> tuple[float, float]:
 
 def build_pair(name: str) -> tuple[Any, MambaLM]:
     """Upstream MambaLMHeadModel with random weights and our MambaLM sharing the same tensors (bf16)."""
+    load_kernels()  # registers the selective_scan_cuda stub before mamba_ssm's __init__ runs
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
