@@ -329,7 +329,7 @@ def main() -> None:
     parser.add_argument("--sections", default="abc")
     parser.add_argument("--variants", action="store_true", help="also time decode with mamba_ssm's ssu")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--conv-prefill", choices=["torch", "triton"], default="torch")
+    parser.add_argument("--conv-prefill", choices=["torch", "triton"], default="triton")
     parser.add_argument("--decode-models", nargs="*", choices=list(SHAPES), help="(a) only for these shapes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -127,8 +127,9 @@ class CheckpointCache(abc.ABC):
     @abc.abstractmethod
     def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
         """Decode the leased checkpoint into tensors on the cache device with the spec dtypes (into `out`
-        when given, e.g. the live slot's views, and return them). On CUDA the copies are ordered on the
-        current stream (no host sync): work queued after `fetch` on that stream sees the state.
+        when given, e.g. the live slot's views, and return them: spec names and shapes, any float dtype and
+        strides; a wrong name or shape raises ValueError before anything is written). On CUDA the copies
+        are ordered on the current stream (no host sync): work queued after `fetch` on that stream sees it.
         Raises `CheckpointUnavailable` if the stored copy is corrupt (never returns a wrong state)."""
 
     @abc.abstractmethod

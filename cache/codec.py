@@ -12,13 +12,19 @@ two is exact in fp32, so the only error is the rounding to the storage dtype:
 - fp16 (top = 15, max finite 65504): never overflows whatever the magnitude (1e30 is fine); relative error
   `<= 2**-11` for scaled values >= 2**-14 (elements down to ~2**-29 of the row max).
 - bf16 (top = 15): relative error `<= 2**-8`.
-Zero vectors get scale 2**-top and encode exactly. Non-finite inputs are not supported (states are finite).
+Zero vectors get scale 2**-top and encode exactly. The exponent is clamped at `top - 149`, so the scale never
+underflows below 2**-149 (a vector of tiny subnormals keeps a nonzero scale). Scales are built from their bits
+(exact on every device). Non-finite inputs are not supported (states are finite).
+
+`fused=True` (meant for CUDA): CUDA tensors go through the Triton kernels of `cache.triton_codec` (one launch
+per state tensor, bit-identical to the torch ops here; strided slot views in and out); anything they do not
+handle, CPU tensors, and a box without triton run the torch ops.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -28,10 +34,17 @@ log = logging.getLogger(__name__)
 _FP8 = torch.float8_e4m3fn
 
 
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2**k as fp32 for int32 `k` in [-149, 127], built from bits (subnormal below -126)."""
+    normal = (k + 127).clamp_min(0) << 23
+    sub = torch.bitwise_left_shift(torch.ones_like(k), (k + 149).clamp(0, 22))
+    return torch.where(k >= -126, normal, sub).view(torch.float32)
+
+
 def _encode_scaled(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, top: int, limit: float) -> None:
     amax = x.abs().amax(dim=-1).float()  # (...)
-    _, exp = torch.frexp(amax)
-    s = torch.ldexp(torch.ones_like(amax), exp - top)  # (...), powers of two
+    _, exp = torch.frexp(amax)  # (...) int32; 0 for a zero vector
+    s = _pow2(exp.clamp_min(top - 149) - top)  # (...), powers of two >= 2**-149
     scale.copy_(s)
     data.copy_((x.float() / s.unsqueeze(-1)).clamp(-limit, limit))  # (..., D), exact division by 2**k
 
@@ -43,8 +56,9 @@ def _decode_scaled(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -
 class ScaledCodec(Codec):
     """Per-vector power-of-two scaling, then a cast to `storage_dtype`.
 
-    `fused=True` runs encode and decode through `torch.compile` (one fused kernel each instead of several
-    passes over memory; meant for CUDA), falling back to eager torch ops if compilation fails.
+    `fused=True`: CUDA tensors run the Triton kernels (`cache.triton_codec`). If triton is missing or a kernel
+    fails (e.g. it does not compile here), one warning is logged and this codec uses the torch ops from then
+    on: a capture or a fetch is never lost to the kernels.
     """
 
     scaled = True
@@ -56,35 +70,49 @@ class ScaledCodec(Codec):
         self.storage_dtype = storage_dtype
         self._top = top
         self._limit = limit
-        self._encode: Callable[..., None] = _encode_scaled
-        self._decode: Callable[..., None] = _decode_scaled
         self._fused = fused
-        if fused:
-            self._encode = torch.compile(_encode_scaled, dynamic=False)
-            self._decode = torch.compile(_decode_scaled, dynamic=False)
+        self._kernels: ModuleType | None = None
 
     def encode_into(self, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None) -> None:
         assert scale is not None
-        try:
-            self._encode(x.detach(), data, scale, self._top, self._limit)
-        except Exception as exc:  # compilation problems must never lose a capture
-            self._unfuse(exc)
-            _encode_scaled(x.detach(), data, scale, self._top, self._limit)
+        x = x.detach()
+        kernels = self._kernels_for(x)
+        if kernels is not None:
+            try:
+                if kernels.encode(x, data, scale, self._top, self._limit):
+                    return
+            except Exception as exc:  # a kernel problem must never lose a capture
+                self._unfuse(exc)
+        _encode_scaled(x, data, scale, self._top, self._limit)
 
     def decode_into(self, data: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
         assert scale is not None
-        try:
-            self._decode(data, scale, out)
-        except Exception as exc:
-            self._unfuse(exc)
-            _decode_scaled(data, scale, out)
+        kernels = self._kernels_for(data)
+        if kernels is not None:
+            try:
+                if kernels.decode(data, scale, out):
+                    return
+            except Exception as exc:
+                self._unfuse(exc)
+        _decode_scaled(data, scale, out)
+
+    def _kernels_for(self, t: torch.Tensor) -> ModuleType | None:
+        """`cache.triton_codec` for a CUDA tensor of a fused codec (imported at first use), else None."""
+        if not self._fused or not t.is_cuda:
+            return None
+        if self._kernels is None:
+            try:
+                from cache import triton_codec
+            except Exception as exc:  # no triton (or a broken install): the torch ops
+                self._unfuse(exc)
+                return None
+            self._kernels = triton_codec
+        return self._kernels
 
     def _unfuse(self, exc: Exception) -> None:
-        if not self._fused:
-            raise exc
-        log.warning("fused %s codec unavailable (%s); using eager torch ops", self.name, exc)
+        log.warning("Triton %s codec unavailable (%s); using torch ops", self.name, exc)
         self._fused = False
-        self._encode, self._decode = _encode_scaled, _decode_scaled
+        self._kernels = None
 
 
 class PassthroughCodec(Codec):
@@ -102,7 +130,7 @@ class PassthroughCodec(Codec):
 
 
 def make_codec(name: str, fused: bool = False) -> Codec:
-    """`name`: "fp8" | "fp16" | "bf16" | "fp32". `fused`: compile the scaled codecs (see `ScaledCodec`)."""
+    """`name`: "fp8" | "fp16" | "bf16" | "fp32". `fused`: Triton kernels for CUDA tensors (see `ScaledCodec`)."""
     if name == "fp8":
         return ScaledCodec("fp8", _FP8, top=8, limit=448.0, fused=fused)
     if name == "fp16":

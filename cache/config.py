@@ -20,7 +20,8 @@ class CacheConfig:
     `disk_dir=None` or `disk_bytes=0` disables the disk tier. `device`: where the hot tier lives ("cuda",
     "cuda:1", "cpu"); the cold tier is always host memory, pinned when CUDA is available.
     `max_ghosts`: evicted-checkpoint markers kept per session to tell `evicted` misses from `never_saved`.
-    `fused_codecs`: on CUDA, compile the FP8/FP16 codecs into fused kernels (eager fallback); ignored on CPU."""
+    `fused_codecs`: on CUDA, run the FP8/FP16 codecs as Triton kernels (`cache.triton_codec`; torch ops where
+    triton is missing or a kernel fails); ignored on CPU."""
 
     hot_bytes: int = 0
     cold_bytes: int = 0

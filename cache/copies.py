@@ -81,7 +81,16 @@ def read_fields(
     fields: Mapping[str, torch.Tensor],
     out: dict[str, torch.Tensor],
 ) -> None:
-    """Decode named encoded fields (`"{state}.data"`, `"{state}.scale"`, CPU tensors from disk) into `out`."""
+    """Decode named encoded fields (`"{state}.data"`, `"{state}.scale"`, CPU tensors from disk) into `out`.
+
+    Every field's shape and dtype is checked before anything is written: a bad file never half-writes `out`
+    (e.g. a live slot). Raises KeyError or RuntimeError."""
+    for f in layout.fields:
+        key = f"{f.state}.{f.part}"
+        if tuple(fields[key].shape) != f.shape or fields[key].dtype != f.dtype:
+            raise RuntimeError(
+                f"{key}: {fields[key].dtype} {tuple(fields[key].shape)}, expected {f.dtype} {f.shape}"
+            )
     codec = layout.codec
     for name in layout.spec:
         data = fields[f"{name}.data"].to(transfers.device, non_blocking=True)

@@ -71,7 +71,7 @@ class StateCache(CheckpointCache):
         return lease
 
     def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
-        result = dict(out) if out is not None else self.hot_layout.empty_state(self.device)
+        result = self._storage.check_out(out) if out is not None else self.hot_layout.empty_state(self.device)
         with self._lock:
             cp = self._book.leased(lease)
             source = self._storage.source(self._book, cp, lease.tier)

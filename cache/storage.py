@@ -87,6 +87,15 @@ class Storage:
 
     # ---- fetches -------------------------------------------------------------------------------------
 
+    def check_out(self, out: State) -> dict[str, torch.Tensor]:
+        """The tensors a fetch decodes into (any float dtype, any strides, e.g. live-slot views)."""
+        if set(out) != set(self.spec):
+            raise ValueError(f"out names {sorted(out)} != spec {sorted(self.spec)}")
+        for name, (shape, _) in self.spec.items():
+            if tuple(out[name].shape) != shape:
+                raise ValueError(f"out {name!r}: shape {tuple(out[name].shape)} != spec {shape}")
+        return dict(out)
+
     def source(self, book: Book, cp: Checkpoint, tier: Tier) -> object:
         """What `read` needs for `tier`, captured under the lock (the lease keeps it valid)."""
         if tier == "disk":

@@ -4,8 +4,9 @@
 
 - `admit(seqs)`: per newly admitted request, look up the deepest checkpoint of its session that is
   a prefix of `prompt[:-1]` (at least one prompt token is always prefilled: its logits give the first
-  sampled token), fetch and restore it into the request's live slot (or zero the slot on a miss),
-  release the lease, and plan the capture positions of the remaining prefill.
+  sampled token), fetch it straight into the request's live slot (decoded into the pool's views; the
+  slot is zeroed on a miss or a failed fetch), release the lease, and plan the capture positions of the
+  remaining prefill.
 - `execute(plan)`: prefill the planned chunks (capturing at the planned positions), decode one token
   for every decoding request in one batch, sample all rows at once, apply the stop rules and
   capture the final state of each finished request.
@@ -81,7 +82,8 @@ class ModelWorker:
         return cached
 
     def _restore(self, seq: Seq) -> int:
-        """Deepest checkpoint into the slot; 0 on a miss or a failed fetch (the slot is then reset)."""
+        """Deepest checkpoint decoded straight into the slot's views; 0 on a miss or a failed fetch. On 0 the
+        caller resets the slot, which also clears a fetch that failed after writing part of it."""
         assert self.cache is not None
         req = seq.req
         try:
@@ -92,7 +94,7 @@ class ModelWorker:
         if lease is None:
             return 0
         try:
-            self.runner.restore(seq.slot, self.cache.fetch(lease))
+            self.cache.fetch(lease, out=self.runner.slot_state(seq.slot))
             return lease.position
         except Exception:
             log.warning("checkpoint fetch failed; prefilling from scratch", exc_info=True)

@@ -1,7 +1,8 @@
 """The mixers on the GPU kernels: one object per layer wrapping the torch mixer's weights.
 
-`prefill(u, conv, ssm)` runs a segment of one sequence from its state (conv carried with torch's conv1d,
-the scan with mamba-ssm's chunked SSD kernel or our Mamba1 scan, both from an initial state);
+`prefill(u, conv, ssm)` runs a segment of one sequence from its state (the conv carried by our Triton
+`conv_prefill`, or torch's conv1d on a transposed copy; the scan with mamba-ssm's chunked SSD kernel or our
+Mamba1 scan, both from an initial state);
 `step(u, conv_pool, ssm_pool, idx)` runs one token per row directly on the live pool's layer slice,
 rows addressed by slot index (-1 = padding, untouched), so no state is gathered or scattered.
 Shapes as in `server.model.config`; S is the number of slots in the pool.
@@ -23,7 +24,10 @@ from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
 
 SsmStep = Literal["tssc", "mamba_ssm"]
-ConvPrefill = Literal["torch", "triton"]  # torch: conv1d on a transposed copy; triton: gpu_ops.conv_prefill
+# triton (default): gpu_ops.conv_prefill, one pass in the row-major layout; torch: conv1d on a transposed copy,
+# which on an H100 costs 2.6x the device time (mamba2-2.7b, 8k tokens: 62 ms of cat + conv + SiLU + copy
+# across 64 layers against 13 ms; bench/gpu_profile.py)
+ConvPrefill = Literal["torch", "triton"]
 
 
 class ConvStep:

@@ -51,7 +51,7 @@ class GpuModelRunner(ModelRunner):
         use_graphs: bool = True,
         prefill_graphs: bool = True,
         ssm_step: SsmStep = "tssc",
-        conv_prefill: ConvPrefill = "torch",
+        conv_prefill: ConvPrefill = "triton",
     ) -> None:
         super().__init__(model, max_slots, device)
         self.kernels = kernels or load_kernels()

@@ -41,6 +41,11 @@ class ModelRunner:
     def capture(self, slot: int) -> dict[str, Tensor]:
         return self.pool.read(slot)
 
+    def slot_state(self, slot: int) -> dict[str, Tensor]:
+        """The live slot's state as views into the pool (named like `state_spec`): a cache fetch can decode
+        straight into them (one pass over memory, no intermediate state)."""
+        return self.pool.views(slot)
+
     def restore(self, slot: int, state: Mapping[str, Tensor]) -> None:
         self.pool.write(slot, state)
 

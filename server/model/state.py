@@ -36,6 +36,12 @@ class StatePool:
         if not 0 <= slot < self.slots:
             raise IndexError(f"slot {slot} out of range [0, {self.slots})")
 
+    def views(self, slot: int) -> dict[str, Tensor]:
+        """One slot's state as views into the pool (no copy; writing them writes the slot):
+        "conv": (n_layer, c, k-1) with strides (slots*c*(k-1), k-1, 1), "ssm": (n_layer, ...) likewise."""
+        self.check_slot(slot)
+        return {"conv": self.conv[:, slot], "ssm": self.ssm[:, slot]}
+
     def read(self, slot: int) -> dict[str, Tensor]:
         """A copy of one slot's state."""
         self.check_slot(slot)
