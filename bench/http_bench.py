@@ -50,26 +50,38 @@ class Sample:
     completion_tokens: int = 0
 
 
-SHAPES = {"mamba2-130m": (768, 24), "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
+SHAPES = {
+    "mamba2-tiny": (128, 2),
+    "mamba2-130m": (768, 24),
+    "mamba2-1.3b": (2048, 48),
+    "mamba2-2.7b": (2560, 64),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def write_random_model(directory: Path, shape: str = "mamba2-130m") -> Path:
-    """A random-weight Mamba2 of a published shape (byte-level vocab of 512), built on the GPU when there is
-    one and saved in bf16 there (fp32 on CPU), with a tiny byte-level tokenizer and chat template."""
+    """A random-weight Mamba2 of a published shape with the bundled demo model's tokenizer and chat template
+    (its tokens are nearly all ASCII, so random output still streams as text), built on the GPU when there
+    is one and saved in bf16 there (fp32 on CPU)."""
+    import shutil
+
     import torch
 
     from server.model.config import ModelConfig
+    from server.model.defaults import bundled_model_dir
     from server.model.export import save_pretrained
     from server.model.lm import MambaLM
-    from tests.tiny_models import make_tokenizer
 
+    demo = bundled_model_dir()
+    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
     d_model, n_layer = SHAPES[shape]
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):
-        model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=512))
+        model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=vocab))
     save_pretrained(model, directory, fmt="hf", dtype=torch.bfloat16 if cuda else None)
-    make_tokenizer(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(demo / name, directory / name)
     return directory
 
 
@@ -171,7 +183,7 @@ async def run_mode(
 ) -> tuple[list[Sample], dict[str, float], float]:
     port = free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", str(port)]
-    cmd += ["--max-num-seqs", str(args.sessions)] + (["--no-cache"] if no_cache else [])
+    cmd += ["--max-num-seqs", str(args.sessions)] + (["--no-cache"] if no_cache else args.cache_args.split())
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
@@ -233,6 +245,7 @@ def main() -> None:
     parser.add_argument(
         "--shape", choices=list(SHAPES), default="mamba2-130m", help="random model without --model"
     )
+    parser.add_argument("--cache-args", default="", help="extra `tssc serve` flags of the cache mode, e.g. budgets")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -252,6 +265,8 @@ def main() -> None:
         "",
         f"### (d) end to end over HTTP: {card}, {args.model or 'random ' + args.shape}, "
         f"{args.sessions} sessions x {args.turns} turns",
+        "",
+        f"cache mode flags: `{args.cache_args or '(defaults)'}`",
         "",
         "| mode | requests | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | completion tok/s | lookups |",
         "|---|---|---|---|---|---|---|---|",

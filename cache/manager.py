@@ -58,6 +58,20 @@ class StateCache(CheckpointCache):
 
     # ---- public API ----------------------------------------------------------------------------------
 
+    def warmup(self) -> None:
+        """Encode and decode one zero state through each tier's codec, outside the bookkeeping: on CUDA this
+        compiles (or loads) the codec kernels now rather than inside the first capture or restore."""
+        state = {
+            name: torch.zeros(shape, dtype=dtype, device=self.device)
+            for name, (shape, dtype) in self.spec.items()
+        }
+        for layout in (self.hot_layout, self.cold_layout):
+            block = torch.empty(layout.block_bytes, dtype=torch.uint8, device=self.device)  # (block_bytes,)
+            layout.encode_into(state, block)
+            layout.decode_into(block, state)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def lookup(self, namespace: str, session: str | None, tokens: Sequence[int]) -> Lease | None:
         key, toks = (namespace, session), tuple(tokens)
         with self._lock:

@@ -60,6 +60,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
     cache = build_cache(settings, runner, metrics)
+    if cache is not None:
+        cache.warmup()  # the codec kernels too
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
     log.info(

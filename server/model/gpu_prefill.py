@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 MAX_GRAPH_LEN = 1024
-# Segments up to this length run as graph pieces, longer ones eagerly. Measured on an H200 (mamba2-2.7b,
-# bf16): a 1024 piece takes 23 ms (about 4 ms of it small-kernel latency); eager prefill costs 84 ms of
-# host time at any length and is GPU-bound from ~4k tokens (167 ms at 8k). So pieces win below ~4k
-# on 2.7b, and further on smaller models (mamba2-130m: 3.1 ms a piece against 30 ms of eager host time).
-GRAPH_PREFILL_MAX = 4 * MAX_GRAPH_LEN
+# Segments up to this length run as graph pieces, longer ones eagerly. Eager prefill costs ~2 ms of host time
+# per layer at any length (mamba-ssm's Triton launches; 140 ms for mamba2-2.7b, 88 ms for 1.3b on an H100),
+# so it is host-bound until the GPU work per layer exceeds that. Measured on an H100 (bf16): a 1024-token
+# piece takes 16.5 ms (2.7b) / 9.0 ms (1.3b), so 8 pieces (8k tokens) beat eager (144 / 97 ms), while at
+# 32k eager wins (458 / 244 ms against 528 / 288 ms of pieces).
+GRAPH_PREFILL_MAX = 8 * MAX_GRAPH_LEN
 PieceFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (ids (1, L), conv, ssm) -> final normed hidden (1, d)
 
 

@@ -315,3 +315,13 @@ def test_hot_only_session_survives_its_own_window_eviction() -> None:
     assert cache.capture("ns", "s", [1, 2, 3], _make_state(2), reason="x")  # evicts [1, 2]: its last copy
     assert _restore(cache, "ns", "s", [1, 2, 3, 4])[0] == 3
     assert cache.lookup("ns", "s", [1, 2]) is None
+
+
+def test_warmup_runs_the_codecs_without_storing_or_counting_anything() -> None:
+    spec = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
+    cache = StateCache(CacheConfig(hot_bytes=1 << 20, cold_bytes=1 << 20), spec)
+    before = cache.stats()
+    cache.warmup()
+    after = cache.stats()
+    assert after == before
+    assert cache.lookup("ns", "s", [1, 2, 3]) is None
