@@ -245,7 +245,9 @@ def main() -> None:
     parser.add_argument(
         "--shape", choices=list(SHAPES), default="mamba2-130m", help="random model without --model"
     )
-    parser.add_argument("--cache-args", default="", help="extra `tssc serve` flags of the cache mode, e.g. budgets")
+    parser.add_argument(
+        "--cache-args", default="", help="extra `tssc serve` flags of the cache mode, e.g. budgets"
+    )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))

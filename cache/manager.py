@@ -58,17 +58,20 @@ class StateCache(CheckpointCache):
 
     # ---- public API ----------------------------------------------------------------------------------
 
-    def warmup(self) -> None:
-        """Encode and decode one zero state through each tier's codec, outside the bookkeeping: on CUDA this
-        compiles (or loads) the codec kernels now rather than inside the first capture or restore."""
+    def warmup(self, out: State | None = None) -> None:
+        """Encode one zero state through each tier's codec and decode it into `out` (fresh tensors if None),
+        outside the bookkeeping: on CUDA this compiles (or loads) the codec kernels now rather than inside the
+        first capture or restore. Pass the views a restore writes into (a free slot's): the kernels
+        specialise on strides."""
         state = {
             name: torch.zeros(shape, dtype=dtype, device=self.device)
             for name, (shape, dtype) in self.spec.items()
         }
+        target = self._storage.check_out(out) if out is not None else state
         for layout in (self.hot_layout, self.cold_layout):
             block = torch.empty(layout.block_bytes, dtype=torch.uint8, device=self.device)  # (block_bytes,)
             layout.encode_into(state, block)
-            layout.decode_into(block, state)
+            layout.decode_into(block, target)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -148,3 +148,10 @@ def make_tokenizer(directory: Path, vocab: int = 300) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(directory)
     return directory
+
+
+def make_chat_model_dir(path: Path, seed: int, tok_vocab: int = 300) -> Path:
+    """A seeded tiny Mamba2 (vocab 320, chunk 8) with a byte-level tokenizer of `tok_vocab` ids, in `path`."""
+    hf_model("mamba2", seed=seed, vocab=320, chunk_size=8).save_pretrained(path)
+    make_tokenizer(path, vocab=tok_vocab)
+    return path

@@ -61,7 +61,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
     cache = build_cache(settings, runner, metrics)
     if cache is not None:
-        cache.warmup()  # the codec kernels too
+        cache.warmup(runner.slot_state(0))  # the codec kernels too, on the strides of a restore into a slot
+        runner.reset(0)
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
     log.info(

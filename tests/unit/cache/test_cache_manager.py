@@ -325,3 +325,14 @@ def test_warmup_runs_the_codecs_without_storing_or_counting_anything() -> None:
     after = cache.stats()
     assert after == before
     assert cache.lookup("ns", "s", [1, 2, 3]) is None
+
+
+def test_warmup_decodes_zeros_into_the_given_views_and_rejects_wrong_shapes() -> None:
+    spec = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
+    cache = StateCache(CacheConfig(hot_bytes=1 << 20, cold_bytes=1 << 20), spec)
+    pool = {name: torch.ones(shape[0], 3, *shape[1:]) for name, (shape, _) in spec.items()}  # 3 slots
+    cache.warmup({name: t[:, 1] for name, t in pool.items()})  # strided views of slot 1
+    for t in pool.values():
+        assert not t[:, 1].any() and bool((t[:, 0] == 1).all()) and bool((t[:, 2] == 1).all())
+    with pytest.raises(ValueError, match="shape"):
+        cache.warmup({"conv": torch.zeros(2, 24, 4), "ssm": torch.zeros(2, 4, 8, 16)})

@@ -20,17 +20,14 @@ from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
 from server.settings import Settings
-from tests.tiny_models import hf_model, make_tokenizer
+from tests.tiny_models import make_chat_model_dir
 
 TOK_VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-mamba2")
-    hf_model("mamba2", seed=3, vocab=320, chunk_size=8).save_pretrained(path)
-    make_tokenizer(path, vocab=TOK_VOCAB)
-    return path
+    return make_chat_model_dir(tmp_path_factory.mktemp("tiny-mamba2"), seed=3, tok_vocab=TOK_VOCAB)
 
 
 def _lossless_cache(runner: ModelRunner, interval: int = 8) -> StateCache:

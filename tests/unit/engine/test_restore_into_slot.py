@@ -23,7 +23,7 @@ from server.model.lm import MambaLM
 from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
-from tests.tiny_models import hf_model, make_tokenizer
+from tests.tiny_models import make_chat_model_dir
 
 SLOTS, SLOT = 4, 2  # the follow-up lands in slot 2; 0, 1 and 3 hold other live sequences
 TOK_VOCAB = 300
@@ -31,10 +31,7 @@ TOK_VOCAB = 300
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-mamba2-restore")
-    hf_model("mamba2", seed=5, vocab=320, chunk_size=8).save_pretrained(path)
-    make_tokenizer(path, vocab=TOK_VOCAB)
-    return path
+    return make_chat_model_dir(tmp_path_factory.mktemp("tiny-mamba2-restore"), seed=5, tok_vocab=TOK_VOCAB)
 
 
 @pytest.fixture(scope="module")
