@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     device: Device = Field("auto", description="Where the model runs: auto picks cuda when available.")
     dtype: ModelDType = Field("auto", description="Model weights dtype: auto is bf16 on cuda, fp32 on cpu.")
     max_num_seqs: int = Field(16, ge=1, le=4096, description="Live slots: sequences decoded together.")
+    prefill_budget: int = Field(
+        512, ge=1, description="Prompt tokens prefilled per engine step over all requests (chunked prefill)."
+    )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")

@@ -41,7 +41,32 @@ def build_cache(settings: Settings, runner: ModelRunner, metrics: Metrics | None
         checkpoint_interval=settings.checkpoint_interval,
         device=str(runner.device),
     )
-    return StateCache(config, runner.state_spec(), observer=metrics)
+    cache = StateCache(config, runner.state_spec(), observer=metrics)
+    for line in budget_report(cache, settings.max_num_seqs):
+        log.log(logging.WARNING if line.startswith("raise") else logging.INFO, line)
+    return cache
+
+
+def budget_report(cache: StateCache, slots: int) -> list[str]:
+    """What each tier's byte budget holds for this model, and advice when it is too small to keep at least
+    one checkpoint per live slot (hot) or two (cold): then sessions evict each other's checkpoints."""
+    cfg, mib = cache.config, 2**20
+    tiers = [
+        ("hot", "--hot-bytes", cfg.hot_bytes, cache.hot_layout.block_bytes, cfg.hot_dtype, slots),
+        ("cold", "--cold-bytes", cfg.cold_bytes, cache.cold_layout.block_bytes, cfg.cold_dtype, 2 * slots),
+    ]
+    lines = []
+    for name, flag, budget, block, dtype, want in tiers:
+        held = budget // block
+        lines.append(
+            f"{name} tier: {budget / mib:,.0f} MiB holds {held} checkpoints of {block / mib:.1f} MiB ({dtype})"
+        )
+        if budget > 0 and held < want:
+            lines.append(
+                f"raise {flag}: {held} {name} checkpoints for {slots} live slots; "
+                f"{want * block / 2**30:.1f} GiB keeps {want}"
+            )
+    return lines
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
@@ -78,5 +103,5 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         tokenizer,
         cache,
         metrics=metrics,
-        config=EngineConfig(max_slots=settings.max_num_seqs),
+        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=settings.prefill_budget),
     )

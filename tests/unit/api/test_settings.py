@@ -102,6 +102,7 @@ def test_byte_sizes_accept_units(text: str, expected: int) -> None:
         ["--device", "tpu"],
         ["--port", "70000"],
         ["--max-num-seqs", "0"],
+        ["--prefill-budget", "0"],
         ["--hot-bytes", "lots"],
         ["--log-level", "loud"],
     ],
