@@ -142,19 +142,24 @@ async def chat(client: httpx.AsyncClient, model: str, session: str, messages: li
 
 
 async def session(
-    client: httpx.AsyncClient, model: str, sid: str, turns: int, rng: random.Random
+    client: httpx.AsyncClient, model: str, sid: str, turns: int, rng: random.Random, scale: float = 1.0
 ) -> list[Sample]:
-    """Multi-turn chat; every 4th turn regenerates the last answer, every 5th edits an earlier message."""
-    messages = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=200))}]
+    """Multi-turn chat; every 4th turn regenerates the last answer, every 5th edits an earlier message.
+    Message lengths are multiplied by `scale` (1.0: a 200-word system prompt, user turns of 40-200 words)."""
+
+    def words(n: int) -> str:
+        return " ".join(rng.choices(WORDS, k=max(1, round(n * scale))))
+
+    messages = [{"role": "system", "content": words(200)}]
     samples = []
     for turn in range(turns):
         if turn % 4 == 3 and len(messages) > 2:
             messages.pop()  # regenerate: drop the last answer and resend
         elif turn % 5 == 4 and len(messages) > 3:
-            messages[1]["content"] = " ".join(rng.choices(WORDS, k=60))  # edit an early user message
-            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=40))})
+            messages[1]["content"] = words(60)  # edit an early user message
+            messages.append({"role": "user", "content": words(40)})
         else:
-            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(40, 200)))})
+            messages.append({"role": "user", "content": words(rng.randint(40, 200))})
         samples.append(await chat(client, model, sid, messages))
     return samples
 
@@ -193,7 +198,10 @@ async def run_mode(
             t0 = time.perf_counter()
             rngs = [random.Random(i) for i in range(args.sessions)]
             results = await asyncio.gather(
-                *(session(client, name, f"s{i}", args.turns, rngs[i]) for i in range(args.sessions))
+                *(
+                    session(client, name, f"s{i}", args.turns, rngs[i], args.scale)
+                    for i in range(args.sessions)
+                )
             )
             wall = time.perf_counter() - t0
             after = lookups((await client.get("/metrics")).text)
@@ -249,6 +257,9 @@ def main() -> None:
         "--cache-args", default="", help="extra `tssc serve` flags of the cache mode, e.g. budgets"
     )
     parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="message length multiplier (longer conversations)"
+    )
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--plot", type=Path, default=Path("bench/ttft_vs_length.png"))
@@ -266,7 +277,7 @@ def main() -> None:
     text = [
         "",
         f"### (d) end to end over HTTP: {card}, {args.model or 'random ' + args.shape}, "
-        f"{args.sessions} sessions x {args.turns} turns",
+        f"{args.sessions} sessions x {args.turns} turns, message scale {args.scale:g}",
         "",
         f"cache mode flags: `{args.cache_args or '(defaults)'}`",
         "",
