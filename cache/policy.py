@@ -15,11 +15,16 @@ from collections.abc import Callable, Sequence
 
 
 class GreedyDual:
-    """Priorities of the copies held in one tier; a heap with lazy invalidation."""
+    """Priorities of the copies held in one tier; a heap with lazy invalidation.
+
+    A heap entry `(h, seq, cid)` is live only while `seq` is the id's latest touch: refreshing an id with an
+    unchanged priority (a hot checkpoint hit again and again with no eviction in between) leaves stale
+    entries that compaction drops, so the heap stays within a constant factor of the ids held."""
 
     def __init__(self) -> None:
         self.clock = 0.0
         self._prio: dict[int, float] = {}
+        self._latest: dict[int, int] = {}  # cid -> seq of its live heap entry
         self._heap: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
 
@@ -31,14 +36,15 @@ class GreedyDual:
 
     def touch(self, cid: int, cost: float, size: int) -> None:
         """Insert or refresh `cid` (after a capture or a hit)."""
-        h = self.clock + cost / max(size, 1)
-        self._prio[cid] = h
-        heapq.heappush(self._heap, (h, next(self._seq), cid))
+        h, seq = self.clock + cost / max(size, 1), next(self._seq)
+        self._prio[cid], self._latest[cid] = h, seq
+        heapq.heappush(self._heap, (h, seq, cid))
         if len(self._heap) > 4 * len(self._prio) + 64:
             self._compact()
 
     def remove(self, cid: int) -> None:
         self._prio.pop(cid, None)
+        self._latest.pop(cid, None)
 
     def priority(self, cid: int) -> float:
         return self._prio[cid]
@@ -48,8 +54,8 @@ class GreedyDual:
         skipped: list[tuple[float, int, int]] = []
         found: int | None = None
         while self._heap:
-            h, _seq, cid = self._heap[0]
-            if self._prio.get(cid) != h:
+            _h, seq, cid = self._heap[0]
+            if self._latest.get(cid) != seq:
                 heapq.heappop(self._heap)
                 continue
             if evictable(cid):
@@ -63,9 +69,10 @@ class GreedyDual:
     def evicted(self, cid: int) -> None:
         """`cid` left the tier by eviction: advance the clock to its priority."""
         self.clock = max(self.clock, self._prio.pop(cid))
+        self._latest.pop(cid, None)
 
     def _compact(self) -> None:
-        self._heap = [e for e in self._heap if self._prio.get(e[2]) == e[0]]
+        self._heap = [e for e in self._heap if self._latest.get(e[2]) == e[1]]
         heapq.heapify(self._heap)
 
 

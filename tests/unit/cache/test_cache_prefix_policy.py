@@ -127,3 +127,17 @@ def test_capture_positions_random_invariants() -> None:
         k, gap = rng.choice([0, 16, 64]), rng.choice([0, 8, 32])
         got = capture_positions(start, end, bounds, interval=k, min_gap=gap)
         assert got[-1] == end and all(start < p <= end for p in got) and got == sorted(set(got))
+
+
+def test_greedy_dual_heap_stays_bounded_when_one_id_is_refreshed_many_times() -> None:
+    """A hot checkpoint hit over and over (same priority each time): stale heap entries must be dropped,
+    or every touch compacts an ever-growing heap (quadratic time, unbounded memory)."""
+    gd = GreedyDual()
+    gd.touch(1, cost=10, size=1)
+    gd.touch(2, cost=5, size=1)
+    for _ in range(10_000):
+        gd.touch(1, cost=10, size=1)
+    assert len(gd._heap) <= 4 * len(gd) + 65  # the compaction bound, on the private heap itself
+    assert gd.victim(lambda cid: True) == 2
+    gd.evicted(2)
+    assert gd.victim(lambda cid: True) == 1
