@@ -2,15 +2,24 @@
 
 No allocator call per checkpoint and no fragmentation: a checkpoint occupies exactly one block. Not
 thread-safe: `StateCache` calls it under its lock. Reading or writing a block's bytes happens outside the
-lock, protected by the owner's pins. `fences` hold the CUDA event after the last reader of a freed block;
-a writer reusing the block waits on it first.
+lock, protected by the owner's pins. `fences` hold the CUDA event after the last reader of a freed block,
+`claims` a host-side reader that may still be copying it (weakly); a writer reusing the block waits on both.
 """
 
 from __future__ import annotations
 
 import bisect
+import weakref
+from typing import Protocol
 
 import torch
+
+
+class Claim(Protocol):
+    """Someone may still read a released block's bytes (a spill's copy, `cache.spill`); `settle` waits until
+    nobody does. Held weakly: a claim nobody references any more has no reader left."""
+
+    def settle(self) -> None: ...
 
 
 class BlockArena:
@@ -25,6 +34,7 @@ class BlockArena:
         self._allocated = 0
         self._free: list[int] = []
         self.fences: dict[int, torch.cuda.Event] = {}
+        self.claims: dict[int, weakref.ref[Claim]] = {}
         self.used = 0
         self.target = budget_bytes // block_bytes
         self._grow(self.target)
@@ -49,11 +59,18 @@ class BlockArena:
         self.used += 1
         return self._free.pop()
 
-    def release(self, block: int, fence: torch.cuda.Event | None = None) -> None:
+    def release(self, block: int, fence: torch.cuda.Event | None = None, claim: Claim | None = None) -> None:
         self.used -= 1
         self._free.append(block)
         if fence is not None:
             self.fences[block] = fence
+        if claim is not None:
+            self.claims[block] = weakref.ref(claim)
+
+    def take_claim(self, block: int) -> Claim | None:
+        """The live claim on `block`, if any (removed): settle it before overwriting the block."""
+        ref = self.claims.pop(block, None)
+        return ref() if ref is not None else None
 
     def block(self, block: int) -> torch.Tensor:
         """`(block_bytes,)` uint8 view of one block."""

@@ -10,12 +10,13 @@ leaves a tier only through `_drop_copy`.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from cache.arena import BlockArena
+from cache.arena import BlockArena, Claim
 from cache.base import TIERS, Lease, LookupResult, MissCause, Tier
 from cache.checkpoint import Checkpoint, Session, SessionKey
 from cache.config import CacheConfig
@@ -24,6 +25,7 @@ from cache.disk_tier import DiskTier, Spill
 from cache.index import SessionIndex
 from cache.layout import BlockLayout
 from cache.policy import GreedyDual
+from cache.spill import SpillCopy
 from cache.stats import empty_lookup_counts
 
 Event = tuple[str, object, object]  # (observer method, arg, arg)
@@ -41,6 +43,8 @@ class Book:
         self.config = config
         self.arenas: dict[Tier, BlockArena | None] = {"hot": hot, "cold": cold}
         self.disk = DiskTier(store, config.disk_bytes, cold_layout)
+        # cold block -> the queued spill that will copy it (outside the lock); its claim once the block is freed
+        self.cold_readers: weakref.WeakValueDictionary[int, SpillCopy] = weakref.WeakValueDictionary()
         self.policy = {t: GreedyDual() for t in TIERS}
         self.index = SessionIndex(config.max_ghosts)
         self.ckpts = self.index.ckpts  # cid -> checkpoint (the index's table, shared)
@@ -85,6 +89,12 @@ class Book:
             if arena is not None and block is not None:
                 out.append(arena.fences.pop(block, None))
         return out
+
+    def write_claims(self, cp: Checkpoint) -> list[Claim]:
+        """Host readers the capture writer must settle before overwriting the reserved cold block."""
+        arena = self.arenas["cold"]
+        claim = arena.take_claim(cp.cold) if arena is not None and cp.cold is not None else None
+        return [claim] if claim is not None else []
 
     def publish(self, cp: Checkpoint, ready: torch.cuda.Event | None) -> bool:
         cp.ready, cp.published = ready, True
@@ -134,10 +144,13 @@ class Book:
 
     def unpin(self, cp: Checkpoint) -> None:
         cp.pins -= 1
-        if cp.pins == 0 and cp.dead:
+        if cp.pins > 0:
+            return
+        if cp.dead:
             self._free(cp)
-        if cp.pins == 0:
-            self.enforce_budgets()
+        elif cp.spill_failed:
+            self._lose_copy(cp, "disk")
+        self.enforce_budgets()
 
     # ---- sessions ------------------------------------------------------------------------------------
 
@@ -221,17 +234,23 @@ class Book:
             return
         if self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk")):
             self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
+            if cp.pending is not None and cp.cold is not None:
+                self.cold_readers[cp.cold] = cp.pending
 
     def spill_done(self, spill: Spill, path: Path | None, nbytes: int) -> None:
-        """A queued disk write finished (`path` None: it failed). Drop the file if the checkpoint is gone."""
+        """A queued disk write finished (`path` None: it failed). Drop the file if the checkpoint is gone.
+        A failed write drops the disk copy (its budget comes back), at the last unpin if it is leased: a
+        lease may be about to read `pending`, and a pinned checkpoint loses no copy."""
         cp = self.ckpts.get(spill.cid)
-        if cp is None or cp.pending is not spill.fields:
+        if cp is None or cp.pending is not spill.copy:
             self.disk.discard(path)
             return
         if path is not None:
             self.disk.landed(cp, path, nbytes)
-            return
-        self._lose_copy(cp, "disk")
+        elif cp.pins > 0:
+            cp.spill_failed = True
+        else:
+            self._lose_copy(cp, "disk")
 
     def flush_spills(self) -> None:
         """Queue every published checkpoint that has no disk copy yet (used at close)."""
@@ -271,7 +290,9 @@ class Book:
         arena = self.arenas[tier]
         if block is None or arena is None:
             return 0
-        arena.release(block, cp.fences.pop(tier, None))
+        reader = self.cold_readers.pop(block, None) if tier == "cold" else None
+        claim = reader if reader is not None and not reader.taken else None
+        arena.release(block, cp.fences.pop(tier, None), claim)
         if tier == "hot":
             cp.hot = None
         else:

@@ -10,6 +10,7 @@ import torch
 
 from cache.base import Tier
 from cache.prefix import Node, PrefixTree
+from cache.spill import SpillCopy
 
 SessionKey = tuple[str, str | None]  # (namespace, session id or None for the namespace's anonymous session)
 
@@ -19,7 +20,7 @@ class Checkpoint:
     """One stored state after `position` tokens of session `key`. Mutated only under the cache lock.
 
     Copies: `hot`/`cold` are block ids in the arenas, `disk` a file path; `pending` holds the encoded fields
-    (CPU) while the disk file is being written. `cost` is the recompute it saves (tokens). `pins` counts
+    (`cache.spill`) while the disk file is queued or being written (`cache.io_worker`). `cost` is the recompute it saves (tokens). `pins` counts
     leases (and the capture writing it); a pinned checkpoint keeps every copy. `dead`: its session was deleted
     while pinned; it is freed at the last unpin.
     """
@@ -35,7 +36,8 @@ class Checkpoint:
     cold: int | None = None
     disk: Path | None = None
     disk_bytes: int = 0  # bytes reserved against the disk budget (file or pending write)
-    pending: dict[str, torch.Tensor] | None = None
+    pending: SpillCopy | None = None
+    spill_failed: bool = False  # the write of `pending` failed while leased: dropped at the last unpin
     ready: torch.cuda.Event | None = None  # capture copies done (CUDA)
     fences: dict[Tier, torch.cuda.Event] = field(default_factory=dict)  # last read of each copy (CUDA)
     pins: int = 0

@@ -1,19 +1,23 @@
 """Disk-tier bookkeeping: the byte budget, queued spills (file writes) and queued unlinks (file deletions).
 
 Part of `Book`: plain Python, the caller holds the cache lock around every method, and nothing here touches
-a file. A spill queues a checkpoint's encoded cold fields for `DiskStore.write`; dropping a disk copy queues
-its path for unlink. The manager takes the queue (`take`) in the same critical section that filled it, so
-the queue is empty whenever the lock is free, and runs the I/O after releasing the lock.
+a file. A spill queues a checkpoint's cold copy (its bytes taken later, outside the lock: `cache.spill`)
+for `DiskStore.write`; dropping a disk copy queues its path for unlink. The manager takes the queue (`take`) in the same critical section that filled it, so
+the queue is empty whenever the lock is free, and hands the I/O to its writer thread (`cache.io_worker`),
+which runs it in FIFO order after the lock is released and reports each write back (`Book.spill_done`).
 
 Deleting after the lock is race-free: a queued path is already unreachable. Its copy was removed from its
 checkpoint under the lock (and the checkpoint from the index, if it had no other copy), so no `lookup` can
 lease it and no `fetch` can start reading it; a `fetch` already reading it holds a lease, and a leased
 checkpoint never loses a copy (the one exception, a disk copy `fetch` found corrupt, is unreadable anyway).
-File names are unique (uuid4) and never reused, so no capture or spill can write the path being unlinked.
+File names are unique (uuid4) and never reused, so no capture or spill can write the path being unlinked;
+a path is known only once its write has finished, and the writer runs one job at a time in queue order, so
+an unlink never races its own write.
 
-Budget: `used` counts disk copies and reserved writes. A dropped copy gives its bytes back under the lock,
-before its file is unlinked, so the files on disk can exceed the budget by the files being deleted, until
-the call that dropped them returns.
+Budget: `used` counts disk copies and reserved writes (queued or running: reserved before they are queued,
+each reservation an upper bound on its file). A dropped copy gives its bytes back under the lock, before its
+file is unlinked, so the files on disk can exceed the budget by the files queued for deletion, until the
+writer has deleted them (`StateCache.flush` waits for that).
 """
 
 from __future__ import annotations
@@ -28,16 +32,17 @@ from cache.checkpoint import Checkpoint, SessionKey
 from cache.disk import DiskRecord, DiskStore
 from cache.layout import BlockLayout
 from cache.prefix import Node
+from cache.spill import SpillCopy
 
 
 @dataclass(frozen=True)
 class Spill:
-    """A disk write to run outside the lock: the encoded cold fields of checkpoint `cid` (CPU tensors)."""
+    """A disk write to run outside the lock: the encoded cold fields of checkpoint `cid` (`copy`)."""
 
     cid: int
     key: SessionKey
     tokens: tuple[int, ...]
-    fields: dict[str, torch.Tensor]
+    copy: SpillCopy
     reason: str
     created: float
 
@@ -82,17 +87,14 @@ class DiskTier:
         return True
 
     def spill(self, cp: Checkpoint, block: torch.Tensor, evict_one: Callable[[], bool]) -> bool:
-        """Queue the cold copy of `cp` (`block`: `(block_bytes,)` uint8, host) for writing. Its bytes are
-        cloned now, because the caller frees the block next. False if the budget has no room for it.
+        """Queue the cold copy of `cp` (`block`: `(block_bytes,)` uint8, host) for writing. False if the budget
+        has no room for it.
 
-        On CUDA the cold block is filled by the capture's non-blocking D2H copy on the capture stream, and
-        `cp.ready` marks its end. The host-side clone would read whatever bytes have landed so far, so it
-        must wait for `ready` first. The wait runs under the cache lock because the clone must: the block is
-        released right after (eviction makes room for a waiting allocation), and once released another
-        capture may overwrite it. It is short in practice: the copy was queued when the checkpoint was
-        captured, and a checkpoint is normally spilled long after (cold eviction or `close`); only a
-        checkpoint evicted right after its own capture (a cold tier of very few blocks) waits for a copy
-        still in flight. Removing it would mean keeping the block allocated until the write finishes.
+        Nothing is copied here: the block's bytes are taken later, outside the lock, by whoever needs them
+        first (`cache.spill.SpillCopy`: on CUDA that waits for the capture's D2H copy, `cp.ready`, before
+        cloning). The caller keeps the block readable until then: the checkpoint's cold copy owns it, and
+        when that copy is dropped the block is released with the `SpillCopy` as its claim
+        (`Book.cold_readers`), which the next capture into it settles first.
         """
         if self.store is None:
             return False
@@ -100,11 +102,9 @@ class DiskTier:
         nbytes = DiskStore.estimate(self.layout.block_bytes, len(tokens))
         if not self.reserve(nbytes, evict_one):
             return False
-        if cp.ready is not None:
-            cp.ready.synchronize()
-        fields = {k: v.clone() for k, v in self.layout.named(block).items()}
-        cp.pending, cp.disk_bytes = fields, nbytes
-        self.work.spills.append(Spill(cp.cid, cp.key, tokens, fields, cp.reason, cp.created))
+        copy = SpillCopy(self.layout, block, cp.ready)
+        cp.pending, cp.disk_bytes = copy, nbytes
+        self.work.spills.append(Spill(cp.cid, cp.key, tokens, copy, cp.reason, cp.created))
         return True
 
     def adopt(self, rec: DiskRecord, cid: int, node: Node) -> Checkpoint:
@@ -139,8 +139,10 @@ class DiskTier:
         """Remove the disk copy of `cp` (file or pending write), queue its file for unlink; return its bytes."""
         freed = cp.disk_bytes if (cp.disk is not None or cp.pending is not None) else 0
         self.discard(cp.disk)
+        if cp.pending is not None:
+            cp.pending.cancel()
         self.used -= freed
-        cp.disk, cp.pending, cp.disk_bytes = None, None, 0
+        cp.disk, cp.pending, cp.disk_bytes, cp.spill_failed = None, None, 0, False
         return freed
 
     def take(self) -> DiskWork:

@@ -2,8 +2,11 @@
 
 One `threading.Lock` guards the bookkeeping (`cache.book.Book`); tensor copies and file I/O (`cache.storage`)
 run outside it on storage pinned by the checkpoint's pin count. File I/O that bookkeeping decides under the
-lock (spill writes, unlinks of dropped copies) is queued and taken in the same critical section, then run
-after the lock is released (`_run_io`). Observer callbacks are dispatched after the lock is released.
+lock (spill writes, unlinks of dropped copies) is queued and taken in the same critical section, then handed
+after the lock is released (`_run_io`) to one background writer thread (`cache.io_worker`), so no caller
+waits for a disk. A queued spill stays readable from memory (`Checkpoint.pending`, `cache.spill`) until the file
+exists; the writer records the outcome under the lock (`Book.spill_done`). `flush` waits for the queue.
+Observer callbacks are dispatched after the lock is released.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,12 +33,15 @@ from cache.book import Book
 from cache.checkpoint import Checkpoint, SessionKey
 from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
-from cache.disk_tier import DiskWork
+from cache.disk_tier import DiskWork, Spill
+from cache.io_worker import IoWorker
 from cache.policy import capture_positions
 from cache.stats import CacheStats, LatencyRecorder, TierStats, sample_deques
 from cache.storage import Storage
 
 log = logging.getLogger(__name__)
+# file jobs: a caller queuing a spill behind more waits (bounds the RAM that queued spills' fields hold)
+MAX_QUEUED_IO = 8
 
 
 class StateCache(CheckpointCache):
@@ -54,6 +61,7 @@ class StateCache(CheckpointCache):
         self._lock = threading.Lock()
         st = self._storage
         self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store)
+        self._io = IoWorker()  # its thread runs only while file I/O is queued
         self._load_disk()
 
     # ---- public API ----------------------------------------------------------------------------------
@@ -208,17 +216,24 @@ class StateCache(CheckpointCache):
             self._book.resize(hot_bytes, cold_bytes, disk_bytes)
             work = self._book.disk.take()
         self._run_io(work)
+        self._io.flush()  # a shrunk disk budget has freed its files when this returns
+        self._dispatch()
+
+    def flush(self) -> None:
+        """Wait until every queued spill write and unlink has run (written files exist, dropped ones are gone)."""
+        self._io.flush()
         self._dispatch()
 
     def close(self, flush: bool = True) -> None:
-        """With a disk tier and `flush`, write every checkpoint that has no disk copy yet (budget permitting),
-        so sessions survive a restart. The cache stays usable."""
-        if not flush or self._storage.store is None:
-            return
-        with self._lock:
-            self._book.flush_spills()
-            work = self._book.disk.take()
-        self._run_io(work)
+        """Wait for queued file I/O and stop the writer thread. With a disk tier and `flush`, first write every
+        checkpoint that has no disk copy yet (budget permitting), so sessions survive a restart. The cache stays
+        usable (a later spill starts the writer again)."""
+        if flush and self._storage.store is not None:
+            with self._lock:
+                self._book.flush_spills()
+                work = self._book.disk.take()
+            self._run_io(work)
+        self._io.close()
         self._dispatch()
 
     # ---- construction --------------------------------------------------------------------------------
@@ -240,16 +255,28 @@ class StateCache(CheckpointCache):
     # ---- helpers -------------------------------------------------------------------------------------
 
     def _run_io(self, work: DiskWork) -> None:
-        """Run file I/O taken from the bookkeeping under the lock, now that it is released: unlinks first
-        (they free disk space), then spill writes. A write whose checkpoint went meanwhile queues its file
-        for unlink, which the recursive call deletes."""
-        self._storage.unlink(work.unlinks)
+        """Queue file I/O taken from the bookkeeping under the lock, now that it is released, for the writer
+        thread (FIFO): unlinks first (they free disk space), then spill writes."""
+        if work.unlinks:
+            self._io.submit(partial(self._storage.unlink, work.unlinks))
         for spill in work.spills:
+            self._io.submit(partial(self._write_spill, spill))
+        if work.spills:
+            self._io.throttle(MAX_QUEUED_IO)  # only when the disk falls behind
+
+    def _write_spill(self, spill: Spill) -> None:
+        """On the writer thread: write one spill, record the outcome under the lock. Any failure counts as a
+        failed write (the disk copy is dropped, its budget given back). A write whose checkpoint went meanwhile
+        queues its file for unlink, behind everything already queued."""
+        try:
             path, nbytes = self._storage.write_spill(spill)
-            with self._lock:
-                self._book.spill_done(spill, path, nbytes)
-                late = self._book.disk.take()
-            self._run_io(late)
+        except Exception:
+            log.exception("disk spill failed")
+            path, nbytes = None, 0
+        with self._lock:
+            self._book.spill_done(spill, path, nbytes)
+            late = self._book.disk.take()
+        self._run_io(late)
 
     def _dispatch(self) -> None:
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""

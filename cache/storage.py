@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from cache import copies
-from cache.arena import BlockArena
+from cache.arena import BlockArena, Claim
 from cache.base import State, Tier
 from cache.book import Book
 from cache.checkpoint import Checkpoint
@@ -22,12 +22,14 @@ from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import Spill
 from cache.layout import BlockLayout
+from cache.spill import SpillCopy
 from cache.transfer import Event, Transfers
 
 log = logging.getLogger(__name__)
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 BlockJob = tuple[BlockLayout, torch.Tensor]  # (layout, `(block_bytes,)` uint8 block) a capture encodes into
-CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None]]  # hot, cold, write fences
+# hot, cold, write fences (CUDA), claims to settle before writing the cold block
+CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None], list[Claim]]
 
 
 class Storage:
@@ -80,9 +82,11 @@ class Storage:
         cold_job = (
             (self.cold_layout, cold.block(cp.cold)) if cold is not None and cp.cold is not None else None
         )
-        return hot_job, cold_job, book.write_fences(cp)
+        return hot_job, cold_job, book.write_fences(cp), book.write_claims(cp)
 
     def write_capture(self, values: State, job: CaptureJob) -> tuple[Event | None, Event | None]:
+        for claim in job[3]:
+            claim.settle()  # a queued spill takes its copy of the block's old bytes first
         return copies.write_capture(self.transfers, values, job[0], job[1], job[2])
 
     # ---- fetches -------------------------------------------------------------------------------------
@@ -119,6 +123,10 @@ class Storage:
             if path is None or self.store is None:
                 raise CorruptFile("disk copy vanished")
             source = self.store.read(path, tokens)
+        elif isinstance(source, SpillCopy):
+            source = source.fields()
+            if source is None:
+                raise CorruptFile("queued disk copy vanished")
         assert isinstance(source, dict)
         try:
             copies.read_fields(tr, self.cold_layout, source, out)
@@ -129,11 +137,15 @@ class Storage:
     # ---- files ---------------------------------------------------------------------------------------
 
     def write_spill(self, spill: Spill) -> tuple[Path | None, int]:
-        """Write a spilled checkpoint; its path and size, or (None, 0) if the write failed."""
+        """Write a spilled checkpoint; its path and size, or (None, 0) if the write failed or was cancelled
+        (its disk copy dropped before its bytes were taken)."""
+        fields = spill.copy.fields()
+        if fields is None:
+            return None, 0
         try:
             assert self.store is not None
             return self.store.write(
-                spill.key[0], spill.key[1], spill.tokens, spill.fields, spill.reason, spill.created
+                spill.key[0], spill.key[1], spill.tokens, fields, spill.reason, spill.created
             )
         except (OSError, SafetensorError) as exc:  # a full or broken disk: the copy is dropped
             log.warning("disk spill failed: %s", exc)

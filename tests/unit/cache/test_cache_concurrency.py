@@ -55,11 +55,14 @@ def _one_op(cache: StateCache, rng: random.Random, errors: list[str]) -> None:
         cache.delete_session("ns", session)
 
 
-def _assert_consistent(cache: StateCache) -> None:
+def _assert_consistent(cache: StateCache, disk: Path) -> None:
     stats = cache.stats()
     assert stats.leases == 0
     for tier, ts in stats.tiers.items():
         assert ts.bytes_used <= ts.bytes_capacity, tier
+    cache.close()  # queued writes land, queued unlinks run: the files are within the accounted bytes
+    on_disk = sum(p.stat().st_size for p in disk.glob("*/*.safetensors"))
+    assert on_disk <= cache.stats().tiers["disk"].bytes_used
 
 
 async def test_many_asyncio_tasks(tmp_path: Path) -> None:
@@ -74,7 +77,7 @@ async def test_many_asyncio_tasks(tmp_path: Path) -> None:
 
     await asyncio.gather(*(worker(i) for i in range(16)))
     assert errors == []
-    _assert_consistent(cache)
+    _assert_consistent(cache, tmp_path)
 
 
 async def test_asyncio_tasks_mixed_with_worker_threads(tmp_path: Path) -> None:
@@ -95,7 +98,7 @@ async def test_asyncio_tasks_mixed_with_worker_threads(tmp_path: Path) -> None:
     threads = [asyncio.to_thread(thread_worker, 100 + i) for i in range(4)]
     await asyncio.gather(*threads, *(task_worker(i) for i in range(8)))
     assert errors == []
-    _assert_consistent(cache)
+    _assert_consistent(cache, tmp_path)
 
 
 def test_plain_threads_hammer(tmp_path: Path) -> None:
@@ -113,4 +116,4 @@ def test_plain_threads_hammer(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    _assert_consistent(cache)
+    _assert_consistent(cache, tmp_path)

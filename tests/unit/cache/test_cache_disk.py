@@ -11,26 +11,8 @@ import pytest
 import torch
 
 from cache import CacheConfig, CheckpointUnavailable, StateCache
-from cache.codec import make_codec, roundtrip
 from cache.disk import DiskStore
-
-SPEC = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
-FP16_BLOCK = 3072
-
-
-def _make_state(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) for name, (shape, _) in SPEC.items()}
-
-
-def _make_cache(disk: Path, **kw: Any) -> StateCache:
-    cfg: dict[str, Any] = {"hot_bytes": 0, "cold_bytes": FP16_BLOCK, "disk_dir": disk, "disk_bytes": 10**6}
-    cfg.update(kw)
-    return StateCache(CacheConfig(**cfg), SPEC)
-
-
-def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: roundtrip(make_codec("fp16"), v) for k, v in state.items()}
+from tests.unit.cache.disk_helpers import FP16_BLOCK, disk_files, fp16, make_cache, make_state
 
 
 def _fetch(cache: StateCache, sess: str, tokens: list[int]) -> tuple[int, str, dict[str, torch.Tensor]]:
@@ -42,55 +24,52 @@ def _fetch(cache: StateCache, sess: str, tokens: list[int]) -> tuple[int, str, d
         cache.release(lease)
 
 
-def _files(disk: Path) -> list[Path]:
-    return sorted(disk.glob("*/*.safetensors"))
-
-
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     for k in b:
         assert torch.equal(a[k], b[k]), k
 
 
 def test_cold_eviction_spills_to_disk_exactly(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    a = _make_state(1)
+    cache = make_cache(tmp_path)
+    a = make_state(1)
     cache.capture("ns", "a", [1, 2, 3], a, reason="x")
-    cache.capture("ns", "b", [4, 5, 6], _make_state(2), reason="x")  # a leaves RAM for disk
-    assert len(_files(tmp_path)) == 1
+    cache.capture("ns", "b", [4, 5, 6], make_state(2), reason="x")  # a leaves RAM for disk
+    cache.flush()
+    assert len(disk_files(tmp_path)) == 1
     pos, tier, got = _fetch(cache, "a", [1, 2, 3, 9])
     assert (pos, tier) == (3, "disk")
-    _assert_equal(got, _fp16(a))
+    _assert_equal(got, fp16(a))
     assert cache.stats().lookups[("disk_hit", "")] == 1
 
 
 def test_sessions_survive_restart(tmp_path: Path) -> None:
-    states = {f"s{i}": _make_state(i) for i in range(4)}
-    cache = _make_cache(tmp_path, cold_bytes=2 * FP16_BLOCK)
+    states = {f"s{i}": make_state(i) for i in range(4)}
+    cache = make_cache(tmp_path, cold_bytes=2 * FP16_BLOCK)
     for i, (sess, st) in enumerate(states.items()):
         cache.capture("ns", sess, [i] * (i + 2), st, reason="generation_end")
     cache.close()  # flushes the two still only in RAM
-    assert len(_files(tmp_path)) == 4
+    assert len(disk_files(tmp_path)) == 4
     del cache
-    fresh = _make_cache(tmp_path)
+    fresh = make_cache(tmp_path)
     assert fresh.stats().tiers["disk"].checkpoints == 4
     for i, (sess, st) in enumerate(states.items()):
         pos, tier, got = _fetch(fresh, sess, [i] * (i + 5))
         assert (pos, tier) == (i + 2, "disk")
-        _assert_equal(got, _fp16(st))
+        _assert_equal(got, fp16(st))
     info = fresh.session_info("ns", "s0")
     assert info is not None and info["checkpoints"][0]["reason"] == "generation_end"
 
 
 def test_truncated_file_is_skipped_and_counted(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    cache.capture("ns", "a", [1, 2], _make_state(1), reason="x")
-    cache.capture("ns", "b", [3, 4], _make_state(2), reason="x")
+    cache = make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2], make_state(1), reason="x")
+    cache.capture("ns", "b", [3, 4], make_state(2), reason="x")
     cache.close()
-    files = _files(tmp_path)
+    files = disk_files(tmp_path)
     assert len(files) == 2
     victim = files[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    fresh = _make_cache(tmp_path)
+    fresh = make_cache(tmp_path)
     stats = fresh.stats()
     assert stats.disk_corrupt == 1 and stats.tiers["disk"].checkpoints == 1
     assert not victim.exists()
@@ -99,14 +78,15 @@ def test_truncated_file_is_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_flipped_byte_is_detected_never_restored(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    cache.capture("ns", "a", [1, 2], _make_state(1), reason="x")
-    cache.capture("ns", "a", [1, 2, 3, 4], _make_state(2), reason="x")  # [1, 2] spills
-    (path,) = _files(tmp_path)
+    cache = make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2], make_state(1), reason="x")
+    cache.capture("ns", "a", [1, 2, 3, 4], make_state(2), reason="x")  # [1, 2] spills
+    cache.flush()
+    (path,) = disk_files(tmp_path)
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0x40  # inside the tensor data, header still valid
     path.write_bytes(bytes(raw))
-    cache.capture("ns", "b", [7], _make_state(3), reason="x")  # [1, 2, 3, 4] goes to disk too
+    cache.capture("ns", "b", [7], make_state(3), reason="x")  # [1, 2, 3, 4] goes to disk too
     lease = cache.lookup("ns", "a", [1, 2, 9])
     assert lease is not None and lease.tier == "disk"
     with pytest.raises(CheckpointUnavailable):
@@ -114,39 +94,44 @@ def test_flipped_byte_is_detected_never_restored(tmp_path: Path) -> None:
     cache.release(lease)
     assert cache.stats().disk_corrupt == 1
     assert cache.lookup("ns", "a", [1, 2, 9]) is None
+    cache.flush()
     assert not path.exists()
 
 
 def test_disk_budget_is_hard(tmp_path: Path) -> None:
     one = FP16_BLOCK + 16384 + 4 * 40  # the reservation for a 40-token checkpoint
-    cache = _make_cache(tmp_path, disk_bytes=2 * one)
+    cache = make_cache(tmp_path, disk_bytes=2 * one)
     for i in range(12):
-        cache.capture("ns", f"s{i}", [i] * 40, _make_state(i), reason="x")
+        cache.capture("ns", f"s{i}", [i] * 40, make_state(i), reason="x")
         disk = cache.stats().tiers["disk"]
         assert disk.bytes_used <= disk.bytes_capacity == 2 * one
-        assert sum(p.stat().st_size for p in _files(tmp_path)) <= disk.bytes_used
+        cache.flush()
+        disk = cache.stats().tiers["disk"]
+        assert sum(p.stat().st_size for p in disk_files(tmp_path)) <= disk.bytes_used
     evictions = cache.stats().tiers["disk"].evictions
-    assert evictions > 0 and len(_files(tmp_path)) == 12 - 1 - evictions
+    assert evictions > 0 and len(disk_files(tmp_path)) == 12 - 1 - evictions
 
 
 def test_restart_with_smaller_budget_keeps_newest(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
+    cache = make_cache(tmp_path)
     for i in range(4):
-        cache.capture("ns", f"s{i}", [i] * 10, _make_state(i), reason="x")
+        cache.capture("ns", f"s{i}", [i] * 10, make_state(i), reason="x")
     cache.close()
-    size = max(p.stat().st_size for p in _files(tmp_path))
-    fresh = _make_cache(tmp_path, disk_bytes=2 * size)
+    size = max(p.stat().st_size for p in disk_files(tmp_path))
+    fresh = make_cache(tmp_path, disk_bytes=2 * size)
     assert fresh.stats().tiers["disk"].checkpoints == 2
-    assert len(_files(tmp_path)) == 2
+    assert len(disk_files(tmp_path)) == 2
 
 
 def test_delete_session_removes_files(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    cache.capture("ns", "a", [1], _make_state(1), reason="x")
-    cache.capture("ns", "a", [1, 2], _make_state(2), reason="x")
-    assert len(_files(tmp_path)) == 1
+    cache = make_cache(tmp_path)
+    cache.capture("ns", "a", [1], make_state(1), reason="x")
+    cache.capture("ns", "a", [1, 2], make_state(2), reason="x")
+    cache.flush()
+    assert len(disk_files(tmp_path)) == 1
     assert cache.delete_session("ns", "a") > 0
-    assert _files(tmp_path) == []
+    cache.flush()
+    assert disk_files(tmp_path) == []
     assert cache.stats().tiers["disk"].bytes_used == 0
 
 
@@ -177,12 +162,12 @@ def _gate_unlinks(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thr
 def test_delete_session_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # While the session's unlinks are held up, other callers run and its checkpoints are already invisible:
     # a capture into the same session stores a new checkpoint that the late unlinks leave alone.
-    cache = _make_cache(tmp_path)
+    cache = make_cache(tmp_path)
     for n in range(1, 4):
-        cache.capture("ns", "a", list(range(n)), _make_state(n), reason="x")
-    cache.capture("ns", "b", [9], _make_state(9), reason="x")
+        cache.capture("ns", "a", list(range(n)), make_state(n), reason="x")
+    cache.capture("ns", "b", [9], make_state(9), reason="x")
     cache.close()
-    assert len(_files(tmp_path)) == 4
+    assert len(disk_files(tmp_path)) == 4
     entered, proceed = _gate_unlinks(monkeypatch)
     freed: list[int] = []
     deleter = threading.Thread(target=lambda: freed.append(cache.delete_session("ns", "a")))
@@ -191,40 +176,42 @@ def test_delete_session_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: py
         assert entered.wait(10)
         assert _in_thread(lambda: cache.lookup("ns", "a", [0, 1, 2])) is None
         assert _in_thread(lambda: _fetch(cache, "b", [9]))[:2] == (1, "cold")
-        assert _in_thread(lambda: cache.capture("ns", "a", [0, 1, 2], _make_state(7), reason="x"))
+        assert _in_thread(lambda: cache.capture("ns", "a", [0, 1, 2], make_state(7), reason="x"))
     finally:
         proceed.set()
         deleter.join(10)
-    assert freed[0] > 0 and len(_files(tmp_path)) == 1  # a's three files gone, b's kept
+    cache.flush()
+    assert freed[0] > 0 and len(disk_files(tmp_path)) == 1  # a's three files gone, b's kept
     pos, tier, got = _fetch(cache, "a", [0, 1, 2])
     assert (pos, tier) == (3, "cold")
-    _assert_equal(got, _fp16(_make_state(7)))
+    _assert_equal(got, fp16(make_state(7)))
 
 
 def test_disk_eviction_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     one = FP16_BLOCK + 16384 + 4 * 5  # the reservation for a 5-token checkpoint: the disk holds one
-    cache = _make_cache(tmp_path, disk_bytes=one)
+    cache = make_cache(tmp_path, disk_bytes=one)
     for i in range(3):  # s0 then s1 reach disk (s1 evicts s0), s2 stays in RAM
-        cache.capture("ns", f"s{i}", [i] * 5, _make_state(i), reason="x")
+        cache.capture("ns", f"s{i}", [i] * 5, make_state(i), reason="x")
     entered, proceed = _gate_unlinks(monkeypatch)
-    capturer = threading.Thread(target=lambda: cache.capture("ns", "s3", [3] * 5, _make_state(3), reason="x"))
+    capturer = threading.Thread(target=lambda: cache.capture("ns", "s3", [3] * 5, make_state(3), reason="x"))
     capturer.start()  # spilling s2 evicts s1 from disk: its unlink is held at the gate
     try:
         assert entered.wait(10)
         assert _in_thread(lambda: cache.lookup("ns", "s1", [1] * 5)) is None
         pos, tier, got = _in_thread(lambda: _fetch(cache, "s2", [2] * 5))  # its spill is queued, not written
         assert (pos, tier) == (5, "disk")
-        _assert_equal(got, _fp16(_make_state(2)))
+        _assert_equal(got, fp16(make_state(2)))
     finally:
         proceed.set()
         capturer.join(10)
-    assert len(_files(tmp_path)) == 1
+    cache.flush()
+    assert len(disk_files(tmp_path)) == 1
     assert cache.stats().tiers["disk"].evictions == 2
 
 
 def test_other_model_files_are_not_mixed(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    cache.capture("ns", "a", [1], _make_state(1), reason="x")
+    cache = make_cache(tmp_path)
+    cache.capture("ns", "a", [1], make_state(1), reason="x")
     cache.close()
     spec2 = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 8), torch.float32)}
     other = StateCache(CacheConfig(cold_bytes=10**5, disk_dir=tmp_path, disk_bytes=10**6), spec2)
@@ -233,16 +220,18 @@ def test_other_model_files_are_not_mixed(tmp_path: Path) -> None:
 
 
 def test_failed_spill_write_gives_its_disk_reservation_back(tmp_path: Path) -> None:
-    cache = _make_cache(tmp_path)
-    cache.capture("ns", "a", [1, 2, 3], _make_state(1), reason="x")
-    cache.capture("ns", "b", [4, 5, 6], _make_state(2), reason="x")  # a spills: creates the spec dir
-    spec_dir = _files(tmp_path)[0].parent
+    cache = make_cache(tmp_path)
+    cache.capture("ns", "a", [1, 2, 3], make_state(1), reason="x")
+    cache.capture("ns", "b", [4, 5, 6], make_state(2), reason="x")  # a spills: creates the spec dir
+    cache.flush()
+    spec_dir = disk_files(tmp_path)[0].parent
     used_before = cache.stats().tiers["disk"].bytes_used
     for f in spec_dir.iterdir():
         f.unlink()
     spec_dir.rmdir()
     spec_dir.write_text("not a directory")  # every write below it now fails
-    cache.capture("ns", "c", [7, 8, 9], _make_state(3), reason="x")  # b's spill fails
+    cache.capture("ns", "c", [7, 8, 9], make_state(3), reason="x")  # b's spill fails
+    cache.flush()
     disk = cache.stats().tiers["disk"]
     assert disk.bytes_used <= used_before
     assert disk.bytes_used <= disk.bytes_capacity

@@ -103,6 +103,8 @@ class CacheMachine(RuleBasedStateMachine):
         stats = self.cache.stats()
         for tier, ts in stats.tiers.items():
             assert 0 <= ts.bytes_used <= ts.bytes_capacity, tier
+        self.cache.flush()  # files queued for unlink are gone, queued writes exist
+        stats = self.cache.stats()
         on_disk = sum(p.stat().st_size for p in self.dir.glob("*/*.safetensors"))
         assert on_disk <= stats.tiers["disk"].bytes_used
         assert stats.leases == len(self.held)
@@ -110,6 +112,7 @@ class CacheMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for lease, _ in self.held:
             self.cache.release(lease)
+        self.cache.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
