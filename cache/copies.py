@@ -26,11 +26,11 @@ def write_capture(
     with transfers.on_capture_stream(waits):
         start = transfers.record()
         if hot is not None:
-            hot[0].encode_into(values, hot[1])
+            hot[0].encode_into(values, hot[1], arena=True)
         if cold is not None:
             layout, block = cold
             if block.device == values[next(iter(values))].device:
-                layout.encode_into(values, block)
+                layout.encode_into(values, block, arena=True)
             else:
                 staging = torch.empty(layout.block_bytes, dtype=torch.uint8, device=transfers.device)
                 layout.encode_into(values, staging)
@@ -48,7 +48,7 @@ def read_hot(
 ) -> Event | None:
     """Decode a hot block into `out` on the current stream; return the fence (end of the read)."""
     transfers.wait(ready)
-    layout.decode_into(block, out)
+    layout.decode_into(block, out, arena=True)
     return transfers.record()
 
 
@@ -64,7 +64,7 @@ def read_cold(
     Returns the fence: the host block may be overwritten once it completed.
     """
     if not transfers.cuda:
-        layout.decode_into(block, out)
+        layout.decode_into(block, out, arena=True)
         return None
     with transfers.on_copy_stream([ready]):
         staging = block.to(transfers.device, non_blocking=True)  # (block_bytes,) uint8

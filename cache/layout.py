@@ -58,9 +58,22 @@ class BlockLayout:
                 offset = _round_up(offset + nbytes, ALIGN)
         self.fields = tuple(fields)
         self.block_bytes = max(offset, ALIGN)
+        # views of arena blocks by address: arena memory lives as long as the cache, so they stay valid
+        self._arena_views: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
-    def views(self, block: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """`block: (block_bytes,)` uint8 -> {state name: (data view, scale view or None)}."""
+    def views(
+        self, block: torch.Tensor, arena: bool = False
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """`block: (block_bytes,)` uint8 -> {state name: (data view, scale view or None)}.
+
+        `arena=True` (a block of a tier's arena, never freed while the cache lives) reuses the views made at
+        the block's first use: slicing and viewing every field again is a fair share of a hot restore's host
+        time. Never pass it for a temporary block (a staging copy), whose memory the views would keep alive."""
+        if arena:
+            cached = self._arena_views.get(block.data_ptr())
+            if cached is None:
+                cached = self._arena_views[block.data_ptr()] = self.views(block)
+            return cached
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for f in self.fields:
             view = f.view(block)
@@ -79,13 +92,13 @@ class BlockLayout:
         ]
         return f"{self.codec.name}|" + ",".join(parts)
 
-    def encode_into(self, state: dict[str, torch.Tensor], block: torch.Tensor) -> None:
-        """Encode every state tensor into `block` (same device as the state)."""
-        for name, (data, scale) in self.views(block).items():
+    def encode_into(self, state: dict[str, torch.Tensor], block: torch.Tensor, arena: bool = False) -> None:
+        """Encode every state tensor into `block` (same device as the state); `arena` as in `views`."""
+        for name, (data, scale) in self.views(block, arena).items():
             self.codec.encode_into(state[name], data, scale)
 
-    def decode_into(self, block: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-        for name, (data, scale) in self.views(block).items():
+    def decode_into(self, block: torch.Tensor, out: dict[str, torch.Tensor], arena: bool = False) -> None:
+        for name, (data, scale) in self.views(block, arena).items():
             self.codec.decode_into(data, scale, out[name])
 
     def empty_state(self, device: torch.device) -> dict[str, torch.Tensor]:

@@ -336,3 +336,24 @@ def test_warmup_decodes_zeros_into_the_given_views_and_rejects_wrong_shapes() ->
         assert not t[:, 1].any() and bool((t[:, 0] == 1).all()) and bool((t[:, 2] == 1).all())
     with pytest.raises(ValueError, match="shape"):
         cache.warmup({"conv": torch.zeros(2, 24, 4), "ssm": torch.zeros(2, 4, 8, 16)})
+
+
+def test_arena_block_views_are_made_once_and_temporary_blocks_are_not_remembered() -> None:
+    from cache.layout import BlockLayout
+
+    spec = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
+    layout = BlockLayout(spec, make_codec("fp8"))
+    block = torch.zeros(layout.block_bytes, dtype=torch.uint8)
+    first = layout.views(block, arena=True)
+    assert layout.views(block[:], arena=True) is first  # same address: the same views
+    assert layout.views(block) is not first  # a temporary block gets fresh views
+    state = {name: torch.randn(shape) for name, (shape, _) in spec.items()}
+    layout.encode_into(state, block, arena=True)
+    out = {name: torch.empty(shape) for name, (shape, _) in spec.items()}
+    layout.decode_into(block, out, arena=True)
+    expected = {name: roundtrip(make_codec("fp8"), t) for name, t in state.items()}
+    assert all(torch.equal(out[k], expected[k]) for k in spec)
+    staging = block.clone()
+    layout.decode_into(staging, out)
+    assert all(torch.equal(out[k], expected[k]) for k in spec)
+    assert staging.data_ptr() not in layout._arena_views  # not kept alive by the memo
