@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from cache.config import CacheConfig
+from cache.manager import StateCache
 from server.model.config import ModelConfig
 from server.model.gpu_layers import ConvPrefill
 from server.model.gpu_prefill import GRAPH_PREFILL_MAX
@@ -248,10 +250,7 @@ def section_prefill(rep: Report, models: list[str], lengths: list[int], conv: Co
     rep.table(f"(b) prefill, bf16, batch 1, conv prefill: {conv}", header, rows)
 
 
-def _cache(tier: str, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], disk: Path) -> object:
-    from cache.config import CacheConfig
-    from cache.manager import StateCache
-
+def _cache(tier: str, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], disk: Path) -> StateCache:
     big = 1 << 30
     cfg = CacheConfig(
         hot_bytes=big if tier == "hot" else 0,
@@ -270,24 +269,26 @@ def followup(runner: GpuModelRunner, tokens: list[int], tier: str, disk: Path) -
         runner.reset(0)
         return sync_time(lambda: runner.prefill(tokens, 0)), 0.0, "re-prefill"
     cache = _cache(tier, runner.state_spec(), disk)
-    cache.warmup()  # type: ignore[attr-defined]  # codec kernels compiled outside the timed region
+    cache.warmup(
+        runner.slot_state(0)
+    )  # codec kernels compiled outside the timed region, on the slot's strides
     runner.reset(0)
     state = runner.prefill(tokens[:cut], 0, capture_at=[cut]).captures[cut]
-    cache.capture("bench", "s", tokens[:cut], state, reason="bench")  # type: ignore[attr-defined]
+    cache.capture("bench", "s", tokens[:cut], state, reason="bench")
     if tier == "disk":
-        cache.close(flush=True)  # type: ignore[attr-defined]
-        cache.resize(cold_bytes=0)  # type: ignore[attr-defined]
+        cache.close(flush=True)
+        cache.resize(cold_bytes=0)
     torch.cuda.synchronize()
-    lease = cache.lookup("bench", "s", tokens)  # type: ignore[attr-defined]
+    lease = cache.lookup("bench", "s", tokens)
     assert lease is not None, "the cache missed"
     t0 = time.perf_counter()
-    cache.fetch(lease, out=runner.slot_state(0))  # type: ignore[attr-defined]  # as the engine restores
+    cache.fetch(lease, out=runner.slot_state(0))  # as the engine restores
     torch.cuda.synchronize()
     fetched = time.perf_counter()
     runner.prefill(tokens[cut:], 0)
     torch.cuda.synchronize()
     done = time.perf_counter()
-    cache.release(lease)  # type: ignore[attr-defined]
+    cache.release(lease)
     return done - t0, fetched - t0, lease.tier
 
 

@@ -59,13 +59,15 @@ class BlockArena:
         self.used += 1
         return self._free.pop()
 
-    def release(self, block: int, fence: torch.cuda.Event | None = None, claim: Claim | None = None) -> None:
+    def release(self, block: int, fence: torch.cuda.Event | None = None) -> None:
         self.used -= 1
         self._free.append(block)
         if fence is not None:
             self.fences[block] = fence
-        if claim is not None:
-            self.claims[block] = weakref.ref(claim)
+
+    def claim(self, block: int, claim: Claim) -> None:
+        """A host-side reader of `block`'s current bytes (held weakly); the next writer settles it first."""
+        self.claims[block] = weakref.ref(claim)
 
     def take_claim(self, block: int) -> Claim | None:
         """The live claim on `block`, if any (removed): settle it before overwriting the block."""

@@ -10,7 +10,6 @@ leaves a tier only through `_drop_copy`.
 from __future__ import annotations
 
 import time
-import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from cache.disk_tier import DiskTier, Spill
 from cache.index import SessionIndex
 from cache.layout import BlockLayout
 from cache.policy import GreedyDual
-from cache.spill import SpillCopy
 from cache.stats import empty_lookup_counts
 
 Event = tuple[str, object, object]  # (observer method, arg, arg)
@@ -43,8 +41,6 @@ class Book:
         self.config = config
         self.arenas: dict[Tier, BlockArena | None] = {"hot": hot, "cold": cold}
         self.disk = DiskTier(store, config.disk_bytes, cold_layout)
-        # cold block -> the queued spill that will copy it (outside the lock); its claim once the block is freed
-        self.cold_readers: weakref.WeakValueDictionary[int, SpillCopy] = weakref.WeakValueDictionary()
         self.policy = {t: GreedyDual() for t in TIERS}
         self.index = SessionIndex(config.max_ghosts)
         self.ckpts = self.index.ckpts  # cid -> checkpoint (the index's table, shared)
@@ -234,8 +230,8 @@ class Book:
             return
         if self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk")):
             self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
-            if cp.pending is not None and cp.cold is not None:
-                self.cold_readers[cp.cold] = cp.pending
+            if cp.pending is not None:
+                arena.claim(cp.cold, cp.pending)  # whoever next writes the block lets the spill copy it first
 
     def spill_done(self, spill: Spill, path: Path | None, nbytes: int) -> None:
         """A queued disk write finished (`path` None: it failed). Drop the file if the checkpoint is gone.
@@ -290,9 +286,7 @@ class Book:
         arena = self.arenas[tier]
         if block is None or arena is None:
             return 0
-        reader = self.cold_readers.pop(block, None) if tier == "cold" else None
-        claim = reader if reader is not None and not reader.taken else None
-        arena.release(block, cp.fences.pop(tier, None), claim)
+        arena.release(block, cp.fences.pop(tier, None))
         if tier == "hot":
             cp.hot = None
         else:

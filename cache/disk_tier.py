@@ -92,9 +92,9 @@ class DiskTier:
 
         Nothing is copied here: the block's bytes are taken later, outside the lock, by whoever needs them
         first (`cache.spill.SpillCopy`: on CUDA that waits for the capture's D2H copy, `cp.ready`, before
-        cloning). The caller keeps the block readable until then: the checkpoint's cold copy owns it, and
-        when that copy is dropped the block is released with the `SpillCopy` as its claim
-        (`Book.cold_readers`), which the next capture into it settles first.
+        cloning). The caller keeps the block readable until then: the checkpoint's cold copy owns it, and the
+        `SpillCopy` is registered as the block's claim (`BlockArena.claim`), which the next capture into the
+        block, once released, settles first.
         """
         if self.store is None:
             return False

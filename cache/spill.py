@@ -5,9 +5,9 @@ A spill is decided under the lock, but the wait for the capture's copy into the 
 and the host clone of its bytes (tens of MB for a large model) are not: they run in `fields()`, called by
 whoever needs the bytes first: the writer thread before writing the file, a `fetch` reading the pending
 copy, or the capture that next writes the block (`settle`). Until then the block must keep its bytes. While
-the checkpoint keeps its cold copy, it owns the block; once the cold copy is dropped, the arena keeps this
-object as the block's *claim* (`BlockArena.release`), and the next capture into the block settles it before
-writing. Dropping the disk copy `cancel`s it: a copy never taken is never taken later (the block may hold
+the checkpoint keeps its cold copy, it owns the block; this object is also the block's *claim*
+(`BlockArena.claim`, registered when the spill is queued), so once the cold copy is dropped, the next capture
+into the block settles it before writing. Dropping the disk copy `cancel`s it: a copy never taken is never taken later (the block may hold
 another checkpoint by then), and `fields()` returns None. Thread-safe (own lock); the cache lock is never
 held while it runs.
 """
@@ -49,7 +49,3 @@ class SpillCopy:
         """The disk copy was dropped: take no copy from now on. Lock-free (called under the cache lock): a copy
         already being taken finishes, and `settle` waits for it."""
         self._cancelled = True
-
-    @property
-    def taken(self) -> bool:
-        return self._fields is not None

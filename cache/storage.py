@@ -65,15 +65,17 @@ class Storage:
     # ---- captures ------------------------------------------------------------------------------------
 
     def check_state(self, state: State) -> dict[str, torch.Tensor]:
-        if set(state) != set(self.spec):
-            raise ValueError(f"state names {sorted(state)} != spec {sorted(self.spec)}")
-        out: dict[str, torch.Tensor] = {}
+        """A state to capture: spec names and shapes, moved to the cache device."""
+        self._check_shapes(state, "state")
+        return {name: state[name].to(self.device, non_blocking=True) for name in self.spec}
+
+    def _check_shapes(self, tensors: State, what: str) -> None:
+        """Raise ValueError unless `tensors` has exactly the spec's names, each with its spec shape."""
+        if set(tensors) != set(self.spec):
+            raise ValueError(f"{what} names {sorted(tensors)} != spec {sorted(self.spec)}")
         for name, (shape, _) in self.spec.items():
-            t = state[name]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"state {name!r}: shape {tuple(t.shape)} != spec {shape}")
-            out[name] = t.to(self.device, non_blocking=True)
-        return out
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{what} {name!r}: shape {tuple(tensors[name].shape)} != spec {shape}")
 
     def capture_job(self, book: Book, cp: Checkpoint) -> CaptureJob:
         """The blocks reserved for `cp` and the fences to wait for before writing them (under the lock)."""
@@ -93,11 +95,7 @@ class Storage:
 
     def check_out(self, out: State) -> dict[str, torch.Tensor]:
         """The tensors a fetch decodes into (any float dtype, any strides, e.g. live-slot views)."""
-        if set(out) != set(self.spec):
-            raise ValueError(f"out names {sorted(out)} != spec {sorted(self.spec)}")
-        for name, (shape, _) in self.spec.items():
-            if tuple(out[name].shape) != shape:
-                raise ValueError(f"out {name!r}: shape {tuple(out[name].shape)} != spec {shape}")
+        self._check_shapes(out, "out")
         return dict(out)
 
     def source(self, book: Book, cp: Checkpoint, tier: Tier) -> object:

@@ -44,8 +44,7 @@ class StatePool:
 
     def read(self, slot: int) -> dict[str, Tensor]:
         """A copy of one slot's state."""
-        self.check_slot(slot)
-        return {"conv": self.conv[:, slot].clone(), "ssm": self.ssm[:, slot].clone()}
+        return {name: view.clone() for name, view in self.views(slot).items()}
 
     def write(self, slot: int, state: Mapping[str, Tensor]) -> None:
         self.check_slot(slot)
@@ -55,8 +54,8 @@ class StatePool:
         for name, tensor in state.items():
             if tuple(tensor.shape) != spec[name][0]:
                 raise ValueError(f"state {name!r} has shape {tuple(tensor.shape)}, expected {spec[name][0]}")
-        self.conv[:, slot].copy_(state["conv"], non_blocking=True)
-        self.ssm[:, slot].copy_(state["ssm"], non_blocking=True)
+        for name, view in self.views(slot).items():
+            view.copy_(state[name], non_blocking=True)
 
     def reset(self, slot: int) -> None:
         self.check_slot(slot)
