@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from server.model.config import ModelConfig
-from server.model.layers import RMSNorm
+from server.model.layers import PaddedRows, RMSNorm
 from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
 
@@ -72,13 +72,34 @@ class MambaLM(nn.Module):
 
     def run(self, input_ids: Tensor, states: LayerStates) -> tuple[Tensor, LayerStates]:
         """input_ids (b, l) continuing from `states` -> (logits (b, l, v) fp32, new states)."""
+        residual, new_states = self._layers(input_ids, states, None)
+        return self._head(residual), new_states
+
+    def run_rows(
+        self, input_ids: Tensor, states: LayerStates, rows: PaddedRows
+    ) -> tuple[Tensor, LayerStates]:
+        """Right-padded rows (see `PaddedRows`): input_ids (b, l), row r continuing from states[.][r]
+        -> (logits (b, v) fp32 at each row's last real token, per layer the states at the taps (t, ...))."""
+        residual, taps = self._layers(input_ids, states, rows)  # (b, l, d)
+        last = residual[torch.arange(residual.shape[0], device=residual.device), rows.lengths - 1]  # (b, d)
+        return self._head(last), taps
+
+    def _layers(
+        self, input_ids: Tensor, states: LayerStates, rows: PaddedRows | None
+    ) -> tuple[Tensor, LayerStates]:
+        """-> (residual stream after the last block (b, l, d), per layer the new states, or with `rows`
+        the states at its taps)."""
         residual = self.backbone.embedding(input_ids).to(self._residual_dtype())  # (b, l, d)
         new_states: LayerStates = []
         for block, (conv, ssm) in zip(self.blocks(), states, strict=True):
-            out, conv, ssm = block.mixer(block.norm(residual.to(self.dtype)), conv, ssm)
+            hidden = block.norm(residual.to(self.dtype))
+            if rows is None:
+                out, conv, ssm = block.mixer(hidden, conv, ssm)
+            else:
+                out, conv, ssm = block.mixer.forward_rows(hidden, conv, ssm, rows)
             residual = residual + out.to(residual.dtype)
             new_states.append((conv, ssm))
-        return self._head(residual), new_states
+        return residual, new_states
 
     def step(self, token_ids: Tensor, states: LayerStates) -> tuple[Tensor, LayerStates]:
         """One token per row: token_ids (b,) -> (logits (b, v) fp32, new states)."""

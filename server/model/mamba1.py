@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from server.model.config import ModelConfig
-from server.model.layers import causal_conv, causal_conv_step
+from server.model.layers import PaddedRows, causal_conv_step, causal_conv_window
 
 SCAN_BLOCK = 128  # timesteps whose decays are materialised at once: (b, SCAN_BLOCK, e, n) floats
 
@@ -58,12 +58,30 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, l, d); conv_state: (b, e, k-1); ssm_state: (b, e, n) fp32 -> (out, conv, ssm)."""
+        out, window, ssm_state = self._mix(u, conv_state, ssm_state, None)
+        return out, window[:, :, window.shape[-1] - (self.cfg.d_conv - 1) :], ssm_state
+
+    def forward_rows(
+        self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded rows: u (b, l, d), states as in `forward` -> (out (b, l, d), conv (t, e, k-1),
+        ssm (t, e, n)) with the states at the rows' taps, which must all be row ends (no chunk states)."""
+        out, window, ssm_state = self._mix(u, conv_state, ssm_state, rows.valid)
+        return out, rows.conv_at(window), rows.ends_at(ssm_state)
+
+    def _mix(
+        self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (out (b, l, d), conv window (b, e, k-1+l), final ssm state (b, e, n)); dt = 0 where `valid`
+        (b, l) is False, so the state passes through those steps unchanged."""
         x, z = self.in_proj(u).chunk(2, dim=-1)
-        x, conv_state = causal_conv(x, conv_state, self.conv1d.weight, self.conv1d.bias)
-        dt, B, C = self._ssm_inputs(x)
+        x, window = causal_conv_window(x, conv_state, self.conv1d.weight, self.conv1d.bias)
+        dt, B, C = self._ssm_inputs(x)  # (b, l, e) fp32, (b, l, n), (b, l, n)
+        if valid is not None:
+            dt = torch.where(valid.unsqueeze(-1), dt, 0.0)
         y, ssm_state = selective_scan(x, dt, self._A(), B, C, ssm_state)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
-        return self.out_proj(y.to(u.dtype)), conv_state, ssm_state
+        return self.out_proj(y.to(u.dtype)), window, ssm_state
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, d), one token per row; states as in `forward`."""

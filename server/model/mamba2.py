@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from server.model.config import ModelConfig
-from server.model.layers import GatedRMSNorm, causal_conv, causal_conv_step
-from server.model.ssd import ssd_scan, ssd_step
+from server.model.layers import GatedRMSNorm, PaddedRows, causal_conv_step, causal_conv_window
+from server.model.ssd import fitted_chunk, ssd_scan_states, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -53,14 +53,34 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, l, d); conv_state: (b, c, k-1); ssm_state: (b, h, p, n) fp32 -> (out, conv, ssm)."""
-        cfg = self.cfg
+        out, window, entering = self._mix(u, conv_state, ssm_state, None, self.cfg.chunk_size)
+        return out, window[:, :, window.shape[-1] - (self.cfg.d_conv - 1) :], entering[:, -1]
+
+    def forward_rows(
+        self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded rows: u (b, l, d), states as in `forward` -> (out (b, l, d), conv (t, c, k-1),
+        ssm (t, h, p, n)) with the states at the rows' taps. Rows shorter than a chunk are scanned in
+        one chunk of their padded length (`fitted_chunk`), not of the chunk size."""
+        chunk = fitted_chunk(u.shape[1], self.cfg.chunk_size)
+        out, window, entering = self._mix(u, conv_state, ssm_state, rows.valid, chunk)
+        return out, rows.conv_at(window), rows.chunk_states_at(entering, chunk)
+
+    def _mix(
+        self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, valid: Tensor | None, chunk: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (out (b, l, d), conv window (b, c, k-1+l), states entering each chunk (b, chunks+1, h, p, n));
+        dt = 0 where `valid` (b, l) is False."""
         z, xbc, dt = self._split_proj(self.in_proj(u))
-        xbc, conv_state = causal_conv(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
+        xbc, window = causal_conv_window(xbc, conv_state, self.conv1d.weight, self.conv1d.bias)
         x, B, C = self._split_xbc(xbc)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
-        y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, cfg.chunk_size, ssm_state)
+        dt = self._dt(dt)  # (b, l, h) fp32
+        if valid is not None:
+            dt = torch.where(valid.unsqueeze(-1), dt, 0.0)
+        y, entering = ssd_scan_states(x, dt, self._A(), B, C, chunk, ssm_state)
         y = (y + self._skip(x)).flatten(-2)  # (b, l, e)
         out = self.out_proj(self.norm(y, z).to(u.dtype))
-        return out, conv_state, ssm_state
+        return out, window, entering
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, d), one token per row; states as in `forward`."""

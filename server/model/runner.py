@@ -1,6 +1,18 @@
-"""ModelRunner: prefill and batched decode against the live state pool (the CPU / torch path).
+"""ModelRunner: prefill, batched prefill and batched decode against the live state pool (the CPU /
+torch path).
 
 All tensor work of the server happens here; the engine only passes token ids and slot indices.
+
+`prefill_batch` runs many sequences' segments in one pass over the model: rows right-padded to the
+longest, dt = 0 on the padding (the ssm state passes through it unchanged), each row's conv state
+taken from its own last k-1 real inputs. Rows are grouped longest first so that a pass holds at most
+`pad_waste` padded tokens per real token: 1.25 here, since the torch path on CPU is compute-bound
+past a few dozen tokens a row, so padding costs about what it pads (bench/prefill_batch_cpu.py).
+
+A capture at a multiple of the chunk size from the segment start (or from the split before it)
+comes out of the pass: the scan's fp32 state entering that chunk and the k-1 conv inputs before it.
+Any other capture position splits the segment there, as in `prefill`, so each capture costs at most
+one split. Mamba1 has no chunk states: there every capture inside a segment splits it.
 """
 
 from __future__ import annotations
@@ -12,18 +24,76 @@ import torch
 from torch import Tensor
 
 from server.model.config import ModelConfig
+from server.model.layers import PaddedRows
 from server.model.lm import LayerStates, MambaLM
 from server.model.state import StatePool, StateSpec
+
+PAD_ID = 0  # the token id on padded positions (their dt is zeroed, so any valid id does)
+Captures = dict[int, dict[str, Tensor]]  # position -> a slot state (new tensors, named like `state_spec`)
 
 
 @dataclass
 class PrefillResult:
     last_logits: Tensor  # (v,) fp32; for an empty segment, empty (0,)
     all_logits: Tensor | None = None  # (l, v) fp32 when asked for
-    captures: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # segment position -> state copy
+    captures: Captures = field(default_factory=dict)  # segment position -> state copy
+
+
+@dataclass(frozen=True)
+class PrefillSeg:
+    """One row of `prefill_batch`: tokens continuing the slot's live state, captured at `capture_at`."""
+
+    tokens: Sequence[int]
+    slot: int
+    capture_at: Sequence[int] = ()  # positions relative to the segment start, in [1, len(tokens)]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """What one batched pass runs of segment `seg`: its tokens [start, end), capturing at `taps`
+    (segment positions in (start, end]: `end`, or multiples of the capture grain from `start`)."""
+
+    seg: int
+    start: int
+    end: int
+    taps: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def _pieces(seg: int, n: int, capture_at: Sequence[int], grain: int) -> list[_Piece]:
+    """Split a segment of n tokens at each capture that is not a multiple of `grain` (0: none is) from
+    the start of its piece; every capture is a tap of exactly one piece."""
+    pieces: list[_Piece] = []
+    start, taps = 0, []
+    for p in sorted(set(capture_at)):
+        taps.append(p)
+        if p < n and not (grain and (p - start) % grain == 0):
+            pieces.append(_Piece(seg, start, p, tuple(taps)))
+            start, taps = p, []
+    return [*pieces, _Piece(seg, start, n, tuple(taps))]
+
+
+def _groups(pieces: Sequence[_Piece], waste: float) -> list[list[_Piece]]:
+    """Batch pieces longest first; a group closes when padding it to its longest piece would take more
+    than `waste` x its real tokens."""
+    groups: list[list[_Piece]] = []
+    real = 0
+    for pc in sorted(pieces, key=lambda q: q.length, reverse=True):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0].length <= waste * (real + pc.length):
+            groups[-1].append(pc)
+            real += pc.length
+        else:
+            groups.append([pc])
+            real = pc.length
+    return groups
 
 
 class ModelRunner:
+    pad_waste = 1.25  # padded tokens per real token a batched prefill pass may hold, at most
+
     def __init__(self, model: MambaLM, max_slots: int, device: str | torch.device | None = None) -> None:
         self.model = model
         self.config: ModelConfig = model.cfg
@@ -99,6 +169,101 @@ class ModelRunner:
         logits, states = self.model.run(ids, self._slot_states(slots))
         self._store(slots, states)
         return logits[0]
+
+    # ---- batched prefill ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill_batch(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
+        """`prefill(seg.tokens, seg.slot, seg.capture_at)` for every seg (distinct slots, non-empty
+        tokens), computed in batched passes. Checks every seg before writing any slot."""
+        self._check_segs(segs)
+        if not self._batches_prefill():
+            return [self.prefill(s.tokens, s.slot, s.capture_at) for s in segs]
+        grain = self._capture_grain()
+        plans = [_pieces(i, len(s.tokens), s.capture_at, grain) for i, s in enumerate(segs)]
+        results = [PrefillResult(last_logits=torch.empty(0, device=self.device)) for _ in segs]
+        for rnd in range(max(map(len, plans), default=0)):  # a segment's pieces run in order
+            for group in _groups([plan[rnd] for plan in plans if len(plan) > rnd], self.pad_waste):
+                self._run_pieces(group, segs, results)
+        return results
+
+    def _check_segs(self, segs: Sequence[PrefillSeg]) -> None:
+        for seg in segs:
+            self.pool.check_slot(seg.slot)
+            n = len(seg.tokens)
+            if n == 0:
+                raise ValueError(f"slot {seg.slot}: a batched prefill segment needs at least one token")
+            bad = sorted(p for p in set(seg.capture_at) if not 0 < p <= n)
+            if bad:
+                raise ValueError(f"capture positions must lie in [1, {n}], got {bad}")
+        if len({seg.slot for seg in segs}) != len(segs):
+            raise ValueError("a slot appears twice in one prefill batch")
+
+    def _batches_prefill(self) -> bool:
+        """Whether `_prefill_rows` computes what this runner's `_prefill_segment` does. A subclass that
+        replaces `_prefill_segment` but not `_prefill_rows` gets per-row `prefill` calls instead."""
+        cls = type(self)
+        own_rows = cls._prefill_rows is not ModelRunner._prefill_rows
+        return own_rows or cls._prefill_segment is ModelRunner._prefill_segment
+
+    def _capture_grain(self) -> int:
+        """Captures at multiples of this many tokens from a pass's start come out of the pass (0: only
+        at its end); the chunk size of the SSD scan, whose chunk-entering states are at hand."""
+        return self.config.chunk_size if self.config.arch == "mamba2" else 0
+
+    def _run_pieces(
+        self, group: Sequence[_Piece], segs: Sequence[PrefillSeg], out: list[PrefillResult]
+    ) -> None:
+        rows = [segs[pc.seg].tokens[pc.start : pc.end] for pc in group]
+        taps = [[p - pc.start for p in pc.taps] for pc in group]
+        slots = [segs[pc.seg].slot for pc in group]
+        logits, caps = self._prefill_rows(self._padded_ids(rows), [len(r) for r in rows], slots, taps)
+        for r, pc in enumerate(group):
+            out[pc.seg].last_logits = logits[r, : self.vocab]
+            out[pc.seg].captures.update({pc.start + q: state for q, state in caps[r].items()})
+
+    def _padded_ids(self, rows: Sequence[Sequence[int]]) -> Tensor:
+        width = max(len(r) for r in rows)
+        padded = [[*r, *[PAD_ID] * (width - len(r))] for r in rows]
+        return torch.tensor(padded, dtype=torch.long, device=self.device)  # (b, l)
+
+    def _prefill_rows(
+        self, ids: Tensor, lengths: Sequence[int], slots: Sequence[int], taps: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, list[Captures]]:
+        """The batched prefill hook: one pass over the model for b >= 1 rows. `prefill_batch` validates,
+        splits segments at captures the pass cannot take, groups rows by length and calls this once per
+        group, under inference mode. A subclass that replaces `_prefill_segment` implements it (and
+        `_capture_grain`) to batch its own prefill; until then `prefill_batch` calls its `prefill`.
+
+        Inputs:
+        - ids (b, l) long on the device: row r holds its lengths[r] >= 1 tokens, right-padded with
+          PAD_ID up to l = max(lengths).
+        - slots: distinct, in range. Row r starts from the live state of slots[r] and leaves there its
+          state after lengths[r] tokens. Padding must change no row's state and no real output.
+        - taps[r]: ascending positions relative to the row start, each lengths[r] or a positive
+          multiple of `_capture_grain()` below it (chunk-aligned capture requests).
+        Returns:
+        - logits (b, v_padded) fp32 of each row's last real token (the caller drops the vocab padding);
+        - per row {tap: the row's state after that many tokens}, for every tap of the row, as new
+          tensors named, shaped and typed like `state_spec()` (conv in the pool dtype, ssm fp32), which
+          the caller hands to the cache as they are."""
+        slot_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        b = len(lengths)
+        points = [*enumerate(lengths), *((r, p) for r, ps in enumerate(taps) for p in ps)]
+        rows = PaddedRows.build(lengths, ids.shape[1], points, self.device)
+        logits, states = self.model.run_rows(ids, self._slot_states(slot_t), rows)
+        self._store(slot_t, [(conv[:b], ssm[:b]) for conv, ssm in states])
+        caps: list[Captures] = [{} for _ in range(b)]
+        for j, (r, p) in enumerate(points[b:], start=b):
+            caps[r][p] = self._tap_state(states, j)
+        return logits, caps
+
+    def _tap_state(self, states: LayerStates, j: int) -> dict[str, Tensor]:
+        """Tap j of a batched pass as a slot state: conv (n_layer, c, k-1), ssm (n_layer, ...), new tensors."""
+        conv = torch.stack([c[j] for c, _ in states]).to(self.pool.conv.dtype)
+        return {"conv": conv, "ssm": torch.stack([s[j] for _, s in states])}
+
+    # ---- decode -------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 Computed in fp32. Shapes: x (b, l, h, p), dt (b, l, h) already softplus'ed, A (h,) negative,
 B and C (b, l, g, n), initial state (b, h, p, n). The sequence is padded to a multiple of the
 chunk size with dt = 0 and x = 0; such steps neither decay nor feed the state, so the final state
-is exact for any length.
+is exact for any length. The same holds for padding a caller adds with dt = 0 (batched rows).
 """
 
 from __future__ import annotations
@@ -27,12 +27,22 @@ def ssd_scan(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, init: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Returns (y (b, l, h, p) without the D skip, final state (b, h, p, n))."""
+    y, entering = ssd_scan_states(x, dt, A, B, C, chunk, init)
+    return y, entering[:, -1]
+
+
+def ssd_scan_states(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, init: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`ssd_scan`, returning the fp32 state entering every chunk instead of the final state:
+    (y (b, l, h, p), entering (b, c+1, h, p, n)) for c = ceil(l / chunk) chunks; entering[:, j] is the
+    state after the first j*chunk steps, entering[:, -1] the final state."""
     b, length, h, p = x.shape
     n = B.shape[-1]
     if init is None:
         init = x.new_zeros(b, h, p, n, dtype=torch.float32)
     if length == 0:
-        return x.new_zeros(b, 0, h, p, dtype=torch.float32), init.float()
+        return x.new_zeros(b, 0, h, p, dtype=torch.float32), init.float().unsqueeze(1)
     rep = h // B.shape[2]
     Bh = B.float().repeat_interleave(rep, dim=2)  # (b, l, h, n)
     Ch = C.float().repeat_interleave(rep, dim=2)
@@ -53,12 +63,21 @@ def ssd_scan(
     # 3. carry states across chunks, starting from the initial state
     states = torch.cat([init.float().unsqueeze(1), chunk_states], dim=1)  # (b, c+1, h, p, n)
     decay_chunks = torch.exp(segsum(F.pad(acum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    carried = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)
-    entering, final = carried[:, :-1], carried[:, -1]
+    entering = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)  # (b, c+1, h, p, n)
     # 4. contribution of the state entering each chunk
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, entering, torch.exp(acum))
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, entering[:, :-1], torch.exp(acum))
     y = (y_diag + y_off).flatten(1, 2)[:, :length]
-    return y, final
+    return y, entering
+
+
+def fitted_chunk(length: int, chunk: int) -> int:
+    """The chunk size for a scan of `length` steps: `chunk` halved while half still holds them all.
+    A sequence shorter than one chunk then does not pay for a padded chunk (the within-chunk work is
+    quadratic in its size), and the chunk boundaries stay multiples of the result, so the states at
+    multiples of `chunk` are still among the chunk-entering states."""
+    while chunk % 2 == 0 and chunk // 2 >= max(length, 1):
+        chunk //= 2
+    return chunk
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
