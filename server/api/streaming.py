@@ -5,6 +5,11 @@ then an empty delta carrying `finish_reason`. Completions: text chunks, then an 
 `finish_reason`. With `stream_options.include_usage`, every chunk has `"usage": null` and one last
 chunk with no choices carries the usage. An engine error after the headers went out is sent as an
 `{"error": ...}` event before `[DONE]`.
+
+Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
+pydantic schema once per choice with a marker for the text, and a token's chunk is then the bytes
+before the marker + the text as JSON + the bytes after it (`TextChunks`). Rare chunks (role, finish,
+logprobs, usage, error) still go through the schema.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,9 @@ from server.engine.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
+_json_str = json.JSONEncoder(ensure_ascii=False).encode  # a str as `json.dumps(s, ensure_ascii=False)` has it
+_SLOT = "\x00tssc-text\x00"  # stands in for the text while a choice's chunk is split into head and tail
+_SLOT_JSON = _json_str(_SLOT).encode()
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,29 @@ def sse(body: BaseModel | dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+class TextChunks:
+    """One response's text chunks from bytes serialised once per choice: `head + json(text) + tail`.
+
+    `render(index, text)` is the full chunk as the schema serialises it. It runs once per choice,
+    with a marker as the text, and is split around the marker: the bytes stay the schema's.
+    """
+
+    def __init__(self, render: Callable[[int, str], bytes]) -> None:
+        self._render = render
+        self._frames: dict[int, tuple[bytes, bytes]] = {}
+
+    def __call__(self, index: int, text: str) -> bytes:
+        head, tail = self._frames.get(index) or self._frame(index)
+        return head + _json_str(text).encode() + tail
+
+    def _frame(self, index: int) -> tuple[bytes, bytes]:
+        head, slot, tail = self._render(index, _SLOT).partition(_SLOT_JSON)
+        if not slot or _SLOT_JSON in tail:
+            raise ValueError("a text chunk must hold its text exactly once")
+        self._frames[index] = (head, tail)
+        return head, tail
+
+
 def _chat_chunk(spec: StreamSpec, choice: ChatChunkChoice | None) -> bytes:
     chunk = ChatCompletionChunk(
         id=spec.response_id, created=spec.created, model=spec.model, choices=[choice] if choice else []
@@ -72,14 +103,19 @@ def _chat_chunk(spec: StreamSpec, choice: ChatChunkChoice | None) -> bytes:
     return sse(data)
 
 
-def _chat_event_chunk(spec: StreamSpec, index: int, event: TokenEvent) -> bytes | None:
-    logprobs = None
+def chat_text_chunks(spec: StreamSpec) -> TextChunks:
+    """Content-delta chunks (no logprobs) of one chat response."""
+    return TextChunks(
+        lambda i, text: _chat_chunk(spec, ChatChunkChoice(index=i, delta=ChatDelta(content=text)))
+    )
+
+
+def _chat_event_chunk(spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent) -> bytes | None:
     if spec.logprobs and has_logprob(event):
         logprobs = ChatLogprobs(content=[chat_logprob_entry(event, spec.token_text)])
-    if not event.text and logprobs is None:
-        return None
-    choice = ChatChunkChoice(index=index, delta=ChatDelta(content=event.text), logprobs=logprobs)
-    return _chat_chunk(spec, choice)
+        delta = ChatDelta(content=event.text)
+        return _chat_chunk(spec, ChatChunkChoice(index=index, delta=delta, logprobs=logprobs))
+    return text(index, event.text) if event.text else None
 
 
 async def chat_stream(
@@ -87,11 +123,12 @@ async def chat_stream(
 ) -> AsyncGenerator[bytes, None]:
     for index in range(len(reqs)):
         yield _chat_chunk(spec, ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+    text = chat_text_chunks(spec)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
         async with contextlib.aclosing(merged_events(engine, reqs)) as events:
             async for index, event in events:
-                if (chunk := _chat_event_chunk(spec, index, event)) is not None:
+                if (chunk := _chat_event_chunk(spec, text, index, event)) is not None:
                     yield chunk
                 if event.finish_reason is not None:
                     finals[index] = event
@@ -125,28 +162,34 @@ def _completion_chunk(spec: StreamSpec, choice: CompletionChoice | None) -> byte
     return sse(data)
 
 
-def _completion_event_chunk(spec: StreamSpec, index: int, event: TokenEvent, offset: int) -> bytes | None:
-    logprobs = None
+def completion_text_chunks(spec: StreamSpec) -> TextChunks:
+    """Text chunks (no logprobs, no finish reason) of one completions response."""
+    return TextChunks(lambda i, text: _completion_chunk(spec, CompletionChoice(index=i, text=text)))
+
+
+def _completion_event_chunk(
+    spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent, offset: int
+) -> bytes | None:
     if spec.logprobs and has_logprob(event):
         logprobs = completion_logprobs([event], spec.token_text, offset)
-    if not event.text and logprobs is None:
-        return None
-    return _completion_chunk(spec, CompletionChoice(index=index, text=event.text, logprobs=logprobs))
+        return _completion_chunk(spec, CompletionChoice(index=index, text=event.text, logprobs=logprobs))
+    return text(index, event.text) if event.text else None
 
 
 async def completion_stream(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec, echo: Sequence[str]
 ) -> AsyncGenerator[bytes, None]:
     """`echo[i]` is text to send first for choice i (the prompt, with `echo`), or empty."""
+    text = completion_text_chunks(spec)
     offsets = [len(e) for e in echo]
-    for index, text in enumerate(echo):
-        if text:
-            yield _completion_chunk(spec, CompletionChoice(index=index, text=text))
+    for index, prompt in enumerate(echo):
+        if prompt:
+            yield text(index, prompt)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
         async with contextlib.aclosing(merged_events(engine, reqs)) as events:
             async for index, event in events:
-                if (chunk := _completion_event_chunk(spec, index, event, offsets[index])) is not None:
+                if (chunk := _completion_event_chunk(spec, text, index, event, offsets[index])) is not None:
                     yield chunk
                 offsets[index] += len(event.text)
                 if event.finish_reason is not None:
