@@ -14,6 +14,8 @@ vocabulary rarely has it as one token.
 rendering of the conversation up to and including that message ends. They are capture candidates
 for the state cache, and each is a true prefix of the full rendering: the partial rendering must be
 a string prefix of the full one, and the position counts only whole tokens inside it.
+`encode_chat` renders every message prefix and tokenizes everything; `chat_encoding.ChatEncoder`
+gives the same result per conversation turn at the cost of what is new.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,11 @@ FALLBACK_CHAT_TEMPLATE = (
 FALLBACK_STOP = "<|im_end|>"
 
 Message = Mapping[str, Any]
+_S = TypeVar("_S", str, bytes)
+Spans = list[tuple[int, int]]
+_REPLACEMENT = "\ufffd"
+_DECODE_CONTEXT = 6  # tokens decoded before a window: a token can render differently at the start
+_MAX_HELD = 64  # tokens a window may hold an incomplete character before its anchor moves anyway
 
 
 def model_eos_ids(model_dir: Path) -> tuple[int, ...]:
@@ -55,6 +63,16 @@ def model_eos_ids(model_dir: Path) -> tuple[int, ...]:
 
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered (an unsupported role, a template error)."""
+
+
+@dataclass(frozen=True)
+class AddedTokens:
+    """The added tokens a fast tokenizer splits its input on, before normalizing or pre-tokenizing."""
+
+    # id -> content of the tokens matched as-is in the raw text: not normalized, no lstrip / rstrip /
+    # single-word rule, no whitespace at either end of the content
+    verbatim: Mapping[int, str]
+    max_len: int  # the longest content of any added token, in characters
 
 
 class Tokenizer:
@@ -120,7 +138,7 @@ class Tokenizer:
     # ---- chat -------------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        msgs = [_normalize(m) for m in messages]
+        msgs = [normalize_message(m) for m in messages]
         try:
             with self._lock:
                 text = self.hf.apply_chat_template(
@@ -140,30 +158,87 @@ class Tokenizer:
         if not messages:
             raise ChatTemplateError("messages must not be empty")
         full = self.render_chat(messages, add_generation_prompt)
-        tokens, ends = self._encode_with_ends(full)
+        tokens, ends = self.encode_with_ends(full)
         boundaries: set[int] = set()
         for i in range(1, len(messages) + 1):
             try:
                 part = self.render_chat(messages[:i], add_generation_prompt=False)
             except ChatTemplateError:
                 continue  # a template may refuse some partial conversations
-            chars = _common_prefix_len(part, full)
+            chars = common_prefix_len(part, full)
             position = _tokens_within(ends, chars)
             if position > 0:
                 boundaries.add(position)
         return tokens, sorted(boundaries)
 
-    def _encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
-        """Tokens of `text` and, per token, the character offset where it ends."""
-        if getattr(self.hf, "is_fast", False):
-            with self._lock:
-                enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-            tokens = list(enc["input_ids"])
-            ends = _monotonic([int(e) for _, e in enc["offset_mapping"]])
-            return tokens, ends
+    def encode_offsets(self, text: str) -> tuple[list[int], Spans] | None:
+        """Tokens of `text` (no special tokens added) and each one's (start, end) character span.
+
+        None for a slow tokenizer, which reports no offsets."""
+        if not getattr(self.hf, "is_fast", False):
+            return None
+        with self._lock:
+            enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Tokens of `text` and, per token, the character offset where it ends (a running maximum).
+
+        A slow tokenizer has no offsets: a token ends where the decoding of the tokens up to it ends."""
+        encoded = self.encode_offsets(text)
+        if encoded is not None:
+            return encoded[0], _monotonic([e for _, e in encoded[1]])
         tokens = self.encode(text, add_special_tokens=False)
-        ends = [len(self.decode(tokens[: i + 1], skip_special_tokens=False)) for i in range(len(tokens))]
-        return tokens, _monotonic(ends)
+        decode = lambda ids: self.decode(ids, skip_special_tokens=False)
+        lengths = _prefix_lengths(decode, tokens)
+        if lengths is None:  # a decoder that is not local: decode every prefix (quadratic)
+            lengths = [len(decode(tokens[: i + 1])) for i in range(len(tokens))]
+        return tokens, _monotonic(lengths)
+
+    def added_tokens(self) -> AddedTokens | None:
+        """The added tokens, or None (a slow tokenizer, or one told to encode special tokens as text)."""
+        backend = getattr(self.hf, "backend_tokenizer", None) if getattr(self.hf, "is_fast", False) else None
+        if backend is None or getattr(self.hf, "split_special_tokens", False):
+            return None
+        with self._lock:
+            if getattr(backend, "encode_special_tokens", True):
+                return None
+            added = dict(backend.get_added_tokens_decoder())
+        verbatim = {i: t.content for i, t in added.items() if _verbatim(t)}
+        return AddedTokens(verbatim, max((len(t.content) for t in added.values()), default=0))
+
+
+def _verbatim(token: Any) -> bool:
+    content = str(token.content)
+    plain = not (token.normalized or token.lstrip or token.rstrip or token.single_word)
+    return plain and bool(content) and content == content.strip()
+
+
+def _prefix_lengths(decode: Callable[[Sequence[int]], str], tokens: Sequence[int]) -> list[int] | None:
+    """len(decode(tokens[:i + 1])) for every i, decoding short windows: O(tokens * window).
+
+    An anchor is a token after which the decoded text ends with a whole character. Each window is
+    decoded from a few tokens before the anchor (a token may render differently at the start of a
+    sequence) and adds, past the anchor, whatever it decodes beyond the anchor's own window. The
+    pieces are checked to add up to decode(tokens); None when they do not (a decoder whose output
+    for early tokens depends on later ones), for the caller to decode every prefix instead."""
+    lengths: list[int] = []
+    pieces: list[str] = []
+    anchor = anchor_len = 0
+    base = window = ""
+    for i in range(len(tokens)):
+        lo = max(0, anchor - _DECODE_CONTEXT)
+        window = decode(tokens[lo : i + 1])
+        if not window.startswith(base):
+            return None
+        lengths.append(anchor_len + len(window) - len(base))
+        if not window.endswith(_REPLACEMENT) or i + 1 - anchor >= _MAX_HELD:
+            pieces.append(window[len(base) :])
+            anchor, anchor_len = i + 1, lengths[-1]
+            base = decode(tokens[max(0, anchor - _DECODE_CONTEXT) : anchor])
+            window = base
+    pieces.append(window[len(base) :])
+    return lengths if "".join(pieces) == decode(tokens) else None
 
 
 def _backend_copy(hf: Any) -> Any:
@@ -176,7 +251,7 @@ def _backend_copy(hf: Any) -> Any:
     return RustTokenizer.from_str(backend.to_str())
 
 
-def _normalize(message: Message) -> dict[str, Any]:
+def normalize_message(message: Message) -> dict[str, Any]:
     """A message whose content is a string (OpenAI content parts are joined)."""
     out = dict(message)
     content = out.get("content")
@@ -188,7 +263,7 @@ def _normalize(message: Message) -> dict[str, Any]:
     return out
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def common_prefix_len(a: _S, b: _S) -> int:
     """Length of the longest common prefix (binary search over C-speed slice compares)."""
     if b.startswith(a):
         return len(a)
