@@ -5,12 +5,19 @@ that must run outside the lock are queued: `events` (observer callbacks) here, a
 unlinks) in `disk` (`cache.disk_tier`, which also says why deleting after the lock is race-free).
 Invariants kept here: every tier's used bytes <= its capacity; a pinned checkpoint loses no copy; a copy
 leaves a tier only through `_drop_copy`.
+
+Fairness between namespaces (API keys) in the hot and cold arenas: a namespace's fair share of a tier is its
+capacity divided by the number of namespaces holding copies there (the one capturing included). A capture
+that needs room evicts by Greedy-Dual-Size over every namespace while its namespace holds less than its fair
+share, and only its own copies once it holds that much: a namespace can take free space and space beyond
+others' shares, but never push another namespace below its share. The disk tier, the overflow of the cold
+one, is shared by Greedy-Dual-Size alone.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -45,6 +52,7 @@ class Book:
         self.index = SessionIndex(config.max_ghosts)
         self.ckpts = self.index.ckpts  # cid -> checkpoint (the index's table, shared)
         self.leases: dict[int, int] = {}
+        self.held: dict[Tier, Counter[str]] = {"hot": Counter(), "cold": Counter()}  # copies per namespace
         self._next_id = 0
         self.events: list[Event] = []
         self.lookups = empty_lookup_counts()
@@ -63,8 +71,8 @@ class Book:
             self.captures_skipped += 1
             return None
         self._make_window_room(session)
-        hot = self._alloc("hot")
-        cold = self._alloc("cold")
+        hot = self._alloc("hot", key[0])
+        cold = self._alloc("cold", key[0])
         session = self.index.sessions.setdefault(key, session)  # evictions above may have dropped it as empty
         if hot is None and cold is None:
             self.captures_skipped += 1
@@ -74,6 +82,10 @@ class Book:
         now = time.time()
         cp = Checkpoint(self._new_id(), key, node, len(tokens), reason, now, now, hot=hot, cold=cold, pins=1)
         self.index.add(session, cp)
+        if hot is not None:
+            self.held["hot"][key[0]] += 1
+        if cold is not None:
+            self.held["cold"][key[0]] += 1
         return cp
 
     def write_fences(self, cp: Checkpoint) -> list[torch.cuda.Event | None]:
@@ -151,6 +163,7 @@ class Book:
     # ---- sessions ------------------------------------------------------------------------------------
 
     def delete_session(self, key: SessionKey) -> int:
+        self.index.gone.pop(key, None)
         session = self.index.sessions.pop(key, None)
         if session is None:
             return 0
@@ -183,17 +196,32 @@ class Book:
         while self.disk.over() and self._evict_one("disk"):
             pass
 
-    def _alloc(self, tier: Tier) -> int | None:
+    def _alloc(self, tier: Tier, namespace: str) -> int | None:
         arena = self.arenas[tier]
         if arena is None:
             return None
         block = arena.alloc()
-        while block is None and arena.target > 0 and self._evict_one(tier):
+        while block is None and arena.target > 0 and self._evict_one(tier, namespace):
             block = arena.alloc()
         return block
 
-    def _evict_one(self, tier: Tier) -> bool:
-        cid = self.policy[tier].victim(self._evictable)
+    def _fair_share(self, tier: Tier, namespace: str) -> int:
+        arena = self.arenas[tier]
+        holders = self.held[tier]
+        count = sum(1 for ns, n in holders.items() if n > 0) + (0 if holders[namespace] > 0 else 1)
+        return max(1, (arena.target if arena is not None else 0) // count)
+
+    def _evict_one(self, tier: Tier, requester: str | None = None) -> bool:
+        """Evict one copy from `tier`: the lowest priority one, or, when `requester` (a namespace making room
+        for its own capture) holds its fair share or more, the lowest priority one of its own."""
+        evictable = self._evictable
+        if (
+            requester is not None
+            and tier in self.held
+            and self.held[tier][requester] >= self._fair_share(tier, requester)
+        ):
+            evictable = lambda cid: self._evictable(cid) and self.ckpts[cid].key[0] == requester
+        cid = self.policy[tier].victim(evictable)
         if cid is None:
             return False
         self.policy[tier].evicted(cid)
@@ -287,6 +315,10 @@ class Book:
         if block is None or arena is None:
             return 0
         arena.release(block, cp.fences.pop(tier, None))
+        held = self.held[tier]
+        held[cp.key[0]] -= 1
+        if held[cp.key[0]] <= 0:
+            del held[cp.key[0]]
         if tier == "hot":
             cp.hot = None
         else:

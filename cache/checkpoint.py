@@ -71,4 +71,5 @@ class Session:
     ghosts: deque[Node] = field(default_factory=deque)
 
     def empty(self) -> bool:
-        return not self.cids and not self.ghosts
+        """No checkpoint left (ghost markers alone do not keep a session: `SessionIndex`)."""
+        return not self.cids

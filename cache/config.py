@@ -19,6 +19,8 @@ class CacheConfig:
     `min_gap` tokens deeper than an existing checkpoint on the same token path (0 = only exact duplicates).
     `disk_dir=None` or `disk_bytes=0` disables the disk tier. `device`: where the hot tier lives ("cuda",
     "cuda:1", "cpu"); the cold tier is always host memory, pinned when CUDA is available.
+    `max_captures`: at most this many captures per prefill of one request (0 = no limit), thinned by
+    `cache.policy.thin`, so that one request (say 1,000 one-line messages) cannot fill a tier.
     `max_ghosts`: evicted-checkpoint markers kept per session to tell `evicted` misses from `never_saved`.
     `fused_codecs`: on CUDA, run the FP8/FP16 codecs as Triton kernels (`cache.triton_codec`; torch ops where
     triton is missing or a kernel fails); ignored on CPU."""
@@ -32,13 +34,22 @@ class CacheConfig:
     cold_dtype: ColdDtype = "fp16"
     checkpoint_interval: int = 0
     min_gap: int = 0
+    max_captures: int = 0
     device: str = "cpu"
     max_ghosts: int = 64
     latency_samples: int = 1024
     fused_codecs: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("hot_bytes", "cold_bytes", "disk_bytes", "hot_window", "checkpoint_interval", "min_gap"):
+        for name in (
+            "hot_bytes",
+            "cold_bytes",
+            "disk_bytes",
+            "hot_window",
+            "checkpoint_interval",
+            "min_gap",
+            "max_captures",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.hot_dtype not in _HOT:

@@ -7,19 +7,37 @@ cache lock around every method.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from cache.base import MissCause
 from cache.checkpoint import Checkpoint, Session, SessionKey
 
+# Keys of sessions forgotten after their last checkpoint was evicted, so that a later lookup still counts an
+# `evicted` miss; an LRU of keys only (no tokens, no tree): about 200 bytes each.
+MAX_GONE_SESSIONS = 4096
+
 
 class SessionIndex:
+    """Sessions live exactly as long as they hold a checkpoint (`Session.empty`): the last checkpoint leaving
+    every tier forgets the session, its prefix tree and ghost markers. Host memory for bookkeeping is thus
+    bounded by what the tiers hold: per checkpoint one `Checkpoint` record and one tree node (~1 KB), per
+    session one tree whose edges store each distinct token of its checkpoints' and ghosts' prefixes once
+    (8 bytes a token, plus 32 for a token id above 256 that nothing else references), at most `max_ghosts`
+    ghosts per session; plus `MAX_GONE_SESSIONS` keys of forgotten sessions."""
+
     def __init__(self, max_ghosts: int) -> None:
         self.max_ghosts = max_ghosts
         self.sessions: dict[SessionKey, Session] = {}
         self.ckpts: dict[int, Checkpoint] = {}
+        self.gone: OrderedDict[SessionKey, None] = OrderedDict()  # sessions whose checkpoints were evicted
 
     def session(self, key: SessionKey) -> Session:
-        """The session `key`, created if new (it is dropped again once it has no checkpoints or ghosts)."""
-        return self.sessions.get(key) or self.sessions.setdefault(key, Session(key))
+        """The session `key`, created if new (it is dropped again once it has no checkpoints)."""
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.sessions[key] = Session(key)
+            self.gone.pop(key, None)
+        return session
 
     def add(self, session: Session, cp: Checkpoint) -> None:
         """Enter `cp` at its node (`cp.node`, a node of `session.tree`)."""
@@ -31,7 +49,7 @@ class SessionIndex:
         """The deepest visible checkpoint on the path of `tokens`, or None and the miss cause."""
         session = self.sessions.get(key)
         if session is None:
-            return None, "never_saved"
+            return None, "evicted" if key in self.gone else "never_saved"
         best: Checkpoint | None = None
         ghost = False
         for node in session.tree.path(tokens):
@@ -77,5 +95,11 @@ class SessionIndex:
         self.drop_if_empty(session)
 
     def drop_if_empty(self, session: Session) -> None:
-        if session.empty() and self.sessions.get(session.key) is session:
-            del self.sessions[session.key]
+        if not session.empty() or self.sessions.get(session.key) is not session:
+            return
+        del self.sessions[session.key]
+        if session.ghosts:  # its checkpoints were evicted (a deleted session is popped, never dropped here)
+            self.gone[session.key] = None
+            self.gone.move_to_end(session.key)
+            while len(self.gone) > MAX_GONE_SESSIONS:
+                self.gone.popitem(last=False)

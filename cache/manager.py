@@ -165,7 +165,9 @@ class StateCache(CheckpointCache):
 
     def capture_positions(self, start: int, end: int, boundaries: Sequence[int]) -> list[int]:
         cfg = self.config
-        return capture_positions(start, end, boundaries, cfg.checkpoint_interval, cfg.min_gap)
+        return capture_positions(
+            start, end, boundaries, cfg.checkpoint_interval, cfg.min_gap, cfg.max_captures
+        )
 
     def delete_session(self, namespace: str, session: str | None) -> int:
         with self._lock:

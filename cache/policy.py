@@ -77,21 +77,59 @@ class GreedyDual:
 
 
 def capture_positions(
-    start: int, end: int, boundaries: Sequence[int], interval: int, min_gap: int
+    start: int, end: int, boundaries: Sequence[int], interval: int, min_gap: int, limit: int = 0
 ) -> list[int]:
     """Absolute positions p in (start, end] to capture at during a prefill of tokens[start:end].
 
-    Candidates: the message `boundaries` inside the range, every multiple of `interval` (0 = none) and `end`.
+    Candidates: the message `boundaries` inside the range, every `interval` tokens past `start` (0 = none;
+    counted from the resumed position, so that with an interval and a prefill chunk that are multiples of
+    the scan's chunk size, these positions fall on the scan's chunk boundaries) and `end`.
     Thinned from the end backwards: a candidate closer than `min_gap` to the next kept one, or to `start`
     (the checkpoint being resumed, when start > 0), is dropped; `end` is always kept.
+    Then, with `limit` > 0, at most `limit` positions are kept (`thin`).
     """
     if end <= start:
         return []
     cands = {b for b in boundaries if start < b <= end}
     if interval > 0:
-        cands.update(range((start // interval + 1) * interval, end + 1, interval))
+        cands.update(range(start + interval, end + 1, interval))
     kept = [end]
     for p in sorted(cands - {end}, reverse=True):
         if kept[-1] - p >= min_gap and (start == 0 or p - start >= min_gap):
             kept.append(p)
+    kept.sort()
+    return thin(kept, start, set(boundaries), limit) if limit > 0 else kept
+
+
+def thin(positions: list[int], start: int, boundaries: set[int], limit: int) -> list[int]:
+    """At most `limit` of the ascending `positions` (the last one is the prefill's end). The end is kept, then
+    message boundaries before interval positions (edits and regenerates resume at boundaries), each kind
+    thinned by `_spread`: its last and first, then one at or below each geometric target
+    start + span * (1 - 2**-i), i = 1, 2, ...: dense near the end, where follow-ups, regenerates and edits of
+    recent messages resume, sparse over the older part of a long prompt (in the spirit of Marconi)."""
+    if len(positions) <= limit:
+        return positions
+    end = positions[-1]
+    bounds = [p for p in positions[:-1] if p in boundaries]
+    kept = {end, *_spread(bounds, start, end, limit - 1)}
+    others = [p for p in positions[:-1] if p not in kept]
+    kept.update(_spread(others, start, end, limit - len(kept)))
     return sorted(kept)
+
+
+def _spread(cands: list[int], start: int, end: int, k: int) -> list[int]:
+    """At most k of the ascending `cands`: all if they fit, else the last, the first, then geometric picks."""
+    if len(cands) <= k:
+        return cands
+    if k <= 0:
+        return []
+    chosen = {cands[-1]}
+    if k > 1:
+        chosen.add(cands[0])
+    span, i = end - start, 1
+    while len(chosen) < k and span >> i > 0:
+        below = [p for p in cands if p <= end - (span >> i) and p not in chosen]
+        if below:
+            chosen.add(below[-1])
+        i += 1
+    return sorted(chosen)

@@ -107,7 +107,8 @@ def test_greedy_dual_skips_unevictable_and_refresh_reorders() -> None:
 
 def test_capture_positions_boundaries_interval_and_end() -> None:
     assert capture_positions(0, 100, [5, 40, 100, 200], interval=32, min_gap=0) == [5, 32, 40, 64, 96, 100]
-    assert capture_positions(50, 100, [40, 60], interval=32, min_gap=0) == [60, 64, 96, 100]
+    # intervals count from the resumed position (chunk-aligned for the prefill that starts there)
+    assert capture_positions(50, 100, [40, 60], interval=32, min_gap=0) == [60, 82, 100]
     assert capture_positions(10, 10, [10], interval=4, min_gap=0) == []
 
 
@@ -118,6 +119,17 @@ def test_capture_positions_thinned_by_min_gap() -> None:
     assert capture_positions(90, 100, [95], interval=0, min_gap=10) == [100]
 
 
+def test_capture_positions_capped_per_request() -> None:
+    """1,000 one-token messages: at most `limit` captures, the end and the last boundary always among them,
+    denser towards the end."""
+    bounds = list(range(1, 1001))
+    got = capture_positions(0, 1003, bounds, interval=16, min_gap=0, limit=8)
+    assert len(got) == 8 and got[-1] == 1003 and 1000 in got
+    gaps = [b - a for a, b in itertools.pairwise(got)]
+    assert gaps[0] >= gaps[-2], got  # older part sparser than the recent one
+    assert capture_positions(0, 100, [5, 40], interval=0, min_gap=0, limit=8) == [5, 40, 100]  # under the cap
+
+
 def test_capture_positions_random_invariants() -> None:
     rng = random.Random(0)
     for _ in range(200):
@@ -125,8 +137,10 @@ def test_capture_positions_random_invariants() -> None:
         end = start + rng.randrange(1, 500)
         bounds = [rng.randrange(0, 1000) for _ in range(rng.randrange(0, 8))]
         k, gap = rng.choice([0, 16, 64]), rng.choice([0, 8, 32])
-        got = capture_positions(start, end, bounds, interval=k, min_gap=gap)
+        limit = rng.choice([0, 1, 2, 5])
+        got = capture_positions(start, end, bounds, interval=k, min_gap=gap, limit=limit)
         assert got[-1] == end and all(start < p <= end for p in got) and got == sorted(set(got))
+        assert limit == 0 or len(got) <= limit
 
 
 def test_greedy_dual_heap_stays_bounded_when_one_id_is_refreshed_many_times() -> None:
