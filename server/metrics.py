@@ -107,7 +107,7 @@ class Metrics(CacheObserver):
         self.cache_disk_corrupt = Counter(
             "tssc_state_cache_disk_corrupt_total", "Disk checkpoints found corrupt and skipped.", registry=r
         )
-        self.sessions = Gauge("tssc_sessions", "Sessions known to the cache.", registry=r)
+        self.sessions = Gauge("tssc_sessions", "Sessions holding at least one checkpoint.", registry=r)
         for result, cause in _LOOKUP_LABELS:
             self.cache_lookups.labels(result=result, cause=cause)
         for tier in TIERS:

@@ -2,19 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server.api import create_app
 from server.api.logs import configure_logging
+from server.api.shutdown import drain
+from server.api.state import AppState
 from server.metrics import Metrics
 from server.settings import parse_settings
 
 log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM/SIGINT drains the app (`server.api.shutdown`) before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+        super().__init__(config)
+        self._app, self._grace = app, grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: uvicorn's own (immediate) shutdown
+            return
+        self._draining = True
+        self._captured_signals.append(sig)  # uvicorn re-raises it once it has shut down
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        state: AppState = self._app.state.tssc
+        try:
+            await drain(state, self._grace)
+        finally:
+            self.should_exit = True
 
 
 def _settings_error(exc: ValidationError) -> str:
@@ -35,9 +74,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         sys.stderr.write(_settings_error(exc) + "\n")
         return 2
-    configure_logging(settings.log_level_int)
+    configure_logging(settings.log_level_int, session_ids=settings.log_session_ids)
     failed: list[bool] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_load_error() -> None:
         failed.append(True)
@@ -53,7 +92,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.shutdown_grace)
     log.info(
         "serving",
         extra={

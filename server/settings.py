@@ -45,8 +45,11 @@ class Settings(BaseSettings):
     device: Device = Field("auto", description="Where the model runs: auto picks cuda when available.")
     dtype: ModelDType = Field("auto", description="Model weights dtype: auto is bf16 on cuda, fp32 on cpu.")
     max_num_seqs: int = Field(16, ge=1, le=4096, description="Live slots: sequences decoded together.")
-    prefill_budget: int = Field(
-        512, ge=1, description="Prompt tokens prefilled per engine step over all requests (chunked prefill)."
+    prefill_budget: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens prefilled per engine step over all requests (chunked prefill); "
+        "default 512 on CPU, 8192 on CUDA.",
     )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -63,14 +66,27 @@ class Settings(BaseSettings):
     cold_dtype: ColdDType = Field("fp16", description="Cold tier (and disk) storage precision.")
     disk_dir: Path | None = Field(None, description="Directory of the disk tier (off when unset).")
     disk_bytes: ByteSize = Field(ByteSize(8 * 2**30), description="Disk tier byte budget.")
-    checkpoint_interval: int = Field(256, ge=1, description="Capture a checkpoint every N prompt tokens.")
+    checkpoint_interval: int | None = Field(
+        None,
+        ge=1,
+        description="Capture a checkpoint every N prompt tokens, rounded up to a multiple of the model's scan "
+        "chunk; default 256 on CPU, 4096 on CUDA.",
+    )
+    max_checkpoints_per_request: int = Field(
+        8, ge=1, description="Most checkpoints one request's prefill captures (thinned; plus one at finish)."
+    )
     # limits
     max_prompt_tokens: int = Field(32768, ge=1, description="Longest prompt accepted, in tokens.")
     max_body_bytes: ByteSize = Field(ByteSize(8 * 2**20), description="Largest request body accepted.")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before 429.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_messages: int = Field(1000, ge=1, description="Most messages a chat request may carry.")
+    shutdown_grace: float = Field(
+        15.0, ge=0, description="Seconds running requests get to finish after SIGTERM before they are ended."
+    )
     log_level: LogLevel = Field("info", description="Logging level.")
+    log_session_ids: bool = Field(True, description="Write session ids into the logs (access log included).")
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -124,7 +140,8 @@ def build_parser(prog: str = "tssc serve") -> argparse.ArgumentParser:
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}]"
         if field.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action="store_true", help=help_text)
+            action = argparse.BooleanOptionalAction if field.default is True else "store_true"
+            parser.add_argument(_flag(name), dest=name, action=action, help=help_text)
         elif name == "api_key":
             parser.add_argument(_flag(name), dest=name, action="append", metavar="KEY", help=help_text)
         else:

@@ -89,5 +89,6 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=int(settings.max_body_bytes))
-    app.add_middleware(RequestContextMiddleware)  # outermost: every response gets a request id
+    # outermost: every response gets a request id
+    app.add_middleware(RequestContextMiddleware, log_session_ids=settings.log_session_ids)
     return app

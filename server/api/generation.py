@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 from starlette.requests import Request
 
 from server.api.errors import APIError
-from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.types import EngineShutdown, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,12 +118,18 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+def shutting_down(message: str = "The server is shutting down.") -> APIError:
+    return APIError(503, message, code="server_shutting_down", headers={"Retry-After": "5"})
+
+
 def engine_error(exc: Exception) -> APIError:
     """An engine exception as an API error: bad input is 400, anything else 503 (retryable)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ValueError):
         return APIError(400, str(exc) or "invalid request", code="invalid_value")
+    if isinstance(exc, EngineShutdown):
+        return shutting_down(str(exc))
     log.exception("engine error", exc_info=exc)
     return APIError(
         503,

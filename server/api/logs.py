@@ -19,12 +19,19 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class ContextFilter(logging.Filter):
-    """Adds `request_id` and `session_id` to every record (None outside a request)."""
+    """Adds `request_id` and `session_id` to every record (None outside a request). With
+    `session_ids=False` (`--no-log-session-ids`) no record carries a session id, the access log included."""
+
+    def __init__(self, session_ids: bool = True) -> None:
+        super().__init__()
+        self.session_ids = session_ids
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
-        if getattr(record, "session_id", None) is None:
+        if not self.session_ids:
+            record.__dict__.pop("session_id", None)
+        elif getattr(record, "session_id", None) is None:
             record.session_id = session_id_var.get()
         return True
 
@@ -47,11 +54,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: int) -> None:
+def configure_logging(level: int, session_ids: bool = True) -> None:
     """Route the root logger (and uvicorn's) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler.addFilter(ContextFilter())
+    handler.addFilter(ContextFilter(session_ids))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

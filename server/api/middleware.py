@@ -22,6 +22,7 @@ from server.api.errors import error_body
 from server.api.logs import request_id_var, session_id_var
 
 log = logging.getLogger("tssc.access")
+SESSION_ROUTE = "/v1/sessions/"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -33,8 +34,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """`log_session_ids=False` keeps session ids out of the access log, paths of the session routes too."""
+
+    def __init__(self, app: ASGIApp, log_session_ids: bool = True) -> None:
         self.app = app
+        self.log_session_ids = log_session_ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,13 +67,15 @@ class RequestContextMiddleware:
             request_id_var.reset(rid_token)
             session_id_var.reset(sid_token)
 
-    @staticmethod
-    def _log(scope: Scope, status: int, seconds: float) -> None:
+    def _log(self, scope: Scope, status: int, seconds: float) -> None:
         state: dict[str, Any] = scope.get("state", {})
+        path = str(scope.get("path"))
+        if not self.log_session_ids and path.startswith(SESSION_ROUTE):
+            path = SESSION_ROUTE + "{session_id}"
         log.info(
             "%s %s %d",
             scope.get("method"),
-            scope.get("path"),
+            path,
             status,
             extra={
                 "status": status,

@@ -12,10 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from server.api import session_ids
+
 MAX_STOP = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
-MAX_SESSION_ID = 256
 INT64_MAX = 2**63 - 1
 
 
@@ -27,14 +28,8 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
-def _valid_session_id(value: str) -> str:
-    if not value or len(value) > MAX_SESSION_ID or not value.isprintable():
-        raise ValueError(f"session ids are 1 to {MAX_SESSION_ID} printable characters")
-    return _valid_unicode(value)
-
-
 Text = Annotated[str, AfterValidator(_valid_unicode)]
-SessionId = Annotated[str, AfterValidator(_valid_session_id)]
+SessionId = Annotated[str, AfterValidator(session_ids.check)]
 StopStr = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_valid_unicode)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 

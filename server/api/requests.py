@@ -62,14 +62,18 @@ def _check_n(n: int, settings: Settings) -> None:
         raise bad_request(f"n must be <= {settings.max_n}.", param="n")
 
 
+def context_length_exceeded(n_tokens: int, limit: int, param: str) -> APIError:
+    return APIError(
+        400,
+        f"The prompt has {n_tokens} tokens; this server accepts at most {limit}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 def check_prompt_length(n_tokens: int, settings: Settings, param: str) -> None:
     if n_tokens > settings.max_prompt_tokens:
-        raise APIError(
-            400,
-            f"The prompt has {n_tokens} tokens; this server accepts at most {settings.max_prompt_tokens}.",
-            param=param,
-            code="context_length_exceeded",
-        )
+        raise context_length_exceeded(n_tokens, settings.max_prompt_tokens, param)
     if n_tokens == 0:
         raise bad_request("The prompt must not be empty.", param=param)
 

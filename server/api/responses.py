@@ -138,7 +138,7 @@ class SessionDeleted(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "loading", "failed", "draining"]
     model: str
 
 

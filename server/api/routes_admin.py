@@ -10,9 +10,9 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
+from server.api import session_ids
 from server.api.errors import APIError, bad_request
 from server.api.logs import session_id_var
-from server.api.protocol import MAX_SESSION_ID, _valid_session_id
 from server.api.responses import Health, SessionDeleted
 from server.api.routes_openai import ERRORS, Namespace
 from server.api.state import app_state
@@ -20,15 +20,18 @@ from server.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-SessionPath = Annotated[str, Path(min_length=1, max_length=MAX_SESSION_ID)]
+SessionPath = Annotated[str, Path(min_length=1, description=session_ids.RULE)]
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine runs; 503 before (and if loading failed)."""
+    """200 once the model is loaded and the engine runs; 503 before (and if loading failed) and from the
+    moment a shutdown begins (load balancers stop routing here while running requests finish)."""
     state = app_state(request)
-    status: Literal["ok", "loading", "failed"] = "ok"
-    if not state.ready:
+    status: Literal["ok", "loading", "failed", "draining"] = "ok"
+    if state.draining:
+        status = "draining"
+    elif not state.ready:
         status = "failed" if state.load_error else "loading"
     body = Health(status=status, model=state.settings.model_name)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
@@ -46,8 +49,8 @@ async def metrics(request: Request) -> Response:
 
 def _session_cache(request: Request, session_id: str) -> Any:
     try:
-        _valid_session_id(session_id)
-    except ValueError as exc:
+        session_ids.check(session_id)
+    except session_ids.InvalidSessionId as exc:
         raise bad_request(str(exc), param="session_id") from exc
     request.scope.setdefault("state", {})["session_id"] = session_id
     session_id_var.set(session_id)
@@ -60,7 +63,7 @@ def _not_found(session_id: str) -> APIError:
     )
 
 
-@router.get("/v1/sessions/{session_id}", responses=ERRORS)
+@router.get("/v1/sessions/{session_id:path}", responses=ERRORS)
 async def get_session(session_id: SessionPath, request: Request, namespace: Namespace) -> JSONResponse:
     """Checkpoints and bytes per tier of one of this key's sessions."""
     cache = _session_cache(request, session_id)
@@ -70,11 +73,14 @@ async def get_session(session_id: SessionPath, request: Request, namespace: Name
     return JSONResponse(jsonable_encoder({"id": session_id, "object": "session", **info}))
 
 
-@router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=ERRORS)
+@router.delete("/v1/sessions/{session_id:path}", response_model=SessionDeleted, responses=ERRORS)
 async def delete_session(session_id: SessionPath, request: Request, namespace: Namespace) -> SessionDeleted:
     """Drop every checkpoint of the session, in every tier."""
     cache = _session_cache(request, session_id)
     if cache is None or cache.session_info(namespace, session_id) is None:
         raise _not_found(session_id)
     freed = await anyio.to_thread.run_sync(cache.delete_session, namespace, session_id)
+    state = app_state(request)
+    if state.engine is not None:
+        state.chat_encoder(state.engine.tokenizer).forget((namespace, session_id))
     return SessionDeleted(id=session_id, bytes_freed=int(freed))

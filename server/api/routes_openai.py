@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -12,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.api import session_ids
 from server.api.auth import authenticate
 from server.api.errors import bad_request
 from server.api.formatting import (
@@ -24,7 +27,7 @@ from server.api.formatting import (
 )
 from server.api.generation import ClientDisconnected, collect, engine_error, until_disconnect
 from server.api.logs import session_id_var
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, _valid_session_id
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.requests import (
     Prompt,
     RequestContext,
@@ -33,6 +36,7 @@ from server.api.requests import (
     check_prompt_length,
     check_token_ids,
     completion_sampling,
+    context_length_exceeded,
     fan_out,
     resolve_session,
     with_extra_stop,
@@ -51,6 +55,7 @@ from server.api.responses import (
 from server.api.state import AppState, EngineLike, ReleasingStream, app_state
 from server.api.streaming import StreamSpec, chat_stream, completion_stream
 from server.engine.types import GenerationRequest, TokenEvent
+from server.model.chat_encoding import EncodeCancelled, PromptTooLong
 
 _bearer = HTTPBearer(auto_error=False, description="An API key given to the server with --api-key.")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -78,8 +83,8 @@ router = APIRouter(responses=ERRORS)
 def _context(request: Request, namespace: str, header: str | None, body: str | None) -> RequestContext:
     if header is not None:
         try:
-            _valid_session_id(header)
-        except ValueError as exc:
+            header = session_ids.from_header(header)
+        except session_ids.InvalidSessionId as exc:
             raise bad_request(f"X-Session-ID: {exc}", param="X-Session-ID") from exc
     session = resolve_session(header, body)
     request.scope.setdefault("state", {})["session_id"] = session
@@ -89,18 +94,45 @@ def _context(request: Request, namespace: str, header: str | None, body: str | N
 
 
 def _response_headers(ctx: RequestContext) -> dict[str, str]:
-    return {"X-Session-ID": ctx.session_id} if ctx.session_id else {}
+    return {"X-Session-ID": session_ids.header_value(ctx.session_id)} if ctx.session_id else {}
 
 
-async def _encode_chat(engine: EngineLike, body: ChatCompletionRequest) -> Prompt:
+async def _encode_chat(
+    request: Request, state: AppState, engine: EngineLike, body: ChatCompletionRequest, ctx: RequestContext
+) -> Prompt:
+    """Render and tokenize the conversation off the event loop, reusing the session's previous turn
+    (`ChatEncoder`); the work stops if the client goes away, and as soon as the prompt is too long."""
+    settings = state.settings
+    if len(body.messages) > settings.max_messages:
+        raise bad_request(
+            f"{len(body.messages)} messages; this server accepts at most {settings.max_messages}.",
+            param="messages",
+            code="too_many_messages",
+        )
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
+    key = (ctx.namespace, ctx.session_id) if ctx.session_id is not None else None
+    cancel = threading.Event()
+    encode = functools.partial(
+        state.chat_encoder(engine.tokenizer).encode,
+        messages,
+        key,
+        cancelled=cancel.is_set,
+        max_tokens=settings.max_prompt_tokens,
+    )
     try:
-        tokens, boundaries = await anyio.to_thread.run_sync(engine.tokenizer.encode_chat, messages)
+        encoded = await until_disconnect(request, anyio.to_thread.run_sync(encode, abandon_on_cancel=True))
+    except ClientDisconnected:
+        cancel.set()
+        raise
+    except PromptTooLong as exc:
+        raise context_length_exceeded(exc.tokens, settings.max_prompt_tokens, "messages") from exc
+    except EncodeCancelled as exc:
+        raise ClientDisconnected() from exc
     except ValueError as exc:  # ChatTemplateError: an unsupported role or conversation
         raise bad_request(str(exc), param="messages") from exc
-    return Prompt(tokens=tuple(tokens), boundaries=tuple(boundaries))
+    return Prompt(tokens=tuple(encoded.tokens), boundaries=tuple(encoded.boundaries))
 
 
 async def _collect(
@@ -126,7 +158,7 @@ async def chat_completions(
     params = with_extra_stop(params, getattr(engine.tokenizer, "chat_stop", ()))
     state.acquire()
     try:
-        prompt = await _encode_chat(engine, body)
+        prompt = await _encode_chat(request, state, engine, body, ctx)
         check_prompt_length(len(prompt.tokens), state.settings, "messages")
         reqs = fan_out(ctx, [prompt], params, body.n)
         spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs)

@@ -12,9 +12,12 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
+from server.api.generation import shutting_down
 from server.engine.types import GenerationRequest, TokenEvent
 from server.metrics import EngineLike as MetricsEngine
 from server.metrics import Metrics
+from server.model.chat_encoding import ChatEncoder
+from server.model.tokenizer import Tokenizer
 from server.settings import Settings
 
 
@@ -31,6 +34,8 @@ class EngineLike(MetricsEngine, Protocol):
 
     def start(self) -> Any: ...
 
+    def end_all(self, reason: str) -> int: ...
+
     async def stop(self) -> None: ...
 
 
@@ -41,15 +46,25 @@ class AppState:
     engine: EngineLike | None = None
     load_error: str | None = None
     inflight: int = 0
+    draining: bool = False  # a shutdown began: new generation requests get 503 + Retry-After
     on_load_error: Callable[[], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    _chat_encoder: ChatEncoder | None = None
+
+    def chat_encoder(self, tokenizer: Tokenizer) -> ChatEncoder:
+        """The per-session incremental chat encoder of the served tokenizer (made on first use)."""
+        if self._chat_encoder is None or self._chat_encoder.tokenizer is not tokenizer:
+            self._chat_encoder = ChatEncoder(tokenizer)
+        return self._chat_encoder
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and bool(self.engine.ready)
 
     def require_engine(self) -> EngineLike:
-        """The engine, or 503 while the model loads (or failed to)."""
+        """The engine, or 503 while the model loads (or failed to) and once a shutdown began."""
+        if self.draining:
+            raise shutting_down()
         if self.engine is None or not self.engine.ready:
             message = (
                 "The model is still loading." if self.load_error is None else "The model failed to load."

@@ -28,22 +28,19 @@ from typing import ParamSpec, Protocol, TypeVar
 from cache.base import CheckpointCache
 from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.types import EngineError, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+__all__ = ["Engine", "EngineConfig", "EngineError", "EngineNotReady", "EngineShutdown"]
 T = TypeVar("T")
 P = ParamSpec("P")
 
 
 class EngineNotReady(RuntimeError):
     """`generate` was called before `start()` or after `stop()`."""
-
-
-class EngineError(RuntimeError):
-    """A request failed inside the engine (model error, engine stopped); other requests go on."""
 
 
 class RequestMetrics(Protocol):
@@ -93,6 +90,7 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -134,6 +132,17 @@ class Engine:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tssc-engine")
 
+    def end_all(self, reason: str) -> int:
+        """Refuse new requests and end every open one with `EngineShutdown(reason)` (their streams then close
+        with an error event, their non-streaming calls with an error body); returns how many were ended.
+        Slots are freed at once, as for an abort. Used when a shutdown's grace period runs out."""
+        self._closing = reason
+        open_seqs = list(self._seqs.values())
+        for seq in open_seqs:
+            self._end(seq, error=EngineShutdown(reason))
+        self._wake.set()
+        return len(open_seqs)
+
     async def stop(self) -> None:
         """Fail every open request with `EngineError`, stop the loop and the worker, close the cache."""
         task, self._task = self._task, None
@@ -172,6 +181,8 @@ class Engine:
     def _submit(self, req: GenerationRequest) -> Seq:
         if not self.ready:
             raise EngineNotReady("the engine is not running")
+        if self._closing is not None:
+            raise EngineShutdown(self._closing)
         if not req.prompt_tokens:
             raise ValueError("the prompt is empty")
         vocab = self._worker.vocab_limit
@@ -231,10 +242,15 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _step(self) -> None:
-        admitted = [self._seqs[e.request_id] for e in self._scheduler.admit()]
+        admitted = []
+        for entry in self._scheduler.admit():
+            seq = self._seqs[entry.request_id]
+            assert entry.slot is not None
+            seq.slot = entry.slot
+            admitted.append(seq)
         if admitted:
             await self._admit(admitted)
-        plan = self._scheduler.plan()
+        plan = self._scheduler.plan()  # built after every abort so far: an aborted request is not in it
         if plan.empty:
             return
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
@@ -246,9 +262,12 @@ class Engine:
         for seq in seqs:
             seq.t_admitted = now
             self._metrics.observe_queue(now - seq.t_arrival)
-        cached = await self._in_worker(self._worker.admit, seqs)
-        for seq, n in zip(seqs, cached, strict=True):
+        outcomes = await self._in_worker(self._worker.admit, seqs)
+        for seq, n in zip(seqs, outcomes, strict=True):
             if self._seqs.get(seq.request_id) is not seq:
+                continue  # aborted while the worker restored it
+            if isinstance(n, BaseException):
+                self._end(seq, error=n)
                 continue
             seq.cached_tokens = seq.entry.num_computed = n
             prompt = len(seq.req.prompt_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +25,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def build_cache(settings: Settings, runner: ModelRunner, metrics: Metrics | None) -> StateCache | None:
+@dataclass(frozen=True)
+class ServingDefaults:
+    """Per-device defaults of the flags left unset. CPU: small prefill chunks keep decode steady on a few
+    cores. CUDA: a step's fixed cost (launches, graph replays) is amortised over 8k prompt tokens, and
+    checkpoints every 4k tokens; both multiples of the model's scan chunk (256 for published Mamba2), so that
+    interval checkpoints fall on the scan's chunk boundaries."""
+
+    prefill_budget: int
+    checkpoint_interval: int
+
+    @classmethod
+    def resolve(cls, settings: Settings, device: torch.device, chunk: int) -> ServingDefaults:
+        cuda = device.type == "cuda"
+        budget = settings.prefill_budget or (8192 if cuda else 512)
+        interval = settings.checkpoint_interval or (4096 if cuda else 256)
+        return cls(budget, -(-interval // chunk) * chunk)
+
+
+def build_cache(
+    settings: Settings, runner: ModelRunner, metrics: Metrics | None, interval: int
+) -> StateCache | None:
     if settings.no_cache:
         return None
     from cache.config import CacheConfig
@@ -38,7 +59,8 @@ def build_cache(settings: Settings, runner: ModelRunner, metrics: Metrics | None
         hot_window=settings.hot_window,
         hot_dtype=settings.hot_dtype,
         cold_dtype=settings.cold_dtype,
-        checkpoint_interval=settings.checkpoint_interval,
+        checkpoint_interval=interval,
+        max_captures=settings.max_checkpoints_per_request,
         device=str(runner.device),
     )
     cache = StateCache(config, runner.state_spec(), observer=metrics)
@@ -84,18 +106,22 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     if isinstance(runner, GpuModelRunner):
         runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
-    cache = build_cache(settings, runner, metrics)
+    chunk = config.chunk_size if config.arch == "mamba2" else 1
+    defaults = ServingDefaults.resolve(settings, device, chunk)
+    cache = build_cache(settings, runner, metrics, defaults.checkpoint_interval)
     if cache is not None:
         cache.warmup(runner.slot_state(0))  # the codec kernels too, on the strides of a restore into a slot
         runner.reset(0)
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
     log.info(
-        "engine built: %s on %s (%s), %d slots, cache %s",
+        "engine built: %s on %s (%s), %d slots, prefill budget %d, checkpoint interval %d, cache %s",
         settings.model_name,
         device,
         dtype,
         settings.max_num_seqs,
+        defaults.prefill_budget,
+        defaults.checkpoint_interval,
         "off" if cache is None else "on",
     )
     return Engine(
@@ -103,5 +129,5 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         tokenizer,
         cache,
         metrics=metrics,
-        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=settings.prefill_budget),
+        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=defaults.prefill_budget),
     )

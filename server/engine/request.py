@@ -33,6 +33,10 @@ class Seq:
     events: asyncio.Queue[EventItem]
     t_arrival: float
     output: list[int] = field(default_factory=list)
+    # The live slot this request was admitted into. Set on the event loop at admission and never cleared:
+    # an abort frees the scheduler's slot at once, while a step already running on the worker keeps
+    # reading this value (no new request can take the slot before that step has returned).
+    slot: int = -1
     cached_tokens: int = 0
     capture_plan: tuple[int, ...] = ()  # absolute prompt positions to capture during prefill
     generator: Any = None  # torch.Generator of a seeded request (created by the worker)
@@ -60,11 +64,6 @@ class Seq:
     @property
     def request_id(self) -> str:
         return self.req.request_id
-
-    @property
-    def slot(self) -> int:
-        assert self.entry.slot is not None, "not running"
-        return self.entry.slot
 
     def state_tokens(self) -> tuple[int, ...]:
         """The tokens the slot's state covers once generation ended (the last sample is never fed)."""

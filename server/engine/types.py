@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+class EngineError(RuntimeError):
+    """A request failed inside the engine (model error, engine stopped); other requests go on."""
+
+
+class EngineShutdown(EngineError):
+    """The server is shutting down: the request was refused or ended before it finished (retry elsewhere)."""
+
+
 class FinishReason(str, Enum):  # noqa: UP042  (str() of a member must stay "FinishReason.X")
     STOP = "stop"  # an EOS / stop token / stop string
     LENGTH = "length"  # max_tokens reached

@@ -38,9 +38,10 @@ from server.engine.sampler import (
 )
 from server.engine.scheduler import StepPlan
 from server.engine.types import TokenEvent, TopLogprob
-from server.model.runner import ModelRunner
+from server.model.runner import ModelRunner, PrefillSeg
 
 log = logging.getLogger(__name__)
+Sampled = tuple[int, float | None, tuple[TopLogprob, ...]]  # (token, its logprob, top alternatives)
 
 
 @dataclass
@@ -63,9 +64,17 @@ class ModelWorker:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def admit(self, seqs: Sequence[Seq]) -> list[int]:
-        """Restore each request's slot; return the prompt tokens served from a checkpoint."""
-        return [self._admit_one(seq) for seq in seqs]
+    def admit(self, seqs: Sequence[Seq]) -> list[int | BaseException]:
+        """Restore each request's slot; per request, the prompt tokens served from a checkpoint, or the
+        exception that failed that request alone (the others are admitted all the same)."""
+        out: list[int | BaseException] = []
+        for seq in seqs:
+            try:
+                out.append(self._admit_one(seq))
+            except Exception as exc:
+                log.exception("admission failed", extra={"request_id": seq.request_id})
+                out.append(exc)
+        return out
 
     def _admit_one(self, seq: Seq) -> int:
         req, slot = seq.req, seq.slot
@@ -105,46 +114,87 @@ class ModelWorker:
     # ---- one step ----------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan, seq_of: dict[str, Seq]) -> StepResult:
+        """Run one step. A failure is confined to the rows it concerns: a prefill error fails that request,
+        a sampling error is retried row by row so that only the failing row fails; only an error of the
+        shared decode pass itself (the model failing) fails every decoding row."""
         result = StepResult()
         rows: list[Seq] = []
         logits: list[Tensor] = []
-        for chunk in plan.prefills:
-            seq = seq_of[chunk.entry.request_id]
-            try:
-                last = self._prefill(seq, chunk.start, chunk.end)
-            except Exception as exc:
-                log.exception("prefill failed", extra={"request_id": seq.request_id})
-                result.errors.append((seq, exc))
-                continue
-            result.prefilled.append((seq, chunk.end - chunk.start))
+        chunks = [(seq_of[c.entry.request_id], c.start, c.end) for c in plan.prefills]
+        for (seq, _, _), last in zip(chunks, self._prefill_all(chunks, result), strict=True):
             if last is not None:
                 rows.append(seq)
                 logits.append(last.unsqueeze(0))
         decodes = [seq_of[e.request_id] for e in plan.decodes]
-        try:
-            if decodes:
-                slots = [s.slot for s in decodes]
-                logits.append(self.runner.decode([s.output[-1] for s in decodes], slots))
+        if decodes:
+            try:
+                logits.append(self.runner.decode([s.output[-1] for s in decodes], [s.slot for s in decodes]))
                 rows.extend(decodes)
-            if rows:
-                self._sample_and_finish(rows, torch.cat(logits), result)
-        except Exception as exc:
-            log.exception("decode step failed")
-            result.errors.extend((s, exc) for s in rows if not any(s is e for e, _ in result.errors))
+            except Exception as exc:
+                log.exception("decode step failed")
+                result.errors.extend((s, exc) for s in decodes)
+        if rows:
+            self._sample_rows(rows, torch.cat(logits), result)
         return result
 
-    def _prefill(self, seq: Seq, start: int, end: int) -> Tensor | None:
-        """Prefill prompt[start:end]; the last logits (v,) when this chunk ends the prompt."""
+    def _sample_rows(self, rows: list[Seq], logits: Tensor, result: StepResult) -> None:
+        """Sample all rows at once (if that fails, each row alone, so that a bad row fails by itself), then
+        apply each row's stop rules and finish capture, a failure there ending that row only."""
+        sampled: list[tuple[Seq, Sampled]] = []
+        try:
+            sampled = list(zip(rows, self._sample(rows, logits), strict=True))
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+            for i, seq in enumerate(rows):
+                try:
+                    sampled.append((seq, self._sample([seq], logits[i : i + 1])[0]))
+                except Exception as exc:
+                    log.exception("sampling failed", extra={"request_id": seq.request_id})
+                    result.errors.append((seq, exc))
+        now = time.monotonic()
+        for seq, (token, logprob, top) in sampled:
+            try:
+                self._finish_row(seq, token, logprob, top, now, result)
+            except Exception as exc:
+                log.exception("token bookkeeping failed", extra={"request_id": seq.request_id})
+                result.errors.append((seq, exc))
+
+    def _prefill_all(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
+        """Prefill every chunk of the step in one batched call (`ModelRunner.prefill_batch`), capture at the
+        planned positions, and return per chunk the last logits (v,) when it ends its prompt, else None.
+        If the batched pass fails, the rows it computed fail (their slots may hold partial work)."""
+        if not chunks:
+            return []
+        segs = [
+            PrefillSeg(seq.req.prompt_tokens[a:b], seq.slot, self._caps(seq, a, b)) for seq, a, b in chunks
+        ]
+        try:
+            outs = self.runner.prefill_batch(segs)
+        except Exception as exc:
+            log.exception(
+                "batched prefill failed", extra={"request_ids": [s.request_id for s, _, _ in chunks]}
+            )
+            result.errors.extend((seq, exc) for seq, _, _ in chunks)
+            return [None] * len(chunks)
+        lasts: list[Tensor | None] = []
+        for (seq, start, end), out in zip(chunks, outs, strict=True):
+            result.prefilled.append((seq, end - start))
+            self._capture_prefill(seq, start, out.captures)
+            lasts.append(out.last_logits if end == len(seq.req.prompt_tokens) else None)
+        return lasts
+
+    @staticmethod
+    def _caps(seq: Seq, start: int, end: int) -> list[int]:
+        return [p - start for p in seq.capture_plan if start < p <= end]
+
+    def _capture_prefill(self, seq: Seq, start: int, captures: dict[int, dict[str, Tensor]]) -> None:
         prompt = seq.req.prompt_tokens
-        caps = [p - start for p in seq.capture_plan if start < p <= end]
-        res = self.runner.prefill(prompt[start:end], seq.slot, capture_at=caps)
-        for rel, state in sorted(res.captures.items()):
+        for rel, state in sorted(captures.items()):
             pos = start + rel
             reason = (
                 "prompt" if pos == len(prompt) else "boundary" if pos in seq.req.boundaries else "interval"
             )
             self._capture(seq, prompt[:pos], state, reason)
-        return res.last_logits if end == len(prompt) else None
 
     def _capture(self, seq: Seq, tokens: Sequence[int], state: dict[str, Tensor], reason: str) -> None:
         if self.cache is None:
@@ -155,8 +205,8 @@ class ModelWorker:
         except Exception:
             log.exception("checkpoint capture failed", extra={"request_id": req.request_id})
 
-    def _sample_and_finish(self, rows: list[Seq], logits: Tensor, result: StepResult) -> None:
-        """logits (b, v): sample one token per row, apply the stop rules, capture finished rows."""
+    def _sample(self, rows: list[Seq], logits: Tensor) -> list[Sampled]:
+        """logits (b, v): one (token, logprob, top logprobs) per row. Mutates no request."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
         params = [s.req.params for s in rows]
@@ -169,14 +219,31 @@ class ModelWorker:
         if batch.use_penalties:  # a 0/1 weight per row, on the device: no host-side row selection
             self.counts.add(slots, out.tokens, weights=penalised_rows(batch))
         tokens = out.tokens.tolist()  # the step's one host sync
-        logprobs = _host_logprobs(out, len(rows))
-        now = time.monotonic()
-        for seq, token, (logprob, top) in zip(rows, tokens, logprobs, strict=True):
-            p = seq.req.params
-            event = seq.append(token, now, logprob if p.logprobs else None, top[: p.top_logprobs])
-            result.events.append((seq, event))
-            if seq.finish_reason is not None and len(seq.output) > 1 and not seq.aborted:
-                self._capture(seq, seq.state_tokens(), self.runner.capture(seq.slot), "finish")
+        return [(t, lp, top) for t, (lp, top) in zip(tokens, _host_logprobs(out, len(rows)), strict=True)]
+
+    def _finish_row(
+        self,
+        seq: Seq,
+        token: int,
+        logprob: float | None,
+        top: tuple[TopLogprob, ...],
+        now: float,
+        result: StepResult,
+    ) -> None:
+        """Append the token (stop rules), queue its event, capture the final state of a finished row."""
+        p = seq.req.params
+        event = seq.append(token, now, logprob if p.logprobs else None, top[: p.top_logprobs])
+        result.events.append((seq, event))
+        if seq.finish_reason is not None and len(seq.output) > 1 and not seq.aborted:
+            self._capture_finish(seq)
+
+    def _capture_finish(self, seq: Seq) -> None:
+        try:
+            state = self.runner.capture(seq.slot)
+        except Exception:
+            log.exception("reading the final state failed", extra={"request_id": seq.request_id})
+            return
+        self._capture(seq, seq.state_tokens(), state, "finish")
 
 
 def _host_logprobs(out: SampleOutput, rows: int) -> list[tuple[float | None, tuple[TopLogprob, ...]]]:

@@ -53,7 +53,7 @@ def _req(
 
 def _seq(req: GenerationRequest, slot: int) -> Seq:
     seq = Seq.create(req, lambda ids: "", (), time.monotonic())
-    seq.entry.slot = slot
+    seq.entry.slot = seq.slot = slot
     return seq
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from server.model.chat_encoding import ChatEncoder, ChatEncoding, EncodeCancelled, PromptTooLong, _Tokens
+from server.model.chat_encoding import (
+    MAX_RENDERS,
+    ChatEncoder,
+    ChatEncoding,
+    EncodeCancelled,
+    PromptTooLong,
+    _Tokens,
+)
 from server.model.tokenizer import Tokenizer, _prefix_lengths
 from server.train.tokenizer import save_tokenizer, train_tokenizer
 from tests.integration.server_proc import char_tokenizer
@@ -85,6 +92,19 @@ def _grow(enc: ChatEncoder, msgs: list[Msg], key: object = "k") -> list[ChatEnco
 
 
 # ---- follow-up turns --------------------------------------------------------------------------
+
+
+def test_a_long_first_turn_renders_a_bounded_number_of_prefixes(tmp_path: Path) -> None:
+    """300 messages at once (no previous turn): the tokens are exact, and boundaries are found for at most
+    MAX_RENDERS messages (the first, the last ones, evenly spaced ones), each a true boundary."""
+    enc = ChatEncoder(_bpe(tmp_path))
+    msgs = _conversation(300)
+    out = enc.encode(msgs, "long")
+    tokens, boundaries = enc.tokenizer.encode_chat(msgs)
+    assert out.tokens == tokens
+    assert MAX_RENDERS - 2 <= out.rendered_prefixes <= MAX_RENDERS
+    assert set(out.boundaries) <= set(boundaries) and len(out.boundaries) >= MAX_RENDERS - 3
+    assert out.boundaries[0] == boundaries[0] and out.boundaries[-1] == boundaries[-1]
 
 
 def test_200_message_conversation_reuses_every_turn_and_renders_only_new_messages(tmp_path: Path) -> None:
