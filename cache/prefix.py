@@ -57,7 +57,9 @@ class PrefixTree:
                 leaf = Node(tokens[node.depth :], node, len(tokens))
                 node.children[tokens[node.depth]] = leaf
                 return leaf
-            common = _common_prefix(child.label, tokens[node.depth :])
+            # compare against the label's length only: slicing the whole remainder at every level would
+            # make an insert O(levels x tokens) on a long session's deep path
+            common = _common_prefix(child.label, tokens[node.depth : node.depth + len(child.label)])
             if common < len(child.label):
                 child = self._split(child, common)
             node = child
