@@ -76,6 +76,9 @@ class GreedyDual:
         heapq.heapify(self._heap)
 
 
+END_SLACK = 8  # tokens: a chat template's generation prompt ("<|assistant|>\n") is shorter
+
+
 def capture_positions(
     start: int, end: int, boundaries: Sequence[int], interval: int, min_gap: int, limit: int = 0
 ) -> list[int]:
@@ -85,7 +88,10 @@ def capture_positions(
     counted from the resumed position, so that with an interval and a prefill chunk that are multiples of
     the scan's chunk size, these positions fall on the scan's chunk boundaries) and `end`.
     Thinned from the end backwards: a candidate closer than `min_gap` to the next kept one, or to `start`
-    (the checkpoint being resumed, when start > 0), is dropped; `end` is always kept.
+    (the checkpoint being resumed, when start > 0), is dropped; `end` is kept, unless a message boundary lies
+    fewer than `END_SLACK` tokens before it: then that boundary serves every later request the end would
+    (a regenerate looks up the prompt minus its last token, and a follow-up resumes from the finished
+    request's own capture), and one capture per chat request is saved.
     Then, with `limit` > 0, at most `limit` positions are kept (`thin`).
     """
     if end <= start:
@@ -98,7 +104,10 @@ def capture_positions(
         if kept[-1] - p >= min_gap and (start == 0 or p - start >= min_gap):
             kept.append(p)
     kept.sort()
-    return thin(kept, start, set(boundaries), limit) if limit > 0 else kept
+    bounds = set(boundaries)
+    if end not in bounds and any(end - END_SLACK <= p < end for p in kept if p in bounds):
+        kept.remove(end)  # a chat prompt's end is its last message's end plus the generation prompt
+    return thin(kept, start, bounds, limit) if limit > 0 else kept
 
 
 def thin(positions: list[int], start: int, boundaries: set[int], limit: int) -> list[int]:

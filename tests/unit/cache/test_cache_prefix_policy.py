@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.policy import GreedyDual, capture_positions
+from cache.policy import END_SLACK, GreedyDual, capture_positions
 from cache.prefix import PrefixTree
 
 
@@ -123,11 +123,19 @@ def test_capture_positions_capped_per_request() -> None:
     """1,000 one-token messages: at most `limit` captures, the end and the last boundary always among them,
     denser towards the end."""
     bounds = list(range(1, 1001))
-    got = capture_positions(0, 1003, bounds, interval=16, min_gap=0, limit=8)
-    assert len(got) == 8 and got[-1] == 1003 and 1000 in got
+    got = capture_positions(0, 1003 + END_SLACK, bounds, interval=16, min_gap=0, limit=8)
+    assert len(got) == 8 and got[-1] == 1003 + END_SLACK and 1000 in got
     gaps = [b - a for a, b in itertools.pairwise(got)]
     assert gaps[0] >= gaps[-2], got  # older part sparser than the recent one
     assert capture_positions(0, 100, [5, 40], interval=0, min_gap=0, limit=8) == [5, 40, 100]  # under the cap
+
+
+def test_a_chat_prompt_end_right_after_its_last_message_is_not_captured() -> None:
+    """The generation prompt after the last message: the boundary serves every later request the end would."""
+    assert capture_positions(0, 102, [40, 100], interval=0, min_gap=0) == [40, 100]
+    assert capture_positions(0, 102, [40, 102], interval=0, min_gap=0) == [40, 102]
+    assert capture_positions(0, 120, [40, 100], interval=0, min_gap=0) == [40, 100, 120]
+    assert capture_positions(0, 102, [], interval=0, min_gap=0) == [102]  # completions: no boundaries
 
 
 def test_capture_positions_random_invariants() -> None:
@@ -139,7 +147,11 @@ def test_capture_positions_random_invariants() -> None:
         k, gap = rng.choice([0, 16, 64]), rng.choice([0, 8, 32])
         limit = rng.choice([0, 1, 2, 5])
         got = capture_positions(start, end, bounds, interval=k, min_gap=gap, limit=limit)
-        assert got[-1] == end and all(start < p <= end for p in got) and got == sorted(set(got))
+        assert all(start < p <= end for p in got) and got == sorted(set(got))
+        near = [
+            b for b in bounds if end - END_SLACK <= b < end and start < b and (start == 0 or b - start >= gap)
+        ]
+        assert got[-1] == end or (got[-1] in near and end not in bounds)
         assert limit == 0 or len(got) <= limit
 
 
