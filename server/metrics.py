@@ -32,6 +32,8 @@ from cache.stats import CacheStats
 CONTENT_TYPE_LATEST: str = _CONTENT_TYPE
 TIERS: tuple[str, ...] = ("hot", "cold", "disk")
 GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
+# consecutive parts of a request's time to first token (`tssc_request_phase_seconds`)
+PHASES: tuple[str, ...] = ("parse", "tokenize", "queue", "restore", "prefill", "first_token")
 
 _LOOKUP_LABELS = (
     ("hot_hit", ""),
@@ -155,6 +157,16 @@ class Metrics(CacheObserver):
             buckets=_SLOW_BUCKETS,
             registry=r,
         )
+        self.request_phase_seconds = Histogram(
+            "tssc_request_phase_seconds",
+            "Where time to first token goes, per request and phase: parse (body read and validated), "
+            "tokenize (chat template and tokenizer), queue (waiting for a live slot), restore (checkpoint "
+            "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps), "
+            "first_token (sampling and delivery of the first token).",
+            ["phase"],
+            buckets=(0.00005, *_FAST_BUCKETS, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
         self.gpu_memory_bytes = Gauge(
             "tssc_gpu_memory_bytes", "CUDA memory (allocated, reserved, total).", ["kind"], registry=r
         )
@@ -167,6 +179,8 @@ class Metrics(CacheObserver):
             self.prompt_tokens.labels(source=source)
         for reason in ("stop", "length", "abort"):
             self.requests.labels(finish_reason=reason)
+        for phase in PHASES:
+            self.request_phase_seconds.labels(phase=phase)
 
     # ---- cache observer protocol (called by cache.manager.StateCache) ----------------------
 
@@ -195,6 +209,10 @@ class Metrics(CacheObserver):
 
     def observe_queue(self, seconds: float) -> None:
         self.request_queue_seconds.observe(seconds)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """One request spent `seconds` in `phase` (one of `PHASES`) before its first token."""
+        self.request_phase_seconds.labels(phase=phase).observe(max(seconds, 0.0))
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft_seconds.observe(seconds)

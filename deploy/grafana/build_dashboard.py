@@ -310,6 +310,36 @@ def _latency_row() -> Row:
                 unit="s",
                 width=8,
             ),
+            Panel(
+                "Where time to first token goes (mean per request, by phase)",
+                "Consecutive phases of a request before its first token: parse (body read and validated), "
+                "tokenize (chat template, tokenizer), queue (waiting for a live slot), restore (checkpoint "
+                "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps), "
+                "first_token (sampling and delivery). Stacked, they add up to the server-side TTFT.",
+                (
+                    Target(
+                        f"sum by (phase) ({_rate('tssc_request_phase_seconds_sum')})"
+                        f" / sum by (phase) ({_rate('tssc_request_phase_seconds_count')})",
+                        "{{phase}}",
+                    ),
+                ),
+                unit="s",
+                width=12,
+                stacked=True,
+            ),
+            Panel(
+                "Phase p95",
+                "95th percentile of each phase of time to first token (see the panel beside).",
+                (
+                    Target(
+                        "histogram_quantile(0.95, sum by (le, phase) "
+                        f"({_rate('tssc_request_phase_seconds_bucket')}))",
+                        "{{phase}}",
+                    ),
+                ),
+                unit="s",
+                width=12,
+            ),
         ),
     )
 

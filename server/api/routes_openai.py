@@ -93,6 +93,15 @@ def _context(request: Request, namespace: str, header: str | None, body: str | N
     return RequestContext(request_id=request_id, namespace=namespace, session_id=session)
 
 
+def _observe_parse(request: Request, state: AppState) -> float:
+    """Record the parse phase (request start to the handler: body read and validated); returns now."""
+    now = time.monotonic()
+    started = request.scope.get("state", {}).get("t_start")
+    if started is not None:
+        state.metrics.observe_phase("parse", now - started)
+    return now
+
+
 def _response_headers(ctx: RequestContext) -> dict[str, str]:
     return {"X-Session-ID": session_ids.header_value(ctx.session_id)} if ctx.session_id else {}
 
@@ -151,6 +160,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, namespace: Namespace, x_session_id: SessionHeader = None
 ) -> Response:
     state = app_state(request)
+    parsed = _observe_parse(request, state)
     check_model(body.model, state.settings.model_name)
     ctx = _context(request, namespace, x_session_id, body.session_id)
     params = chat_sampling(body, state.settings)
@@ -159,6 +169,7 @@ async def chat_completions(
     state.acquire()
     try:
         prompt = await _encode_chat(request, state, engine, body, ctx)
+        state.metrics.observe_phase("tokenize", time.monotonic() - parsed)
         check_prompt_length(len(prompt.tokens), state.settings, "messages")
         reqs = fan_out(ctx, [prompt], params, body.n)
         spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs)
@@ -252,6 +263,7 @@ async def completions(
     body: CompletionRequest, request: Request, namespace: Namespace, x_session_id: SessionHeader = None
 ) -> Response:
     state = app_state(request)
+    parsed = _observe_parse(request, state)
     check_model(body.model, state.settings.model_name)
     ctx = _context(request, namespace, x_session_id, body.session_id)
     params = completion_sampling(body, state.settings)
@@ -259,6 +271,7 @@ async def completions(
     state.acquire()
     try:
         prompts = await _encode_prompts(engine, body)
+        state.metrics.observe_phase("tokenize", time.monotonic() - parsed)
         for prompt in prompts:
             check_prompt_length(len(prompt.tokens), state.settings, "prompt")
         if len(prompts) * body.n > state.settings.max_n * 8:

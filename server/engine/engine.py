@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ from server.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineNotReady", "EngineShutdown"]
 T = TypeVar("T")
+ENGINE_PHASES = ("queue", "restore", "prefill", "first_token")
 P = ParamSpec("P")
 
 
@@ -48,6 +50,7 @@ class RequestMetrics(Protocol):
 
     def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None: ...
     def observe_queue(self, seconds: float) -> None: ...
+    def observe_phase(self, phase: str, seconds: float) -> None: ...
     def observe_first_token(self, seconds: float) -> None: ...
     def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
@@ -56,6 +59,7 @@ class RequestMetrics(Protocol):
 class _NoMetrics:
     def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None: ...
     def observe_queue(self, seconds: float) -> None: ...
+    def observe_phase(self, phase: str, seconds: float) -> None: ...
     def observe_first_token(self, seconds: float) -> None: ...
     def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
@@ -185,8 +189,8 @@ class Engine:
             raise EngineShutdown(self._closing)
         if not req.prompt_tokens:
             raise ValueError("the prompt is empty")
-        vocab = self._worker.vocab_limit
-        if any(not 0 <= t < vocab for t in req.prompt_tokens):
+        vocab, prompt = self._worker.vocab_limit, req.prompt_tokens
+        if min(prompt) < 0 or max(prompt) >= vocab:  # C-speed scans: per-turn work stays cheap
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if req.request_id in self._seqs:
             raise ValueError(f"duplicate request id {req.request_id!r}")
@@ -280,6 +284,16 @@ class Engine:
                 extra={"request_id": seq.request_id, "session_id": seq.req.session_id},
             )
 
+    def _observe_phases(self, seq: Seq) -> None:
+        """The engine's phases of the request's time to first token (the API records parse and tokenize)."""
+        now = time.monotonic()
+        marks = (seq.t_arrival, seq.t_admitted, seq.t_restored, seq.t_prefilled, now)
+        if any(t is None for t in marks):
+            return
+        for phase, (a, b) in zip(ENGINE_PHASES, itertools.pairwise(marks), strict=True):
+            assert a is not None and b is not None
+            self._metrics.observe_phase(phase, b - a)
+
     def _apply(self, result: StepResult) -> None:
         """Deliver a step's results to the still-open requests (aborted ones are skipped)."""
         live = lambda s: self._seqs.get(s.request_id) is s
@@ -293,6 +307,7 @@ class Engine:
                 continue
             if seq.last_itl is None and seq.t_first is not None:
                 self._metrics.observe_first_token(seq.t_first - seq.t_arrival)
+                self._observe_phases(seq)
             self._metrics.observe_token(seq.last_itl)
             seq.events.put_nowait(event)
             if event.finish_reason is not None:

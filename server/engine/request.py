@@ -42,7 +42,9 @@ class Seq:
     generator: Any = None  # torch.Generator of a seeded request (created by the worker)
     finish_reason: FinishReason | None = None
     aborted: bool = False
-    t_admitted: float | None = None
+    t_admitted: float | None = None  # given a slot (event loop)
+    t_restored: float | None = None  # its checkpoint restored, or none found (worker)
+    t_prefilled: float | None = None  # its last prompt chunk computed (worker)
     t_first: float | None = None
     t_last: float | None = None
     last_itl: float | None = None  # seconds between the last two tokens (None after the first)

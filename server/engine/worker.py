@@ -88,6 +88,7 @@ class ModelWorker:
         if self.cache is not None:
             end = len(req.prompt_tokens)
             seq.capture_plan = tuple(self.cache.capture_positions(cached, end, req.boundaries))
+        seq.t_restored = time.monotonic()
         return cached
 
     def _restore(self, seq: Seq) -> int:
@@ -177,7 +178,10 @@ class ModelWorker:
             result.errors.extend((seq, exc) for seq, _, _ in chunks)
             return [None] * len(chunks)
         lasts: list[Tensor | None] = []
+        now = time.monotonic()
         for (seq, start, end), out in zip(chunks, outs, strict=True):
+            if end == len(seq.req.prompt_tokens):
+                seq.t_prefilled = now
             result.prefilled.append((seq, end - start))
             self._capture_prefill(seq, start, out.captures)
             lasts.append(out.last_logits if end == len(seq.req.prompt_tokens) else None)
