@@ -70,6 +70,7 @@ from server.model.tokenizer import (
 
 Cancelled = Callable[[], bool]
 _DIGEST = 16  # bytes per message digest
+_ROLE_CONTENT = {"role": None, "content": None}.keys()
 MAX_RENDERS = 48  # prefix renders per turn at most (message boundaries: `_render_subset`)
 _ENTRY_OVERHEAD = 512  # bytes: the entry, its arrays' headers, the LRU slot
 
@@ -342,12 +343,16 @@ def _check(cancelled: Cancelled | None) -> None:
 
 def _digest(message: dict[str, Any]) -> bytes:
     """A digest of everything a template can see in a message (random when not JSON-encodable)."""
-    items = sorted(message.items()) if all(type(k) is str for k in message) else None
-    if items is not None and all(type(v) is str for _, v in items):  # the usual case, fast
-        text = "s" + "".join(f"{len(k)}:{k}{len(v)}:{v}" for k, v in items)
-    else:
-        try:
-            text = "j" + json.dumps(message, sort_keys=True, ensure_ascii=False)
-        except (TypeError, ValueError):
-            return os.urandom(_DIGEST)  # never matches: no reuse for this message and those after it
+    if message.keys() == _ROLE_CONTENT:  # the usual case, fast: no sort, no string building
+        role, content = message["role"], message["content"]
+        if type(role) is str and type(content) is str:
+            encoded = role.encode("utf-8", "surrogatepass")
+            h = hashlib.blake2b(b"r%d:" % len(encoded), digest_size=_DIGEST)  # length-prefixed: unambiguous
+            h.update(encoded)
+            h.update(content.encode("utf-8", "surrogatepass"))
+            return h.digest()
+    try:
+        text = "j" + json.dumps(message, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return os.urandom(_DIGEST)  # never matches: no reuse for this message and those after it
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST).digest()
