@@ -24,6 +24,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ModelDType = Literal["auto", "fp32", "fp16", "bf16"]
 HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
 ColdDType = Literal["fp16", "bf16", "fp32"]
+StateDType = Literal["fp32", "bf16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     device: Device = Field("auto", description="Where the model runs: auto picks cuda when available.")
     dtype: ModelDType = Field("auto", description="Model weights dtype: auto is bf16 on cuda, fp32 on cpu.")
     max_num_seqs: int = Field(16, ge=1, le=4096, description="Live slots: sequences decoded together.")
+    state_dtype: StateDType = Field(
+        "fp32", description="Live ssm state dtype: bf16 halves its size (the maths stays fp32)."
+    )
     prefill_budget: int | None = Field(
         None,
         ge=1,
@@ -102,7 +106,7 @@ class Settings(BaseSettings):
             raise ValueError("an API key must not be empty")
         return value
 
-    @field_validator("log_level", "device", "dtype", "hot_dtype", "cold_dtype", mode="before")
+    @field_validator("log_level", "device", "dtype", "hot_dtype", "cold_dtype", "state_dtype", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -96,13 +96,16 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     from server.model.defaults import pick_device
     from server.model.gpu_runner import GpuModelRunner, make_runner
     from server.model.loader import load_model, resolve_model_dir
+    from server.model.state import STATE_DTYPES
     from server.model.tokenizer import Tokenizer
 
     device = pick_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model_dir = resolve_model_dir(settings.model)
     config, model = load_model(model_dir, device=device, dtype=dtype)
-    runner = make_runner(model, settings.max_num_seqs, device)  # GPU kernels + CUDA graphs when available
+    state_dtype = STATE_DTYPES[settings.state_dtype]
+    # GPU kernels + CUDA graphs when available
+    runner = make_runner(model, settings.max_num_seqs, device, state_dtype=state_dtype)
     if isinstance(runner, GpuModelRunner):
         runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
@@ -115,10 +118,12 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
     log.info(
-        "engine built: %s on %s (%s), %d slots, prefill budget %d, checkpoint interval %d, cache %s",
+        "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d, checkpoint interval %d, "
+        "cache %s",
         settings.model_name,
         device,
         dtype,
+        settings.state_dtype,
         settings.max_num_seqs,
         defaults.prefill_budget,
         defaults.checkpoint_interval,

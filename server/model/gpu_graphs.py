@@ -6,19 +6,91 @@ whose previous copy has completed (an event per buffer), then copied `non_blocki
 are padding: slot -1, which every kernel of the step skips.
 
 `DecodeGraphs` captures `step(tokens, idx)` once per bucket size on first use (or all at once in
-`capture_all`), after two warm-up runs on all-padding rows (which leave the live pool untouched and
-compile / autotune every Triton kernel outside the capture). All graphs share one memory pool.
+`capture_all`), after two warm-up runs on all-padding rows (which leave the live pool untouched). All
+graphs share one memory pool.
+
+`capture_graph` is how every graph here and in `gpu_prefill` is captured; no kernel may compile inside a
+capture and a failed capture must not fail requests:
+- the warm-up runs call the captured function on the very tensors the capture uses (same shapes,
+  strides, dtypes, data pointers; the intermediates come from the caching allocator, whose blocks are
+  aligned alike in either pool), so every Triton kernel is compiled and autotuned for the exact
+  specialisation (dtypes, 16-byte pointer alignment, integers equal to 1 or divisible by 16) before it;
+- the capture is thread-local: work of the server's other threads (the cache's disk writer, pinned
+  copies) cannot invalidate it; the garbage collector is paused during it, since a finalizer freeing CUDA
+  objects (a dropped runner's graphs or events) would invalidate it from inside;
+- if it raises all the same, a warning is logged, the allocator's recording into the graph pool
+  stopped, the device synchronized, and that bucket / piece runs eagerly from then on; later captures go
+  to a fresh pool (`GraphCapturer`), since torch refuses to record into a failed capture's pool again
+  ("beginAllocateToPool: already recording to mempool_id", seen on torch 2.11).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from torch.cuda.graphs import _POOL_HANDLE as GraphPool  # torch.cuda.graph_pool_handle()
+
+log = logging.getLogger(__name__)
+
 StepFn = Callable[[Tensor, Tensor], Tensor]  # (tokens (b,), idx (b,)) -> logits (b, v)
+Captured = tuple[torch.cuda.CUDAGraph, Tensor] | None  # (graph, its static output); None: runs eagerly
 MAX_BUCKET = 256
+
+
+def capture_graph(
+    run: Callable[[], Tensor], pool: GraphPool, stream: torch.cuda.Stream, what: str
+) -> Captured:
+    """Capture `run()`, already warmed up on the same inputs, into a CUDA graph on `stream` (one per pool)
+    -> (graph, run's static output), or None if the capture raised (logged; the device synchronized)."""
+    graph = torch.cuda.CUDAGraph()
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        # the outer context restores the caller's stream even when the capture's exit raises
+        capture = torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local")
+        with torch.cuda.stream(stream), capture:
+            out = run()
+        return graph, out
+    except Exception as exc:  # any failure: the caller runs eagerly instead
+        log.warning("CUDA graph capture of %s failed, running it eagerly from now on: %r", what, exc)
+        _stop_recording(pool)
+        torch.cuda.synchronize()
+        return None
+    finally:
+        if collecting:
+            gc.enable()
+
+
+class GraphCapturer:
+    """The memory pool and capture stream of a family of graphs (captured largest first, smaller ones
+    reuse the pool's blocks)."""
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()  # every capture into a pool on one stream
+
+    def capture(self, run: Callable[[], Tensor], what: str) -> Captured:
+        captured = capture_graph(run, self.pool, self.stream, what)
+        if captured is None:  # torch cannot record into the failed capture's pool again
+            self.pool = torch.cuda.graph_pool_handle()
+        return captured
+
+
+def _stop_recording(pool: GraphPool) -> None:
+    """Torch's capture_end raises on a failed capture before it stops the caching allocator recording
+    into the graph's pool; stop it here (the recording holds a filter of the dead graph). Torch refuses
+    that pool all the same afterwards: `GraphCapturer` moves on to a fresh one."""
+    with contextlib.suppress(RuntimeError):  # not recording (a torch that stops first, or never began)
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
 
 
 def buckets_for(max_slots: int) -> list[int]:
@@ -72,8 +144,8 @@ class DecodeGraphs:
     def __init__(self, step: StepFn, stager: InputStager, max_slots: int) -> None:
         self.step, self.stager = step, stager
         self.buckets = buckets_for(max_slots)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, Captured] = {}
+        self._capturer = GraphCapturer()
 
     def bucket(self, n: int) -> int:
         for size in self.buckets:
@@ -86,12 +158,12 @@ class DecodeGraphs:
         for size in sorted(sizes or self.buckets, reverse=True):  # largest first: smaller ones reuse its pool
             self._ensure(self.bucket(size))
 
-    def _ensure(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _ensure(self, bucket: int) -> Captured:
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)
         return self._graphs[bucket]
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, bucket: int) -> Captured:
         tokens, idx = self.stager.slices(bucket)
         idx.fill_(-1)  # warm-up rows are all padding: the pool is not touched
         side = torch.cuda.Stream()
@@ -100,14 +172,16 @@ class DecodeGraphs:
             for _ in range(2):
                 self.step(tokens, idx)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.step(tokens, idx)
-        return graph, logits
+        return self._capturer.capture(lambda: self.step(tokens, idx), f"decode bucket {bucket}")
 
     def run(self, tokens: Sequence[int] | Tensor, slots: Sequence[int]) -> Tensor:
-        """Stage the batch into the bucket's static inputs and replay; logits (bucket, v) (static)."""
-        graph, logits = self._ensure(self.bucket(len(slots)))
-        self.stager.stage(tokens, slots, self.bucket(len(slots)))
+        """Stage the batch into the bucket's static inputs and replay (or run eagerly where the capture
+        failed); logits (bucket, v), static when replayed."""
+        bucket = self.bucket(len(slots))
+        captured = self._ensure(bucket)
+        staged = self.stager.stage(tokens, slots, bucket)
+        if captured is None:
+            return self.step(*staged)
+        graph, logits = captured
         graph.replay()
         return logits

@@ -3,6 +3,10 @@
 `prefill(u, conv, ssm)` runs a segment of one sequence from its state (the conv carried by our Triton
 `conv_prefill`, or torch's conv1d on a transposed copy; the scan with mamba-ssm's chunked SSD kernel or our
 Mamba1 scan, both from an initial state);
+`prefill_rows(u, conv, ssm, rows)` runs right-padded segments of many sequences at once (`PaddedRows`):
+dt is computed outside the scan and set to 0 on the padding, so every row's state passes through its
+padding unchanged; it returns the states at the rows' taps: their ends and, for Mamba2, chunk-aligned
+points, whose fp32 states come out of the scan's stages (`chunk_scan_states`);
 `step(u, conv_pool, ssm_pool, idx)` runs one token per row directly on the live pool's layer slice,
 rows addressed by slot index (-1 = padding, untouched), so no state is gathered or scattered.
 Shapes as in `server.model.config`; S is the number of slots in the pool.
@@ -18,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.model.kernels import Kernels
-from server.model.layers import causal_conv
+from server.model.kernels import Kernels, SsdParts
+from server.model.layers import PaddedRows, causal_conv
 from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
 
@@ -41,13 +45,16 @@ class ConvStep:
         self.bias = bias
         self.kernels, self.ops, self.prefill_kind = kernels, ops, prefill
 
-    def prefill(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (1, l, c) from `state` (1, c, k-1) -> (silu(conv) (1, l, c) contiguous, new state)."""
+    def prefill(
+        self, x: Tensor, state: Tensor, rows: Tensor | None = None, pos: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x: (b, l, c) from `state` (b, c, k-1) -> (silu(conv) (b, l, c) contiguous, the conv states at
+        the points (rows, pos) of `gpu_ops.conv_window`: by default each row's after all l inputs)."""
         if self.prefill_kind == "triton":
-            out, new_state = self.ops.conv_prefill(x, state, self.weight3, self.bias)
-            return out, new_state
-        out, new_state = causal_conv(x, state, self.weight3, self.bias)
-        return out.contiguous(), new_state
+            out, states = self.ops.conv_prefill(x, state, self.weight3, self.bias, rows=rows, pos=pos)
+            return out, states
+        out, _ = causal_conv(x, state, self.weight3, self.bias)
+        return out.contiguous(), self.ops.conv_window(x, state, rows, pos)
 
     def __call__(self, x: Tensor, pool: Tensor, idx: Tensor) -> Tensor:
         """x: (b, c); pool: (S, c, k-1) in place; idx: (b,) int32 -> silu(conv) (b, c)."""
@@ -96,11 +103,11 @@ class Mamba2Gpu:
         return out
 
     def prefill(self, u: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: (1, l, d); conv: (1, c, k-1); ssm: (1, h, p, n) fp32 -> (out (1, l, d), conv, ssm)."""
+        """u: (b, l, d); conv: (b, c, k-1); ssm: (b, h, p, n) -> (out (b, l, d), conv, ssm fp32)."""
         cfg, m = self.cfg, self.m
-        z, xbc, dt = m._split_proj(m.in_proj(u))  # (1, l, e), (1, l, c), (1, l, h)
+        z, xbc, dt = m._split_proj(m.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
         xbc, conv = self.conv.prefill(xbc, conv)
-        x, B, C = self._split_xbc(xbc)  # (1, l, h, p), (1, l, g, n) x2
+        x, B, C = self._split_xbc(xbc)  # (b, l, h, p), (b, l, g, n) x2
         scan = self.k.chunk_scan
         assert scan is not None
         y, ssm = scan(
@@ -108,6 +115,42 @@ class Mamba2Gpu:
             dt_softplus=True, dt_limit=cfg.dt_limit, return_final_states=True,
         )  # fmt: skip
         return self._norm_out(y.flatten(-2), z), conv, ssm
+
+    def prefill_rows(
+        self, u: Tensor, conv: Tensor, ssm: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded rows: u (b, l, d); conv (b, c, k-1); ssm (b, h, p, n) -> (out (b, l, d), conv
+        (t, c, k-1), ssm (t, h, p, n) fp32), the states at the rows' taps. dt is softplus'ed and clamped
+        here and zeroed on the padding; the scan then runs without softplus, bias or clamp (a clamp with
+        a positive lower bound would lift the padding's dt above 0)."""
+        m = self.m
+        z, xbc, dt = m._split_proj(m.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
+        xbc, conv_taps = self.conv.prefill(xbc, conv, rows.tap_row, rows.tap_pos)
+        x, B, C = self._split_xbc(xbc)  # (b, l, h, p), (b, l, g, n) x2
+        y, ssm_taps = self._scan_rows(x, self._dt(dt, rows.valid), B, C, ssm.float(), rows)
+        return self._norm_out(y.flatten(-2), z), conv_taps, ssm_taps
+
+    def _dt(self, dt: Tensor, valid: Tensor) -> Tensor:
+        """dt (b, l, h) raw -> softplus(dt + dt_bias) within dt_limit, fp32, 0 where `valid` (b, l) is False."""
+        dt = F.softplus(dt.float() + self.dt_bias)
+        if not self.default_limit:
+            dt = dt.clamp(*self.cfg.dt_limit)
+        return dt.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+    def _scan_rows(
+        self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, init: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor]:
+        """-> (y (b, l, h, p) with the D skip, the fp32 state at each tap (t, h, p, n))."""
+        chunk, parts = self.cfg.chunk_size, self.k.ssd_parts
+        if parts is None:  # the public scan keeps the final states only: every tap is a row end (grain 0)
+            scan = self.k.chunk_scan
+            assert scan is not None
+            y, final = scan(
+                x, dt, self.A, B, C, chunk, D=self.D, initial_states=init, return_final_states=True
+            )
+            return y, rows.ends_at(final)
+        y, entering, final = chunk_scan_states(parts, x, dt, self.A, B, C, chunk, self.D, init)
+        return y, _states_at(entering, final, rows, chunk)
 
     def step(self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, idx: Tensor) -> Tensor:
         """u: (b, d); conv_pool: (S, c, k-1); ssm_pool: (S, h, p, n) fp32, both in place -> (b, d)."""
@@ -156,12 +199,29 @@ class Mamba1Gpu:
         return F.linear(dt, self.m.dt_proj.weight), B.contiguous(), C.contiguous()
 
     def prefill(self, u: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: (1, l, d); conv: (1, e, k-1); ssm: (1, e, n) fp32 -> (out (1, l, d), conv, ssm)."""
+        """u: (b, l, d); conv: (b, e, k-1); ssm: (b, e, n) -> (out (b, l, d), conv, ssm fp32)."""
+        return self._mix(u, conv, ssm, None)
+
+    def prefill_rows(
+        self, u: Tensor, conv: Tensor, ssm: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded rows, as `Mamba2Gpu.prefill_rows`; every tap must be a row end (Mamba1 has no
+        chunk states: the runner's capture grain is 0). dt = 0 on the padding keeps h unchanged there."""
+        out, conv_taps, final = self._mix(u, conv, ssm, rows)
+        return out, conv_taps, rows.ends_at(final)
+
+    def _mix(
+        self, u: Tensor, conv: Tensor, ssm: Tensor, rows: PaddedRows | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (out (b, l, d), conv states (each row's after l inputs, or at the taps of `rows`), final ssm)."""
         m = self.m
-        x, z = m.in_proj(u).chunk(2, dim=-1)  # (1, l, e) each
-        x, conv = self.conv.prefill(x, conv)  # (1, l, e) contiguous
+        x, z = m.in_proj(u).chunk(2, dim=-1)  # (b, l, e) each
+        points = (None, None) if rows is None else (rows.tap_row, rows.tap_pos)
+        x, conv = self.conv.prefill(x, conv, *points)  # (b, l, e) contiguous
         dt_raw, B, C = self._dt_bc(x)
-        dt = F.softplus(dt_raw.float() + self.dt_bias)  # (1, l, e)
+        dt = F.softplus(dt_raw.float() + self.dt_bias)  # (b, l, e)
+        if rows is not None:
+            dt = dt.masked_fill(~rows.valid.unsqueeze(-1), 0.0)
         y, ssm = self.ops.selective_scan(x, dt, self.A, B, C, self.D, z, ssm)
         return m.out_proj(y.to(u.dtype)), conv, ssm
 
@@ -181,3 +241,46 @@ class Mamba1Gpu:
 
 def _maybe(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.detach()
+
+
+def chunk_scan_states(
+    parts: SsdParts,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk: int,
+    D: Tensor,
+    init: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, on a dt already
+    softplus'ed, keeping the states entering the chunks in fp32 (the public function rounds them to C's
+    dtype). `_chunk_scan_fwd` reads them in any dtype and rounds them to C's dtype for its product, so y
+    is what the public function computes.
+
+    x: (b, l, h, p); dt: (b, l, h) fp32; A: (h,); B, C: (b, l, g, n), channels contiguous; D: (h,) or
+    (h, p); init: (b, h, p, n) fp32 -> (y (b, l, h, p) in x's dtype with the D skip, entering
+    (b, c, h, p, n) fp32 for c = ceil(l / chunk) chunks, final state (b, h, p, n) fp32)."""
+    n = B.shape[-1]
+    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
+    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n): from 0 in each chunk
+    entering, final = parts.state_passing(
+        own.flatten(-2), dA_cumsum[:, :, :, -1], initial_states=init.flatten(-2), chunk_size=chunk,
+        out_dtype=torch.float32,
+    )  # fmt: skip
+    entering, final = entering.unflatten(-1, (-1, n)), final.unflatten(-1, (-1, n))
+    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
+    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
+    return y, entering, final
+
+
+def _states_at(entering: Tensor, final: Tensor, rows: PaddedRows, chunk: int) -> Tensor:
+    """entering (b, c, ...): the states entering the c chunks; final (b, ...) -> the state at each tap
+    (t, ...). A row's padding has dt = 0, so its state after `pos` tokens is the one entering chunk
+    ceil(pos / chunk), or the final one past the last chunk."""
+    idx = (rows.tap_pos + chunk - 1) // chunk  # (t,)
+    count = entering.shape[1]
+    inner = entering[rows.tap_row, idx.clamp(max=count - 1)]  # (t, ...)
+    past = (idx == count).view(-1, *[1] * (inner.dim() - 1))
+    return torch.where(past, final[rows.tap_row], inner)

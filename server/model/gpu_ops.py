@@ -8,8 +8,10 @@
 - `ssm_step`: one token of the Mamba2 recurrence for each row, in place in the fp32 live pool, indexed by
   slot (-1 = padding). Same maths as mamba-ssm's `selective_state_update` with a head-tied dt, with
   blocks of several head rows per program and dt / dt_limit / softplus computed once per head.
-- `conv_prefill`: the causal conv + SiLU over a segment from the carried conv state, reading the
-  in_proj output in place (strided rows) and writing row-major: no transposed copies.
+- `conv_prefill`: the causal conv + SiLU over b right-padded segments from their carried conv states,
+  reading the in_proj output in place (strided rows) and writing row-major: no transposed copies;
+- `conv_window`: the conv state at any point of a segment (its last k-1 inputs, reaching back into the
+  old state): each segment's new state after its real length, and the states at capture points.
 - `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
   `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
 
@@ -85,11 +87,15 @@ def conv_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, idx
 def _conv_prefill_kernel(
     x_ptr, state_ptr, w_ptr, b_ptr, out_ptr,
     length, c,
-    stride_xl, stride_sc, stride_sk, stride_wc, stride_wk, stride_ol,
+    stride_xb, stride_xl, stride_sb, stride_sc, stride_sk, stride_wc, stride_wk, stride_ob, stride_ol,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    seq = tl.program_id(2).to(tl.int64)
+    x_ptr += seq * stride_xb
+    state_ptr += seq * stride_sb
+    out_ptr += seq * stride_ob
     mask_c = chans < c
     mask = (rows < length)[:, None] & mask_c[None, :]
     acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
@@ -113,6 +119,32 @@ def _conv_prefill_kernel(
     )
 
 
+@triton.jit
+def _conv_window_kernel(
+    x_ptr, state_ptr, rows_ptr, pos_ptr, out_ptr,
+    length, c,
+    stride_xb, stride_xl, stride_sb, stride_sc, stride_sk, stride_ot, stride_oc, stride_ok,
+    K1: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = chans < c
+    seq = t.to(tl.int64)
+    if HAS_ROWS:
+        seq = tl.load(rows_ptr + t).to(tl.int64)
+    pos = (t * 0 + length).to(tl.int64)  # (a tensor even where `length` is specialised to a constant)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+    for j in tl.static_range(K1):
+        src = pos - K1 + j  # input position; < 0 reads the old state
+        from_x = tl.load(x_ptr + seq * stride_xb + src * stride_xl + chans, mask=mask & (src >= 0), other=0.0)
+        state_ptrs = state_ptr + seq * stride_sb + chans * stride_sc + (src + K1) * stride_sk
+        from_state = tl.load(state_ptrs, mask=mask & (src < 0), other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        value = tl.where(src >= 0, from_x.to(dtype), from_state.to(dtype))
+        tl.store(out_ptr + t * stride_ot + chans * stride_oc + j * stride_ok, value, mask=mask)
+
+
 def conv_prefill(
     x: Tensor,
     state: Tensor,
@@ -121,27 +153,56 @@ def conv_prefill(
     block_l: int = 32,
     block_c: int = 128,
     num_warps: int = 4,
+    *,
+    rows: Tensor | None = None,
+    pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The causal conv + SiLU over a segment continuing from `state`, in the row-major layout (no transposes).
+    """The causal conv + SiLU over b segments continuing from their states, in the row-major layout (no
+    transposes), and the conv states at chosen points (`conv_window`).
 
-    x: (1, l, c) with contiguous channels (rows may be strided); state: (1, c, k-1); weight: (c, 1, k).
-    Returns (out (1, l, c) contiguous, new state (1, c, k-1)), like `server.model.layers.causal_conv`."""
-    _, length, c = x.shape
+    x: (b, l, c) with contiguous channels (rows and sequences may be strided); state: (b, c, k-1);
+    weight: (c, 1, k); rows, pos: as in `conv_window` (default: every sequence after all l inputs).
+    Returns (out (b, l, c) contiguous, states (t, c, k-1)); for b = 1 and no points, like
+    `server.model.layers.causal_conv`. Right padding is harmless: causality keeps it out of real outputs."""
+    b, length, c = x.shape
     k = weight.shape[-1]
-    assert x.stride(-1) == 1 and state.shape == (1, c, k - 1)
+    assert x.stride(-1) == 1 and state.shape == (b, c, k - 1)
     w = weight[:, 0, :]  # (c, k)
-    out = torch.empty(1, length, c, dtype=x.dtype, device=x.device)  # (1, l, c)
+    out = torch.empty(b, length, c, dtype=x.dtype, device=x.device)  # (b, l, c)
     block_c = min(block_c, triton.next_power_of_2(c))
-    grid = (triton.cdiv(length, block_l), triton.cdiv(c, block_c))
+    grid = (triton.cdiv(length, block_l), triton.cdiv(c, block_c), b)
     _conv_prefill_kernel[grid](
         x, state, w, bias, out,
         length, c,
-        x.stride(1), state.stride(1), state.stride(2), w.stride(0), w.stride(1), out.stride(1),
+        x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2), w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1),
         K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps,
     )  # fmt: skip
-    tail = x[0, max(0, length - (k - 1)) :].transpose(0, 1).to(state.dtype)  # (c, min(l, k-1))
-    new_state = torch.cat([state[0], tail], dim=-1)[:, -(k - 1) :]  # (c, k-1)
-    return out, new_state.unsqueeze(0)
+    return out, conv_window(x, state, rows, pos)
+
+
+def conv_window(x: Tensor, state: Tensor, rows: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+    """The conv state of sequence rows[i] after its first pos[i] inputs: the k-1 inputs before that point,
+    reaching back into the sequence's old state when pos[i] < k-1.
+
+    x: (b, l, c) with contiguous channels; state: (b, c, k-1); rows: (t,) int sequence per point (None:
+    t = b, point i in sequence i); pos: (t,) int in [0, l] (None: l for every point).
+    Returns (t, c, k-1) in the state's dtype."""
+    b, length, c = x.shape
+    k1 = state.shape[-1]
+    assert x.stride(-1) == 1 and state.shape == (b, c, k1)
+    count = rows.shape[0] if rows is not None else pos.shape[0] if pos is not None else b
+    assert rows is not None or count == b
+    out = torch.empty(count, c, k1, dtype=state.dtype, device=x.device)  # (t, c, k-1)
+    block = min(1024, triton.next_power_of_2(c))
+    _conv_window_kernel[(count, triton.cdiv(c, block))](
+        x, state, rows, pos, out,
+        length, c,
+        x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        K1=k1, HAS_ROWS=rows is not None, HAS_POS=pos is not None, BLOCK_C=block, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -174,9 +235,9 @@ def _ssm_step_kernel(
     x = tl.load(x_ptr + row * stride_xb + head * stride_xh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     s_ptrs = state_ptr + slot * stride_ss + head * stride_sh + offs_p[:, None] * stride_sp + offs_n[None, :]
     mask = mask_p[:, None] & mask_n[None, :]
-    s = tl.load(s_ptrs, mask=mask, other=0.0)
+    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # fp32 or bf16 pool; fp32 maths
     s = s * decay + (dt * x)[:, None] * bv[None, :]
-    tl.store(s_ptrs, s, mask=mask)
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(s * cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(d_ptr + head * stride_dh + offs_p * stride_dp, mask=mask_p, other=0.0).to(tl.float32)
@@ -197,13 +258,13 @@ def ssm_step(
     block_p: int = 16,
     num_warps: int = 4,
 ) -> Tensor:
-    """state: (S, h, p, n) fp32, in place; x: (b, h, p); dt: (b, h) raw (before bias and softplus);
-    dt_bias, A: (h,) fp32; B, C: (b, g, n); D: (h,) or (h, p); idx: (b,). Returns y (b, h, p) in x's dtype,
-    without the gate."""
+    """state: (S, h, p, n) fp32 or bf16, in place (fp32 maths, rounded to the state's dtype on store);
+    x: (b, h, p); dt: (b, h) raw (before bias and softplus); dt_bias, A: (h,) fp32; B, C: (b, g, n);
+    D: (h,) or (h, p); idx: (b,). Returns y (b, h, p) in x's dtype, without the gate (from the fp32 state)."""
     b, h, p = x.shape
     n = state.shape[-1]
     assert state.stride(-1) == 1 and x.stride(-1) == 1 and dt.stride(-1) == 1
-    assert B.stride(-1) == 1 and C.stride(-1) == 1 and state.dtype == torch.float32
+    assert B.stride(-1) == 1 and C.stride(-1) == 1 and state.dtype in (torch.float32, torch.bfloat16)
     out = torch.empty(b, h, p, dtype=x.dtype, device=x.device)  # (b, h, p)
     d2 = D if D is None or D.dim() == 2 else D.unsqueeze(-1).expand(h, p)
     block_p = min(block_p, triton.next_power_of_2(p))

@@ -7,6 +7,8 @@ short segments, which is exactly a follow-up turn after a cache hit. Splitting a
 (the handoff invariant), so the pieces compute the same function. Each graph reads its token ids from a
 static buffer and continues the scratch state in place; the caller copies the slot's state into the
 scratch first and back after, and applies the LM head once to the last piece's final hidden row.
+Captures go through `gpu_graphs.GraphCapturer` (warm-up on the same buffers, thread-local capture; a
+piece length whose capture fails runs eagerly from then on).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from server.model.gpu_graphs import Captured, GraphCapturer
 
 MAX_GRAPH_LEN = 1024
 # Segments up to this length run as graph pieces, longer ones eagerly. Eager prefill costs ~2 ms of host time
@@ -43,24 +47,24 @@ class PrefillGraphs:
         self.piece, self.conv, self.ssm = piece, conv, ssm
         self.ids = torch.zeros(1, MAX_GRAPH_LEN, dtype=torch.long, device=conv.device)  # static input
         self.hidden = torch.zeros(1, d_model, dtype=dtype, device=conv.device)  # last piece's output row
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, Captured] = {}
+        self._capturer = GraphCapturer()
 
-    def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, length: int) -> Captured:
         saved = (self.conv.clone(), self.ssm.clone())  # warm-up runs advance the scratch state
         ids = self.ids[:, :length]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.piece(ids, self.conv, self.ssm)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.piece(ids, self.conv, self.ssm)
-        self.conv.copy_(saved[0])
-        self.ssm.copy_(saved[1])
-        return graph, out
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.piece(ids, self.conv, self.ssm)
+            torch.cuda.current_stream().wait_stream(side)
+            run = lambda: self.piece(ids, self.conv, self.ssm)
+            return self._capturer.capture(run, f"the {length}-token prefill piece")
+        finally:
+            self.conv.copy_(saved[0])
+            self.ssm.copy_(saved[1])
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -69,18 +73,22 @@ class PrefillGraphs:
             self._ensure(length)
             length //= 2
 
-    def _ensure(self, length: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _ensure(self, length: int) -> Captured:
         if length not in self._graphs:
             self._graphs[length] = self._capture(length)
         return self._graphs[length]
 
     def run(self, ids: Tensor) -> Tensor:
         """ids (1, n) on the device, n >= 1, from the scratch state -> final hidden (1, d)."""
-        start = 0
+        start, out = 0, self.hidden
         for length in pieces(ids.shape[1]):
-            graph, out = self._ensure(length)
+            captured = self._ensure(length)
             self.ids[:, :length].copy_(ids[:, start : start + length])
-            graph.replay()
+            if captured is None:  # the capture failed: this length runs eagerly
+                out = self.piece(self.ids[:, :length], self.conv, self.ssm)
+            else:
+                graph, out = captured
+                graph.replay()
             start += length
         self.hidden.copy_(out)
         return self.hidden

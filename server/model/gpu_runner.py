@@ -1,13 +1,19 @@
 """GpuModelRunner: the ModelRunner interface on mamba-ssm's Triton kernels, our Triton steps and CUDA graphs.
 
 Same contract as `server.model.runner.ModelRunner` (prefill / decode / capture / restore / reset /
-state_spec; live ssm state fp32, conv state in the model dtype). What differs is how the work runs:
+state_spec; live ssm state fp32 or bf16 (`state_dtype`, computed in fp32 either way), conv state in the
+model dtype). What differs is how the work runs:
 - residual add + RMSNorm fused (mamba-ssm's Triton `rms_norm_fn`), the gated norm on its Triton kernel;
 - prefill: the chunked SSD scan from the slot's state, split at the capture positions, logits of the
   last token only unless all are asked for; each segment replays as CUDA graphs of power-of-two pieces
   (`gpu_prefill`) up to GRAPH_PREFILL_MAX tokens, which removes the host launch cost (~1.3 ms a layer
   eager) of short segments; longer segments and `all_logits=True` run eagerly (there the GPU work hides
   the launches, while each graph piece adds a few ms of small-kernel latency);
+- batched prefill (`prefill_batch`): a group of several rows runs as one eager padded pass (embedding,
+  fused add + norm, `prefill_rows` per layer on states gathered from the rows' slots, new states written
+  back, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
+  one row takes the single-row path above (graph pieces, split at its captures). Captures at multiples of
+  the chunk size come out of the pass as fp32 chunk states (Mamba2; `_capture_grain`);
 - decode: each layer updates the live pool in place through slot indices (no gather / scatter), and the
   whole step (embedding to logits) replays as one CUDA graph per batch bucket (1, 2, 4, ..., 256, up to
   max_slots); rows past the batch are padding (slot -1). Inputs go through pinned host buffers copied
@@ -16,7 +22,8 @@ state_spec; live ssm state fp32, conv state in the model dtype). What differs is
 `make_runner(model, max_slots, device)` returns this runner on CUDA with the kernels present, else the
 torch runner. Graphs are captured lazily at first use of a bucket / piece length; `warmup()` captures
 them all up front (call it before serving). Memory: the pool (fp32 ssm state: n_layer*h*p*n*4 bytes
-a slot, 168 MB for mamba2-2.7b) plus one scratch slot for the prefill graphs and their activations.
+a slot, 168 MB for mamba2-2.7b; half that in bf16) plus one scratch slot (fp32 ssm) for the prefill
+graphs and their activations.
 """
 
 from __future__ import annotations
@@ -32,15 +39,22 @@ from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
 from server.model.gpu_prefill import GRAPH_PREFILL_MAX, PrefillGraphs
 from server.model.kernels import Kernels, load_kernels
-from server.model.lm import MambaLM
+from server.model.layers import PaddedRows
+from server.model.lm import LayerStates, MambaLM
 from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
-from server.model.runner import ModelRunner
+from server.model.runner import Captures, ModelRunner
 
 log = logging.getLogger(__name__)
 
 
 class GpuModelRunner(ModelRunner):
+    # A batched pass may hold as many padded tokens as real ones. An eager pass costs ~2 ms of host
+    # launches a layer whatever its size, and the GPU idles under that until its work outgrows the
+    # launches: below that, padding is free and each extra group costs a whole pass of launches; above,
+    # padding costs GPU time, at most 2x here (the torch path's 1.25 is for a compute-bound CPU).
+    pad_waste = 2.0
+
     def __init__(
         self,
         model: MambaLM,
@@ -52,8 +66,9 @@ class GpuModelRunner(ModelRunner):
         prefill_graphs: bool = True,
         ssm_step: SsmStep = "tssc",
         conv_prefill: ConvPrefill = "triton",
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(model, max_slots, device)
+        super().__init__(model, max_slots, device, state_dtype=state_dtype)
         self.kernels = kernels or load_kernels()
         if not self.kernels.gpu_ready:
             raise RuntimeError(f"GPU kernels unavailable: {self.kernels.summary()}")
@@ -70,7 +85,7 @@ class GpuModelRunner(ModelRunner):
     def _prefill_graphs(self) -> PrefillGraphs:
         pool = self.pool
         conv = torch.zeros_like(pool.conv[:, :1])  # (n_layer, 1, c, k-1) scratch
-        ssm = torch.zeros_like(pool.ssm[:, :1])  # (n_layer, 1, ...) fp32 scratch
+        ssm = torch.zeros_like(pool.ssm[:, :1], dtype=torch.float32)  # (n_layer, 1, ...) fp32 scratch
         return PrefillGraphs(self._piece, conv, ssm, self.config.d_model, self.dtype)
 
     def _wrap(
@@ -148,6 +163,60 @@ class GpuModelRunner(ModelRunner):
             out, residual = out[:, -1:], residual[:, -1:]
         return self._logits(self._final_norm(out, residual))[0]
 
+    # ---- batched prefill --------------------------------------------------------------------------
+
+    def _capture_grain(self) -> int:
+        """Mamba2's chunk size where mamba-ssm's scan stages are importable (their fp32 chunk states
+        are the captures); else 0 (the public scan rounds chunk states to bf16: every capture splits)."""
+        return super()._capture_grain() if self.kernels.ssd_parts is not None else 0
+
+    def _prefill_rows(
+        self, ids: Tensor, lengths: Sequence[int], slots: Sequence[int], taps: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, list[Captures]]:
+        """The base class's hook (contract there): one row on the single-row path (graph pieces), several
+        in one eager padded pass."""
+        if len(lengths) == 1 and self.prefill_graphs is not None and lengths[0] <= GRAPH_PREFILL_MAX:
+            return self._prefill_one(ids, lengths[0], slots[0], taps[0])
+        return self._prefill_padded(ids, lengths, slots, taps)
+
+    def _prefill_one(
+        self, ids: Tensor, length: int, slot: int, taps: Sequence[int]
+    ) -> tuple[Tensor, list[Captures]]:
+        """ids (1, length) as graph pieces, split at the taps (exact: the handoff invariant)."""
+        caps: Captures = {}
+        start, logits = 0, torch.empty(0)
+        for end in sorted({*taps, length}):
+            logits = self._prefill_segment(ids[:, start:end], slot, False)  # (1, v_padded)
+            if end in taps:
+                caps[end] = self.pool.read(slot)
+            start = end
+        return logits, [caps]
+
+    def _prefill_padded(
+        self, ids: Tensor, lengths: Sequence[int], slots: Sequence[int], taps: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, list[Captures]]:
+        """One eager pass over right-padded rows ids (b, l); see `ModelRunner._prefill_rows`."""
+        b, pool = len(lengths), self.pool
+        slot_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)  # (b,)
+        points = [*enumerate(lengths), *((r, p) for r, ps in enumerate(taps) for p in ps)]
+        rows = PaddedRows.build(lengths, ids.shape[1], points, self.device)  # row ends first, then taps
+        out, residual = self._embed(ids), None  # (b, l, d)
+        tapped: LayerStates = []  # per layer, the states at taps[...] (t - b, ...)
+        for i, layer in enumerate(self.layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out, conv, ssm = layer.prefill_rows(hidden, pool.conv[i, slot_t], pool.ssm[i, slot_t], rows)
+            pool.conv[i, slot_t] = conv[:b]
+            pool.ssm[i, slot_t] = ssm[:b].to(pool.ssm.dtype)
+            if len(points) > b:
+                tapped.append((conv[b:].clone(), ssm[b:].clone()))
+        assert residual is not None
+        last = (torch.arange(b, device=self.device), rows.lengths - 1)
+        logits = self._logits(self._final_norm(out[last], residual[last]))  # (b, v_padded)
+        caps: list[Captures] = [{} for _ in range(b)]
+        for j, (r, p) in enumerate(points[b:]):
+            caps[r][p] = self._tap_state(tapped, j)
+        return logits, caps
+
     def _token_ids(self, tokens: Sequence[int]) -> Tensor:
         host = torch.as_tensor(list(tokens), dtype=torch.long)
         if self._pinned():
@@ -207,12 +276,18 @@ class GpuModelRunner(ModelRunner):
             self.prefill_graphs.capture_all()
 
 
-def make_runner(model: MambaLM, max_slots: int, device: str | torch.device | None = None) -> ModelRunner:
+def make_runner(
+    model: MambaLM,
+    max_slots: int,
+    device: str | torch.device | None = None,
+    *,
+    state_dtype: torch.dtype = torch.float32,
+) -> ModelRunner:
     """The GPU runner on CUDA with the kernels importable, else the torch runner (same interface)."""
     dev = torch.device(device) if device is not None else model.backbone.embedding.weight.device
     if dev.type == "cuda":
         kernels = load_kernels()
         if kernels.gpu_ready:
-            return GpuModelRunner(model, max_slots, dev, kernels=kernels)
+            return GpuModelRunner(model, max_slots, dev, kernels=kernels, state_dtype=state_dtype)
         log.warning("CUDA without the GPU kernels (%s): using the torch path", kernels.summary())
-    return ModelRunner(model, max_slots, dev)
+    return ModelRunner(model, max_slots, dev, state_dtype=state_dtype)

@@ -36,6 +36,19 @@ class MissingExtensionError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SsdParts:
+    """The stages of mamba-ssm's chunked scan (`_mamba_chunk_scan_combined_fwd`, private API of 2.x), so that
+    the GPU runner can run them with fp32 chunk-entering states: the public function rounds those to the
+    inputs' dtype and returns only the final state in fp32."""
+
+    chunk_cumsum: KernelFn  # _chunk_cumsum_fwd: dt -> (dA cumsum, dt) per chunk
+    chunk_state: KernelFn  # _chunk_state_fwd: each chunk's own end state
+    state_passing: KernelFn  # _state_passing_fwd: states entering each chunk, and the final one
+    bmm_chunk: KernelFn  # _bmm_chunk_fwd: C^T B within each chunk
+    chunk_scan: KernelFn  # _chunk_scan_fwd: the outputs
+
+
+@dataclass(frozen=True)
 class Kernels:
     triton_ops: bool  # mamba_ssm's Triton kernels imported
     selective_scan_cuda: bool  # the real CUDA extension (not our stub)
@@ -46,6 +59,7 @@ class Kernels:
     gated_rmsnorm: KernelFn | None = None  # layernorm_gated.rmsnorm_fn: norm(y * silu(z)) per group
     add_rmsnorm: KernelFn | None = None  # layer_norm.rms_norm_fn: fused residual add + RMSNorm
     conv_update: KernelFn | None = None  # causal_conv1d_update
+    ssd_parts: SsdParts | None = None  # the chunked scan's stages (None: their private names moved)
     error: str = ""  # why the Triton ops are missing, if they are
 
     @property
@@ -125,6 +139,19 @@ def _import_mamba_ops() -> dict[str, KernelFn]:
     }
 
 
+def _import_ssd_parts() -> SsdParts | None:
+    """The chunked scan's stages, where this mamba-ssm version has them under their 2.x names."""
+    try:
+        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        return SsdParts(
+            ssd._chunk_cumsum_fwd, ssd._chunk_state_fwd, ssd._state_passing_fwd, ssd._bmm_chunk_fwd,
+            ssd._chunk_scan_fwd,
+        )  # fmt: skip
+    except (ImportError, AttributeError) as exc:
+        log.warning("mamba-ssm's chunked scan stages are missing (%s): captures split prefills", exc)
+        return None
+
+
 def _import_conv_update() -> KernelFn | None:
     if importlib.util.find_spec("causal_conv1d") is None:
         return None
@@ -160,6 +187,7 @@ def _probe() -> Kernels:
         gated_rmsnorm=ops["gated_rmsnorm"],
         add_rmsnorm=ops["add_rmsnorm"],
         conv_update=conv_update,
+        ssd_parts=_import_ssd_parts(),
     )
 
 

@@ -94,13 +94,21 @@ def _groups(pieces: Sequence[_Piece], waste: float) -> list[list[_Piece]]:
 class ModelRunner:
     pad_waste = 1.25  # padded tokens per real token a batched prefill pass may hold, at most
 
-    def __init__(self, model: MambaLM, max_slots: int, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: MambaLM,
+        max_slots: int,
+        device: str | torch.device | None = None,
+        *,
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """`state_dtype`: the live ssm state's dtype, fp32 or bf16 (compute stays fp32; see `StatePool`)."""
         self.model = model
         self.config: ModelConfig = model.cfg
         self.device = torch.device(device) if device is not None else model.backbone.embedding.weight.device
         self.dtype = model.dtype
         self.max_slots = max_slots
-        self.pool = StatePool(self.config, max_slots, self.dtype, self.device)
+        self.pool = StatePool(self.config, max_slots, self.dtype, self.device, ssm_dtype=state_dtype)
         self.vocab = self.config.unpadded_vocab_size
 
     # ---- state handoff -------------------------------------------------------------------------
@@ -128,7 +136,7 @@ class ModelRunner:
     def _store(self, slots: Tensor, states: LayerStates) -> None:
         for i, (conv, ssm) in enumerate(states):
             self.pool.conv[i, slots] = conv.to(self.pool.conv.dtype)
-            self.pool.ssm[i, slots] = ssm
+            self.pool.ssm[i, slots] = ssm.to(self.pool.ssm.dtype)  # the fp32 result, rounded to a bf16 pool
 
     # ---- compute ------------------------------------------------------------------------------
 
@@ -245,7 +253,7 @@ class ModelRunner:
         Returns:
         - logits (b, v_padded) fp32 of each row's last real token (the caller drops the vocab padding);
         - per row {tap: the row's state after that many tokens}, for every tap of the row, as new
-          tensors named, shaped and typed like `state_spec()` (conv in the pool dtype, ssm fp32), which
+          tensors named, shaped and typed like `state_spec()` (conv and ssm in the pool's dtypes), which
           the caller hands to the cache as they are."""
         slot_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         b = len(lengths)
@@ -261,7 +269,7 @@ class ModelRunner:
     def _tap_state(self, states: LayerStates, j: int) -> dict[str, Tensor]:
         """Tap j of a batched pass as a slot state: conv (n_layer, c, k-1), ssm (n_layer, ...), new tensors."""
         conv = torch.stack([c[j] for c, _ in states]).to(self.pool.conv.dtype)
-        return {"conv": conv, "ssm": torch.stack([s[j] for _, s in states])}
+        return {"conv": conv, "ssm": torch.stack([s[j] for _, s in states]).to(self.pool.ssm.dtype)}
 
     # ---- decode -------------------------------------------------------------------------------
 

@@ -1,8 +1,12 @@
 """The live state pool: one (conv, ssm) state per slot and layer, preallocated.
 
     conv: (n_layer, slots, c, k-1)  model dtype  the last k-1 inputs of the depthwise conv
-    ssm:  (n_layer, slots, h, p, n) fp32         Mamba2 (h heads of dim p, state size n)
-          (n_layer, slots, e, n)    fp32         Mamba1
+    ssm:  (n_layer, slots, h, p, n) ssm dtype    Mamba2 (h heads of dim p, state size n)
+          (n_layer, slots, e, n)    ssm dtype    Mamba1
+
+The ssm dtype is fp32 (the default) or bf16 (`--state-dtype bf16`): the mixers compute in fp32 from
+either, and the runner rounds the new state to the pool's dtype when it stores it. bf16 halves the
+ssm state's bytes per slot, which a large decode batch reads and writes every step.
 
 A slot's state as named tensors (what the cache stores) drops the slot axis:
     "conv": (n_layer, c, k-1), "ssm": (n_layer, h, p, n) or (n_layer, e, n).
@@ -18,13 +22,23 @@ from torch import Tensor
 from server.model.config import ModelConfig
 
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the live ssm dtypes
 
 
 class StatePool:
-    def __init__(self, cfg: ModelConfig, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        slots: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ssm_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if ssm_dtype not in STATE_DTYPES.values():
+            raise ValueError(f"the live ssm state is fp32 or bf16, not {ssm_dtype}")
         self.cfg, self.slots = cfg, slots
         self.conv = torch.zeros(cfg.n_layer, slots, cfg.conv_dim, cfg.d_conv - 1, dtype=dtype, device=device)
-        self.ssm = torch.zeros(cfg.n_layer, slots, *cfg.ssm_state_shape(), dtype=torch.float32, device=device)
+        self.ssm = torch.zeros(cfg.n_layer, slots, *cfg.ssm_state_shape(), dtype=ssm_dtype, device=device)
 
     def spec(self) -> StateSpec:
         return {

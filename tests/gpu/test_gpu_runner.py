@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model.config import ModelConfig
 from server.model.gpu_layers import SsmStep
 from server.model.gpu_runner import GpuModelRunner, make_runner
 from server.model.lm import MambaLM
 from server.model.loader import load_model
 from server.model.runner import ModelRunner
+from tests.gpu.prefill_cases import random_model
 from tests.tiny_models import hf_model
 
 pytestmark = pytest.mark.gpu
@@ -45,18 +45,7 @@ def _gpu(model: MambaLM, slots: int = 4, **kw: object) -> GpuModelRunner:
 
 
 def _random_model(arch: str, dtype: torch.dtype) -> MambaLM:
-    """Realistic head shapes (p=64, n=128, chunk 256) with random weights."""
-    torch.manual_seed(0)
-    if arch == "mamba2":
-        cfg = ModelConfig(arch="mamba2", d_model=256, n_layer=2, vocab_size=512, d_state=128, headdim=64)
-    else:
-        cfg = ModelConfig(arch="mamba1", d_model=256, n_layer=2, vocab_size=512, d_state=16)
-    model = MambaLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias", "D")):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model.to("cuda", dtype).eval()
+    return random_model(arch, dtype)
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])

@@ -1,0 +1,115 @@
+"""Batched-prefill cases shared by the GPU tests and the Triton-interpreter tests.
+
+Segments of length 1, inside the conv window (k-1 = 3), one chunk, just past it and several chunks, on
+permuted slots that start from distinct non-zero states, with captures at chunk-aligned positions (taken
+out of the pass), unaligned ones (which split it) and at segment ends. Slots 2 and 4 hold live states
+that no segment touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from server.model.config import ModelConfig
+from server.model.lm import MambaLM
+from server.model.runner import Captures, ModelRunner, PrefillResult, PrefillSeg
+
+CHUNK = 8  # the tiny models' chunk size
+MAX_SLOTS = 8
+UNTOUCHED = (2, 4)
+CASES: list[tuple[int, int, tuple[int, ...]]] = [  # (length, slot, captures)
+    (1, 6, ()),
+    (3, 0, (2, 3)),
+    (8, 3, (8,)),
+    (9, 5, (8, 9)),
+    (27, 1, (8, 9, 16, 24, 26)),
+    (40, 7, (16, 32)),
+]
+Close = Callable[[Tensor, Tensor], None]  # asserts two tensors match
+R = TypeVar("R", bound=ModelRunner)
+
+
+def tokens(n: int, seed: int, vocab: int = 320) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def segments(seed: int = 0) -> list[PrefillSeg]:
+    return [PrefillSeg(tokens(n, seed + i), slot, caps) for i, (n, slot, caps) in enumerate(CASES)]
+
+
+def restore_distinct_states(runner: R) -> R:
+    """Every slot restored to its own seeded non-zero state (the same in every runner of one model)."""
+    gen = torch.Generator().manual_seed(50)
+    for slot in range(runner.max_slots):
+        state = {
+            name: (0.5 * torch.randn(shape, generator=gen)).to(dtype)
+            for name, (shape, dtype) in runner.state_spec().items()
+        }
+        runner.restore(slot, state)
+    return runner
+
+
+def one_at_a_time(runner: ModelRunner, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
+    return [runner.prefill(s.tokens, s.slot, s.capture_at) for s in segs]
+
+
+def assert_states_close(got: dict[str, Tensor], want: dict[str, Tensor], close: Close) -> None:
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        close(got[name], tensor)
+
+
+def assert_captures_close(got: Captures, want: Captures, close: Close) -> None:
+    assert sorted(got) == sorted(want)
+    for pos, state in want.items():
+        assert_states_close(got[pos], state, close)
+
+
+def assert_batch_matches(
+    got: Sequence[PrefillResult],
+    want: Sequence[PrefillResult],
+    runners: tuple[ModelRunner, ModelRunner],
+    segs: Sequence[PrefillSeg],
+    close: Close,
+) -> None:
+    """Results and slot states of `runners[0]` (after the batch) match those of `runners[1]`."""
+    for g, w, seg in zip(got, want, segs, strict=True):
+        close(g.last_logits, w.last_logits)
+        assert_captures_close(g.captures, w.captures, close)
+        assert_states_close(runners[0].capture(seg.slot), runners[1].capture(seg.slot), close)
+
+
+def random_model(arch: str, dtype: torch.dtype, device: str = "cuda") -> MambaLM:
+    """Realistic head shapes (p=64, n=128, chunk 256) with random weights, two layers."""
+    torch.manual_seed(0)
+    if arch == "mamba2":
+        cfg = ModelConfig(arch="mamba2", d_model=256, n_layer=2, vocab_size=512, d_state=128, headdim=64)
+    else:
+        cfg = ModelConfig(arch="mamba1", d_model=256, n_layer=2, vocab_size=512, d_state=16)
+    model = MambaLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D")):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model.to(device, dtype).eval()
+
+
+def assert_aligned_captures_take_one_pass(runner: Any, monkeypatch: Any) -> None:
+    """Chunk-aligned captures come out of one batched pass (Mamba2); Mamba1, without chunk states, splits."""
+    passes: list[int] = []
+    inner = runner._prefill_rows
+
+    def counted(ids: Tensor, *rest: Any) -> Any:
+        passes.append(ids.shape[0])
+        return inner(ids, *rest)
+
+    monkeypatch.setattr(runner, "_prefill_rows", counted)
+    caps = (CHUNK, 2 * CHUNK, 3 * CHUNK, 27)
+    (result,) = runner.prefill_batch([PrefillSeg(tokens(27, 0), 2, caps)])
+    assert sorted(result.captures) == list(caps)
+    assert len(passes) == (1 if runner.config.arch == "mamba2" else 4)

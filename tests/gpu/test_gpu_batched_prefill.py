@@ -1,0 +1,253 @@
+"""Batched prefill on the GPU runner (one padded pass per group on the GPU kernels) against one-at-a-time
+prefill and the CPU path, with restored non-zero states and captures at chunk-aligned and other
+positions; and the CUDA-graph rules: no Triton compile or module load inside a capture, captures that
+other threads' CUDA work cannot invalidate, eager fallback after a failed capture.
+
+Tolerances as in test_gpu_runner.py (norm-relative: fp32 2e-3, since mamba-ssm's Triton products run
+in TF32, bf16 4e-2); graph against eager on the same kernels 1e-5.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from server.model.gpu_layers import chunk_scan_states
+from server.model.gpu_runner import GpuModelRunner
+from server.model.kernels import load_kernels
+from server.model.lm import MambaLM
+from server.model.loader import load_model
+from server.model.runner import ModelRunner, PrefillSeg
+from tests.gpu import prefill_cases as cases
+from tests.tiny_models import hf_model
+
+pytestmark = pytest.mark.gpu
+VARIANTS = ["mamba2", "mamba2-groups", "mamba1"]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch = "mamba1" if request.param == "mamba1" else "mamba2"
+    path = tmp_path_factory.mktemp(request.param)
+    groups = 2 if "groups" in request.param else 1
+    hf_model(arch, ngroups=groups, chunk_size=cases.CHUNK, seed=11).save_pretrained(path)
+    return path
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm().clamp_min(1e-12))
+
+
+def _within(tol: float) -> cases.Close:
+    def close(a: Tensor, b: Tensor) -> None:
+        assert _rel(a, b) < tol
+
+    return close
+
+
+def _gpu(model: MambaLM, slots: int = cases.MAX_SLOTS, **kw: Any) -> GpuModelRunner:
+    return GpuModelRunner(model, slots, "cuda", **kw)
+
+
+# ---- batched == one at a time, == the CPU path -------------------------------------------------
+
+
+@pytest.mark.parametrize("prefill_graphs", [True, False])
+def test_batched_prefill_equals_one_at_a_time(model_dir: Path, prefill_graphs: bool) -> None:
+    model = load_model(model_dir, device="cuda")[1]
+    solo, batched = (cases.restore_distinct_states(_gpu(model, prefill_graphs=prefill_graphs)) for _ in "ab")
+    segs = cases.segments()
+    want = cases.one_at_a_time(solo, segs)
+    cases.assert_batch_matches(batched.prefill_batch(segs), want, (batched, solo), segs, _within(2e-3))
+    for slot in cases.UNTOUCHED:
+        cases.assert_states_close(batched.capture(slot), solo.capture(slot), torch.testing.assert_close)
+    slots = [seg.slot for seg in segs]
+    for step in range(2):
+        nxt = [(7 * step + 13 * i) % 320 for i in range(len(slots))]
+        assert _rel(batched.decode(nxt, slots), solo.decode(nxt, slots)) < 2e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])
+def test_batched_prefill_matches_the_cpu_path(model_dir: Path, dtype: str, tol: float) -> None:
+    ref = cases.restore_distinct_states(ModelRunner(load_model(model_dir)[1], cases.MAX_SLOTS))
+    gpu = cases.restore_distinct_states(_gpu(load_model(model_dir, device="cuda", dtype=dtype)[1]))
+    segs = cases.segments(seed=9)
+    for got, want, seg in zip(gpu.prefill_batch(segs), ref.prefill_batch(segs), segs, strict=True):
+        assert _rel(got.last_logits, want.last_logits) < tol
+        assert sorted(got.captures) == sorted(want.captures)
+        for pos, state in want.captures.items():
+            assert all(_rel(got.captures[pos][k], state[k]) < tol for k in ("conv", "ssm"))
+        assert _rel(gpu.capture(seg.slot)["ssm"], ref.capture(seg.slot)["ssm"]) < tol
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "mamba1"])
+def test_batched_prefill_at_realistic_shapes(arch: str) -> None:
+    """p=64, n=128, chunk 256: captures at 256 and 512 come out of the pass, 300 splits it."""
+    model = cases.random_model(arch, torch.float32)
+    solo, batched = (cases.restore_distinct_states(_gpu(model, 4)) for _ in "ab")
+    shapes = [(600, 2, (256, 300, 512)), (300, 0, (256,)), (40, 3, ()), (1, 1, (1,))]
+    segs = [PrefillSeg(cases.tokens(n, i, vocab=512), s, c) for i, (n, s, c) in enumerate(shapes)]
+    want = cases.one_at_a_time(solo, segs)
+    cases.assert_batch_matches(batched.prefill_batch(segs), want, (batched, solo), segs, _within(2e-3))
+
+
+def test_chunk_states_stay_fp32_and_the_outputs_unchanged() -> None:
+    """bf16 inputs: the composed stages give the public scan's y and final state bit for bit, and the
+    state entering chunk j is the final state of a scan over the first j chunks (what a split gives)."""
+    kernels = load_kernels()
+    assert kernels.ssd_parts is not None and kernels.chunk_scan is not None
+    torch.manual_seed(3)
+    b, length, h, p, n, chunk = 2, 600, 8, 64, 128, 256
+    x = torch.randn(b, length, h, p, device="cuda").bfloat16()
+    B, C = (torch.randn(b, length, 1, n, device="cuda").bfloat16() for _ in "BC")
+    dt = F.softplus(torch.randn(b, length, h, device="cuda") - 2)
+    A, D = -torch.rand(h, device="cuda") - 0.1, torch.randn(h, device="cuda")
+    init = torch.randn(b, h, p, n, device="cuda")
+    y, entering, final = chunk_scan_states(kernels.ssd_parts, x, dt, A, B, C, chunk, D, init)
+    scan = kernels.chunk_scan
+    y_pub, final_pub = scan(x, dt, A, B, C, chunk, D=D, initial_states=init, return_final_states=True)
+    assert entering.dtype == torch.float32 and torch.equal(y, y_pub) and torch.equal(final, final_pub)
+    for j in (1, 2):
+        cut = (slice(None), slice(0, j * chunk))
+        _, split = scan(
+            x[cut], dt[cut], A, B[cut], C[cut], chunk, D=D, initial_states=init, return_final_states=True
+        )
+        assert torch.equal(entering[:, j], split)
+
+
+def test_chunk_aligned_captures_take_no_split(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = cases.restore_distinct_states(_gpu(load_model(model_dir, device="cuda")[1]))
+    cases.assert_aligned_captures_take_one_pass(runner, monkeypatch)
+
+
+# ---- CUDA graphs: no JIT in a capture, thread-local capture, eager fallback ----------------------
+
+
+def _sync_while_capturing(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """fn, made to synchronize the device when called inside a capture (illegal there: it fails)."""
+
+    def wrapped(*args: Any) -> Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return fn(*args)
+
+    return wrapped
+
+
+def test_a_failed_decode_capture_runs_the_bucket_eagerly(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = load_model(model_dir, device="cuda")[1]
+    graphed, eager = (cases.restore_distinct_states(_gpu(model, use_graphs=g)) for g in (True, False))
+    graphs = graphed.graphs
+    assert graphs is not None
+    step = graphs.step
+    graphs.step = _sync_while_capturing(step)
+    with caplog.at_level(logging.WARNING, logger="server.model.gpu_graphs"):
+        for _ in range(2):
+            got, want = (r.decode([3, 4, 5], [0, 5, 2]) for r in (graphed, eager))
+            assert _rel(got, want) < 1e-5
+    assert graphs._graphs[4] is None and "decode bucket 4" in caplog.text
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    graphs.step = step  # other buckets still capture
+    assert _rel(graphed.decode([6], [1]), eager.decode([6], [1])) < 1e-5 and graphs._graphs[1] is not None
+    for slot in (0, 1, 2, 5):
+        assert _rel(graphed.capture(slot)["ssm"], eager.capture(slot)["ssm"]) < 1e-5
+
+
+def test_a_failed_prefill_capture_runs_the_piece_eagerly(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failing pieces run eagerly on the same split: the result equals intact graph pieces'."""
+    model = load_model(model_dir, device="cuda")[1]
+    failing, intact = (cases.restore_distinct_states(_gpu(model)) for _ in "ab")
+    graphs = failing.prefill_graphs
+    assert graphs is not None
+    piece = graphs.piece
+    graphs.piece = _sync_while_capturing(piece)
+    tokens = cases.tokens(27, 4)  # pieces of 16, 8, 2 and 1 tokens
+    with caplog.at_level(logging.WARNING, logger="server.model.gpu_graphs"):
+        got, want = failing.prefill(tokens, 3), intact.prefill(tokens, 3)
+    assert _rel(got.last_logits, want.last_logits) < 1e-5
+    assert sorted(graphs._graphs) == [1, 2, 8, 16] and not any(graphs._graphs.values())
+    assert "16-token prefill piece" in caplog.text
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    for name in ("conv", "ssm"):
+        assert _rel(failing.capture(3)[name], intact.capture(3)[name]) < 1e-5
+    graphs.piece = piece  # other lengths still capture
+    failing.prefill(tokens[:4], 5)
+    assert graphs._graphs[4] is not None
+
+
+@pytest.fixture
+def compiles_in_captures() -> Iterator[list[str]]:
+    """Names of the Triton kernels compiled or loaded while a stream was capturing."""
+    import triton
+
+    seen: list[str] = []
+    knobs = triton.knobs.runtime
+
+    def on_compile(**kw: Any) -> bool:
+        if torch.cuda.is_current_stream_capturing():
+            seen.append(str(kw.get("repr")))
+        return False  # go on compiling
+
+    def on_load(*args: Any) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            seen.append(str(args[2]))
+
+    old = knobs.jit_cache_hook
+    knobs.jit_cache_hook = on_compile
+    knobs.kernel_load_start_hook.add(on_load)
+    yield seen
+    knobs.jit_cache_hook = old
+    knobs.kernel_load_start_hook.remove(on_load)
+
+
+def test_no_kernel_compiles_inside_a_capture(model_dir: Path, compiles_in_captures: list[str]) -> None:
+    runner = cases.restore_distinct_states(_gpu(load_model(model_dir, device="cuda", dtype="bf16")[1], 8))
+    runner.warmup()
+    runner.prefill(cases.tokens(100, 1), 0)
+    runner.decode([1, 2, 3], [0, 1, 2])
+    assert compiles_in_captures == []
+    assert runner.graphs is not None and all(runner.graphs._graphs.values())
+
+
+def test_other_threads_cuda_work_cannot_invalidate_a_capture(model_dir: Path) -> None:
+    """A thread allocating device and pinned memory on its own stream (as the cache's workers do) runs
+    throughout every capture of `warmup`; each capture succeeds."""
+    model = load_model(model_dir, device="cuda")[1]
+    runner, eager = (cases.restore_distinct_states(_gpu(model, use_graphs=g)) for g in (True, False))
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        stream, size = torch.cuda.Stream(), 1 << 16
+        try:
+            with torch.cuda.stream(stream):
+                while not stop.is_set():
+                    host = torch.ones(size, pin_memory=True)
+                    torch.empty(size, device="cuda").copy_(host, non_blocking=True)
+                    stream.synchronize()
+                    size = size * 2 if size < 1 << 24 else 1 << 16
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        runner.warmup()
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    assert runner.graphs is not None and runner.prefill_graphs is not None
+    assert all(runner.graphs._graphs.values()) and all(runner.prefill_graphs._graphs.values())
+    assert _rel(runner.decode([1, 2], [0, 7]), eager.decode([1, 2], [0, 7])) < 1e-5

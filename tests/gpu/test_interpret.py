@@ -1,0 +1,207 @@
+"""The GPU runner's kernels on CPU tensors, under Triton's interpreter: our Triton kernels (conv_prefill,
+conv_window, selective_scan) and mamba-ssm's (the chunked scan's stages, the fused norms) run as numpy, so
+that `GpuModelRunner` (built on the CPU, without CUDA graphs) can be checked against the torch runner on
+the tiny seeded models without a GPU: batched prefill, captures included, equals the torch path.
+
+Skipped unless TRITON_INTERPRET=1 (conftest). A venv for it, outside the repo:
+
+    python3 -m venv /tmp/tvenv
+    /tmp/tvenv/bin/pip install torch==2.13.0 triton==3.6.0 einops "numpy<2.4" safetensors \\
+        transformers==5.17.0 tokenizers huggingface_hub jinja2 pytest pytest-asyncio hypothesis
+    /tmp/tvenv/bin/pip download --no-binary :all: --no-deps mamba-ssm==2.3.2.post1 -d /tmp/mssm
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE /tmp/tvenv/bin/pip wheel --no-deps \\
+        --no-build-isolation /tmp/mssm/mamba_ssm-2.3.2.post1.tar.gz -w /tmp/mssm
+    /tmp/tvenv/bin/pip install --no-deps /tmp/mssm/mamba_ssm-2.3.2.post1-py3-none-any.whl
+
+(the `pip download` needs the same two MAMBA_* variables set), then run this file alone:
+
+    TRITON_INTERPRET=1 /tmp/tvenv/bin/python -m pytest tests/gpu/test_interpret.py -q
+
+The conftest sets MAMBA_DETERMINISTIC=1 (one config per autotuned kernel: the interpreter has no
+benchmarker); a fixture here lets mamba-ssm's `torch.cuda.device(None)` pass on a CPU-only torch.
+Tolerance: the interpreter computes in fp32 numpy, so the GPU runner matches the torch runner to the
+handoff tolerance of the CPU tests (atol 1e-5, rtol 1e-4); measured differences are about 1e-6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from server.model.gpu_runner import GpuModelRunner
+from server.model.layers import PaddedRows, causal_conv, causal_conv_window
+from server.model.lm import MambaLM
+from server.model.loader import load_model
+from server.model.mamba1 import selective_scan as torch_selective_scan
+from server.model.runner import ModelRunner
+from server.model.ssd import ssd_scan_states
+from tests.gpu import prefill_cases as cases
+from tests.tiny_models import hf_model
+
+pytestmark = pytest.mark.triton_interpret
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _close(a: Tensor, b: Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_device_context() -> Iterator[None]:
+    """mamba-ssm enters `torch.cuda.device(x.device.index)`, which a CPU-only torch refuses for None."""
+    real = torch.cuda.device
+
+    def device(index: Any) -> Any:
+        return contextlib.nullcontext() if index is None else real(index)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "device", device)
+        yield
+
+
+@pytest.fixture(scope="module")
+def ops() -> ModuleType:
+    from server.model import gpu_ops
+
+    return gpu_ops
+
+
+def _load(tmp: Path, arch: str, groups: int = 1) -> MambaLM:
+    hf_model(arch, ngroups=groups, chunk_size=cases.CHUNK, seed=7).save_pretrained(tmp)
+    return load_model(tmp)[1]
+
+
+@pytest.fixture(scope="module", params=["mamba2", "mamba2-groups", "mamba1"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MambaLM:
+    arch = "mamba1" if request.param == "mamba1" else "mamba2"
+    return _load(tmp_path_factory.mktemp(request.param), arch, 2 if "groups" in request.param else 1)
+
+
+def _gpu(model: MambaLM) -> GpuModelRunner:
+    return GpuModelRunner(model, cases.MAX_SLOTS, "cpu", use_graphs=False)
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+
+def _conv_inputs(lengths: list[int], c: int = 24, k: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (b, l, c) as a strided view (rows of a wider projection), state (b, c, k-1), weight, bias."""
+    torch.manual_seed(0)
+    b, width = len(lengths), max(lengths)
+    x = torch.randn(b, width, c + 10)[:, :, 3 : 3 + c]  # (b, l, c): channels contiguous, rows strided
+    return x, torch.randn(b, c, k - 1), torch.randn(c, 1, k), torch.randn(c)
+
+
+def test_conv_prefill_rows_equal_each_row_alone(ops: ModuleType) -> None:
+    lengths = [1, 2, 3, 9]  # shorter than k-1 = 3: the new state reaches back into the old one
+    x, state, weight, bias = _conv_inputs(lengths)
+    out, new = ops.conv_prefill(x, state, weight, bias, pos=torch.tensor(lengths))
+    for r, n in enumerate(lengths):
+        want_out, want_state = causal_conv(x[r : r + 1, :n], state[r : r + 1], weight, bias)
+        _close(out[r, :n], want_out[0])
+        _close(new[r], want_state[0])
+
+
+def test_conv_window_at_points(ops: ModuleType) -> None:
+    lengths = [5, 9, 2]
+    x, state, weight, bias = _conv_inputs(lengths)
+    points = [(0, 0), (0, 5), (1, 1), (1, 4), (1, 8), (2, 2), (2, 1)]
+    rows = PaddedRows.build(lengths, x.shape[1], points, x.device)
+    _, window = causal_conv_window(x, state, weight, bias)
+    _, got = ops.conv_prefill(x, state, weight, bias, rows=rows.tap_row, pos=rows.tap_pos)
+    torch.testing.assert_close(got, rows.conv_at(window), atol=0, rtol=0)
+
+
+def _ssd_inputs(b: int, length: int, h: int = 4, p: int = 16, n: int = 16, g: int = 2) -> dict[str, Tensor]:
+    torch.manual_seed(1)
+    return {
+        "x": torch.randn(b, length, h, p),
+        "dt": F.softplus(torch.randn(b, length, h)),
+        "A": -torch.rand(h) - 0.1,
+        "B": torch.randn(b, length, g, n),
+        "C": torch.randn(b, length, g, n),
+        "init": torch.randn(b, h, p, n),
+    }
+
+
+def test_chunk_scan_states_are_the_torch_scan_states() -> None:
+    from server.model.gpu_layers import chunk_scan_states
+    from server.model.kernels import load_kernels
+
+    parts = load_kernels().ssd_parts
+    assert parts is not None
+    t = _ssd_inputs(2, 20)
+    D = torch.randn(4)
+    y, entering, final = chunk_scan_states(parts, t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D, t["init"])
+    y_ref, states_ref = ssd_scan_states(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, t["init"])
+    assert entering.dtype == final.dtype == torch.float32
+    _close(y, y_ref + t["x"] * D[:, None])
+    _close(entering, states_ref[:, :-1])
+    _close(final, states_ref[:, -1])
+
+
+def test_mamba1_scan_keeps_the_state_through_padding(ops: ModuleType) -> None:
+    torch.manual_seed(2)
+    b, length, e, n = 3, 11, 8, 4
+    lengths = torch.tensor([11, 4, 1])
+    x, z = torch.randn(b, length, e), torch.randn(b, length, e)
+    dt = F.softplus(torch.randn(b, length, e))
+    dt = dt.masked_fill(~(torch.arange(length) < lengths[:, None]).unsqueeze(-1), 0.0)
+    A, B, C, D, h0 = (
+        -torch.rand(e, n),
+        torch.randn(b, length, n),
+        torch.randn(b, length, n),
+        torch.randn(e),
+        torch.randn(b, e, n),
+    )
+    _, final = ops.selective_scan(x, dt, A, B, C, D, z, h0)
+    for r, size in enumerate(lengths.tolist()):
+        sl = slice(r, r + 1)
+        _, want = torch_selective_scan(x[sl, :size], dt[sl, :size], A, B[sl, :size], C[sl, :size], h0[sl])
+        _close(final[r], want[0])
+
+
+# ---- the runner --------------------------------------------------------------------------------
+
+
+def test_batch_equals_the_torch_runner(model: MambaLM) -> None:
+    ref = cases.restore_distinct_states(ModelRunner(model, cases.MAX_SLOTS))
+    gpu = cases.restore_distinct_states(_gpu(model))
+    segs = cases.segments()
+    want, got = ref.prefill_batch(segs), gpu.prefill_batch(segs)
+    cases.assert_batch_matches(got, want, (gpu, ref), segs, _close)
+    for slot in cases.UNTOUCHED:
+        cases.assert_states_close(gpu.capture(slot), ref.capture(slot), _close)
+    nxt = [7 * i % 320 for i in range(cases.MAX_SLOTS)]
+    _close(gpu.decode(nxt, list(range(cases.MAX_SLOTS))), ref.decode(nxt, list(range(cases.MAX_SLOTS))))
+
+
+def test_batch_equals_one_at_a_time(model: MambaLM) -> None:
+    solo, batched = (cases.restore_distinct_states(_gpu(model)) for _ in range(2))
+    segs = cases.segments(seed=3)
+    want = cases.one_at_a_time(solo, segs)
+    cases.assert_batch_matches(batched.prefill_batch(segs), want, (batched, solo), segs, _close)
+
+
+def test_chunk_aligned_captures_come_out_of_one_pass(model: MambaLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = cases.restore_distinct_states(_gpu(model))
+    cases.assert_aligned_captures_take_one_pass(gpu, monkeypatch)
+
+
+def test_a_positive_dt_floor_leaves_the_padding_inert(tmp_path: Path) -> None:
+    """dt_limit (0.05, 0.5): the kernel's clamp would lift the padding's dt to 0.05; ours zeroes it after."""
+    base = _load(tmp_path, "mamba2")
+    model = MambaLM(base.cfg.with_(dt_limit=(0.05, 0.5)))
+    model.load_state_dict(base.state_dict())
+    ref = cases.restore_distinct_states(ModelRunner(model.eval(), cases.MAX_SLOTS))
+    gpu = cases.restore_distinct_states(_gpu(model))
+    segs = cases.segments(seed=5)
+    cases.assert_batch_matches(gpu.prefill_batch(segs), ref.prefill_batch(segs), (gpu, ref), segs, _close)
