@@ -25,12 +25,12 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench._common import Report
 from cache.config import CacheConfig
 from cache.manager import StateCache
 from server.model.config import ModelConfig
@@ -44,22 +44,6 @@ log = logging.getLogger("gpu_bench")
 SHAPES = {"mamba2-130m": (768, 24), "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
 VOCAB = 50277
 NEW_TOKENS = 64  # the follow-up turn's new tokens
-
-
-@dataclass
-class Report:
-    """Printed and appended to `out` table by table, so a run cut short keeps what it measured."""
-
-    out: Path
-
-    def write(self, lines: list[str]) -> None:
-        print("\n".join(lines), flush=True)
-        with self.out.open("a") as f:
-            f.write("\n".join(lines) + "\n")
-
-    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
-        lines = ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.write(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def free() -> None:
@@ -90,7 +74,7 @@ def copy_bandwidth() -> tuple[float, float]:
     return d2d, h2d
 
 
-def build_pair(name: str) -> tuple[Any, MambaLM]:
+def build_pair(name: str, vocab: int = VOCAB) -> tuple[Any, MambaLM]:
     """Upstream MambaLMHeadModel with random weights and our MambaLM sharing the same tensors (bf16)."""
     load_kernels()  # registers the selective_scan_cuda stub before mamba_ssm's __init__ runs
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -98,11 +82,11 @@ def build_pair(name: str) -> tuple[Any, MambaLM]:
 
     d_model, n_layer = SHAPES[name]
     torch.manual_seed(0)
-    up_cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba2"})
+    up_cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={"layer": "Mamba2"})
     upstream = MambaLMHeadModel(up_cfg, device="cuda", dtype=torch.bfloat16).eval()
     padded = upstream.backbone.embedding.weight.shape[0]
     cfg = ModelConfig(
-        arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=padded, unpadded_vocab_size=VOCAB
+        arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=padded, unpadded_vocab_size=vocab
     )
     with torch.device("meta"):
         ours = MambaLM(cfg)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import socket
@@ -20,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from bench._common import SHAPES, Sample, pct, stream, write_random_model
 
 WORDS = [
     "state",
@@ -40,49 +40,6 @@ WORDS = [
     "graph",
     "decode",
 ]
-
-
-@dataclass
-class Sample:
-    prompt_tokens: int
-    ttft: float
-    gaps: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-
-
-SHAPES = {
-    "mamba2-tiny": (128, 2),
-    "mamba2-130m": (768, 24),
-    "mamba2-1.3b": (2048, 48),
-    "mamba2-2.7b": (2560, 64),
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def write_random_model(directory: Path, shape: str = "mamba2-130m") -> Path:
-    """A random-weight Mamba2 of a published shape with the bundled demo model's tokenizer and chat template
-    (its tokens are nearly all ASCII, so random output still streams as text), built on the GPU when there
-    is one and saved in bf16 there (fp32 on CPU)."""
-    import shutil
-
-    import torch
-
-    from server.model.config import ModelConfig
-    from server.model.defaults import bundled_model_dir
-    from server.model.export import save_pretrained
-    from server.model.lm import MambaLM
-
-    demo = bundled_model_dir()
-    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
-    d_model, n_layer = SHAPES[shape]
-    cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
-    with torch.device("cuda" if cuda else "cpu"):
-        model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=vocab))
-    save_pretrained(model, directory, fmt="hf", dtype=torch.bfloat16 if cuda else None)
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo / name, directory / name)
-    return directory
 
 
 def free_port() -> int:
@@ -115,29 +72,8 @@ async def chat(client: httpx.AsyncClient, model: str, session: str, messages: li
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
-    sample, last, text = Sample(0, float("nan")), None, []
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=body, headers={"X-Session-ID": session}
-    ) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                sample.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                sample.completion_tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    text.append(choice["delta"]["content"])
-                    if last is None:
-                        sample.ttft = now - t0
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
-    messages.append({"role": "assistant", "content": "".join(text)})
+    sample = await stream(client, "/v1/chat/completions", body, {"X-Session-ID": session})
+    messages.append({"role": "assistant", "content": sample.text})
     return sample
 
 
@@ -210,11 +146,6 @@ async def run_mode(
         proc.terminate()
         proc.wait(timeout=60)
     return [s for r in results for s in r], hits, wall
-
-
-def pct(values: list[float], q: float) -> float:
-    vals = sorted(v for v in values if v == v)
-    return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else float("nan")
 
 
 def row(mode: str, samples: list[Sample], hits: dict[str, float], wall: float) -> str:

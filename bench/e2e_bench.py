@@ -1,0 +1,595 @@
+"""End to end over HTTP next to upstream mamba_ssm, in one command (issue #12 item 7).
+
+    python -m bench.e2e_bench [--shape mamba2-2.7b mamba2-130m] [--sections step,tput,itl,followup]
+                              [--quick | --smoke] [--cache-args "--hot-bytes 4GiB ..."] [--out BENCHMARKS.md]
+                              [--deadline SECONDS] [--commit SHA] [--client-procs N]
+
+For each shape a random-weight model of that shape (vocab: the demo tokenizer's, so that it streams text)
+is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights in this process. Then:
+  step      the runner's own decode step (`GpuModelRunner`, CUDA-event timed; the torch runner on CPU) at
+            batch 1/16/64, in this process, before any server starts;
+  tput      upstream `generate(cg=True)` at batch 1/16/64 (128-token prompts, 128 new tokens, greedy), then
+            the real server (`python -m server.serve`) with 1/16/64 concurrent streaming clients of the same
+            lengths (random text, temperature 0, ignore_eos): completion tok/s and the ratio to upstream,
+            TTFT and ITL p50/p99; then TTFT of a burst of 64 simultaneous ~200-token prompts;
+  itl       ITL p50/p99 of 16 streams alone, then while 2 more clients send 8k-token prompts in a loop
+            (target: p99 <= 3x p50 with prefills in flight);
+  followup  8k / 32k / 128k-token conversations: TTFT of the first turn and of a follow-up turn (+64
+            tokens) on the cache server and on a second server started with `--no-cache`.
+The step table sets the runner's step beside the server's ITL p50 (target at batch 64: ITL <= 1.5x step).
+Each table is printed and appended to `--out` as soon as it is measured, under a header with the card,
+shape, dtype, commit and both servers' flags. Without CUDA or mamba_ssm the upstream column says why it is
+empty; `--shape demo --smoke` serves the bundled demo model on CPU in about half a minute (the unit test).
+Clients run in `--client-procs` processes so that 64 streams are not limited by one Python client.
+Expected, not yet measured: 3-4 minutes for mamba2-2.7b with --quick on one H200 once Triton's cache is warm
+(about 2 for mamba2-130m); the full plan adds about 2 minutes a shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from bench._common import (
+    SHAPES,
+    Clients,
+    Job,
+    Report,
+    Sample,
+    Stats,
+    Texts,
+    chat_body,
+    completion,
+    ms,
+    pct,
+    ratio,
+    stream,
+)
+from tests.integration.server_proc import ServerProc, start_server
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("step", "tput", "itl", "followup")
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+Runs = dict[tuple[int, int], "Turns"]  # (conversation length, seed) -> its two turns
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures. Lengths are tokens; times are seconds."""
+
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    rounds: int = 3  # timed rounds per concurrency, after one warm-up round
+    burst: int = 64
+    burst_tokens: int = 200
+    itl_streams: int = 16
+    long_clients: int = 2
+    long_tokens: int = 8192
+    itl_seconds: float = 20.0
+    followup_lengths: tuple[int, ...] = (8192, 32768, 131072)
+    followup_new: int = 64
+    answer_tokens: int = 16
+    repeats: int = 3
+    max_prompt_tokens: int = 140_000
+    client_procs: int = 4
+    section_seconds: float = 150.0
+    step_reps: int = 50  # decode steps timed per batch
+
+    @property
+    def max_num_seqs(self) -> int:
+        return max(*self.concurrencies, self.burst, self.itl_streams + self.long_clients)
+
+
+PLANS = {
+    "full": Plan(),
+    "quick": Plan(rounds=2, itl_seconds=8.0, repeats=1, section_seconds=60.0),
+    "smoke": Plan(
+        concurrencies=(1, 2), prompt_tokens=16, new_tokens=8, rounds=1, burst=4, burst_tokens=24,
+        itl_streams=2, long_clients=1, long_tokens=512, itl_seconds=1.5, followup_lengths=(256, 512),
+        followup_new=16, answer_tokens=4, repeats=1, max_prompt_tokens=4096, client_procs=1,
+        section_seconds=30.0, step_reps=3,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A wall-clock deadline (a perf_counter time): the whole run's, or one section's within it."""
+
+    deadline: float
+
+    def section(self, seconds: float) -> Budget:
+        return Budget(min(self.deadline, time.perf_counter() + seconds))
+
+    def over(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+
+# ---- the model, upstream and the runner's step (in this process) -----------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    model_dir: Path
+    upstream: Any  # mamba_ssm MambaLMHeadModel on the same weights, or None
+    note: str  # why there is no upstream column, if there is none
+
+
+def prepare(shape: str, tmp: Path) -> Prepared:
+    """The served model: the bundled demo, or random weights of `shape` (shared with upstream on CUDA)."""
+    from bench._common import demo_vocab, save_with_demo_tokenizer, write_random_model
+    from bench.gpu_bench import SHAPES as UPSTREAM_SHAPES
+    from server.model.defaults import bundled_model_dir
+
+    if shape == "demo":
+        return Prepared(bundled_model_dir(), None, "demo model")
+    reason = upstream_missing() or ("" if shape in UPSTREAM_SHAPES else "shape")
+    if reason:
+        return Prepared(write_random_model(tmp / shape, shape), None, reason)
+    from bench.gpu_bench import build_pair
+
+    upstream, ours = build_pair(shape, vocab=demo_vocab())
+    return Prepared(save_with_demo_tokenizer(ours, tmp / shape), upstream, "")
+
+
+def upstream_missing() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    from server.model.kernels import load_kernels
+
+    kernels = load_kernels()
+    return "" if kernels.gpu_ready else f"no mamba_ssm kernels: {kernels.error}"
+
+
+def upstream_tok_s(upstream: Any, batches: tuple[int, ...], plan: Plan) -> dict[int, float]:
+    """tok/s of upstream `generate(cg=True)`, its prefill included as the server's rate includes ours."""
+    import torch
+
+    from bench.gpu_bench import free, sync_time
+
+    out, length = {}, plan.prompt_tokens + plan.new_tokens
+    for batch in batches:
+        ids = torch.randint(0, upstream.config.vocab_size, (batch, plan.prompt_tokens), device="cuda")
+        run = lambda ids=ids: upstream.generate(ids, max_length=length, cg=True, top_k=1)
+        run()  # captures the decoding graph
+        out[batch] = batch * plan.new_tokens / sync_time(run, reps=3)
+        upstream._decoding_cache = None
+        free()
+    return out
+
+
+def runner_step_ms(model_dir: Path, batches: tuple[int, ...], steps: int) -> dict[int, float]:
+    """The runner's own decode step per batch, on the weights and dtype the server loads."""
+    import torch
+
+    from server.model.gpu_runner import GpuModelRunner, make_runner
+    from server.model.loader import load_model
+
+    cuda = torch.cuda.is_available()
+    _, model = load_model(model_dir, device="cuda" if cuda else "cpu", dtype="bf16" if cuda else "fp32")
+    runner = make_runner(model, max(batches))
+    if isinstance(runner, GpuModelRunner):
+        runner.warmup(list(batches), prefill=False)
+    return {b: _step_ms(runner, b, steps) for b in batches}
+
+
+def _step_ms(runner: Any, batch: int, steps: int) -> float:
+    """Milliseconds per step of `steps` greedy steps chained on the device (CUDA events on a GPU)."""
+    import torch
+
+    tokens, slots = torch.randint(0, runner.vocab, (batch,), device=runner.device), list(range(batch))
+
+    def run() -> None:
+        nonlocal tokens
+        for _ in range(steps):
+            tokens = runner.decode(tokens, slots).argmax(-1)
+
+    run()
+    if runner.device.type != "cuda":
+        t0 = time.perf_counter()
+        run()
+        return (time.perf_counter() - t0) * 1e3 / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / steps
+
+
+@contextlib.contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Prints how long a phase took (to stdout only: the log, not the tables)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f"[e2e] {what}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def free_device() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- servers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    proc: ServerProc
+    model: str
+    clients: Clients
+
+    @property
+    def url(self) -> str:
+        return self.proc.base_url
+
+
+def server_flags(plan: Plan, cache_args: str, cache: bool) -> list[str]:
+    flags = ["--max-num-seqs", str(plan.max_num_seqs), "--max-prompt-tokens", str(plan.max_prompt_tokens)]
+    return [*flags, "--shutdown-grace", "1", *(shlex.split(cache_args) if cache else ["--no-cache"])]
+
+
+@contextlib.contextmanager
+def servers(model_dir: Path, flag_sets: list[list[str]], procs: int) -> Iterator[list[Server]]:
+    """Every server started at once (their loads and graph captures overlap), all stopped on exit. Only
+    the first (the cache server) gets `procs` client processes: the others serve one client at a time."""
+    managers = [start_server(["--model", str(model_dir), *flags], timeout=900) for flags in flag_sets]
+    with contextlib.ExitStack() as stack:
+        with timed(f"{len(managers)} server(s) started"), ThreadPoolExecutor(len(managers)) as pool:
+            futures = [pool.submit(m.__enter__) for m in managers]
+        for manager, future in zip(managers, futures, strict=True):
+            if future.exception() is None:
+                stack.push(manager.__exit__)
+                stack.callback(report_errors, future.result())
+        started = [f.result() for f in futures]  # the first start that failed raises here
+        out = [
+            Server(p, served_name(p), Clients(p.base_url, procs if i == 0 else 1))
+            for i, p in enumerate(started)
+        ]
+        for server in out:
+            stack.callback(server.clients.close)
+        yield out
+
+
+def served_name(proc: ServerProc) -> str:
+    return str(httpx.get(proc.base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
+
+
+def report_errors(proc: ServerProc) -> None:
+    lines = [ln for ln in proc.log_path.read_text(errors="replace").splitlines() if "ERROR" in ln]
+    if lines:
+        print(f"server on :{proc.port}: {len(lines)} ERROR lines, the last:\n" + "\n".join(lines[-10:]))
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+
+def one_round(server: Server, prompts: list[str], max_tokens: int) -> list[Sample]:
+    """One stream per prompt, all sent at the same moment."""
+    start = time.perf_counter() + 0.5
+    return server.clients.run(
+        [Job(COMPLETIONS, completion(server.model, p, max_tokens), start) for p in prompts]
+    )
+
+
+def section_tput(server: Server, texts: Texts, plan: Plan, budget: Budget) -> tuple[dict[int, Stats], Stats]:
+    """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts."""
+    rng, out = random.Random(1), {}
+    for c in plan.concurrencies:
+        prompts = lambda c=c: [texts.text(plan.prompt_tokens, rng) for _ in range(c)]
+        one_round(server, prompts(), plan.new_tokens)
+        rounds = [one_round(server, prompts(), plan.new_tokens)]
+        while len(rounds) < plan.rounds and not budget.over():
+            rounds.append(one_round(server, prompts(), plan.new_tokens))
+        out[c] = Stats.of(rounds)
+    burst = [texts.text(plan.burst_tokens, rng) for _ in range(plan.burst)]
+    return out, Stats.of([one_round(server, burst, plan.answer_tokens)])
+
+
+def itl_jobs(server: Server, texts: Texts, plan: Plan, seconds: float, long_extra: float | None) -> list[Job]:
+    """`itl_streams` clients of short requests for `seconds`; with `long_extra`, also the long-prompt
+    clients, which go on that much longer so that the streams' last requests still overlap them."""
+    rng, start = random.Random(2), time.perf_counter() + 0.5
+    until = start + seconds
+    short = lambda i: completion(server.model, texts.text(plan.prompt_tokens, rng), plan.new_tokens, True)
+    jobs = [Job(COMPLETIONS, short(i), start, until, vary=True, tag=f"s{i}") for i in range(plan.itl_streams)]
+    if long_extra is None:
+        return jobs
+    body = completion(server.model, texts.text(plan.long_tokens, rng), 1)
+    end = until + long_extra
+    return jobs + [
+        Job(COMPLETIONS, body, start, end, vary=True, tag=f"long{i}") for i in range(plan.long_clients)
+    ]
+
+
+def itl_row(load: str, st: Stats, longs: list[Sample] | None = None) -> list[str]:
+    extra = ["", ""] if longs is None else [str(len(longs)), ms(pct([s.ttft for s in longs], 0.5))]
+    return [load, ms(st.itl50, 2), ms(st.itl99, 2), ratio(st.itl99, st.itl50), *extra]
+
+
+def section_itl(server: Server, texts: Texts, plan: Plan) -> list[list[str]]:
+    base = Stats.of([server.clients.run(itl_jobs(server, texts, plan, plan.itl_seconds / 2, None))])
+    extra = 1.5 * plan.new_tokens * base.itl50
+    mixed = server.clients.run(itl_jobs(server, texts, plan, plan.itl_seconds, extra))
+    short = Stats.of([[s for s in mixed if s.tag.startswith("s")]])
+    load = f"+ {plan.long_clients} clients of {plan.long_tokens:,}-token prompts"
+    longs = [s for s in mixed if s.tag.startswith("long")]
+    return [itl_row(f"{plan.itl_streams} streams alone", base), itl_row(load, short, longs)]
+
+
+@dataclass(frozen=True)
+class Turns:
+    first: Sample
+    followup: Sample
+
+
+async def _chat(url: str, body: dict[str, Any], session: str) -> Sample:
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        return await stream(client, CHAT, body, {"X-Session-ID": session})
+
+
+def conversation(server: Server, texts: Texts, plan: Plan, length: int, seed: int) -> Turns:
+    """Turn 1: one user message of `length` tokens; turn 2, the follow-up, adds ~`followup_new` more."""
+    rng, session = random.Random(seed), f"e2e-{length}-{seed}"
+    messages = [{"role": "user", "content": texts.text(length, rng)}]
+    first = asyncio.run(
+        _chat(server.url, chat_body(server.model, messages, plan.answer_tokens, True), session)
+    )
+    messages += [{"role": "assistant", "content": first.text}]
+    messages += [{"role": "user", "content": texts.text(plan.followup_new, rng)}]
+    second = asyncio.run(
+        _chat(server.url, chat_body(server.model, messages, plan.answer_tokens, True), session)
+    )
+    return Turns(first, second)
+
+
+def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -> Runs:
+    """Each conversation length `repeats` times (fresh text and session each) while the budget lasts."""
+    runs: Runs = {}
+    for key in [(length, seed) for length in plan.followup_lengths for seed in range(plan.repeats)]:
+        if runs and budget.over():
+            break
+        runs[key] = conversation(server, texts, plan, *key)
+    return runs
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
+               "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
+STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
+ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "long prefills",
+              "their TTFT p50 ms"]  # fmt: skip
+FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
+                   "no-cache TTFT p50 ms"]  # fmt: skip
+
+
+def tput_rows(
+    stats: dict[int, Stats], upstream: dict[int, float], burst: Stats, burst_tokens: int, note: str
+) -> list[list[str]]:
+    rows = []
+    for c, st in stats.items():
+        up = upstream.get(c, float("nan"))
+        rows.append([
+            str(c), f"{st.tok_s:,.0f}", f"{up:,.0f}" if up == up else f"n/a ({note})", ratio(st.tok_s, up),
+            ms(st.ttft50), ms(st.ttft99), ms(st.itl50, 2), ms(st.itl99, 2), str(st.requests),
+        ])  # fmt: skip
+    burst_row = [f"{burst.requests} at once, {burst_tokens}-token prompts", "", "", "", ms(burst.ttft50)]
+    return [*rows, [*burst_row, ms(burst.ttft99), "", "", str(burst.requests)]]
+
+
+def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str]]:
+    rows = []
+    for batch, step in steps.items():
+        itl = stats[batch].itl50 if batch in stats else float("nan")
+        target = "<= 1.5x" if batch == max(steps) else ""
+        rows.append([str(batch), f"{step:.3f}", ms(itl, 2), ratio(itl * 1e3, step), target])
+    return rows
+
+
+def followup_rows(cache: Runs, plain: Runs, first: bool) -> list[list[str]]:
+    """Per length: median prompt tokens, TTFT p50 with and without the cache, and their ratio."""
+    rows = []
+    for length in sorted({k[0] for k in cache}):
+        on = [t.first if first else t.followup for k, t in cache.items() if k[0] == length]
+        off = [t.first if first else t.followup for k, t in plain.items() if k[0] == length]
+        a, b = pct([s.ttft for s in on], 0.5), pct([s.ttft for s in off], 0.5)
+        tokens = statistics.median(s.prompt_tokens for s in on)
+        speed = ratio(a, b) if first else ratio(b, a)
+        rows.append([f"{length:,}", f"{tokens:,.0f}", ms(a), ms(b), speed, str(len(on))])
+    return rows
+
+
+# ---- one shape -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    args: argparse.Namespace
+    plan: Plan
+    budget: Budget
+    rep: Report
+
+
+def commit() -> str:
+    """The short commit (+dirty) from git, else ./COMMIT, else 'unknown'."""
+    with contextlib.suppress(OSError):
+        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        head, dirty = run("rev-parse", "--short", "HEAD"), run("status", "--porcelain", "-uno")
+        if head.returncode == 0:
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    path = REPO / "COMMIT"
+    return path.read_text().strip() if path.exists() else "unknown"
+
+
+def header(ctx: Context, shape: str, model_dir: Path, flag_sets: list[list[str]]) -> None:
+    import torch
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cuda = torch.cuda.is_available()
+    desc = f"d_model {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}"
+    lines = [
+        "", f"## End to end over HTTP vs upstream mamba_ssm: {torch.cuda.get_device_name() if cuda else 'cpu'}, "
+        f"{shape} ({desc}), {'bf16' if cuda else 'fp32'}",
+        "", f"commit {ctx.args.commit or commit()}, {datetime.date.today()}, torch {torch.__version__}, "
+        f"plan `{ctx.args.plan}`: {ctx.plan}",
+    ]  # fmt: skip
+    for name, flags in zip(("cache server", "no-cache server"), flag_sets, strict=False):
+        lines += ["", f"{name}: `python -m server.serve --model <{shape}> {shlex.join(flags)}`"]
+    ctx.rep.write(lines)
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """What was measured in this process before the servers started."""
+
+    upstream: dict[int, float]  # batch -> upstream generate tok/s
+    steps: dict[int, float]  # batch -> the runner's step, ms
+    note: str  # why upstream is missing, if it is
+
+
+def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
+    batches, sections = tuple(sorted(set(ctx.plan.concurrencies))), ctx.args.sections
+    with timed(f"{shape}: model written"):
+        prep = prepare(shape, tmp)
+    upstream, steps = {}, {}
+    if prep.upstream is not None and "tput" in sections:
+        with timed(f"{shape}: upstream generate"):
+            upstream = upstream_tok_s(prep.upstream, batches, ctx.plan)
+    model_dir, note = prep.model_dir, prep.note
+    del prep
+    free_device()
+    if "step" in sections:
+        with timed(f"{shape}: runner step"):
+            steps = runner_step_ms(model_dir, batches, ctx.plan.step_reps)
+    free_device()
+    return model_dir, InProcess(upstream, steps, note)
+
+
+def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
+    """In-process phases first (upstream, the runner's step), then the servers with the GPU to themselves."""
+    model_dir, done = in_process(ctx, shape, tmp)
+    flag_sets = [server_flags(ctx.plan, ctx.args.cache_args, cache=True)]
+    if "followup" in ctx.args.sections:
+        flag_sets.append(server_flags(ctx.plan, ctx.args.cache_args, cache=False))
+    header(ctx, shape, model_dir, flag_sets)
+    if ctx.args.sections <= {"step"}:
+        ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
+        return
+    with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: served sections"):
+        serve_sections(ctx, started, Texts(model_dir), done)
+
+
+def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InProcess) -> None:
+    plan, sections, rep, budget = ctx.plan, ctx.args.sections, ctx.rep, ctx.budget
+    stats: dict[int, Stats] = {}
+    if "tput" in sections and not budget.over():
+        with timed("tput"):
+            stats, burst = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
+        title = f"throughput and latency: {plan.prompt_tokens}-token prompts, {plan.new_tokens} new tokens"
+        rep.table(title, TPUT_HEADER, tput_rows(stats, done.upstream, burst, plan.burst_tokens, done.note))
+    if done.steps:
+        title = "the runner's own decode step against the server's ITL"
+        rep.table(title, STEP_HEADER, step_rows(done.steps, stats))
+    if "itl" in sections and not budget.over():
+        with timed("itl"):
+            rows = section_itl(started[0], texts, plan)
+        rep.table("ITL with long prefills in flight", ITL_HEADER, rows)
+    if "followup" in sections and not budget.over():
+        with timed("followup"):
+            followup_tables(ctx, started, texts)
+
+
+def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
+    plan = ctx.plan
+    on = section_followup(started[0], texts, plan, ctx.budget.section(plan.section_seconds))
+    off = {key: conversation(started[1], texts, plan, *key) for key in on}
+    title = f"follow-up turn (+{plan.followup_new} tokens) TTFT, state cache vs --no-cache"
+    ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on, off, first=False))
+    title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
+    ctx.rep.table(title, [*FOLLOWUP_HEADER, "cache / no-cache", "runs"], followup_rows(on, off, first=True))
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", nargs="+", default=["mamba2-2.7b"], choices=[*SHAPES, "tiny", "demo"])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma-separated subset")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick", dest="plan", action="store_const", const="quick", help="fewer rounds, repeats"
+    )
+    mode.add_argument("--smoke", dest="plan", action="store_const", const="smoke", help="tiny sizes, for CPU")
+    parser.set_defaults(plan="full")
+    parser.add_argument(
+        "--cache-args", help="extra flags of the cache server (GPU default: 4GiB hot, 8GiB cold)"
+    )
+    parser.add_argument("--client-procs", type=int, help="client processes (default: the plan's)")
+    parser.add_argument("--deadline", type=float, default=3600.0, help="seconds; no section starts after it")
+    parser.add_argument("--commit", default="", help="the commit to print (default: git, else ./COMMIT)")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    args.sections = set(args.sections.split(","))
+    if unknown := args.sections - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the `with` blocks: the servers are stopped, not orphaned
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    plan = replace(PLANS[args.plan], client_procs=args.client_procs or PLANS[args.plan].client_procs)
+    if args.cache_args is None:
+        import torch
+
+        args.cache_args = "--hot-bytes 4GiB --cold-bytes 8GiB" if torch.cuda.is_available() else ""
+    ctx = Context(args, plan, Budget(time.perf_counter() + args.deadline), Report(args.out))
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shape:
+            if ctx.budget.over():
+                print(f"skipped {shape}: past --deadline", flush=True)
+                continue
+            with timed(f"{shape}: everything"):
+                run_shape(ctx, "mamba2-tiny" if shape == "tiny" else shape, Path(tmp))
+            free_device()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""bench/e2e_bench.py in its CPU smoke mode: both servers, every section, and the tables it appends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {
+    "throughput and latency": ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms",
+                               "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "requests"],
+    "the runner's own decode step": ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"],
+    "ITL with long prefills in flight": ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)",
+                                         "long prefills", "their TTFT p50 ms"],
+    "follow-up turn": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
+                       "no-cache TTFT p50 ms", "speed-up", "runs"],
+    "first-turn TTFT": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
+                        "no-cache TTFT p50 ms", "cache / no-cache", "runs"],
+}  # fmt: skip
+
+
+def _run_smoke(out: Path) -> str:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.e2e_bench", "--shape", "demo", "--smoke", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out.read_text()
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """Title -> rows (the header row first) of every markdown table under a `### title`."""
+    tables: dict[str, list[list[str]]] = {}
+    title = ""
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+            tables[title] = []
+        elif line.startswith("|") and not line.startswith("|---") and title:
+            tables[title].append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def _table(tables: dict[str, list[list[str]]], prefix: str) -> list[list[str]]:
+    matches = [rows for title, rows in tables.items() if title.startswith(prefix)]
+    assert len(matches) == 1, f"{prefix!r} in {list(tables)}"
+    return matches[0]
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
+    text = _run_smoke(tmp_path / "bench.md")
+    assert text.lstrip().startswith("## End to end over HTTP vs upstream mamba_ssm: cpu, demo")
+    assert "cache server: `python -m server.serve" in text and "--no-cache`" in text
+    tables = _tables(text)
+    for prefix, header in TABLES.items():
+        rows = _table(tables, prefix)
+        assert rows[0] == header
+        assert len(rows) > 1 and all(len(row) == len(header) for row in rows)
+    tput = _table(tables, "throughput and latency")
+    assert [row[0] for row in tput[1:3]] == ["1", "2"]  # the smoke plan's concurrencies, then the burst
+    assert all(float(row[1].replace(",", "")) > 0 for row in tput[1:3])
+    assert all(row[2].startswith("n/a") for row in tput[1:3])  # no upstream without CUDA
+    followup = _table(tables, "follow-up turn")
+    assert [row[0] for row in followup[1:]] == ["256", "512"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in followup[1:])
