@@ -90,7 +90,9 @@ def measure(tok: Tokenizer, n_messages: int, n_tokens: int, repeats: int) -> Row
     outs: list[ChatEncoding] = []
     inc_ms = median_ms(lambda: outs.append(enc.encode(msgs, key[0])), repeats, prime)
     out = outs[-1]
-    if (out.tokens, out.boundaries) != (tokens, boundaries):
+    # tokens are always identical; a first turn of more than MAX_RENDERS messages (the prime here) finds a
+    # subset of the message boundaries, each a true one
+    if out.tokens != tokens or not set(out.boundaries) <= set(boundaries):
         raise AssertionError("incremental encoding differs from encode_chat")
     return Row(n_messages, len(tokens), full_ms, inc_ms, render_ms, out.reused_tokens, out.rendered_prefixes)
 

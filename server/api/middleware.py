@@ -47,7 +47,9 @@ class RequestContextMiddleware:
         given = _header(scope, b"x-request-id")
         request_id = given if given and _SANE_ID.match(given) else "req-" + uuid.uuid4().hex[:20]
         scope.setdefault("state", {})["request_id"] = request_id
-        scope["state"]["t_start"] = time.monotonic()  # the request phases (`tssc_request_phase_seconds`) start here
+        scope["state"]["t_start"] = (
+            time.monotonic()
+        )  # the request phases (`tssc_request_phase_seconds`) start here
         rid_token = request_id_var.set(request_id)
         sid_token = session_id_var.set(None)
         status = {"code": 0}
