@@ -6,6 +6,15 @@ Vocabulary (see DESIGN.md): a *checkpoint* is the complete recurrent state of on
 one or more *tiers*: `hot` (device arena, FP8 by default), `cold` (pinned host arena, FP16 by default),
 `disk` (one safetensors file). A *lease* pins one checkpoint between `lookup` and `release`.
 
+Trees and sessions: checkpoints are indexed in *prefix trees*, one per tree name, each spanning every session
+(and session-less request) that uses it, so a prefix many conversations share (a system prompt) is stored
+once. A call names its tree with `tree=`; the default (`None`) is the caller's namespace (API key): keys
+never see each other's checkpoints unless the caller names a common tree. Tree names and namespaces share
+one name space: a caller-named tree must not be spelled like a namespace it is not meant to share with.
+A *session* `(namespace, session id)` (id None: the namespace's anonymous session) is independent of trees:
+it is the set of checkpoints it created or restored from. It sets the hot window, `session_info` and what
+`delete_session` lets go; a checkpoint lives while a session references it (and no tier evicted it).
+
 Thread-safety contract (every implementation of `CheckpointCache`):
 - All public methods may be called concurrently from asyncio tasks and from worker threads. None of them
   awaits; none blocks on another caller for longer than a bookkeeping step (one lock guards the index,
@@ -16,7 +25,8 @@ Thread-safety contract (every implementation of `CheckpointCache`):
 - `capture` reserves storage under the lock (evicting as needed), encodes/copies outside it, then
   publishes the checkpoint under the lock. A checkpoint becomes visible to `lookup` only once published.
 - Eviction is safe exactly for checkpoints with pin count 0 that are published. A leased checkpoint is
-  never evicted from any tier; deleting its session marks it dead and frees it at its last `release`.
+  never evicted from any tier; deleting the last session that references it marks it dead and frees it at
+  its last `release`.
 - Budgets are hard limits: `bytes_used <= bytes_capacity` in every tier at every instant. When a budget
   cannot be met because everything evictable is pinned, the capture is refused for that tier.
 - Observer callbacks run on the caller's thread, never under the lock; they must be fast and must not
@@ -36,6 +46,8 @@ Tier = Literal["hot", "cold", "disk"]
 TIERS: tuple[Tier, ...] = ("hot", "cold", "disk")
 LookupResult = Literal["hot_hit", "cold_hit", "disk_hit", "miss"]
 MissCause = Literal["never_saved", "evicted", ""]
+HitScope = Literal["session", "shared"]  # a hit: the session's own checkpoint, or another session's
+LookupScope = Literal["session", "shared", ""]  # "" for a miss
 StateSpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 State = Mapping[str, torch.Tensor]
 
@@ -53,7 +65,9 @@ class Lease:
     """A pinned checkpoint, returned by `lookup`. Hashable; release exactly once.
 
     `position` tokens of the request are covered by the checkpoint: resume prefill at `tokens[position:]`.
-    `tier` is the tier `fetch` will read (the hottest one holding it at lookup time).
+    `tier` is the tier `fetch` will read (the hottest one holding it at lookup time). `namespace` and
+    `session` are the requester's; `scope` is "session" when the checkpoint already belonged to that session
+    (it created or restored from it before), "shared" when it came from another session of the tree.
     """
 
     lease_id: int
@@ -62,12 +76,14 @@ class Lease:
     session: str | None
     position: int
     tier: Tier
+    scope: HitScope = "session"
 
 
 class CacheObserver:
     """Hook for the metrics layer (Prometheus lives in `server`, never here). Override what you need.
 
-    Results/causes: `on_lookup("hot_hit" | "cold_hit" | "disk_hit" | "miss", "never_saved" | "evicted" | "")`.
+    `on_lookup(result, cause, scope)`: result "hot_hit" | "cold_hit" | "disk_hit" | "miss"; cause (misses)
+    "never_saved" | "evicted", "" for hits; scope (hits) "session" | "shared" (`Lease.scope`), "" for misses.
     `on_fetch(tier, seconds)`: host time of `fetch` on CPU; on CUDA, GPU time between CUDA events, reported
     lazily once the events completed (at a later cache call). `on_capture(seconds)`: same rules for capture.
     `on_evict(tier)`: one checkpoint copy left `tier` by policy (not by `delete_session`).
@@ -75,7 +91,7 @@ class CacheObserver:
     `on_corrupt()`: a disk file was found truncated/corrupt and skipped.
     """
 
-    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
+    def on_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope) -> None:
         return None
 
     def on_fetch(self, tier: Tier, seconds: float) -> None:
@@ -118,11 +134,15 @@ class CheckpointCache(abc.ABC):
     never once per token). Implemented by `cache.manager.StateCache`."""
 
     @abc.abstractmethod
-    def lookup(self, namespace: str, session: str | None, tokens: Sequence[int]) -> Lease | None:
-        """Deepest published checkpoint of `(namespace, session)` whose token prefix equals
-        `tokens[:position]` (position <= len(tokens)); token content is compared, never a hash. Pins it
-        (no tier may evict it) until `release`. Counts the lookup result and, for misses, the cause:
-        `evicted` if a matching checkpoint existed and was evicted, else `never_saved`."""
+    def lookup(
+        self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
+    ) -> Lease | None:
+        """Deepest published checkpoint anywhere in `tree` (None: `namespace`'s tree), whichever session
+        created it, whose token prefix equals `tokens[:position]` (position <= len(tokens)); token content is
+        compared, never a hash. Pins it (no tier may evict it) until `release`, adds it to the session
+        `(namespace, session)` and counts a hit for its eviction priority. Counts the lookup result with its
+        scope and, for misses, the cause: `evicted` if a matching checkpoint existed in the tree and was
+        evicted (as far as the tree's ghost markers remember, `cache.index`), else `never_saved`."""
 
     @abc.abstractmethod
     def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
@@ -138,15 +158,24 @@ class CheckpointCache(abc.ABC):
 
     @abc.abstractmethod
     def capture(
-        self, namespace: str, session: str | None, tokens: Sequence[int], state: State, *, reason: str
+        self,
+        namespace: str,
+        session: str | None,
+        tokens: Sequence[int],
+        state: State,
+        *,
+        reason: str,
+        tree: str | None = None,
     ) -> bool:
-        """Store `state`, the full-precision state after `tokens` (its whole prefix; position = len).
+        """Store `state`, the full-precision state after `tokens` (its whole prefix; position = len), in
+        `tree` (None: `namespace`'s tree), as a checkpoint of the session `(namespace, session)`.
         Write-through: the cold copy is encoded from `state` itself, the hot copy too (FP8). On CPU both are
         written before returning. On CUDA they run on a side stream after the current stream's queued work;
         `state` must be a copy the caller will not modify in place (`ModelRunner.capture` and
         `PrefillResult.captures` are copies); dropping it is safe (the allocator knows the side stream).
-        Returns False if admission skipped it (duplicate, within `min_gap` of an existing ancestor, or no
-        tier could take it)."""
+        Returns False if nothing new was stored: `tokens` already have a checkpoint in the tree (whichever
+        session made it: it is added to this session and counted as a hit, the state is not stored again),
+        `tokens` lie within `min_gap` of an ancestor checkpoint in the tree, or no tier could take it."""
 
     @abc.abstractmethod
     def capture_positions(self, start: int, end: int, boundaries: Sequence[int]) -> list[int]:
@@ -155,9 +184,11 @@ class CheckpointCache(abc.ABC):
 
     @abc.abstractmethod
     def delete_session(self, namespace: str, session: str | None) -> int:
-        """Drop every checkpoint of the session in every tier; return the bytes freed now (leased
-        checkpoints are freed at their release and are not counted here)."""
+        """Forget the session: drop its references. A checkpoint no other session references is freed in
+        every tier (a leased one at its last release); one that another session still references stays.
+        Returns the bytes freed now (leased checkpoints are freed at their release and are not counted)."""
 
     @abc.abstractmethod
     def session_info(self, namespace: str, session: str | None) -> dict[str, Any] | None:
-        """Checkpoints of the session (position, tiers, reason, times) and bytes per tier; None if unknown."""
+        """Checkpoints the session references (position, tiers, reason, times, `shared`: referenced by other
+        sessions too) and their bytes per tier (a shared checkpoint counted in full); None if unknown."""

@@ -1,39 +1,41 @@
-"""The cache's bookkeeping: checkpoint lifecycle, block ownership, leases, budgets, eviction and counters.
+"""The cache's bookkeeping: checkpoint lifecycle, sessions' references, leases, eviction and counters.
 
-Sessions and prefix trees live in `index` (`cache.index`). Plain Python plus block ids; the caller (`StateCache`) holds its lock around every method. Side effects
-that must run outside the lock are queued: `events` (observer callbacks) here, and file I/O (spill writes,
-unlinks) in `disk` (`cache.disk_tier`, which also says why deleting after the lock is race-free).
+Trees, sessions and ghost markers live in `index` (`cache.index`); copies, budgets, eviction policies and
+namespace fairness in `tiers` (`cache.tiers`). Plain Python plus block ids; the caller (`StateCache`) holds
+its lock around every method. Side effects that must run outside the lock are queued: `events` (observer
+callbacks) here, and file I/O (spill writes, unlinks) in `disk` (`cache.disk_tier`, which also says why
+deleting after the lock is race-free).
+
 Invariants kept here: every tier's used bytes <= its capacity; a pinned checkpoint loses no copy; a copy
-leaves a tier only through `_drop_copy`.
+leaves a tier only through `Tiers.drop`; a checkpoint lives while a session references it and a tier holds
+a copy (a dead one, referenced by nobody, only until its last unpin).
 
-Fairness between namespaces (API keys) in the hot and cold arenas: a namespace's fair share of a tier is its
-capacity divided by the number of namespaces holding copies there (the one capturing included). A capture
-that needs room evicts by Greedy-Dual-Size over every namespace while its namespace holds less than its fair
-share, and only its own copies once it holds that much: a namespace can take free space and space beyond
-others' shares, but never push another namespace below its share. The disk tier, the overflow of the cold
-one, is shared by Greedy-Dual-Size alone.
+Sharing: a tree's checkpoints serve every session using the tree. A capture of tokens that already have a
+live checkpoint in the tree stores nothing: the capturing session references the existing checkpoint and
+it counts a hit (`cache.policy`); a lookup hit adds the checkpoint to the requesting session. The hot window
+(`hot_window` W) is per session and counts only the hot copies of checkpoints the session references alone:
+before a capture adds a hot copy, the session's least recently used ones beyond W - 1 lose theirs. The hot
+copy of a shared checkpoint is left to the eviction policy.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-from cache.arena import BlockArena, Claim
-from cache.base import TIERS, Lease, LookupResult, MissCause, Tier
-from cache.checkpoint import Checkpoint, Session, SessionKey
+from cache.arena import BlockArena
+from cache.base import TIERS, HitScope, Lease, LookupResult, LookupScope, MissCause, Tier
+from cache.checkpoint import Checkpoint, SessionKey
 from cache.config import CacheConfig
 from cache.disk import DiskRecord, DiskStore
 from cache.disk_tier import DiskTier, Spill
-from cache.index import SessionIndex
+from cache.index import CheckpointIndex
 from cache.layout import BlockLayout
-from cache.policy import GreedyDual
 from cache.stats import empty_lookup_counts
+from cache.tiers import Tiers
 
-Event = tuple[str, object, object]  # (observer method, arg, arg)
+Event = tuple[str, tuple[object, ...]]  # (observer method, arguments)
 
 
 class Book:
@@ -46,98 +48,105 @@ class Book:
         store: DiskStore | None,
     ) -> None:
         self.config = config
-        self.arenas: dict[Tier, BlockArena | None] = {"hot": hot, "cold": cold}
-        self.disk = DiskTier(store, config.disk_bytes, cold_layout)
-        self.policy = {t: GreedyDual() for t in TIERS}
-        self.index = SessionIndex(config.max_ghosts)
+        self.tiers = Tiers(hot, cold, DiskTier(store, config.disk_bytes, cold_layout))
+        self.arenas = self.tiers.arenas
+        self.disk = self.tiers.disk
+        self.index = CheckpointIndex(config.max_ghosts)
         self.ckpts = self.index.ckpts  # cid -> checkpoint (the index's table, shared)
         self.leases: dict[int, int] = {}
-        self.held: dict[Tier, Counter[str]] = {"hot": Counter(), "cold": Counter()}  # copies per namespace
         self._next_id = 0
         self.events: list[Event] = []
         self.lookups = empty_lookup_counts()
-        self.evictions: dict[Tier, int] = dict.fromkeys(TIERS, 0)
         self.tokens_reused = 0
         self.captures = 0
-        self.captures_skipped = 0
+        self.captures_skipped = 0  # nothing new stored (shared ones included)
+        self.captures_shared = 0  # deduplicated into a checkpoint another capture made
         self.disk_corrupt = 0
 
     # ---- capture -------------------------------------------------------------------------------------
 
-    def admit(self, key: SessionKey, tokens: tuple[int, ...], reason: str) -> Checkpoint | None:
-        """Admission + storage reservation. Returns a pinned, unpublished checkpoint, or None if skipped."""
-        session = self.index.session(key)
-        if self.index.near_duplicate(session, tokens, self.config.min_gap):
+    def admit(self, key: SessionKey, tree: str, tokens: tuple[int, ...], reason: str) -> Checkpoint | None:
+        """Admission + storage reservation. Returns a pinned, unpublished checkpoint, or None if nothing new
+        is stored: the tree has a checkpoint at `tokens` already (then `key` shares it), or one fewer than
+        `min_gap` tokens above, or no tier has room."""
+        exact, deepest = self.index.near(tree, tokens)
+        cp = None
+        if exact is not None:
+            self._share(exact, key)
+            self.captures_shared += 1
+        elif deepest == 0 or len(tokens) - deepest >= self.config.min_gap:
+            cp = self._reserve(key, tree, tokens, reason)
+        if cp is None:
             self.captures_skipped += 1
-            return None
-        self._make_window_room(session)
-        hot = self._alloc("hot", key[0])
-        cold = self._alloc("cold", key[0])
-        session = self.index.sessions.setdefault(key, session)  # evictions above may have dropped it as empty
-        if hot is None and cold is None:
-            self.captures_skipped += 1
-            self.index.drop_if_empty(session)
-            return None
-        node = session.tree.insert(tokens)
-        now = time.time()
-        cp = Checkpoint(self._new_id(), key, node, len(tokens), reason, now, now, hot=hot, cold=cold, pins=1)
-        self.index.add(session, cp)
-        if hot is not None:
-            self.held["hot"][key[0]] += 1
-        if cold is not None:
-            self.held["cold"][key[0]] += 1
         return cp
 
-    def write_fences(self, cp: Checkpoint) -> list[torch.cuda.Event | None]:
-        """Events the capture writer must wait for before overwriting the reserved blocks."""
-        out: list[torch.cuda.Event | None] = []
-        pairs: tuple[tuple[Tier, int | None], ...] = (("hot", cp.hot), ("cold", cp.cold))
-        for tier, block in pairs:
-            arena = self.arenas[tier]
-            if arena is not None and block is not None:
-                out.append(arena.fences.pop(block, None))
-        return out
+    def _reserve(self, key: SessionKey, tree: str, tokens: tuple[int, ...], reason: str) -> Checkpoint | None:
+        """A new checkpoint with blocks reserved in the hot and cold tiers (evicting as needed), or None."""
+        now = time.time()
+        node = self.index.node(tree, tokens)
+        cp = Checkpoint(self._new_id(), tree, key, node, len(tokens), reason, now, now, pins=1)
+        self.index.add(cp)  # first: evictions below cannot forget its tree (and its ghosts) or session
+        self._cap_sessions(key)
+        self._make_window_room(key)
+        cp.hot, cp.cold = self._alloc("hot", key[0]), self._alloc("cold", key[0])
+        if cp.tiers():
+            return cp
+        self.index.kill(cp)
+        self.index.forget(cp)
+        return None
 
-    def write_claims(self, cp: Checkpoint) -> list[Claim]:
-        """Host readers the capture writer must settle before overwriting the reserved cold block."""
-        arena = self.arenas["cold"]
-        claim = arena.take_claim(cp.cold) if arena is not None and cp.cold is not None else None
-        return [claim] if claim is not None else []
+    def _share(self, cp: Checkpoint, key: SessionKey) -> None:
+        """A capture of the tokens `cp` was captured after: `key` references it, and it counts a hit."""
+        self.index.join(cp, key)
+        self.tiers.hit(cp)
+        cp.last_used = time.time()
+        self._cap_sessions(key)
 
-    def publish(self, cp: Checkpoint, ready: torch.cuda.Event | None) -> bool:
-        cp.ready, cp.published = ready, True
-        for tier in cp.tiers():
-            self.policy[tier].touch(cp.cid, cp.cost, self._copy_bytes(cp, tier))
+    def _cap_sessions(self, current: SessionKey) -> None:
+        """Forget the least recently used sessions beyond `max_sessions` as if deleted (never `current`)."""
+        sessions = self.index.sessions
+        while len(sessions) > self.config.max_sessions:
+            oldest = next(iter(sessions))
+            if oldest == current:
+                sessions.move_to_end(oldest)
+                continue
+            self.delete_session(oldest)
+
+    def publish(self, cp: Checkpoint) -> bool:
+        """The capture's copies are written (or queued, `cp.ready`): visible from now on, unless it died."""
+        cp.published = True
+        self.tiers.refresh(cp)
         self.captures += 1
         self.unpin(cp)
         return not cp.dead
 
     def abort(self, cp: Checkpoint) -> None:
-        """The capture's copy failed: give its blocks back."""
+        """The capture's copy failed: give its blocks back (sessions that joined it meanwhile lose it)."""
         cp.published = True
-        cp.dead = True
+        self.index.kill(cp)
         self.unpin(cp)
 
     # ---- lookup / leases -----------------------------------------------------------------------------
 
-    def find(self, key: SessionKey, tokens: tuple[int, ...]) -> tuple[Checkpoint | None, MissCause]:
-        return self.index.find(key, tokens)
-
-    def lease(self, cp: Checkpoint) -> Lease:
+    def lookup(self, key: SessionKey, tree: str, tokens: tuple[int, ...]) -> Lease | None:
+        """Lease the deepest visible checkpoint of `tree` covering a prefix of `tokens` to session `key`."""
+        cp, cause = self.index.find(tree, tokens)
+        if cp is None:
+            self.count_lookup("miss", cause, "")
+            return None
+        scope: HitScope = "session" if key in cp.owners else "shared"
+        self._share(cp, key)
         tier = cp.tiers()[0]
         result: LookupResult = "hot_hit" if tier == "hot" else "cold_hit" if tier == "cold" else "disk_hit"
-        self.count_lookup(result, "")
+        self.count_lookup(result, "", scope)
         cp.pins += 1
-        cp.last_used = time.time()
-        for t in cp.tiers():
-            self.policy[t].touch(cp.cid, cp.cost, self._copy_bytes(cp, t))
-        lease = Lease(self._new_id(), cp.cid, cp.key[0], cp.key[1], cp.position, tier)
+        lease = Lease(self._new_id(), cp.cid, key[0], key[1], cp.position, tier, scope)
         self.leases[lease.lease_id] = cp.cid
         return lease
 
-    def count_lookup(self, result: LookupResult, cause: MissCause) -> None:
-        self.lookups[(result, cause)] += 1
-        self.events.append(("on_lookup", result, cause))
+    def count_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope) -> None:
+        self.lookups[(result, cause, scope)] += 1
+        self.events.append(("on_lookup", (result, cause, scope)))
 
     def leased(self, lease: Lease) -> Checkpoint:
         cid = self.leases.get(lease.lease_id)
@@ -158,19 +167,17 @@ class Book:
             self._free(cp)
         elif cp.spill_failed:
             self._lose_copy(cp, "disk")
+        elif cp.published and not cp.tiers():  # its only copy, a disk file, was found corrupt while leased
+            self.index.forget(cp)
         self.enforce_budgets()
 
     # ---- sessions ------------------------------------------------------------------------------------
 
     def delete_session(self, key: SessionKey) -> int:
-        self.index.gone.pop(key, None)
-        session = self.index.sessions.pop(key, None)
-        if session is None:
-            return 0
+        """Drop the session's references; free what nobody else references (leased: at the last release)."""
         freed = 0
-        for cid in list(session.cids):
-            cp = self.ckpts[cid]
-            cp.dead = True
+        for cp in self.index.leave(key):
+            self.index.kill(cp)
             if cp.pins == 0:
                 freed += self._free(cp)
         return freed
@@ -178,57 +185,38 @@ class Book:
     # ---- budgets / eviction --------------------------------------------------------------------------
 
     def resize(self, hot: int | None, cold: int | None, disk: int | None) -> None:
-        pairs: tuple[tuple[Tier, int | None], ...] = (("hot", hot), ("cold", cold))
-        for tier, budget in pairs:
-            arena = self.arenas[tier]
-            if budget is not None and arena is not None:
-                arena.set_budget(budget)
-        if disk is not None:
-            self.disk.resize(disk)
+        self.tiers.resize(hot, cold, disk)
         self.enforce_budgets()
 
     def enforce_budgets(self) -> None:
         """Evict until every tier is back under its target (pinned copies may keep it above, for now)."""
-        for tier in ("hot", "cold"):
-            arena = self.arenas[tier]
-            while arena is not None and arena.over() and self._evict_one(tier):
+        for tier in TIERS:
+            while self.tiers.over(tier) and self._evict_one(tier):
                 pass
-        while self.disk.over() and self._evict_one("disk"):
-            pass
 
     def _alloc(self, tier: Tier, namespace: str) -> int | None:
         arena = self.arenas[tier]
         if arena is None:
             return None
-        block = arena.alloc()
+        block = self.tiers.take_block(tier, namespace)
         while block is None and arena.target > 0 and self._evict_one(tier, namespace):
-            block = arena.alloc()
+            block = self.tiers.take_block(tier, namespace)
         return block
-
-    def _fair_share(self, tier: Tier, namespace: str) -> int:
-        arena = self.arenas[tier]
-        holders = self.held[tier]
-        count = sum(1 for ns, n in holders.items() if n > 0) + (0 if holders[namespace] > 0 else 1)
-        return max(1, (arena.target if arena is not None else 0) // count)
 
     def _evict_one(self, tier: Tier, requester: str | None = None) -> bool:
         """Evict one copy from `tier`: the lowest priority one, or, when `requester` (a namespace making room
-        for its own capture) holds its fair share or more, the lowest priority one of its own."""
+        for its own capture) holds its fair share or more, the lowest priority one charged to it."""
         evictable = self._evictable
-        if (
-            requester is not None
-            and tier in self.held
-            and self.held[tier][requester] >= self._fair_share(tier, requester)
-        ):
-            evictable = lambda cid: self._evictable(cid) and self.ckpts[cid].key[0] == requester
-        cid = self.policy[tier].victim(evictable)
+        if requester is not None and self.tiers.at_share(tier, requester):
+            evictable = lambda cid: self._evictable(cid) and self.ckpts[cid].namespace == requester
+        cid = self.tiers.policy[tier].victim(evictable)
         if cid is None:
             return False
-        self.policy[tier].evicted(cid)
-        self._count_eviction(tier)
         cp = self.ckpts[cid]
+        freq = self.tiers.evicted(cp, tier)
+        self._count_eviction(tier)
         if tier == "cold" and cp.disk is None and cp.pending is None:
-            self._spill(cp)
+            self._spill(cp, freq)
         self._lose_copy(cp, tier)
         return True
 
@@ -236,28 +224,34 @@ class Book:
         cp = self.ckpts.get(cid)
         return cp is not None and cp.published and cp.pins == 0
 
-    def _make_window_room(self, session: Session) -> None:
-        """Hot window: before a capture adds a hot copy, drop the session's least recently used ones."""
-        if self.arenas["hot"] is None:
+    def _make_window_room(self, key: SessionKey) -> None:
+        """Hot window: before a capture adds a hot copy, drop the least recently used hot copies of the
+        checkpoints the session references alone, down to W - 1."""
+        session = self.index.sessions.get(key)
+        if session is None or self.arenas["hot"] is None:
             return
-        hot = [self.ckpts[c] for c in session.cids if self.ckpts[c].hot is not None]
-        excess = len(hot) - self.config.hot_window + 1
-        oldest = sorted((cp for cp in hot if self._evictable(cp.cid)), key=lambda cp: cp.last_used)
+        mine = [self.ckpts[cid] for cid in session.cids]
+        alone = [cp for cp in mine if cp.hot is not None and not cp.shared()]
+        excess = len(alone) - self.config.hot_window + 1
+        oldest = sorted((cp for cp in alone if self._evictable(cp.cid)), key=lambda cp: cp.last_used)
         for cp in oldest[: max(0, excess)]:
             self._count_eviction("hot")
             self._lose_copy(cp, "hot")
 
     def _count_eviction(self, tier: Tier) -> None:
-        self.evictions[tier] += 1
-        self.events.append(("on_evict", tier, None))
+        self.tiers.evictions[tier] += 1
+        self.events.append(("on_evict", (tier,)))
 
-    def _spill(self, cp: Checkpoint) -> None:
-        """Queue the cold copy of `cp` for the disk tier (see `DiskTier.spill`, and its wait on CUDA)."""
+    # ---- disk ----------------------------------------------------------------------------------------
+
+    def _spill(self, cp: Checkpoint, freq: float) -> None:
+        """Queue the cold copy of `cp` for the disk tier (see `DiskTier.spill`, and its wait on CUDA); the disk
+        copy keeps the cold copy's `freq`."""
         arena = self.arenas["cold"]
         if arena is None or cp.cold is None:
             return
         if self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk")):
-            self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
+            self.tiers.touch(cp, "disk", freq)
             if cp.pending is not None:
                 arena.claim(cp.cold, cp.pending)  # whoever next writes the block lets the spill copy it first
 
@@ -279,68 +273,43 @@ class Book:
     def flush_spills(self) -> None:
         """Queue every published checkpoint that has no disk copy yet (used at close)."""
         for cp in list(self.ckpts.values()):
-            live = (
-                cp.cid in self.ckpts and cp.published and not cp.dead
-            )  # an earlier spill may have evicted it
+            # an earlier spill in this loop may have evicted it
+            live = cp.cid in self.ckpts and cp.published and not cp.dead
             if live and cp.cold is not None and "disk" not in cp.tiers():
-                self._spill(cp)
+                self._spill(cp, self.tiers.policy["cold"].freq(cp.cid))
 
     def adopt_disk(self, rec: DiskRecord) -> bool:
-        """Index a file found at start. False if it does not fit the budget or duplicates another."""
+        """Index a file found at start into its tree and creating session. False (the caller removes the file)
+        if it does not fit the budget, or if its tree already has these tokens (another copy of a checkpoint
+        shared before the restart: its session then references the one adopted)."""
+        exact, _ = self.index.near(rec.tree, rec.tokens)
+        if exact is not None:
+            self.index.join(exact, (rec.namespace, rec.session))
+            return False
         if not self.disk.fits(rec.nbytes):
             return False
-        session = self.index.session((rec.namespace, rec.session))
-        node = session.tree.insert(rec.tokens)
-        if node.value is not None:
-            return False
-        cp = self.disk.adopt(rec, self._new_id(), node)
-        self.index.add(session, cp)
-        self.policy["disk"].touch(cp.cid, cp.cost, cp.disk_bytes)
+        cp = self.disk.adopt(rec, self._new_id(), self.index.node(rec.tree, rec.tokens))
+        self.index.add(cp)
+        self.tiers.touch(cp, "disk")
         return True
 
     def drop_corrupt_disk(self, cp: Checkpoint) -> None:
         self.disk_corrupt += 1
-        self.events.append(("on_corrupt", None, None))
-        self._drop_copy(cp, "disk")
+        self.events.append(("on_corrupt", ()))
+        self.tiers.drop(cp, "disk")
 
     # ---- freeing -------------------------------------------------------------------------------------
 
-    def _drop_copy(self, cp: Checkpoint, tier: Tier) -> int:
-        """Remove one copy; return the bytes it occupied."""
-        self.policy[tier].remove(cp.cid)
-        if tier == "disk":
-            return self.disk.drop(cp)
-        block = cp.hot if tier == "hot" else cp.cold
-        arena = self.arenas[tier]
-        if block is None or arena is None:
-            return 0
-        arena.release(block, cp.fences.pop(tier, None))
-        held = self.held[tier]
-        held[cp.key[0]] -= 1
-        if held[cp.key[0]] <= 0:
-            del held[cp.key[0]]
-        if tier == "hot":
-            cp.hot = None
-        else:
-            cp.cold = None
-        return arena.block_bytes
-
     def _lose_copy(self, cp: Checkpoint, tier: Tier) -> None:
-        """Drop one copy by eviction or failure; a checkpoint left with none becomes a ghost."""
-        self._drop_copy(cp, tier)
+        """Drop one copy by eviction or failure; a checkpoint left with none is forgotten (a ghost)."""
+        self.tiers.drop(cp, tier)
         if not cp.tiers():
-            self.index.forget(cp, ghost=True)
+            self.index.forget(cp)
 
     def _free(self, cp: Checkpoint) -> int:
-        freed = sum(self._drop_copy(cp, t) for t in TIERS)
-        self.index.forget(cp, ghost=False)
+        freed = sum(self.tiers.drop(cp, t) for t in TIERS)
+        self.index.forget(cp)
         return freed
-
-    def _copy_bytes(self, cp: Checkpoint, tier: Tier) -> int:
-        if tier == "disk":
-            return cp.disk_bytes
-        arena = self.arenas[tier]
-        return arena.block_bytes if arena is not None else 0
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -1,4 +1,5 @@
-"""Bookkeeping records: a checkpoint (metadata + where its copies live) and a session (its prefix tree)."""
+"""Bookkeeping records: a checkpoint (metadata, owners, where its copies live), a session (the checkpoints it
+references) and a prefix tree (the checkpoints of every session that uses it, and ghost markers)."""
 
 from __future__ import annotations
 
@@ -17,21 +18,28 @@ SessionKey = tuple[str, str | None]  # (namespace, session id or None for the na
 
 @dataclass(eq=False)
 class Checkpoint:
-    """One stored state after `position` tokens of session `key`. Mutated only under the cache lock.
+    """One stored state after `position` tokens, at `node` of the prefix tree `tree`. Mutated only under the
+    cache lock.
 
+    `creator`: the session that captured it (its namespace is charged for the copies, `cache.tiers`; the disk
+    file records it). `owners`: the sessions referencing it (its creator, unless deleted, and every session
+    that restored from it or captured the same tokens); empty only once it is `dead` or forgotten.
     Copies: `hot`/`cold` are block ids in the arenas, `disk` a file path; `pending` holds the encoded fields
-    (`cache.spill`) while the disk file is queued or being written (`cache.io_worker`). `cost` is the recompute it saves (tokens). `pins` counts
-    leases (and the capture writing it); a pinned checkpoint keeps every copy. `dead`: its session was deleted
-    while pinned; it is freed at the last unpin.
+    (`cache.spill`) while the disk file is queued or being written (`cache.io_worker`). `cost` is the recompute
+    it saves (tokens). `pins` counts leases (and the capture writing it); a pinned checkpoint keeps every copy.
+    `dead`: no session references it any more (deleted, or its capture failed); it has left the tree and is
+    freed at the last unpin.
     """
 
     cid: int
-    key: SessionKey
+    tree: str
+    creator: SessionKey
     node: Node
     position: int
     reason: str
     created: float
     last_used: float
+    owners: set[SessionKey] = field(default_factory=set)
     hot: int | None = None
     cold: int | None = None
     disk: Path | None = None
@@ -48,6 +56,11 @@ class Checkpoint:
     def cost(self) -> float:
         return float(self.position)
 
+    @property
+    def namespace(self) -> str:
+        """The namespace charged for its copies (its creator's)."""
+        return self.creator[0]
+
     def tiers(self) -> list[Tier]:
         out: list[Tier] = []
         if self.hot is not None:
@@ -62,14 +75,31 @@ class Checkpoint:
         """Can a lookup return it?"""
         return self.published and not self.dead and bool(self.tiers())
 
+    def shared(self) -> bool:
+        return len(self.owners) > 1
+
 
 @dataclass(eq=False)
 class Session:
+    """The checkpoints a session references, in any tree."""
+
     key: SessionKey
-    tree: PrefixTree = field(default_factory=PrefixTree)
+    cids: set[int] = field(default_factory=set)
+
+    def empty(self) -> bool:
+        return not self.cids
+
+
+@dataclass(eq=False)
+class Tree:
+    """One prefix tree: the checkpoints (`cids`) of every session using it and the ghost markers of evicted
+    ones, oldest first."""
+
+    name: str
+    prefix: PrefixTree = field(default_factory=PrefixTree)
     cids: set[int] = field(default_factory=set)
     ghosts: deque[Node] = field(default_factory=deque)
 
     def empty(self) -> bool:
-        """No checkpoint left (ghost markers alone do not keep a session: `SessionIndex`)."""
+        """No checkpoint left (ghost markers alone do not keep a tree: `CheckpointIndex`)."""
         return not self.cids

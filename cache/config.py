@@ -14,14 +14,20 @@ _COLD: tuple[str, ...] = ("fp16", "bf16", "fp32")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Budgets are bytes (hard limits). `hot_window` W: checkpoints per session kept in the hot tier.
+    """Budgets are bytes (hard limits). `hot_window` W: checkpoints per session kept in the hot tier (of those
+    the session references alone; shared ones are left to the eviction policy).
     `checkpoint_interval` K: capture every K tokens (0 = off). `min_gap`: admission skips a capture less than
-    `min_gap` tokens deeper than an existing checkpoint on the same token path (0 = only exact duplicates).
+    `min_gap` tokens deeper than an existing checkpoint on the same token path of its prefix tree (0 = only
+    exact duplicates, which the capturing session then shares).
     `disk_dir=None` or `disk_bytes=0` disables the disk tier. `device`: where the hot tier lives ("cuda",
     "cuda:1", "cpu"); the cold tier is always host memory, pinned when CUDA is available.
+    `max_sessions`: sessions tracked at most; beyond, the least recently used one is forgotten as if deleted
+    (its references dropped; a checkpoint no other session references is freed), so the registry stays bounded
+    even when many one-shot sessions share one checkpoint.
     `max_captures`: at most this many captures per prefill of one request (0 = no limit), thinned by
     `cache.policy.thin`, so that one request (say 1,000 one-line messages) cannot fill a tier.
-    `max_ghosts`: evicted-checkpoint markers kept per session to tell `evicted` misses from `never_saved`.
+    `max_ghosts`: evicted-checkpoint markers kept per prefix tree (or as many as the tree holds checkpoints,
+    if more: `cache.index`) to tell `evicted` misses from `never_saved`.
     `fused_codecs`: on CUDA, run the FP8/FP16 codecs as Triton kernels (`cache.triton_codec`; torch ops where
     triton is missing or a kernel fails); ignored on CPU."""
 
@@ -37,6 +43,7 @@ class CacheConfig:
     max_captures: int = 0
     device: str = "cpu"
     max_ghosts: int = 64
+    max_sessions: int = 100_000
     latency_samples: int = 1024
     fused_codecs: bool = True
 
@@ -56,6 +63,8 @@ class CacheConfig:
             raise ValueError(f"hot_dtype must be one of {_HOT}")
         if self.cold_dtype not in _COLD:
             raise ValueError(f"cold_dtype must be one of {_COLD}")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
         if self.max_ghosts < 0 or self.latency_samples < 1:
             raise ValueError("max_ghosts must be >= 0 and latency_samples >= 1")
         if self.disk_dir is not None and not isinstance(self.disk_dir, Path):

@@ -1,8 +1,10 @@
 """Disk tier storage: one safetensors file per checkpoint, written atomically, verified on read.
 
 A file holds the encoded fields (`"{state}.data"`, `"{state}.scale"`), the token prefix (`"tokens"`, int32)
-and metadata (namespace, session, position, reason, created, layout fingerprint, blake2b checksum of every
-tensor's bytes and the identity fields). Files live under `disk_dir/<fingerprint hash>/`, so models never mix.
+and metadata (prefix tree, namespace and session that created it, position, reason, created, layout
+fingerprint, blake2b checksum of every tensor's bytes and the identity fields). Files written before trees
+existed have no `tree` field: they belong to their namespace's tree (the default one), and their checksum
+does not cover the field (so they still verify). Files live under `disk_dir/<fingerprint hash>/`, so models never mix.
 `scan` rebuilds the index at start: truncated or unreadable files are skipped and counted (and removed);
 `read` verifies the checksum and the tokens, so a corrupt file is never decoded into a live state.
 Stateless apart from the directory; no lock (writes go to unique names, reads of a file being deleted fail
@@ -39,8 +41,9 @@ class DiskRecord:
 
     path: Path
     nbytes: int
-    namespace: str
+    namespace: str  # the creating session's
     session: str | None
+    tree: str
     tokens: tuple[int, ...]
     reason: str
     created: float
@@ -67,11 +70,14 @@ class DiskStore:
         fields: Mapping[str, torch.Tensor],
         reason: str,
         created: float,
+        tree: str | None = None,
     ) -> tuple[Path, int]:
-        """Write one checkpoint (CPU tensors); return its path and size. Atomic: tmp file + rename."""
+        """Write one checkpoint (CPU tensors) of `tree` (None: the namespace's), created by the session
+        `(namespace, session)`; return its path and size. Atomic: tmp file + rename."""
         tensors = {name: t.contiguous() for name, t in fields.items()}
         tensors["tokens"] = torch.tensor(tokens, dtype=torch.int32)
         meta = {
+            "tree": tree if tree is not None else namespace,
             "namespace": namespace,
             "session": session or "",
             "has_session": "1" if session is not None else "0",
@@ -135,6 +141,7 @@ class DiskStore:
             st.st_size,
             meta["namespace"],
             session,
+            meta.get("tree", meta["namespace"]),
             tokens,
             meta.get("reason", ""),
             created,
@@ -151,6 +158,8 @@ def _checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> s
     h = hashlib.blake2b(digest_size=16)
     for key in ("namespace", "session", "has_session", "position", "fingerprint"):
         h.update(f"{key}={meta.get(key, '')};".encode())
+    if "tree" in meta:  # absent from files written before trees: their checksums still hold
+        h.update(f"tree={meta['tree']};".encode())
     named: list[tuple[str, list[memoryview]]] = []
     for name in sorted(tensors):
         flat = tensors[name].contiguous().view(torch.uint8).reshape(-1).numpy().data

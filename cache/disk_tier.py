@@ -40,7 +40,8 @@ class Spill:
     """A disk write to run outside the lock: the encoded cold fields of checkpoint `cid` (`copy`)."""
 
     cid: int
-    key: SessionKey
+    key: SessionKey  # the creating session (recorded in the file)
+    tree: str
     tokens: tuple[int, ...]
     copy: SpillCopy
     reason: str
@@ -104,15 +105,17 @@ class DiskTier:
             return False
         copy = SpillCopy(self.layout, block, cp.ready)
         cp.pending, cp.disk_bytes = copy, nbytes
-        self.work.spills.append(Spill(cp.cid, cp.key, tokens, copy, cp.reason, cp.created))
+        self.work.spills.append(Spill(cp.cid, cp.creator, cp.tree, tokens, copy, cp.reason, cp.created))
         return True
 
     def adopt(self, rec: DiskRecord, cid: int, node: Node) -> Checkpoint:
-        """A published checkpoint whose only copy is the file `rec` found at start; charges it to the budget."""
+        """A published checkpoint of `rec.tree`, created by the file's session, whose only copy is the file
+        `rec` found at start (`node`: its tokens' node in that tree); charges it to the budget."""
         self.used += rec.nbytes
         key: SessionKey = (rec.namespace, rec.session)
         return Checkpoint(
             cid,
+            rec.tree,
             key,
             node,
             len(rec.tokens),

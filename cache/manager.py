@@ -83,15 +83,12 @@ class StateCache(CheckpointCache):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def lookup(self, namespace: str, session: str | None, tokens: Sequence[int]) -> Lease | None:
+    def lookup(
+        self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
+    ) -> Lease | None:
         key, toks = (namespace, session), tuple(tokens)
         with self._lock:
-            cp, cause = self._book.find(key, toks)
-            if cp is None:
-                self._book.count_lookup("miss", cause)
-                lease = None
-            else:
-                lease = self._book.lease(cp)
+            lease = self._book.lookup(key, tree if tree is not None else namespace, toks)
         self._dispatch()
         return lease
 
@@ -99,7 +96,7 @@ class StateCache(CheckpointCache):
         result = self._storage.check_out(out) if out is not None else self.hot_layout.empty_state(self.device)
         with self._lock:
             cp = self._book.leased(lease)
-            source = self._storage.source(self._book, cp, lease.tier)
+            source = self._storage.source(self._book.arenas, cp, lease.tier)
         token = self._recorder.start()
         try:
             fence = self._storage.read(lease.tier, cp, source, result)
@@ -129,16 +126,24 @@ class StateCache(CheckpointCache):
         self._dispatch()
 
     def capture(
-        self, namespace: str, session: str | None, tokens: Sequence[int], state: State, *, reason: str
+        self,
+        namespace: str,
+        session: str | None,
+        tokens: Sequence[int],
+        state: State,
+        *,
+        reason: str,
+        tree: str | None = None,
     ) -> bool:
         toks = tuple(tokens)
         values = self._storage.check_state(state)
         if not toks:
             return False
         token = self._recorder.start()
+        name = tree if tree is not None else namespace
         with self._lock:
-            cp = self._book.admit((namespace, session), toks, reason)
-            job = self._storage.capture_job(self._book, cp) if cp is not None else None
+            cp = self._book.admit((namespace, session), name, toks, reason)
+            job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
             work = self._book.disk.take()
         self._run_io(work)
         if cp is None or job is None:
@@ -153,7 +158,8 @@ class StateCache(CheckpointCache):
             self._run_io(work)
             raise
         with self._lock:
-            ok = self._book.publish(cp, ready)
+            cp.ready = ready
+            ok = self._book.publish(cp)
             work = self._book.disk.take()
         self._run_io(work)
         if started is not None and ready is not None:
@@ -200,6 +206,8 @@ class StateCache(CheckpointCache):
                 captures_skipped=book.captures_skipped,
                 disk_corrupt=book.disk_corrupt,
                 sessions=len(book.index.sessions),
+                trees=len(book.index.trees),
+                captures_shared=book.captures_shared,
                 leases=len(book.leases),
                 fetch_seconds={t: tuple(d) for t, d in self._fetch_samples.items()},
                 capture_seconds=tuple(self._capture_samples),
@@ -284,13 +292,8 @@ class StateCache(CheckpointCache):
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""
         with self._lock:
             events, self._book.events = self._book.events, []
-        for method, a, b in events:
-            if method == "on_lookup":
-                self.observer.on_lookup(a, b)  # type: ignore[arg-type]
-            elif method == "on_evict":
-                self.observer.on_evict(a)  # type: ignore[arg-type]
-            elif method == "on_corrupt":
-                self.observer.on_corrupt()
+        for method, args in events:
+            getattr(self.observer, method)(*args)
         self._recorder.poll()
 
     def _on_fetch(self, tier: Tier, seconds: float) -> None:
@@ -306,19 +309,18 @@ class StateCache(CheckpointCache):
         if tier == "disk":
             disk = book.disk
             size = DiskStore.estimate(self.cold_layout.block_bytes, 0) if disk.store is not None else 0
-            return TierStats(disk.used, disk.capacity(), count, book.evictions["disk"], size)
+            return TierStats(disk.used, disk.capacity(), count, book.tiers.evictions["disk"], size)
         arena = book.arenas[tier]
+        evictions = book.tiers.evictions[tier]
         if arena is None:
-            return TierStats(0, 0, count, book.evictions[tier], 0)
-        return TierStats(
-            arena.bytes_used, arena.bytes_capacity, count, book.evictions[tier], arena.block_bytes
-        )
+            return TierStats(0, 0, count, evictions, 0)
+        return TierStats(arena.bytes_used, arena.bytes_capacity, count, evictions, arena.block_bytes)
 
     def _describe(self, key: SessionKey, cps: list[Checkpoint]) -> dict[str, Any]:
         per_tier: dict[str, int] = dict.fromkeys(TIERS, 0)
         for cp in cps:
             for t in cp.tiers():
-                per_tier[t] += self._book._copy_bytes(cp, t)
+                per_tier[t] += self._book.tiers.copy_bytes(cp, t)
         items = [
             {
                 "position": cp.position,
@@ -327,6 +329,7 @@ class StateCache(CheckpointCache):
                 "created": cp.created,
                 "last_used": cp.last_used,
                 "pinned": cp.pins > 0,
+                "shared": cp.shared(),
             }
             for cp in cps
         ]

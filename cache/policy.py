@@ -1,10 +1,23 @@
 """Policy: where to capture, and which checkpoint copy a full tier gives up (plain Python, no torch).
 
-Eviction is Greedy-Dual-Size: a copy in a tier has priority `H = L + cost / size`, where `cost` is the
-recompute it saves (its position, in tokens: restoring it skips that much prefill), `size` its encoded bytes
-in that tier, and `L` the tier's clock, raised to the `H` of each evicted copy. A copy's `H` is refreshed
-whenever it is captured or looked up, so the order is recency weighted by recompute saved per byte: a deep,
-recently used checkpoint outlives a shallow, stale one. The lowest `H` that is not pinned goes first.
+Eviction is Greedy-Dual-Size-Frequency (GDSF): a copy in a tier has priority `H = L + freq * cost / size`,
+where `cost` is the recompute it saves (its position, in tokens: restoring it skips that much prefill),
+`size` its encoded bytes in that tier, `freq` how often it was used, and `L` the tier's clock, raised to the
+`H` of each evicted copy. The lowest `H` that is not pinned goes first. `H` is recomputed (with the clock
+of the moment) whenever the copy is captured, used or enters the tier, so the order is recency weighted
+by recompute saved per byte and by use: a deep, recently used checkpoint outlives a shallow, stale one, and
+a prefix many sessions and requests restore (a popular system prompt) outlives one-offs.
+
+`freq` starts at 1 and counts hits: every lookup that leases the checkpoint and every capture deduplicated
+into it (another session reaching the same tokens) adds 1, in every tier holding a copy. A copy entering a
+tier (a spill to disk) keeps the `freq` it had in the tier it left.
+
+Decay: each tier halves every `freq` it holds once it has evicted as many copies as it holds (one turnover
+of the tier; at least one eviction), and re-ranks its copies with the halved `freq` (their `L` unchanged).
+So `freq` is about the number of hits in the last turnover or two: a checkpoint that stays popular keeps a
+high `freq`, and an old popular one that nobody uses any more halves towards 1 while the clock passes it,
+then leaves like any other. Without a decay a checkpoint hit a million times would stay for about a million
+evictions. Re-ranking costs O(n) per n evictions, amortized O(1) per eviction.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import itertools
 from collections.abc import Callable, Sequence
 
 
-class GreedyDual:
+class GreedyDualSizeFrequency:
     """Priorities of the copies held in one tier; a heap with lazy invalidation.
 
     A heap entry `(h, seq, cid)` is live only while `seq` is the id's latest touch: refreshing an id with an
@@ -24,9 +37,13 @@ class GreedyDual:
     def __init__(self) -> None:
         self.clock = 0.0
         self._prio: dict[int, float] = {}
+        self._base: dict[int, float] = {}  # cid -> the clock at its last touch
+        self._unit: dict[int, float] = {}  # cid -> cost / size
+        self._freq: dict[int, float] = {}
         self._latest: dict[int, int] = {}  # cid -> seq of its live heap entry
         self._heap: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
+        self._evictions = 0  # since the last decay
 
     def __contains__(self, cid: int) -> bool:
         return cid in self._prio
@@ -34,20 +51,27 @@ class GreedyDual:
     def __len__(self) -> int:
         return len(self._prio)
 
-    def touch(self, cid: int, cost: float, size: int) -> None:
-        """Insert or refresh `cid` (after a capture or a hit)."""
-        h, seq = self.clock + cost / max(size, 1), next(self._seq)
-        self._prio[cid], self._latest[cid] = h, seq
-        heapq.heappush(self._heap, (h, seq, cid))
-        if len(self._heap) > 4 * len(self._prio) + 64:
-            self._compact()
+    def touch(self, cid: int, cost: float, size: int, freq: float | None = None) -> None:
+        """Insert or refresh `cid` (after a capture, or as it enters the tier); its `freq` stays (1 if new)
+        unless given (a copy entering from another tier brings its own)."""
+        self._freq[cid] = freq if freq is not None else self._freq.get(cid, 1.0)
+        self._base[cid], self._unit[cid] = self.clock, cost / max(size, 1)
+        self._push(cid)
+
+    def hit(self, cid: int, cost: float, size: int) -> None:
+        """`cid` was used (leased, or captured again): one more hit, and refreshed."""
+        self._freq[cid] = self._freq.get(cid, 1.0) + 1.0
+        self.touch(cid, cost, size)
 
     def remove(self, cid: int) -> None:
-        self._prio.pop(cid, None)
-        self._latest.pop(cid, None)
+        for table in (self._prio, self._base, self._unit, self._freq, self._latest):
+            table.pop(cid, None)
 
     def priority(self, cid: int) -> float:
         return self._prio[cid]
+
+    def freq(self, cid: int) -> float:
+        return self._freq.get(cid, 1.0)
 
     def victim(self, evictable: Callable[[int], bool]) -> int | None:
         """The lowest-priority evictable id (not removed: call `evicted` once it is gone)."""
@@ -67,9 +91,31 @@ class GreedyDual:
         return found
 
     def evicted(self, cid: int) -> None:
-        """`cid` left the tier by eviction: advance the clock to its priority."""
-        self.clock = max(self.clock, self._prio.pop(cid))
-        self._latest.pop(cid, None)
+        """`cid` left the tier by eviction: advance the clock to its priority; decay after a turnover."""
+        self.clock = max(self.clock, self._prio[cid])
+        held = len(self._prio)  # this one included
+        self.remove(cid)
+        self._evictions += 1
+        if self._evictions >= held:
+            self._decay()
+
+    def _push(self, cid: int) -> None:
+        h, seq = self._base[cid] + self._freq[cid] * self._unit[cid], next(self._seq)
+        self._prio[cid], self._latest[cid] = h, seq
+        heapq.heappush(self._heap, (h, seq, cid))
+        if len(self._heap) > 4 * len(self._prio) + 64:
+            self._compact()
+
+    def _decay(self) -> None:
+        """Halve every `freq` (never below 1) and re-rank: `H = base + freq * cost / size`."""
+        self._evictions = 0
+        self._heap, self._latest = [], {}
+        for cid in self._prio:
+            self._freq[cid] = max(1.0, self._freq[cid] / 2)
+            h, seq = self._base[cid] + self._freq[cid] * self._unit[cid], next(self._seq)
+            self._prio[cid], self._latest[cid] = h, seq
+            self._heap.append((h, seq, cid))
+        heapq.heapify(self._heap)
 
     def _compact(self) -> None:
         self._heap = [e for e in self._heap if self._latest.get(e[2]) == e[1]]

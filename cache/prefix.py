@@ -1,4 +1,4 @@
-"""Per-session prefix index: a radix tree over token content.
+"""Prefix index of one tree (shared by every session using it): a radix tree over token content.
 
 A node sits at a depth (a position); the tokens from the root to it are exactly the prefix a checkpoint
 there was captured after. Lookup walks the request's tokens and compares the stored token runs themselves,

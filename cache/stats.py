@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache.base import TIERS, LookupResult, MissCause, Tier
+from cache.base import TIERS, LookupResult, LookupScope, MissCause, Tier
+
+LookupKey = tuple[LookupResult, MissCause, LookupScope]  # (result, cause of a miss, scope of a hit)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class CacheStats:
     recent `latency_samples` samples (the observer hook gets every sample, for histograms)."""
 
     tiers: dict[Tier, TierStats]
-    lookups: dict[tuple[LookupResult, MissCause], int]
+    lookups: dict[LookupKey, int]  # keyed by (result, cause, scope): `empty_lookup_counts`
     tokens_reused: int
     captures: int
     captures_skipped: int
@@ -39,6 +41,8 @@ class CacheStats:
     leases: int
     fetch_seconds: dict[Tier, tuple[float, ...]] = field(default_factory=dict)
     capture_seconds: tuple[float, ...] = ()
+    trees: int = 0  # prefix trees holding a checkpoint
+    captures_shared: int = 0  # of `captures_skipped`: the tokens had a checkpoint in the tree already
 
 
 Sink = Callable[[float], None]
@@ -88,9 +92,13 @@ class LatencyRecorder:
             sink(seconds)
 
 
-def empty_lookup_counts() -> dict[tuple[LookupResult, MissCause], int]:
-    keys: list[tuple[LookupResult, MissCause]] = [("hot_hit", ""), ("cold_hit", ""), ("disk_hit", "")]
-    keys += [("miss", "never_saved"), ("miss", "evicted")]
+def empty_lookup_counts() -> dict[LookupKey, int]:
+    """Every (result, cause, scope) a lookup can count: hits by tier and scope, misses by cause."""
+    hits: tuple[LookupResult, ...] = ("hot_hit", "cold_hit", "disk_hit")
+    scopes: tuple[LookupScope, ...] = ("session", "shared")
+    causes: tuple[MissCause, ...] = ("never_saved", "evicted")
+    keys: list[LookupKey] = [(result, "", scope) for result in hits for scope in scopes]
+    keys += [("miss", cause, "") for cause in causes]
     return dict.fromkeys(keys, 0)
 
 

@@ -7,6 +7,7 @@ capture that reserved it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,7 +16,6 @@ from safetensors import SafetensorError
 from cache import copies
 from cache.arena import BlockArena, Claim
 from cache.base import State, Tier
-from cache.book import Book
 from cache.checkpoint import Checkpoint
 from cache.codec import make_codec
 from cache.config import CacheConfig
@@ -30,6 +30,7 @@ Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 BlockJob = tuple[BlockLayout, torch.Tensor]  # (layout, `(block_bytes,)` uint8 block) a capture encodes into
 # hot, cold, write fences (CUDA), claims to settle before writing the cold block
 CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None], list[Claim]]
+Arenas = Mapping[Tier, BlockArena | None]  # the hot and cold arenas (`Tiers.arenas`)
 
 
 class Storage:
@@ -77,14 +78,21 @@ class Storage:
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"{what} {name!r}: shape {tuple(tensors[name].shape)} != spec {shape}")
 
-    def capture_job(self, book: Book, cp: Checkpoint) -> CaptureJob:
-        """The blocks reserved for `cp` and the fences to wait for before writing them (under the lock)."""
-        hot, cold = book.arenas["hot"], book.arenas["cold"]
+    def capture_job(self, arenas: Arenas, cp: Checkpoint) -> CaptureJob:
+        """The blocks reserved for `cp` and what to wait for before writing them (under the lock): the CUDA
+        events after the blocks' last reads, and host readers (a queued spill's copy) of the cold block."""
+        hot, cold = arenas["hot"], arenas["cold"]
         hot_job = (self.hot_layout, hot.block(cp.hot)) if hot is not None and cp.hot is not None else None
         cold_job = (
             (self.cold_layout, cold.block(cp.cold)) if cold is not None and cp.cold is not None else None
         )
-        return hot_job, cold_job, book.write_fences(cp), book.write_claims(cp)
+        fences = [
+            arena.fences.pop(block, None)
+            for arena, block in ((hot, cp.hot), (cold, cp.cold))
+            if arena is not None and block is not None
+        ]
+        claim = cold.take_claim(cp.cold) if cold is not None and cp.cold is not None else None
+        return hot_job, cold_job, fences, [claim] if claim is not None else []
 
     def write_capture(self, values: State, job: CaptureJob) -> tuple[Event | None, Event | None]:
         for claim in job[3]:
@@ -98,11 +106,11 @@ class Storage:
         self._check_shapes(out, "out")
         return dict(out)
 
-    def source(self, book: Book, cp: Checkpoint, tier: Tier) -> object:
+    def source(self, arenas: Arenas, cp: Checkpoint, tier: Tier) -> object:
         """What `read` needs for `tier`, captured under the lock (the lease keeps it valid)."""
         if tier == "disk":
             return cp.pending if cp.pending is not None else (cp.disk, cp.node.tokens())
-        arena = book.arenas[tier]
+        arena = arenas[tier]
         block = cp.hot if tier == "hot" else cp.cold
         assert arena is not None and block is not None, "a leased copy vanished"
         return arena.block(block)
@@ -143,7 +151,7 @@ class Storage:
         try:
             assert self.store is not None
             return self.store.write(
-                spill.key[0], spill.key[1], spill.tokens, fields, spill.reason, spill.created
+                spill.key[0], spill.key[1], spill.tokens, fields, spill.reason, spill.created, spill.tree
             )
         except (OSError, SafetensorError) as exc:  # a full or broken disk: the copy is dropped
             log.warning("disk spill failed: %s", exc)

@@ -16,8 +16,9 @@ SPEC = {"conv": ((2, 6, 3), torch.float32), "ssm": ((2, 2, 4, 8), torch.float32)
 BLOCK = 512 + 768
 
 
-def _state_for(session: str, tokens: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(zlib.crc32(repr((session, tokens)).encode()))
+def _state_for(tree: str, tokens: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The state after `tokens` in `tree`: whichever session captured it, every session of the tree gets it."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((tree, tokens)).encode()))
     return {name: torch.randn(shape, generator=g) for name, (shape, _) in SPEC.items()}
 
 
@@ -35,20 +36,20 @@ def _make_cache(disk: Path) -> StateCache:
 
 
 def _one_op(cache: StateCache, rng: random.Random, errors: list[str]) -> None:
-    session = rng.choice("abcd")
+    session, tree = rng.choice("abcd"), rng.choice(["ns", "salted"])  # two trees, four sessions in each
     tokens = tuple(rng.randrange(3) for _ in range(rng.randrange(1, 8)))
     op = rng.random()
     if op < 0.45:
-        cache.capture("ns", session, tokens, _state_for(session, tokens), reason="x")
+        cache.capture("ns", session, tokens, _state_for(tree, tokens), reason="x", tree=tree)
     elif op < 0.95:
-        lease = cache.lookup("ns", session, tokens)
+        lease = cache.lookup("ns", session, tokens, tree=tree)
         if lease is None:
             return
         try:
             got = cache.fetch(lease)
-            want = _state_for(session, tokens[: lease.position])
+            want = _state_for(tree, tokens[: lease.position])
             if not all(torch.equal(got[k], want[k]) for k in want):
-                errors.append(f"wrong state for {session} {tokens[: lease.position]}")
+                errors.append(f"wrong state for {tree} {tokens[: lease.position]}")
         finally:
             cache.release(lease)
     else:

@@ -39,7 +39,7 @@ def test_cold_eviction_spills_to_disk_exactly(tmp_path: Path) -> None:
     pos, tier, got = _fetch(cache, "a", [1, 2, 3, 9])
     assert (pos, tier) == (3, "disk")
     _assert_equal(got, fp16(a))
-    assert cache.stats().lookups[("disk_hit", "")] == 1
+    assert cache.stats().lookups[("disk_hit", "", "session")] == 1
 
 
 def test_sessions_survive_restart(tmp_path: Path) -> None:

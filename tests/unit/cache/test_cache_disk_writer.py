@@ -113,7 +113,7 @@ def test_a_failed_write_gives_its_budget_back_and_misses_as_evicted(tmp_path: Pa
     cache.flush()
     assert cache.stats().tiers["disk"].bytes_used == used  # b's reservation came back
     assert cache.lookup("ns", "b", [3, 4]) is None
-    assert cache.stats().lookups[("miss", "evicted")] == 1
+    assert cache.stats().lookups[("miss", "evicted", "")] == 1
     tier, got = _fetch(cache, "c", [5, 6])  # the cache carries on
     assert tier == "cold"
     _assert_equal(got, fp16(make_state(3)))

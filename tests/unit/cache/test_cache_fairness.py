@@ -58,3 +58,18 @@ def test_one_namespace_alone_uses_the_whole_tier() -> None:
     for i, s in enumerate(sessions):
         assert cache.capture("anon", s, [3, i], _state(i), reason="prompt")
     assert _held(cache, "anon", sessions) == BLOCKS
+
+
+def test_a_shared_checkpoint_is_charged_to_the_key_that_created_it() -> None:
+    """Key b restores key a's checkpoints through a common tree, then floods it: the shared copies still count
+    as a's (under its share), so b, at its share, recycles only its own."""
+    cache = _cache()
+    for i in range(3):
+        assert cache.capture("key-a", f"a{i}", [1, 2, i], _state(i), reason="prompt", tree="common")
+        lease = cache.lookup("key-b", f"b{i}", [1, 2, i, 5], tree="common")
+        assert lease is not None and lease.scope == "shared"
+        cache.release(lease)
+    for i in range(100):
+        cache.capture("key-b", f"flood{i}", [7, i, i + 1], _state(100 + i), reason="prompt", tree="common")
+    assert _held(cache, "key-a", [f"a{i}" for i in range(3)]) == 3
+    assert _held(cache, "key-b", [f"flood{i}" for i in range(100)]) == BLOCKS - 3

@@ -58,7 +58,7 @@ def test_lossless_tiers_restore_bit_exact() -> None:
     _assert_state_equal(got, state)
 
 
-def test_deepest_match_with_branches_and_isolation() -> None:
+def test_deepest_match_with_branches_and_namespace_isolation() -> None:
     cache = _make_cache(hot_window=8)
     trunk = list(range(20))
     cache.capture("ns", "s", trunk[:10], _make_state(1), reason="boundary")
@@ -68,9 +68,9 @@ def test_deepest_match_with_branches_and_isolation() -> None:
     assert _restore(cache, "ns", "s", [*trunk, 8, 8, 1])[0] == 22
     assert _restore(cache, "ns", "s", [*trunk, 8, 9])[0] == 10  # diverges inside branch B: back to the trunk
     assert cache.lookup("ns", "s", [0, 1, 2, 99]) is None  # shares 3 tokens, but nothing saved that shallow
-    assert cache.lookup("ns", "other", trunk) is None
-    assert cache.lookup("other", "s", trunk) is None
-    assert cache.lookup("ns", None, trunk) is None
+    assert _restore(cache, "ns", "other", trunk)[0] == 10  # the namespace's tree serves all its sessions
+    assert _restore(cache, "ns", None, trunk)[0] == 10
+    assert cache.lookup("other", "s", trunk) is None  # never another namespace's
 
 
 def test_anonymous_namespace_session() -> None:
@@ -191,8 +191,8 @@ def test_miss_causes_and_observer() -> None:
     seen: list[tuple[str, object]] = []
 
     class Obs(CacheObserver):
-        def on_lookup(self, result: str, cause: str) -> None:
-            seen.append(("lookup", (result, cause)))
+        def on_lookup(self, result: str, cause: str, scope: str) -> None:
+            seen.append(("lookup", (result, cause, scope)))
 
         def on_evict(self, tier: str) -> None:
             seen.append(("evict", tier))
@@ -213,11 +213,12 @@ def test_miss_causes_and_observer() -> None:
     cache.capture("ns", "t", [4, 5, 6], _make_state(2), reason="x")  # evicts [1, 2]
     assert cache.lookup("ns", "s", [1, 2, 3]) is None
     stats = cache.stats()
-    assert stats.lookups[("miss", "never_saved")] == 1
-    assert stats.lookups[("miss", "evicted")] == 1
-    assert stats.lookups[("cold_hit", "")] == 1
+    assert stats.lookups[("miss", "never_saved", "")] == 1
+    assert stats.lookups[("miss", "evicted", "")] == 1
+    assert stats.lookups[("cold_hit", "", "session")] == 1
     assert stats.tokens_reused == 2 and len(stats.fetch_seconds["cold"]) == 1
-    assert ("lookup", ("miss", "evicted")) in seen and ("evict", "cold") in seen
+    assert ("lookup", ("miss", "evicted", "")) in seen and ("evict", "cold") in seen
+    assert ("lookup", ("cold_hit", "", "session")) in seen
     assert ("fetch", "cold") in seen and ("reuse", 2) in seen and ("capture", True) in seen
 
 
@@ -232,7 +233,7 @@ def test_delete_session_frees_every_tier() -> None:
     assert cache.lookup("ns", "s", list(range(9))) is None
     stats = cache.stats()
     assert stats.tiers["hot"].bytes_used == FP8_BLOCK and stats.tiers["cold"].bytes_used == FP16_BLOCK
-    assert stats.lookups[("miss", "never_saved")] == 1  # a deleted session leaves no ghosts
+    assert stats.lookups[("miss", "never_saved", "")] == 1  # a deleted session leaves no ghosts
 
 
 def test_delete_session_while_leased_frees_at_release() -> None:

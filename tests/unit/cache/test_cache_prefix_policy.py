@@ -1,4 +1,5 @@
-"""Radix tree over token content, Greedy-Dual eviction order and capture positions (plain Python)."""
+"""Radix tree over token content, Greedy-Dual-Size-Frequency eviction order and capture positions (plain
+Python)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.policy import END_SLACK, GreedyDual, capture_positions
+from cache.policy import END_SLACK, GreedyDualSizeFrequency, capture_positions
 from cache.prefix import PrefixTree
 
 
@@ -73,7 +74,7 @@ def test_tree_matches_brute_force(seqs: list[list[int]], data: st.DataObject) ->
 
 
 def test_greedy_dual_evicts_lowest_cost_per_byte_first() -> None:
-    gd = GreedyDual()
+    gd = GreedyDualSizeFrequency()
     for cid, cost in ((1, 100.0), (2, 10.0), (3, 50.0)):
         gd.touch(cid, cost, size=10)
     order = []
@@ -84,7 +85,7 @@ def test_greedy_dual_evicts_lowest_cost_per_byte_first() -> None:
 
 
 def test_greedy_dual_recency_ages_out_stale_entries() -> None:
-    gd = GreedyDual()
+    gd = GreedyDualSizeFrequency()
     gd.touch(1, 100.0, size=10)  # deep but never used again
     for cid in range(2, 40):  # a stream of shallower, fresh ones, each evicting the previous
         gd.touch(cid, 20.0, size=10)
@@ -95,7 +96,7 @@ def test_greedy_dual_recency_ages_out_stale_entries() -> None:
 
 
 def test_greedy_dual_skips_unevictable_and_refresh_reorders() -> None:
-    gd = GreedyDual()
+    gd = GreedyDualSizeFrequency()
     for cid in (1, 2, 3):
         gd.touch(cid, float(cid), size=1)
     assert gd.victim(lambda c: c != 1) == 2
@@ -103,6 +104,41 @@ def test_greedy_dual_skips_unevictable_and_refresh_reorders() -> None:
     assert gd.victim(lambda c: c != 1) == 3
     assert gd.victim(lambda c: False) is None
     assert len(gd) == 3
+
+
+def test_gdsf_hits_outrank_recompute_per_byte() -> None:
+    gd = GreedyDualSizeFrequency()
+    gd.touch(1, 10.0, size=1)
+    for _ in range(4):
+        gd.hit(1, 10.0, size=1)  # freq 5: H = 50
+    gd.touch(2, 30.0, size=1)  # H = 30
+    assert gd.freq(1) == 5.0 and gd.victim(lambda c: True) == 2
+
+
+def test_gdsf_halves_frequencies_after_each_turnover() -> None:
+    gd = GreedyDualSizeFrequency()
+    gd.touch(1, 1.0, size=1)
+    for _ in range(15):
+        gd.hit(1, 1.0, size=1)
+    for cid in (2, 3):
+        gd.touch(cid, 1.0, size=1)
+    freqs = []
+    for cid in range(4, 10):  # one eviction per new id: a turnover every 3 evictions (3 held)
+        v = gd.victim(lambda c: c != 1)
+        assert v is not None
+        gd.evicted(v)
+        gd.touch(cid, 1.0, size=1)
+        freqs.append(gd.freq(1))
+    assert freqs == [16.0, 16.0, 8.0, 8.0, 8.0, 4.0]
+
+
+def test_gdsf_a_copy_entering_a_tier_keeps_its_frequency() -> None:
+    gd = GreedyDualSizeFrequency()
+    gd.touch(7, 10.0, size=10, freq=6.0)
+    gd.touch(7, 10.0, size=10)  # a refresh keeps it
+    assert gd.freq(7) == 6.0 and gd.priority(7) == 6.0
+    gd.hit(7, 10.0, size=10)
+    assert gd.freq(7) == 7.0
 
 
 def test_capture_positions_boundaries_interval_and_end() -> None:
@@ -158,7 +194,7 @@ def test_capture_positions_random_invariants() -> None:
 def test_greedy_dual_heap_stays_bounded_when_one_id_is_refreshed_many_times() -> None:
     """A hot checkpoint hit over and over (same priority each time): stale heap entries must be dropped,
     or every touch compacts an ever-growing heap (quadratic time, unbounded memory)."""
-    gd = GreedyDual()
+    gd = GreedyDualSizeFrequency()
     gd.touch(1, cost=10, size=1)
     gd.touch(2, cost=5, size=1)
     for _ in range(10_000):

@@ -1,7 +1,10 @@
-"""Random operation sequences (hypothesis stateful): budgets never exceeded, restores always exact.
+"""Random operation sequences (hypothesis stateful): budgets never exceeded, restores always exact, leases
+pinned, one checkpoint per prefix of a tree, sessions and checkpoints referencing each other consistently.
 
-Every tier uses the lossless codec, so any state a lookup returns must equal, bit for bit, the state that
-was captured after exactly that token prefix (states are a pure function of session and prefix here).
+Several sessions of two namespaces share trees: each namespace's own, and one tree both name. Every tier uses
+the lossless codec, so any state a lookup returns must equal, bit for bit, the state that was captured after
+exactly that token prefix in that tree (states are a pure function of tree and prefix here: whichever
+session captured it, a lookup from another tree would get a different state).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ SPEC = {"conv": ((2, 6, 3), torch.float32), "ssm": ((2, 2, 4, 8), torch.float32)
 BLOCK = 512 + 768  # fp32 encoding of SPEC (256-byte aligned fields)
 DISK_UNIT = BLOCK + 16384 + 64
 
-sessions = st.sampled_from(["a", "b", "c"])
+callers = st.tuples(st.sampled_from(["k1", "k2"]), st.sampled_from(["a", "b", None]))  # (namespace, session)
+trees = st.sampled_from([None, "common"])  # None: the caller's namespace
 token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=10)
+Caller = tuple[str, str | None]
 
 
-def _state_for(session: str, tokens: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(zlib.crc32(repr((session, tokens)).encode()))
+def _state_for(tree: str, tokens: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(zlib.crc32(repr((tree, tokens)).encode()))
     return {name: torch.randn(shape, generator=g) for name, (shape, _) in SPEC.items()}
 
 
@@ -46,49 +51,57 @@ class CacheMachine(RuleBasedStateMachine):
             max_ghosts=4,
         )
         self.cache = StateCache(cfg, SPEC)
-        self.held: list[tuple[Lease, tuple[int, ...]]] = []
+        self.held: list[tuple[Lease, str, tuple[int, ...]]] = []
 
-    def _check_lease(self, lease: Lease, tokens: tuple[int, ...]) -> None:
+    def _lookup(self, caller: Caller, tree: str | None, tokens: tuple[int, ...]) -> Lease | None:
+        lease = self.cache.lookup(*caller, tokens, tree=tree)
+        if lease is not None:  # the session now references what it restored from
+            info = self.cache.session_info(*caller)
+            assert info is not None
+            assert any(c["position"] == lease.position for c in info["checkpoints"])
+        return lease
+
+    def _check_lease(self, lease: Lease, tree: str, tokens: tuple[int, ...]) -> None:
         assert 1 <= lease.position <= len(tokens)
         got = self.cache.fetch(lease)
-        want = _state_for(lease.session or "", tokens[: lease.position])
+        want = _state_for(tree, tokens[: lease.position])
         for k in want:
             assert torch.equal(got[k], want[k]), k
 
-    @rule(session=sessions, tokens=token_lists)
-    def capture(self, session: str, tokens: list[int]) -> None:
-        toks = tuple(tokens)
-        if self.cache.capture("ns", session, toks, _state_for(session, toks), reason="x"):
-            lease = self.cache.lookup("ns", session, toks)
-            assert lease is not None and lease.position == len(toks)
-            self._check_lease(lease, toks)
+    @rule(caller=callers, tree=trees, tokens=token_lists)
+    def capture(self, caller: Caller, tree: str | None, tokens: list[int]) -> None:
+        toks, name = tuple(tokens), tree or caller[0]
+        if self.cache.capture(*caller, toks, _state_for(name, toks), reason="x", tree=tree):
+            lease = self._lookup(caller, tree, toks)
+            assert lease is not None and lease.position == len(toks) and lease.scope == "session"
+            self._check_lease(lease, name, toks)
             self.cache.release(lease)
 
-    @rule(session=sessions, tokens=token_lists)
-    def lookup_fetch(self, session: str, tokens: list[int]) -> None:
-        lease = self.cache.lookup("ns", session, tokens)
+    @rule(caller=callers, tree=trees, tokens=token_lists)
+    def lookup_fetch(self, caller: Caller, tree: str | None, tokens: list[int]) -> None:
+        lease = self._lookup(caller, tree, tuple(tokens))
         if lease is not None:
-            self._check_lease(lease, tuple(tokens))
+            self._check_lease(lease, tree or caller[0], tuple(tokens))
             self.cache.release(lease)
 
-    @rule(session=sessions, tokens=token_lists)
-    def hold(self, session: str, tokens: list[int]) -> None:
-        lease = self.cache.lookup("ns", session, tokens)
+    @rule(caller=callers, tree=trees, tokens=token_lists)
+    def hold(self, caller: Caller, tree: str | None, tokens: list[int]) -> None:
+        lease = self._lookup(caller, tree, tuple(tokens))
         if lease is not None and len(self.held) < 3:
-            self.held.append((lease, tuple(tokens)))
+            self.held.append((lease, tree or caller[0], tuple(tokens)))
         elif lease is not None:
             self.cache.release(lease)
 
     @rule()
     def release_held(self) -> None:
         if self.held:
-            lease, toks = self.held.pop(0)
-            self._check_lease(lease, toks)  # still intact however much happened meanwhile
+            lease, tree, toks = self.held.pop(0)
+            self._check_lease(lease, tree, toks)  # still intact however much happened meanwhile
             self.cache.release(lease)
 
-    @rule(session=sessions)
-    def delete(self, session: str) -> None:
-        self.cache.delete_session("ns", session)
+    @rule(caller=callers)
+    def delete(self, caller: Caller) -> None:
+        self.cache.delete_session(*caller)
 
     @rule(hot=st.integers(0, 4), cold=st.integers(0, 4), disk=st.integers(0, 4))
     def resize(self, hot: int, cold: int, disk: int) -> None:
@@ -109,8 +122,23 @@ class CacheMachine(RuleBasedStateMachine):
         assert on_disk <= stats.tiers["disk"].bytes_used
         assert stats.leases == len(self.held)
 
+    @invariant()
+    def one_checkpoint_per_prefix(self) -> None:
+        live = [cp for cp in self.cache._book.ckpts.values() if not cp.dead]
+        prefixes = [(cp.tree, cp.node.tokens()) for cp in live]
+        assert len(prefixes) == len(set(prefixes))
+
+    @invariant()
+    def references_are_mutual(self) -> None:
+        index = self.cache._book.index
+        for key, session in index.sessions.items():
+            assert session.cids and all(key in index.ckpts[cid].owners for cid in session.cids)
+        for cp in index.ckpts.values():
+            assert cp.dead != bool(cp.owners)
+            assert all(cp.cid in index.sessions[key].cids for key in cp.owners)
+
     def teardown(self) -> None:
-        for lease, _ in self.held:
+        for lease, _, _ in self.held:
             self.cache.release(lease)
         self.cache.close()
         shutil.rmtree(self.dir, ignore_errors=True)
