@@ -304,3 +304,11 @@ def write_random_model(directory: Path, shape: str = "mamba2-130m") -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=demo_vocab()))
     return save_with_demo_tokenizer(model, directory)
+
+
+def emit(table: str, out: Path | None) -> None:
+    """Print a bench's markdown table, and append it to `out` when given."""
+    print(table)
+    if out is not None:
+        with out.open("a") as f:
+            f.write("\n" + table)

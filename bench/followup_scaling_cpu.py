@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import emit  # noqa: E402
 from bench.ttft_cpu import WORDS, cpu_name  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 from tests.integration.server_proc import ServerProc, start_server  # noqa: E402
@@ -173,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args(argv)
     table = run(args.model, args.repeats)
-    print(table)
-    if args.out is not None:
-        with args.out.open("a") as out:
-            out.write("\n" + table)
+    emit(table, args.out)
     return 0
 
 

@@ -13,7 +13,7 @@ Who records what:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 from prometheus_client import (
@@ -30,17 +30,16 @@ from cache.base import CacheObserver, LookupResult, MissCause, Tier
 from cache.stats import CacheStats
 
 CONTENT_TYPE_LATEST: str = _CONTENT_TYPE
+LookupScope = Literal["session", "shared", ""]  # a hit's scope (`cache.base.Lease.scope`); "" for a miss
 TIERS: tuple[str, ...] = ("hot", "cold", "disk")
 GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
 # consecutive parts of a request's time to first token (`tssc_request_phase_seconds`)
 PHASES: tuple[str, ...] = ("parse", "tokenize", "queue", "restore", "prefill", "first_token")
 
 _LOOKUP_LABELS = (
-    ("hot_hit", ""),
-    ("cold_hit", ""),
-    ("disk_hit", ""),
-    ("miss", "never_saved"),
-    ("miss", "evicted"),
+    *((hit, "", scope) for hit in ("hot_hit", "cold_hit", "disk_hit") for scope in ("session", "shared")),
+    ("miss", "never_saved", ""),
+    ("miss", "evicted", ""),
 )
 # Latency buckets (seconds): from sub-millisecond restores to multi-second CPU prefills.
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -99,8 +98,10 @@ class Metrics(CacheObserver):
         )
         self.cache_lookups = Counter(
             "tssc_state_cache_lookups_total",
-            "Cache lookups by result (hot_hit, cold_hit, disk_hit, miss) and cause.",
-            ["result", "cause"],
+            "Cache lookups by result (hot_hit, cold_hit, disk_hit, miss), cause of a miss (never_saved, "
+            "evicted) and scope of a hit (session: a checkpoint the requesting session already used; shared: "
+            "one another conversation created).",
+            ["result", "cause", "scope"],
             registry=r,
         )
         self.cache_evictions = Counter(
@@ -110,8 +111,8 @@ class Metrics(CacheObserver):
             "tssc_state_cache_disk_corrupt_total", "Disk checkpoints found corrupt and skipped.", registry=r
         )
         self.sessions = Gauge("tssc_sessions", "Sessions holding at least one checkpoint.", registry=r)
-        for result, cause in _LOOKUP_LABELS:
-            self.cache_lookups.labels(result=result, cause=cause)
+        for result, cause, scope in _LOOKUP_LABELS:
+            self.cache_lookups.labels(result=result, cause=cause, scope=scope)
         for tier in TIERS:
             self.cache_bytes.labels(tier=tier)
             self.cache_capacity_bytes.labels(tier=tier)
@@ -184,9 +185,10 @@ class Metrics(CacheObserver):
 
     # ---- cache observer protocol (called by cache.manager.StateCache) ----------------------
 
-    def on_lookup(self, result: LookupResult, cause: MissCause) -> None:
-        """One lookup: `result` is hot_hit / cold_hit / disk_hit / miss; `cause` (misses) says why."""
-        self.cache_lookups.labels(result=result, cause=cause).inc()
+    def on_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope = "") -> None:
+        """One lookup: `result` is hot_hit / cold_hit / disk_hit / miss; `cause` (misses) says why; `scope`
+        (hits) whether the checkpoint was the session's own or shared from another conversation."""
+        self.cache_lookups.labels(result=result, cause=cause, scope=scope).inc()
 
     def on_fetch(self, tier: Tier, seconds: float) -> None:
         """A checkpoint from `tier` reached a live slot, `seconds` after the lookup."""

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     )
     # state cache
     no_cache: bool = Field(False, description="Disable the state cache (every request prefills in full).")
+    share_prefixes_across_keys: bool = Field(
+        False,
+        description="One prefix tree for all API keys (a prompt prefix one key sent serves the others; "
+        "TTFT then reveals across keys whether a prefix was sent before).",
+    )
     hot_window: int = Field(4, ge=0, description="Most recent checkpoints per session kept in the hot tier.")
     hot_bytes: ByteSize = Field(ByteSize(512 * 2**20), description="Hot tier (VRAM) byte budget.")
     cold_bytes: ByteSize = Field(ByteSize(2 * 2**30), description="Cold tier (pinned RAM) byte budget.")

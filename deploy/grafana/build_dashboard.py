@@ -213,8 +213,23 @@ def _cache_traffic_row() -> Row:
                     ),
                 ),
                 unit="percentunit",
-                width=8,
+                width=6,
                 max_value=1.0,
+            ),
+            Panel(
+                "Hits by scope: own session or shared",
+                "Lookups per second that restored a checkpoint, by scope: `session` (one the requesting "
+                "conversation already used) or `shared` (one another conversation created, e.g. a common "
+                "system prompt): how much reuse crosses conversations.",
+                (
+                    Target(
+                        f"sum by (scope) ({_rate('tssc_state_cache_lookups_total', HITS)})",
+                        "{{scope}}",
+                    ),
+                ),
+                unit="reqps",
+                width=6,
+                stacked=True,
             ),
             Panel(
                 "Misses by cause",
@@ -226,7 +241,7 @@ def _cache_traffic_row() -> Row:
                     ),
                 ),
                 unit="reqps",
-                width=8,
+                width=6,
                 stacked=True,
             ),
             Panel(
@@ -234,7 +249,7 @@ def _cache_traffic_row() -> Row:
                 "Checkpoints evicted per second from each tier to stay within its byte budget.",
                 (Target(f"sum by (tier) ({_rate('tssc_state_cache_evictions_total')})", "{{tier}}"),),
                 unit="ops",
-                width=8,
+                width=6,
                 stacked=True,
             ),
             Panel(

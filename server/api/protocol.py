@@ -80,6 +80,7 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     session_id: SessionId | None = None
+    cache_salt: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
     user: Text | None = None
 
     @model_validator(mode="after")

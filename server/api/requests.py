@@ -6,6 +6,7 @@ Checks the limits that depend on the server's settings and tokenizer: the model 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,11 +37,25 @@ class RequestContext:
     request_id: str
     namespace: str
     session_id: str | None
+    tree: str | None = None  # the state cache's prefix tree (`cache_tree`)
 
 
 def check_model(requested: str, served: str) -> None:
     if requested != served:
         raise APIError(404, f"The model '{requested}' does not exist.", param="model", code="model_not_found")
+
+
+SHARED_TREE = "*"  # the one tree of --share-prefixes-across-keys (no namespace is named "*")
+
+
+def cache_tree(namespace: str, salt: str | None, across_keys: bool) -> str:
+    """The prefix tree a request looks up and captures in: its namespace's (every session and session-less
+    request of an API key share it), the server's one tree with `--share-prefixes-across-keys`, and in
+    either case a separate one per `cache_salt` (only requests with the same salt share prefixes)."""
+    tree = SHARED_TREE if across_keys else namespace
+    if salt is None:
+        return tree
+    return f"{tree}|salt-{hashlib.sha256(salt.encode()).hexdigest()[:24]}"
 
 
 def resolve_session(header: str | None, body: str | None) -> str | None:
@@ -152,6 +167,7 @@ def fan_out(
                     params=choice_params,
                     namespace=ctx.namespace,
                     session_id=ctx.session_id,
+                    tree=ctx.tree,
                     boundaries=prompt.boundaries,
                     arrival_time=now,
                 )

@@ -31,6 +31,7 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.requests import (
     Prompt,
     RequestContext,
+    cache_tree,
     chat_sampling,
     check_model,
     check_prompt_length,
@@ -80,17 +81,23 @@ SessionHeader = Annotated[str | None, Header(alias="X-Session-ID")]
 router = APIRouter(responses=ERRORS)
 
 
-def _context(request: Request, namespace: str, header: str | None, body: str | None) -> RequestContext:
+def _context(
+    request: Request,
+    namespace: str,
+    header: str | None,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> RequestContext:
     if header is not None:
         try:
             header = session_ids.from_header(header)
         except session_ids.InvalidSessionId as exc:
             raise bad_request(f"X-Session-ID: {exc}", param="X-Session-ID") from exc
-    session = resolve_session(header, body)
+    session = resolve_session(header, body.session_id)
     request.scope.setdefault("state", {})["session_id"] = session
     session_id_var.set(session)
     request_id = str(request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex)
-    return RequestContext(request_id=request_id, namespace=namespace, session_id=session)
+    tree = cache_tree(namespace, body.cache_salt, app_state(request).settings.share_prefixes_across_keys)
+    return RequestContext(request_id=request_id, namespace=namespace, session_id=session, tree=tree)
 
 
 def _observe_parse(request: Request, state: AppState) -> float:
@@ -162,7 +169,7 @@ async def chat_completions(
     state = app_state(request)
     parsed = _observe_parse(request, state)
     check_model(body.model, state.settings.model_name)
-    ctx = _context(request, namespace, x_session_id, body.session_id)
+    ctx = _context(request, namespace, x_session_id, body)
     params = chat_sampling(body, state.settings)
     engine = state.require_engine()
     params = with_extra_stop(params, getattr(engine.tokenizer, "chat_stop", ()))
@@ -265,7 +272,7 @@ async def completions(
     state = app_state(request)
     parsed = _observe_parse(request, state)
     check_model(body.model, state.settings.model_name)
-    ctx = _context(request, namespace, x_session_id, body.session_id)
+    ctx = _context(request, namespace, x_session_id, body)
     params = completion_sampling(body, state.settings)
     engine = state.require_engine()
     state.acquire()

@@ -68,7 +68,8 @@ class GenerationRequest:
     """One sequence to generate (the API fans `n > 1` out into n requests).
 
     `prompt_tokens` is the full prompt (the whole conversation for chat); the engine finds the
-    deepest cached checkpoint of `(namespace, session_id)` whose tokens are a prefix of it.
+    deepest cached checkpoint in the prefix tree `tree` (by default the namespace's, shared by all its
+    sessions) whose tokens are a prefix of it; `(namespace, session_id)` names the session that uses it.
     `boundaries` are prompt positions where a chat message ends: capture candidates.
     """
 
@@ -76,7 +77,8 @@ class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     params: SamplingParams
     namespace: str = "anon"  # the API key's namespace
-    session_id: str | None = None  # None: the namespace's anonymous prefix-matching session
+    session_id: str | None = None  # None: the namespace's anonymous session
+    tree: str | None = None  # the cache's prefix tree to look up and capture in (None: the namespace's)
     boundaries: tuple[int, ...] = ()
     arrival_time: float = 0.0
 

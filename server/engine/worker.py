@@ -97,7 +97,7 @@ class ModelWorker:
         assert self.cache is not None
         req = seq.req
         try:
-            lease = self.cache.lookup(req.namespace, req.session_id, req.prompt_tokens[:-1])
+            lease = self.cache.lookup(req.namespace, req.session_id, req.prompt_tokens[:-1], tree=req.tree)
         except Exception:
             log.exception("cache lookup failed", extra={"request_id": req.request_id})
             return 0
@@ -205,7 +205,7 @@ class ModelWorker:
             return
         req = seq.req
         try:
-            self.cache.capture(req.namespace, req.session_id, tokens, state, reason=reason)
+            self.cache.capture(req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree)
         except Exception:
             log.exception("checkpoint capture failed", extra={"request_id": req.request_id})
 

@@ -108,7 +108,10 @@ def _chat(client: httpx.Client, session: str, messages: list[dict[str, str]]) ->
 
 
 def _first_message(s: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Hello number {s}, how are you today?"}]
+    """Every session opens with the same system prompt: later sessions resume from the first one's
+    checkpoint of it (a `shared` hit)."""
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line."}
+    return [system, {"role": "user", "content": f"Hello number {s}, how are you today?"}]
 
 
 def _conversation(client: httpx.Client, s: int) -> None:
@@ -256,3 +259,4 @@ def test_panels_show_what_their_titles_claim(scraped: tuple[Prometheus, float, f
     assert {"hot", "cold"} <= series_labels("Fetch latency by tier (p50 / p95 / p99)", "tier")
     assert {"cached", "computed"} == series_labels("Prompt tokens: reused vs computed", "source")
     assert "never_saved" in series_labels("Misses by cause", "cause")
+    assert {"session", "shared"} <= series_labels("Hits by scope: own session or shared", "scope")

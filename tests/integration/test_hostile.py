@@ -139,9 +139,10 @@ def test_one_key_cannot_evict_the_other_keys_sessions(tight_server: ServerProc) 
 
 def test_the_session_registry_counts_live_sessions_only(tight_server: ServerProc) -> None:
     base = tight_server.base_url
-    for i in range(60):
+    for i in range(60):  # distinct conversations: no checkpoint is shared between them
         headers = {"Authorization": "Bearer key-a", "X-Session-ID": f"once-{i}"}
-        assert _post(base, _chat_body(), headers).status_code == 200
+        body = _chat_body(messages=[{"role": "user", "content": f"{i:03d} once only"}])
+        assert _post(base, body, headers).status_code == 200
     sessions = metric(base, "tssc_sessions")
     checkpoints = max(metric(base, "tssc_state_cache_checkpoints", tier=t) for t in ("hot", "cold"))
     assert 0 < sessions <= checkpoints < 60

@@ -63,14 +63,14 @@ def test_each_metric_is_defined_once_and_registries_are_independent() -> None:
     a, b = Metrics(), Metrics()  # a module-level registry would raise "Duplicated timeseries" here
     family_names = [f.name for f in text_string_to_metric_families(a.render().decode())]
     assert len(family_names) == len(set(family_names))
-    a.on_lookup("hot_hit", "")
-    assert _value(a, "tssc_state_cache_lookups_total", result="hot_hit") == 1
+    a.on_lookup("hot_hit", "", "shared")
+    assert _value(a, "tssc_state_cache_lookups_total", result="hot_hit", scope="shared") == 1
     assert _value(b, "tssc_state_cache_lookups_total", result="hot_hit") == 0
 
 
 def test_observer_hooks_record() -> None:
     m = Metrics(process_collectors=False)
-    m.on_lookup("miss", "evicted")
+    m.on_lookup("miss", "evicted", "")
     m.on_fetch("cold", 0.002)
     m.on_capture(0.001)
     m.on_evict("hot")

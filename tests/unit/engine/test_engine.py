@@ -58,11 +58,13 @@ def _req(
     max_tokens: int = 10,
     session: str | None = None,
     boundaries: Sequence[int] = (),
+    tree: str | None = None,
     **params: object,
 ) -> GenerationRequest:
     fields: dict[str, object] = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     sp = SamplingParams(**{**fields, **params})  # type: ignore[arg-type]
-    return GenerationRequest(rid, tuple(prompt), sp, session_id=session, boundaries=tuple(boundaries))
+    bounds = tuple(boundaries)
+    return GenerationRequest(rid, tuple(prompt), sp, session_id=session, boundaries=bounds, tree=tree)
 
 
 async def _collect(engine: Engine, req: GenerationRequest) -> list[TokenEvent]:
@@ -134,10 +136,14 @@ async def test_edit_resumes_from_a_message_boundary(model_dir: Path) -> None:
         edited = base[:15] + _prompt(9, seed=22)  # message 3 changed
         events = await _collect(engine, _req("b", edited, max_tokens=8, session="e"))
         other = await _collect(engine, _req("c", edited, max_tokens=8, session="other"))
+        salted = await _collect(engine, _req("d", edited, max_tokens=8, session="x", tree="anon|salt-1"))
     assert events[-1].cached_tokens == 15
-    assert other[-1].cached_tokens == 0  # sessions do not see each other's checkpoints
+    # a namespace's sessions share one prefix tree: "other" resumes from what "b" captured (its prompt end
+    # or boundaries; the last prompt token is always prefilled)
+    assert other[-1].cached_tokens > 15
+    assert salted[-1].cached_tokens == 0  # another tree shares nothing
     (cold,) = await _alone(model_dir, [_req("cold", edited, max_tokens=8)])
-    assert _tokens(events) == cold == _tokens(other)
+    assert _tokens(events) == cold == _tokens(other) == _tokens(salted)
 
 
 async def test_closing_the_stream_aborts_and_frees_the_slot_at_once(model_dir: Path) -> None:
