@@ -18,7 +18,7 @@ from server.api.logs import configure_logging
 from server.api.shutdown import drain
 from server.api.state import AppState
 from server.metrics import Metrics
-from server.settings import parse_settings
+from server.settings import Settings, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _settings_error(exc: ValidationError) -> str:
 
 def serve(argv: Sequence[str] | None = None) -> int:
     """Run the server until interrupted. Returns the process exit code (2: bad flags, 1: the model
-    could not be loaded)."""
+    could not be loaded, after one plain line on stderr naming the cause)."""
     try:
         settings = parse_settings(argv)
     except SystemExit as exc:  # --help, or an unknown flag (argparse printed why)
@@ -74,7 +74,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         sys.stderr.write(_settings_error(exc) + "\n")
         return 2
-    configure_logging(settings.log_level_int, session_ids=settings.log_session_ids)
+    configure_logging(settings.log_level_int, session_ids=settings.log_session_ids, fmt=settings.log_format)
     failed: list[bool] = []
     server: DrainingServer | None = None
 
@@ -93,6 +93,15 @@ def serve(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, app, settings.shutdown_grace)
+    _log_start(settings)
+    server.run()
+    if failed:
+        _report_load_failure(app.state.tssc)
+        return 1
+    return 0
+
+
+def _log_start(settings: Settings) -> None:
     log.info(
         "serving",
         extra={
@@ -104,8 +113,13 @@ def serve(argv: Sequence[str] | None = None) -> int:
             "auth": settings.auth_enabled,
         },
     )
-    server.run()
-    return 1 if failed else 0
+
+
+def _report_load_failure(state: AppState) -> None:
+    """The last line the operator sees: the cause in plain words (the logs above have the record, and
+    the traceback at --log-level debug)."""
+    sys.stderr.write(f"tssc serve: cannot load the model: {state.load_error}\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

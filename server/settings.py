@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.cli import package_version
+
 ENV_PREFIX = "TSSC_"
 DEMO_MODEL_RESOURCE = "assets/demo-mamba2"
 
@@ -26,6 +28,7 @@ HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
 ColdDType = Literal["fp16", "bf16", "fp32"]
 StateDType = Literal["fp32", "bf16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["auto", "text", "json"]
 
 
 def default_model_path() -> str:
@@ -95,6 +98,10 @@ class Settings(BaseSettings):
         15.0, ge=0, description="Seconds running requests get to finish after SIGTERM before they are ended."
     )
     log_level: LogLevel = Field("info", description="Logging level.")
+    log_format: LogFormat = Field(
+        "auto",
+        description="Log lines as text or json (one object a line); auto: text on a terminal, else json.",
+    )
     log_session_ids: bool = Field(True, description="Write session ids into the logs (access log included).")
 
     @field_validator("api_key", mode="before")
@@ -111,7 +118,9 @@ class Settings(BaseSettings):
             raise ValueError("an API key must not be empty")
         return value
 
-    @field_validator("log_level", "device", "dtype", "hot_dtype", "cold_dtype", "state_dtype", mode="before")
+    @field_validator(
+        "log_level", "log_format", "device", "dtype", "hot_dtype", "cold_dtype", "state_dtype", mode="before"
+    )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -145,6 +154,7 @@ def _metavar(name: str, annotation: Any) -> str:
 def build_parser(prog: str = "tssc serve") -> argparse.ArgumentParser:
     """An argparse parser with one flag per `Settings` field; unset flags stay absent."""
     parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"tssc {package_version()}")
     for name, field in Settings.model_fields.items():
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}]"

@@ -3,10 +3,12 @@
     python deploy/grafana/build_dashboard.py           # (re)write the committed JSON
     python deploy/grafana/build_dashboard.py --check   # exit 1 if the committed JSON is stale
 
-Plain Python, no Grafana SDK. Every panel queries the Prometheus datasource that
-deploy/grafana/provisioning/datasources/prometheus.yml provisions (uid `DATASOURCE_UID`). Two
-chained variables select what is shown: `model` (from the `tssc_model_info` info metric) and
-`instance` (the instances serving that model); every query filters on `instance`.
+Plain Python, no Grafana SDK. Every panel, query and variable reads the Prometheus datasource that
+the `datasource` variable selects; its default is the one deploy/grafana/provisioning/datasources/
+prometheus.yml provisions (uid `DATASOURCE_UID`), and a Grafana without it falls back to its default
+Prometheus, so the JSON imports anywhere. Two chained variables select what is shown: `model` (from
+the `tssc_model_info` info metric) and `instance` (the instances serving that model); every query
+filters on `instance`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARD_UID = "tssc-overview"
-DATASOURCE_UID = "tssc-prometheus"
-DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": DATASOURCE_UID}
+DATASOURCE_UID = "tssc-prometheus"  # the provisioned datasource: the variable's default
+DATASOURCE_VARIABLE = "datasource"
+DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": "${" + DATASOURCE_VARIABLE + "}"}
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "tssc.json"
 GRID_WIDTH = 24
 
@@ -513,6 +516,23 @@ def _layout(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
+def _datasource_variable() -> dict[str, Any]:
+    """Which Prometheus every panel reads: any of the Grafana's, the provisioned one by default."""
+    return {
+        "type": "datasource",
+        "name": DATASOURCE_VARIABLE,
+        "label": "Data source",
+        "query": "prometheus",
+        "current": {"selected": True, "text": "Prometheus", "value": DATASOURCE_UID},
+        "refresh": 1,
+        "includeAll": False,
+        "multi": False,
+        "regex": "",
+        "hide": 0,
+        "options": [],
+    }
+
+
 def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     return {
         "type": "query",
@@ -548,6 +568,7 @@ def build_dashboard() -> dict[str, Any]:
         "timezone": "browser",
         "templating": {
             "list": [
+                _datasource_variable(),
                 _variable("model", "Model", "label_values(tssc_model_info, model)"),
                 _variable("instance", "Instance", 'label_values(tssc_model_info{model=~"$model"}, instance)'),
             ]

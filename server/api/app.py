@@ -34,7 +34,8 @@ def _build(settings: Settings, metrics: Metrics) -> EngineLike:
 
 
 async def _start(state: AppState) -> None:
-    """Build (if needed) and start the engine; record a failure instead of raising."""
+    """Build (if needed) and start the engine; record a failure instead of raising: one error record
+    with the cause (`state.load_error`), the traceback at debug level."""
     try:
         if state.engine is None:
             state.engine = await anyio.to_thread.run_sync(_build, state.settings, state.metrics)
@@ -43,10 +44,23 @@ async def _start(state: AppState) -> None:
             await started
         log.info("engine ready", extra={"model": state.settings.model_name})
     except Exception as exc:
-        state.load_error = f"{type(exc).__name__}: {exc}"
-        log.exception("the engine failed to start (/health answers 503)")
+        state.load_error = load_failure(exc)
+        log.error("cannot load the model: %s", state.load_error)
+        log.debug("the model load failed", exc_info=exc)
         if state.on_load_error is not None:
             state.on_load_error()
+
+
+def load_failure(exc: BaseException) -> str:
+    """A failed load's cause on one line: a checkpoint error's own message (it names what is missing),
+    any other exception's type and message."""
+    from server.model.config import ConfigError
+    from server.model.loader import ModelLoadError
+
+    message = " ".join(str(exc).split())
+    if message and isinstance(exc, ModelLoadError | ConfigError):
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 @contextlib.asynccontextmanager

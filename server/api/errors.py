@@ -98,21 +98,69 @@ def _code_of(error_type: str) -> str:
     return "invalid_value"
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """The first validation error, as an OpenAI 400."""
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON: application/json or application/*+json."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _content_type_error(content_type: str | None) -> APIError:
+    got = f"got {content_type!r}" if content_type else "none was sent"
+    message = f"The Content-Type must be application/json ({got}); the body must be a JSON object."
+    return bad_request(message, code="invalid_content_type")
+
+
+def _unsupported_part(errors: Sequence[Mapping[str, Any]]) -> APIError | None:
+    """A chat content part whose `type` is not 'text' (the only part type served), if any."""
+    for err in errors:
+        loc, value = tuple(err.get("loc", ())), err.get("input")
+        part_type = err.get("type") == "literal_error" and loc[-1:] == ("type",) and "content" in loc
+        if part_type and isinstance(value, str) and value != "text":
+            param = _loc_to_param(loc)
+            message = f"content part type '{value}' is not supported; only 'text' parts are."
+            return bad_request(f"{param}: {message}", param=param, code="unsupported_content_part")
+    return None
+
+
+def _most_specific(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The first error, or for message content given as a list (which fails the plain-string branch
+    first) the first error inside the list: that is where the client's mistake is."""
+    first = errors[0]
+    param = _loc_to_param(first.get("loc", ()))
+    if param is None or not param.endswith("content") or not isinstance(first.get("input"), list):
+        return first
+    inside = [e for e in errors if (_loc_to_param(e.get("loc", ())) or "").startswith(param + "[")]
+    return inside[0] if inside else first
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = "application/json") -> APIError:
+    """The validation error that names the client's mistake, as an OpenAI 400. `content_type` is the
+    request's header: a body that is not JSON because it was not declared JSON says so."""
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request.")
-    first = errors[0]
+    if tuple(errors[0].get("loc", ())) == ("body",) and not is_json_media_type(content_type):
+        return _content_type_error(content_type)
+    if (part := _unsupported_part(errors)) is not None:
+        return part
+    first = _most_specific(errors)
     error_type = str(first.get("type", ""))
     if error_type == "json_invalid":
         return bad_request("The request body is not valid JSON.", code="invalid_json")
     param = _loc_to_param(first.get("loc", ()))
     msg = str(first.get("msg", "Invalid value"))
-    if param is None and len(first.get("loc", ())) <= 1 and error_type.endswith("_type"):
-        msg = "The request body must be a JSON object."
+    if param is None and len(first.get("loc", ())) <= 1:
+        msg = _body_message(error_type, msg)
     message = f"{param}: {msg}" if param else msg
     return bad_request(message, param=param, code=_code_of(error_type))
+
+
+def _body_message(error_type: str, msg: str) -> str:
+    """The message of an error about the body as a whole."""
+    if error_type == "missing":
+        return "The request body is missing; send a JSON object."
+    return "The request body must be a JSON object." if error_type.endswith("_type") else msg
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -124,7 +172,7 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(validation_error(exc))
+    return error_response(validation_error(exc, request.headers.get("content-type")))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -69,10 +69,23 @@ def build_cache(
     return cache
 
 
+_BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def format_bytes(n: int, round_up: bool = False) -> str:
+    """`n` bytes in the largest binary unit it fills, to one decimal ("512 MiB", "1.5 GiB", "24.3 KiB",
+    "900 B"); `round_up` never shows less than `n` (for a budget that must hold it)."""
+    for unit, size in _BYTE_UNITS:
+        if n >= size:
+            tenths = -(-n * 10 // size) if round_up else round(n * 10 / size)
+            return f"{tenths / 10:,.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} B"
+
+
 def budget_report(cache: StateCache, slots: int) -> list[str]:
     """What each tier's byte budget holds for this model, and advice when it is too small to keep at least
     one checkpoint per live slot (hot) or two (cold): then sessions evict each other's checkpoints."""
-    cfg, mib = cache.config, 2**20
+    cfg = cache.config
     tiers = [
         ("hot", "--hot-bytes", cfg.hot_bytes, cache.hot_layout.block_bytes, cfg.hot_dtype, slots),
         ("cold", "--cold-bytes", cfg.cold_bytes, cache.cold_layout.block_bytes, cfg.cold_dtype, 2 * slots),
@@ -81,12 +94,12 @@ def budget_report(cache: StateCache, slots: int) -> list[str]:
     for name, flag, budget, block, dtype, want in tiers:
         held = budget // block
         lines.append(
-            f"{name} tier: {budget / mib:,.0f} MiB holds {held} checkpoints of {block / mib:.1f} MiB ({dtype})"
+            f"{name} tier: {format_bytes(budget)} holds {held} checkpoints of {format_bytes(block)} ({dtype})"
         )
         if budget > 0 and held < want:
             lines.append(
                 f"raise {flag}: {held} {name} checkpoints for {slots} live slots; "
-                f"{want * block / 2**30:.1f} GiB keeps {want}"
+                f"{format_bytes(want * block, round_up=True)} keeps {want}"
             )
     return lines
 

@@ -61,6 +61,30 @@ def variables(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list(dashboard.get("templating", {}).get("list", []))
 
 
+def query_variables(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The variables whose values come from a PromQL `label_values` query."""
+    return [v for v in variables(dashboard) if v.get("type") == "query"]
+
+
+def datasource_variable(dashboard: Mapping[str, Any]) -> dict[str, Any]:
+    """The one variable of type `datasource`: which Prometheus every panel and query reads."""
+    (variable,) = [v for v in variables(dashboard) if v.get("type") == "datasource"]
+    return variable
+
+
+def datasource_refs(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every datasource reference: of the panels, of their queries and of the query variables."""
+    refs = [p["datasource"] for p in iter_panels(dashboard) if "datasource" in p]
+    refs += [t["datasource"] for _, t in iter_targets(dashboard)]
+    return refs + [v["datasource"] for v in query_variables(dashboard)]
+
+
+def resolve_datasources(dashboard: Mapping[str, Any]) -> dict[str, str]:
+    """The datasource variable at its default (the provisioned Prometheus), as `substitute` takes it."""
+    variable = datasource_variable(dashboard)
+    return {variable["name"]: str(variable["current"]["value"])}
+
+
 def variable_query(variable: Mapping[str, Any]) -> str:
     query = variable.get("query", "")
     return str(query.get("query", "") if isinstance(query, Mapping) else query)

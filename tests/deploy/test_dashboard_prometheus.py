@@ -31,10 +31,11 @@ from tests.deploy.dashboard_queries import (
     iter_targets,
     label_values_query,
     load_dashboard,
+    query_variables,
     require_binary,
+    resolve_datasources,
     substitute,
     variable_query,
-    variables,
 )
 from tests.integration.server_proc import (
     ServerProc,
@@ -193,15 +194,23 @@ def _wait_for_scrapes(prom: Prometheus, count: int, timeout: float = 60.0) -> No
 
 
 def _resolve_variables(prom: Prometheus, dashboard: dict[str, Any]) -> dict[str, str]:
-    """Each variable's value as Grafana sets it for "All": its label_values query's values, regex-joined."""
-    values: dict[str, str] = {}
-    for variable in variables(dashboard):
+    """Each variable's value as Grafana sets it: the datasource at its default (the provisioned
+    Prometheus, which this test's Prometheus stands for); the others for "All", their label_values
+    query's values (sent to that datasource), regex-joined."""
+    values = resolve_datasources(dashboard)
+    for variable in query_variables(dashboard):
+        _assert_reads_the_datasource(variable, values)
         selector, label = label_values_query(substitute(variable_query(variable), values))
         series = prom.query("/api/v1/series", **{"match[]": selector, "start": time.time() - 600})
         found = sorted({s[label] for s in series if label in s})
         assert found, f"variable {variable['name']}: {selector} has no {label} values"
         values[variable["name"]] = grafana_regex(*found)
     return values
+
+
+def _assert_reads_the_datasource(item: dict[str, Any], values: dict[str, str]) -> None:
+    """A query variable or panel query goes to the Prometheus the datasource variable selects (this one)."""
+    assert substitute(item["datasource"]["uid"], values) == values["datasource"], item["datasource"]
 
 
 def _finite_points(result: list[dict[str, Any]]) -> int:
@@ -230,6 +239,7 @@ def test_every_dashboard_query_returns_data(scraped: tuple[Prometheus, float, fl
     values = _resolve_variables(prom, dashboard)
     empty = []
     for panel, target in iter_targets(dashboard):
+        _assert_reads_the_datasource(target, values)
         expr = substitute(target["expr"], values)
         data = prom.query("/api/v1/query_range", query=expr, start=start, end=end, step=SCRAPE_SECONDS)
         if _finite_points(data["result"]) == 0:

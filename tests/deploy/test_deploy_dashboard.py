@@ -16,6 +16,8 @@ from tests.deploy.dashboard_queries import (
     DASHBOARD_DIR,
     DASHBOARD_JSON,
     GRAFANA,
+    datasource_refs,
+    datasource_variable,
     exposed_names,
     grafana_regex,
     iter_panels,
@@ -24,8 +26,10 @@ from tests.deploy.dashboard_queries import (
     load_dashboard,
     load_generator,
     metric_names,
+    query_variables,
     referenced_variables,
     require_binary,
+    resolve_datasources,
     substitute,
     variable_query,
     variables,
@@ -47,7 +51,7 @@ def _provisioned_datasource_uids() -> set[str]:
 
 def _all_exprs(dashboard: dict[str, Any]) -> list[str]:
     exprs = [target["expr"] for _, target in iter_targets(dashboard)]
-    exprs += [label_values_query(variable_query(v))[0] for v in variables(dashboard)]
+    exprs += [label_values_query(variable_query(v))[0] for v in query_variables(dashboard)]
     return exprs
 
 
@@ -82,24 +86,33 @@ def test_panels_fit_the_grid_without_overlap(dashboard: dict[str, Any]) -> None:
                 cells[(x, y)] = panel["title"]
 
 
-def test_every_datasource_reference_resolves_to_the_provisioned_datasource(dashboard: dict[str, Any]) -> None:
-    provisioned = _provisioned_datasource_uids()
-    refs = [p["datasource"] for p in iter_panels(dashboard) if "datasource" in p]
-    refs += [t["datasource"] for _, t in iter_targets(dashboard)]
-    refs += [v["datasource"] for v in variables(dashboard)]
-    assert refs, "the dashboard references no datasource"
-    for ref in refs:
-        assert ref == {"type": "prometheus", "uid": ref["uid"]} and ref["uid"] in provisioned, ref
+def test_every_datasource_reference_is_the_datasource_variable(dashboard: dict[str, Any]) -> None:
+    """No hard-coded uid: imported into any Grafana, every panel reads the Prometheus the variable selects."""
+    panels = [p for p in iter_panels(dashboard) if p["type"] != "row"]
+    assert panels and all("datasource" in p for p in panels)
+    for ref in datasource_refs(dashboard):
+        assert ref == {"type": "prometheus", "uid": "${datasource}"}, ref
+
+
+def test_the_datasource_variable_defaults_to_the_provisioned_prometheus(dashboard: dict[str, Any]) -> None:
+    variable = datasource_variable(dashboard)
+    assert (variable["name"], variable["query"]) == ("datasource", "prometheus")
+    assert not variable["multi"] and not variable["includeAll"]
+    assert variable["current"]["value"] in _provisioned_datasource_uids()
+    for ref in datasource_refs(dashboard):
+        assert substitute(ref["uid"], resolve_datasources(dashboard)) in _provisioned_datasource_uids()
 
 
 def test_every_variable_is_used(dashboard: dict[str, Any]) -> None:
     used = set()
     for _, target in iter_targets(dashboard):
         used |= referenced_variables(target["expr"])
-    for variable in variables(dashboard):
+    for variable in query_variables(dashboard):
         used |= referenced_variables(variable_query(variable))
+    for ref in datasource_refs(dashboard):
+        used |= referenced_variables(ref["uid"])
     names = {v["name"] for v in variables(dashboard)}
-    assert names == {"model", "instance"}
+    assert names == {"datasource", "model", "instance"}
     assert names <= used, f"unused variables: {names - used}"
     assert used - names <= {"__rate_interval", "__interval", "__range"}, f"undefined: {used - names}"
 

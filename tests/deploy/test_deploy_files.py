@@ -60,13 +60,15 @@ def _compose_binary() -> str:
     return str(binary)
 
 
-def _compose_config(*profiles: str) -> dict[str, Any]:
+def _compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resolved compose file with `profiles` active (and no COMPOSE_PROFILES but what `env` sets)."""
     flags = [arg for p in profiles for arg in ("--profile", p)]
+    base = {k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"}
     result = subprocess.run(
         [_compose_binary(), "-f", str(REPO / "docker-compose.yml"), *flags, "config", "--format", "json"],
         capture_output=True,
         text=True,
-        env={**os.environ, "COMPOSE_PROJECT_NAME": "tssc-test"},
+        env={**base, "COMPOSE_PROJECT_NAME": "tssc-test", **(env or {})},
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -95,11 +97,29 @@ def _assert_settings_env(keys: set[str]) -> None:
 # ---- docker-compose.yml ---------------------------------------------------------------------
 
 
-def test_compose_file_is_valid_for_both_profiles() -> None:
-    default = _compose_config()["services"]
-    cpu = _compose_config("cpu")["services"]
-    assert set(default) == {"tssc", "prometheus", "grafana"}
-    assert set(cpu) == {"tssc", "tssc-cpu", "prometheus", "grafana"}
+def _servers(services: dict[str, Any]) -> list[str]:
+    """The services that run `tssc serve` (they are configured through TSSC_* variables)."""
+    return sorted(n for n, s in services.items() if "TSSC_PORT" in s.get("environment", {}))
+
+
+def _published_ports(services: dict[str, Any]) -> list[str]:
+    return sorted(str(p["published"]) for s in services.values() for p in s.get("ports", []))
+
+
+def test_compose_file_is_valid_for_each_profile() -> None:
+    assert set(_compose_config()["services"]) == {"prometheus", "grafana"}
+    assert set(_compose_config("gpu")["services"]) == {"tssc", "prometheus", "grafana"}
+    assert set(_compose_config("cpu")["services"]) == {"tssc-cpu", "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize(("profile", "server"), [("cpu", "tssc-cpu"), ("gpu", "tssc")])
+def test_compose_each_profile_starts_exactly_one_server(profile: str, server: str) -> None:
+    """`docker compose --profile cpu up -d` (no service names) starts one server, so no two bind 8000."""
+    for config in (_compose_config(profile), _compose_config(env={"COMPOSE_PROFILES": profile})):
+        services = config["services"]
+        assert _servers(services) == [server]
+        ports = _published_ports(services)
+        assert len(ports) == len(set(ports)) and "8000" in ports, ports
 
 
 def test_compose_rejects_an_invalid_file(tmp_path: Path) -> None:
@@ -111,7 +131,8 @@ def test_compose_rejects_an_invalid_file(tmp_path: Path) -> None:
 
 
 def test_compose_server_reserves_a_gpu_and_the_cpu_profile_does_not() -> None:
-    services = _compose_config("cpu")["services"]
+    services = _compose_config("gpu", "cpu")["services"]
+    assert services["tssc"]["profiles"] == ["gpu"]
     (device,) = services["tssc"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert services["tssc"]["build"]["args"]["VARIANT"] == "cuda"
@@ -125,7 +146,7 @@ def test_compose_server_reserves_a_gpu_and_the_cpu_profile_does_not() -> None:
 
 
 def test_compose_named_volumes_hold_the_hf_cache_and_the_disk_tier() -> None:
-    config = _compose_config("cpu")
+    config = _compose_config("gpu", "cpu")
     assert {"hf-cache", "disk-tier"} <= set(config["volumes"])
     for name in ("tssc", "tssc-cpu"):
         service = config["services"][name]
@@ -135,7 +156,7 @@ def test_compose_named_volumes_hold_the_hf_cache_and_the_disk_tier() -> None:
 
 
 def test_compose_prometheus_scrapes_the_server_service(app_paths: AppRoutes) -> None:
-    config = _compose_config()
+    config = _compose_config("gpu")
     services = config["services"]
     mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
     assert Path(mounts["/etc/prometheus/prometheus.yml"]) == PROMETHEUS_YML

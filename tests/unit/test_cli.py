@@ -1,4 +1,4 @@
-"""`tssc generate` end to end on tiny checkpoints of both formats, and `python -m server` wiring."""
+"""`tssc generate` end to end on tiny checkpoints of both formats, `python -m server` wiring, `--version`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+import server.cli
+from server.cli import main, package_version, pyproject_version
 from tests.tiny_models import make_hf_checkpoint, make_state_spaces_checkpoint, make_tokenizer
 
 
@@ -68,3 +69,49 @@ def test_python_dash_m_server_runs_the_cli(tmp_path: Path) -> None:
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("hi") and "decode:" in done.stderr
+
+
+def _version_output(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """stdout of `tssc ARGV`, which must succeed (argparse's --version exits 0; `serve` returns 0)."""
+    rc: object
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 0
+    return capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["serve", "--version"]])
+def test_version_prints_the_installed_package_version(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    import importlib.metadata
+
+    expected = importlib.metadata.version(server.cli.DISTRIBUTION)
+    assert _version_output(capsys, *argv) == f"tssc {expected}"
+
+
+def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import tomllib
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    declared = tomllib.loads(server.cli.PYPROJECT.read_text())["project"]["version"]
+    assert package_version() == declared
+
+
+def test_pyproject_version_of_a_missing_or_versionless_file_is_unknown(tmp_path: Path) -> None:
+    assert pyproject_version(tmp_path / "absent.toml") == "unknown"
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert pyproject_version(tmp_path / "pyproject.toml") == "unknown"
+
+
+def test_python_dash_m_server_serve_version() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "server.serve", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"tssc {package_version()}"

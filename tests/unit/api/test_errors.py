@@ -62,6 +62,54 @@ def test_non_object_body_is_400(client: TestClient) -> None:
     _assert_openai_error(resp, 400)
 
 
+BODY = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [(None, "none was sent"), ("text/plain", "'text/plain'"), ("application/x-www-form-urlencoded", "form")],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_not_declared_json_is_400_naming_the_content_type(
+    client: TestClient, content_type: str | None, named: str, path: str
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    err = _assert_openai_error(client.post(path, content=BODY, headers=headers), 400)
+    assert "Content-Type must be application/json" in err["message"] and named in err["message"]
+    assert err["code"] == "invalid_content_type"
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_type_variants_are_accepted(client: TestClient, content_type: str) -> None:
+    resp = client.post("/v1/chat/completions", content=BODY, headers={"content-type": content_type})
+    assert resp.status_code == 503, resp.text  # valid: only the model (not loaded here) is missing
+
+
+def test_an_empty_json_body_says_it_is_missing(client: TestClient) -> None:
+    resp = client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
+    assert "body is missing" in _assert_openai_error(resp, 400)["message"]
+
+
+@pytest.mark.parametrize("part_type", ["image_url", "input_audio", "file"])
+def test_an_unsupported_content_part_names_its_type(client: TestClient, part_type: str) -> None:
+    parts = [{"type": "text", "text": "what is this?"}, {"type": part_type, part_type: {"url": "x"}}]
+    resp = _chat(client, messages=[{"role": "user", "content": parts}])
+    err = _assert_openai_error(resp, 400, "messages[0].content[1].type")
+    assert f"content part type '{part_type}' is not supported; only 'text' parts are" in err["message"]
+    assert "valid string" not in err["message"] and err["code"] == "unsupported_content_part"
+
+
+def test_a_text_part_without_text_names_the_missing_field(client: TestClient) -> None:
+    resp = _chat(client, messages=[{"role": "user", "content": [{"type": "text"}]}])
+    err = _assert_openai_error(resp, 400, "messages[0].content[0].text")
+    assert err["code"] == "missing_required_parameter"
+
+
+def test_lists_of_text_parts_pass_validation(client: TestClient) -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert _chat(client, messages=[{"role": "user", "content": parts}]).status_code == 503
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

@@ -105,6 +105,7 @@ def test_byte_sizes_accept_units(text: str, expected: int) -> None:
         ["--prefill-budget", "0"],
         ["--hot-bytes", "lots"],
         ["--log-level", "loud"],
+        ["--log-format", "xml"],
     ],
 )
 def test_bad_values_are_rejected(argv: list[str]) -> None:
@@ -127,3 +128,18 @@ def test_settings_are_frozen() -> None:
     s = Settings(port=1234)
     with pytest.raises(ValidationError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_log_format_defaults_to_auto_and_follows_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_settings([]).log_format == "auto"
+    monkeypatch.setenv("TSSC_LOG_FORMAT", "JSON")
+    assert parse_settings([]).log_format == "json"
+    assert parse_settings(["--log-format", "text"]).log_format == "text"
+
+
+def test_serve_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import package_version
+
+    with pytest.raises(SystemExit) as info:
+        parse_settings(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"tssc {package_version()}"

@@ -1,0 +1,41 @@
+"""A real `python -m server.serve` whose model cannot load: exits non-zero, and the last line on stderr
+is the cause in plain words (not an escaped traceback inside JSON)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.server_proc import REPO_ROOT
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "server.serve", "--host", "127.0.0.1", "--port", "0", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_missing_model_directory_exits_with_one_plain_line(log_format: str) -> None:
+    done = _serve("--model", "/nope", "--log-format", log_format)
+    assert done.returncode != 0
+    last = done.stderr.rstrip("\n").splitlines()[-1]
+    expected = "model directory /nope does not exist (and it is not a Hub id 'org/name')"
+    assert last == f"tssc serve: cannot load the model: {expected}"
+    assert "Traceback" not in done.stderr
+
+
+def test_a_directory_without_config_names_it(tmp_path: Path) -> None:
+    done = _serve("--model", str(tmp_path))
+    assert done.returncode != 0
+    assert done.stderr.splitlines()[-1] == f"tssc serve: cannot load the model: {tmp_path} has no config.json"
+
+
+def test_the_traceback_is_logged_at_debug_level(tmp_path: Path) -> None:
+    done = _serve("--model", str(tmp_path), "--log-level", "debug", "--log-format", "text")
+    assert done.returncode != 0 and "Traceback" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("tssc serve: cannot load the model: ")
