@@ -8,15 +8,16 @@ surrogates) so that every accepted string can be tokenized.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api import session_ids
 
 MAX_STOP = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries in one logit_bias map
 INT64_MAX = 2**63 - 1
 
 
@@ -32,6 +33,7 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 SessionId = Annotated[str, AfterValidator(session_ids.check)]
 StopStr = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_valid_unicode)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Model(BaseModel):
@@ -81,12 +83,33 @@ class _SamplingFields(_Model):
     stream_options: StreamOptions | None = None
     session_id: SessionId | None = None
     cache_salt: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # as in vLLM
     user: Text | None = None
+    # token id (a decimal string, as OpenAI's) -> a bias added to its logit before sampling
+    logit_bias: Annotated[dict[str, LogitBias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0  # as in vLLM
+    return_tokens_as_token_ids: bool = False  # as in vLLM: logprob tokens read "token_id:<id>"
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} (`server.api.requests`)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and int(key) <= 2**31 - 1):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key!r}")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """The logit_bias map as (token id, bias) pairs, ascending by id."""
+        by_id = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}  # "07" and "7": the last
+        return tuple(sorted(by_id.items()))
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is only supported without stream")
         return self
 
     def stop_list(self) -> tuple[str, ...]:
@@ -104,11 +127,29 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # accepted so that they can be refused with a clear 400 (`server.api.requests.check_supported`)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # passed to the chat template, as in vLLM
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _continue_or_prompt(self) -> ChatCompletionRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true "
+                "(set add_generation_prompt to false to continue the final message)"
+            )
         return self
 
     @property
@@ -128,6 +169,8 @@ class CompletionRequest(_SamplingFields):
     prompt: PromptInput
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # 0 with `echo`: only the prompt (and its logprobs) comes back, as OpenAI's legacy API allows
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     suffix: Text | None = None
     best_of: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.engine.types import GenerationRequest, SamplingParams
+from server.model.tokenizer import RESERVED_TEMPLATE_NAMES
 from server.settings import Settings
 
 DEFAULT_MAX_TOKENS = 256
@@ -106,16 +107,32 @@ def chat_sampling(req: ChatCompletionRequest, settings: Settings) -> SamplingPar
         settings,
         "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
     )
+    _check_template_kwargs(req.chat_template_kwargs)
     return _sampling(req, max_tokens, req.logprobs, req.top_logprobs or 0)
 
 
 def completion_sampling(req: CompletionRequest, settings: Settings) -> SamplingParams:
     _check_n(req.n, settings)
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported.", param="echo")
-    max_tokens = _max_tokens(req.requested_max_tokens, settings, "max_tokens")
+    if req.stream and scored_prompt(req) is not None:
+        raise bad_request(
+            "echo with logprobs (prompt logprobs) is only supported without stream.", param="echo"
+        )
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens 0 needs echo (only the prompt comes back).", param="max_tokens")
+    # max_tokens 0: one token is generated and dropped from the response (the engine always samples one)
+    max_tokens = max(1, _max_tokens(req.requested_max_tokens, settings, "max_tokens"))
     wants = req.logprobs is not None
     return _sampling(req, max_tokens, wants, req.logprobs or 0)
+
+
+def scored_prompt(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives each prompt token's logprob entry carries, if the request wants them: vLLM's
+    `prompt_logprobs`, or OpenAI's legacy `echo` + `logprobs` (completions)."""
+    if req.prompt_logprobs is not None:
+        return req.prompt_logprobs
+    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+        return req.logprobs
+    return None
 
 
 def _sampling(
@@ -124,6 +141,9 @@ def _sampling(
     logprobs: bool,
     top_logprobs: int,
 ) -> SamplingParams:
+    check_supported(req)
+    requested = req.requested_max_tokens
+    _check_min_tokens(req.min_tokens, requested if requested is not None else max_tokens)
     stop = req.stop_list()
     fields: dict[str, Any] = {
         "max_tokens": max_tokens,
@@ -140,6 +160,8 @@ def _sampling(
         "repetition_penalty": req.repetition_penalty,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
+        "logit_bias": req.logit_bias_pairs(),
+        "min_tokens": req.min_tokens,
     }
     try:
         return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
@@ -147,8 +169,60 @@ def _sampling(
         raise bad_request(str(exc)) from exc
 
 
+def unsupported(message: str, param: str) -> APIError:
+    return bad_request(message, param=param, code="unsupported_parameter")
+
+
+def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse what this server cannot do rather than ignore it: tool calling (`tools` unless `tool_choice`
+    is "none", a `tool_choice` other than "none", the legacy `functions` / `function_call`) and any
+    `response_format` but text (no constrained decoding). No served model family calls tools."""
+    if isinstance(req, ChatCompletionRequest):
+        _check_tools(req)
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise unsupported(
+            f"response_format {fmt.get('type')!r} is not supported by this server (only 'text').",
+            "response_format",
+        )
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    if req.tool_choice not in (None, "none"):
+        raise unsupported("tool_choice is not supported by this server (only 'none').", "tool_choice")
+    if req.tools and req.tool_choice != "none":
+        raise unsupported("tools (tool calling) are not supported by this server.", "tools")
+    if req.functions or req.function_call not in (None, "none"):
+        param = "functions" if req.functions else "function_call"
+        raise unsupported("function calling is not supported by this server.", param)
+
+
+def _check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    if min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens}).", param="min_tokens"
+        )
+
+
+def _check_template_kwargs(kwargs: Mapping[str, Any] | None) -> None:
+    reserved = sorted(set(kwargs or {}) & RESERVED_TEMPLATE_NAMES)
+    if reserved:
+        raise bad_request(
+            f"chat_template_kwargs may not set {', '.join(reserved)} (a request field or the renderer's own).",
+            param="chat_template_kwargs",
+        )
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    check_token_ids([t for t, _ in params.logit_bias], vocab_size, "logit_bias")
+
+
 def fan_out(
-    ctx: RequestContext, prompts: Sequence[Prompt], params: SamplingParams, n: int
+    ctx: RequestContext,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    n: int,
+    prompt_logprobs: int | None = None,
 ) -> list[GenerationRequest]:
     """One request per (prompt, choice), choice index = prompt_index * n + j. Seeded choices get
     distinct, reproducible seeds (seed + index)."""
@@ -168,6 +242,7 @@ def fan_out(
                     namespace=ctx.namespace,
                     session_id=ctx.session_id,
                     tree=ctx.tree,
+                    prompt_logprobs=prompt_logprobs,
                     boundaries=prompt.boundaries,
                     arrival_time=now,
                 )

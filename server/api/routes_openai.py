@@ -23,16 +23,19 @@ from server.api.formatting import (
     completion_logprobs,
     final_event,
     finish_reason_out,
+    token_names,
     usage_of,
 )
 from server.api.generation import ClientDisconnected, collect, engine_error, until_disconnect
 from server.api.logs import session_id_var
+from server.api.prompt_logprobs import legacy, prepend, prompt_entries, vllm_format
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.requests import (
     Prompt,
     RequestContext,
     cache_tree,
     chat_sampling,
+    check_logit_bias,
     check_model,
     check_prompt_length,
     check_token_ids,
@@ -40,6 +43,7 @@ from server.api.requests import (
     context_length_exceeded,
     fan_out,
     resolve_session,
+    scored_prompt,
     with_extra_stop,
 )
 from server.api.responses import (
@@ -48,6 +52,7 @@ from server.api.responses import (
     ChatResponseMessage,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     ErrorResponse,
     FinishReasonOut,
     ModelCard,
@@ -134,6 +139,9 @@ async def _encode_chat(
         state.chat_encoder(engine.tokenizer).encode,
         messages,
         key,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs,
         cancelled=cancel.is_set,
         max_tokens=settings.max_prompt_tokens,
     )
@@ -172,14 +180,16 @@ async def chat_completions(
     ctx = _context(request, namespace, x_session_id, body)
     params = chat_sampling(body, state.settings)
     engine = state.require_engine()
+    check_logit_bias(params, int(engine.tokenizer.vocab_size))
     params = with_extra_stop(params, getattr(engine.tokenizer, "chat_stop", ()))
     state.acquire()
     try:
         prompt = await _encode_chat(request, state, engine, body, ctx)
         state.metrics.observe_phase("tokenize", time.monotonic() - parsed)
         check_prompt_length(len(prompt.tokens), state.settings, "messages")
-        reqs = fan_out(ctx, [prompt], params, body.n)
-        spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs)
+        reqs = fan_out(ctx, [prompt], params, body.n, scored_prompt(body))
+        as_ids = body.return_tokens_as_token_ids
+        spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs, as_ids)
         if body.stream:
             stream = chat_stream(engine, reqs, spec)
             return ReleasingStream(stream, state.release, _response_headers(ctx))
@@ -191,12 +201,20 @@ async def chat_completions(
         state.release()
         raise
     state.release()
-    return _chat_response(spec, ctx, per_choice, body.logprobs)
+    return _chat_response(spec, ctx, per_choice, body.logprobs, body.prompt_logprobs is not None)
 
 
 def _spec(
-    state: AppState, engine: EngineLike, ctx: RequestContext, prefix: str, n: int, usage: bool, logprobs: bool
+    state: AppState,
+    engine: EngineLike,
+    ctx: RequestContext,
+    prefix: str,
+    n: int,
+    usage: bool,
+    logprobs: bool,
+    as_ids: bool = False,
 ) -> StreamSpec:
+    """`as_ids`: logprob entries name tokens `token_id:<id>` (return_tokens_as_token_ids)."""
     return StreamSpec(
         response_id=prefix + ctx.request_id.removeprefix("req-"),
         created=int(time.time()),
@@ -204,7 +222,7 @@ def _spec(
         n=n,
         include_usage=usage,
         logprobs=logprobs,
-        token_text=engine.tokenizer.token_text,
+        token_text=token_names(engine.tokenizer, as_ids),
     )
 
 
@@ -213,7 +231,11 @@ def _reason(final: TokenEvent | None) -> FinishReasonOut:
 
 
 def _chat_response(
-    spec: StreamSpec, ctx: RequestContext, per_choice: Sequence[Sequence[TokenEvent]], logprobs: bool
+    spec: StreamSpec,
+    ctx: RequestContext,
+    per_choice: Sequence[Sequence[TokenEvent]],
+    logprobs: bool,
+    prompt_logprobs: bool = False,
 ) -> Response:
     finals = [final_event(events) for events in per_choice]
     choices = [
@@ -233,7 +255,11 @@ def _chat_response(
         usage=usage_of(finals, spec.n),
         session_id=ctx.session_id,
     )
-    return _json(body.model_dump(mode="json"), ctx)
+    data = body.model_dump(mode="json")
+    entries = prompt_entries(per_choice[0]) if prompt_logprobs and per_choice else None
+    if entries is not None:
+        data["prompt_logprobs"] = vllm_format(entries, spec.token_text)
+    return _json(data, ctx)
 
 
 def _json(content: dict[str, Any], ctx: RequestContext) -> Response:
@@ -275,6 +301,7 @@ async def completions(
     ctx = _context(request, namespace, x_session_id, body)
     params = completion_sampling(body, state.settings)
     engine = state.require_engine()
+    check_logit_bias(params, int(engine.tokenizer.vocab_size))
     state.acquire()
     try:
         prompts = await _encode_prompts(engine, body)
@@ -283,9 +310,10 @@ async def completions(
             check_prompt_length(len(prompt.tokens), state.settings, "prompt")
         if len(prompts) * body.n > state.settings.max_n * 8:
             raise bad_request("Too many choices (prompts x n).", param="n")
-        reqs = fan_out(ctx, prompts, params, body.n)
+        reqs = fan_out(ctx, prompts, params, body.n, scored_prompt(body))
         echo = [prompts[i // body.n].text if body.echo else "" for i in range(len(reqs))]
-        spec = _spec(state, engine, ctx, "cmpl-", body.n, body.include_usage, body.logprobs is not None)
+        logprobs, as_ids = body.logprobs is not None, body.return_tokens_as_token_ids
+        spec = _spec(state, engine, ctx, "cmpl-", body.n, body.include_usage, logprobs, as_ids)
         if body.stream:
             stream = completion_stream(engine, reqs, spec, echo)
             return ReleasingStream(stream, state.release, _response_headers(ctx))
@@ -297,31 +325,60 @@ async def completions(
         state.release()
         raise
     state.release()
-    return _completion_response(spec, ctx, per_choice, echo)
+    return _completion_response(spec, ctx, per_choice, echo, body, prompts)
 
 
 def _completion_response(
-    spec: StreamSpec, ctx: RequestContext, per_choice: Sequence[Sequence[TokenEvent]], echo: Sequence[str]
+    spec: StreamSpec,
+    ctx: RequestContext,
+    per_choice: Sequence[Sequence[TokenEvent]],
+    echo: Sequence[str],
+    body: CompletionRequest,
+    prompts: Sequence[Prompt],
 ) -> Response:
+    """The completions body. With `max_tokens: 0` the one token the engine sampled is dropped (only the echo
+    and its logprobs come back); with `echo` + `logprobs` the prompt's logprobs lead the choice's lists."""
+    drop = body.max_tokens == 0
+    kept = [[] if drop else list(events) for events in per_choice]
     finals = [final_event(events) for events in per_choice]
     choices = [
         CompletionChoice(
             index=i,
             text=echo[i] + choice_text(events),
-            logprobs=completion_logprobs(events, spec.token_text, len(echo[i])) if spec.logprobs else None,
-            finish_reason=_reason(finals[i]),
+            logprobs=_choice_logprobs(spec, events, per_choice[i], echo[i], body, prompts[i // spec.n]),
+            finish_reason="length" if drop else _reason(finals[i]),
         )
-        for i, events in enumerate(per_choice)
+        for i, events in enumerate(kept)
     ]
-    body = Completion(
-        id=spec.response_id,
-        created=spec.created,
-        model=spec.model,
-        choices=choices,
-        usage=usage_of(finals, spec.n),
+    usage = usage_of(finals, spec.n)
+    if drop:
+        usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
+    out = Completion(
+        id=spec.response_id, created=spec.created, model=spec.model, choices=choices, usage=usage,
         session_id=ctx.session_id,
-    )
-    return _json(body.model_dump(mode="json"), ctx)
+    ).model_dump(mode="json")  # fmt: skip
+    if body.prompt_logprobs is not None:
+        for choice, events in zip(out["choices"], per_choice, strict=True):
+            entries = prompt_entries(events)
+            choice["prompt_logprobs"] = vllm_format(entries, spec.token_text) if entries is not None else None
+    return _json(out, ctx)
+
+
+def _choice_logprobs(
+    spec: StreamSpec,
+    events: Sequence[TokenEvent],
+    all_events: Sequence[TokenEvent],
+    echo: str,
+    body: CompletionRequest,
+    prompt: Prompt,
+) -> CompletionLogprobs | None:
+    if not spec.logprobs:
+        return None
+    generated = completion_logprobs(events, spec.token_text, len(echo))
+    entries = prompt_entries(all_events)
+    if not body.echo or entries is None:
+        return generated
+    return prepend(legacy(entries, spec.token_text, prompt.tokens), generated, 0)
 
 
 # ---- models ----------------------------------------------------------------------------------

@@ -46,11 +46,13 @@ class IncrementalDetokenizer:
         self.stopped = False  # a stop string was found; nothing more is ever released
         self.text = ""  # everything released so far
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int, stop: bool = True) -> str:
         """Add one generated token; return the text it releases (possibly empty).
 
         Everything up to the window's last complete character is released; a trailing U+FFFD (an
-        incomplete character) is held. The window moves on only at a token that ends a character."""
+        incomplete character) is held. The window moves on only at a token that ends a character.
+        With `stop` False (a request short of its min_tokens) a stop string this token completes is
+        released as text; a suffix that could still grow into one is held all the same."""
         if self.stopped:
             return ""
         self._tokens.append(token_id)
@@ -67,7 +69,7 @@ class IncrementalDetokenizer:
             self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
             self._prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
             self._sent = 0
-        return self._release(new_text, final=False) if new_text else ""
+        return self._release(new_text, final=False, stop=stop) if new_text else ""
 
     def flush(self) -> str:
         """The request ended: release everything still held (an incomplete character included)."""
@@ -80,9 +82,9 @@ class IncrementalDetokenizer:
         self._prefix_text, self._sent = "", 0
         return self._release(tail, final=True)
 
-    def _release(self, new_text: str, *, final: bool) -> str:
+    def _release(self, new_text: str, *, final: bool, stop: bool = True) -> str:
         self._pending += new_text
-        cut = self._first_stop(self._pending)
+        cut = self._first_stop(self._pending) if stop else None
         if cut is not None:
             out, self._pending, self.stopped = self._pending[:cut], "", True
         else:

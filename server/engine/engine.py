@@ -192,6 +192,8 @@ class Engine:
         vocab, prompt = self._worker.vocab_limit, req.prompt_tokens
         if min(prompt) < 0 or max(prompt) >= vocab:  # C-speed scans: per-turn work stays cheap
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if any(t >= vocab for t, _ in req.params.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
         if req.request_id in self._seqs:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic())

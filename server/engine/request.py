@@ -8,6 +8,9 @@ worker appends sampled tokens with `Seq.append`, which applies the stop rules in
 2. a stop string completed by the detokenizer: finish `stop`; text up to the stop string only;
 3. `max_tokens` generated: finish `length`.
 
+Rules 1 and 2 apply only past the first `min_tokens` tokens: until then the sampler never picks a
+stop token (`banned_ids`), and a stop string completed by one of those tokens is ordinary text.
+
 Timestamps are `time.monotonic()` seconds.
 """
 
@@ -19,7 +22,7 @@ from typing import Any
 
 from server.engine.detokenizer import DecodeFn, IncrementalDetokenizer
 from server.engine.scheduler import Entry
-from server.engine.types import FinishReason, GenerationRequest, TokenEvent, TopLogprob
+from server.engine.types import FinishReason, GenerationRequest, PromptLogprob, TokenEvent, TopLogprob
 
 EventItem = TokenEvent | BaseException
 
@@ -39,6 +42,7 @@ class Seq:
     slot: int = -1
     cached_tokens: int = 0
     capture_plan: tuple[int, ...] = ()  # absolute prompt positions to capture during prefill
+    prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)  # filled by the prefill
     generator: Any = None  # torch.Generator of a seeded request (created by the worker)
     finish_reason: FinishReason | None = None
     aborted: bool = False
@@ -67,6 +71,12 @@ class Seq:
     def request_id(self) -> str:
         return self.req.request_id
 
+    def banned_ids(self, vocab: int) -> frozenset[int]:
+        """Token ids the next sample may not be (below `vocab`): the stop ids while short of min_tokens."""
+        if len(self.output) >= self.req.params.min_tokens:
+            return frozenset()
+        return frozenset(t for t in self.stop_ids if t < vocab)
+
     def state_tokens(self) -> tuple[int, ...]:
         """The tokens the slot's state covers once generation ended (the last sample is never fed)."""
         return self.req.prompt_tokens + tuple(self.output[:-1])
@@ -80,11 +90,12 @@ class Seq:
     ) -> TokenEvent:
         """Record one sampled token; return its event (the last one carries finish and usage)."""
         self.output.append(token)
+        may_stop = len(self.output) > self.req.params.min_tokens
         finish: FinishReason | None
-        if token in self.stop_ids:
+        if token in self.stop_ids and may_stop:
             text, finish = self.detok.flush(), FinishReason.STOP
         else:
-            text = self.detok.push(token)
+            text = self.detok.push(token, stop=may_stop)
             finish = FinishReason.STOP if self.detok.stopped else None
             if finish is None and len(self.output) >= self.req.params.max_tokens:
                 text, finish = text + self.detok.flush(), FinishReason.LENGTH
@@ -111,7 +122,14 @@ class Seq:
             cached_tokens=self.cached_tokens,
             completion_tokens=len(self.output),
             extra=extra,
+            prompt_logprobs=self._prompt_logprobs_once(),
         )
+
+    def _prompt_logprobs_once(self) -> tuple[PromptLogprob | None, ...] | None:
+        """The prompt's logprobs, on the first event only (when the request asked for them)."""
+        if self.req.prompt_logprobs is None or len(self.output) != 1:
+            return None
+        return tuple(self.prompt_logprobs)
 
     def timings(self, now: float) -> dict[str, float]:
         out = {"duration_s": now - self.t_arrival}

@@ -1,19 +1,22 @@
 """Batched sampling with per-row parameters; no host synchronisation inside the sampling math.
 
 Order of operations per row (the usual one of OpenAI-compatible servers):
-    penalties (repetition, frequency, presence) -> temperature -> top-k -> top-p -> min-p
+    logit_bias, and -inf on the stop tokens of a row short of its min_tokens (one sparse add)
+    -> penalties (repetition, frequency, presence) -> temperature -> top-k -> top-p -> min-p
     -> sample: argmax(probs / q), q ~ Exp(1) drawn from the row's own torch.Generator when the
        request has a seed (gpt-fast style; reproducible per request whatever the batch), or argmax of
-       the penalised logits when temperature is 0.
+       the biased, penalised logits when temperature is 0.
 `logprobs` / `top_logprobs` are those of the model's raw distribution (log-softmax of the logits
-before penalties and temperature), for the chosen token and the row's `top_logprobs` best tokens.
+before logit_bias, penalties and temperature), for the chosen token and the row's `top_logprobs` best
+tokens.
 
 Shapes: b rows (sequences), v vocabulary entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,9 @@ class SamplingBatch:
     all_greedy: bool
     top_logprobs: int  # max over rows; 0 = none
     want_logprobs: bool
+    # sparse additions to the logits, (rows (m,) int64, token ids (m,) int64, values (m,) fp32): every row's
+    # logit_bias entries and -inf for the tokens it may not sample yet; None when there are none
+    logit_adds: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def build(
@@ -49,7 +55,9 @@ class SamplingBatch:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         device: torch.device,
+        banned: Sequence[Collection[int]] = (),
     ) -> SamplingBatch:
+        """`banned[i]`: token ids row i may not sample at this step (stop tokens before its min_tokens)."""
         # One (7, b) host tensor, pinned on CUDA, and one non-blocking copy: no per-field transfer.
         host = torch.tensor(
             [
@@ -84,7 +92,31 @@ class SamplingBatch:
             all_greedy=all(p.greedy for p in params),
             top_logprobs=max((p.top_logprobs for p in params if p.logprobs), default=0),
             want_logprobs=any(p.logprobs for p in params),
+            logit_adds=sparse_adds(params, banned, device),
         )
+
+
+def sparse_adds(
+    params: Sequence[SamplingParams], banned: Sequence[Collection[int]], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(rows, ids, values) of every row's logit_bias and banned tokens (-inf), from one host tensor (3, m)
+    copied at once; None when no row has any. fp64 holds row and token ids exactly."""
+    entries = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
+    entries += [(r, t, -math.inf) for r, ids in enumerate(banned) for t in ids]
+    if not entries:
+        return None
+    host = torch.tensor(entries, dtype=torch.float64).T.contiguous()  # (3, m)
+    rows, ids, values = to_device(host, device).unbind(0)
+    return rows.long(), ids.long(), values.float()
+
+
+def apply_logit_adds(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """logits (b, v) plus the batch's sparse additions, out of place (the raw logits stay for logprobs).
+    Additions to one entry add up: a bias on a banned token leaves it at -inf."""
+    if batch.logit_adds is None:
+        return logits
+    rows, ids, values = batch.logit_adds
+    return logits.index_put((rows, ids), values, accumulate=True)
 
 
 def to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -219,7 +251,7 @@ class Sampler:
     ) -> SampleOutput:
         """logits (b, v) fp32; counts / prompt_mask (b, v) when `batch.use_penalties`."""
         raw = logits.float()
-        x = raw
+        x = apply_logit_adds(raw, batch)
         if batch.use_penalties:
             if counts is None or prompt_mask is None:
                 raise ValueError("penalties need counts and prompt_mask")

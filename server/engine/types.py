@@ -43,10 +43,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    # (token id, bias) pairs added to the logits before penalties and temperature (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the request before this many
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -79,6 +86,9 @@ class GenerationRequest:
     namespace: str = "anon"  # the API key's namespace
     session_id: str | None = None  # None: the namespace's anonymous session
     tree: str | None = None  # the cache's prefix tree to look up and capture in (None: the namespace's)
+    # prompt logprobs: None = not asked; k >= 0 = each prompt token's logprob and its k best alternatives.
+    # Such a request is prefilled from the start (a restored checkpoint has no logits for what it covers).
+    prompt_logprobs: int | None = None
     boundaries: tuple[int, ...] = ()
     arrival_time: float = 0.0
 
@@ -87,6 +97,17 @@ class GenerationRequest:
 class TopLogprob:
     token_id: int
     logprob: float
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's logprob given the tokens before it, its rank (1 = the most likely), and the best
+    alternatives (the first prompt token has none: nothing precedes it)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,3 +129,5 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens served from a checkpoint
     completion_tokens: int = 0
     extra: dict[str, float] = field(default_factory=dict)  # timings (ttft_s, queue_s, ...)
+    # on the first event of a request that asked for them: one entry per prompt token (None for the first)
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cache.base import CheckpointCache
+from server.engine.prompt_logprobs import chunk_logprobs
 from server.engine.request import Seq
 from server.engine.sampler import (
     SampleOutput,
@@ -78,13 +79,17 @@ class ModelWorker:
 
     def _admit_one(self, seq: Seq) -> int:
         req, slot = seq.req, seq.slot
-        cached = self._restore(seq) if self.cache is not None else 0
+        # prompt logprobs need every position's logits: such a request is prefilled from the start
+        restore = self.cache is not None and req.prompt_logprobs is None
+        cached = self._restore(seq) if restore else 0
         if cached == 0:
             self.runner.reset(slot)
         if req.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
         if has_penalty(req.params):
             self.counts.reset(slot, req.prompt_tokens)
+        if req.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # nothing precedes the first prompt token
         if self.cache is not None:
             end = len(req.prompt_tokens)
             seq.capture_plan = tuple(self.cache.capture_positions(cached, end, req.boundaries))
@@ -163,7 +168,18 @@ class ModelWorker:
     def _prefill_all(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
         """Prefill every chunk of the step in one batched call (`ModelRunner.prefill_batch`), capture at the
         planned positions, and return per chunk the last logits (v,) when it ends its prompt, else None.
-        If the batched pass fails, the rows it computed fail (their slots may hold partial work)."""
+        Chunks of requests that asked for prompt logprobs run one by one with every position's logits.
+        If a pass fails, the rows it computed fail (their slots may hold partial work)."""
+        lasts: list[Tensor | None] = [None] * len(chunks)
+        plain = [i for i, (seq, _, _) in enumerate(chunks) if seq.req.prompt_logprobs is None]
+        for i, last in zip(plain, self._prefill_batched([chunks[i] for i in plain], result), strict=True):
+            lasts[i] = last
+        for i, chunk in enumerate(chunks):
+            if chunk[0].req.prompt_logprobs is not None:
+                lasts[i] = self._prefill_scored(chunk, result)
+        return lasts
+
+    def _prefill_batched(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
         if not chunks:
             return []
         segs = [
@@ -177,15 +193,42 @@ class ModelWorker:
             )
             result.errors.extend((seq, exc) for seq, _, _ in chunks)
             return [None] * len(chunks)
-        lasts: list[Tensor | None] = []
-        now = time.monotonic()
-        for (seq, start, end), out in zip(chunks, outs, strict=True):
-            if end == len(seq.req.prompt_tokens):
-                seq.t_prefilled = now
-            result.prefilled.append((seq, end - start))
-            self._capture_prefill(seq, start, out.captures)
-            lasts.append(out.last_logits if end == len(seq.req.prompt_tokens) else None)
-        return lasts
+        return [
+            self._prefilled(chunk, out.captures, out.last_logits, result)
+            for chunk, out in zip(chunks, outs, strict=True)
+        ]
+
+    def _prefill_scored(self, chunk: tuple[Seq, int, int], result: StepResult) -> Tensor | None:
+        """One chunk with every position's logits: its prompt tokens' logprobs (`server.engine.prompt_logprobs`)."""
+        seq, start, end = chunk
+        prompt, k = seq.req.prompt_tokens, seq.req.prompt_logprobs or 0
+        try:
+            out = self.runner.prefill(
+                prompt[start:end], seq.slot, self._caps(seq, start, end), all_logits=True
+            )
+            assert out.all_logits is not None
+            seq.prompt_logprobs.extend(chunk_logprobs(out.all_logits, prompt[start + 1 : end + 1], k))
+        except Exception as exc:
+            log.exception("prefill failed", extra={"request_id": seq.request_id})
+            result.errors.append((seq, exc))
+            return None
+        return self._prefilled(chunk, out.captures, out.last_logits, result)
+
+    def _prefilled(
+        self,
+        chunk: tuple[Seq, int, int],
+        captures: dict[int, dict[str, Tensor]],
+        last: Tensor,
+        result: StepResult,
+    ) -> Tensor | None:
+        """A chunk computed: record it, capture, and hand back the last logits when it ends the prompt."""
+        seq, start, end = chunk
+        result.prefilled.append((seq, end - start))
+        self._capture_prefill(seq, start, captures)
+        if end != len(seq.req.prompt_tokens):
+            return None
+        seq.t_prefilled = time.monotonic()
+        return last
 
     @staticmethod
     def _caps(seq: Seq, start: int, end: int) -> list[int]:
@@ -214,7 +257,8 @@ class ModelWorker:
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
         params = [s.req.params for s in rows]
-        batch = SamplingBatch.build(params, [s.generator for s in rows], self.device)
+        banned = [s.banned_ids(self.vocab_limit) for s in rows]  # stop ids before min_tokens
+        batch = SamplingBatch.build(params, [s.generator for s in rows], self.device, banned)
         slots = to_device(torch.tensor([s.slot for s in rows], dtype=torch.long), self.device)
         counts = prompt = None
         if batch.use_penalties:

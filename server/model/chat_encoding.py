@@ -23,8 +23,11 @@ Everything else falls back to the full computation, which gives the same result 
 `encode_chat`: no entry for the key, a different conversation, an edit before the cut, a slow
 tokenizer (no offsets, so no cut), a rendering without added tokens (for example the fallback
 ChatML template on a vocabulary without `<|im_start|>`). A regenerate or an edit of message 3 of
-10 reuses what comes before the change. Rendering is assumed to be a pure function of the messages.
-Message boundaries are not reused for a template that calls `strftime_now`.
+10 reuses what comes before the change. Rendering is assumed to be a pure function of the messages and
+the template variables (`template_kwargs`). Message boundaries are not reused for a template that calls
+`strftime_now`, nor when `template_kwargs` differ from the previous turn's (an entry is reused only for
+the same variables; `add_generation_prompt` and `continue_final_message` change only the full rendering,
+which is compared as text anyway).
 
 Cost per turn: one render of the whole conversation (jinja, about 0.1 ms for 200 messages), C-speed
 compares and copies of the stored prefix, tokenization of T[c:], one render per new message, and
@@ -46,6 +49,7 @@ by `Tokenizer`'s own lock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,7 +58,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -69,6 +73,7 @@ from server.model.tokenizer import (
 )
 
 Cancelled = Callable[[], bool]
+Render = Callable[..., str]  # `Tokenizer.render_chat` with the request's template variables bound
 _DIGEST = 16  # bytes per message digest
 _ROLE_CONTENT = {"role": None, "content": None}.keys()
 MAX_RENDERS = 48  # prefix renders per turn at most (message boundaries: `_render_subset`)
@@ -139,12 +144,15 @@ class _Entry:
     text: str  # the rendering
     tokens: _Tokens
     digests: bytes  # _DIGEST bytes per message
+    variables: bytes  # digest of the template variables (`template_kwargs`) it was rendered with
     chars: array[int]  # per message: common prefix of its partial rendering with `text` (-1: refused)
     whole: bytes  # per message: 1 when its partial rendering is a prefix of `text`
 
     @property
     def nbytes(self) -> int:
-        parts = len(self.digests) + len(self.whole) + self.chars.itemsize * len(self.chars)
+        parts = (
+            len(self.digests) + len(self.variables) + len(self.whole) + self.chars.itemsize * len(self.chars)
+        )
         return sys.getsizeof(self.text) + self.tokens.nbytes + parts + _ENTRY_OVERHEAD
 
     def reusable(self, i: int, same: int) -> bool:
@@ -178,10 +186,12 @@ class ChatEncoder:
         key: Hashable | None = None,
         *,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
         cancelled: Cancelled | None = None,
         max_tokens: int | None = None,
     ) -> ChatEncoding:
-        """(tokens, boundaries) equal to `Tokenizer.encode_chat(messages, add_generation_prompt)`.
+        """(tokens, boundaries) equal to `Tokenizer.encode_chat` with the same messages and options.
 
         `key` names the conversation (None: no reuse, nothing stored). `cancelled` is polled between
         expensive steps, and `EncodeCancelled` is raised once it returns true (an Event's `is_set`
@@ -191,18 +201,20 @@ class ChatEncoder:
             raise ChatTemplateError("messages must not be empty")
         msgs = [normalize_message(m) for m in messages]
         _check(cancelled)
-        text = self.tokenizer.render_chat(msgs, add_generation_prompt)
-        prev = self._lookup(key)
+        variables = _digest({"template_kwargs": dict(template_kwargs or {})})
+        render = functools.partial(self.tokenizer.render_chat, template_kwargs=template_kwargs)
+        text = render(msgs, add_generation_prompt, continue_final_message=continue_final_message)
+        prev = self._lookup(key, variables)
         same = common_prefix_len(text, prev.text) if prev else 0
         _check(cancelled)
         tokens, reused = self._tokenize(text, prev, same)
         if max_tokens is not None and len(tokens.ids) > max_tokens:
             raise PromptTooLong(len(tokens.ids), max_tokens)
         digests = b"".join(_digest(m) for m in msgs)
-        chars, whole, rendered = self._message_chars(msgs, digests, text, prev, same, cancelled)
+        chars, whole, rendered = self._message_chars(msgs, digests, text, prev, same, cancelled, render)
         boundaries = sorted({bisect_right(tokens.ends, c) for c in chars if c >= 0} - {0})
         if key is not None:
-            self._store(key, _Entry(text, tokens, digests, chars, whole), hit=reused > 0)
+            self._store(key, _Entry(text, tokens, digests, variables, chars, whole), hit=reused > 0)
         return ChatEncoding(tokens.ids.tolist(), boundaries, reused, rendered)
 
     def forget(self, key: Hashable) -> None:
@@ -265,6 +277,7 @@ class ChatEncoder:
         prev: _Entry | None,
         same: int,
         cancelled: Cancelled | None,
+        render: Render,
     ) -> tuple[array[int], bytes, int]:
         """Per message: common prefix of its partial rendering with `text`, whether whole; renders."""
         kept = common_prefix_len(digests, prev.digests) // _DIGEST if prev and self._pure else 0
@@ -281,30 +294,23 @@ class ChatEncoder:
                 whole.append(0)
                 continue
             _check(cancelled)
-            c, w = self._prefix_chars(msgs[: i + 1], text)
+            c, w = _prefix_chars(render, msgs[: i + 1], text)
             chars.append(c)
             whole.append(w)
             rendered += 1
         return chars, bytes(whole), rendered
 
-    def _prefix_chars(self, msgs: list[dict[str, Any]], text: str) -> tuple[int, int]:
-        try:
-            part = self.tokenizer.render_chat(msgs, add_generation_prompt=False)
-        except ChatTemplateError:
-            return -1, 0  # a template may refuse some partial conversations
-        c = common_prefix_len(part, text)
-        return c, int(c == len(part))
-
     # ---- LRU --------------------------------------------------------------------------------
 
-    def _lookup(self, key: Hashable | None) -> _Entry | None:
+    def _lookup(self, key: Hashable | None, variables: bytes) -> _Entry | None:
+        """The key's previous turn, if it was rendered with the same template variables."""
         if key is None:
             return None
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-            return entry
+        return entry if entry is not None and entry.variables == variables else None
 
     def _store(self, key: Hashable, entry: _Entry, hit: bool) -> None:
         size = entry.nbytes
@@ -320,6 +326,17 @@ class ChatEncoder:
             while self._nbytes > self.max_bytes or len(self._entries) > self.max_conversations:
                 _, evicted = self._entries.popitem(last=False)
                 self._nbytes -= evicted.nbytes
+
+
+def _prefix_chars(render: Render, msgs: list[dict[str, Any]], text: str) -> tuple[int, int]:
+    """(common prefix of the partial rendering of `msgs` with `text`, whether it is all of it); (-1, 0)
+    when the template refuses the partial conversation."""
+    try:
+        part = render(msgs, add_generation_prompt=False)
+    except ChatTemplateError:
+        return -1, 0
+    c = common_prefix_len(part, text)
+    return c, int(c == len(part))
 
 
 def _render_subset(todo: list[int]) -> set[int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Arch = Literal["mamba2", "mamba1"]
+NORM_PER_GROUP_KEY = "tssc_norm_per_group"  # config.json: false for transformers' whole-width gated norm
 Format = Literal["state-spaces", "hf"]
 
 
@@ -43,6 +44,9 @@ class ModelConfig:
     proj_bias: bool = False
     dt_limit: tuple[float, float] = (0.0, math.inf)
     unpadded_vocab_size: int = 0  # 0: same as vocab_size
+    # Mamba2's gated RMSNorm: per group of d_inner / ngroups channels (mamba_ssm, state-spaces, Codestral),
+    # or over the whole d_inner (transformers' implementation); config.json key `tssc_norm_per_group`
+    norm_per_group: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +73,11 @@ class ModelConfig:
     def nheads(self) -> int:
         """Mamba2 heads; Mamba1 is treated as d_inner heads of dim 1 where a count is needed."""
         return self.d_inner // self.headdim if self.arch == "mamba2" else self.d_inner
+
+    @property
+    def norm_group_size(self) -> int:
+        """Channels the Mamba2 gated RMSNorm normalises together (`norm_per_group`)."""
+        return self.d_inner // self.ngroups if self.norm_per_group else self.d_inner
 
     @property
     def conv_dim(self) -> int:
@@ -109,7 +118,11 @@ class ModelConfig:
             "fused_add_norm": True,
             "pad_vocab_size_multiple": _largest_pad_multiple(self.vocab_size, self.unpadded_vocab_size),
             "tie_embeddings": self.tie_embeddings,
-        }
+        } | self._norm_flag()
+
+    def _norm_flag(self) -> dict[str, Any]:
+        """The norm convention's config.json key, written only when it is not the default (per group)."""
+        return {} if self.norm_per_group else {NORM_PER_GROUP_KEY: False}
 
     def to_hf(self) -> dict[str, Any]:
         common = {
@@ -137,6 +150,7 @@ class ModelConfig:
                     "chunk_size": self.chunk_size,
                 }
                 | _strict_json_limit(self.dt_limit)
+                | self._norm_flag()
             )
         return common | {
             "model_type": "mamba",

@@ -92,7 +92,8 @@ class Mamba2Gpu:
         return x, B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
 
     def _norm_out(self, y: Tensor, z: Tensor) -> Tensor:
-        """y, z: (..., e) -> out_proj(rmsnorm(y * silu(z)) per group) (..., d)."""
+        """y, z: (..., e) -> out_proj(rmsnorm(y * silu(z)) per group of `norm.group_size`) (..., d): the
+        config's convention, per B/C group or over the whole width (`ModelConfig.norm_group_size`)."""
         norm = self.m.norm
         gated = self.k.gated_rmsnorm
         assert gated is not None

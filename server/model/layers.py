@@ -24,7 +24,14 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba2's norm: rmsnorm(y * silu(z)), normalised per group of `group_size` channels."""
+    """Mamba2's norm: rmsnorm(y * silu(z)), normalised per group of `group_size` channels.
+
+    Convention: Mamba2 normalises each of its n_groups groups of d_inner / n_groups channels on its own
+    (`group_size = d_inner / n_groups`), as mamba_ssm's `RMSNormGated` does and as the published
+    state-spaces and Codestral checkpoints were trained. transformers (5.17) normalises over the whole
+    width instead; a checkpoint with n_groups > 1 trained with transformers' implementation needs
+    `group_size = d_inner` (`ModelConfig.norm_per_group` False, `tssc_norm_per_group: false` in its
+    config.json). With one group the two agree."""
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5) -> None:
         super().__init__()

@@ -7,7 +7,10 @@ Formats:
   `model.safetensors`, or shards listed in `model.safetensors.index.json`.
 
 Sizes (inner width, heads, groups, state size, dt rank, kernel) are derived from the weight shapes;
-the config only settles what shapes cannot (ngroups vs d_state, epsilons, chunk size).
+the config only settles what shapes cannot (ngroups vs d_state, epsilons, chunk size, and the gated
+norm's grouping: `tssc_norm_per_group`, see `GatedRMSNorm`). The architecture comes from the weights
+too (Mamba2 has `dt_bias`); a config.json that declares another one (`model_type`, `architectures`,
+state-spaces' `ssm_cfg.layer`) gets a warning at load.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from server.model.config import Arch, ConfigError, Format, ModelConfig
+from server.model.config import NORM_PER_GROUP_KEY, Arch, ConfigError, Format, ModelConfig
 from server.model.lm import MambaLM
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,14 @@ SS_WEIGHTS = "pytorch_model.bin"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]
+# what config.json keys say the architecture is
+HF_MODEL_TYPES: dict[str, Arch] = {"mamba2": "mamba2", "mamba": "mamba1", "falcon_mamba": "mamba1"}
+HF_CLASSES: dict[str, Arch] = {
+    "Mamba2ForCausalLM": "mamba2",
+    "MambaForCausalLM": "mamba1",
+    "FalconMambaForCausalLM": "mamba1",
+}
+SS_LAYERS: dict[str, Arch] = {"Mamba2": "mamba2", "Mamba1": "mamba1"}
 
 
 class ModelLoadError(RuntimeError):
@@ -126,11 +137,51 @@ def config_from_checkpoint(raw: Mapping[str, Any], weights: Mapping[str, Tensor]
     fmt = detect_format(raw)
     common = _shared_fields(raw, weights, fmt)
     arch: Arch = "mamba2" if "backbone.layers.0.mixer.dt_bias" in weights else "mamba1"
+    warn_declared_arch(raw, fmt, arch)
     shapes = _mamba2_shapes(raw, weights, fmt) if arch == "mamba2" else _mamba1_shapes(weights)
     try:
         return ModelConfig(arch=arch, **common, **shapes)
     except (TypeError, ConfigError) as exc:
         raise ModelLoadError(f"inconsistent checkpoint: {exc}") from exc
+
+
+def declared_archs(raw: Mapping[str, Any], fmt: Format) -> dict[str, Arch]:
+    """What config.json declares the architecture to be, by the key that declares it."""
+    out: dict[str, Arch] = {}
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type in HF_MODEL_TYPES:
+        out[f"model_type {model_type!r}"] = HF_MODEL_TYPES[model_type]
+    classes = raw.get("architectures")
+    for name in classes if isinstance(classes, list) else []:
+        if isinstance(name, str) and name in HF_CLASSES:
+            out[f"architectures {name!r}"] = HF_CLASSES[name]
+    if fmt == "state-spaces":
+        ssm_cfg = raw.get("ssm_cfg") or {}
+        layer = ssm_cfg.get("layer", "Mamba1") if isinstance(ssm_cfg, dict) else None
+        if isinstance(layer, str) and layer in SS_LAYERS:
+            default = "" if isinstance(ssm_cfg, dict) and "layer" in ssm_cfg else " (the default)"
+            out[f"ssm_cfg.layer {layer!r}{default}"] = SS_LAYERS[layer]
+    return out
+
+
+def warn_declared_arch(raw: Mapping[str, Any], fmt: Format, arch: Arch) -> None:
+    """Log a warning for each config.json key that declares another architecture than the weights'."""
+    for key, declared in declared_archs(raw, fmt).items():
+        if declared != arch:
+            log.warning(
+                "config.json declares %s (%s), but the weights are %s's: loading them as %s",
+                declared,
+                key,
+                arch,
+                arch,
+            )
+
+
+def _norm_per_group(raw: Mapping[str, Any]) -> bool:
+    value = raw.get(NORM_PER_GROUP_KEY, True)
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"config.json's {NORM_PER_GROUP_KEY} must be true or false, got {value!r}")
+    return value
 
 
 def _shared_fields(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format) -> dict[str, Any]:
@@ -183,6 +234,7 @@ def _mamba2_shapes(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format)
         "d_conv": conv.shape[-1],
         "chunk_size": int(chunk),
         "expand": max(1, d_inner // _need(w, "backbone.embedding.weight").shape[1]),
+        "norm_per_group": _norm_per_group(raw),
     }
 
 

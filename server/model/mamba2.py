@@ -23,7 +23,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(h))
         self.A_log = nn.Parameter(torch.zeros(h))
         self.D = nn.Parameter(torch.ones(h))
-        self.norm = GatedRMSNorm(e, group_size=e // cfg.ngroups, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(e, group_size=cfg.norm_group_size, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.proj_bias)
 
     def _split_proj(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:

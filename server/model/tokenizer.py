@@ -16,12 +16,25 @@ for the state cache, and each is a true prefix of the full rendering: the partia
 a string prefix of the full one, and the position counts only whole tokens inside it.
 `encode_chat` renders every message prefix and tokenizes everything; `chat_encoding.ChatEncoder`
 gives the same result per conversation turn at the cost of what is new.
+
+Rendering options, as vLLM passes them: `add_generation_prompt` (default true), `continue_final_message`
+(render without the generation prompt and cut the text at the end of the final message's content, so
+that the model continues it; transformers' renderer does the cut) and `template_kwargs` (extra variables
+for the template, e.g. `enable_thinking`; not the names in `RESERVED_TEMPLATE_NAMES`). Boundaries come
+from partial renderings with the same `template_kwargs`.
+
+`token_bytes(id)` is a token's own bytes, for logprobs: a byte-level BPE token's characters mapped back
+through GPT-2's byte alphabet, a SentencePiece byte-fallback token `<0xAB>` as the byte 0xAB, another
+SentencePiece piece with its `▁` as spaces (as it reads mid-text: the decoder drops the space a text
+starts with), else the UTF-8 of its text. A token that holds part of a multi-byte character has bytes
+that are not valid UTF-8 on their own (its text is U+FFFD).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +57,17 @@ Spans = list[tuple[int, int]]
 _REPLACEMENT = "\ufffd"
 _DECODE_CONTEXT = 6  # tokens decoded before a window: a token can render differently at the start
 _MAX_HELD = 64  # tokens a window may hold an incomplete character before its anchor moves anyway
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_METASPACE = "\u2581"  # SentencePiece's visible space
+# what `chat_template_kwargs` may not set: the parameters of transformers' `apply_chat_template` (5.17),
+# which would otherwise bind to them, and the template's own `messages`
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {
+        "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
 
 
 def model_eos_ids(model_dir: Path) -> tuple[int, ...]:
@@ -99,6 +123,9 @@ class Tokenizer:
         if isinstance(fallback_single, int) and fallback_single != hf.unk_token_id:
             self.eos_ids = tuple(sorted({*self.eos_ids, fallback_single}))
         self.vocab_size: int = len(hf)
+        self._byte_level, self._byte_fallback, self._metaspace = _byte_schemes(hf)
+        self._added_ids = frozenset(int(i) for i in getattr(hf, "added_tokens_decoder", {}))
+        self._bytes: dict[int, bytes] = {}  # token_bytes, filled on use
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_name: str | None = None) -> Tokenizer:
@@ -135,34 +162,84 @@ class Tokenizer:
         """One token's text for logprob entries (special tokens included)."""
         return self.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (see the module); not valid UTF-8 for part of a multi-byte character."""
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = self._raw_bytes(token_id)
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        piece = self._piece(token_id) if token_id not in self._added_ids else None
+        if piece is not None and self._byte_fallback and (m := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(m.group(1), 16)])
+        if piece is not None and self._byte_level and (raw := byte_level_bytes(piece)) is not None:
+            return raw
+        if piece is not None and self._metaspace and _METASPACE in piece:
+            return piece.replace(_METASPACE, " ").encode()
+        return self.token_text(token_id).encode()
+
+    def _piece(self, token_id: int) -> str | None:
+        """The vocabulary entry of a token (`convert_ids_to_tokens`), None if it has none."""
+        if self._decoder is not None:
+            piece = self._decoder.id_to_token(token_id)
+        else:
+            with self._lock:
+                piece = self.hf.convert_ids_to_tokens(token_id)
+        return piece if isinstance(piece, str) else None
+
     # ---- chat -------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
         msgs = [normalize_message(m) for m in messages]
+        extra = dict(template_kwargs or {})
+        if reserved := sorted(RESERVED_TEMPLATE_NAMES & extra.keys()):
+            raise ChatTemplateError(f"template variables {', '.join(reserved)} cannot be set")
         try:
             with self._lock:
                 text = self.hf.apply_chat_template(
                     msgs,
                     chat_template=self.chat_template,
                     add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
                     tokenize=False,
+                    **extra,
                 )
         except Exception as exc:  # jinja raises TemplateError, raise_exception(...) too
             raise ChatTemplateError(f"cannot render the conversation: {exc}") from exc
         return str(text)
 
     def encode_chat(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[int], list[int]]:
         """(prompt tokens, message-end boundaries) of a conversation, boundaries ascending in [1, len]."""
         if not messages:
             raise ChatTemplateError("messages must not be empty")
-        full = self.render_chat(messages, add_generation_prompt)
+        full = self.render_chat(
+            messages,
+            add_generation_prompt,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
+        )
         tokens, ends = self.encode_with_ends(full)
         boundaries: set[int] = set()
         for i in range(1, len(messages) + 1):
             try:
-                part = self.render_chat(messages[:i], add_generation_prompt=False)
+                part = self.render_chat(
+                    messages[:i], add_generation_prompt=False, template_kwargs=template_kwargs
+                )
             except ChatTemplateError:
                 continue  # a template may refuse some partial conversations
             chars = common_prefix_len(part, full)
@@ -239,6 +316,38 @@ def _prefix_lengths(decode: Callable[[Sequence[int]], str], tokens: Sequence[int
             window = base
     pieces.append(window[len(base) :])
     return lengths if "".join(pieces) == decode(tokens) else None
+
+
+def _byte_schemes(hf: Any) -> tuple[bool, bool, bool]:
+    """(byte-level: the decoder maps GPT-2's byte alphabet back to bytes, byte fallback: `<0xAB>` pieces are
+    bytes, metaspace: the decoder turns `▁` into spaces). A slow tokenizer is taken to be SentencePiece."""
+    backend = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
+    if backend is None:
+        return False, True, True
+    decoder = backend.decoder.__getstate__().decode() if backend.decoder is not None else ""
+    metaspace = '"Metaspace"' in decoder or f'"{_METASPACE}"' in decoder
+    return '"ByteLevel"' in decoder, bool(getattr(backend.model, "byte_fallback", False)), metaspace
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable bytes stand for themselves, and the
+    others (controls, space, DEL, NBSP, soft hyphen, ...) for chr(256 + k), k their rank among them."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {chr(b): b for b in printable}
+    rest = sorted(set(range(256)) - set(printable))
+    out.update({chr(256 + k): b for k, b in enumerate(rest)})
+    return out
+
+
+_BYTE_ALPHABET = _byte_alphabet()
+
+
+def byte_level_bytes(piece: str) -> bytes | None:
+    """A byte-level BPE vocabulary entry as the bytes it stands for; None if it is not one."""
+    try:
+        return bytes(_BYTE_ALPHABET[c] for c in piece)
+    except KeyError:
+        return None
 
 
 def _backend_copy(hf: Any) -> Any:
