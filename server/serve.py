@@ -30,7 +30,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._app, self._grace = app, grace
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain: asyncio.Task[None] | None = None
+        self._drain: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
         self._draining = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

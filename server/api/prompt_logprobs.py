@@ -50,17 +50,13 @@ def legacy(entries: Entries, token_text: TokenText, prompt_ids: Sequence[int]) -
     return out
 
 
-def prepend(
-    prompt: CompletionLogprobs, generated: CompletionLogprobs | None, shift: int
-) -> CompletionLogprobs:
-    """Prompt logprobs followed by the generated tokens' (their offsets moved past the echo)."""
-    if generated is None:
-        return prompt
+def prepend(prompt: CompletionLogprobs, generated: CompletionLogprobs) -> CompletionLogprobs:
+    """Prompt logprobs followed by the generated tokens' (whose offsets already count the echo)."""
     return CompletionLogprobs(
         tokens=prompt.tokens + generated.tokens,
         token_logprobs=prompt.token_logprobs + generated.token_logprobs,
         top_logprobs=prompt.top_logprobs + generated.top_logprobs,
-        text_offset=prompt.text_offset + [o + shift for o in generated.text_offset],
+        text_offset=prompt.text_offset + generated.text_offset,
     )
 
 

@@ -378,7 +378,7 @@ def _choice_logprobs(
     entries = prompt_entries(all_events)
     if not body.echo or entries is None:
         return generated
-    return prepend(legacy(entries, spec.token_text, prompt.tokens), generated, 0)
+    return prepend(legacy(entries, spec.token_text, prompt.tokens), generated)
 
 
 # ---- models ----------------------------------------------------------------------------------

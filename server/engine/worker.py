@@ -170,14 +170,14 @@ class ModelWorker:
         planned positions, and return per chunk the last logits (v,) when it ends its prompt, else None.
         Chunks of requests that asked for prompt logprobs run one by one with every position's logits.
         If a pass fails, the rows it computed fail (their slots may hold partial work)."""
-        lasts: list[Tensor | None] = [None] * len(chunks)
-        plain = [i for i, (seq, _, _) in enumerate(chunks) if seq.req.prompt_logprobs is None]
-        for i, last in zip(plain, self._prefill_batched([chunks[i] for i in plain], result), strict=True):
-            lasts[i] = last
-        for i, chunk in enumerate(chunks):
-            if chunk[0].req.prompt_logprobs is not None:
-                lasts[i] = self._prefill_scored(chunk, result)
-        return lasts
+        scored = [c[0].req.prompt_logprobs is not None for c in chunks]
+        batched = iter(
+            self._prefill_batched([c for c, s in zip(chunks, scored, strict=True) if not s], result)
+        )
+        return [
+            self._prefill_scored(c, result) if s else next(batched)
+            for c, s in zip(chunks, scored, strict=True)
+        ]
 
     def _prefill_batched(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
         if not chunks:

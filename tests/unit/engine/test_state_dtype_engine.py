@@ -5,8 +5,6 @@ into the cache and fetched into another slot holds the same ssm state (FP16 stor
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.settings import Settings
 from tests.tiny_models import make_chat_model_dir
+from tests.unit.engine.test_engine import _running
 
 TOK_VOCAB = 300
 BF16 = torch.bfloat16
@@ -32,15 +31,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(5, TOK_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@contextlib.asynccontextmanager
-async def _running(engine: Engine) -> AsyncIterator[Engine]:
-    engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 async def _generate(engine: Engine, rid: str, prompt: list[int]) -> list[TokenEvent]:
