@@ -10,7 +10,8 @@ Sizes (inner width, heads, groups, state size, dt rank, kernel) are derived from
 the config only settles what shapes cannot (ngroups vs d_state, epsilons, chunk size, and the gated
 norm's grouping: `tssc_norm_per_group`, see `GatedRMSNorm`). The architecture comes from the weights
 too (Mamba2 has `dt_bias`); a config.json that declares another one (`model_type`, `architectures`,
-state-spaces' `ssm_cfg.layer`) gets a warning at load.
+state-spaces' `ssm_cfg.layer`) gets a warning at load. A hybrid's config.json (Mamba2 + attention
+layers) is refused with an error that says so; `hybrid_loader.py` reads those.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from server.model.config import NORM_PER_GROUP_KEY, Arch, ConfigError, Format, ModelConfig
+from server.model.hybrid_config import UNSUPPORTED_MODEL_TYPES, hybrid_arch
 from server.model.lm import MambaLM
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,20 @@ def read_raw_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_path} must hold a JSON object")
     return raw
+
+
+def reject_hybrid(raw: Mapping[str, Any], model_dir: Path) -> None:
+    """A clear error for a model with attention layers, which this loader (and the server) does not serve."""
+    arch = hybrid_arch(raw)
+    if arch is not None:
+        raise ModelLoadError(
+            f"{model_dir} holds a hybrid Mamba2 + attention model ({arch}); serving hybrids is not supported "
+            "yet, only pure Mamba2 / Mamba1 models (server.model.hybrid_loader.load_hybrid loads it for the "
+            "torch path)"
+        )
+    model_type = raw.get("model_type")
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{model_dir} holds a {model_type} model, which is not supported")
 
 
 def detect_format(raw: Mapping[str, Any]) -> Format:
@@ -209,7 +225,7 @@ def _shared_fields(raw: Mapping[str, Any], w: Mapping[str, Tensor], fmt: Format)
         "tie_embeddings": tied,
         "conv_bias": "backbone.layers.0.mixer.conv1d.bias" in w,
         "proj_bias": "backbone.layers.0.mixer.in_proj.bias" in w,
-        "dt_limit": (_number(dt_limit[0]), _number(dt_limit[1])),
+        "dt_limit": (json_number(dt_limit[0]), json_number(dt_limit[1])),
         "extra": {"format": fmt},
     }
 
@@ -249,7 +265,7 @@ def _mamba1_shapes(w: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
-def _number(value: Any) -> float:
+def json_number(value: Any) -> float:
     """A JSON number, string ("inf") or transformers' {"__float__": "Infinity"} encoding."""
     if isinstance(value, dict) and "__float__" in value:
         value = value["__float__"]
@@ -263,7 +279,7 @@ def _need(w: Mapping[str, Tensor], name: str) -> Tensor:
 
 
 @contextmanager
-def _skip_init() -> Iterator[None]:
+def skip_init() -> Iterator[None]:
     """Skip random initialisation of modules whose weights are about to be loaded (on the meta
     device it only costs time: the first meta normal_ imports torch._refs, ~1.5 s)."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
@@ -277,16 +293,22 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, n, fn)
 
 
-def load_model(
-    path_or_id: str | os.PathLike[str], *, device: str | torch.device = "cpu", dtype: str = "fp32"
-) -> tuple[ModelConfig, MambaLM]:
+def open_checkpoint(path_or_id: str | os.PathLike[str], dtype: str) -> tuple[Path, dict[str, Any]]:
+    """Check the dtype name, find the checkpoint directory and read its config.json."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model_dir = resolve_model_dir(path_or_id)
-    raw = read_raw_config(model_dir)
+    return model_dir, read_raw_config(model_dir)
+
+
+def load_model(
+    path_or_id: str | os.PathLike[str], *, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> tuple[ModelConfig, MambaLM]:
+    model_dir, raw = open_checkpoint(path_or_id, dtype)
+    reject_hybrid(raw, model_dir)
     weights = canonical_names(read_weights(model_dir))
     cfg = config_from_checkpoint(raw, weights)
-    with torch.device("meta"), _skip_init():
+    with torch.device("meta"), skip_init():
         model = MambaLM(cfg)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)

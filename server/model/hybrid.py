@@ -1,0 +1,173 @@
+"""The hybrid Mamba2 + attention language model (Bamba, Granite 4.0-H, Nemotron-H) on the torch path.
+
+    embedding (x embedding_multiplier) -> residual blocks x + m * op(rmsnorm(x)) -> rmsnorm -> lm_head
+    (/ logits_scaling)
+
+with op a Mamba2 mixer, attention, an MLP or a MoE (`HybridConfig`). The state of a sequence after p
+tokens is `HybridState`: each Mamba block's (conv, ssm) state, as for a pure Mamba2 model, and each
+attention block's keys and values of positions [0, p). `run` continues a state over any number of
+tokens (a one-shot prefill from `zero_state`, or a prefill resumed at any position) and `step` decodes
+one token; both return the new state and leave the old one usable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from server.model.attention import Attention, ContiguousKV, KVCache, Rope, rope_tables
+from server.model.ffn import MLP, MoE
+from server.model.hybrid_config import BlockKind, HybridConfig
+from server.model.layers import RMSNorm
+from server.model.mamba2 import Mamba2Mixer
+
+MambaState = tuple[Tensor, Tensor]  # conv (b, c, k-1) model dtype, ssm (b, h, p, n) fp32
+BlockState = MambaState | KVCache | None
+
+
+@dataclass(frozen=True)
+class HybridState:
+    """b rows after the same `position` tokens: per Mamba block in order its (conv, ssm) state, per
+    attention block in order its KV of positions [0, position)."""
+
+    position: int
+    mamba: tuple[MambaState, ...]
+    kv: tuple[KVCache, ...]
+
+    def per_block(self, blocks: Sequence[BlockKind]) -> list[BlockState]:
+        mamba, kv = iter(self.mamba), iter(self.kv)
+        return [next(mamba) if k == "mamba" else next(kv) if k == "attention" else None for k in blocks]
+
+    @classmethod
+    def from_blocks(
+        cls, position: int, blocks: Sequence[BlockKind], states: Sequence[BlockState]
+    ) -> HybridState:
+        """The inverse of `per_block`."""
+        pairs = list(zip(blocks, states, strict=True))
+        mamba = tuple(s for k, s in pairs if k == "mamba" and isinstance(s, tuple))
+        kv = tuple(s for k, s in pairs if k == "attention" and s is not None and not isinstance(s, tuple))
+        if len(mamba) != blocks.count("mamba") or len(kv) != blocks.count("attention"):
+            raise ValueError("a block's state does not match its kind")
+        return cls(position, mamba, kv)
+
+
+class HybridBlock(nn.Module):
+    """op(rmsnorm(x)), which the model adds (times residual_multiplier) to the residual stream x; Mamba and
+    attention ops carry a state from call to call."""
+
+    def __init__(self, cfg: HybridConfig, kind: BlockKind) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = _make_op(cfg, kind)
+
+    def forward(
+        self, x: Tensor, state: BlockState, rope: Rope | None, decode: bool
+    ) -> tuple[Tensor, BlockState]:
+        """x (b, l, d), the residual stream -> (op(rmsnorm(x)) (b, l, d) in the model dtype, the block's new
+        state). `decode`: one token (l = 1), through the Mamba mixer's recurrent step instead of its scan."""
+        h = self.norm(x.to(self.norm.weight.dtype))
+        mixer = self.mixer
+        if isinstance(mixer, Mamba2Mixer):
+            assert isinstance(state, tuple)
+            if decode:
+                out, conv, ssm = mixer.step(h[:, 0], *state)
+                return out.unsqueeze(1), (conv, ssm)
+            out, conv, ssm = mixer(h, *state)
+            return out, (conv, ssm)
+        if isinstance(mixer, Attention):
+            assert state is not None and not isinstance(state, tuple)
+            return mixer(h, state, rope)
+        return mixer(h), None
+
+
+def _make_op(cfg: HybridConfig, kind: BlockKind) -> nn.Module:
+    if kind == "mamba" and cfg.mamba is not None:
+        return Mamba2Mixer(cfg.mamba)
+    if kind == "attention" and cfg.attention is not None:
+        return Attention(cfg.d_model, cfg.attention)
+    if kind == "mlp" and cfg.mlp is not None:
+        return MLP(cfg.d_model, cfg.mlp)
+    if kind == "moe" and cfg.moe is not None:
+        return MoE(cfg.d_model, cfg.moe)
+    raise ValueError(f"the config has no {kind} section")
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: HybridConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(HybridBlock(cfg, kind) for kind in cfg.blocks)
+        self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def layers(self) -> Iterator[HybridBlock]:
+        for block in self.blocks:
+            assert isinstance(block, HybridBlock)
+            yield block
+
+    def zero_state(self, batch: int, device: torch.device | str | None = None) -> HybridState:
+        """The state before any token: zero Mamba states, empty KV."""
+        dev = torch.device(device) if device is not None else self.embedding.weight.device
+        mamba = tuple(self._zero_mamba(batch, dev) for _ in range(self.cfg.n_mamba))
+        attn = self.cfg.attention
+        kv = tuple(
+            ContiguousKV.empty(batch, attn, self.dtype, dev) for _ in range(self.cfg.n_attention) if attn
+        )
+        return HybridState(0, mamba, kv)
+
+    def _zero_mamba(self, batch: int, device: torch.device) -> MambaState:
+        cfg = self.cfg.mamba
+        assert cfg is not None
+        conv = torch.zeros(batch, cfg.conv_dim, cfg.d_conv - 1, dtype=self.dtype, device=device)
+        return conv, torch.zeros(batch, *cfg.ssm_state_shape(), dtype=torch.float32, device=device)
+
+    def run(self, input_ids: Tensor, state: HybridState) -> tuple[Tensor, HybridState]:
+        """input_ids (b, l) at positions [p, p+l) continuing `state` (at p) -> (logits (b, l, v) fp32,
+        the state at p+l). Any l >= 0: a prompt from `zero_state`, or the rest of a split prefill."""
+        if input_ids.shape[1] == 0:
+            return torch.zeros(*input_ids.shape, self.cfg.vocab_size, device=input_ids.device), state
+        residual, new_state = self._blocks(input_ids, state, decode=False)
+        return self._head(residual), new_state
+
+    def step(self, token_ids: Tensor, state: HybridState) -> tuple[Tensor, HybridState]:
+        """One token per row: token_ids (b,) -> (logits (b, v) fp32, the state one position on)."""
+        residual, new_state = self._blocks(token_ids.unsqueeze(1), state, decode=True)
+        return self._head(residual[:, 0]), new_state
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Scoring from the empty state: input_ids (b, l) -> logits (b, l, v) fp32."""
+        logits, _ = self.run(input_ids, self.zero_state(input_ids.shape[0]))
+        return logits
+
+    def _blocks(self, input_ids: Tensor, state: HybridState, decode: bool) -> tuple[Tensor, HybridState]:
+        """-> (the residual stream after the last block (b, l, d), the new state)."""
+        cfg = self.cfg
+        residual = self.embedding(input_ids) * cfg.embedding_multiplier  # (b, l, d)
+        residual = residual.to(torch.float32 if cfg.residual_in_fp32 else self.dtype)
+        length = input_ids.shape[1]
+        rope = self._rope(torch.arange(state.position, state.position + length, device=input_ids.device))
+        new_states: list[BlockState] = []
+        for block, block_state in zip(self.layers(), state.per_block(cfg.blocks), strict=True):
+            out, block_state = block(residual, block_state, rope, decode)
+            residual = residual + (out * cfg.residual_multiplier).to(residual.dtype)
+            new_states.append(block_state)
+        return residual, HybridState.from_blocks(state.position + length, cfg.blocks, new_states)
+
+    def _rope(self, positions: Tensor) -> Rope | None:
+        attn = self.cfg.attention
+        return rope_tables(attn, positions, self.dtype) if attn is not None else None
+
+    def _head(self, residual: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm_f(residual.to(self.dtype))).float()
+        return logits / self.cfg.logits_scaling
