@@ -6,7 +6,7 @@ The engine uses only `StateCache` (the facade in `cache.manager`) and the types 
 from __future__ import annotations
 
 from cache.base import CacheObserver, CheckpointCache, CheckpointUnavailable, Lease
-from cache.config import CacheConfig
+from cache.config import CacheConfig, RemoteConfig
 from cache.manager import StateCache
 from cache.stats import CacheStats, TierStats
 
@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointCache",
     "CheckpointUnavailable",
     "Lease",
+    "RemoteConfig",
     "StateCache",
     "TierStats",
 ]

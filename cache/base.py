@@ -44,7 +44,9 @@ import torch
 
 Tier = Literal["hot", "cold", "disk"]
 TIERS: tuple[Tier, ...] = ("hot", "cold", "disk")
-LookupResult = Literal["hot_hit", "cold_hit", "disk_hit", "miss"]
+LookupResult = Literal["hot_hit", "cold_hit", "disk_hit", "remote_hit", "miss"]
+FetchTier = Literal["hot", "cold", "disk", "remote"]  # where a restored state came from
+RemoteDirection = Literal["written", "read"]
 MissCause = Literal["never_saved", "evicted", ""]
 HitScope = Literal["session", "shared"]  # a hit: the session's own checkpoint, or another session's
 LookupScope = Literal["session", "shared", ""]  # "" for a miss
@@ -89,12 +91,17 @@ class CacheObserver:
     `on_evict(tier)`: one checkpoint copy left `tier` by policy (not by `delete_session`).
     `on_reuse(tokens)`: a successful fetch let the caller skip `tokens` tokens of prefill.
     `on_corrupt()`: a disk file was found truncated/corrupt and skipped.
+    Remote tier (`cache.remote`): `on_lookup` counts "remote_hit" for the first hit on a checkpoint brought in
+    from it, `on_fetch("remote", seconds)` the time to find, read, verify and store one (host time, up to the
+    end of its copies), `on_remote_bytes(direction, n)` blob bytes written or read, and `on_remote_error(kind)`
+    a failure: timeout, connection, auth, response (an error reply), corrupt (a blob failing verification),
+    queue_full (a write dropped: the writer is behind), unavailable (skipped while backing off), other.
     """
 
     def on_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope) -> None:
         return None
 
-    def on_fetch(self, tier: Tier, seconds: float) -> None:
+    def on_fetch(self, tier: FetchTier, seconds: float) -> None:
         return None
 
     def on_capture(self, seconds: float) -> None:
@@ -107,6 +114,12 @@ class CacheObserver:
         return None
 
     def on_corrupt(self) -> None:
+        return None
+
+    def on_remote_bytes(self, direction: RemoteDirection, nbytes: int) -> None:
+        return None
+
+    def on_remote_error(self, kind: str) -> None:
         return None
 
 
@@ -151,6 +164,19 @@ class CheckpointCache(abc.ABC):
         strides; a wrong name or shape raises ValueError before anything is written). On CUDA the copies
         are ordered on the current stream (no host sync): work queued after `fetch` on that stream sees it.
         Raises `CheckpointUnavailable` if the stored copy is corrupt (never returns a wrong state)."""
+
+    @property
+    def has_remote(self) -> bool:
+        """Whether `prefetch` can find anything (a remote tier is configured)."""
+        return False
+
+    def prefetch(
+        self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
+    ) -> int:
+        """Bring a deeper checkpoint of `tree` on the path of `tokens` from a remote tier into the local ones,
+        before `lookup`; its position, 0 if none. Blocks on the network (never call it on the decode path).
+        The default has no remote tier."""
+        return 0
 
     @abc.abstractmethod
     def release(self, lease: Lease) -> None:

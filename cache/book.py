@@ -138,6 +138,8 @@ class Book:
         self._share(cp, key)
         tier = cp.tiers()[0]
         result: LookupResult = "hot_hit" if tier == "hot" else "cold_hit" if tier == "cold" else "disk_hit"
+        if cp.from_remote:  # its first hit since `StateCache.prefetch` brought it from the remote tier
+            result, cp.from_remote = "remote_hit", False
         self.count_lookup(result, "", scope)
         cp.pins += 1
         lease = Lease(self._new_id(), cp.cid, key[0], key[1], cp.position, tier, scope)

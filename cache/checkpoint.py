@@ -27,6 +27,7 @@ class Checkpoint:
     Copies: `hot`/`cold` are block ids in the arenas, `disk` a file path; `pending` holds the encoded fields
     (`cache.spill`) while the disk file is queued or being written (`cache.io_worker`). `cost` is the recompute
     it saves (tokens). `pins` counts leases (and the capture writing it); a pinned checkpoint keeps every copy.
+    `from_remote`: brought in from the remote tier (`StateCache.prefetch`), not looked up since.
     `dead`: no session references it any more (deleted, or its capture failed); it has left the tree and is
     freed at the last unpin.
     """
@@ -51,6 +52,7 @@ class Checkpoint:
     pins: int = 0
     published: bool = False
     dead: bool = False
+    from_remote: bool = False  # restored from the remote tier and not hit since
 
     @property
     def cost(self) -> float:

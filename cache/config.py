@@ -29,7 +29,8 @@ class CacheConfig:
     `max_ghosts`: evicted-checkpoint markers kept per prefix tree (or as many as the tree holds checkpoints,
     if more: `cache.index`) to tell `evicted` misses from `never_saved`.
     `fused_codecs`: on CUDA, run the FP8/FP16 codecs as Triton kernels (`cache.triton_codec`; torch ops where
-    triton is missing or a kernel fails); ignored on CPU."""
+    triton is missing or a kernel fails); ignored on CPU.
+    `remote`: the shared remote tier (Redis), off when None (`RemoteConfig`)."""
 
     hot_bytes: int = 0
     cold_bytes: int = 0
@@ -46,6 +47,7 @@ class CacheConfig:
     max_sessions: int = 100_000
     latency_samples: int = 1024
     fused_codecs: bool = True
+    remote: RemoteConfig | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -73,3 +75,38 @@ class CacheConfig:
     @property
     def disk_enabled(self) -> bool:
         return self.disk_dir is not None and self.disk_bytes > 0
+
+
+RemoteDtype = Literal["fp8", "fp16", "bf16", "fp32"]
+_REMOTE_REASONS = frozenset({"boundary", "prompt", "finish"})
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """The remote tier (`cache.remote`): a Redis or Valkey server shared by replicas.
+
+    `url`: `redis://[user@]host:port/db` (`rediss://` for TLS); `password` overrides the URL's. `budget`: bytes
+    the tier may hold for this model (accounted in Redis by every replica together); `ttl`: seconds a
+    checkpoint lives after its last write or hit. `dtype`: storage precision of the blobs (None: the cold
+    tier's). `reasons`: the capture reasons written through (message boundaries, prompt ends and finishes;
+    add "interval" for every checkpoint). `timeout`: seconds per Redis call before it counts as failed.
+    `queue`: writes queued at most (more are dropped and counted). `prefix`: the key prefix."""
+
+    url: str
+    budget: int = 4 * 2**30
+    ttl: float = 86_400.0
+    dtype: RemoteDtype | None = None
+    password: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    timeout: float = 2.0
+    reasons: frozenset[str] = _REMOTE_REASONS
+    queue: int = 8
+    prefix: str = "tssc"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("remote url must start with redis://, rediss:// or unix://")
+        if self.budget < 0 or self.ttl <= 0 or self.timeout <= 0 or self.queue < 1:
+            raise ValueError("remote budget must be >= 0, ttl and timeout > 0, queue >= 1")

@@ -97,3 +97,20 @@ def read_fields(
         scale = fields.get(f"{name}.scale")
         scale = scale.to(transfers.device, non_blocking=True) if scale is not None else None
         codec.decode_into(data, scale, out[name])
+
+
+def export_fields(
+    source: BlockLayout, block: torch.Tensor, ready: Event | None, target: BlockLayout
+) -> dict[str, torch.Tensor]:
+    """The fields of a stored copy (`block`, hot or cold, encoded with `source`) re-encoded with `target`, as CPU
+    tensors of their own (the block may be reused once this returns). Waits for the capture's copies
+    (`ready`); the same codec copies the bytes, another one decodes and encodes on the block's device."""
+    if ready is not None:
+        ready.synchronize()
+    if source.codec.name == target.codec.name:
+        return {name: t.to("cpu", copy=True) for name, t in source.named(block).items()}
+    state = source.empty_state(block.device)
+    source.decode_into(block, state)
+    out = torch.empty(target.block_bytes, dtype=torch.uint8, device=block.device)  # (block_bytes,)
+    target.encode_into(state, out)
+    return {name: t.to("cpu", copy=True) for name, t in target.named(out).items()}

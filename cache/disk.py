@@ -86,7 +86,7 @@ class DiskStore:
             "created": repr(created),
             "fingerprint": self.fingerprint,
         }
-        meta["checksum"] = _checksum(tensors, meta)
+        meta["checksum"] = checksum(tensors, meta)
         path = self.dir / f"{uuid.uuid4().hex}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -101,7 +101,7 @@ class DiskStore:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (OSError, SafetensorError) as exc:
             raise CorruptFile(f"{path.name}: {exc}") from exc
-        if meta.get("checksum") != _checksum(tensors, meta):
+        if meta.get("checksum") != checksum(tensors, meta):
             raise CorruptFile(f"{path.name}: checksum mismatch")
         if tuple(tensors.pop("tokens").tolist()) != tokens:
             raise CorruptFile(f"{path.name}: token prefix differs from the index")
@@ -149,7 +149,7 @@ class DiskStore:
         )
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+def checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
     """A blake2b tree hash: the identity fields, then each tensor's name and the digests of its 8 MiB chunks.
 
     The chunks are hashed on threads (hashlib releases the GIL), so verifying an 85 MB mamba2-2.7b checkpoint

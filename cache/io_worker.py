@@ -54,6 +54,11 @@ class IoWorker:
         if thread is not None:
             thread.join()
 
+    def backlog(self) -> int:
+        """Jobs submitted and not yet run to the end."""
+        with self._cond:
+            return self._unfinished
+
     def throttle(self, limit: int) -> None:
         """Backpressure: block while more than `limit` jobs are unfinished (no-op on the worker thread)."""
         if threading.current_thread() is self._thread:

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
+from cache import copies
 from cache.base import (
     TIERS,
     CacheObserver,
     CheckpointCache,
     CheckpointUnavailable,
+    FetchTier,
     Lease,
     State,
     StateSpec,
@@ -31,11 +34,14 @@ from cache.base import (
 )
 from cache.book import Book
 from cache.checkpoint import Checkpoint, SessionKey
+from cache.codec import make_codec
 from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import DiskWork, Spill
 from cache.io_worker import IoWorker
+from cache.layout import BlockLayout
 from cache.policy import capture_positions
+from cache.remote import RemoteStore, encode_blob
 from cache.stats import CacheStats, LatencyRecorder, TierStats, sample_deques
 from cache.storage import Storage
 
@@ -63,6 +69,15 @@ class StateCache(CheckpointCache):
         self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store)
         self._io = IoWorker()  # its thread runs only while file I/O is queued
         self._load_disk()
+        self._remote: RemoteStore | None = None
+        self._remote_io = IoWorker("tssc-cache-remote")  # write-through and deletes, in order
+        remote = config.remote
+        if remote is not None:
+            codec = make_codec(remote.dtype or config.cold_dtype)
+            self.remote_layout = BlockLayout(self.spec, codec)
+            self._remote = RemoteStore(
+                remote, self.remote_layout.fingerprint(), self.observer.on_remote_error
+            )
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -135,14 +150,27 @@ class StateCache(CheckpointCache):
         reason: str,
         tree: str | None = None,
     ) -> bool:
-        toks = tuple(tokens)
+        return self._store((namespace, session), tuple(tokens), state, reason, tree, remote_copy=False)
+
+    def _store(
+        self,
+        key: SessionKey,
+        toks: tuple[int, ...],
+        state: State,
+        reason: str,
+        tree: str | None,
+        remote_copy: bool,
+    ) -> bool:
+        """`capture`; `remote_copy`: the state came from the remote tier (its first hit counts as remote, and
+        it is not written back)."""
+        namespace = key[0]
         values = self._storage.check_state(state)
         if not toks:
             return False
         token = self._recorder.start()
         name = tree if tree is not None else namespace
         with self._lock:
-            cp = self._book.admit((namespace, session), name, toks, reason)
+            cp = self._book.admit(key, name, toks, reason)
             job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
             work = self._book.disk.take()
         self._run_io(work)
@@ -157,11 +185,16 @@ class StateCache(CheckpointCache):
                 work = self._book.disk.take()
             self._run_io(work)
             raise
+        push = self._remote is not None and not remote_copy and reason in self._remote.config.reasons
         with self._lock:
             cp.ready = ready
+            cp.from_remote = remote_copy
             ok = self._book.publish(cp)
+            source = self._remote_source(cp) if ok and push else None
             work = self._book.disk.take()
         self._run_io(work)
+        if source is not None:
+            self._remote_io.submit(partial(self._remote_write, cp, key, toks, source))
         if started is not None and ready is not None:
             self._recorder.pair(started, ready, self._on_capture)
         else:
@@ -180,6 +213,8 @@ class StateCache(CheckpointCache):
             freed = self._book.delete_session((namespace, session))
             work = self._book.disk.take()
         self._run_io(work)  # the session's files, unreachable since the index dropped them above
+        if self._remote is not None:
+            self._remote_io.submit(partial(self._remote_delete, namespace, session))
         self._dispatch()
         return freed
 
@@ -208,6 +243,7 @@ class StateCache(CheckpointCache):
                 sessions=len(book.index.sessions),
                 trees=len(book.index.trees),
                 captures_shared=book.captures_shared,
+                remote=self._remote_stats(),
                 leases=len(book.leases),
                 fetch_seconds={t: tuple(d) for t, d in self._fetch_samples.items()},
                 capture_seconds=tuple(self._capture_samples),
@@ -230,9 +266,49 @@ class StateCache(CheckpointCache):
         self._dispatch()
 
     def flush(self) -> None:
-        """Wait until every queued spill write and unlink has run (written files exist, dropped ones are gone)."""
+        """Wait until every queued spill write and unlink has run (written files exist, dropped ones are gone),
+        and every queued remote write and delete."""
+        self._remote_io.flush()
         self._io.flush()
         self._dispatch()
+
+    @property
+    def has_remote(self) -> bool:
+        return self._remote is not None
+
+    def prefetch(
+        self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
+    ) -> int:
+        """Bring the deepest remote checkpoint of `tree` on the path of `tokens` that is deeper than every
+        local one into the local tiers (as a capture would; its first `lookup` hit counts `remote_hit`).
+        Blocks on the network: call it off the decode path, before the request's `lookup`. Returns its
+        position, 0 if there is none (or the remote tier is off or failing: the error is counted)."""
+        remote, toks = self._remote, tuple(tokens)
+        if remote is None or not toks or not remote.available():
+            return 0
+        name = tree if tree is not None else namespace
+        with self._lock:
+            _, local = self._book.index.near(name, toks)
+        gap = self.config.min_gap if local > 0 else 0
+        started = time.perf_counter()
+        found = remote.find(name, toks, local + max(gap - 1, 0))
+        if found is None:
+            return 0
+        self.observer.on_remote_bytes("read", found.nbytes)
+        state = self.hot_layout.empty_state(self.device)
+        try:
+            copies.read_fields(self._storage.transfers, self.remote_layout, found.fields, state)
+        except (KeyError, RuntimeError) as exc:
+            log.warning("remote checkpoint does not fit this model: %s", exc)
+            self.observer.on_remote_error("corrupt")
+            return 0
+        position = found.position
+        if not self._store((namespace, session), toks[:position], state, "remote", name, remote_copy=True):
+            return 0
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._on_fetch("remote", time.perf_counter() - started)
+        return position
 
     def close(self, flush: bool = True) -> None:
         """Wait for queued file I/O and stop the writer thread. With a disk tier and `flush`, first write every
@@ -243,6 +319,7 @@ class StateCache(CheckpointCache):
                 self._book.flush_spills()
                 work = self._book.disk.take()
             self._run_io(work)
+        self._remote_io.close()
         self._io.close()
         self._dispatch()
 
@@ -288,6 +365,49 @@ class StateCache(CheckpointCache):
             late = self._book.disk.take()
         self._run_io(late)
 
+    def _remote_source(self, cp: Checkpoint) -> tuple[BlockLayout, torch.Tensor] | None:
+        """Under the lock: pin `cp` for its write-through and name the copy to read (the cold one if any),
+        or None when the writer is backed up (counted `queue_full`)."""
+        assert self._remote is not None
+        arenas = self._book.arenas
+        hot, cold = arenas["hot"], arenas["cold"]
+        if cold is not None and cp.cold is not None:
+            source = (self.cold_layout, cold.block(cp.cold))
+        elif hot is not None and cp.hot is not None:
+            source = (self.hot_layout, hot.block(cp.hot))
+        else:
+            return None
+        if self._remote_io.backlog() >= self._remote.config.queue:
+            self._book.events.append(("on_remote_error", ("queue_full",)))
+            return None
+        cp.pins += 1
+        return source
+
+    def _remote_delete(self, namespace: str, session: str | None) -> None:
+        assert self._remote is not None
+        self._remote.delete_session(namespace, session)
+
+    def _remote_write(
+        self,
+        cp: Checkpoint,
+        key: SessionKey,
+        tokens: tuple[int, ...],
+        source: tuple[BlockLayout, torch.Tensor],
+    ) -> None:
+        """On the remote writer thread: take the copy's bytes (then unpin), send them to Redis."""
+        assert self._remote is not None
+        try:
+            fields = copies.export_fields(source[0], source[1], cp.ready, self.remote_layout)
+        finally:
+            with self._lock:
+                self._book.unpin(cp)
+                work = self._book.disk.take()
+            self._run_io(work)
+            self._dispatch()
+        blob = encode_blob(fields, tokens)
+        if self._remote.put(cp.tree, key[0], key[1], tokens, blob):
+            self.observer.on_remote_bytes("written", len(blob))
+
     def _dispatch(self) -> None:
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""
         with self._lock:
@@ -296,7 +416,7 @@ class StateCache(CheckpointCache):
             getattr(self.observer, method)(*args)
         self._recorder.poll()
 
-    def _on_fetch(self, tier: Tier, seconds: float) -> None:
+    def _on_fetch(self, tier: FetchTier, seconds: float) -> None:
         self._fetch_samples[tier].append(seconds)
         self.observer.on_fetch(tier, seconds)
 
@@ -315,6 +435,12 @@ class StateCache(CheckpointCache):
         if arena is None:
             return TierStats(0, 0, count, evictions, 0)
         return TierStats(arena.bytes_used, arena.bytes_capacity, count, evictions, arena.block_bytes)
+
+    def _remote_stats(self) -> TierStats | None:
+        remote = self._remote
+        if remote is None:
+            return None
+        return TierStats(remote.used, remote.config.budget, remote.blobs, 0, self.remote_layout.block_bytes)
 
     def _describe(self, key: SessionKey, cps: list[Checkpoint]) -> dict[str, Any]:
         per_tier: dict[str, int] = dict.fromkeys(TIERS, 0)

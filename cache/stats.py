@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache.base import TIERS, LookupResult, LookupScope, MissCause, Tier
+from cache.base import TIERS, FetchTier, LookupResult, LookupScope, MissCause, Tier
 
 LookupKey = tuple[LookupResult, MissCause, LookupScope]  # (result, cause of a miss, scope of a hit)
 
@@ -39,10 +39,11 @@ class CacheStats:
     disk_corrupt: int
     sessions: int
     leases: int
-    fetch_seconds: dict[Tier, tuple[float, ...]] = field(default_factory=dict)
+    fetch_seconds: dict[FetchTier, tuple[float, ...]] = field(default_factory=dict)
     capture_seconds: tuple[float, ...] = ()
     trees: int = 0  # prefix trees holding a checkpoint
     captures_shared: int = 0  # of `captures_skipped`: the tokens had a checkpoint in the tree already
+    remote: TierStats | None = None  # the remote tier as of this replica's last write (None: off)
 
 
 Sink = Callable[[float], None]
@@ -94,7 +95,7 @@ class LatencyRecorder:
 
 def empty_lookup_counts() -> dict[LookupKey, int]:
     """Every (result, cause, scope) a lookup can count: hits by tier and scope, misses by cause."""
-    hits: tuple[LookupResult, ...] = ("hot_hit", "cold_hit", "disk_hit")
+    hits: tuple[LookupResult, ...] = ("hot_hit", "cold_hit", "disk_hit", "remote_hit")
     scopes: tuple[LookupScope, ...] = ("session", "shared")
     causes: tuple[MissCause, ...] = ("never_saved", "evicted")
     keys: list[LookupKey] = [(result, "", scope) for result in hits for scope in scopes]
@@ -102,5 +103,6 @@ def empty_lookup_counts() -> dict[LookupKey, int]:
     return dict.fromkeys(keys, 0)
 
 
-def sample_deques(n: int) -> dict[Tier, deque[float]]:
-    return {t: deque(maxlen=n) for t in TIERS}
+def sample_deques(n: int) -> dict[FetchTier, deque[float]]:
+    tiers: tuple[FetchTier, ...] = (*TIERS, "remote")
+    return {t: deque(maxlen=n) for t in tiers}

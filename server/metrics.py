@@ -26,18 +26,26 @@ from prometheus_client import (
     generate_latest,
 )
 
-from cache.base import CacheObserver, LookupResult, MissCause, Tier
+from cache.base import CacheObserver, FetchTier, LookupResult, MissCause, RemoteDirection, Tier
 from cache.stats import CacheStats
 
 CONTENT_TYPE_LATEST: str = _CONTENT_TYPE
 LookupScope = Literal["session", "shared", ""]  # a hit's scope (`cache.base.Lease.scope`); "" for a miss
-TIERS: tuple[str, ...] = ("hot", "cold", "disk")
+TIERS: tuple[str, ...] = ("hot", "cold", "disk")  # local tiers; "remote" series exist with --remote-url
+# `tssc_state_cache_remote_errors_total{kind}` (`cache.base.CacheObserver` says what each means)
+REMOTE_ERRORS: tuple[str, ...] = (
+    "timeout", "connection", "auth", "response", "corrupt", "queue_full", "unavailable", "other",
+)  # fmt: skip
 GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
 # consecutive parts of a request's time to first token (`tssc_request_phase_seconds`)
-PHASES: tuple[str, ...] = ("parse", "tokenize", "queue", "restore", "prefill", "first_token")
+PHASES: tuple[str, ...] = ("parse", "tokenize", "remote", "queue", "restore", "prefill", "first_token")
 
 _LOOKUP_LABELS = (
-    *((hit, "", scope) for hit in ("hot_hit", "cold_hit", "disk_hit") for scope in ("session", "shared")),
+    *(
+        (hit, "", scope)
+        for hit in ("hot_hit", "cold_hit", "disk_hit", "remote_hit")
+        for scope in ("session", "shared")
+    ),
     ("miss", "never_saved", ""),
     ("miss", "evicted", ""),
 )
@@ -98,7 +106,8 @@ class Metrics(CacheObserver):
         )
         self.cache_lookups = Counter(
             "tssc_state_cache_lookups_total",
-            "Cache lookups by result (hot_hit, cold_hit, disk_hit, miss), cause of a miss (never_saved, "
+            "Cache lookups by result (hot_hit, cold_hit, disk_hit, remote_hit: brought from the remote tier "
+            "for this request, miss), cause of a miss (never_saved, "
             "evicted) and scope of a hit (session: a checkpoint the requesting session already used; shared: "
             "one another conversation created).",
             ["result", "cause", "scope"],
@@ -110,6 +119,23 @@ class Metrics(CacheObserver):
         self.cache_disk_corrupt = Counter(
             "tssc_state_cache_disk_corrupt_total", "Disk checkpoints found corrupt and skipped.", registry=r
         )
+        self.cache_remote_bytes = Counter(
+            "tssc_state_cache_remote_bytes_total",
+            "Checkpoint bytes moved to (written) and from (read) the remote tier.",
+            ["direction"],
+            registry=r,
+        )
+        self.cache_remote_errors = Counter(
+            "tssc_state_cache_remote_errors_total",
+            "Remote tier failures by kind (timeout, connection, auth, response, corrupt, queue_full, "
+            "unavailable: skipped while backing off, other). None fails a request.",
+            ["kind"],
+            registry=r,
+        )
+        for direction in ("written", "read"):
+            self.cache_remote_bytes.labels(direction=direction)
+        for kind in REMOTE_ERRORS:
+            self.cache_remote_errors.labels(kind=kind)
         self.sessions = Gauge("tssc_sessions", "Sessions holding at least one checkpoint.", registry=r)
         for result, cause, scope in _LOOKUP_LABELS:
             self.cache_lookups.labels(result=result, cause=cause, scope=scope)
@@ -161,7 +187,8 @@ class Metrics(CacheObserver):
         self.request_phase_seconds = Histogram(
             "tssc_request_phase_seconds",
             "Where time to first token goes, per request and phase: parse (body read and validated), "
-            "tokenize (chat template and tokenizer), queue (waiting for a live slot), restore (checkpoint "
+            "tokenize (chat template and tokenizer), remote (finding and fetching a deeper checkpoint from the "
+            "remote tier, with --remote-url), queue (waiting for a live slot), restore (checkpoint "
             "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps), "
             "first_token (sampling and delivery of the first token).",
             ["phase"],
@@ -190,7 +217,7 @@ class Metrics(CacheObserver):
         (hits) whether the checkpoint was the session's own or shared from another conversation."""
         self.cache_lookups.labels(result=result, cause=cause, scope=scope).inc()
 
-    def on_fetch(self, tier: Tier, seconds: float) -> None:
+    def on_fetch(self, tier: FetchTier, seconds: float) -> None:
         """A checkpoint from `tier` reached a live slot, `seconds` after the lookup."""
         self.cache_fetch_seconds.labels(tier=tier).observe(seconds)
 
@@ -202,6 +229,12 @@ class Metrics(CacheObserver):
 
     def on_corrupt(self) -> None:
         self.cache_disk_corrupt.inc()
+
+    def on_remote_bytes(self, direction: RemoteDirection, nbytes: int) -> None:
+        self.cache_remote_bytes.labels(direction=direction).inc(nbytes)
+
+    def on_remote_error(self, kind: str) -> None:
+        self.cache_remote_errors.labels(kind=kind).inc()
 
     # ---- request metrics (called by the engine) --------------------------------------------
 
@@ -248,7 +281,10 @@ class Metrics(CacheObserver):
 
     def set_cache_stats(self, stats: CacheStats) -> None:
         """Copy a `StateCache.stats()` snapshot into the tier gauges."""
-        for tier, tier_stats in stats.tiers.items():
+        tiers = dict(stats.tiers)
+        if stats.remote is not None:
+            tiers["remote"] = stats.remote  # type: ignore[index]
+        for tier, tier_stats in tiers.items():
             self.cache_bytes.labels(tier=tier).set(tier_stats.bytes_used)
             self.cache_capacity_bytes.labels(tier=tier).set(tier_stats.bytes_capacity)
             self.cache_checkpoints.labels(tier=tier).set(tier_stats.checkpoints)

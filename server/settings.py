@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import ByteSize, Field, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.cli import package_version
@@ -26,6 +26,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ModelDType = Literal["auto", "fp32", "fp16", "bf16"]
 HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
 ColdDType = Literal["fp16", "bf16", "fp32"]
+RemoteDType = Literal["fp8", "fp16", "bf16", "fp32"]
 StateDType = Literal["fp32", "bf16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["auto", "text", "json"]
@@ -78,6 +79,34 @@ class Settings(BaseSettings):
     cold_dtype: ColdDType = Field("fp16", description="Cold tier (and disk) storage precision.")
     disk_dir: Path | None = Field(None, description="Directory of the disk tier (off when unset).")
     disk_bytes: ByteSize = Field(ByteSize(8 * 2**30), description="Disk tier byte budget.")
+    remote_url: str | None = Field(
+        None,
+        description="Redis (or Valkey) URL of the remote tier shared by replicas, redis://host:6379/0 or "
+        "rediss:// for TLS (off when unset).",
+    )
+    remote_bytes: ByteSize = Field(
+        ByteSize(4 * 2**30), description="Remote tier byte budget, shared by every replica of the model."
+    )
+    remote_ttl: float = Field(
+        86400.0, gt=0, description="Seconds a remote checkpoint lives after its last use."
+    )
+    remote_dtype: RemoteDType | None = Field(
+        None, description="Remote tier storage precision (default: the cold tier's)."
+    )
+    remote_all_checkpoints: bool = Field(
+        False,
+        description="Write every checkpoint to the remote tier, not only message ends, prompt ends and finishes.",
+    )
+    remote_password: SecretStr | None = Field(
+        None, description="Redis AUTH password (prefer the environment variable or --remote-password-file)."
+    )
+    remote_password_file: Path | None = Field(None, description="File holding the Redis AUTH password.")
+    remote_tls_ca_file: Path | None = Field(None, description="CA bundle verifying a rediss:// server.")
+    remote_tls_cert_file: Path | None = Field(None, description="Client certificate for a rediss:// server.")
+    remote_tls_key_file: Path | None = Field(None, description="Client key for a rediss:// server.")
+    remote_timeout: float = Field(
+        2.0, gt=0, description="Seconds a remote call may take before it counts as failed (then backs off)."
+    )
     checkpoint_interval: int | None = Field(
         None,
         ge=1,
@@ -119,11 +148,32 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "log_level", "log_format", "device", "dtype", "hot_dtype", "cold_dtype", "state_dtype", mode="before"
+        "log_level",
+        "log_format",
+        "device",
+        "dtype",
+        "hot_dtype",
+        "cold_dtype",
+        "remote_dtype",
+        "state_dtype",
+        mode="before",
     )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("remote_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    def remote_secret(self) -> str | None:
+        """The Redis password: --remote-password-file's contents (stripped), else --remote-password."""
+        if self.remote_password_file is not None:
+            return self.remote_password_file.read_text().strip()
+        return self.remote_password.get_secret_value() if self.remote_password is not None else None
 
     @property
     def model_name(self) -> str:

@@ -162,8 +162,9 @@ def _cache_capacity_row() -> Row:
         (
             Panel(
                 "Occupancy vs capacity per tier",
-                "Bytes of checkpoints held in each tier (hot = VRAM FP8, cold = pinned RAM FP16, disk) "
-                "against the tier's byte budget. Occupancy never exceeds capacity.",
+                "Bytes of checkpoints held in each tier (hot = VRAM FP8, cold = pinned RAM FP16, disk, "
+                "remote = the Redis tier all replicas share, as of each replica's last write) against the "
+                "tier's byte budget. Occupancy never exceeds capacity.",
                 (
                     Target(f"sum by (tier) (tssc_state_cache_bytes{_sel()})", "{{tier}} used"),
                     Target(
@@ -205,7 +206,7 @@ def _cache_traffic_row() -> Row:
         (
             Panel(
                 "Hit ratio by tier",
-                "Share of lookups served by each tier (hot, cold, disk); the rest are misses.",
+                "Share of lookups served by each tier (hot, cold, disk, remote); the rest are misses.",
                 (
                     Target(
                         "label_replace(sum by (result) "
@@ -268,6 +269,33 @@ def _cache_traffic_row() -> Row:
                 _quantiles("tssc_state_cache_capture_seconds"),
                 unit="s",
                 width=12,
+            ),
+            Panel(
+                "Remote tier traffic",
+                "Checkpoint bytes per second written to the shared Redis tier (message ends, prompt ends, "
+                "finishes) and read from it (a session continued on a replica that did not hold it).",
+                (
+                    Target(
+                        f"sum by (direction) ({_rate('tssc_state_cache_remote_bytes_total')})",
+                        "{{direction}}",
+                    ),
+                ),
+                unit="Bps",
+                width=12,
+            ),
+            Panel(
+                "Remote tier errors by kind",
+                "Failed or skipped remote operations per second. None fails a request: the replica serves "
+                "from its local tiers and backs off (`unavailable` counts calls skipped meanwhile).",
+                (
+                    Target(
+                        f"sum by (kind) ({_rate('tssc_state_cache_remote_errors_total')})",
+                        "{{kind}}",
+                    ),
+                ),
+                unit="ops",
+                width=12,
+                stacked=True,
             ),
         ),
     )

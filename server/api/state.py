@@ -94,11 +94,13 @@ def app_state(request: Request) -> AppState:
 
 
 class ReleasingStream(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
+    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled). It tells
+    proxies not to buffer it (`X-Accel-Buffering: no`, which nginx honours whatever its config says)."""
 
     def __init__(
         self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]
     ) -> None:
+        headers = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache", **headers}
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self._content = content
         self._on_close = on_close

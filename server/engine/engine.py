@@ -170,6 +170,8 @@ class Engine:
         Raises ValueError for an invalid request, EngineNotReady before `start()`, EngineError if
         the engine fails the request. Closing the iterator early aborts the request.
         """
+        self._validate(req)
+        await self._prefetch(req)
         seq = self._submit(req)
         try:
             while True:
@@ -182,7 +184,7 @@ class Engine:
         finally:
             self._abort(seq)
 
-    def _submit(self, req: GenerationRequest) -> Seq:
+    def _validate(self, req: GenerationRequest) -> None:
         if not self.ready:
             raise EngineNotReady("the engine is not running")
         if self._closing is not None:
@@ -196,6 +198,23 @@ class Engine:
             raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
         if req.request_id in self._seqs:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+
+    async def _prefetch(self, req: GenerationRequest) -> None:
+        """With a remote tier: bring a deeper checkpoint than the local ones into them before the request
+        queues (on a thread: network I/O never runs on the loop or the worker). Never fails the request."""
+        cache = self._cache
+        if cache is None or not cache.has_remote or req.prompt_logprobs is not None:
+            return
+        started = time.monotonic()
+        try:
+            tokens = req.prompt_tokens[:-1]  # what the worker's lookup matches
+            await asyncio.to_thread(cache.prefetch, req.namespace, req.session_id, tokens, tree=req.tree)
+        except Exception:
+            log.exception("remote prefetch failed", extra={"request_id": req.request_id})
+        self._metrics.observe_phase("remote", time.monotonic() - started)
+
+    def _submit(self, req: GenerationRequest) -> Seq:
+        self._validate(req)  # again: the engine may have started closing during the prefetch
         seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic())
         self._scheduler.add(seq.entry)
         self._seqs[req.request_id] = seq

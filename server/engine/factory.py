@@ -11,6 +11,7 @@ import torch
 from server.engine.engine import Engine, EngineConfig
 
 if TYPE_CHECKING:
+    from cache.config import RemoteConfig
     from cache.manager import StateCache
     from server.metrics import Metrics
     from server.model.runner import ModelRunner
@@ -62,11 +63,33 @@ def build_cache(
         checkpoint_interval=interval,
         max_captures=settings.max_checkpoints_per_request,
         device=str(runner.device),
+        remote=remote_config(settings),
     )
     cache = StateCache(config, runner.state_spec(), observer=metrics)
     for line in budget_report(cache, settings.max_num_seqs):
         log.log(logging.WARNING if line.startswith("raise") else logging.INFO, line)
     return cache
+
+
+def remote_config(settings: Settings) -> RemoteConfig | None:
+    """The remote tier's configuration from the `--remote-*` flags (None: no `--remote-url`)."""
+    if settings.remote_url is None:
+        return None
+    from cache.config import RemoteConfig
+
+    reasons = {"boundary", "prompt", "finish"} | ({"interval"} if settings.remote_all_checkpoints else set())
+    return RemoteConfig(
+        settings.remote_url,
+        budget=int(settings.remote_bytes),
+        ttl=settings.remote_ttl,
+        dtype=settings.remote_dtype,
+        password=settings.remote_secret(),
+        tls_ca_file=settings.remote_tls_ca_file,
+        tls_cert_file=settings.remote_tls_cert_file,
+        tls_key_file=settings.remote_tls_key_file,
+        timeout=settings.remote_timeout,
+        reasons=frozenset(reasons),
+    )
 
 
 _BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))

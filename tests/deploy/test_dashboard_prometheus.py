@@ -2,7 +2,8 @@
 
 A tiny seeded model is served by uvicorn on loopback with small cache budgets (a hot window of 2, a
 cold tier of a few dozen checkpoints, a disk tier), so that a short multi-turn load produces hot hits,
-cold hits, disk hits and evictions. Prometheus (the Debian binary) scrapes it every second. Then
+cold hits, disk hits and evictions; a second replica sharing its real redis-server (the remote tier)
+then continues two of its sessions, which gives remote hits. Prometheus (the Debian binary) scrapes it every second. Then
 each dashboard expression, with the dashboard's variables resolved the way Grafana resolves them
 (through their own label_values queries), is evaluated over the test's time range through the HTTP
 API: each one must return at least one series with a finite value.
@@ -45,6 +46,7 @@ from tests.integration.server_proc import (
     stop_process,
     wait_until_ok,
 )
+from tests.redis_proc import redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +75,13 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def _run_prometheus(target_port: int, workdir: Path) -> Iterator[Prometheus]:
+def _run_prometheus(target_ports: list[int], workdir: Path) -> Iterator[Prometheus]:
     binary = require_binary("prometheus", "prometheus")
     config = workdir / "prometheus.yml"
     scrape = {
         "job_name": "tssc",
         "metrics_path": "/metrics",
-        "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}],
+        "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}],
     }
     interval = f"{SCRAPE_SECONDS}s"
     config.write_text(json.dumps({"global": {"scrape_interval": interval}, "scrape_configs": [scrape]}))
@@ -151,6 +153,15 @@ def _drive_load(srv: ServerProc, prom: Prometheus) -> None:
             _edit(client, s, lambda: _wait_until_scraped(prom, srv))
 
 
+def _continue_elsewhere(other: ServerProc, prom: Prometheus) -> None:
+    """Sessions continued on the second replica, which never saw them: restored from the remote tier."""
+    with httpx.Client(base_url=other.base_url, timeout=60) as client:
+        for s in range(2):
+            _chat(client, f"s{s}", _first_message(s))
+            _wait_until_scraped(prom, other)
+    assert _server_total(other, "tssc_state_cache_lookups_total", result="remote_hit") >= 1
+
+
 def _server_total(srv: ServerProc, sample: str, **labels: str) -> float:
     """Sum of the server's own `/metrics` samples named `sample` whose labels include `labels`."""
     text = httpx.get(srv.base_url + "/metrics", timeout=10).text
@@ -173,7 +184,8 @@ def _wait_until_scraped(prom: Prometheus, srv: ServerProc, timeout: float = 30.0
     expected = _server_total(srv, "tssc_generation_tokens_total")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = prom.query("/api/v1/query", query="sum(tssc_generation_tokens_total)")["result"]
+        query = f'sum(tssc_generation_tokens_total{{instance="127.0.0.1:{srv.port}"}})'
+        result = prom.query("/api/v1/query", query=query)["result"]
         if result and float(result[0]["value"][1]) == expected:
             return
         time.sleep(SCRAPE_SECONDS / 4)
@@ -183,7 +195,7 @@ def _wait_until_scraped(prom: Prometheus, srv: ServerProc, timeout: float = 30.0
 def _wait_for_scrapes(prom: Prometheus, count: int, timeout: float = 60.0) -> None:
     """Until Prometheus has scraped the server successfully `count` times (its first scrape only
     comes after target discovery settles, several seconds after start)."""
-    query = 'sum_over_time(up{job="tssc"}[5m])'
+    query = 'min(sum_over_time(up{job="tssc"}[5m]))'
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = prom.query("/api/v1/query", query=query)["result"]
@@ -223,12 +235,17 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     require_binary("prometheus", "prometheus")
     work = tmp_path_factory.mktemp("dashboard-prometheus")
     model = make_tiny_model(work / "model")
-    flags = ["--model", str(model), "--disk-dir", str(work / "disk"), *CACHE_FLAGS]
-    with start_server(flags, log_dir=work) as srv, _run_prometheus(srv.port, work) as prom:
+    with contextlib.ExitStack() as stack:
+        rds = stack.enter_context(redis_server(work))
+        flags = ["--model", str(model), *CACHE_FLAGS, "--remote-url", rds.url]
+        srv = stack.enter_context(start_server([*flags, "--disk-dir", str(work / "disk")], log_dir=work))
+        other = stack.enter_context(start_server(flags, log_dir=work))  # a second replica
+        prom = stack.enter_context(_run_prometheus([srv.port, other.port], work))
         start = time.time()
         _wait_for_scrapes(prom, 3)  # samples before the load, so rates see the counters rise
         _drive_load(srv, prom)
         _assert_load_did_its_job(srv)
+        _continue_elsewhere(other, prom)
         time.sleep(2 * SCRAPE_SECONDS)  # a few scrapes after the last change
         yield prom, start, time.time()
 
@@ -264,9 +281,10 @@ def test_panels_show_what_their_titles_claim(scraped: tuple[Prometheus, float, f
                 found |= {s["metric"].get(label, "") for s in data["result"] if _finite_points([s])}
         return found
 
-    assert series_labels("Occupancy vs capacity per tier", "tier") == {"hot", "cold", "disk"}
-    assert {"hot", "cold"} <= series_labels("Hit ratio by tier", "tier")
-    assert {"hot", "cold"} <= series_labels("Fetch latency by tier (p50 / p95 / p99)", "tier")
+    assert series_labels("Occupancy vs capacity per tier", "tier") == {"hot", "cold", "disk", "remote"}
+    assert {"hot", "cold", "remote"} <= series_labels("Hit ratio by tier", "tier")
+    assert {"hot", "cold", "remote"} <= series_labels("Fetch latency by tier (p50 / p95 / p99)", "tier")
+    assert {"written", "read"} == series_labels("Remote tier traffic", "direction")
     assert {"cached", "computed"} == series_labels("Prompt tokens: reused vs computed", "source")
     assert "never_saved" in series_labels("Misses by cause", "cause")
     assert {"session", "shared"} <= series_labels("Hits by scope: own session or shared", "scope")

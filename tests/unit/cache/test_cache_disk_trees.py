@@ -25,7 +25,7 @@ def _to_old_format(path: Path) -> None:
         meta = dict(f.metadata() or {})
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     del meta["tree"]
-    meta["checksum"] = disk._checksum(tensors, meta)
+    meta["checksum"] = disk.checksum(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
 
 
