@@ -2,6 +2,7 @@
 
 Every variant has several Mamba2 layers (chunk size 8, so a 27-token prompt spans chunk boundaries),
 at least one GQA attention layer (4 query heads over 2 kv heads), and the MoE variants 4 experts, top 2.
+Falcon-H1 has a Mamba2 mixer and attention in every layer, side by side.
 Weights are drawn wider than transformers' init (std 0.1) and A, dt, D, the norms and the router
 corrections are perturbed, so that every path changes the logits.
 """
@@ -14,7 +15,15 @@ import torch
 
 CHUNK = 8
 VOCAB = 96
-VARIANTS = ("bamba", "granite-dense", "granite-moe", "nemotron_h", "nemotron_h-latent")
+VARIANTS = (
+    "bamba",
+    "granite-dense",
+    "granite-moe",
+    "nemotron_h",
+    "nemotron_h-latent",
+    "falcon_h1",
+    "falcon_h1-norm",
+)
 _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 32,
@@ -88,6 +97,32 @@ def _nemotron(latent: bool, **changes: Any) -> Any:
     return NemotronHForCausalLM(_changed(cfg, changes))
 
 
+def _falcon(norm: bool, **changes: Any) -> Any:
+    """Falcon-H1 with every µP multiplier away from 1; with `norm`, rmsnorm(y) * silu(z) over 2 groups."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    cfg = FalconH1Config(
+        **_COMMON,
+        **(_MAMBA | {"mamba_n_groups": 2 if norm else 1}),
+        num_hidden_layers=3,
+        head_dim=12,
+        intermediate_size=48,
+        mamba_d_ssm=48,
+        mamba_rms_norm=norm,
+        embedding_multiplier=2.0,
+        lm_head_multiplier=0.7,
+        mlp_multipliers=[1.5, 0.6],
+        key_multiplier=1.3,
+        attention_in_multiplier=0.8,
+        attention_out_multiplier=1.2,
+        ssm_in_multiplier=0.9,
+        ssm_out_multiplier=1.1,
+        ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.7],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+    )
+    return FalconH1ForCausalLM(_changed(cfg, changes))
+
+
 def _changed(cfg: Any, changes: dict[str, Any]) -> Any:
     for key, value in changes.items():
         setattr(cfg, key, value)
@@ -104,6 +139,8 @@ def tiny_hybrid(variant: str, *, seed: int = 0, **changes: Any) -> Any:
         "granite-moe": lambda: _granite(True, **changes),
         "nemotron_h": lambda: _nemotron(False, **changes),
         "nemotron_h-latent": lambda: _nemotron(True, **changes),
+        "falcon_h1": lambda: _falcon(False, **changes),
+        "falcon_h1-norm": lambda: _falcon(True, **changes),
     }
     model = builders[variant]()
     _perturb(model)

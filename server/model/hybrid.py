@@ -1,11 +1,11 @@
-"""The hybrid Mamba2 + attention language model (Bamba, Granite 4.0-H, Nemotron-H) on the torch path.
+"""The hybrid Mamba2 + attention language model (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1), torch path.
 
     embedding (x embedding_multiplier) -> residual blocks x + m * op(rmsnorm(x)) -> rmsnorm -> lm_head
     (/ logits_scaling)
 
-with op a Mamba2 mixer, attention, an MLP or a MoE (`HybridConfig`). The state of a sequence after p
-tokens is `HybridState`: each Mamba block's (conv, ssm) state, as for a pure Mamba2 model, and each
-attention block's keys and values of positions [0, p). `run` continues a state over any number of
+with op a Mamba2 mixer, attention, both side by side, an MLP or a MoE (`HybridConfig`). The state of
+a sequence after p tokens is `HybridState`: each Mamba mixer's (conv, ssm) state, as for a pure Mamba2
+model, and each attention layer's keys and values of positions [0, p). `run` continues a state over any number of
 tokens (a one-shot prefill from `zero_state`, or a prefill resumed at any position) and `step` decodes
 one token; both return the new state and leave the old one usable.
 """
@@ -20,18 +20,18 @@ from torch import Tensor, nn
 
 from server.model.attention import Attention, ContiguousKV, KVCache, Rope, rope_tables
 from server.model.ffn import MLP, MoE
-from server.model.hybrid_config import BlockKind, HybridConfig
+from server.model.hybrid_config import WITH_ATTENTION, WITH_MAMBA, BlockKind, HybridConfig
 from server.model.layers import RMSNorm
 from server.model.mamba2 import Mamba2Mixer
+from server.model.mamba2_outputs import Mamba2OutputMixer
 
 MambaState = tuple[Tensor, Tensor]  # conv (b, c, k-1) model dtype, ssm (b, h, p, n) fp32
-BlockState = MambaState | KVCache | None
 
 
 @dataclass(frozen=True)
 class HybridState:
-    """b rows after the same `position` tokens: per Mamba block in order its (conv, ssm) state, per
-    attention block in order its KV of positions [0, position)."""
+    """b rows after the same `position` tokens: per block with a Mamba mixer, in order, its (conv, ssm)
+    state; per block with attention, in order, its KV of positions [0, position)."""
 
     position: int
     mamba: tuple[MambaState, ...]
@@ -39,30 +39,39 @@ class HybridState:
 
     def per_block(self, blocks: Sequence[BlockKind]) -> list[BlockState]:
         mamba, kv = iter(self.mamba), iter(self.kv)
-        return [next(mamba) if k == "mamba" else next(kv) if k == "attention" else None for k in blocks]
+        return [
+            BlockState(next(mamba) if k in WITH_MAMBA else None, next(kv) if k in WITH_ATTENTION else None)
+            for k in blocks
+        ]
 
     @classmethod
-    def from_blocks(
-        cls, position: int, blocks: Sequence[BlockKind], states: Sequence[BlockState]
-    ) -> HybridState:
+    def from_blocks(cls, position: int, states: Sequence[BlockState]) -> HybridState:
         """The inverse of `per_block`."""
-        pairs = list(zip(blocks, states, strict=True))
-        mamba = tuple(s for k, s in pairs if k == "mamba" and isinstance(s, tuple))
-        kv = tuple(s for k, s in pairs if k == "attention" and s is not None and not isinstance(s, tuple))
-        if len(mamba) != blocks.count("mamba") or len(kv) != blocks.count("attention"):
-            raise ValueError("a block's state does not match its kind")
-        return cls(position, mamba, kv)
+        mamba = tuple(s.mamba for s in states if s.mamba is not None)
+        return cls(position, mamba, tuple(s.kv for s in states if s.kv is not None))
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """What one block carries from call to call: its Mamba mixer's state, its attention's KV (or None)."""
+
+    mamba: MambaState | None = None
+    kv: KVCache | None = None
 
 
 class HybridBlock(nn.Module):
-    """op(rmsnorm(x)), which the model adds (times residual_multiplier) to the residual stream x; Mamba and
-    attention ops carry a state from call to call."""
+    """op(rmsnorm(x)), which the model adds (times residual_multiplier) to the residual stream x. The op is
+    a Mamba2 mixer, attention, both side by side ("parallel"), or a feed-forward block."""
 
     def __init__(self, cfg: HybridConfig, kind: BlockKind) -> None:
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = _make_op(cfg, kind)
+        self.mamba = _mamba_mixer(cfg) if kind in WITH_MAMBA else None
+        self.attention = (
+            Attention(cfg.d_model, cfg.attention) if cfg.attention and kind in WITH_ATTENTION else None
+        )
+        self.ffn = _ffn(cfg, kind)
 
     def forward(
         self, x: Tensor, state: BlockState, rope: Rope | None, decode: bool
@@ -70,30 +79,42 @@ class HybridBlock(nn.Module):
         """x (b, l, d), the residual stream -> (op(rmsnorm(x)) (b, l, d) in the model dtype, the block's new
         state). `decode`: one token (l = 1), through the Mamba mixer's recurrent step instead of its scan."""
         h = self.norm(x.to(self.norm.weight.dtype))
-        mixer = self.mixer
-        if isinstance(mixer, Mamba2Mixer):
-            assert isinstance(state, tuple)
-            if decode:
-                out, conv, ssm = mixer.step(h[:, 0], *state)
-                return out.unsqueeze(1), (conv, ssm)
-            out, conv, ssm = mixer(h, *state)
-            return out, (conv, ssm)
-        if isinstance(mixer, Attention):
-            assert state is not None and not isinstance(state, tuple)
-            return mixer(h, state, rope)
-        return mixer(h), None
+        if self.ffn is not None:
+            return self.ffn(h), state
+        outs: list[Tensor] = []
+        mamba, kv = state.mamba, state.kv
+        if self.mamba is not None and mamba is not None:
+            out, mamba = self._mamba(self.mamba, h, mamba, decode)
+            outs.append(out)
+        if self.attention is not None and kv is not None:
+            out, kv = self.attention(h, kv, rope)
+            outs.append(out)
+        if len(outs) != (self.mamba is not None) + (self.attention is not None):
+            raise ValueError(f"a {self.kind} block got the state {state}")
+        return sum(outs[1:], outs[0]), BlockState(mamba, kv)
+
+    @staticmethod
+    def _mamba(mixer: Mamba2Mixer, h: Tensor, state: MambaState, decode: bool) -> tuple[Tensor, MambaState]:
+        if decode:
+            out, conv, ssm = mixer.step(h[:, 0], *state)
+            return out.unsqueeze(1), (conv, ssm)
+        out, conv, ssm = mixer(h, *state)
+        return out, (conv, ssm)
 
 
-def _make_op(cfg: HybridConfig, kind: BlockKind) -> nn.Module:
-    if kind == "mamba" and cfg.mamba is not None:
+def _mamba_mixer(cfg: HybridConfig) -> Mamba2Mixer:
+    assert cfg.mamba is not None
+    if cfg.mamba_output == "gated_norm":
         return Mamba2Mixer(cfg.mamba)
-    if kind == "attention" and cfg.attention is not None:
-        return Attention(cfg.d_model, cfg.attention)
+    return Mamba2OutputMixer(cfg.mamba, cfg.mamba_output)
+
+
+def _ffn(cfg: HybridConfig, kind: BlockKind) -> MLP | MoE | None:
     if kind == "mlp" and cfg.mlp is not None:
         return MLP(cfg.d_model, cfg.mlp)
     if kind == "moe" and cfg.moe is not None:
         return MoE(cfg.d_model, cfg.moe)
-    raise ValueError(f"the config has no {kind} section")
+    return None
 
 
 class HybridLM(nn.Module):
@@ -157,12 +178,12 @@ class HybridLM(nn.Module):
         residual = residual.to(torch.float32 if cfg.residual_in_fp32 else self.dtype)
         length = input_ids.shape[1]
         rope = self._rope(torch.arange(state.position, state.position + length, device=input_ids.device))
-        new_states: list[BlockState] = []
+        new_states = []
         for block, block_state in zip(self.layers(), state.per_block(cfg.blocks), strict=True):
             out, block_state = block(residual, block_state, rope, decode)
             residual = residual + (out * cfg.residual_multiplier).to(residual.dtype)
             new_states.append(block_state)
-        return residual, HybridState.from_blocks(state.position + length, cfg.blocks, new_states)
+        return residual, HybridState.from_blocks(state.position + length, new_states)
 
     def _rope(self, positions: Tensor) -> Rope | None:
         attn = self.cfg.attention

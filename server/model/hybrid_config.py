@@ -1,12 +1,15 @@
-"""The frozen config of a hybrid Mamba2 + attention language model (Bamba, Granite 4.0-H, Nemotron-H).
+"""The frozen config of a hybrid Mamba2 + attention language model (Bamba, Granite 4.0-H, Nemotron-H,
+Falcon-H1).
 
 A hybrid is a flat stack of residual blocks, `x + m * op(rmsnorm(x))`, each op one of:
 - "mamba": a Mamba2 mixer (`server.model.mamba2.Mamba2Mixer`, configured by `mamba`, a `ModelConfig`
-  whose n_layer counts the Mamba blocks);
+  whose n_layer counts the blocks with a Mamba mixer; its output per `mamba_output`);
 - "attention": grouped-query attention, with RoPE or without (`attention`);
+- "parallel": a Mamba2 mixer and attention side by side on the same input, their outputs summed;
 - "mlp": a dense MLP, gated or not (`mlp`);
 - "moe": routed experts plus an optional shared expert (`moe`).
-Bamba and Granite layers are two blocks each (mixer, then MLP or MoE); a Nemotron-H layer is one block.
+Bamba, Granite and Falcon-H1 layers are two blocks each (mixer, then MLP or MoE); a Nemotron-H layer is
+one block.
 
 Shape letters (besides config.py's): q query heads, kv key/value heads, dh attention head dim, f MLP
 width, E experts, t tokens (b*l flattened).
@@ -20,11 +23,16 @@ from typing import Any, Literal
 
 from server.model.config import ConfigError, ModelConfig
 
-BlockKind = Literal["mamba", "attention", "mlp", "moe"]
-BLOCK_KINDS: tuple[BlockKind, ...] = ("mamba", "attention", "mlp", "moe")
+BlockKind = Literal["mamba", "attention", "parallel", "mlp", "moe"]
+BLOCK_KINDS: tuple[BlockKind, ...] = ("mamba", "attention", "parallel", "mlp", "moe")
+WITH_MAMBA: tuple[BlockKind, ...] = ("mamba", "parallel")
+WITH_ATTENTION: tuple[BlockKind, ...] = ("attention", "parallel")
 Activation = Literal["silu", "relu2"]
-HybridArch = Literal["bamba", "granitemoehybrid", "nemotron_h"]
+HybridArch = Literal["bamba", "granitemoehybrid", "nemotron_h", "falcon_h1"]
 RouterKind = Literal["softmax", "sigmoid"]
+# The Mamba2 mixer's output from the scan's y and the gate z, before out_proj:
+# "gated_norm" rmsnorm(y * silu(z)) (Mamba2's), "norm_gate" rmsnorm(y) * silu(z), "gate" y * silu(z)
+MambaOutput = Literal["gated_norm", "norm_gate", "gate"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class HybridConfig:
     blocks: tuple[BlockKind, ...]
     norm_eps: float
     mamba: ModelConfig | None = None
+    mamba_output: MambaOutput = "gated_norm"
     attention: AttentionConfig | None = None
     mlp: MLPConfig | None = None
     moe: MoEConfig | None = None
@@ -116,25 +125,29 @@ class HybridConfig:
         for kind in self.blocks:
             if kind not in BLOCK_KINDS:
                 raise ConfigError(f"unknown block kind {kind!r} (known: {', '.join(BLOCK_KINDS)})")
-            if getattr(self, kind) is None:
-                raise ConfigError(f"a {kind} block needs the config's {kind} section")
+            for section in _sections(kind):
+                if getattr(self, section) is None:
+                    raise ConfigError(f"a {kind} block needs the config's {section} section")
         if self.mamba is not None:
-            if self.mamba.arch != "mamba2" or self.mamba.n_layer != self.blocks.count("mamba"):
-                raise ConfigError("the mamba section must be a Mamba2 config with one layer per mamba block")
+            if self.mamba.arch != "mamba2" or self.mamba.n_layer != self.n_mamba:
+                raise ConfigError("the mamba section must be a Mamba2 config with one layer per Mamba mixer")
             if self.mamba.d_model != self.d_model:
                 raise ConfigError("the mamba section's d_model differs from the model's")
 
-    def indices(self, kind: BlockKind) -> list[int]:
-        """The block indices of one kind, in order (a Mamba block's state is the i-th of its kind)."""
-        return [j for j, k in enumerate(self.blocks) if k == kind]
-
     @property
     def n_mamba(self) -> int:
-        return self.blocks.count("mamba")
+        """Blocks with a Mamba mixer (each holds one (conv, ssm) state)."""
+        return sum(kind in WITH_MAMBA for kind in self.blocks)
 
     @property
     def n_attention(self) -> int:
-        return self.blocks.count("attention")
+        """Blocks with attention (each holds one KV)."""
+        return sum(kind in WITH_ATTENTION for kind in self.blocks)
+
+
+def _sections(kind: BlockKind) -> tuple[str, ...]:
+    """The config sections a block kind needs."""
+    return ("mamba", "attention") if kind == "parallel" else (kind,)
 
 
 # ---- which config.json is a hybrid's ------------------------------------------------------------
@@ -143,14 +156,16 @@ HYBRID_MODEL_TYPES: dict[str, HybridArch] = {
     "bamba": "bamba",
     "granitemoehybrid": "granitemoehybrid",
     "nemotron_h": "nemotron_h",
+    "falcon_h1": "falcon_h1",
 }
 HYBRID_CLASSES: dict[str, HybridArch] = {
     "BambaForCausalLM": "bamba",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
     "NemotronHForCausalLM": "nemotron_h",
+    "FalconH1ForCausalLM": "falcon_h1",
 }
 # hybrids (and other models with attention) that no loader here reads yet
-UNSUPPORTED_MODEL_TYPES = ("falcon_h1", "zamba", "zamba2", "jamba", "plamo2", "lfm2", "qwen3_next")
+UNSUPPORTED_MODEL_TYPES = ("zamba", "zamba2", "jamba", "plamo2", "lfm2", "qwen3_next")
 
 
 def hybrid_arch(raw: Mapping[str, Any]) -> HybridArch | None:

@@ -1,5 +1,5 @@
 """Load a hybrid Mamba2 + attention model from a directory (or Hub id) holding its Hugging Face
-config.json and safetensors (single file or shards): Bamba, Granite 4.0-H, Nemotron-H.
+config.json and safetensors (single file or shards): Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1.
 
 Unlike pure Mamba checkpoints, whose sizes come from the weights (`loader.py`), a hybrid's layer pattern,
 heads, experts and multipliers come from config.json; the weights must then match it exactly (every
@@ -17,7 +17,7 @@ from torch import Tensor
 from server.model.config import ConfigError
 from server.model.ffn import Router
 from server.model.hybrid import HybridLM
-from server.model.hybrid_archs import hybrid_config
+from server.model.hybrid_archs import hybrid_config, prepare_weights
 from server.model.hybrid_config import HybridConfig, hybrid_arch
 from server.model.hybrid_weights import WeightNameError, map_weights
 from server.model.loader import (
@@ -38,11 +38,12 @@ def load_hybrid(
     arch = hybrid_arch(raw)
     if arch is None:
         raise ModelLoadError(
-            f"{model_dir}/config.json is not a supported hybrid (Bamba, Granite 4.0-H, Nemotron-H)"
+            f"{model_dir}/config.json is not a supported hybrid (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1)"
         )
     try:
         cfg = hybrid_config(raw, arch)
         weights = map_weights(read_weights(model_dir), cfg)
+        prepare_weights(raw, cfg, weights)
     except (ConfigError, WeightNameError) as exc:
         raise ModelLoadError(f"{model_dir}: {exc}") from exc
     model = _build(cfg, weights).to(device=device, dtype=DTYPES[dtype]).eval()

@@ -1,10 +1,11 @@
 """Checkpoint tensor names of each hybrid architecture -> `HybridLM` parameter names.
 
-Ours: `embedding.weight`, `blocks.{j}.norm.weight`, `blocks.{j}.mixer.*`, `norm_f.weight`, `lm_head.weight`,
-with j the block index (Bamba and Granite layer i is blocks 2i (mixer) and 2i+1 (feed-forward); a
-Nemotron-H layer is one block). Mamba and attention parameters keep their checkpoint names. The rest:
-- a gated MLP's gate and up projections are one `up_proj` (2f, d) = [gate; up] (Bamba's two are
-  concatenated; Granite's `input_linear` already is);
+Ours: `embedding.weight`, `blocks.{j}.norm.weight`, `blocks.{j}.{mamba,attention,ffn}.*`, `norm_f.weight`,
+`lm_head.weight`, with j the block index (Bamba, Granite and Falcon-H1 layer i is blocks 2i (mixer) and
+2i+1 (feed-forward); a Nemotron-H layer is one block). Mamba and attention parameters keep their
+checkpoint names. The rest:
+- a gated MLP's gate and up projections are one `up_proj` (2f, d) = [gate; up] (Bamba's and Falcon-H1's
+  two are concatenated; Granite's `input_linear` already is);
 - experts are stacked: `experts.up` (E, f or 2f, g), `experts.down` (E, g, f) (Nemotron-H's per-expert
   tensors are stacked; Granite's are already);
 - routers are `router.weight` (E, d) and `router.correction` (E,).
@@ -35,7 +36,7 @@ class WeightNameError(KeyError):
 @dataclass(frozen=True)
 class Rule:
     """Tensors whose name matches `pattern` go to `target` (a format string over the pattern's groups and
-    the block indices `mix`, `ffn`, `block`); `merge` joins several sources into one tensor, in order of
+    the block indices `mix`, `ffn`, `block`, and `op`, block's module for its kind); `merge` joins several sources into one tensor, in order of
     `part` (or of the pattern's `part` group). An empty target skips the tensor."""
 
     pattern: str
@@ -50,44 +51,47 @@ _EDGES = [
     Rule(r"lm_head\.(?P<rest>.+)", "lm_head.{rest}"),
     Rule(r"mtp\..+", ""),
 ]
-_MIXER_BLOCK = [  # Bamba and Granite: a layer's first block, its Mamba or attention mixer
+_MIXER_BLOCK = [  # Bamba, Granite, Falcon-H1: a layer's first block, its Mamba mixer or attention (or both)
     Rule(LAYER + r"input_layernorm\.(?P<rest>.+)", "blocks.{mix}.norm.{rest}"),
-    Rule(LAYER + r"(?:mamba|self_attn)\.(?P<rest>.+)", "blocks.{mix}.mixer.{rest}"),
+    Rule(LAYER + r"mamba\.(?P<rest>.+)", "blocks.{mix}.mamba.{rest}"),
+    Rule(LAYER + r"self_attn\.(?P<rest>.+)", "blocks.{mix}.attention.{rest}"),
 ]
 _BAMBA = [
     Rule(LAYER + r"pre_ff_layernorm\.(?P<rest>.+)", "blocks.{ffn}.norm.{rest}"),
-    Rule(LAYER + r"feed_forward\.gate_proj\.(?P<rest>.+)", "blocks.{ffn}.mixer.up_proj.{rest}", "cat", 0),
-    Rule(LAYER + r"feed_forward\.up_proj\.(?P<rest>.+)", "blocks.{ffn}.mixer.up_proj.{rest}", "cat", 1),
-    Rule(LAYER + r"feed_forward\.down_proj\.(?P<rest>.+)", "blocks.{ffn}.mixer.down_proj.{rest}"),
+    Rule(LAYER + r"feed_forward\.gate_proj\.(?P<rest>.+)", "blocks.{ffn}.ffn.up_proj.{rest}", "cat", 0),
+    Rule(LAYER + r"feed_forward\.up_proj\.(?P<rest>.+)", "blocks.{ffn}.ffn.up_proj.{rest}", "cat", 1),
+    Rule(LAYER + r"feed_forward\.down_proj\.(?P<rest>.+)", "blocks.{ffn}.ffn.down_proj.{rest}"),
 ]
 _MOE = LAYER + r"block_sparse_moe\."
 _GRANITE = [
     Rule(LAYER + r"post_attention_layernorm\.(?P<rest>.+)", "blocks.{ffn}.norm.{rest}"),
-    Rule(LAYER + r"shared_mlp\.input_linear\.(?P<rest>.+)", "blocks.{ffn}.mixer.{shared}up_proj.{rest}"),
-    Rule(LAYER + r"shared_mlp\.output_linear\.(?P<rest>.+)", "blocks.{ffn}.mixer.{shared}down_proj.{rest}"),
-    Rule(_MOE + r"(?:input_linear\.weight|experts\.gate_up_proj)", "blocks.{ffn}.mixer.experts.up"),
-    Rule(_MOE + r"(?:output_linear\.weight|experts\.down_proj)", "blocks.{ffn}.mixer.experts.down"),
-    Rule(_MOE + r"router\.(?:layer\.)?weight", "blocks.{ffn}.mixer.router.weight"),
+    Rule(LAYER + r"shared_mlp\.input_linear\.(?P<rest>.+)", "blocks.{ffn}.ffn.{shared}up_proj.{rest}"),
+    Rule(LAYER + r"shared_mlp\.output_linear\.(?P<rest>.+)", "blocks.{ffn}.ffn.{shared}down_proj.{rest}"),
+    Rule(_MOE + r"(?:input_linear\.weight|experts\.gate_up_proj)", "blocks.{ffn}.ffn.experts.up"),
+    Rule(_MOE + r"(?:output_linear\.weight|experts\.down_proj)", "blocks.{ffn}.ffn.experts.down"),
+    Rule(_MOE + r"router\.(?:layer\.)?weight", "blocks.{ffn}.ffn.router.weight"),
 ]
 _MIXER = LAYER + r"mixer\."
 _NEMOTRON = [
     Rule(LAYER + r"norm\.(?P<rest>.+)", "blocks.{block}.norm.{rest}"),
-    Rule(_MIXER + r"gate\.weight", "blocks.{block}.mixer.router.weight"),
-    Rule(_MIXER + r"gate\.e_score_correction_bias", "blocks.{block}.mixer.router.correction"),
-    Rule(_MIXER + r"experts\.(?P<part>\d+)\.up_proj\.weight", "blocks.{block}.mixer.experts.up", "stack"),
-    Rule(_MIXER + r"experts\.(?P<part>\d+)\.down_proj\.weight", "blocks.{block}.mixer.experts.down", "stack"),
-    Rule(_MIXER + r"experts\.up_proj", "blocks.{block}.mixer.experts.up"),
-    Rule(_MIXER + r"experts\.down_proj", "blocks.{block}.mixer.experts.down"),
-    Rule(_MIXER + r"shared_experts\.(?P<rest>.+)", "blocks.{block}.mixer.shared.{rest}"),
-    Rule(_MIXER + r"fc1_latent_proj\.(?P<rest>.+)", "blocks.{block}.mixer.latent_in.{rest}"),
-    Rule(_MIXER + r"fc2_latent_proj\.(?P<rest>.+)", "blocks.{block}.mixer.latent_out.{rest}"),
-    Rule(_MIXER + r"(?P<rest>.+)", "blocks.{block}.mixer.{rest}"),
+    Rule(_MIXER + r"gate\.weight", "blocks.{block}.ffn.router.weight"),
+    Rule(_MIXER + r"gate\.e_score_correction_bias", "blocks.{block}.ffn.router.correction"),
+    Rule(_MIXER + r"experts\.(?P<part>\d+)\.up_proj\.weight", "blocks.{block}.ffn.experts.up", "stack"),
+    Rule(_MIXER + r"experts\.(?P<part>\d+)\.down_proj\.weight", "blocks.{block}.ffn.experts.down", "stack"),
+    Rule(_MIXER + r"experts\.up_proj", "blocks.{block}.ffn.experts.up"),
+    Rule(_MIXER + r"experts\.down_proj", "blocks.{block}.ffn.experts.down"),
+    Rule(_MIXER + r"shared_experts\.(?P<rest>.+)", "blocks.{block}.ffn.shared.{rest}"),
+    Rule(_MIXER + r"fc1_latent_proj\.(?P<rest>.+)", "blocks.{block}.ffn.latent_in.{rest}"),
+    Rule(_MIXER + r"fc2_latent_proj\.(?P<rest>.+)", "blocks.{block}.ffn.latent_out.{rest}"),
+    Rule(_MIXER + r"(?P<rest>.+)", "blocks.{block}.{op}.{rest}"),
 ]
 RULES: dict[HybridArch, list[Rule]] = {
     "bamba": _EDGES + _MIXER_BLOCK + _BAMBA,
     "granitemoehybrid": _EDGES + _MIXER_BLOCK + _GRANITE,
     "nemotron_h": _EDGES + _NEMOTRON,
+    "falcon_h1": _EDGES + _MIXER_BLOCK + _BAMBA,
 }
+MODULES = {"mamba": "mamba", "attention": "attention", "mlp": "ffn", "moe": "ffn"}
 
 
 def map_weights(weights: Mapping[str, Tensor], cfg: HybridConfig) -> dict[str, Tensor]:
@@ -110,7 +114,8 @@ def _target(name: str, cfg: HybridConfig) -> tuple[str, Merge, int]:
         i = int(groups.pop("layer") or 0) if "layer" in groups else 0
         part = int(groups.pop("part")) if "part" in groups else rule.part
         shared = "shared." if cfg.moe is not None else ""
-        target = rule.target.format(mix=2 * i, ffn=2 * i + 1, block=i, shared=shared, **groups)
+        op = MODULES.get(cfg.blocks[i], "") if i < len(cfg.blocks) else ""
+        target = rule.target.format(mix=2 * i, ffn=2 * i + 1, block=i, op=op, shared=shared, **groups)
         return target, rule.merge, part
     raise WeightNameError(name)
 

@@ -79,8 +79,7 @@ class Mamba2Mixer(nn.Module):
             dt = torch.where(valid.unsqueeze(-1), dt, 0.0)
         y, entering = ssd_scan_states(x, dt, self._A(), B, C, chunk, ssm_state)
         y = (y + self._skip(x)).flatten(-2)  # (b, l, e)
-        out = self.out_proj(self.norm(y, z).to(u.dtype))
-        return out, window, entering
+        return self._output(y, z, u.dtype), window, entering
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (b, d), one token per row; states as in `forward`."""
@@ -89,4 +88,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self._split_xbc(xbc)  # (b, h, p), (b, g, n), (b, g, n)
         y, ssm_state = ssd_step(x, self._dt(dt), self._A(), B, C, ssm_state)
         y = (y + self._skip(x)).flatten(-2)  # (b, e)
-        return self.out_proj(self.norm(y, z).to(u.dtype)), conv_state, ssm_state
+        return self._output(y, z, u.dtype), conv_state, ssm_state
+
+    def _output(self, y: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+        """y (the scan's output with the D skip), z (the gate): (..., e) -> out_proj(norm(y, z)) (..., d)."""
+        return self.out_proj(self.norm(y, z).to(dtype))

@@ -116,7 +116,7 @@ def test_nemotron_legacy_keys_read_like_current_ones() -> None:
 # ---- errors -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["bamba", "granite-moe", "nemotron_h"])
+@pytest.mark.parametrize("variant", ["bamba", "granite-moe", "nemotron_h", "falcon_h1"])
 def test_the_serving_loader_says_hybrids_are_not_served(tmp_path: Path, variant: str) -> None:
     _save(tmp_path, variant)
     with pytest.raises(ModelLoadError, match="hybrid Mamba2 \\+ attention model"):
@@ -125,8 +125,8 @@ def test_the_serving_loader_says_hybrids_are_not_served(tmp_path: Path, variant:
 
 def test_other_hybrids_are_named_unsupported(tmp_path: Path) -> None:
     _save(tmp_path, "bamba")
-    _edit_config(tmp_path, model_type="falcon_h1", architectures=["FalconH1ForCausalLM"])
-    with pytest.raises(ModelLoadError, match="falcon_h1 model, which is not supported"):
+    _edit_config(tmp_path, model_type="zamba2", architectures=["Zamba2ForCausalLM"])
+    with pytest.raises(ModelLoadError, match="zamba2 model, which is not supported"):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="not a supported hybrid"):
         load_hybrid(tmp_path)
