@@ -37,7 +37,7 @@ def falcon_config(raw: Mapping[str, Any]) -> HybridConfig:
         **common_fields(raw, "falcon_h1", blocks, float(raw.get("rms_norm_eps", 1e-5))),
         mamba=mamba_keys(raw, blocks),
         mamba_output=_mamba_output(raw),
-        attention=attention_config(raw, rope=True, partial_default=1.0),
+        attention=attention_config(raw, rope=True),
         mlp=MLPConfig(int(raw["intermediate_size"]), act, gated=True, bias=bool(raw.get("mlp_bias", False))),
         embedding_multiplier=float(raw.get("embedding_multiplier", 1.0)),
         logits_scaling=1.0 / float(raw.get("lm_head_multiplier", 1.0)),

@@ -119,7 +119,7 @@ def _granite(raw: Mapping[str, Any]) -> HybridConfig:
     return HybridConfig(
         **common_fields(raw, "granitemoehybrid", blocks, float(raw.get("rms_norm_eps", 1e-6))),
         mamba=mamba_keys(raw, blocks),
-        attention=_graniteattention_config(raw) if "attention" in blocks else None,
+        attention=_granite_attention(raw) if "attention" in blocks else None,
         mlp=None if moe else shared,
         moe=moe,
         embedding_multiplier=float(raw.get("embedding_multiplier", 1.0)),
@@ -128,8 +128,8 @@ def _granite(raw: Mapping[str, Any]) -> HybridConfig:
     )
 
 
-def _graniteattention_config(raw: Mapping[str, Any]) -> AttentionConfig:
-    base = attention_config(raw, rope=raw.get("position_embedding_type") == "rope", partial_default=1.0)
+def _granite_attention(raw: Mapping[str, Any]) -> AttentionConfig:
+    base = attention_config(raw, rope=raw.get("position_embedding_type") == "rope")
     return replace(base, scale=float(raw.get("attention_multiplier", 1.0)))
 
 
@@ -139,13 +139,18 @@ def _nemotron(raw: Mapping[str, Any]) -> HybridConfig:
     return HybridConfig(
         **common_fields(raw, "nemotron_h", blocks, float(raw.get("layer_norm_epsilon", 1e-5))),
         mamba=_nemotron_mamba(raw, blocks),
-        attention=attention_config(raw, rope=False, partial_default=1.0) if "attention" in blocks else None,
+        attention=_nemotron_attention(raw) if "attention" in blocks else None,
         mlp=MLPConfig(int(raw["intermediate_size"]), act, gated=False, bias=bias)
         if "mlp" in blocks
         else None,
         moe=_nemotron_moe(raw, act, bias) if "moe" in blocks else None,
         residual_in_fp32=bool(raw.get("residual_in_fp32", False)),
     )
+
+
+def _nemotron_attention(raw: Mapping[str, Any]) -> AttentionConfig:
+    """No RoPE; head_dim defaults to 128 (transformers' NemotronHConfig), not d_model / heads."""
+    return attention_config(raw, rope=False, head_dim_default=128)
 
 
 def _nemotron_blocks(raw: Mapping[str, Any]) -> tuple[BlockKind, ...]:

@@ -78,12 +78,16 @@ def mamba_config(
     )
 
 
-def attention_config(raw: Mapping[str, Any], *, rope: bool, partial_default: float) -> AttentionConfig:
-    """GQA heads and head_dim (`head_dim`, else d_model / heads), scale head_dim^-0.5, and with `rope`
-    the default RoPE on `partial_rotary_factor` (else `partial_default`) of each head."""
+def attention_config(
+    raw: Mapping[str, Any], *, rope: bool, partial_default: float = 1.0, head_dim_default: int = 0
+) -> AttentionConfig:
+    """GQA heads and head_dim (`head_dim` or `attention_head_dim`, else `head_dim_default`, else d_model /
+    heads), scale head_dim^-0.5, and with `rope` the default RoPE on `partial_rotary_factor` (else
+    `partial_default`) of each head."""
     heads = int(raw["num_attention_heads"])
     kv = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or int(raw["hidden_size"]) // heads)
+    given = raw.get("head_dim") or raw.get("attention_head_dim") or head_dim_default
+    head_dim = int(given or int(raw["hidden_size"]) // heads)
     theta: float | None = None
     rotary = 0
     if rope:
@@ -105,7 +109,7 @@ def _rope_parameters(raw: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def silu_only(raw: Mapping[str, Any]) -> Activation:
-    """Bamba and Granite use `hidden_act` for the MLP and the Mamba conv alike; the conv is SiLU."""
+    """Bamba, Granite and Falcon-H1 use `hidden_act` for the MLP and the Mamba conv alike; the conv is SiLU."""
     act = activation(raw.get("hidden_act", "silu"))
     if act != "silu":
         raise ConfigError(f"hidden_act must be silu (it is also the Mamba conv's activation), got {act!r}")

@@ -29,14 +29,15 @@ Merge = Literal["", "cat", "stack"]
 LAYER = r"(?:model|backbone)\.layers\.(?P<layer>\d+)\."
 
 
-class WeightNameError(KeyError):
-    """A checkpoint tensor that no rule of its architecture maps."""
+class WeightNameError(ValueError):
+    """A checkpoint tensor that no rule of its architecture maps (or experts that do not stack)."""
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Tensors whose name matches `pattern` go to `target` (a format string over the pattern's groups and
-    the block indices `mix`, `ffn`, `block`, and `op`, block's module for its kind); `merge` joins several sources into one tensor, in order of
+    """Tensors whose name matches `pattern` go to `target`, a format string over the pattern's groups, the
+    block indices `mix` (2i), `ffn` (2i+1) and `block` (i) of layer i, `op` (block i's module for its kind)
+    and `shared` (a MoE's shared expert); `merge` joins several sources into one tensor, in the order of
     `part` (or of the pattern's `part` group). An empty target skips the tensor."""
 
     pattern: str
@@ -117,7 +118,7 @@ def _target(name: str, cfg: HybridConfig) -> tuple[str, Merge, int]:
         op = MODULES.get(cfg.blocks[i], "") if i < len(cfg.blocks) else ""
         target = rule.target.format(mix=2 * i, ffn=2 * i + 1, block=i, op=op, shared=shared, **groups)
         return target, rule.merge, part
-    raise WeightNameError(name)
+    raise WeightNameError(f"checkpoint tensor {name} has no place in a {cfg.arch} model")
 
 
 def _join(merge: Merge, pieces: dict[int, Tensor]) -> Tensor:

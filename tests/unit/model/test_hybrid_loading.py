@@ -113,6 +113,14 @@ def test_nemotron_legacy_keys_read_like_current_ones() -> None:
     assert a.mamba is not None and (a.mamba.ngroups, a.mamba.d_conv, a.mamba.chunk_size) == (2, 3, 16)
 
 
+def test_nemotron_head_dim_defaults_to_transformers_128() -> None:
+    raw = {"hidden_size": 64, "vocab_size": 64, "num_attention_heads": 4, "layers_block_type": ["attention"]}
+    cfg = hybrid_config(raw, "nemotron_h")
+    assert cfg.attention is not None and cfg.attention.head_dim == 128
+    cfg = hybrid_config(raw | {"attention_head_dim": 32}, "nemotron_h")
+    assert cfg.attention is not None and cfg.attention.head_dim == 32
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

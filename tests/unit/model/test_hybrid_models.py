@@ -148,6 +148,10 @@ def test_bf16_is_close_to_fp32(tmp_path: Path) -> None:
     (_, fp32), (_, bf16) = load_hybrid(tmp_path), load_hybrid(tmp_path, dtype="bf16")
     ids = _ids()
     with torch.no_grad():
-        a, b = fp32(ids), bf16(ids)
+        a, (b, state) = fp32(ids), bf16.run(ids, bf16.zero_state(2))
     assert b.dtype == torch.float32
     assert (a - b).abs().mean() / a.abs().mean() < 0.03
+    kv = state.kv[0]
+    assert isinstance(kv, ContiguousKV) and kv.k.dtype == kv.v.dtype == torch.bfloat16
+    assert {conv.dtype for conv, _ in state.mamba} == {torch.bfloat16}
+    assert {ssm.dtype for _, ssm in state.mamba} == {torch.float32}
