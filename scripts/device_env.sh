@@ -16,7 +16,10 @@
 #     h11==0.16.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 anyio==4.16.0 idna==3.20 \
 #     openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1 \
-#     pytest-asyncio==1.5.0 hypothesis==6.170.17
+#     pytest-asyncio==1.5.0 hypothesis==6.170.17 redis==8.1.0
+# and the remote tier's server, Debian 12's redis-server with its libraries (not a wheel: the machine has
+# none), in .whl/redis-server/{redis-server.bin,lib/,bin/redis-server}, bin/ being a wrapper that sets
+# LD_LIBRARY_PATH; this script puts bin/ on PATH when it is there.
 #   MAMBA_SKIP_CUDA_BUILD=TRUE .venv/bin/pip download --no-binary :all: --no-deps --no-build-isolation \
 #     mamba-ssm==2.3.2.post1 -d /tmp/sd
 #   MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE .venv/bin/pip wheel --no-deps --no-build-isolation \
@@ -24,7 +27,7 @@
 # (the machine has pytest, click, attrs, sortedcontainers, einops, ninja; mamba-ssm's tilelang and
 # quack-kernels serve only its Mamba3 kernels, imported optionally.)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD" || { echo "device_env: wheel install failed" >&2; return 1 2>/dev/null || exit 1; }
+  .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD" PATH="$PWD/.whl/redis-server/bin:$PATH" || { echo "device_env: wheel install failed" >&2; return 1 2>/dev/null || exit 1; }
 python3 - <<'PYEOF' || { echo "device_env: import check failed" >&2; return 1 2>/dev/null || exit 1; }
 import importlib
 import importlib.metadata as md
@@ -37,7 +40,7 @@ PACKAGES = [
     ("prometheus_client", "prometheus-client"), ("jinja2", "jinja2"), ("httpx", "httpx"),
     ("fastapi", "fastapi"), ("starlette", "starlette"), ("uvicorn", "uvicorn"), ("h11", "h11"),
     ("click", "click"), ("anyio", "anyio"), ("pydantic", "pydantic"), ("pydantic_core", "pydantic-core"),
-    ("pydantic_settings", "pydantic-settings"), ("dotenv", "python-dotenv"),
+    ("pydantic_settings", "pydantic-settings"), ("dotenv", "python-dotenv"), ("redis", "redis"),
     ("annotated_types", "annotated-types"), ("annotated_doc", "annotated-doc"),
     ("typing_inspection", "typing-inspection"), ("typing_extensions", "typing-extensions"),
     ("opentelemetry", "opentelemetry-api"), ("openai", "openai"), ("httpx2", "httpx2"),

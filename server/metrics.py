@@ -180,7 +180,7 @@ class Metrics(CacheObserver):
         )
         self.request_queue_seconds = Histogram(
             "tssc_request_queue_seconds",
-            "Arrival to admission into a slot.",
+            "Time waiting for a live slot: handed to the scheduler (after any remote prefetch) to admission.",
             buckets=_SLOW_BUCKETS,
             registry=r,
         )

@@ -286,7 +286,7 @@ class Engine:
         now = time.monotonic()
         for seq in seqs:
             seq.t_admitted = now
-            self._metrics.observe_queue(now - seq.t_arrival)
+            self._metrics.observe_queue(now - seq.t_queued)
         outcomes = await self._in_worker(self._worker.admit, seqs)
         for seq, n in zip(seqs, outcomes, strict=True):
             if self._seqs.get(seq.request_id) is not seq:
@@ -308,7 +308,7 @@ class Engine:
     def _observe_phases(self, seq: Seq) -> None:
         """The engine's phases of the request's time to first token (the API records parse and tokenize)."""
         now = time.monotonic()
-        marks = (seq.t_arrival, seq.t_admitted, seq.t_restored, seq.t_prefilled, now)
+        marks = (seq.t_queued, seq.t_admitted, seq.t_restored, seq.t_prefilled, now)
         if any(t is None for t in marks):
             return
         for phase, (a, b) in zip(ENGINE_PHASES, itertools.pairwise(marks), strict=True):

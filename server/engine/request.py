@@ -35,6 +35,7 @@ class Seq:
     stop_ids: frozenset[int]
     events: asyncio.Queue[EventItem]
     t_arrival: float
+    t_queued: float  # handed to the scheduler (after a remote prefetch, if any)
     output: list[int] = field(default_factory=list)
     # The live slot this request was admitted into. Set on the event loop at admission and never cleared:
     # an abort frees the scheduler's slot at once, while a step already running on the worker keeps
@@ -65,6 +66,7 @@ class Seq:
             stop_ids=frozenset(stop_ids),
             events=asyncio.Queue(),
             t_arrival=arrival,
+            t_queued=now,
         )
 
     @property
