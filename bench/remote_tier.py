@@ -35,7 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import Texts, emit, write_random_model  # noqa: E402
+from bench._common import SHAPES, Texts, emit, write_random_model  # noqa: E402
 from bench.ttft_cpu import cpu_name  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 from tests.integration.conftest import metric  # noqa: E402
@@ -78,9 +78,9 @@ def ask(base: str, messages: list[dict[str, str]], session: str) -> tuple[float,
 
 
 def settle(base: str) -> None:
-    """Until the replica's remote writes have stopped for a moment (its writer thread is idle)."""
+    """Until the replica's remote writes have stopped for a second (its writer thread is idle)."""
     last, still = -1.0, 0
-    while still < 3:
+    while still < 10:
         now = metric(base, "tssc_state_cache_remote_bytes_total", direction="written")
         still = still + 1 if now == last else 0
         last = now
@@ -130,6 +130,79 @@ def _remote_fetch(srv: ServerProc) -> tuple[float, float, float]:
     )
 
 
+def breakdown(url: str, shape: str, rounds: int, length: int = 32000) -> list[str]:
+    """The remote fetch of one checkpoint of `shape`, step by step, at the cache level (no server): the
+    write-through (capture until it is in Redis), a raw GET, verification (checksum, tokens, parse) and the
+    whole `prefetch` (find, GET, verify, decode into the local tiers), then the restore into a slot."""
+    import torch
+
+    from bench._common import demo_vocab
+    from cache import CacheConfig, RemoteConfig, StateCache
+    from cache.remote import decode_blob
+    from server.model.config import ModelConfig
+    from server.model.state import StatePool
+
+    d_model, n_layer = SHAPES[shape]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=demo_vocab())
+    pool = StatePool(cfg, 1, torch.bfloat16 if cuda else torch.float32, device)
+    spec = pool.spec()
+    remote = RemoteConfig(url, budget=16 * 2**30, prefix="tssc-breakdown")
+
+    def cache() -> StateCache:
+        return StateCache(CacheConfig(2**30, 4 * 2**30, device=str(device), remote=remote), spec)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    steps: dict[str, list[float]] = {k: [] for k in ("write", "get", "verify", "prefetch", "restore")}
+    nbytes = 0
+    for r in range(rounds):
+        writer, reader = cache(), cache()
+        tokens = [r, *range(length - 1)]
+        state = {n: torch.randn(shape_, device=device).to(dt) for n, (shape_, dt) in spec.items()}
+        t0 = time.perf_counter()
+        writer.capture("ns", "s", tokens, state, reason="finish")
+        writer.flush()
+        steps["write"].append(time.perf_counter() - t0)
+        store = writer._remote
+        assert store is not None
+        client = store.client
+        (key,) = [k for k in client.scan_iter(match=f"{store.prefix}c:*:{length}:*") if _holds(client, k, r)]
+        t0 = time.perf_counter()
+        blob = client.get(key)
+        steps["get"].append(time.perf_counter() - t0)
+        assert isinstance(blob, bytes)
+        nbytes = len(blob)
+        t0 = time.perf_counter()
+        decode_blob(blob, tokens)
+        steps["verify"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert reader.prefetch("ns", "s", [*tokens, 7]) == length
+        sync()
+        steps["prefetch"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        lease = reader.lookup("ns", "s", [*tokens, 7])
+        assert lease is not None
+        reader.fetch(lease, out=pool.views(0))
+        reader.release(lease)
+        sync()
+        steps["restore"].append(time.perf_counter() - t0)
+        client.delete(key)
+    p50 = {k: statistics.median(v) * 1e3 for k, v in steps.items()}
+    return [f"{nbytes / 2**20:.1f} MiB", *(f"{p50[k]:.1f} ms" for k in steps)]
+
+
+def _holds(client: Any, key: bytes, first: int) -> bool:
+    """Whether blob `key` is this round's (its token prefix starts with `first`)."""
+    from safetensors.torch import load
+
+    blob = client.get(key)
+    return blob is not None and int(load(blob)["tokens"][0]) == first
+
+
 def device_name() -> str:
     import torch
 
@@ -142,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2000])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    ap.add_argument("--breakdown-rounds", type=int, default=3, help="cache-level rounds (0: none)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, redis(args.redis_server, Path(tmp)) as url:
@@ -160,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             a, b, c = (f.result() for f in futures)
             texts = Texts(model)
             rows = [measure(a, b, c, texts, n, args.rounds) for n in args.lengths]
+        size = args.shape if args.shape in SHAPES else "mamba2-130m"
+        steps = breakdown(url, size, args.breakdown_rounds) if args.breakdown_rounds else None
     header = (
         "| conversation tokens | follow-up, local hit | follow-up, remote hit | re-prefill (`--no-cache`) "
         "| remote fetch (find + GET + verify + restore) | checkpoint blob | re-prefill / remote hit "
@@ -171,6 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         "follow-ups (`max_tokens` 1, whole request), replicas A and B on one local redis-server"
     )
     emit(f"**{title}**\n\n" + "\n".join(lines) + "\n", args.out)
+    if steps is not None:
+        head = (
+            "| checkpoint blob (FP16 + tokens) | write-through (capture to in Redis) | GET | verify "
+            "(parse, checksum, tokens) | prefetch (find + GET + verify + decode into local tiers) "
+            "| then lookup + fetch into a slot |"
+        )
+        table = "\n".join([head, "|" + "---|" * 6, "| " + " | ".join(steps) + " |"])
+        note = (
+            f"Remote fetch step by step on {device_name()}: one 32k-token checkpoint of the {size} shape, "
+            f"p50 of {args.breakdown_rounds}"
+        )
+        emit(f"**{note}**\n\n{table}\n", args.out)
     return 0
 
 

@@ -95,7 +95,8 @@ class CacheObserver:
     from it, `on_fetch("remote", seconds)` the time to find, read, verify and store one (host time, up to the
     end of its copies), `on_remote_bytes(direction, n)` blob bytes written or read, and `on_remote_error(kind)`
     a failure: timeout, connection, auth, response (an error reply), corrupt (a blob failing verification),
-    queue_full (a write dropped: the writer is behind), unavailable (skipped while backing off), other.
+    queue_full (a write dropped: the writer is behind), too_large (a checkpoint larger than the
+    whole remote budget), unavailable (skipped while backing off), other.
     """
 
     def on_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope) -> None:

@@ -18,9 +18,10 @@ another model or storing another precision never read these blobs):
 The scripts touch keys they read from `own`, so the tier needs one Redis server (or a primary with
 replicas), not Redis Cluster.
 
-Budget: every write runs one Lua script, atomic in Redis, that purges expired blobs, skips a blob that exists
-already (it refreshes its TTL: never counted twice), evicts the oldest-expiring blobs until the new one fits,
-then stores it and adds its bytes. A purge subtracts exactly what its write added, so `used` never goes
+Budget: every write is one MULTI/EXEC transaction, atomic in Redis: a Lua script that purges expired blobs,
+finds a blob that exists already (never counted twice: its TTL is refreshed), or evicts the oldest-expiring
+blobs until the new one fits and adds its bytes; then a plain SET of the blob (the payload never passes
+through Lua). A purge subtracts exactly what its write added, so `used` never goes
 negative and never counts one blob twice, whatever the number of replicas. A blob is accounted as its
 allocator size class plus `ENTRY_OVERHEAD` for its keys and index entries, so the memory Redis reports for
 the tier (`MEMORY USAGE` of its keys) stays within the budget. Redis's own `maxmemory` with
@@ -89,23 +90,23 @@ local function now_ms()
 end
 """
 
-# KEYS: blob, lru, sz, used, own, positions, counts, session; ARGV: payload, accounted bytes, budget, ttl ms,
-# position. Returns {status, used, blobs}: status 1 stored, 0 existed (TTL refreshed), -1 over the budget.
-_PUT = (
+# KEYS: blob, lru, sz, used, own, positions, counts, session; ARGV: accounted bytes, budget, ttl ms,
+# position. Reserves the budget for a blob the same transaction then SETs (the payload never passes through
+# Lua, which would copy it twice). Returns {status, used, blobs}: status 1 reserved, 0 existed (its TTL and
+# LRU place refreshed; the SET rewrites the same bytes), -1 over the budget (the caller never gets here).
+_RESERVE = (
     _PURGE
     + r"""
 local blob, lru, sz, used, own = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now, ttl = now_ms(), tonumber(ARGV[4])
+local now, ttl = now_ms(), tonumber(ARGV[3])
 for _, k in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now, 'LIMIT', 0, 64)) do
   purge(lru, sz, used, own, k)
 end
-if redis.call('HEXISTS', sz, blob) == 1 and redis.call('EXISTS', blob) == 1 then
-  redis.call('PEXPIRE', blob, ttl)
+if redis.call('HEXISTS', sz, blob) == 1 then
   redis.call('ZADD', lru, now + ttl, blob)
   return {0, tonumber(redis.call('GET', used) or '0'), redis.call('ZCARD', lru)}
 end
-purge(lru, sz, used, own, blob)
-local nbytes, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
+local nbytes, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local total = tonumber(redis.call('GET', used) or '0')
 if nbytes > budget then return {-1, total, redis.call('ZCARD', lru)} end
 while total + nbytes > budget do
@@ -118,14 +119,13 @@ while total + nbytes > budget do
   purge(lru, sz, used, own, oldest[1])
   total = tonumber(redis.call('GET', used) or '0')
 end
-redis.call('SET', blob, ARGV[1], 'PX', ttl)
 redis.call('HSET', sz, blob, nbytes)
 redis.call('INCRBY', used, nbytes)
 redis.call('ZADD', lru, now + ttl, blob)
-redis.call('HSET', own, blob, KEYS[8] .. '\n' .. KEYS[6] .. '\n' .. KEYS[7] .. '\n' .. ARGV[5])
+redis.call('HSET', own, blob, KEYS[8] .. '\n' .. KEYS[6] .. '\n' .. KEYS[7] .. '\n' .. ARGV[4])
 redis.call('SADD', KEYS[8], blob)
-redis.call('ZADD', KEYS[6], tonumber(ARGV[5]), ARGV[5])
-redis.call('HINCRBY', KEYS[7], ARGV[5], 1)
+redis.call('ZADD', KEYS[6], tonumber(ARGV[4]), ARGV[4])
+redis.call('HINCRBY', KEYS[7], ARGV[4], 1)
 return {1, total + nbytes, redis.call('ZCARD', lru)}
 """
 )
@@ -232,7 +232,7 @@ class RemoteStore:
         self.config = config
         self.prefix = f"{config.prefix}:{_hash(fingerprint)}:"
         self.client = client or _connect(config)
-        self._put = self.client.register_script(_PUT)
+        self._reserve = self.client.register_script(_RESERVE)
         self._touch = self.client.register_script(_TOUCH)
         self._delete = self.client.register_script(_DELETE)
         self._on_error = on_error
@@ -275,11 +275,21 @@ class RemoteStore:
             self._session_key(namespace, session),
         ]
         cost = accounted(len(blob))
-        args: list[bytes | int] = [blob, cost, self.config.budget, int(self.config.ttl * 1000), len(tokens)]
-        reply = self._call(lambda: self._put(keys=keys, args=args))
-        if reply is None:
+        if cost > self.config.budget:
+            self._on_error("too_large")
+            return 0
+        ttl = int(self.config.ttl * 1000)
+
+        def write() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)  # MULTI ... EXEC: both or neither
+            self._reserve(keys=keys, args=[cost, self.config.budget, ttl, len(tokens)], client=pipe)
+            pipe.set(key, blob, px=ttl)
+            return pipe.execute()
+
+        replies = self._call(write)
+        if replies is None:
             return None
-        status, self.used, self.blobs = (int(x) for x in reply)
+        status, self.used, self.blobs = (int(x) for x in replies[0])
         return cost if status == 1 else 0
 
     def find(self, tree: str, tokens: Sequence[int], after: int) -> Found | None:
@@ -388,6 +398,7 @@ def _connect(config: RemoteConfig) -> redis.Redis:
     """A client for `config.url` (no retries of its own: the store's gate backs off)."""
     kwargs: dict[str, object] = {
         "socket_timeout": config.timeout,
+        "socket_read_size": 1 << 20,  # checkpoints are tens of MB: fewer, larger reads
         "socket_connect_timeout": config.timeout,
         "retry": None,
         "retry_on_timeout": False,

@@ -34,7 +34,8 @@ LookupScope = Literal["session", "shared", ""]  # a hit's scope (`cache.base.Lea
 TIERS: tuple[str, ...] = ("hot", "cold", "disk")  # local tiers; "remote" series exist with --remote-url
 # `tssc_state_cache_remote_errors_total{kind}` (`cache.base.CacheObserver` says what each means)
 REMOTE_ERRORS: tuple[str, ...] = (
-    "timeout", "connection", "auth", "response", "corrupt", "queue_full", "unavailable", "other",
+    "timeout", "connection", "auth", "response", "corrupt", "queue_full", "too_large", "unavailable",
+    "other",
 )  # fmt: skip
 GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
 # consecutive parts of a request's time to first token (`tssc_request_phase_seconds`)
@@ -128,7 +129,8 @@ class Metrics(CacheObserver):
         self.cache_remote_errors = Counter(
             "tssc_state_cache_remote_errors_total",
             "Remote tier failures by kind (timeout, connection, auth, response, corrupt, queue_full, "
-            "unavailable: skipped while backing off, other). None fails a request.",
+            "too_large: a checkpoint above the whole budget, unavailable: skipped while backing off, "
+            "other). None fails a request.",
             ["kind"],
             registry=r,
         )
