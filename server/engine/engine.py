@@ -305,9 +305,9 @@ class Engine:
                 extra={"request_id": seq.request_id, "session_id": seq.req.session_id},
             )
 
-    def _observe_phases(self, seq: Seq) -> None:
-        """The engine's phases of the request's time to first token (the API records parse and tokenize)."""
-        now = time.monotonic()
+    def _observe_phases(self, seq: Seq, now: float) -> None:
+        """The engine's phases of the request's time to first token (the API records parse and tokenize),
+        from its hand-over to the scheduler to `now`, its first token's delivery."""
         marks = (seq.t_queued, seq.t_admitted, seq.t_restored, seq.t_prefilled, now)
         if any(t is None for t in marks):
             return
@@ -327,8 +327,9 @@ class Engine:
             if not live(seq):
                 continue
             if seq.last_itl is None and seq.t_first is not None:
-                self._metrics.observe_first_token(seq.t_first - seq.t_arrival)
-                self._observe_phases(seq)
+                now = time.monotonic()  # delivered: the phases and the TTFT end at the same instant
+                self._metrics.observe_first_token(now - seq.t_arrival)
+                self._observe_phases(seq, now)
             self._metrics.observe_token(seq.last_itl)
             seq.events.put_nowait(event)
             if event.finish_reason is not None:
