@@ -90,7 +90,9 @@ class RemoteConfig:
     checkpoint lives after its last write or hit. `dtype`: storage precision of the blobs (None: the cold
     tier's). `reasons`: the capture reasons written through (message boundaries, prompt ends and finishes;
     add "interval" for every checkpoint). `timeout`: seconds per Redis call before it counts as failed.
-    `queue`: writes queued at most (more are dropped and counted). `prefix`: the key prefix."""
+    `queue`: writes queued at most (more are dropped and counted). `prefix`: the key prefix.
+    `min_tokens`: a remote checkpoint is fetched only if it covers at least this many tokens more than the
+    deepest local one (a smaller gain is cheaper to prefill than to fetch)."""
 
     url: str
     budget: int = 4 * 2**30
@@ -104,9 +106,10 @@ class RemoteConfig:
     reasons: frozenset[str] = _REMOTE_REASONS
     queue: int = 8
     prefix: str = "tssc"
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("remote url must start with redis://, rediss:// or unix://")
-        if self.budget < 0 or self.ttl <= 0 or self.timeout <= 0 or self.queue < 1:
-            raise ValueError("remote budget must be >= 0, ttl and timeout > 0, queue >= 1")
+        if self.budget < 0 or self.ttl <= 0 or self.timeout <= 0 or self.queue < 1 or self.min_tokens < 0:
+            raise ValueError("remote budget and min_tokens must be >= 0, ttl and timeout > 0, queue >= 1")

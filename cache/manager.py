@@ -280,7 +280,7 @@ class StateCache(CheckpointCache):
         self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
     ) -> int:
         """Bring the deepest remote checkpoint of `tree` on the path of `tokens` that is deeper than every
-        local one into the local tiers (as a capture would; its first `lookup` hit counts `remote_hit`).
+        local one (by `min_tokens` at least, `RemoteConfig`) into the local tiers (as a capture would; its first `lookup` hit counts `remote_hit`).
         Blocks on the network: call it off the decode path, before the request's `lookup`. Returns its
         position, 0 if there is none (or the remote tier is off or failing: the error is counted)."""
         remote, toks = self._remote, tuple(tokens)
@@ -289,7 +289,7 @@ class StateCache(CheckpointCache):
         name = tree if tree is not None else namespace
         with self._lock:
             _, local = self._book.index.near(name, toks)
-        gap = self.config.min_gap if local > 0 else 0
+        gap = max(self.config.min_gap if local > 0 else 0, remote.config.min_tokens)
         started = time.perf_counter()
         found = remote.find(name, toks, local + max(gap - 1, 0))
         if found is None:

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     remote_tls_ca_file: Path | None = Field(None, description="CA bundle verifying a rediss:// server.")
     remote_tls_cert_file: Path | None = Field(None, description="Client certificate for a rediss:// server.")
     remote_tls_key_file: Path | None = Field(None, description="Client key for a rediss:// server.")
+    remote_min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Fetch a remote checkpoint only if it saves at least this many prompt tokens over the local "
+        "ones; default 0 on CPU, 16384 on CUDA (where a shorter prefill is faster than the fetch).",
+    )
     remote_timeout: float = Field(
         2.0, gt=0, description="Seconds a remote call may take before it counts as failed (then backs off)."
     )

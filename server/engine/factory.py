@@ -63,7 +63,7 @@ def build_cache(
         checkpoint_interval=interval,
         max_captures=settings.max_checkpoints_per_request,
         device=str(runner.device),
-        remote=remote_config(settings),
+        remote=remote_config(settings, runner.device),
     )
     cache = StateCache(config, runner.state_spec(), observer=metrics)
     for line in budget_report(cache, settings.max_num_seqs):
@@ -71,8 +71,10 @@ def build_cache(
     return cache
 
 
-def remote_config(settings: Settings) -> RemoteConfig | None:
-    """The remote tier's configuration from the `--remote-*` flags (None: no `--remote-url`)."""
+def remote_config(settings: Settings, device: torch.device) -> RemoteConfig | None:
+    """The remote tier's configuration from the `--remote-*` flags (None: no `--remote-url`). On CUDA a
+    fetch below 16k tokens of gain is not made by default: an H200 prefills that faster than it fetches
+    a 2.7b checkpoint (BENCHMARKS.md, session 4)."""
     if settings.remote_url is None:
         return None
     from cache.config import RemoteConfig
@@ -89,6 +91,11 @@ def remote_config(settings: Settings) -> RemoteConfig | None:
         tls_key_file=settings.remote_tls_key_file,
         timeout=settings.remote_timeout,
         reasons=frozenset(reasons),
+        min_tokens=(
+            settings.remote_min_tokens
+            if settings.remote_min_tokens is not None
+            else (16384 if device.type == "cuda" else 0)
+        ),
     )
 
 

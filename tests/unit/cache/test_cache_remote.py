@@ -16,7 +16,7 @@ from cache import CacheConfig, CacheObserver, RemoteConfig, StateCache
 from cache.base import FetchTier, LookupResult, LookupScope, MissCause, RemoteDirection
 from cache.codec import make_codec, roundtrip
 from cache.remote import accounted, encode_blob
-from tests.redis_proc import RedisProc, redis_server
+from tests.redis_proc import RedisProc, redis_server, self_signed
 
 SPEC = {"conv": ((2, 24, 3), torch.float32), "ssm": ((2, 4, 8, 16), torch.float32)}
 FP32_BLOCK = 4864
@@ -248,3 +248,45 @@ def test_lossy_default_restores_like_a_local_restore(rds: RedisProc) -> None:
     fp8, fp16 = make_codec("fp8"), make_codec("fp16")
     for name in SPEC:  # FP16 in Redis (the cold copy's bytes), then the FP8 hot copy it restores from
         assert torch.equal(got[name], roundtrip(fp8, roundtrip(fp16, state[name])))
+
+
+def test_a_remote_checkpoint_saving_too_few_tokens_is_not_fetched(rds: RedisProc) -> None:
+    a, b = _cache(rds.url), _cache(rds.url, min_tokens=20)
+    tokens = list(range(60))
+    a.capture("ns", "s", tokens[:15], _state(14), reason="boundary")
+    a.capture("ns", "s", tokens[:30], _state(15), reason="finish")
+    a.flush()
+    b.capture("ns", "s", tokens[:12], _state(16), reason="interval")  # local depth 12
+    assert b.prefetch("ns", "s", tokens) == 0  # 30 - 12 < 20: prefilling 18 tokens is cheaper
+    c = _cache(rds.url, min_tokens=20)
+    assert c.prefetch("ns", "s", tokens) == 30  # nothing local: 30 tokens saved
+
+
+def test_auth_with_the_password_and_a_counted_failure_without_it(tmp_path: Path) -> None:
+    with redis_server(tmp_path, password="s3cret") as rds:
+        seen = Recorder()
+        a, b = _cache(rds.url, password="s3cret"), _cache(rds.url, password="s3cret")
+        wrong = _cache(rds.url, seen, password="nope")
+        tokens = list(range(20))
+        assert a.capture("ns", "s", tokens[:10], _state(17), reason="finish")
+        a.flush()
+        assert b.prefetch("ns", "s", tokens) == 10
+        assert wrong.prefetch("ns", "s", tokens) == 0
+        assert seen.errors["auth"] >= 1
+        assert wrong.capture("ns", "s", tokens[:12], _state(18), reason="finish")  # local tiers unaffected
+        assert _restore(wrong, "ns", "s", tokens)[0] == 12
+
+
+def test_tls_with_the_ca_file(tmp_path: Path) -> None:
+    tls = self_signed(tmp_path)
+    with redis_server(tmp_path, tls=tls) as rds:
+        assert rds.url.startswith("rediss://")
+        a, b = _cache(rds.url, tls_ca_file=tls[2]), _cache(rds.url, tls_ca_file=tls[2])
+        seen = Recorder()
+        untrusting = _cache(rds.url, seen)  # the system CAs do not know the test CA
+        tokens = list(range(20))
+        assert a.capture("ns", "s", tokens[:10], _state(19), reason="finish")
+        a.flush()
+        assert b.prefetch("ns", "s", tokens) == 10
+        assert untrusting.prefetch("ns", "s", tokens) == 0
+        assert seen.errors["connection"] >= 1
