@@ -117,8 +117,10 @@ def upstream_decode(upstream: Any, batch: int, steps: int) -> float:
     return batch * steps / (t_long - t_short)
 
 
-def our_decode(model: MambaLM, batch: int, steps: int, ssm_step: str = "tssc") -> float:
-    runner = GpuModelRunner(model, batch, "cuda", ssm_step=ssm_step)  # type: ignore[arg-type]
+def our_decode(
+    model: MambaLM, batch: int, steps: int, ssm_step: str = "tssc", state_dtype: torch.dtype = torch.float32
+) -> float:
+    runner = GpuModelRunner(model, batch, "cuda", ssm_step=ssm_step, state_dtype=state_dtype)  # type: ignore[arg-type]
     runner.pool.ssm.normal_(0, 0.1)
     runner.pool.conv.normal_(0, 0.1)
     slots = list(range(batch))
@@ -136,6 +138,7 @@ def our_decode(model: MambaLM, batch: int, steps: int, ssm_step: str = "tssc") -
 
 def section_decode(rep: Report, models: list[str], batches: list[int], d2d: float, variants: bool) -> None:
     header = ["model", "batch", "upstream tok/s", "ours tok/s", "ratio", "ours (mamba_ssm ssu) tok/s"]
+    header += ["ours, bf16 live state, tok/s", "ratio"]
     for name in models:
         rows = []
         upstream, ours = build_pair(name)
@@ -147,10 +150,13 @@ def section_decode(rep: Report, models: list[str], batches: list[int], d2d: floa
             free()
             alt = our_decode(ours, batch, steps, "mamba_ssm") if variants else float("nan")
             free()
+            half = our_decode(ours, batch, steps, state_dtype=torch.bfloat16)
+            free()
             roof_ours = step_bytes(ours, batch, 4) / (d2d * 1e9)
             roof_up = step_bytes(ours, batch, 2) / (d2d * 1e9)
             rows.append([
                 name, str(batch), f"{up:,.0f}", f"{mine:,.0f}", f"{mine / up:.2f}x", f"{alt:,.0f}",
+                f"{half:,.0f}", f"{half / up:.2f}x",
                 f"{roof_up * up / batch:.0%}", f"{roof_ours * mine / batch:.0%}",
             ])  # fmt: skip
         del upstream, ours
