@@ -276,7 +276,7 @@ def tables(rows: Sequence[Comparison], title: str, about: str, tokens: int) -> s
         mc.append(
             f"| {c.server} | {c.accuracy.percent()} | {c.delta.signed_percent()} | {c.changed} / {c.questions} "
             f"| {c.answer_kl.sci()} | {c.answer_kl_max:.2e} | {c.restored.percent()} | {c.cached_share:.1%} "
-            f"| {c.prefilled:.0f} | {_hits(c)} |"
+            f"| {'-' if c.prefilled != c.prefilled else f'{c.prefilled:.0f}'} | {_hits(c)} |"
         )
         gen.append(
             f"| {c.server} | {c.identical.percent()} | {c.agree_mean:.1f} | {c.step_kl.sci()} "
