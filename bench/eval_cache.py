@@ -358,8 +358,11 @@ def _machine() -> str:
 
 
 def train_130m(out: Path, minutes: float) -> Path:
-    """A mamba2-130m-shape model trained on the stdlib corpus for `minutes` (GPU), with the demo tokenizer."""
+    """A mamba2-130m-shape model trained on the stdlib corpus for `minutes` (on the GPU; on CPU only as a
+    smoke test of this path), with the demo tokenizer."""
     import time
+
+    import torch
 
     from server.model.defaults import bundled_model_dir
     from server.train.config import TrainConfig
@@ -368,7 +371,8 @@ def train_130m(out: Path, minutes: float) -> Path:
     reserve = 90.0  # evaluation, samples and saving
     cfg = TrainConfig(
         d_model=768, n_layer=24, d_state=128, headdim=64, lr=1e-3, warmup_steps=200, max_steps=1_000_000,
-        time_budget_s=minutes * 60 + reserve, reserve_s=reserve, eval_every=250, device="cuda",
+        time_budget_s=minutes * 60 + reserve, reserve_s=reserve, eval_every=250,
+        device="cuda" if torch.cuda.is_available() else "cpu",
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(out, tokenizer_dir=bundled_model_dir())
