@@ -24,10 +24,6 @@ T = TypeVar("T")
 class GeneratingEngine(Protocol):
     def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
 
-    def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
-        """Every event that arrived since the last item, in order (`Engine.generate_batches`)."""
-        ...
-
 
 class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
@@ -51,9 +47,9 @@ async def _pump(
     engine: GeneratingEngine, index: int, req: GenerationRequest, queue: asyncio.Queue[Any]
 ) -> None:
     try:
-        async with closing(engine.generate_batches(req)) as batches:
-            async for events in batches:
-                await queue.put((index, events))
+        async with closing(engine.generate(req)) as events:
+            async for event in events:
+                await queue.put((index, event))
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -62,15 +58,14 @@ async def _pump(
     await queue.put(_DONE)
 
 
-async def merged_batches(
+async def merged_events(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest]
-) -> AsyncGenerator[tuple[int, list[TokenEvent]], None]:
-    """(choice index, its events that arrived together) from every request, interleaved as they come, each
-    choice's in order. Close it to abort all."""
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """(choice index, event) from every request, interleaved as they come. Close it to abort all."""
     if len(reqs) == 1:
-        async with closing(engine.generate_batches(reqs[0])) as batches:
-            async for events in batches:
-                yield 0, events
+        async with closing(engine.generate(reqs[0])) as events:
+            async for event in events:
+                yield 0, event
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()
     tasks = [asyncio.create_task(_pump(engine, i, r, queue)) for i, r in enumerate(reqs)]
@@ -93,9 +88,9 @@ async def merged_batches(
 async def collect(engine: GeneratingEngine, reqs: Sequence[GenerationRequest]) -> list[list[TokenEvent]]:
     """Every event of every choice, in order, per choice."""
     out: list[list[TokenEvent]] = [[] for _ in reqs]
-    async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
-        async for index, events in batches:
-            out[index].extend(events)
+    async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+        async for index, event in events:
+            out[index].append(event)
     return out
 
 

@@ -26,18 +26,18 @@ from pydantic import BaseModel
 from server.api.errors import APIError
 from server.api.formatting import (
     TokenText,
-    chat_logprobs,
-    choice_text,
+    chat_logprob_entry,
     completion_logprobs,
     finish_reason_out,
     has_logprob,
     usage_of,
 )
-from server.api.generation import GeneratingEngine, engine_error, merged_batches
+from server.api.generation import GeneratingEngine, engine_error, merged_events
 from server.api.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
 )
@@ -110,17 +110,12 @@ def chat_text_chunks(spec: StreamSpec) -> TextChunks:
     )
 
 
-def _chat_events_chunk(
-    spec: StreamSpec, text: TextChunks, index: int, events: list[TokenEvent]
-) -> bytes | None:
-    """One chunk for the events of a choice that arrived together (usually one): their text, and their
-    logprob entries in order."""
-    joined = events[0].text if len(events) == 1 else choice_text(events)
-    if spec.logprobs and any(has_logprob(e) for e in events):
-        delta = ChatDelta(content=joined)
-        logprobs = chat_logprobs(events, spec.token_text)
+def _chat_event_chunk(spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent) -> bytes | None:
+    if spec.logprobs and has_logprob(event):
+        logprobs = ChatLogprobs(content=[chat_logprob_entry(event, spec.token_text)])
+        delta = ChatDelta(content=event.text)
         return _chat_chunk(spec, ChatChunkChoice(index=index, delta=delta, logprobs=logprobs))
-    return text(index, joined) if joined else None
+    return text(index, event.text) if event.text else None
 
 
 async def chat_stream(
@@ -131,11 +126,11 @@ async def chat_stream(
     text = chat_text_chunks(spec)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
-        async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
-            async for index, events in batches:
-                if (chunk := _chat_events_chunk(spec, text, index, events)) is not None:
+        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+            async for index, event in events:
+                if (chunk := _chat_event_chunk(spec, text, index, event)) is not None:
                     yield chunk
-                if (event := events[-1]).finish_reason is not None:
+                if event.finish_reason is not None:
                     finals[index] = event
                     reason = finish_reason_out(event.finish_reason)
                     yield _chat_chunk(
@@ -172,15 +167,13 @@ def completion_text_chunks(spec: StreamSpec) -> TextChunks:
     return TextChunks(lambda i, text: _completion_chunk(spec, CompletionChoice(index=i, text=text)))
 
 
-def _completion_events_chunk(
-    spec: StreamSpec, text: TextChunks, index: int, events: list[TokenEvent], joined: str, offset: int
+def _completion_event_chunk(
+    spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent, offset: int
 ) -> bytes | None:
-    """One chunk for the events of a choice that arrived together (`joined`: their text); `offset` is where
-    that text starts in the choice."""
-    if spec.logprobs and any(has_logprob(e) for e in events):
-        logprobs = completion_logprobs(events, spec.token_text, offset)
-        return _completion_chunk(spec, CompletionChoice(index=index, text=joined, logprobs=logprobs))
-    return text(index, joined) if joined else None
+    if spec.logprobs and has_logprob(event):
+        logprobs = completion_logprobs([event], spec.token_text, offset)
+        return _completion_chunk(spec, CompletionChoice(index=index, text=event.text, logprobs=logprobs))
+    return text(index, event.text) if event.text else None
 
 
 async def completion_stream(
@@ -194,14 +187,12 @@ async def completion_stream(
             yield text(index, prompt)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
-        async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
-            async for index, events in batches:
-                joined = events[0].text if len(events) == 1 else choice_text(events)
-                chunk = _completion_events_chunk(spec, text, index, events, joined, offsets[index])
-                if chunk is not None:
+        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
+            async for index, event in events:
+                if (chunk := _completion_event_chunk(spec, text, index, event, offsets[index])) is not None:
                     yield chunk
-                offsets[index] += len(joined)
-                if (event := events[-1]).finish_reason is not None:
+                offsets[index] += len(event.text)
+                if event.finish_reason is not None:
                     finals[index] = event
                     reason = finish_reason_out(event.finish_reason)
                     yield _completion_chunk(

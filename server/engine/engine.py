@@ -17,18 +17,17 @@ dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
-from server.engine.request import EventItem, Seq
+from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import EngineError, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
@@ -171,25 +170,16 @@ class Engine:
         Raises ValueError for an invalid request, EngineNotReady before `start()`, EngineError if
         the engine fails the request. Closing the iterator early aborts the request.
         """
-        async with contextlib.aclosing(self.generate_batches(req)) as batches:
-            async for events in batches:
-                for event in events:
-                    yield event
-
-    async def generate_batches(self, req: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]:
-        """As `generate`, but each item is every event that arrived since the consumer last asked, in order
-        (one per step while it keeps up; its backlog at once when it fell behind)."""
         self._validate(req)
         await self._prefetch(req)
         seq = self._submit(req)
         try:
             while True:
-                events, error = _split(await seq.events.take())
-                if events:
-                    yield events
-                if error is not None:
-                    raise error
-                if events and events[-1].finish_reason is not None:
+                item = await seq.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
                     return
         finally:
             self._abort(seq)
@@ -251,7 +241,7 @@ class Engine:
         reason = "error" if error is not None else (seq.finish_reason.value if seq.finish_reason else "abort")
         self._metrics.observe_finish(reason, time.monotonic() - seq.t_arrival)
         if error is not None:
-            seq.events.put(error if isinstance(error, EngineError) else EngineError(str(error)))
+            seq.events.put_nowait(error if isinstance(error, EngineError) else EngineError(str(error)))
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -341,13 +331,6 @@ class Engine:
                 self._metrics.observe_first_token(now - seq.t_arrival)
                 self._observe_phases(seq, now)
             self._metrics.observe_token(seq.last_itl)
-            seq.events.put(event)
+            seq.events.put_nowait(event)
             if event.finish_reason is not None:
                 self._end(seq)
-
-
-def _split(items: list[EventItem]) -> tuple[list[TokenEvent], BaseException | None]:
-    """A request's pending items as (events, the error that ended it): an error is always the last item."""
-    error = items[-1] if isinstance(items[-1], BaseException) else None
-    events = items[:-1] if error is not None else items
-    return [e for e in events if isinstance(e, TokenEvent)], error

@@ -16,11 +16,11 @@ Timestamps are `time.monotonic()` seconds.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.detokenizer import DecodeFn, IncrementalDetokenizer
-from server.engine.mailbox import Mailbox
 from server.engine.scheduler import Entry
 from server.engine.types import FinishReason, GenerationRequest, PromptLogprob, TokenEvent, TopLogprob
 
@@ -33,7 +33,7 @@ class Seq:
     entry: Entry
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
-    events: Mailbox[EventItem]
+    events: asyncio.Queue[EventItem]
     t_arrival: float
     t_queued: float  # handed to the scheduler (after a remote prefetch, if any)
     output: list[int] = field(default_factory=list)
@@ -64,7 +64,7 @@ class Seq:
             entry=Entry(req.request_id, num_prompt=len(req.prompt_tokens)),
             detok=IncrementalDetokenizer(decode, stop=p.stop, prompt_tail=req.prompt_tokens),
             stop_ids=frozenset(stop_ids),
-            events=Mailbox(),
+            events=asyncio.Queue(),
             t_arrival=arrival,
             t_queued=now,
         )

@@ -46,7 +46,7 @@ TEXTS = (
 )
 TOKENS = {1: "Hé", 2: '"q\\', 3: "\n", 4: "🙂", 5: ""}
 
-Script = Sequence[TokenEvent | Exception | list[TokenEvent]]  # a list: events that arrive together
+Script = Sequence[TokenEvent | Exception]
 
 
 class _FakeEngine:
@@ -55,17 +55,12 @@ class _FakeEngine:
     def __init__(self, scripts: dict[str, Script]) -> None:
         self._scripts = scripts
 
-    async def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         for item in self._scripts[req.request_id]:
             await asyncio.sleep(0)
             if isinstance(item, Exception):
                 raise item
-            yield item if isinstance(item, list) else [item]
-
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        async for events in self.generate_batches(req):
-            for event in events:
-                yield event
+            yield item
 
 
 def _event(text: str, token: int | None = 1, **kw: object) -> TokenEvent:
@@ -172,62 +167,3 @@ def test_text_chunks_are_the_schema_bytes_for_every_character(kind: str, usage: 
     fast = chat_text_chunks(spec) if kind == "chat" else completion_text_chunks(spec)
     for index, text in itertools.product((0, 3), _tricky_texts()):
         assert fast(index, text) == _schema_text_chunk(spec, index, text), (index, text)
-
-
-# ---- events that arrive together (a consumer that fell behind) ----------------------------------------
-
-
-def _grouped(script: Script, size: int) -> Script:
-    """The same events, handed over `size` at a time."""
-    events = [e for e in script if isinstance(e, TokenEvent)]
-    return [events[i : i + size] for i in range(0, len(events), size)]
-
-
-def _data(chunks: list[bytes]) -> list[dict[str, Any]]:
-    return [json.loads(c[6:]) for c in chunks if c.startswith(b"data: {")]
-
-
-BATCHES = pytest.mark.parametrize(("size", "logprobs"), list(itertools.product([2, 3, 100], [False, True])))
-
-
-def _received(chunks: list[bytes]) -> tuple[str, list[Any], dict[str, list[Any]], list[Any]]:
-    """What a client received, concatenated: (text, chat logprob entries, the legacy completions logprob
-    lists, finish reasons)."""
-    text, entries, lists, finishes = "", [], {}, []
-    for data in _data(chunks):
-        for choice in data["choices"]:
-            text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-            logprobs = choice.get("logprobs") or {}
-            entries += logprobs.get("content") or []
-            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                lists.setdefault(key, []).extend(logprobs.get(key) or [])
-            finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
-    return text, entries, lists, finishes
-
-
-@BATCHES
-def test_chat_events_that_arrive_together_are_one_chunk_with_every_token_once(
-    size: int, logprobs: bool
-) -> None:
-    script = _with_logprobs() if logprobs else _plain()
-    spec = _spec("chat", usage=True, logprobs=logprobs)
-    one_by_one = asyncio.run(_chat(spec, [script]))
-    grouped = asyncio.run(_chat(spec, [_grouped(script, size)]))
-    assert _received(grouped) == _received(one_by_one)
-    assert len(grouped) < len(one_by_one)
-    assert grouped[-2:] == one_by_one[-2:]  # the usage chunk and [DONE]
-
-
-@BATCHES
-def test_completion_events_that_arrive_together_keep_text_offsets_and_logprobs(
-    size: int, logprobs: bool
-) -> None:
-    script = _with_logprobs() if logprobs else _plain()
-    spec = _spec("cmpl", n=2, usage=True, logprobs=logprobs)
-    echo = ["echo ü", ""]
-    one_by_one = asyncio.run(_completion(spec, [script, script], echo))
-    grouped = asyncio.run(_completion(spec, [_grouped(script, size), script], echo))
-    per_choice = lambda chunks, i: [c for c in chunks if f'"index":{i},'.encode() in c]
-    for i in (0, 1):
-        assert _received(per_choice(grouped, i)) == _received(per_choice(one_by_one, i))
-    assert len(per_choice(grouped, 0)) < len(per_choice(one_by_one, 0))
