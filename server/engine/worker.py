@@ -28,8 +28,15 @@ from torch import Tensor
 from cache.base import CheckpointCache
 from server.engine.prompt_logprobs import chunk_logprobs
 from server.engine.request import Seq
-from server.engine.row_inputs import RowInputsCache
-from server.engine.sampler import SampleOutput, Sampler, TokenCounts, has_penalty
+from server.engine.sampler import (
+    SampleOutput,
+    Sampler,
+    SamplingBatch,
+    TokenCounts,
+    has_penalty,
+    penalised_rows,
+    to_device,
+)
 from server.engine.scheduler import StepPlan
 from server.engine.types import TokenEvent, TopLogprob
 from server.model.runner import ModelRunner, PrefillSeg
@@ -55,7 +62,6 @@ class ModelWorker:
         self.sampler = Sampler()
         self.counts = TokenCounts(runner.max_slots, runner.vocab, runner.device)
         self.vocab_limit = min(vocab_limit or runner.vocab, runner.vocab)
-        self.row_inputs = RowInputsCache(runner.device, self.vocab_limit)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -250,13 +256,16 @@ class ModelWorker:
         """logits (b, v): one (token, logprob, top logprobs) per row. Mutates no request."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        inputs = self.row_inputs.get(rows)  # the previous step's, when the rows are the same
+        params = [s.req.params for s in rows]
+        banned = [s.banned_ids(self.vocab_limit) for s in rows]  # stop ids before min_tokens
+        batch = SamplingBatch.build(params, [s.generator for s in rows], self.device, banned)
+        slots = to_device(torch.tensor([s.slot for s in rows], dtype=torch.long), self.device)
         counts = prompt = None
-        if inputs.penalised is not None:
-            counts, prompt = self.counts.rows(inputs.slots)
-        out = self.sampler.sample(logits, inputs.batch, counts, prompt)
-        if inputs.penalised is not None:  # a 0/1 weight per row, on the device: no host-side row selection
-            self.counts.add(inputs.slots, out.tokens, weights=inputs.penalised)
+        if batch.use_penalties:
+            counts, prompt = self.counts.rows(slots)
+        out = self.sampler.sample(logits, batch, counts, prompt)
+        if batch.use_penalties:  # a 0/1 weight per row, on the device: no host-side row selection
+            self.counts.add(slots, out.tokens, weights=penalised_rows(batch))
         tokens = out.tokens.tolist()  # the step's one host sync
         return [(t, lp, top) for t, (lp, top) in zip(tokens, _host_logprobs(out, len(rows)), strict=True)]
 
