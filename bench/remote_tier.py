@@ -130,7 +130,7 @@ def _remote_fetch(srv: ServerProc) -> tuple[float, float, float]:
     )
 
 
-def breakdown(url: str, shape: str, rounds: int, length: int = 32000) -> list[str]:
+def breakdown(url: str, shape: str, rounds: int, length: int = 32000, dtype: str | None = None) -> list[str]:
     """The remote fetch of one checkpoint of `shape`, step by step, at the cache level (no server): the
     write-through (capture until it is in Redis), a raw GET, verification (checksum, tokens, parse) and the
     whole `prefetch` (find, GET, verify, decode into the local tiers), then the restore into a slot."""
@@ -148,7 +148,7 @@ def breakdown(url: str, shape: str, rounds: int, length: int = 32000) -> list[st
     cfg = ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=demo_vocab())
     pool = StatePool(cfg, 1, torch.bfloat16 if cuda else torch.float32, device)
     spec = pool.spec()
-    remote = RemoteConfig(url, budget=16 * 2**30, prefix="tssc-breakdown")
+    remote = RemoteConfig(url, budget=16 * 2**30, prefix="tssc-breakdown", dtype=dtype)  # type: ignore[arg-type]
 
     def cache() -> StateCache:
         return StateCache(CacheConfig(2**30, 4 * 2**30, device=str(device), remote=remote), spec)
@@ -209,33 +209,21 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu_name()})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--shape", default="demo", help="demo (the bundled model) or a random-weight shape")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2000])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
-    ap.add_argument("--breakdown-rounds", type=int, default=3, help="cache-level rounds (0: none)")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp, redis(args.redis_server, Path(tmp)) as url:
-        model = (
-            Path(default_model_path()) if args.shape == "demo" else write_random_model(Path(tmp), args.shape)
-        )
-        common = ["--model", str(model), "--served-model-name", MODEL]
-        common += ["--max-prompt-tokens", str(max(args.lengths) + 1000), "--shutdown-grace", "1"]
-        flag_sets = [[*common, "--remote-url", url]] * 2 + [[*common, "--no-cache"]]
-        managers = [start_server(flags, timeout=900) for flags in flag_sets]
-        with contextlib.ExitStack() as stack:
-            with ThreadPoolExecutor(3) as pool:
-                futures = [pool.submit(m.__enter__) for m in managers]
-            for manager in managers:
-                stack.push(manager.__exit__)
-            a, b, c = (f.result() for f in futures)
-            texts = Texts(model)
-            rows = [measure(a, b, c, texts, n, args.rounds) for n in args.lengths]
-        size = args.shape if args.shape in SHAPES else "mamba2-130m"
-        steps = breakdown(url, size, args.breakdown_rounds) if args.breakdown_rounds else None
+def http_table(args: argparse.Namespace, url: str, tmp: Path) -> str:
+    """Three real servers: the follow-up table over HTTP."""
+    model = Path(default_model_path()) if args.shape == "demo" else write_random_model(tmp, args.shape)
+    common = ["--model", str(model), "--served-model-name", MODEL]
+    common += ["--max-prompt-tokens", str(max(args.lengths) + 1000), "--shutdown-grace", "1"]
+    flag_sets = [[*common, "--remote-url", url, "--remote-min-tokens", "0"]] * 2 + [[*common, "--no-cache"]]
+    managers = [start_server(flags, timeout=900) for flags in flag_sets]
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(m.__enter__) for m in managers]
+        for manager in managers:
+            stack.push(manager.__exit__)
+        a, b, c = (f.result() for f in futures)
+        texts = Texts(model)
+        rows = [measure(a, b, c, texts, n, args.rounds) for n in args.lengths]
     header = (
         "| conversation tokens | follow-up, local hit | follow-up, remote hit | re-prefill (`--no-cache`) "
         "| remote fetch (find + GET + verify + restore) | checkpoint blob | re-prefill / remote hit "
@@ -246,19 +234,40 @@ def main(argv: list[str] | None = None) -> int:
         f"Remote tier, {args.shape} on {device_name()}, {datetime.date.today()}: p50 of {args.rounds} "
         "follow-ups (`max_tokens` 1, whole request), replicas A and B on one local redis-server"
     )
-    emit(f"**{title}**\n\n" + "\n".join(lines) + "\n", args.out)
-    if steps is not None:
-        head = (
-            "| checkpoint blob (FP16 + tokens) | write-through (capture to in Redis) | GET | verify "
-            "(parse, checksum, tokens) | prefetch (find + GET + verify + decode into local tiers) "
-            "| then lookup + fetch into a slot |"
-        )
-        table = "\n".join([head, "|" + "---|" * 6, "| " + " | ".join(steps) + " |"])
-        note = (
-            f"Remote fetch step by step on {device_name()}: one 32k-token checkpoint of the {size} shape, "
-            f"p50 of {args.breakdown_rounds}"
-        )
-        emit(f"**{note}**\n\n{table}\n", args.out)
+    return f"**{title}**\n\n" + "\n".join(lines) + "\n"
+
+
+def breakdown_table(args: argparse.Namespace, url: str) -> str:
+    size = args.shape if args.shape in SHAPES else "mamba2-130m"
+    head = (
+        f"| checkpoint blob ({args.remote_dtype or 'fp16'} + tokens) | write-through (capture to in Redis) | GET "
+        "| verify (parse, checksum, tokens) | prefetch (find + GET + verify + decode into local tiers) "
+        "| then lookup + fetch into a slot |"
+    )
+    steps = breakdown(url, size, args.breakdown_rounds, dtype=args.remote_dtype)
+    table = "\n".join([head, "|" + "---|" * 6, "| " + " | ".join(steps) + " |"])
+    note = (
+        f"Remote fetch step by step on {device_name()}: one 32k-token checkpoint of the {size} shape, "
+        f"p50 of {args.breakdown_rounds}"
+    )
+    return f"**{note}**\n\n{table}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--shape", default="demo", help="demo (the bundled model) or a random-weight shape")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[2000], help="none: no HTTP part")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    ap.add_argument("--breakdown-rounds", type=int, default=3, help="cache-level rounds (0: none)")
+    ap.add_argument("--remote-dtype", choices=["fp8", "fp16", "bf16", "fp32"], help="of the breakdown's blob")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, redis(args.redis_server, Path(tmp)) as url:
+        if args.lengths:
+            emit(http_table(args, url, Path(tmp)), args.out)
+        if args.breakdown_rounds:
+            emit(breakdown_table(args, url), args.out)
     return 0
 
 
