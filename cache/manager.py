@@ -280,9 +280,10 @@ class StateCache(CheckpointCache):
         self, namespace: str, session: str | None, tokens: Sequence[int], *, tree: str | None = None
     ) -> int:
         """Bring the deepest remote checkpoint of `tree` on the path of `tokens` that is deeper than every
-        local one (by `min_tokens` at least, `RemoteConfig`) into the local tiers (as a capture would; its first `lookup` hit counts `remote_hit`).
-        Blocks on the network: call it off the decode path, before the request's `lookup`. Returns its
-        position, 0 if there is none (or the remote tier is off or failing: the error is counted)."""
+        local one (by `RemoteConfig.min_tokens` at least) into the local tiers, as a capture would; its first
+        `lookup` hit counts `remote_hit`. Blocks on the network: call it off the decode path, before the
+        request's `lookup`. Returns its position; 0 if there is none, or the remote tier is off or failing
+        (errors are counted; while the tier backs off, nothing is tried)."""
         remote, toks = self._remote, tuple(tokens)
         if remote is None or not toks or not remote.available():
             return 0
