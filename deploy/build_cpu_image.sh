@@ -66,6 +66,9 @@ build_wheelhouse() {
   log "wheelhouse -> $WORK/wheels"
   "$PYTHON" -m pip wheel -q -w "$WORK/wheels" "$TORCH_SPEC" .
   "$PYTHON" -m pip download -q -d "$WORK/wheels" "setuptools>=68" wheel
+  # dependencies behind environment markers this host's python does not meet but the image's does:
+  # redis needs async-timeout below Python 3.11.3 (bookworm has 3.11.2)
+  "$PYTHON" -m pip download -q -d "$WORK/wheels" "async-timeout>=4.0.3"
 }
 
 build_image() {
