@@ -27,6 +27,7 @@ ModelDType = Literal["auto", "fp32", "fp16", "bf16"]
 HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
 ColdDType = Literal["fp16", "bf16", "fp32"]
 RemoteDType = Literal["fp8", "fp16", "bf16", "fp32"]
+RemoteCheckpoints = Literal["ends", "finish", "all"]
 StateDType = Literal["fp32", "bf16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["auto", "text", "json"]
@@ -93,9 +94,10 @@ class Settings(BaseSettings):
     remote_dtype: RemoteDType | None = Field(
         None, description="Remote tier storage precision (default: the cold tier's)."
     )
-    remote_all_checkpoints: bool = Field(
-        False,
-        description="Write every checkpoint to the remote tier, not only message ends, prompt ends and finishes.",
+    remote_checkpoints: RemoteCheckpoints = Field(
+        "ends",
+        description="Which checkpoints are written to the remote tier: ends (message ends, prompt ends and "
+        "finishes), finish (finishes only: a third of the write bandwidth), all (interval ones too).",
     )
     remote_password: SecretStr | None = Field(
         None, description="Redis AUTH password (prefer the environment variable or --remote-password-file)."

@@ -71,6 +71,14 @@ def build_cache(
     return cache
 
 
+# capture reasons written through to the remote tier, per --remote-checkpoints
+REMOTE_REASONS = {
+    "ends": {"boundary", "prompt", "finish"},
+    "finish": {"finish"},
+    "all": {"boundary", "prompt", "finish", "interval"},
+}
+
+
 def remote_config(settings: Settings, device: torch.device) -> RemoteConfig | None:
     """The remote tier's configuration from the `--remote-*` flags (None: no `--remote-url`). On CUDA a
     fetch below 16k tokens of gain is not made by default: an H200 prefills that faster than it fetches
@@ -79,7 +87,7 @@ def remote_config(settings: Settings, device: torch.device) -> RemoteConfig | No
         return None
     from cache.config import RemoteConfig
 
-    reasons = {"boundary", "prompt", "finish"} | ({"interval"} if settings.remote_all_checkpoints else set())
+    reasons = REMOTE_REASONS[settings.remote_checkpoints]
     return RemoteConfig(
         settings.remote_url,
         budget=int(settings.remote_bytes),
