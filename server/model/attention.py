@@ -5,8 +5,8 @@ q/kv consecutive query heads), dh head dim, r rotary dims (the leading r of each
 
 `KVCache` is the contract between an attention layer and wherever its keys and values live. Here it is
 `ContiguousKV`: one tensor per layer, all rows at the same position, grown by concatenation (O(p) a
-step; fine on the CPU path). A paged pool (fixed-size blocks plus a block table per slot) implements the
-same two members.
+step; fine on the CPU path). The paged pool in `paged_kv.py` (fixed-size blocks plus a block table per
+sequence) implements the same two members.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ Rope = tuple[Tensor, Tensor]  # cos, sin: (l, r) in the model dtype
 
 
 class KVCache(Protocol):
-    """One attention layer's keys and values for positions [0, length) of b rows. Values are immutable:
-    `attend` returns the extended cache and leaves this one as it was, so a state can be resumed twice."""
+    """One attention layer's keys and values for positions [0, length) of b rows. `attend` returns the
+    extended cache and never changes what this one holds in [0, length). `ContiguousKV` is a value, so a
+    state can be resumed twice; a paged view (`paged_kv.PagedLayerKV`) appends in place and refuses to
+    resume an older view (fork the sequence to continue a prefix two ways)."""
 
     @property
     def length(self) -> int: ...
