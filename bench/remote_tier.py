@@ -138,7 +138,7 @@ def breakdown(url: str, shape: str, rounds: int, length: int = 32000, dtype: str
 
     from bench._common import demo_vocab
     from cache import CacheConfig, RemoteConfig, StateCache
-    from cache.remote import decode_blob
+    from cache.remote import decode_blob, prefix_hashes
     from server.model.config import ModelConfig
     from server.model.state import StatePool
 
@@ -170,7 +170,7 @@ def breakdown(url: str, shape: str, rounds: int, length: int = 32000, dtype: str
         store = writer._remote
         assert store is not None
         client = store.client
-        (key,) = [k for k in client.scan_iter(match=f"{store.prefix}c:*:{length}:*") if _holds(client, k, r)]
+        key = store.blob_key("ns", length, prefix_hashes(tokens, [length])[length])
         t0 = time.perf_counter()
         blob = client.get(key)
         steps["get"].append(time.perf_counter() - t0)
@@ -193,14 +193,6 @@ def breakdown(url: str, shape: str, rounds: int, length: int = 32000, dtype: str
         client.delete(key)
     p50 = {k: statistics.median(v) * 1e3 for k, v in steps.items()}
     return [f"{nbytes / 2**20:.1f} MiB", *(f"{p50[k]:.1f} ms" for k in steps)]
-
-
-def _holds(client: Any, key: bytes, first: int) -> bool:
-    """Whether blob `key` is this round's (its token prefix starts with `first`)."""
-    from safetensors.torch import load
-
-    blob = client.get(key)
-    return blob is not None and int(load(blob)["tokens"][0]) == first
 
 
 def device_name() -> str:

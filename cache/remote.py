@@ -244,7 +244,8 @@ class RemoteStore:
 
     # ---- keys ------------------------------------------------------------------------------------------
 
-    def _blob_key(self, tree: str, position: int, digest: str) -> str:
+    def blob_key(self, tree: str, position: int, digest: str) -> str:
+        """The key of the blob of a prefix of `tree` (`digest`: its `prefix_hashes` entry)."""
         return f"{self.prefix}c:{_hash(tree)}:{position}:{digest}"
 
     def _session_key(self, namespace: str, session: str | None) -> str:
@@ -263,7 +264,7 @@ class RemoteStore:
         """Store a blob for `tokens` of `tree`, referenced by the session; the accounted bytes written
         (0: it existed already, or does not fit the budget), None on failure."""
         p = self.prefix
-        key = self._blob_key(tree, len(tokens), prefix_hashes(tokens, [len(tokens)])[len(tokens)])
+        key = self.blob_key(tree, len(tokens), prefix_hashes(tokens, [len(tokens)])[len(tokens)])
         keys = [
             key,
             p + "lru",
@@ -306,7 +307,7 @@ class RemoteStore:
             return None
         wanted = [int(x) for x in positions]
         digests = prefix_hashes(tokens, wanted)
-        keys = [self._blob_key(tree, pos, digests[pos]) for pos in wanted]
+        keys = [self.blob_key(tree, pos, digests[pos]) for pos in wanted]
 
         def exists() -> list[int]:
             pipe = self.client.pipeline(transaction=False)

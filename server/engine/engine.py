@@ -185,10 +185,7 @@ class Engine:
             self._abort(seq)
 
     def _validate(self, req: GenerationRequest) -> None:
-        if not self.ready:
-            raise EngineNotReady("the engine is not running")
-        if self._closing is not None:
-            raise EngineShutdown(self._closing)
+        self._check_admissible(req)
         if not req.prompt_tokens:
             raise ValueError("the prompt is empty")
         vocab, prompt = self._worker.vocab_limit, req.prompt_tokens
@@ -196,6 +193,13 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if any(t >= vocab for t, _ in req.params.logit_bias):
             raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
+
+    def _check_admissible(self, req: GenerationRequest) -> None:
+        """What can change while a request awaits its prefetch: the engine's state, and its id's use."""
+        if not self.ready:
+            raise EngineNotReady("the engine is not running")
+        if self._closing is not None:
+            raise EngineShutdown(self._closing)
         if req.request_id in self._seqs:
             raise ValueError(f"duplicate request id {req.request_id!r}")
 
@@ -214,7 +218,7 @@ class Engine:
         self._metrics.observe_phase("remote", time.monotonic() - started)
 
     def _submit(self, req: GenerationRequest) -> Seq:
-        self._validate(req)  # again: the engine may have started closing during the prefetch
+        self._check_admissible(req)  # again: the engine may have started closing during the prefetch
         seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic())
         self._scheduler.add(seq.entry)
         self._seqs[req.request_id] = seq
