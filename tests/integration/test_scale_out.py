@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -201,3 +202,40 @@ def test_what_redis_holds_stays_within_the_remote_budget(replicas: Replica, rds:
     used = int(client.get(f"tssc:{prefixes.pop()}:used") or 0)
     assert 0 < used <= budget
     assert metric(a.base_url, "tssc_state_cache_bytes", tier="remote") == used
+
+
+def test_hostile_clients_on_one_session_of_a_remote_replica(replicas: Replica, rds: RedisProc) -> None:
+    """Streams cut mid-way and complete ones, all on one odd session id, against two replicas sharing Redis,
+    with Redis killed half-way: every request that stayed connected succeeds, and the servers stay healthy."""
+    a, b = replicas(), replicas()
+    header = {"X-Session-ID": "会话/a%b"}  # multi-byte, a slash and a percent sign
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hostile"}], "max_tokens": 24}
+
+    def cut(base: str) -> None:
+        stream = {**body, "stream": True}
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json=stream, headers=_encoded(header), timeout=60
+        ) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())  # one chunk, then the client goes away
+
+    def complete(base: str) -> int:
+        resp = httpx.post(base + "/v1/chat/completions", json=body, headers=_encoded(header), timeout=120)
+        return resp.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(cut if i % 2 else complete, (a, b)[i % 3 == 0].base_url) for i in range(16)]
+        rds.kill()
+        jobs += [pool.submit(complete, srv.base_url) for srv in (a, b) for _ in range(3)]
+        codes = [j.result() for j in jobs]
+    assert all(code == 200 for code in codes if code is not None)
+    for srv in (a, b):
+        assert httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
+        _until(lambda srv=srv: metric(srv.base_url, "tssc_requests_running") == 0)  # no slot leaked
+
+
+def _encoded(header: dict[str, str]) -> dict[str, str]:
+    """The session header percent-encoded as UTF-8, as the server reads it."""
+    from urllib.parse import quote
+
+    return {k: quote(v, safe="") for k, v in header.items()}
