@@ -63,6 +63,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,16 @@ def verdict(rows: Sequence[Comparison]) -> list[str]:
 
 
 def evaluate(
-    model: Path, questions: Sequence[Question], servers: Sequence[str], plan: Plan
+    model: Path, questions: Sequence[Question], servers: Sequence[str], plan: Plan, parallel: bool = False
 ) -> list[Comparison]:
-    runs = {name: run_server(name, model, questions, plan) for name in servers}
+    """Every server's run, one after another or (`parallel`) all at once, each server still answering its
+    own requests one at a time in order: a server's answers do not depend on what else runs on the device."""
+    if parallel:
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            futures = {name: pool.submit(run_server, name, model, questions, plan) for name in servers}
+            runs = {name: f.result() for name, f in futures.items()}
+    else:
+        runs = {name: run_server(name, model, questions, plan) for name in servers}
     ref = runs[REFERENCE]
     return [compare(ref, r, questions) for r in runs.values()]
 
@@ -326,7 +334,7 @@ def report(model: Path, args: argparse.Namespace) -> tuple[str, list[Comparison]
     questions = load_questions(model, args)
     servers = [REFERENCE, *(s for s in args.servers if s != REFERENCE)]
     plan = Plan(args.tokens, args.restore_gap, tuple(args.server_args))
-    rows = evaluate(model, questions, servers, plan)
+    rows = evaluate(model, questions, servers, plan, args.parallel)
     files = len({q.path for q in questions})
     conts = sum(q.continuation for q in questions)
     title = f"Cache effect on answers: {model.name} ({_machine()}, {datetime.date.today().isoformat()})"
@@ -402,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     ap.add_argument(
         "--server-args", nargs=argparse.REMAINDER, default=[], help="passed to every server (last)"
+    )
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the servers side by side (each still one request at a time)",
     )
     ap.add_argument("--lm-eval", action="store_true", help="also run the next-line task through lm-eval")
     ap.add_argument("--json", type=Path, help="write the comparisons here as JSON")

@@ -1,6 +1,7 @@
 """bench/eval_cache.py end to end at a tiny size against real servers on the bundled model: the report has
 one row per server in both tables, and the lossless control (fp32 tiers) restores checkpoints yet answers
-exactly as --no-cache does (the same choices, the same continuation tokens, KL at fp32 rounding)."""
+exactly as --no-cache does (the same choices, the same continuation tokens, KL at fp32 rounding), with the
+servers run side by side (`--parallel`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def _run(tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
         "400",
         "--restore-gap",
         "2",
+        "--parallel",  # the servers side by side, as on the GPU: each still answers in order
     ]
     assert main([*argv, "--out", str(out), "--json", str(js), "--servers", *SERVERS]) == 0
     return out.read_text(), json.loads(js.read_text())
