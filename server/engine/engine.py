@@ -69,6 +69,7 @@ class _NoMetrics:
 class EngineConfig:
     max_slots: int  # live slots, at most the runner's
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
+    decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
 
 
 class Engine:
@@ -89,7 +90,10 @@ class Engine:
         self._runner, self._tokenizer, self._cache = runner, tokenizer, cache
         self._metrics: RequestMetrics = metrics if metrics is not None else _NoMetrics()
         self._worker = ModelWorker(runner, cache, vocab_limit=tokenizer.vocab_size)
-        self._scheduler = Scheduler(SchedulerConfig(self.config.max_slots, self.config.prefill_budget))
+        cfg = self.config
+        self._scheduler = Scheduler(
+            SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget)
+        )
         self._seqs: dict[str, Seq] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None

@@ -35,13 +35,15 @@ class ServingDefaults:
 
     prefill_budget: int
     checkpoint_interval: int
+    decode_prefill_budget: int  # the prefill budget of a step in which some request decodes
 
     @classmethod
     def resolve(cls, settings: Settings, device: torch.device, chunk: int) -> ServingDefaults:
         cuda = device.type == "cuda"
         budget = settings.prefill_budget or (8192 if cuda else 512)
         interval = settings.checkpoint_interval or (4096 if cuda else 256)
-        return cls(budget, -(-interval // chunk) * chunk)
+        decoding = settings.decode_prefill_budget or (min(budget, 2048) if cuda else budget)
+        return cls(budget, -(-interval // chunk) * chunk, decoding)
 
 
 def build_cache(
@@ -169,14 +171,15 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
     log.info(
-        "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d, checkpoint interval %d, "
-        "cache %s",
+        "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d (%d while decoding), "
+        "checkpoint interval %d, cache %s",
         settings.model_name,
         device,
         dtype,
         settings.state_dtype,
         settings.max_num_seqs,
         defaults.prefill_budget,
+        defaults.decode_prefill_budget,
         defaults.checkpoint_interval,
         "off" if cache is None else "on",
     )
@@ -185,5 +188,9 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         tokenizer,
         cache,
         metrics=metrics,
-        config=EngineConfig(max_slots=settings.max_num_seqs, prefill_budget=defaults.prefill_budget),
+        config=EngineConfig(
+            max_slots=settings.max_num_seqs,
+            prefill_budget=defaults.prefill_budget,
+            decode_prefill_budget=defaults.decode_prefill_budget,
+        ),
     )

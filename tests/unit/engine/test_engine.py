@@ -224,12 +224,18 @@ async def test_metrics_record_cached_and_computed_prompt_tokens(model_dir: Path)
 
 async def test_build_engine_from_settings_serves_a_chat(model_dir: Path) -> None:
     settings = Settings(
-        model=str(model_dir), device="cpu", max_num_seqs=2, hot_dtype="fp32", prefill_budget=7
+        model=str(model_dir),
+        device="cpu",
+        max_num_seqs=2,
+        hot_dtype="fp32",
+        prefill_budget=7,
+        decode_prefill_budget=5,
     )
     metrics = Metrics(process_collectors=False)
     engine = await asyncio.to_thread(build_engine, settings, metrics)
     assert engine.cache is not None and not engine.ready
     assert engine.config.prefill_budget == 7 and engine.config.max_slots == 2
+    assert engine.config.decode_prefill_budget == 5
     tokens, boundaries = engine.tokenizer.encode_chat([{"role": "user", "content": "hello world"}])
     async with _running(engine):
         assert engine.ready

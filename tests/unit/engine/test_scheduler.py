@@ -10,8 +10,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from server.engine.scheduler import Entry, Scheduler, SchedulerConfig
 
 
-def _make(max_slots: int = 2, budget: int = 16) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_slots=max_slots, prefill_budget=budget))
+def _make(max_slots: int = 2, budget: int = 16, decode_budget: int | None = None) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_slots, prefill_budget=budget, decode_prefill_budget=decode_budget))
 
 
 def _run_step(s: Scheduler) -> None:
@@ -68,6 +68,29 @@ def test_prefill_budget_is_split_oldest_first_and_chunked() -> None:
     assert [e.request_id for e in plan.decodes] == ["a"]
 
 
+def test_the_decode_budget_caps_prefill_only_while_someone_decodes() -> None:
+    s = _make(max_slots=3, budget=10, decode_budget=4)
+    s.add(Entry("a", num_prompt=8))
+    s.admit()
+    (chunk,) = s.plan().prefills
+    assert (chunk.start, chunk.end) == (0, 8)  # nobody decodes: the whole budget
+    s.advance(chunk.entry, 8)
+    s.add(Entry("b", num_prompt=9))
+    s.add(Entry("c", num_prompt=9))
+    s.admit()
+    plan = s.plan()
+    assert [e.request_id for e in plan.decodes] == ["a"]
+    assert [(c.entry.request_id, c.start, c.end) for c in plan.prefills] == [("b", 0, 4)]
+    s.finish("a")
+    plan = s.plan()  # the decoder left: back to the full budget
+    assert [(c.entry.request_id, c.start, c.end) for c in plan.prefills] == [("b", 0, 9), ("c", 0, 1)]
+
+
+def test_a_decode_budget_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_prefill_budget"):
+        SchedulerConfig(max_slots=1, prefill_budget=8, decode_prefill_budget=0)
+
+
 def test_cached_prefix_shortens_the_prefill() -> None:
     s = _make(max_slots=1, budget=100)
     s.add(Entry("a", num_prompt=50))
@@ -115,9 +138,11 @@ def test_no_starvation_under_continuous_arrivals() -> None:
 class SlotMachine(RuleBasedStateMachine):
     """Random add / admit / step / finish / abort sequences never leak or double-book a slot."""
 
-    @initialize(max_slots=st.integers(1, 5), budget=st.integers(1, 20))
-    def setup(self, max_slots: int, budget: int) -> None:
-        self.s = _make(max_slots, budget)
+    @initialize(
+        max_slots=st.integers(1, 5), budget=st.integers(1, 20), decode_budget=st.none() | st.integers(1, 20)
+    )
+    def setup(self, max_slots: int, budget: int, decode_budget: int | None) -> None:
+        self.s = _make(max_slots, budget, decode_budget)
         self.max_slots = max_slots
         self.next_id = 0
         self.known: list[str] = []
@@ -173,7 +198,8 @@ class SlotMachine(RuleBasedStateMachine):
     @invariant()
     def plan_respects_the_budget(self) -> None:
         plan = self.s.plan()
-        assert sum(c.end - c.start for c in plan.prefills) <= self.s.config.prefill_budget
+        budget = self.s.config.budget(decoding=bool(plan.decodes))
+        assert sum(c.end - c.start for c in plan.prefills) <= budget
         assert not {id(c.entry) for c in plan.prefills} & {id(e) for e in plan.decodes}
 
     def teardown(self) -> None:
