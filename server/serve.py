@@ -75,6 +75,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(_settings_error(exc) + "\n")
         return 2
     configure_logging(settings.log_level_int, session_ids=settings.log_session_ids, fmt=settings.log_format)
+    apply_switch_interval(settings)
     failed: list[bool] = []
     server: DrainingServer | None = None
 
@@ -99,6 +100,14 @@ def serve(argv: Sequence[str] | None = None) -> int:
         _report_load_failure(app.state.tssc)
         return 1
     return 0
+
+
+def apply_switch_interval(settings: Settings) -> None:
+    """The HTTP event loop and the engine's worker thread share the interpreter lock: a thread that wants
+    it back (the worker after every torch call, which releases it) waits up to the switch interval
+    while the other runs Python. A shorter interval hands it over sooner."""
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
 
 def _log_start(settings: Settings) -> None:

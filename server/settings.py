@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="Prompt tokens prefilled per engine step over all requests (chunked prefill); "
         "default 512 on CPU, 8192 on CUDA.",
     )
+    decode_prefill_budget: int | None = Field(
+        None,
+        ge=1,
+        description="The same, in steps where some request is decoding: smaller keeps their inter-token "
+        "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
+    )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
@@ -133,6 +139,13 @@ class Settings(BaseSettings):
     max_messages: int = Field(1000, ge=1, description="Most messages a chat request may carry.")
     shutdown_grace: float = Field(
         15.0, ge=0, description="Seconds running requests get to finish after SIGTERM before they are ended."
+    )
+    gil_switch_interval_ms: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval: how long the engine's worker thread may wait for the "
+        "interpreter lock while the HTTP thread holds it; default Python's 5 ms.",
     )
     log_level: LogLevel = Field("info", description="Logging level.")
     log_format: LogFormat = Field(
