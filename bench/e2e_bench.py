@@ -496,17 +496,23 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
 
 
 def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
-    """In-process phases first (upstream, the runner's step), then the servers with the GPU to themselves."""
+    """In-process phases first (upstream, the runner's step), then the servers with the GPU to themselves:
+    once per `--variants` entry (extra flags of the cache server), each variant's servers in turn."""
     model_dir, done = in_process(ctx, shape, tmp)
-    flag_sets = [server_flags(ctx.plan, ctx.args.cache_args, cache=True)]
-    if "followup" in ctx.args.sections:
-        flag_sets.append(server_flags(ctx.plan, ctx.args.cache_args, cache=False))
-    header(ctx, shape, model_dir, flag_sets)
-    if ctx.args.sections <= {"step"}:
-        ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
-        return
-    with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: served sections"):
-        serve_sections(ctx, started, Texts(model_dir), done)
+    for variant in ctx.args.variants or [""]:
+        if ctx.budget.over():
+            print(f"skipped variant {variant!r}: past --deadline", flush=True)
+            continue
+        cache_args = f"{ctx.args.cache_args} {variant}".strip()
+        flag_sets = [server_flags(ctx.plan, cache_args, cache=True)]
+        if "followup" in ctx.args.sections:
+            flag_sets.append(server_flags(ctx.plan, cache_args, cache=False))
+        header(ctx, shape, model_dir, flag_sets)
+        if ctx.args.sections <= {"step"}:
+            ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
+            return
+        with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: {variant}"):
+            serve_sections(ctx, started, Texts(model_dir), done)
 
 
 def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InProcess) -> None:
@@ -556,6 +562,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.set_defaults(plan="full")
     parser.add_argument(
         "--cache-args", help="extra flags of the cache server (GPU default: 4GiB hot, 8GiB cold)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        help="served sections once per entry, each entry extra flags of the cache server ('' for none), "
+        "against the same upstream and runner step",
     )
     parser.add_argument("--client-procs", type=int, help="client processes (default: the plan's)")
     parser.add_argument("--deadline", type=float, default=3600.0, help="seconds; no section starts after it")

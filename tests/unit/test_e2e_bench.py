@@ -23,13 +23,13 @@ TABLES = {
 }  # fmt: skip
 
 
-def _run_smoke(out: Path) -> str:
+def _run_smoke(out: Path, *extra: str) -> str:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.e2e_bench", "--shape", "demo", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench.e2e_bench", "--shape", "demo", "--smoke", "--out", str(out), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -72,3 +72,14 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     followup = _table(tables, "follow-up turn")
     assert [row[0] for row in followup[1:]] == ["256", "512"]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in followup[1:])
+
+
+@pytest.mark.slow
+def test_variants_serve_the_sections_once_per_flag_set(tmp_path: Path) -> None:
+    text = _run_smoke(
+        tmp_path / "bench.md", "--sections", "tput", "--variants", "", "--decode-prefill-budget 8"
+    )
+    servers = [line for line in text.splitlines() if line.startswith("cache server:")]
+    assert len(servers) == 2 and "--decode-prefill-budget" not in servers[0]
+    assert servers[1].endswith("--decode-prefill-budget 8`")
+    assert text.count("### throughput and latency") == 2
