@@ -38,7 +38,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -52,6 +52,51 @@ HitScope = Literal["session", "shared"]  # a hit: the session's own checkpoint, 
 LookupScope = Literal["session", "shared", ""]  # "" for a miss
 StateSpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The attention KV of a hybrid model (Mamba2 + attention): per token, keys and values of `n_layers`
+    attention layers, `n_kv_heads` heads of `head_dim`, in `dtype` (the model's). The cache stores it in
+    blocks of `block_size` tokens: `(n_layers, 2, block_size, n_kv_heads, head_dim)`, 0 = keys, 1 = values.
+    Plain numbers: the cache never sees the model's pool (`cache.kv_blocks`)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if min(self.n_layers, self.n_kv_heads, self.head_dim, self.block_size) < 1:
+            raise ValueError(f"every KV dimension must be >= 1: {self}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"KV dtype must be a float dtype, not {self.dtype}")
+
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """(L, 2, s, kv, dh)"""
+        return (self.n_layers, 2, self.block_size, self.n_kv_heads, self.head_dim)
+
+
+class KVSource(Protocol):
+    """A live sequence's attention KV, read at capture (e.g. `server.model.paged_kv.PagedKV`)."""
+
+    @property
+    def length(self) -> int:
+        """Tokens it holds."""
+        ...
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Keys and values of positions [start, end): (L, 2, end - start, kv, dh), on the cache device."""
+        ...
+
+
+class KVSink(Protocol):
+    """A live sequence a restore writes its attention KV into (empty before the restore)."""
+
+    def append(self, kv: torch.Tensor) -> None:
+        """Append positions [length, length + n): kv (L, 2, n, kv, dh) in the model dtype."""
+        ...
 
 
 class CheckpointUnavailable(RuntimeError):
@@ -141,6 +186,49 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode_into(self, data: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
         """Write the decoded values into `out (..., D)` (any float dtype, same device as data)."""
+
+
+class Attachment:
+    """The tier contract for data a checkpoint holds beside its state in the hot and cold tiers, shared
+    between checkpoints (a hybrid model's attention KV: `cache.kv_blocks`). The default holds nothing (a
+    pure SSM model). Bookkeeping only: `Book` and `Tiers` call it under the cache lock.
+
+    Lifecycle of checkpoint `cid`: `bind` once, before it gets any copy; per tier, `reserve` then either
+    `commit` (the tier made room) or `drop`; `drop` again when its copy leaves the tier (by eviction,
+    demotion out of the hot window, or freeing); `unbind` once it is forgotten (no copy left).
+    Budgets: `used(tier)` counts in the tier's byte budget together with the state blocks. Eviction
+    safety: what a copy holds is released by `drop` alone, so nothing a kept copy needs is ever freed.
+    """
+
+    def bind(self, cid: int, tree: str, tokens: tuple[int, ...]) -> None:
+        """Checkpoint `cid` of `tree` after `tokens` is being captured."""
+        return None
+
+    def reserve(self, cid: int, tier: Tier) -> int:
+        """The bytes `tier` must find for the copy of `cid`, beyond what it stores already; what it stores
+        already is held for `cid` from now on (evicting other copies cannot free it)."""
+        return 0
+
+    def commit(self, cid: int, tier: Tier) -> None:
+        """The tier has room for `reserve`'s bytes: take them (written by the capture, outside the lock)."""
+        return None
+
+    def drop(self, cid: int, tier: Tier) -> int:
+        """The copy of `cid` left `tier` (or its reservation failed): release what no other copy there
+        holds; return the bytes freed. A no-op for a tier where `cid` holds nothing."""
+        return 0
+
+    def unbind(self, cid: int) -> None:
+        """Checkpoint `cid` is forgotten (it holds nothing in any tier)."""
+        return None
+
+    def used(self, tier: Tier) -> int:
+        """Bytes held in `tier`."""
+        return 0
+
+    def held(self, cid: int, tier: Tier) -> int:
+        """Bytes the copy of `cid` in `tier` references, shared ones included (reports)."""
+        return 0
 
 
 class CheckpointCache(abc.ABC):

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cache.arena import BlockArena
-from cache.base import TIERS, HitScope, Lease, LookupResult, LookupScope, MissCause, Tier
+from cache.base import TIERS, Attachment, HitScope, Lease, LookupResult, LookupScope, MissCause, Tier
 from cache.checkpoint import Checkpoint, SessionKey
 from cache.config import CacheConfig
 from cache.disk import DiskRecord, DiskStore
@@ -46,9 +46,10 @@ class Book:
         cold: BlockArena | None,
         cold_layout: BlockLayout,
         store: DiskStore | None,
+        extra: Attachment | None = None,
     ) -> None:
         self.config = config
-        self.tiers = Tiers(hot, cold, DiskTier(store, config.disk_bytes, cold_layout))
+        self.tiers = Tiers(hot, cold, DiskTier(store, config.disk_bytes, cold_layout), extra)
         self.arenas = self.tiers.arenas
         self.disk = self.tiers.disk
         self.index = CheckpointIndex(config.max_ghosts)
@@ -86,13 +87,14 @@ class Book:
         node = self.index.node(tree, tokens)
         cp = Checkpoint(self._new_id(), tree, key, node, len(tokens), reason, now, now, pins=1)
         self.index.add(cp)  # first: evictions below cannot forget its tree (and its ghosts) or session
+        self.tiers.extra.bind(cp.cid, tree, tokens)
         self._cap_sessions(key)
         self._make_window_room(key)
-        cp.hot, cp.cold = self._alloc("hot", key[0]), self._alloc("cold", key[0])
+        cp.hot, cp.cold = self._alloc("hot", cp), self._alloc("cold", cp)
         if cp.tiers():
             return cp
         self.index.kill(cp)
-        self.index.forget(cp)
+        self._forget(cp)
         return None
 
     def _share(self, cp: Checkpoint, key: SessionKey) -> None:
@@ -170,7 +172,7 @@ class Book:
         elif cp.spill_failed:
             self._lose_copy(cp, "disk")
         elif cp.published and not cp.tiers():  # its only copy, a disk file, was found corrupt while leased
-            self.index.forget(cp)
+            self._forget(cp)
         self.enforce_budgets()
 
     # ---- sessions ------------------------------------------------------------------------------------
@@ -196,13 +198,22 @@ class Book:
             while self.tiers.over(tier) and self._evict_one(tier):
                 pass
 
-    def _alloc(self, tier: Tier, namespace: str) -> int | None:
-        arena = self.arenas[tier]
+    def _alloc(self, tier: Tier, cp: Checkpoint) -> int | None:
+        """A state block of `tier` for `cp`, with room for its attachment there (evicting as needed)."""
+        arena, namespace = self.arenas[tier], cp.namespace
         if arena is None:
             return None
-        block = self.tiers.take_block(tier, namespace)
+        extra = self.tiers.extra.reserve(cp.cid, tier)
+        if arena.block_bytes + extra > arena.target * arena.block_bytes:  # could never fit: evict nothing
+            self.tiers.extra.drop(cp.cid, tier)
+            return None
+        block = self.tiers.take_block(tier, namespace, extra)
         while block is None and arena.target > 0 and self._evict_one(tier, namespace):
-            block = self.tiers.take_block(tier, namespace)
+            block = self.tiers.take_block(tier, namespace, extra)
+        if block is None:
+            self.tiers.extra.drop(cp.cid, tier)
+        else:
+            self.tiers.extra.commit(cp.cid, tier)
         return block
 
     def _evict_one(self, tier: Tier, requester: str | None = None) -> bool:
@@ -306,12 +317,16 @@ class Book:
         """Drop one copy by eviction or failure; a checkpoint left with none is forgotten (a ghost)."""
         self.tiers.drop(cp, tier)
         if not cp.tiers():
-            self.index.forget(cp)
+            self._forget(cp)
 
     def _free(self, cp: Checkpoint) -> int:
         freed = sum(self.tiers.drop(cp, t) for t in TIERS)
-        self.index.forget(cp)
+        self._forget(cp)
         return freed
+
+    def _forget(self, cp: Checkpoint) -> None:
+        self.index.forget(cp)
+        self.tiers.extra.unbind(cp.cid)
 
     def _new_id(self) -> int:
         self._next_id += 1

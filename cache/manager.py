@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,9 @@ from cache.base import (
     CheckpointCache,
     CheckpointUnavailable,
     FetchTier,
+    KVSink,
+    KVSource,
+    KVSpec,
     Lease,
     State,
     StateSpec,
@@ -39,6 +43,7 @@ from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import DiskWork, Spill
 from cache.io_worker import IoWorker
+from cache.kv_blocks import KVBlocks
 from cache.layout import BlockLayout
 from cache.policy import capture_positions
 from cache.remote import RemoteStore, encode_blob
@@ -51,9 +56,21 @@ MAX_QUEUED_IO = 8
 
 
 class StateCache(CheckpointCache):
-    """Tiered checkpoint store for one model (one state spec). Thread-safe; see `cache.base`."""
+    """Tiered checkpoint store for one model (one state spec). Thread-safe; see `cache.base`.
 
-    def __init__(self, config: CacheConfig, spec: StateSpec, observer: CacheObserver | None = None) -> None:
+    A hybrid model (Mamba2 + attention) passes `kv`, its attention KV's shape: each checkpoint then holds
+    its KV prefix too, in shared blocks (`cache.kv_blocks`), captured from a `KVSource` and restored into a
+    `KVSink`. Hybrids have no disk or remote tier yet (their files and blobs would lack the KV)."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        spec: StateSpec,
+        observer: CacheObserver | None = None,
+        kv: KVSpec | None = None,
+    ) -> None:
+        if kv is not None and (config.disk_enabled or config.remote is not None):
+            raise ValueError("a hybrid model's cache has no disk or remote tier yet: the KV would be lost")
         self.config = config
         self.device = torch.device(config.device)
         self.spec = {name: (tuple(shape), dtype) for name, (shape, dtype) in spec.items()}
@@ -66,7 +83,8 @@ class StateCache(CheckpointCache):
         self._capture_samples = sample_deques(config.latency_samples)["hot"]
         self._lock = threading.Lock()
         st = self._storage
-        self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store)
+        self._kv = KVBlocks(kv, st.cold_layout.codec.storage_dtype, st.transfers) if kv is not None else None
+        self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store, self._kv)
         self._io = IoWorker()  # its thread runs only while file I/O is queued
         self._load_disk()
         self._remote: RemoteStore | None = None
@@ -107,11 +125,17 @@ class StateCache(CheckpointCache):
         self._dispatch()
         return lease
 
-    def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
+    def fetch(
+        self, lease: Lease, out: State | None = None, kv: KVSink | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`CheckpointCache.fetch`; a hybrid's also appends the KV of [0, position) to `kv` (required)."""
         result = self._storage.check_out(out) if out is not None else self.hot_layout.empty_state(self.device)
+        if self._kv is not None and not callable(getattr(kv, "append", None)):
+            raise ValueError("a hybrid checkpoint restores its attention KV too (kv=, a KVSink)")
         with self._lock:
             cp = self._book.leased(lease)
             source = self._storage.source(self._book.arenas, cp, lease.tier)
+            blocks = self._kv.reads(cp.cid, lease.tier) if self._kv is not None else []
         token = self._recorder.start()
         try:
             fence = self._storage.read(lease.tier, cp, source, result)
@@ -123,6 +147,8 @@ class StateCache(CheckpointCache):
             self._run_io(work)
             self._dispatch()
             raise CheckpointUnavailable(str(exc)) from exc
+        if self._kv is not None and kv is not None:
+            self._kv.read(blocks, cp.ready, kv)
         with self._lock:
             if isinstance(fence, torch.cuda.Event):
                 cp.fences[lease.tier] = fence
@@ -134,11 +160,8 @@ class StateCache(CheckpointCache):
         return result
 
     def release(self, lease: Lease) -> None:
-        with self._lock:
-            self._book.end_lease(lease)
-            work = self._book.disk.take()
-        self._run_io(work)
-        self._dispatch()
+        with self._booking() as book:
+            book.end_lease(lease)
 
     def capture(
         self,
@@ -149,8 +172,11 @@ class StateCache(CheckpointCache):
         *,
         reason: str,
         tree: str | None = None,
+        kv: KVSource | None = None,
     ) -> bool:
-        return self._store((namespace, session), tuple(tokens), state, reason, tree, remote_copy=False)
+        """`CheckpointCache.capture`; a hybrid's also stores the KV of [0, len(tokens)) read from `kv`
+        (required; only the blocks its tiers lack are read)."""
+        return self._store((namespace, session), tuple(tokens), state, reason, tree, False, kv)
 
     def _store(
         self,
@@ -160,11 +186,13 @@ class StateCache(CheckpointCache):
         reason: str,
         tree: str | None,
         remote_copy: bool,
+        kv: KVSource | None = None,
     ) -> bool:
         """`capture`; `remote_copy`: the state came from the remote tier (its first hit counts as remote, and
         it is not written back)."""
         namespace = key[0]
         values = self._storage.check_state(state)
+        kv_source = self._kv.check_source(kv, len(toks)) if self._kv is not None else None
         if not toks:
             return False
         token = self._recorder.start()
@@ -172,19 +200,25 @@ class StateCache(CheckpointCache):
         with self._lock:
             cp = self._book.admit(key, name, toks, reason)
             job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
+            kv_job = (
+                self._kv.capture_job(cp.cid, cp.position) if cp is not None and self._kv is not None else None
+            )
             work = self._book.disk.take()
         self._run_io(work)
         if cp is None or job is None:
             self._dispatch()
             return False
         try:
-            started, ready = self._storage.write_capture(values, job)
+            kv_ok = True  # the KV first: on CUDA the state's `ready` event then covers both
+            if self._kv is not None and kv_job is not None and kv_source is not None:
+                kv_ok = self._kv.write(kv_job, kv_source)
+            started, ready = self._storage.write_capture(values, job) if kv_ok else (None, None)
         except BaseException:
-            with self._lock:
-                self._book.abort(cp)
-                work = self._book.disk.take()
-            self._run_io(work)
+            self._abort(cp)
             raise
+        if not kv_ok:  # another capture's write of a block this one shares failed
+            self._abort(cp)
+            return False
         push = self._remote is not None and not remote_copy and reason in self._remote.config.reasons
         with self._lock:
             cp.ready = ready
@@ -201,6 +235,10 @@ class StateCache(CheckpointCache):
             self._recorder.stop(token, self._on_capture)
         self._dispatch()
         return ok
+
+    def _abort(self, cp: Checkpoint) -> None:
+        with self._booking() as book:
+            book.abort(cp)
 
     def capture_positions(self, start: int, end: int, boundaries: Sequence[int]) -> list[int]:
         cfg = self.config
@@ -342,6 +380,20 @@ class StateCache(CheckpointCache):
 
     # ---- helpers -------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _booking(self) -> Iterator[Book]:
+        """The bookkeeping, under the lock; then, the lock released, the file I/O it queued and the observer
+        callbacks."""
+        work = None
+        try:
+            with self._lock:
+                yield self._book
+                work = self._book.disk.take()
+        finally:
+            if work is not None:
+                self._run_io(work)
+            self._dispatch()
+
     def _run_io(self, work: DiskWork) -> None:
         """Queue file I/O taken from the bookkeeping under the lock, now that it is released, for the writer
         thread (FIFO): unlinks first (they free disk space), then spill writes."""
@@ -431,11 +483,12 @@ class StateCache(CheckpointCache):
             disk = book.disk
             size = DiskStore.estimate(self.cold_layout.block_bytes, 0) if disk.store is not None else 0
             return TierStats(disk.used, disk.capacity(), count, book.tiers.evictions["disk"], size)
-        arena = book.arenas[tier]
-        evictions = book.tiers.evictions[tier]
+        arena, tiers = book.arenas[tier], book.tiers
+        evictions = tiers.evictions[tier]
         if arena is None:
             return TierStats(0, 0, count, evictions, 0)
-        return TierStats(arena.bytes_used, arena.bytes_capacity, count, evictions, arena.block_bytes)
+        kv = tiers.extra.used(tier)
+        return TierStats(tiers.used(tier), tiers.capacity(tier), count, evictions, arena.block_bytes, kv)
 
     def _remote_stats(self) -> TierStats | None:
         remote = self._remote
@@ -447,7 +500,7 @@ class StateCache(CheckpointCache):
         per_tier: dict[str, int] = dict.fromkeys(TIERS, 0)
         for cp in cps:
             for t in cp.tiers():
-                per_tier[t] += self._book.tiers.copy_bytes(cp, t)
+                per_tier[t] += self._book.tiers.held_bytes(cp, t)
         items = [
             {
                 "position": cp.position,

@@ -17,13 +17,15 @@ LookupKey = tuple[LookupResult, MissCause, LookupScope]  # (result, cause of a m
 
 @dataclass(frozen=True)
 class TierStats:
-    """One tier. `checkpoint_bytes` is the encoded size of one checkpoint there (all are equal per model)."""
+    """One tier. `checkpoint_bytes` is the encoded size of one checkpoint's state there (all are equal per
+    model); `kv_bytes`, of `bytes_used`, the hybrid checkpoints' KV blocks (`cache.kv_blocks`)."""
 
     bytes_used: int
     bytes_capacity: int
     checkpoints: int
     evictions: int
     checkpoint_bytes: int
+    kv_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ copies there (the one capturing included). A capture that needs room evicts over
 namespace holds less than its fair share, and only its own copies once it holds that much (`at_share`): a
 namespace can take free space and space beyond others' shares, but never push another namespace below its
 share. The disk tier, the overflow of the cold one, is shared by the policy alone.
+
+Attachments (`cache.base.Attachment`: a hybrid model's KV blocks, `cache.kv_blocks`): a hot or cold copy
+holds its checkpoint's attachment in that tier, and the tier's byte budget counts both (`used`). A copy is
+taken only when its state block and the attachment bytes it adds fit together, and dropping a copy
+drops its hold on the attachment. Eviction priorities stay per state copy: attachment bytes are shared.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from __future__ import annotations
 from collections import Counter
 
 from cache.arena import BlockArena
-from cache.base import TIERS, Tier
+from cache.base import TIERS, Attachment, Tier
 from cache.checkpoint import Checkpoint
 from cache.disk_tier import DiskTier
 from cache.policy import GreedyDualSizeFrequency
 
 
 class Tiers:
-    def __init__(self, hot: BlockArena | None, cold: BlockArena | None, disk: DiskTier) -> None:
+    def __init__(
+        self, hot: BlockArena | None, cold: BlockArena | None, disk: DiskTier, extra: Attachment | None = None
+    ) -> None:
         self.arenas: dict[Tier, BlockArena | None] = {"hot": hot, "cold": cold}
+        self.extra = extra if extra is not None else Attachment()
         self.disk = disk
         self.policy = {t: GreedyDualSizeFrequency() for t in TIERS}
         self.held: dict[Tier, Counter[str]] = {"hot": Counter(), "cold": Counter()}  # copies per namespace
@@ -38,6 +46,20 @@ class Tiers:
             return cp.disk_bytes
         arena = self.arenas[tier]
         return arena.block_bytes if arena is not None else 0
+
+    def held_bytes(self, cp: Checkpoint, tier: Tier) -> int:
+        """The copy's state bytes plus the attachment it references (shared bytes included)."""
+        return self.copy_bytes(cp, tier) + (self.extra.held(cp.cid, tier) if tier != "disk" else 0)
+
+    def used(self, tier: Tier) -> int:
+        """Bytes held in an arena tier: state blocks and attachments."""
+        arena = self.arenas[tier]
+        return arena.bytes_used + self.extra.used(tier) if arena is not None else 0
+
+    def capacity(self, tier: Tier) -> int:
+        """An arena tier's byte capacity: its budget, or its occupancy while pinned copies keep it above."""
+        arena = self.arenas[tier]
+        return max(arena.target * arena.block_bytes, self.used(tier)) if arena is not None else 0
 
     # ---- priorities ----------------------------------------------------------------------------------
 
@@ -56,10 +78,13 @@ class Tiers:
 
     # ---- arena blocks --------------------------------------------------------------------------------
 
-    def take_block(self, tier: Tier, namespace: str) -> int | None:
-        """A free block of `tier` charged to `namespace`, or None if the arena is full (or disabled)."""
+    def take_block(self, tier: Tier, namespace: str, extra: int = 0) -> int | None:
+        """A free block of `tier` charged to `namespace`, or None if the arena is full (or disabled) or the
+        block and `extra` attachment bytes do not fit the budget together."""
         arena = self.arenas[tier]
-        block = arena.alloc() if arena is not None else None
+        if arena is None or self.used(tier) + arena.block_bytes + extra > arena.target * arena.block_bytes:
+            return None
+        block = arena.alloc()
         if block is not None:
             self.held[tier][namespace] += 1
         return block
@@ -76,7 +101,7 @@ class Tiers:
         if tier == "disk":
             return self.disk.over()
         arena = self.arenas[tier]
-        return arena is not None and arena.over() > 0
+        return arena is not None and self.used(tier) > arena.target * arena.block_bytes
 
     def resize(self, hot: int | None, cold: int | None, disk: int | None) -> None:
         pairs: tuple[tuple[Tier, int | None], ...] = (("hot", hot), ("cold", cold))
@@ -104,7 +129,7 @@ class Tiers:
         block = cp.hot if tier == "hot" else cp.cold
         arena = self.arenas[tier]
         if block is None or arena is None:
-            return 0
+            return self.extra.drop(cp.cid, tier)
         arena.release(block, cp.fences.pop(tier, None))
         held = self.held[tier]
         held[cp.namespace] -= 1
@@ -114,4 +139,4 @@ class Tiers:
             cp.hot = None
         else:
             cp.cold = None
-        return arena.block_bytes
+        return arena.block_bytes + self.extra.drop(cp.cid, tier)

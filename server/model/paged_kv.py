@@ -209,6 +209,23 @@ class PagedKV:
         pages[block, 1, offset] = v.to(pages.dtype)
         self.lengths[layer] = p + k.shape[0]
 
+    def read(self, start: int, end: int) -> Tensor:
+        """Keys and values of positions [start, end) in every layer: (L, 2, end - start, kv, dh) (what the
+        state cache's `KVSource` reads at a capture)."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"cannot read [{start}, {end}): the sequence holds {self.length} tokens")
+        size = self.pool.block_size
+        positions = torch.arange(start, end, device=self.pool.kv.device)
+        table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.kv.device)
+        picked = self.pool.kv[:, table[positions // size], :, positions % size]  # (n, L, 2, kv, dh)
+        return picked.permute(1, 2, 0, 3, 4)
+
+    def append(self, kv: Tensor) -> None:
+        """Append kv (L, 2, n, kv, dh) to every layer (what a restore from the state cache writes, `KVSink`)."""
+        self._check_live()
+        for layer in range(self.pool.n_layers):
+            self.write(layer, kv[layer, 0], kv[layer, 1])
+
     def gather(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
         """`layer`'s keys and values of [0, length): ((kv, length, dh), (kv, length, dh))."""
         pages = self.pool.kv[layer, self.blocks[: self.pool.blocks_for(length)]]  # (n, 2, s, kv, dh)

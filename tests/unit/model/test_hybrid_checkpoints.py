@@ -1,0 +1,110 @@
+"""A hybrid checkpoint restored from the state cache continues exactly like the uninterrupted sequence.
+
+A tiny seeded hybrid (fp32, CPU) prefills a prompt in pieces into a paged KV pool, capturing at positions
+inside a conv window, on and off SSD chunk boundaries and on and off KV block boundaries: each capture
+stores the Mamba layers' states and the attention KV of [0, p) (`cache.kv_blocks`, read from the live
+`PagedKV`). Restoring a checkpoint into a fresh `PagedKV` and prefilling the rest of the prompt, then
+decoding, gives the logits of the uninterrupted run, from the hot tier and from the cold one (lossless
+codecs, so only the resumed prefill's chunking can differ). The cache's KV blocks (8 tokens) need not
+match the pool's (3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from cache import CacheConfig, KVSpec, StateCache
+from server.model.hybrid import HybridLM, HybridState
+from server.model.hybrid_loader import load_hybrid
+from server.model.paged_kv import KVBlockPool, PagedKV, PagedLayerKV
+from tests.tiny_hybrids import VOCAB, tiny_hybrid
+
+TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-4}
+PROMPT, DECODE = 30, 6
+CAPTURES = (2, 9, 16, 17, 24, PROMPT)  # within the conv window, chunk boundaries (8) and +1, block (8) ends
+
+
+@pytest.fixture(scope="module", params=("bamba", "falcon_h1"))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HybridLM:
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_hybrid(request.param, seed=1).save_pretrained(path, safe_serialization=True)
+    return load_hybrid(path)[1]
+
+
+def _make_cache(model: HybridLM, hot: bool) -> StateCache:
+    mamba, attn, n = model.cfg.mamba, model.cfg.attention, model.cfg.n_mamba
+    assert mamba is not None and attn is not None
+    spec = {
+        "conv": ((n, mamba.conv_dim, mamba.d_conv - 1), model.dtype),  # (layers, c, k-1)
+        "ssm": ((n, *mamba.ssm_state_shape()), torch.float32),  # (layers, h, p, n)
+    }
+    kv = KVSpec(model.cfg.n_attention, attn.n_kv_heads, attn.head_dim, model.dtype, block_size=8)
+    cfg = CacheConfig(
+        hot_bytes=(8 << 20) if hot else 0,
+        cold_bytes=8 << 20,
+        hot_window=8,
+        hot_dtype="fp32",
+        cold_dtype="fp32",
+    )
+    return StateCache(cfg, spec, kv=kv)
+
+
+def _pack(state: HybridState) -> dict[str, torch.Tensor]:
+    """Row 0's Mamba states as the cache's named tensors."""
+    return {
+        "conv": torch.stack([conv[0] for conv, _ in state.mamba]),
+        "ssm": torch.stack([ssm[0] for _, ssm in state.mamba]),
+    }
+
+
+def _unpack(values: dict[str, torch.Tensor], position: int, seq: PagedKV) -> HybridState:
+    mamba = tuple(
+        (conv.unsqueeze(0), ssm.unsqueeze(0)) for conv, ssm in zip(values["conv"], values["ssm"], strict=True)
+    )
+    return HybridState(position, mamba, seq.views())
+
+
+def _decode(model: HybridLM, state: HybridState, first: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode from the prompt's last logits `first` (1, v): the logits of each step (steps, v)."""
+    out = []
+    token = first.argmax(-1)
+    for _ in range(steps):
+        logits, state = model.step(token, state)
+        out.append(logits[0])
+        token = logits.argmax(-1)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("hot", (True, False), ids=("hot", "cold"))
+@torch.no_grad()
+def test_restore_then_decode_equals_uninterrupted_decode(model: HybridLM, hot: bool) -> None:
+    ids = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    tokens = ids[0].tolist()
+    cache = _make_cache(model, hot)
+    pool = KVBlockPool.for_model(model.cfg, num_blocks=64, block_size=3, dtype=model.dtype)
+    live = pool.sequence()
+    state = dataclasses.replace(model.zero_state(1), kv=PagedLayerKV.batch([live]))
+    start = 0
+    for p in CAPTURES:  # the uninterrupted prefill, captured on the way
+        logits, state = model.run(ids[:, start:p], state)
+        assert cache.capture("ns", "s", tokens[:p], _pack(state), reason="x", kv=live)
+        start = p
+    prompt_last = logits[:, -1]  # (1, v)
+    expected = _decode(model, state, prompt_last, DECODE)
+    for p in CAPTURES:
+        lease = cache.lookup("ns", "s", tokens[:p])
+        assert lease is not None and lease.position == p and lease.tier == ("hot" if hot else "cold")
+        seq = pool.sequence()
+        values = cache.fetch(lease, kv=seq)
+        cache.release(lease)
+        assert seq.length == p
+        resumed = _unpack(values, p, seq)
+        logits, resumed = model.run(ids[:, p:], resumed)
+        if p < PROMPT:  # the rest of the prompt, prefilled from the restored state
+            torch.testing.assert_close(logits[:, -1], prompt_last, **TOL)
+        torch.testing.assert_close(_decode(model, resumed, prompt_last, DECODE), expected, **TOL)
+        seq.release()
