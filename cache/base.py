@@ -38,9 +38,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from cache.checkpoint import Checkpoint
 
 Tier = Literal["hot", "cold", "disk"]
 TIERS: tuple[Tier, ...] = ("hot", "cold", "disk")
@@ -189,45 +192,51 @@ class Codec(abc.ABC):
 
 
 class Attachment:
-    """The tier contract for data a checkpoint holds beside its state in the hot and cold tiers, shared
-    between checkpoints (a hybrid model's attention KV: `cache.kv_blocks`). The default holds nothing (a
-    pure SSM model). Bookkeeping only: `Book` and `Tiers` call it under the cache lock.
+    """The tier contract for data a checkpoint holds beside its state in each tier, shared between
+    checkpoints (a hybrid model's attention KV: `cache.kv_blocks`). The default holds nothing (a pure SSM
+    model). Bookkeeping only: `Book` and `Tiers` call it under the cache lock.
 
-    Lifecycle of checkpoint `cid`: `bind` once, before it gets any copy; per tier, `reserve` then either
-    `commit` (the tier made room) or `drop`; `drop` again when its copy leaves the tier (by eviction,
-    demotion out of the hot window, or freeing); `unbind` once it is forgotten (no copy left).
-    Budgets: `used(tier)` counts in the tier's byte budget together with the state blocks. Eviction
-    safety: what a copy holds is released by `drop` alone, so nothing a kept copy needs is ever freed.
+    Lifecycle of a checkpoint `cp`: `bind` once, before it gets any copy; per tier, `reserve` then either
+    `commit` (the tier made room) or `drop`, or, for a disk file found at start, `adopt`; `drop` again
+    when its copy leaves the tier (by eviction, demotion out of the hot window, or freeing); `unbind` once
+    it is forgotten (no copy left). Budgets: `used(tier)` counts in the tier's byte budget together with
+    the state copies. Eviction safety: what a copy holds is released by `drop` alone, so nothing a kept
+    copy needs is ever freed.
     """
 
-    def bind(self, cid: int, tree: str, tokens: tuple[int, ...]) -> None:
-        """Checkpoint `cid` of `tree` after `tokens` is being captured."""
+    def bind(self, cp: Checkpoint, tokens: tuple[int, ...]) -> None:
+        """`cp`, after `tokens`, is being captured (or adopted from disk)."""
         return None
 
-    def reserve(self, cid: int, tier: Tier) -> int:
-        """The bytes `tier` must find for the copy of `cid`, beyond what it stores already; what it stores
-        already is held for `cid` from now on (evicting other copies cannot free it)."""
+    def reserve(self, cp: Checkpoint, tier: Tier) -> int:
+        """The bytes `tier` must find for the copy of `cp`, beyond what it stores already; what it stores
+        already is held for `cp` from now on (evicting other copies cannot free it)."""
         return 0
 
-    def commit(self, cid: int, tier: Tier) -> None:
-        """The tier has room for `reserve`'s bytes: take them (written by the capture, outside the lock)."""
+    def commit(self, cp: Checkpoint, tier: Tier) -> None:
+        """The tier has room for `reserve`'s bytes: take them (written outside the lock)."""
         return None
 
-    def drop(self, cid: int, tier: Tier) -> int:
-        """The copy of `cid` left `tier` (or its reservation failed): release what no other copy there
-        holds; return the bytes freed. A no-op for a tier where `cid` holds nothing."""
+    def adopt(self, cp: Checkpoint, tier: Tier) -> int | None:
+        """The copy of `cp` in `tier` was found at start: hold what it needs there, found as well; return
+        the bytes that adds, or None (holding nothing) if something it needs is missing."""
         return 0
 
-    def unbind(self, cid: int) -> None:
-        """Checkpoint `cid` is forgotten (it holds nothing in any tier)."""
+    def drop(self, cp: Checkpoint, tier: Tier) -> int:
+        """The copy of `cp` left `tier` (or its reservation failed): release what no other copy there
+        holds; return the bytes freed. A no-op for a tier where `cp` holds nothing."""
+        return 0
+
+    def unbind(self, cp: Checkpoint) -> None:
+        """`cp` is forgotten (it holds nothing in any tier)."""
         return None
 
     def used(self, tier: Tier) -> int:
         """Bytes held in `tier`."""
         return 0
 
-    def held(self, cid: int, tier: Tier) -> int:
-        """Bytes the copy of `cid` in `tier` references, shared ones included (reports)."""
+    def held(self, cp: Checkpoint, tier: Tier) -> int:
+        """Bytes the copy of `cp` in `tier` references, shared ones included (reports)."""
         return 0
 
 

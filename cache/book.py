@@ -49,7 +49,8 @@ class Book:
         extra: Attachment | None = None,
     ) -> None:
         self.config = config
-        self.tiers = Tiers(hot, cold, DiskTier(store, config.disk_bytes, cold_layout), extra)
+        others = (lambda: extra.used("disk")) if extra is not None else None
+        self.tiers = Tiers(hot, cold, DiskTier(store, config.disk_bytes, cold_layout, others), extra)
         self.arenas = self.tiers.arenas
         self.disk = self.tiers.disk
         self.index = CheckpointIndex(config.max_ghosts)
@@ -87,7 +88,7 @@ class Book:
         node = self.index.node(tree, tokens)
         cp = Checkpoint(self._new_id(), tree, key, node, len(tokens), reason, now, now, pins=1)
         self.index.add(cp)  # first: evictions below cannot forget its tree (and its ghosts) or session
-        self.tiers.extra.bind(cp.cid, tree, tokens)
+        self.tiers.extra.bind(cp, tokens)
         self._cap_sessions(key)
         self._make_window_room(key)
         cp.hot, cp.cold = self._alloc("hot", cp), self._alloc("cold", cp)
@@ -203,17 +204,17 @@ class Book:
         arena, namespace = self.arenas[tier], cp.namespace
         if arena is None:
             return None
-        extra = self.tiers.extra.reserve(cp.cid, tier)
+        extra = self.tiers.extra.reserve(cp, tier)
         if arena.block_bytes + extra > arena.target * arena.block_bytes:  # could never fit: evict nothing
-            self.tiers.extra.drop(cp.cid, tier)
+            self.tiers.extra.drop(cp, tier)
             return None
         block = self.tiers.take_block(tier, namespace, extra)
         while block is None and arena.target > 0 and self._evict_one(tier, namespace):
             block = self.tiers.take_block(tier, namespace, extra)
         if block is None:
-            self.tiers.extra.drop(cp.cid, tier)
+            self.tiers.extra.drop(cp, tier)
         else:
-            self.tiers.extra.commit(cp.cid, tier)
+            self.tiers.extra.commit(cp, tier)
         return block
 
     def _evict_one(self, tier: Tier, requester: str | None = None) -> bool:
@@ -261,12 +262,16 @@ class Book:
         """Queue the cold copy of `cp` for the disk tier (see `DiskTier.spill`, and its wait on CUDA); the disk
         copy keeps the cold copy's `freq`."""
         arena = self.arenas["cold"]
-        if arena is None or cp.cold is None:
+        if arena is None or cp.cold is None or self.disk.store is None:
             return
-        if self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk")):
-            self.tiers.touch(cp, "disk", freq)
-            if cp.pending is not None:
-                arena.claim(cp.cold, cp.pending)  # whoever next writes the block lets the spill copy it first
+        extra = self.tiers.extra.reserve(cp, "disk")
+        if not self.disk.spill(cp, arena.block(cp.cold), lambda: self._evict_one("disk"), extra):
+            self.tiers.extra.drop(cp, "disk")
+            return
+        self.tiers.extra.commit(cp, "disk")
+        self.tiers.touch(cp, "disk", freq)
+        if cp.pending is not None:
+            arena.claim(cp.cold, cp.pending)  # whoever next writes the block lets the spill copy it first
 
     def spill_done(self, spill: Spill, path: Path | None, nbytes: int) -> None:
         """A queued disk write finished (`path` None: it failed). Drop the file if the checkpoint is gone.
@@ -303,6 +308,11 @@ class Book:
             return False
         cp = self.disk.adopt(rec, self._new_id(), self.index.node(rec.tree, rec.tokens))
         self.index.add(cp)
+        self.tiers.extra.bind(cp, rec.tokens)
+        if self.tiers.extra.adopt(cp, "disk") is None or self.disk.over():  # its KV is missing, or too big
+            self.index.kill(cp)
+            self._free(cp)
+            return False
         self.tiers.touch(cp, "disk")
         return True
 
@@ -326,7 +336,7 @@ class Book:
 
     def _forget(self, cp: Checkpoint) -> None:
         self.index.forget(cp)
-        self.tiers.extra.unbind(cp.cid)
+        self.tiers.extra.unbind(cp)
 
     def _new_id(self) -> int:
         self._next_id += 1

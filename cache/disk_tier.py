@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from cache.disk import DiskRecord, DiskStore
 from cache.layout import BlockLayout
 from cache.prefix import Node
 from cache.spill import SpillCopy
+
+if TYPE_CHECKING:
+    from cache.kv_disk import KVFile
 
 
 @dataclass(frozen=True)
@@ -54,42 +58,59 @@ class DiskWork:
 
     spills: list[Spill] = field(default_factory=list)
     unlinks: list[Path] = field(default_factory=list)
+    kv: list[KVFile] = field(default_factory=list)  # KV block files to write (`cache.kv_disk`)
 
 
 class DiskTier:
-    def __init__(self, store: DiskStore | None, budget: int, layout: BlockLayout) -> None:
+    """`others`: bytes of other files counted in the budget (a hybrid's KV block files, `cache.kv_disk`)."""
+
+    def __init__(
+        self,
+        store: DiskStore | None,
+        budget: int,
+        layout: BlockLayout,
+        others: Callable[[], int] | None = None,
+    ) -> None:
         self.store = store
         self.layout = layout  # the cold layout: a spill writes the cold copy's fields
-        self.used = 0
+        self.others = others if others is not None else lambda: 0
+        self.used = 0  # checkpoint files and reserved writes
         self.target = budget if store is not None else 0
         self.work = DiskWork()
 
+    def total(self) -> int:
+        """Bytes charged to the budget: checkpoint files, reserved writes, other files."""
+        return self.used + self.others()
+
     def capacity(self) -> int:
-        return max(self.target, self.used)
+        return max(self.target, self.total())
 
     def over(self) -> bool:
-        return self.used > self.target
+        return self.total() > self.target
 
     def fits(self, nbytes: int) -> bool:
-        return self.used + nbytes <= self.target
+        return self.total() + nbytes <= self.target
 
     def resize(self, budget: int) -> None:
         if self.store is not None:
             self.target = budget
 
-    def reserve(self, nbytes: int, evict_one: Callable[[], bool]) -> bool:
-        """Charge `nbytes` to the budget, evicting disk copies (`evict_one`) to make room. False: no room."""
-        if self.store is None or nbytes > self.target:
+    def reserve(self, nbytes: int, evict_one: Callable[[], bool], extra: int = 0) -> bool:
+        """Charge `nbytes` to the budget, evicting disk copies (`evict_one`) to make room for them and `extra`
+        bytes more (charged by their owner). False: no room."""
+        if self.store is None or nbytes + extra > self.target:
             return False
-        while not self.fits(nbytes):
+        while not self.fits(nbytes + extra):
             if not evict_one():
                 return False
         self.used += nbytes
         return True
 
-    def spill(self, cp: Checkpoint, block: torch.Tensor, evict_one: Callable[[], bool]) -> bool:
-        """Queue the cold copy of `cp` (`block`: `(block_bytes,)` uint8, host) for writing. False if the budget
-        has no room for it.
+    def spill(
+        self, cp: Checkpoint, block: torch.Tensor, evict_one: Callable[[], bool], extra: int = 0
+    ) -> bool:
+        """Queue the cold copy of `cp` (`block`: `(block_bytes,)` uint8, host) for writing, with room for
+        `extra` bytes of its attachment (`Attachment.reserve`). False if the budget has no room for it.
 
         Nothing is copied here: the block's bytes are taken later, outside the lock, by whoever needs them
         first (`cache.spill.SpillCopy`: on CUDA that waits for the capture's D2H copy, `cp.ready`, before
@@ -101,7 +122,7 @@ class DiskTier:
             return False
         tokens = cp.node.tokens()
         nbytes = DiskStore.estimate(self.layout.block_bytes, len(tokens))
-        if not self.reserve(nbytes, evict_one):
+        if not self.reserve(nbytes, evict_one, extra):
             return False
         copy = SpillCopy(self.layout, block, cp.ready)
         cp.pending, cp.disk_bytes = copy, nbytes

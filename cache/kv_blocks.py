@@ -9,7 +9,9 @@ state and KV always move together. A restore reads both from the tier the lease 
 
 Per tier, the blocks live in a KV arena of their own (`BlockArena`, grown on demand in chunks, never above
 the tier's budget) in their own precision: hot in the model dtype on the cache device, cold in the cold
-tier's dtype (FP16 by default, saturated to its range) in host memory, pinned on CUDA.
+tier's dtype (FP16 by default, saturated to its range) in host memory, pinned on CUDA. On disk each block
+is one file (`cache.kv_disk`), written when the first checkpoint copy holding it spills from the cold
+tier, shared by every disk copy holding it, and found again at start.
 
     block: (L, 2, s, kv, dh)   # attention layers, 0 = keys / 1 = values, offset in block, kv heads, head dim
 
@@ -25,27 +27,34 @@ the current stream's work, so it never overwrites a block a queued restore still
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from cache.arena import BlockArena
+from cache.arena import BlockArena, Claim
 from cache.base import Attachment, KVSink, KVSource, KVSpec, Tier
-from cache.kv_index import Fill, KVBlock, KVIndex
+from cache.checkpoint import Checkpoint
+from cache.disk_tier import DiskTier
+from cache.kv_disk import KVDisk, KVFile, KVFileRead
+from cache.kv_index import Fill, KVBlock, KVIndex, name_of
 from cache.transfer import Event, Transfers
 
 ARENA_TIERS: tuple[Tier, ...] = ("hot", "cold")
 GROWTH = 256  # KV arena blocks added at most per growth
 FP16_MAX = 65504.0
+KVReads = list[tuple[torch.Tensor, int]] | list[KVFileRead]  # what a restore reads: views or files
 
 
 @dataclass(frozen=True)
 class KVWrite:
-    """One block a capture writes: `view` (L, 2, s, kv, dh) of its slot, positions [start, start + length)."""
+    """One block a capture writes: `view` (L, 2, s, kv, dh) of its slot, positions [start, start + length),
+    after settling `claim` (a spill still to copy the slot's old bytes)."""
 
     view: torch.Tensor
     start: int
     length: int
     fill: Fill
+    claim: Claim | None
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,9 @@ class KVJob:
 
 
 class KVBlocks(Attachment):
-    def __init__(self, spec: KVSpec, cold_dtype: torch.dtype, transfers: Transfers) -> None:
+    def __init__(
+        self, spec: KVSpec, cold_dtype: torch.dtype, transfers: Transfers, disk: KVDisk | None = None
+    ) -> None:
         self.spec = spec
         self.index = KVIndex(spec.block_size)
         self.transfers = transfers
@@ -68,63 +79,111 @@ class KVBlocks(Attachment):
         self.arenas = {
             t: BlockArena(self.block_bytes[t], 0, devices[t], pin=transfers.cuda) for t in ARENA_TIERS
         }
+        self.disk = disk
+        self._disk_tier: DiskTier | None = None
         self._missing: dict[tuple[int, Tier], list[KVBlock]] = {}  # reserved, not stored yet
         self._writes: dict[int, list[KVWrite]] = {}  # cid -> blocks it took, until its capture job
 
+    def use_disk(self, tier: DiskTier) -> None:
+        """Queue block file writes and unlinks with the disk tier's file I/O."""
+        self._disk_tier = tier
+
     # ---- the Attachment contract (under the cache lock) --------------------------------------------
 
-    def bind(self, cid: int, tree: str, tokens: tuple[int, ...]) -> None:
-        self.index.bind(cid, tree, tokens)
+    def bind(self, cp: Checkpoint, tokens: tuple[int, ...]) -> None:
+        self.index.bind(cp.cid, cp.tree, tokens)
 
-    def reserve(self, cid: int, tier: Tier) -> int:
-        missing = self.index.hold_stored(cid, tier)
-        self._missing[(cid, tier)] = missing
-        return len(missing) * self.block_bytes[tier]
+    def reserve(self, cp: Checkpoint, tier: Tier) -> int:
+        missing = self.index.hold_stored(cp.cid, tier)
+        self._missing[(cp.cid, tier)] = missing
+        return len(missing) * self._unit(tier)
 
-    def commit(self, cid: int, tier: Tier) -> None:
-        writes = self._writes.setdefault(cid, [])
-        for block in self._missing.pop((cid, tier)):
+    def commit(self, cp: Checkpoint, tier: Tier) -> None:
+        missing = self._missing.pop((cp.cid, tier))
+        if tier == "disk":
+            self._commit_disk(cp, missing)
+            return
+        writes = self._writes.setdefault(cp.cid, [])
+        arena = self.arenas[tier]
+        for block in missing:
             slot = self._take_slot(tier)
-            fill = self.index.store(cid, tier, block, slot)
-            writes.append(KVWrite(self._view(tier, slot), block.start, block.length, fill))
+            self.index.store(cp.cid, tier, block, slot)
+            fill = block.fills[tier] = Fill()
+            view = self._view(tier, slot)
+            writes.append(KVWrite(view, block.start, block.length, fill, arena.take_claim(slot)))
 
-    def drop(self, cid: int, tier: Tier) -> int:
-        self._missing.pop((cid, tier), None)
-        freed = self.index.release(cid, tier)
-        for slot in freed:
-            self.arenas[tier].release(slot)
-        return len(freed) * self.block_bytes[tier]
+    def adopt(self, cp: Checkpoint, tier: Tier) -> int | None:
+        assert tier == "disk" and self.disk is not None
+        missing = self.index.hold_stored(cp.cid, tier)
+        if not all(name_of(block) in self.disk.found for block in missing):
+            self.drop(cp, tier)
+            return None
+        for block in missing:
+            file = self.disk.adopt(name_of(block), block.key)
+            assert file is not None
+            self.index.store(cp.cid, tier, block, file.fid)
+        return sum(self.disk.files[b.slots[tier]].nbytes for b in missing)
 
-    def unbind(self, cid: int) -> None:
-        self._writes.pop(cid, None)
-        self.index.unbind(cid)
+    def drop(self, cp: Checkpoint, tier: Tier) -> int:
+        self._missing.pop((cp.cid, tier), None)
+        freed = self.index.release(cp.cid, tier)
+        if not freed:
+            return 0
+        if tier != "disk":
+            for slot in freed:
+                self.arenas[tier].release(slot)
+            return len(freed) * self.block_bytes[tier]
+        assert self.disk is not None and self._disk_tier is not None
+        total = 0
+        for fid in freed:
+            nbytes, path = self.disk.drop(fid)
+            self._disk_tier.discard(path)
+            total += nbytes
+        return total
+
+    def unbind(self, cp: Checkpoint) -> None:
+        self._writes.pop(cp.cid, None)
+        self.index.unbind(cp.cid)
 
     def used(self, tier: Tier) -> int:
-        return self.index.slots_used.get(tier, 0) * self.block_bytes.get(tier, 0)
+        if tier == "disk":
+            return self.disk.used if self.disk is not None else 0
+        return self.index.slots_used.get(tier, 0) * self.block_bytes[tier]
 
-    def held(self, cid: int, tier: Tier) -> int:
-        return len(self.index.held(cid, tier)) * self.block_bytes.get(tier, 0)
+    def held(self, cp: Checkpoint, tier: Tier) -> int:
+        blocks = self.index.held(cp.cid, tier)
+        if tier == "disk":
+            return sum(self.disk.files[b.slots[tier]].nbytes for b in blocks) if self.disk is not None else 0
+        return len(blocks) * self.block_bytes[tier]
 
     # ---- jobs (under the cache lock) -----------------------------------------------------------------
 
-    def capture_job(self, cid: int, position: int) -> KVJob:
-        """What the capture of `cid` writes, and the writes by other captures it must wait for."""
-        writes = self._writes.pop(cid, [])
+    def capture_job(self, cp: Checkpoint) -> KVJob:
+        """What the capture of `cp` writes, and the writes by other captures it must wait for."""
+        writes = self._writes.pop(cp.cid, [])
         own = {id(w.fill) for w in writes}
         waits = []
         for tier in ARENA_TIERS:
-            for block in self.index.held(cid, tier):
+            for block in self.index.held(cp.cid, tier):
                 fill = block.fills.get(tier)
                 if fill is not None and id(fill) not in own and not fill.done.is_set():
                     waits.append(fill)
-        return KVJob(writes, waits, position)
+        return KVJob(writes, waits, cp.position)
 
-    def reads(self, cid: int, tier: Tier) -> list[tuple[torch.Tensor, int]]:
-        """The blocks a restore of `cid` from `tier` reads, in token order: (view (L, 2, s, kv, dh), length)."""
-        held = {id(b) for b in self.index.held(cid, tier)}
-        chain = self.index.chains[cid]
-        assert all(id(b) in held for b in chain.blocks), "a leased copy lost a KV block"
+    def reads(self, cp: Checkpoint, tier: Tier) -> KVReads:
+        """What a restore of `cp` from `tier` reads, in token order: block views (L, 2, s, kv, dh) and the
+        tokens used of each, or the blocks' disk files."""
+        chain = self.index.chains[cp.cid]
+        assert len(self.index.held(cp.cid, tier)) == len(chain.blocks), "a leased copy lost a KV block"
+        if tier == "disk":
+            assert self.disk is not None
+            return [self.disk.reading(b.slots[tier]) for b in chain.blocks]
         return [(self._view(tier, b.slots[tier]), b.length) for b in chain.blocks]
+
+    def file_done(self, file: KVFile, path: Path | None, nbytes: int) -> None:
+        """A block file's write finished (`path` None: it failed)."""
+        assert self.disk is not None and self._disk_tier is not None
+        self._disk_tier.discard(self.disk.landed(file, path, nbytes))
 
     # ---- copies (outside the lock) -------------------------------------------------------------------
 
@@ -142,11 +201,22 @@ class KVBlocks(Attachment):
             fill.done.wait()
         return all(fill.ok for fill in job.waits)
 
-    def read(self, blocks: list[tuple[torch.Tensor, int]], ready: Event | None, sink: KVSink) -> None:
-        """Append the blocks' KV, positions [0, p), to `sink` in the model dtype, on the cache device."""
+    def load(self, reads: KVReads) -> list[torch.Tensor]:
+        """The blocks' KV, (L, 2, n, kv, dh) each; files are read and verified. Raises CorruptFile."""
+        parts = []
+        for item in reads:
+            if isinstance(item, KVFileRead):
+                assert self.disk is not None
+                parts.append(self.disk.read(item))
+            else:
+                view, length = item
+                parts.append(view[:, :, :length])
+        return parts
+
+    def append(self, parts: list[torch.Tensor], ready: Event | None, sink: KVSink) -> None:
+        """Append the loaded blocks, positions [0, p), to `sink` in the model dtype on the cache device."""
         tr = self.transfers
         tr.wait(ready)
-        parts = [view[:, :, :length] for view, length in blocks]  # (L, 2, n, kv, dh) each
         if tr.cuda:
             parts = [p.to(tr.device, non_blocking=True) for p in parts]
         sink.append(torch.cat(parts, dim=2).to(self.spec.dtype))  # (L, 2, p, kv, dh)
@@ -160,6 +230,19 @@ class KVBlocks(Attachment):
 
     # ---- helpers -------------------------------------------------------------------------------------
 
+    def _commit_disk(self, cp: Checkpoint, missing: list[KVBlock]) -> None:
+        """Queue the blocks missing from disk for writing, from the cold slots of `cp`'s cold copy (which
+        holds every block of its chain): each copy is the slot's claim until taken."""
+        assert self.disk is not None and self._disk_tier is not None
+        cold = self.arenas["cold"]
+        for block in missing:
+            slot = block.slots["cold"]
+            file = self.disk.spill(name_of(block), block.key, cold.block(slot), cp.ready)
+            self.index.store(cp.cid, "disk", block, file.fid)
+            assert file.pending is not None
+            cold.claim(slot, file.pending)
+            self._disk_tier.work.kv.append(file)
+
     def _copy_in(self, job: KVJob, source: KVSource) -> None:
         if not job.writes:
             return
@@ -170,11 +253,20 @@ class KVBlocks(Attachment):
             raise ValueError(
                 f"KV source gave {tuple(kv.shape)} for positions [{first}, {job.end}), not {shape}"
             )
+        for w in job.writes:
+            if w.claim is not None:
+                w.claim.settle()  # a queued block spill takes its copy of the slot's old bytes first
         with self.transfers.on_capture_stream([]):
             for w in job.writes:
                 part = kv[:, :, w.start - first : w.start - first + w.length]
                 w.view[:, :, : w.length].copy_(_cast(part, w.view.dtype), non_blocking=True)
             self.transfers.keep_alive([kv])
+
+    def _unit(self, tier: Tier) -> int:
+        """Bytes one more block takes in `tier` (on disk: the estimate reserved before the file exists)."""
+        if tier == "disk":
+            return self.disk.estimate if self.disk is not None else 0
+        return self.block_bytes[tier]
 
     def _take_slot(self, tier: Tier) -> int:
         """A free slot of the tier's KV arena (the caller checked the budget), growing the arena if needed."""

@@ -15,6 +15,10 @@ while > 0); `refs[tier]` counts the copies in `tier` that hold it, and the block
 tier holds every block of its chain there, so a block a kept copy needs is never freed. Leases pin
 checkpoints (`cache.book`), which keeps their copies, so a block a restore reads stays too.
 
+Names: a block's `name` is a digest of its tree and every token up to its end, chained block by block
+(`block_name`); it names the block's disk file (`cache.kv_disk`) and is computed when first needed. The
+index itself never compares names: lookups and sharing compare tokens.
+
 Host memory: per full block one `KVBlock` (~300 bytes plus its s token ids, 8 bytes each), per partial
 block the same, per checkpoint one `KVChain` (a list of its blocks, 8 bytes a block). The caller holds the
 cache lock around every method.
@@ -22,7 +26,9 @@ cache lock around every method.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from array import array
 from dataclasses import dataclass, field
 
 from cache.base import Tier
@@ -42,11 +48,16 @@ class Fill:
 
 
 class KVBlock:
-    __slots__ = ("children", "fills", "key", "length", "parent", "refs", "slots", "start", "users")
+    __slots__ = ("children", "fills", "key", "length", "name", "parent", "refs", "slots", "start", "users")
 
-    def __init__(self, parent: KVBlock | None, key: tuple[int, ...], start: int) -> None:
-        self.parent = parent
+    def __init__(
+        self, parent: KVBlock | None, key: tuple[int, ...], start: int, name: str | None = None
+    ) -> None:
+        self.parent = (
+            parent  # the full block before it (the root before the first); a partial one has one too
+        )
         self.key = key  # its tokens (full blocks: the trie key under `parent`)
+        self.name = name
         self.start = start  # position of its first token
         self.length = len(key)  # tokens it holds (< s only for a partial block)
         self.children: dict[tuple[int, ...], KVBlock] = {}
@@ -79,7 +90,7 @@ class KVIndex:
         s = self.block_size
         node = self.roots.get(tree)
         if node is None:
-            node = self.roots[tree] = KVBlock(None, (), 0)
+            node = self.roots[tree] = KVBlock(None, (), 0, block_name("", tree.encode()))
         blocks: list[KVBlock] = []
         for start in range(0, len(tokens) - s + 1, s):
             key = tokens[start : start + s]
@@ -90,7 +101,7 @@ class KVIndex:
             node = child
         full = len(blocks) * s
         if full < len(tokens):
-            blocks.append(KVBlock(None, tokens[full:], full))
+            blocks.append(KVBlock(node, tokens[full:], full))  # not in the trie: its checkpoint's own
         for block in blocks:
             block.users += 1
         self.chains[cid] = KVChain(tree, blocks)
@@ -103,8 +114,9 @@ class KVIndex:
         assert not chain.holding, f"checkpoint {cid} is forgotten while holding KV in {sorted(chain.holding)}"
         for block in reversed(chain.blocks):
             block.users -= 1
-            if block.users == 0 and block.parent is not None:
-                del block.parent.children[block.key]
+            parent = block.parent
+            if block.users == 0 and parent is not None and parent.children.get(block.key) is block:
+                del parent.children[block.key]
         root = self.roots.get(chain.tree)
         if root is not None and not root.children:
             del self.roots[chain.tree]
@@ -123,13 +135,11 @@ class KVIndex:
                 missing.append(block)
         return missing
 
-    def store(self, cid: int, tier: Tier, block: KVBlock, slot: int) -> Fill:
-        """`block` (missing from `tier`) is stored in `slot` for `cid`, which writes it; return its fill."""
+    def store(self, cid: int, tier: Tier, block: KVBlock, slot: int) -> None:
+        """`block` (missing from `tier`) is stored in `slot`, held for `cid`."""
         block.slots[tier], block.refs[tier] = slot, 1
-        fill = block.fills[tier] = Fill()
         self.chains[cid].holding[tier].append(block)
         self.slots_used[tier] = self.slots_used.get(tier, 0) + 1
-        return fill
 
     def release(self, cid: int, tier: Tier) -> list[int]:
         """The copy of `cid` left `tier`: drop its holds; return the slots no copy holds any more."""
@@ -148,3 +158,21 @@ class KVIndex:
     def held(self, cid: int, tier: Tier) -> list[KVBlock]:
         chain = self.chains.get(cid)
         return chain.holding.get(tier, []) if chain is not None else []
+
+
+def name_of(block: KVBlock) -> str:
+    """`block`'s name, computing it (and its unnamed ancestors') from the nearest named one."""
+    unnamed: list[KVBlock] = []
+    node: KVBlock | None = block
+    while node is not None and node.name is None:
+        unnamed.append(node)
+        node = node.parent
+    assert node is not None and node.name is not None, "a trie's root is named"
+    name = node.name
+    for b in reversed(unnamed):
+        name = b.name = block_name(name, array("q", b.key).tobytes())
+    return name
+
+
+def block_name(parent: str, content: bytes) -> str:
+    return hashlib.blake2b(parent.encode() + b"|" + content, digest_size=16).hexdigest()

@@ -43,7 +43,7 @@ from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import DiskWork, Spill
 from cache.io_worker import IoWorker
-from cache.kv_blocks import KVBlocks
+from cache.kv_disk import KVFile
 from cache.layout import BlockLayout
 from cache.policy import capture_positions
 from cache.remote import RemoteStore, encode_blob
@@ -69,13 +69,13 @@ class StateCache(CheckpointCache):
         observer: CacheObserver | None = None,
         kv: KVSpec | None = None,
     ) -> None:
-        if kv is not None and (config.disk_enabled or config.remote is not None):
-            raise ValueError("a hybrid model's cache has no disk or remote tier yet: the KV would be lost")
+        if kv is not None and config.remote is not None:
+            raise ValueError("a hybrid model's cache has no remote tier yet: its blobs would lack the KV")
         self.config = config
         self.device = torch.device(config.device)
         self.spec = {name: (tuple(shape), dtype) for name, (shape, dtype) in spec.items()}
         self.observer = observer or CacheObserver()
-        self._storage = Storage(config, self.spec)
+        self._storage = Storage(config, self.spec, kv)
         self.hot_layout = self._storage.hot_layout
         self.cold_layout = self._storage.cold_layout
         self._recorder = LatencyRecorder(self._storage.transfers.cuda)
@@ -83,8 +83,10 @@ class StateCache(CheckpointCache):
         self._capture_samples = sample_deques(config.latency_samples)["hot"]
         self._lock = threading.Lock()
         st = self._storage
-        self._kv = KVBlocks(kv, st.cold_layout.codec.storage_dtype, st.transfers) if kv is not None else None
+        self._kv = st.make_kv()
         self._book = Book(config, st.make_hot(), st.make_cold(), self.cold_layout, st.store, self._kv)
+        if self._kv is not None:
+            self._kv.use_disk(self._book.disk)
         self._io = IoWorker()  # its thread runs only while file I/O is queued
         self._load_disk()
         self._remote: RemoteStore | None = None
@@ -135,20 +137,18 @@ class StateCache(CheckpointCache):
         with self._lock:
             cp = self._book.leased(lease)
             source = self._storage.source(self._book.arenas, cp, lease.tier)
-            blocks = self._kv.reads(cp.cid, lease.tier) if self._kv is not None else []
+            kv_reads = self._kv.reads(cp, lease.tier) if self._kv is not None else []
         token = self._recorder.start()
         try:
+            kv_parts = self._kv.load(kv_reads) if self._kv is not None else []  # first: files are verified
             fence = self._storage.read(lease.tier, cp, source, result)
         except CorruptFile as exc:
             log.warning("disk checkpoint unusable: %s", exc)
-            with self._lock:
-                self._book.drop_corrupt_disk(cp)
-                work = self._book.disk.take()
-            self._run_io(work)
-            self._dispatch()
+            with self._booking() as book:
+                book.drop_corrupt_disk(cp)
             raise CheckpointUnavailable(str(exc)) from exc
         if self._kv is not None and kv is not None:
-            self._kv.read(blocks, cp.ready, kv)
+            self._kv.append(kv_parts, cp.ready, kv)
         with self._lock:
             if isinstance(fence, torch.cuda.Event):
                 cp.fences[lease.tier] = fence
@@ -200,9 +200,7 @@ class StateCache(CheckpointCache):
         with self._lock:
             cp = self._book.admit(key, name, toks, reason)
             job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
-            kv_job = (
-                self._kv.capture_job(cp.cid, cp.position) if cp is not None and self._kv is not None else None
-            )
+            kv_job = self._kv.capture_job(cp) if cp is not None and self._kv is not None else None
             work = self._book.disk.take()
         self._run_io(work)
         if cp is None or job is None:
@@ -369,11 +367,16 @@ class StateCache(CheckpointCache):
         if store is None:
             return
         records, corrupt = store.scan()
+        kv_disk = self._kv.disk if self._kv is not None else None
+        if kv_disk is not None:
+            kv_disk.scan()  # first: a hybrid checkpoint is adopted only with every block file of its KV
         with self._lock:
             self._book.disk_corrupt += corrupt
             # newest first: they keep their place if the budget shrank
             rejected = [rec.path for rec in reversed(records) if not self._book.adopt_disk(rec)]
-        self._storage.unlink(rejected)
+            rejected += kv_disk.orphans() if kv_disk is not None else []
+            work = self._book.disk.take()
+        self._storage.unlink(rejected + work.unlinks)
         for _ in range(corrupt):
             self.observer.on_corrupt()
         log.info("disk tier: %d checkpoints indexed, %d corrupt files skipped", len(records), corrupt)
@@ -396,9 +399,12 @@ class StateCache(CheckpointCache):
 
     def _run_io(self, work: DiskWork) -> None:
         """Queue file I/O taken from the bookkeeping under the lock, now that it is released, for the writer
-        thread (FIFO): unlinks first (they free disk space), then spill writes."""
+        thread (FIFO): unlinks first (they free disk space), then KV block files, then spill writes (a
+        checkpoint file after its blocks')."""
         if work.unlinks:
             self._io.submit(partial(self._storage.unlink, work.unlinks))
+        for file in work.kv:
+            self._io.submit(partial(self._write_kv_file, file))
         for spill in work.spills:
             self._io.submit(partial(self._write_spill, spill))
         if work.spills:
@@ -417,6 +423,17 @@ class StateCache(CheckpointCache):
             self._book.spill_done(spill, path, nbytes)
             late = self._book.disk.take()
         self._run_io(late)
+
+    def _write_kv_file(self, file: KVFile) -> None:
+        """On the writer thread: write one KV block file, record the outcome under the lock."""
+        assert self._kv is not None and self._kv.disk is not None
+        try:
+            path, nbytes = self._kv.disk.write(file)
+        except Exception:
+            log.exception("KV block spill failed")
+            path, nbytes = None, 0
+        with self._booking():
+            self._kv.file_done(file, path, nbytes)
 
     def _remote_source(self, cp: Checkpoint) -> tuple[BlockLayout, torch.Tensor] | None:
         """Under the lock: pin `cp` for its write-through and name the copy to read (the cold one if any),
@@ -482,7 +499,8 @@ class StateCache(CheckpointCache):
         if tier == "disk":
             disk = book.disk
             size = DiskStore.estimate(self.cold_layout.block_bytes, 0) if disk.store is not None else 0
-            return TierStats(disk.used, disk.capacity(), count, book.tiers.evictions["disk"], size)
+            kv = book.tiers.extra.used(tier)
+            return TierStats(disk.total(), disk.capacity(), count, book.tiers.evictions["disk"], size, kv)
         arena, tiers = book.arenas[tier], book.tiers
         evictions = tiers.evictions[tier]
         if arena is None:

@@ -15,12 +15,14 @@ from safetensors import SafetensorError
 
 from cache import copies
 from cache.arena import BlockArena, Claim
-from cache.base import State, Tier
+from cache.base import KVSpec, State, Tier
 from cache.checkpoint import Checkpoint
 from cache.codec import make_codec
 from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import Spill
+from cache.kv_blocks import KVBlocks
+from cache.kv_disk import KVDisk
 from cache.layout import BlockLayout
 from cache.spill import SpillCopy
 from cache.transfer import Event, Transfers
@@ -34,10 +36,11 @@ Arenas = Mapping[Tier, BlockArena | None]  # the hot and cold arenas (`Tiers.are
 
 
 class Storage:
-    def __init__(self, config: CacheConfig, spec: Spec) -> None:
+    def __init__(self, config: CacheConfig, spec: Spec, kv: KVSpec | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.spec = spec
+        self.kv = kv
         fused = config.fused_codecs and self.device.type == "cuda"
         self.hot_layout = BlockLayout(spec, make_codec(config.hot_dtype, fused))
         self.cold_layout = BlockLayout(spec, make_codec(config.cold_dtype, fused))
@@ -61,7 +64,24 @@ class Storage:
     def _make_store(self) -> DiskStore | None:
         if not self.config.disk_enabled or self.config.disk_dir is None:
             return None
-        return DiskStore(self.config.disk_dir, self.cold_layout.fingerprint())
+        return DiskStore(self.config.disk_dir, self._fingerprint())
+
+    def _fingerprint(self) -> str:
+        """The cold layout's, and a hybrid's KV layout: files of another model never mix."""
+        kv = self.kv
+        if kv is None:
+            return self.cold_layout.fingerprint()
+        dtype = str(self.cold_layout.codec.storage_dtype).removeprefix("torch.")
+        shape = "x".join(map(str, kv.block_shape()))
+        return f"{self.cold_layout.fingerprint()}|kv:{shape}:{dtype}"
+
+    def make_kv(self) -> KVBlocks | None:
+        """A hybrid model's KV blocks (`cache.kv_blocks`), with block files beside the checkpoint files."""
+        if self.kv is None:
+            return None
+        dtype = self.cold_layout.codec.storage_dtype
+        disk = KVDisk(self.store.dir / "kv", self.kv, dtype, self._fingerprint()) if self.store else None
+        return KVBlocks(self.kv, dtype, self.transfers, disk)
 
     # ---- captures ------------------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class Tiers:
 
     def held_bytes(self, cp: Checkpoint, tier: Tier) -> int:
         """The copy's state bytes plus the attachment it references (shared bytes included)."""
-        return self.copy_bytes(cp, tier) + (self.extra.held(cp.cid, tier) if tier != "disk" else 0)
+        return self.copy_bytes(cp, tier) + (self.extra.held(cp, tier) if tier != "disk" else 0)
 
     def used(self, tier: Tier) -> int:
         """Bytes held in an arena tier: state blocks and attachments."""
@@ -125,11 +125,11 @@ class Tiers:
         """Remove one copy of `cp`; return the bytes it occupied."""
         self.policy[tier].remove(cp.cid)
         if tier == "disk":
-            return self.disk.drop(cp)
+            return self.disk.drop(cp) + self.extra.drop(cp, tier)
         block = cp.hot if tier == "hot" else cp.cold
         arena = self.arenas[tier]
         if block is None or arena is None:
-            return self.extra.drop(cp.cid, tier)
+            return self.extra.drop(cp, tier)
         arena.release(block, cp.fences.pop(tier, None))
         held = self.held[tier]
         held[cp.namespace] -= 1
@@ -139,4 +139,4 @@ class Tiers:
             cp.hot = None
         else:
             cp.cold = None
-        return arena.block_bytes + self.extra.drop(cp.cid, tier)
+        return arena.block_bytes + self.extra.drop(cp, tier)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from cache import CacheConfig, StateCache
+from cache import CacheConfig, RemoteConfig, StateCache
 from tests.unit.cache.kv_helpers import (
     KV,
     KV_BLOCK,
@@ -124,7 +124,7 @@ def test_trees_do_not_share_kv_blocks() -> None:
     assert_restores(cache, CONVERSATION[:16], tree="a")
 
 
-def test_hybrid_calls_without_kv_and_hybrids_with_a_disk_tier_are_refused(tmp_path: object) -> None:
+def test_hybrid_calls_without_kv_and_hybrids_with_a_remote_tier_are_refused() -> None:
     cache = make_hybrid_cache()
     toks = CONVERSATION[:9]
     with pytest.raises(ValueError, match="KVSource"):
@@ -137,8 +137,9 @@ def test_hybrid_calls_without_kv_and_hybrids_with_a_disk_tier_are_refused(tmp_pa
     with pytest.raises(ValueError, match="KVSink"):
         cache.fetch(lease)
     cache.release(lease)
-    with pytest.raises(ValueError, match="disk"):
-        StateCache(CacheConfig(cold_bytes=1 << 20, disk_dir=tmp_path, disk_bytes=1 << 20), SPEC, kv=KV)  # type: ignore[arg-type]
+    remote = RemoteConfig(url="redis://localhost:1")
+    with pytest.raises(ValueError, match="remote"):
+        StateCache(CacheConfig(cold_bytes=1 << 20, remote=remote), SPEC, kv=KV)
 
 
 def test_a_failed_kv_read_stores_nothing() -> None:

@@ -1,23 +1,29 @@
 """Hybrid checkpoints under random operations (hypothesis stateful): capture, lookup and restore, hold and
-release leases, delete sessions, demote and evict by shrinking and growing budgets. After every step:
+release leases, delete sessions, demote and evict by shrinking and growing budgets (the cold tier spills to
+disk), restart on the same files. After every step:
 
 - budgets hold, KV bytes and state bytes together (`bytes_used <= bytes_capacity`, and the capacity is
   the budget whenever no lease is held);
 - every copy of a kept checkpoint has its whole KV chain in its tier (eviction never drops a block a kept
   copy needs), and each block's reference count is exactly the number of copies in the tier holding it;
-- each block is stored once per tier (no two slots for one token prefix of a tree), and nothing else is;
+- each block is stored once per tier (no two slots or files for one token prefix of a tree), nothing else
+  is, and the block files on disk are exactly the written ones;
 - every restore returns, bit for bit, the state and the KV of [0, position) captured for that prefix.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from cache import KVSpec, Lease
+from cache import KVSpec, Lease, StateCache
+from cache.base import TIERS
 from cache.kv_blocks import KVBlocks
 from cache.kv_index import KVBlock
 from tests.unit.cache.kv_helpers import KV, ListSink, TokenKV, make_hybrid_cache, make_kv, make_state
@@ -40,12 +46,22 @@ class HybridCacheMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.budget = {"hot": 2 * STATE_BLOCK + 6 * KV_BLOCK, "cold": 6 * STATE_BLOCK + 20 * KV_BLOCK}
-        self.cache = make_hybrid_cache(
-            kv=SMALL, hot_bytes=self.budget["hot"], cold_bytes=self.budget["cold"], hot_window=2
-        )
-        self.kv: KVBlocks = self.cache._book.tiers.extra  # type: ignore[assignment]
+        self.dir = Path(tempfile.mkdtemp(prefix="tssc-kv-"))
+        self.budget = {
+            "hot": 2 * STATE_BLOCK + 6 * KV_BLOCK,
+            "cold": 3 * STATE_BLOCK + 10 * KV_BLOCK,
+            "disk": 300_000,  # ~8 checkpoints and 10 blocks reserved, more once written
+        }
+        self.cache = self._make()
         self.held: list[tuple[Lease, str, tuple[int, ...]]] = []
+
+    def _make(self) -> StateCache:
+        budgets = {f"{tier}_bytes": b for tier, b in self.budget.items()}
+        return make_hybrid_cache(kv=SMALL, hot_window=2, disk_dir=self.dir, **budgets)
+
+    @property
+    def kv(self) -> KVBlocks:
+        return self.cache._book.tiers.extra  # type: ignore[return-value]
 
     def _check(self, lease: Lease, tree: str, tokens: tuple[int, ...]) -> None:
         sink = ListSink()
@@ -114,14 +130,30 @@ class HybridCacheMachine(RuleBasedStateMachine):
 
     @rule(tier=st.sampled_from(ARENAS), states=st.integers(1, 6), blocks=st.integers(0, 20))
     def resize(self, tier: str, states: int, blocks: int) -> None:
-        """Shrinking evicts (the hot tier: demotes to cold); growing makes room again."""
+        """Shrinking evicts (hot: demotes to cold; cold: spills to disk); growing makes room again."""
         self.budget[tier] = states * STATE_BLOCK + blocks * KV_BLOCK
         self.cache.resize(**{f"{tier}_bytes": self.budget[tier]})
+
+    @rule()
+    def restart(self) -> None:
+        """Close (every checkpoint goes to disk, budget permitting) and start again on the same files."""
+        for lease, _, _ in self.held:
+            self.cache.release(lease)
+        self.held = []
+        self.cache.close()
+        self.cache = self._make()
+
+    @invariant()
+    def block_files_are_the_written_blocks(self) -> None:
+        self.cache.flush()
+        assert self.kv.disk is not None
+        written = {f.path for f in self.kv.disk.files.values() if f.path is not None}
+        assert set(self.dir.glob("*/kv/*.safetensors")) == written
 
     @invariant()
     def budgets_hold(self) -> None:
         stats = self.cache.stats()
-        for tier in ARENAS:
+        for tier in TIERS:
             ts = stats.tiers[tier]  # type: ignore[index]
             assert 0 <= ts.kv_bytes <= ts.bytes_used <= ts.bytes_capacity
             if not self.held:
@@ -131,7 +163,7 @@ class HybridCacheMachine(RuleBasedStateMachine):
     @invariant()
     def kept_copies_hold_their_whole_kv_chain(self) -> None:
         book = self.cache._book
-        expected: dict[str, Counter[int]] = {t: Counter() for t in ARENAS}
+        expected: dict[str, Counter[int]] = {t: Counter() for t in TIERS}
         for cp in book.ckpts.values():
             chain = self.kv.index.chains[cp.cid]
             assert sum(b.length for b in chain.blocks) == cp.position
@@ -140,17 +172,20 @@ class HybridCacheMachine(RuleBasedStateMachine):
                 assert all(tier in b.slots for b in chain.blocks)
                 expected[tier].update(id(b) for b in chain.blocks)
         assert set(self.kv.index.chains) == set(book.ckpts)
-        for tier in ARENAS:
+        for tier in TIERS:
             stored = self._stored(tier)
             assert {id(b): b.refs[tier] for b in stored} == dict(expected[tier])
-            assert self.kv.arenas[tier].used == len(stored) == self.kv.index.slots_used.get(tier, 0)
+            disk = self.kv.disk
+            count = len(disk.files) if tier == "disk" and disk is not None else self.kv.arenas[tier].used
+            assert count == len(stored) == self.kv.index.slots_used.get(tier, 0)
             slots = [b.slots[tier] for b in stored]
             assert len(slots) == len(set(slots))
 
     @invariant()
     def each_full_block_is_stored_once(self) -> None:
-        for tier in ARENAS:
-            prefixes = [self._prefix(b) for b in self._stored(tier) if b.parent is not None]
+        for tier in TIERS:
+            full = [b for b in self._stored(tier) if b.length == SMALL.block_size]
+            prefixes = [self._prefix(b) for b in full]
             assert len(prefixes) == len(set(prefixes))
 
     def _stored(self, tier: str) -> list[KVBlock]:
@@ -169,6 +204,7 @@ class HybridCacheMachine(RuleBasedStateMachine):
         for lease, _, _ in self.held:
             self.cache.release(lease)
         self.cache.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 HybridCacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
