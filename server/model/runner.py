@@ -191,9 +191,14 @@ class ModelRunner:
         plans = [_pieces(i, len(s.tokens), s.capture_at, grain) for i, s in enumerate(segs)]
         results = [PrefillResult(last_logits=torch.empty(0, device=self.device)) for _ in segs]
         for rnd in range(max(map(len, plans), default=0)):  # a segment's pieces run in order
-            for group in _groups([plan[rnd] for plan in plans if len(plan) > rnd], self.pad_waste):
+            for group in self._group([plan[rnd] for plan in plans if len(plan) > rnd]):
                 self._run_pieces(group, segs, results)
         return results
+
+    def _group(self, pieces: Sequence[_Piece]) -> list[list[_Piece]]:
+        """The passes of one round of `prefill_batch`: pieces batched by padding waste (`_groups`). A
+        backend whose single-row pass is cheaper for some pieces runs those alone."""
+        return _groups(pieces, self.pad_waste)
 
     def _check_segs(self, segs: Sequence[PrefillSeg]) -> None:
         for seg in segs:

@@ -75,6 +75,26 @@ def test_batched_prefill_equals_one_at_a_time(model_dir: Path, prefill_graphs: b
         assert _rel(batched.decode(nxt, slots), solo.decode(nxt, slots)) < 2e-3
 
 
+def test_long_rows_run_alone_as_graph_pieces(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of at least `graph_row_min` tokens take the single-row graph path, the rest one eager pass; the
+    results are those of one prefill at a time."""
+    model = load_model(model_dir, device="cuda")[1]
+    solo, batched = (cases.restore_distinct_states(_gpu(model)) for _ in "ab")
+    batched.graph_row_min = 9  # the cases' rows of 9 tokens and more run alone
+    passes: list[list[int]] = []  # each pass's row lengths
+    rows = batched._prefill_rows
+    monkeypatch.setattr(
+        batched,
+        "_prefill_rows",
+        lambda ids, lengths, *a: passes.append(list(lengths)) or rows(ids, lengths, *a),
+    )
+    segs = cases.segments()
+    want = cases.one_at_a_time(solo, segs)
+    cases.assert_batch_matches(batched.prefill_batch(segs), want, (batched, solo), segs, _within(2e-3))
+    assert all(len(p) == 1 for p in passes if max(p) >= 9)  # long rows alone
+    assert any(len(p) > 1 for p in passes)  # short ones still share a pass
+
+
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])
 def test_batched_prefill_matches_the_cpu_path(model_dir: Path, dtype: str, tol: float) -> None:
     ref = cases.restore_distinct_states(ModelRunner(load_model(model_dir)[1], cases.MAX_SLOTS))
