@@ -15,6 +15,10 @@ A *session* `(namespace, session id)` (id None: the namespace's anonymous sessio
 it is the set of checkpoints it created or restored from. It sets the hot window, `session_info` and what
 `delete_session` lets go; a checkpoint lives while a session references it (and no tier evicted it).
 
+Hybrid models (Mamba2 + attention, `KVSpec`): a checkpoint at p also holds the attention KV of [0, p), in
+blocks shared along its prefix tree and stored once per tier beside the states (`cache.kv_blocks`); a tier
+copy holds every block it needs, budgets count both, and a restore brings back both.
+
 Thread-safety contract (every implementation of `CheckpointCache`):
 - All public methods may be called concurrently from asyncio tasks and from worker threads. None of them
   awaits; none blocks on another caller for longer than a bookkeeping step (one lock guards the index,
@@ -24,6 +28,8 @@ Thread-safety contract (every implementation of `CheckpointCache`):
   storage it reads is not evicted, freed or overwritten until `release`.
 - `capture` reserves storage under the lock (evicting as needed), encodes/copies outside it, then
   publishes the checkpoint under the lock. A checkpoint becomes visible to `lookup` only once published.
+  A hybrid's capture that shares a KV block another capture is still writing waits for that copy (never
+  for I/O) before publishing.
 - Eviction is safe exactly for checkpoints with pin count 0 that are published. A leased checkpoint is
   never evicted from any tier; deleting the last session that references it marks it dead and frees it at
   its last `release`.
@@ -256,12 +262,16 @@ class CheckpointCache(abc.ABC):
         evicted (as far as the tree's ghost markers remember, `cache.index`), else `never_saved`."""
 
     @abc.abstractmethod
-    def fetch(self, lease: Lease, out: State | None = None) -> dict[str, torch.Tensor]:
+    def fetch(
+        self, lease: Lease, out: State | None = None, kv: KVSink | None = None
+    ) -> dict[str, torch.Tensor]:
         """Decode the leased checkpoint into tensors on the cache device with the spec dtypes (into `out`
         when given, e.g. the live slot's views, and return them: spec names and shapes, any float dtype and
-        strides; a wrong name or shape raises ValueError before anything is written). On CUDA the copies
-        are ordered on the current stream (no host sync): work queued after `fetch` on that stream sees it.
-        Raises `CheckpointUnavailable` if the stored copy is corrupt (never returns a wrong state)."""
+        strides; a wrong name or shape raises ValueError before anything is written). A hybrid model's
+        cache also appends the attention KV of [0, position) to `kv` (required there, an empty sequence).
+        On CUDA the copies are ordered on the current stream (no host sync): work queued after `fetch` on
+        that stream sees it. Raises `CheckpointUnavailable` if the stored copy is corrupt (never returns a
+        wrong state, and writes no KV)."""
 
     @property
     def has_remote(self) -> bool:
@@ -290,9 +300,12 @@ class CheckpointCache(abc.ABC):
         *,
         reason: str,
         tree: str | None = None,
+        kv: KVSource | None = None,
     ) -> bool:
         """Store `state`, the full-precision state after `tokens` (its whole prefix; position = len), in
-        `tree` (None: `namespace`'s tree), as a checkpoint of the session `(namespace, session)`.
+        `tree` (None: `namespace`'s tree), as a checkpoint of the session `(namespace, session)`. A hybrid
+        model's cache also stores the attention KV of [0, len(tokens)), read from `kv` (required there; only
+        the blocks no copy in a tier holds yet are read).
         Write-through: the cold copy is encoded from `state` itself, the hot copy too (FP8). On CPU both are
         written before returning. On CUDA they run on a side stream after the current stream's queued work;
         `state` must be a copy the caller will not modify in place (`ModelRunner.capture` and

@@ -129,6 +129,23 @@ class PassthroughCodec(Codec):
         out.copy_(data)
 
 
+class NativeCodec(Codec):
+    """Lossless for values of one dtype: stores them as they are (a hybrid model's hot KV in the model dtype,
+    `cache.kv_blocks`)."""
+
+    scaled = False
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.storage_dtype = dtype
+        self.name = "native-" + str(dtype).removeprefix("torch.")
+
+    def encode_into(self, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None) -> None:
+        data.copy_(x)
+
+    def decode_into(self, data: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
+        out.copy_(data)
+
+
 def make_codec(name: str, fused: bool = False) -> Codec:
     """`name`: "fp8" | "fp16" | "bf16" | "fp32". `fused`: Triton kernels for CUDA tensors (see `ScaledCodec`)."""
     if name == "fp8":

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 HotDtype = Literal["fp8", "fp16", "bf16", "fp32"]
+HotKVDtype = Literal["model", "fp8"]
 ColdDtype = Literal["fp16", "bf16", "fp32"]
 _HOT: tuple[str, ...] = ("fp8", "fp16", "bf16", "fp32")
 _COLD: tuple[str, ...] = ("fp16", "bf16", "fp32")
@@ -14,7 +15,8 @@ _COLD: tuple[str, ...] = ("fp16", "bf16", "fp32")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Budgets are bytes (hard limits). `hot_window` W: checkpoints per session kept in the hot tier (of those
+    """Budgets are bytes (hard limits); a hybrid model's tier counts its KV blocks with its states
+    (`cache.kv_blocks`), and its hot and cold capacities are whole state blocks. `hot_window` W: checkpoints per session kept in the hot tier (of those
     the session references alone; shared ones are left to the eviction policy).
     `checkpoint_interval` K: capture every K tokens (0 = off). `min_gap`: admission skips a capture less than
     `min_gap` tokens deeper than an existing checkpoint on the same token path of its prefix tree (0 = only
@@ -30,7 +32,10 @@ class CacheConfig:
     if more: `cache.index`) to tell `evicted` misses from `never_saved`.
     `fused_codecs`: on CUDA, run the FP8/FP16 codecs as Triton kernels (`cache.triton_codec`; torch ops where
     triton is missing or a kernel fails); ignored on CPU.
-    `remote`: the shared remote tier (Redis), off when None (`RemoteConfig`)."""
+    `remote`: the shared remote tier (Redis), off when None (`RemoteConfig`).
+    `hot_kv_dtype`: a hybrid model's KV blocks in the hot tier, "model" (its dtype, lossless) or "fp8" (e4m3
+    with a power-of-two scale per token and head, half the bytes of bf16; its fidelity is measured in
+    tests/unit/model/test_hybrid_checkpoints.py). Cold and disk KV use the cold tier's codec."""
 
     hot_bytes: int = 0
     cold_bytes: int = 0
@@ -48,6 +53,7 @@ class CacheConfig:
     latency_samples: int = 1024
     fused_codecs: bool = True
     remote: RemoteConfig | None = None
+    hot_kv_dtype: HotKVDtype = "model"
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +71,8 @@ class CacheConfig:
             raise ValueError(f"hot_dtype must be one of {_HOT}")
         if self.cold_dtype not in _COLD:
             raise ValueError(f"cold_dtype must be one of {_COLD}")
+        if self.hot_kv_dtype not in ("model", "fp8"):
+            raise ValueError("hot_kv_dtype must be 'model' or 'fp8'")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if self.max_ghosts < 0 or self.latency_samples < 1:

@@ -8,10 +8,11 @@ demotion (dropping the hot copy, the cold one stays: write-through) releases the
 state and KV always move together. A restore reads both from the tier the lease names.
 
 Per tier, the blocks live in a KV arena of their own (`BlockArena`, grown on demand in chunks, never above
-the tier's budget) in their own precision: hot in the model dtype on the cache device, cold in the cold
-tier's dtype (FP16 by default, saturated to its range) in host memory, pinned on CUDA. On disk each block
-is one file (`cache.kv_disk`), written when the first checkpoint copy holding it spills from the cold
-tier, shared by every disk copy holding it, and found again at start.
+the tier's budget) in their own precision (`cache.kv_copies`): hot in the model dtype (or FP8,
+`CacheConfig.hot_kv_dtype`) on the cache device, cold with the cold tier's codec (FP16 with a scale per
+token and head, so nothing overflows) in host memory, pinned on CUDA. On disk each block is one file
+(`cache.kv_disk`), written when the first checkpoint copy holding it spills from the cold tier, shared by
+every disk copy holding it, and found again at start.
 
     block: (L, 2, s, kv, dh)   # attention layers, 0 = keys / 1 = values, offset in block, kv heads, head dim
 
@@ -35,22 +36,23 @@ from cache.arena import BlockArena, Claim
 from cache.base import Attachment, KVSink, KVSource, KVSpec, Tier
 from cache.checkpoint import Checkpoint
 from cache.disk_tier import DiskTier
+from cache.kv_copies import KVPart, decode, encode_into
 from cache.kv_disk import KVDisk, KVFile, KVFileRead
 from cache.kv_index import Fill, KVBlock, KVIndex, name_of
+from cache.layout import BlockLayout
 from cache.transfer import Event, Transfers
 
 ARENA_TIERS: tuple[Tier, ...] = ("hot", "cold")
 GROWTH = 256  # KV arena blocks added at most per growth
-FP16_MAX = 65504.0
-KVReads = list[tuple[torch.Tensor, int]] | list[KVFileRead]  # what a restore reads: views or files
+KVReads = list[KVPart] | list[KVFileRead]  # what a restore reads: blocks' fields, or their files
 
 
 @dataclass(frozen=True)
 class KVWrite:
-    """One block a capture writes: `view` (L, 2, s, kv, dh) of its slot, positions [start, start + length),
-    after settling `claim` (a spill still to copy the slot's old bytes)."""
+    """One block a capture writes: its slot's fields, positions [start, start + length), after settling
+    `claim` (a spill still to copy the slot's old bytes)."""
 
-    view: torch.Tensor
+    target: KVPart
     start: int
     length: int
     fill: Fill
@@ -68,14 +70,18 @@ class KVJob:
 
 class KVBlocks(Attachment):
     def __init__(
-        self, spec: KVSpec, cold_dtype: torch.dtype, transfers: Transfers, disk: KVDisk | None = None
+        self,
+        spec: KVSpec,
+        layouts: dict[Tier, BlockLayout],
+        transfers: Transfers,
+        disk: KVDisk | None = None,
     ) -> None:
         self.spec = spec
         self.index = KVIndex(spec.block_size)
         self.transfers = transfers
-        self.dtypes: dict[Tier, torch.dtype] = {"hot": spec.dtype, "cold": cold_dtype}
+        self.layouts = layouts  # hot and cold: the block's fields, through the tier's codec
         devices = {"hot": transfers.device, "cold": torch.device("cpu")}
-        self.block_bytes = {t: _numel(spec) * self.dtypes[t].itemsize for t in ARENA_TIERS}
+        self.block_bytes = {t: layouts[t].block_bytes for t in ARENA_TIERS}
         self.arenas = {
             t: BlockArena(self.block_bytes[t], 0, devices[t], pin=transfers.cuda) for t in ARENA_TIERS
         }
@@ -109,8 +115,8 @@ class KVBlocks(Attachment):
             slot = self._take_slot(tier)
             self.index.store(cp.cid, tier, block, slot)
             fill = block.fills[tier] = Fill()
-            view = self._view(tier, slot)
-            writes.append(KVWrite(view, block.start, block.length, fill, arena.take_claim(slot)))
+            target = self._fields(tier, slot)
+            writes.append(KVWrite(target, block.start, block.length, fill, arena.take_claim(slot)))
 
     def adopt(self, cp: Checkpoint, tier: Tier) -> int | None:
         assert tier == "disk" and self.disk is not None
@@ -171,14 +177,14 @@ class KVBlocks(Attachment):
         return KVJob(writes, waits, cp.position)
 
     def reads(self, cp: Checkpoint, tier: Tier) -> KVReads:
-        """What a restore of `cp` from `tier` reads, in token order: block views (L, 2, s, kv, dh) and the
-        tokens used of each, or the blocks' disk files."""
+        """What a restore of `cp` from `tier` reads, in token order: the fields of its blocks (the tokens
+        each holds), or the blocks' disk files."""
         chain = self.index.chains[cp.cid]
         assert len(self.index.held(cp.cid, tier)) == len(chain.blocks), "a leased copy lost a KV block"
         if tier == "disk":
             assert self.disk is not None
             return [self.disk.reading(b.slots[tier]) for b in chain.blocks]
-        return [(self._view(tier, b.slots[tier]), b.length) for b in chain.blocks]
+        return [self._fields(tier, b.slots[tier]).head(b.length) for b in chain.blocks]
 
     def file_done(self, file: KVFile, path: Path | None, nbytes: int) -> None:
         """A block file's write finished (`path` None: it failed)."""
@@ -201,25 +207,21 @@ class KVBlocks(Attachment):
             fill.done.wait()
         return all(fill.ok for fill in job.waits)
 
-    def load(self, reads: KVReads) -> list[torch.Tensor]:
-        """The blocks' KV, (L, 2, n, kv, dh) each; files are read and verified. Raises CorruptFile."""
+    def load(self, reads: KVReads) -> list[KVPart]:
+        """The blocks' encoded KV, in order; files are read and verified. Raises CorruptFile."""
         parts = []
         for item in reads:
             if isinstance(item, KVFileRead):
                 assert self.disk is not None
                 parts.append(self.disk.read(item))
             else:
-                view, length = item
-                parts.append(view[:, :, :length])
+                parts.append(item)
         return parts
 
-    def append(self, parts: list[torch.Tensor], ready: Event | None, sink: KVSink) -> None:
-        """Append the loaded blocks, positions [0, p), to `sink` in the model dtype on the cache device."""
-        tr = self.transfers
-        tr.wait(ready)
-        if tr.cuda:
-            parts = [p.to(tr.device, non_blocking=True) for p in parts]
-        sink.append(torch.cat(parts, dim=2).to(self.spec.dtype))  # (L, 2, p, kv, dh)
+    def append(self, parts: list[KVPart], ready: Event | None, sink: KVSink) -> None:
+        """Decode the loaded blocks, positions [0, p), and append them to `sink` (model dtype, cache device)."""
+        self.transfers.wait(ready)
+        sink.append(decode(self.transfers, parts, self.spec.dtype))  # (L, 2, p, kv, dh)
 
     def check_source(self, source: KVSource | None, position: int) -> KVSource:
         if source is None or not callable(getattr(source, "read", None)):
@@ -258,8 +260,7 @@ class KVBlocks(Attachment):
                 w.claim.settle()  # a queued block spill takes its copy of the slot's old bytes first
         with self.transfers.on_capture_stream([]):
             for w in job.writes:
-                part = kv[:, :, w.start - first : w.start - first + w.length]
-                w.view[:, :, : w.length].copy_(_cast(part, w.view.dtype), non_blocking=True)
+                encode_into(kv[:, :, w.start - first : w.start - first + w.length], w.target)
             self.transfers.keep_alive([kv])
 
     def _unit(self, tier: Tier) -> int:
@@ -278,19 +279,8 @@ class KVBlocks(Attachment):
         assert slot is not None
         return slot
 
-    def _view(self, tier: Tier, slot: int) -> torch.Tensor:
-        return self.arenas[tier].block(slot).view(self.dtypes[tier]).view(self.spec.block_shape())
-
-
-def _numel(spec: KVSpec) -> int:
-    n = 1
-    for d in spec.block_shape():
-        n *= d
-    return n
-
-
-def _cast(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`kv` in `dtype`; into FP16 saturated to its range (a bf16 or fp32 key beyond 65504 stays finite)."""
-    if dtype == torch.float16 and kv.dtype != torch.float16:
-        kv = kv.clamp(-FP16_MAX, FP16_MAX)
-    return kv.to(dtype)
+    def _fields(self, tier: Tier, slot: int) -> KVPart:
+        """The fields of a slot of the tier's KV arena (views made once per slot, `BlockLayout.views`)."""
+        layout = self.layouts[tier]
+        data, scale = layout.views(self.arenas[tier].block(slot), arena=True)["kv"]
+        return KVPart(layout.codec, data, scale)

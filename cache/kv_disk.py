@@ -1,8 +1,8 @@
 """KV blocks on disk: one safetensors file per block, shared by the disk copies of every checkpoint whose
 chain holds the block (`cache.kv_index`), like the blocks in memory.
 
-A file holds the block's keys and values `kv: (L, 2, n, kv, dh)` (n <= s tokens, the cold tier's dtype),
-its tokens (int32) and metadata: the block's name (a digest of its tree and every token up to its end,
+A file holds the block's keys and values as the cold tier encodes them (`kv.data: (L, 2, n, kv, dh)` and,
+for a scaled codec, `kv.scale: (L, 2, n, kv)`; n <= s tokens), its tokens (int32) and metadata: the block's name (a digest of its tree and every token up to its end,
 `kv_index.block_name`), the KV layout's fingerprint and a blake2b checksum (`cache.disk.checksum`). Files are
 named by a uuid4 and never reused, as checkpoint files are (`cache.disk_tier` says why that makes unlinking
 after the lock safe); at start, `scan` maps names to files, and a checkpoint file found there is adopted
@@ -29,8 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cache.base import KVSpec
 from cache.disk import HEADER_SLACK, CorruptFile, checksum
+from cache.kv_copies import KVPart
+from cache.layout import BlockLayout
 from cache.spill import SpillCopy
 from cache.transfer import Event
 
@@ -60,24 +61,14 @@ class KVFileRead:
     tokens: tuple[int, ...]
 
 
-class SlotFields:
-    """The `named` view `SpillCopy` takes of a cold KV slot `(block_bytes,)` uint8."""
-
-    def __init__(self, spec: KVSpec, dtype: torch.dtype) -> None:
-        self.shape, self.dtype = spec.block_shape(), dtype
-
-    def named(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"kv": block.view(self.dtype).view(self.shape)}  # (L, 2, s, kv, dh)
-
-
 class KVDisk:
-    def __init__(self, root: Path, spec: KVSpec, dtype: torch.dtype, fingerprint: str) -> None:
+    def __init__(self, root: Path, layout: BlockLayout, fingerprint: str) -> None:
         self.dir = root
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.fields = SlotFields(spec, dtype)
+        self.layout = layout  # the cold tier's KV block layout
         self.fingerprint = fingerprint
-        self.estimate = spec.n_layers * 2 * spec.block_size * spec.n_kv_heads * spec.head_dim * dtype.itemsize
-        self.estimate += 4 * spec.block_size + HEADER_SLACK  # bytes reserved per file before it is written
+        block_size = layout.spec["kv"][0][2]
+        self.estimate = layout.block_bytes + 4 * block_size + HEADER_SLACK  # reserved until a file exists
         self.files: dict[int, KVFile] = {}
         self.used = 0
         self.found: dict[
@@ -90,7 +81,7 @@ class KVDisk:
     def spill(self, name: str, tokens: tuple[int, ...], slot: torch.Tensor, ready: Event | None) -> KVFile:
         """A disk copy of the block `name` whose bytes are in the cold `slot` (`(block_bytes,)` uint8, host),
         queued for writing."""
-        copy = SpillCopy(self.fields, slot, ready)
+        copy = SpillCopy(self.layout, slot, ready)
         return self._add(KVFile(self._new_id(), name, tokens, self.estimate, pending=copy))
 
     def adopt(self, name: str, tokens: tuple[int, ...]) -> KVFile | None:
@@ -139,10 +130,9 @@ class KVDisk:
         fields = file.pending.fields() if file.pending is not None else None
         if fields is None:
             return None, 0
-        tensors = {
-            "kv": fields["kv"][:, :, : len(file.tokens)].contiguous(),  # (L, 2, n, kv, dh)
-            "tokens": torch.tensor(file.tokens, dtype=torch.int32),
-        }
+        n = len(file.tokens)
+        tensors = {name: t[:, :, :n].contiguous() for name, t in fields.items()}  # (L, 2, n, ...)
+        tensors["tokens"] = torch.tensor(file.tokens, dtype=torch.int32)
         meta = {"name": file.name, "fingerprint": self.fingerprint}
         meta["checksum"] = checksum(tensors, meta)
         path = self.dir / f"{uuid.uuid4().hex}.safetensors"
@@ -156,12 +146,12 @@ class KVDisk:
             tmp.unlink(missing_ok=True)
             return None, 0
 
-    def read(self, block: KVFileRead) -> torch.Tensor:
-        """The block's KV (L, 2, n, kv, dh), from its pending bytes or its file. Raises CorruptFile."""
+    def read(self, block: KVFileRead) -> KVPart:
+        """The block's encoded KV, from its pending bytes or its file. Raises CorruptFile."""
         if block.pending is not None:
             fields = block.pending.fields()
             if fields is not None:
-                return fields["kv"][:, :, : len(block.tokens)]
+                return self._part(fields).head(len(block.tokens))
         if block.path is None:
             raise CorruptFile(f"KV block {block.name}: no copy (its write failed or was dropped)")
         try:
@@ -172,9 +162,19 @@ class KVDisk:
             raise CorruptFile(f"KV block {block.path.name}: {exc}") from exc
         if meta.get("checksum") != checksum(tensors, meta) or meta.get("name") != block.name:
             raise CorruptFile(f"KV block {block.path.name}: checksum or name mismatch")
-        if tuple(tensors["tokens"].tolist()) != block.tokens:
+        if tuple(tensors.pop("tokens").tolist()) != block.tokens:
             raise CorruptFile(f"KV block {block.path.name}: tokens differ from the index")
-        return tensors["kv"]
+        part = self._part(tensors)
+        expected = (*self.layout.spec["kv"][0][:2], len(block.tokens), *self.layout.spec["kv"][0][3:])
+        scale_ok = part.scale is None if not self.layout.codec.scaled else part.scale is not None
+        scale_ok = scale_ok and (part.scale is None or tuple(part.scale.shape) == expected[:-1])
+        if (
+            tuple(part.data.shape) != expected
+            or part.data.dtype != self.layout.codec.storage_dtype
+            or not scale_ok
+        ):
+            raise CorruptFile(f"KV block {block.path.name}: {tuple(part.data.shape)}, expected {expected}")
+        return part
 
     def scan(self) -> int:
         """Map the names of the files present to their paths (`found`); remove leftovers of unfinished
@@ -196,6 +196,12 @@ class KVDisk:
                 continue
             self.found[name] = (path, path.stat().st_size)
         return removed
+
+    def _part(self, fields: dict[str, torch.Tensor]) -> KVPart:
+        try:
+            return KVPart(self.layout.codec, fields["kv.data"], fields.get("kv.scale"))
+        except KeyError as exc:
+            raise CorruptFile(f"KV block fields {sorted(fields)}") from exc
 
     def _add(self, file: KVFile) -> KVFile:
         self.files[file.fid] = file

@@ -15,19 +15,14 @@ held while it runs.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
 
 import torch
 
-
-class Fields(Protocol):
-    """How a block's bytes read as named tensors (`BlockLayout`; `kv_disk.SlotFields` for a KV block)."""
-
-    def named(self, block: torch.Tensor) -> dict[str, torch.Tensor]: ...
+from cache.layout import BlockLayout
 
 
 class SpillCopy:
-    def __init__(self, layout: Fields, block: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def __init__(self, layout: BlockLayout, block: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         self._layout = layout
         self._block: torch.Tensor | None = block  # (block_bytes,) uint8, host: the cold block
         self._ready = ready

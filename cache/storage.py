@@ -17,7 +17,7 @@ from cache import copies
 from cache.arena import BlockArena, Claim
 from cache.base import KVSpec, State, Tier
 from cache.checkpoint import Checkpoint
-from cache.codec import make_codec
+from cache.codec import NativeCodec, make_codec
 from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import Spill
@@ -44,6 +44,7 @@ class Storage:
         fused = config.fused_codecs and self.device.type == "cuda"
         self.hot_layout = BlockLayout(spec, make_codec(config.hot_dtype, fused))
         self.cold_layout = BlockLayout(spec, make_codec(config.cold_dtype, fused))
+        self.kv_layouts = self._kv_layouts(fused)
         self.transfers = Transfers(self.device)
         self.store = self._make_store()
 
@@ -67,21 +68,27 @@ class Storage:
         return DiskStore(self.config.disk_dir, self._fingerprint())
 
     def _fingerprint(self) -> str:
-        """The cold layout's, and a hybrid's KV layout: files of another model never mix."""
-        kv = self.kv
-        if kv is None:
+        """The cold layout's, and a hybrid's cold KV layout: files of another model never mix."""
+        if "cold" not in self.kv_layouts:
             return self.cold_layout.fingerprint()
-        dtype = str(self.cold_layout.codec.storage_dtype).removeprefix("torch.")
-        shape = "x".join(map(str, kv.block_shape()))
-        return f"{self.cold_layout.fingerprint()}|kv:{shape}:{dtype}"
+        return f"{self.cold_layout.fingerprint()}|kv:{self.kv_layouts['cold'].fingerprint()}"
+
+    def _kv_layouts(self, fused: bool) -> dict[Tier, BlockLayout]:
+        """A hybrid's KV block `(L, 2, s, kv, dh)` per tier: hot in the model dtype (or FP8), cold (and disk)
+        with the cold tier's codec."""
+        if self.kv is None:
+            return {}
+        spec = {"kv": (self.kv.block_shape(), self.kv.dtype)}
+        hot = NativeCodec(self.kv.dtype) if self.config.hot_kv_dtype == "model" else make_codec("fp8", fused)
+        return {"hot": BlockLayout(spec, hot), "cold": BlockLayout(spec, self.cold_layout.codec)}
 
     def make_kv(self) -> KVBlocks | None:
         """A hybrid model's KV blocks (`cache.kv_blocks`), with block files beside the checkpoint files."""
         if self.kv is None:
             return None
-        dtype = self.cold_layout.codec.storage_dtype
-        disk = KVDisk(self.store.dir / "kv", self.kv, dtype, self._fingerprint()) if self.store else None
-        return KVBlocks(self.kv, dtype, self.transfers, disk)
+        cold = self.kv_layouts["cold"]
+        disk = KVDisk(self.store.dir / "kv", cold, self._fingerprint()) if self.store is not None else None
+        return KVBlocks(self.kv, self.kv_layouts, self.transfers, disk)
 
     # ---- captures ------------------------------------------------------------------------------------
 

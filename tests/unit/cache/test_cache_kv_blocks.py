@@ -194,3 +194,26 @@ def test_a_capture_sharing_a_block_another_capture_writes_waits_for_that_write(f
         assert a_result == [True]
         assert_restores(cache, CONVERSATION[:27])
         assert_restores(cache, CONVERSATION[:20])
+
+
+@pytest.mark.parametrize(
+    ("hot", "codecs", "bound"),
+    [(False, {"cold_dtype": "fp16"}, 2.0**-11), (True, {"hot_kv_dtype": "fp8"}, 2.0**-4)],
+    ids=("cold-fp16", "hot-fp8"),
+)
+def test_lossy_kv_codecs_scale_per_token_and_head(hot: bool, codecs: dict[str, str], bound: float) -> None:
+    """Keys far beyond FP16's range restore finite from the cold tier; each (token, head) vector within the
+    codec's bound of its largest value."""
+    cache = make_hybrid_cache(hot_bytes=(1 << 20) if hot else 0, **codecs)
+    toks = CONVERSATION[:20]
+    source = TokenKV(toks)
+    source.kv = source.kv * 1e6
+    assert cache.capture("ns", "s", toks, make_state("ns", toks), reason="x", kv=source)
+    lease = cache.lookup("ns", "s", toks)
+    assert lease is not None and lease.tier == ("hot" if hot else "cold")
+    sink = ListSink()
+    cache.fetch(lease, kv=sink)
+    cache.release(lease)
+    err = (sink.kv - source.kv).abs().amax(-1)  # (L, 2, n, kv)
+    assert torch.isfinite(sink.kv).all()
+    assert (err <= bound * source.kv.abs().amax(-1)).all()

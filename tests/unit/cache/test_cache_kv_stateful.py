@@ -29,7 +29,7 @@ from cache.kv_index import KVBlock
 from tests.unit.cache.kv_helpers import KV, ListSink, TokenKV, make_hybrid_cache, make_kv, make_state
 
 SMALL = KVSpec(KV.n_layers, KV.n_kv_heads, KV.head_dim, KV.dtype, block_size=3)
-KV_BLOCK = 2 * 2 * 3 * 2 * 4 * 4
+KV_BLOCK = 512  # (L, 2, s, kv, dh) fp32: 384 bytes, in a 256-byte aligned field
 STATE_BLOCK = 768
 ARENAS = ("hot", "cold")
 
