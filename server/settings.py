@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Prompt tokens prefilled per engine step over all requests (chunked prefill); "
         "default 512 on CPU, 8192 on CUDA.",
     )
+    engine_process: bool = Field(
+        False,
+        description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "
+        "process talks to over a pipe: HTTP work and model work then hold separate GILs.",
+    )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def _build(settings: Settings, metrics: Metrics) -> EngineLike:
+    if settings.engine_process:  # the model loads in the core process, when the client starts it
+        from server.engine.client import EngineClient
+
+        return EngineClient(settings, metrics)
     from server.engine.factory import build_engine
 
     engine: EngineLike = build_engine(settings, metrics)

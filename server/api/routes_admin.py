@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from collections.abc import Awaitable
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -11,13 +12,16 @@ from fastapi.responses import JSONResponse
 
 from server.api import session_ids
 from server.api.errors import APIError, bad_request
+from server.api.generation import engine_error
 from server.api.logs import session_id_var
 from server.api.responses import Health, SessionDeleted
 from server.api.routes_openai import ERRORS, Namespace
 from server.api.state import EngineLike, app_state
+from server.engine.types import EngineError, EngineNotReady
 from server.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 router = APIRouter()
 SessionPath = Annotated[str, Path(min_length=1, description=session_ids.RULE)]
 
@@ -42,7 +46,7 @@ async def metrics(request: Request) -> Response:
     try:
         if state.engine is not None and state.ready:
             state.metrics.set_stats(await state.engine.stats())
-        else:
+        elif not state.settings.engine_process:  # the core process owns the device
             state.metrics.refresh(None)
     except Exception:  # a stats failure must not hide the counters
         log.exception("metrics refresh failed")
@@ -59,6 +63,14 @@ def _session_engine(request: Request, session_id: str) -> EngineLike:
     return app_state(request).require_engine()
 
 
+async def _ask(call: Awaitable[T]) -> T:
+    """An engine call; a core process that died meanwhile (or hangs) is a 503, never a 500."""
+    try:
+        return await call
+    except (EngineError, EngineNotReady, TimeoutError) as exc:
+        raise engine_error(exc) from exc
+
+
 def _not_found(session_id: str) -> APIError:
     return APIError(
         404, f"No session '{session_id}' in the state cache.", param="session_id", code="session_not_found"
@@ -68,7 +80,7 @@ def _not_found(session_id: str) -> APIError:
 @router.get("/v1/sessions/{session_id:path}", responses=ERRORS)
 async def get_session(session_id: SessionPath, request: Request, namespace: Namespace) -> JSONResponse:
     """Checkpoints and bytes per tier of one of this key's sessions."""
-    info = await _session_engine(request, session_id).session_info(namespace, session_id)
+    info = await _ask(_session_engine(request, session_id).session_info(namespace, session_id))
     if info is None:
         raise _not_found(session_id)
     return JSONResponse(jsonable_encoder({"id": session_id, "object": "session", **info}))
@@ -78,7 +90,7 @@ async def get_session(session_id: SessionPath, request: Request, namespace: Name
 async def delete_session(session_id: SessionPath, request: Request, namespace: Namespace) -> SessionDeleted:
     """Drop every checkpoint of the session, in every tier."""
     engine = _session_engine(request, session_id)
-    freed = await engine.delete_session(namespace, session_id)
+    freed = await _ask(engine.delete_session(namespace, session_id))
     if freed is None:
         raise _not_found(session_id)
     app_state(request).chat_encoder(engine.tokenizer).forget((namespace, session_id))
