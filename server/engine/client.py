@@ -126,10 +126,31 @@ class EngineClient:
         atexit.register(self._stop_at_exit)
         threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
         log.info("engine core process started", extra={"pid": self._proc.pid})
-        await self._loaded
         from server.engine.factory import load_tokenizer
 
-        self._tokenizer = await asyncio.to_thread(load_tokenizer, self._settings)
+        tokenizer = self._in_daemon_thread(load_tokenizer, self._settings)  # while the core loads
+        try:
+            await self._loaded
+        except BaseException:
+            tokenizer.add_done_callback(_retrieved)  # the core's load error is the one reported
+            raise
+        self._tokenizer = await tokenizer
+
+    def _in_daemon_thread(
+        self, fn: Callable[[Settings], Tokenizer], arg: Settings
+    ) -> asyncio.Future[Tokenizer]:
+        """`fn(arg)` on a daemon thread: a load that failed in the core does not hold up the exit."""
+        future: asyncio.Future[Tokenizer] = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                result: Tokenizer | BaseException = fn(arg)
+            except BaseException as exc:
+                result = exc
+            self._post(lambda value: _resolve(future, value), result)
+
+        threading.Thread(target=run, name="tssc-tokenizer-load", daemon=True).start()
+        return future
 
     def end_all(self, reason: str) -> int:
         """Refuse new requests and end every open one with `EngineShutdown(reason)` (the core frees their
@@ -329,6 +350,11 @@ def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
         future.set_exception(value)
     else:
         future.set_result(value)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe_exit(exitcode: int | None) -> str:
