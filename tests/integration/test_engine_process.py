@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration import test_clients, test_disconnects, test_robustness, test_sessions
+from tests.integration import test_clients, test_disconnects, test_robustness, test_sessions, test_shutdown
 from tests.integration.conftest import COMMON, MODEL, chat
 from tests.integration.server_proc import ServerProc, engine_core_pid, pid_alive, start_server
 
@@ -140,22 +140,10 @@ def test_metrics_equal_the_thread_modes_for_the_same_requests(tiny_model_dir: Pa
 # ---- the core killed -----------------------------------------------------------------------------------
 
 
-async def _stream(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 90_000, "ignore_eos": True, "stream": True}
-    lines: list[str] = []
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200
-        async for line in resp.aiter_lines():
-            if line.startswith("data: "):
-                lines.append(line[6:])
-                started.set()
-    return lines
-
-
 async def _kill_core_under_load(srv: ServerProc) -> tuple[list[list[str]], httpx.Response]:
     async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
         started = [asyncio.Event() for _ in range(3)]
-        streams = [asyncio.create_task(_stream(client, e)) for e in started]
+        streams = [asyncio.create_task(test_shutdown._stream(client, 90_000, e)) for e in started]
         body = {"model": MODEL, "prompt": "y", "max_tokens": 90_000, "ignore_eos": True}
         plain = asyncio.create_task(client.post("/v1/completions", json=body))
         for event in started:

@@ -6,9 +6,11 @@ core process drains with the server and exits with it (no orphan)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -70,9 +72,15 @@ def _args(model: Path, grace: str, mode: tuple[str, ...]) -> list[str]:
     return [*args, "--shutdown-grace", grace, *mode]
 
 
-def _assert_exits_with_its_core(srv: ServerProc, cores: list[int]) -> None:
-    assert srv.proc.wait(timeout=30) is not None
-    assert not [pid for pid in cores if pid_alive(pid)], "the engine core outlived the server"
+@contextlib.contextmanager
+def _serving(model: Path, grace: str, mode: tuple[str, ...], log_dir: Path) -> Iterator[ServerProc]:
+    """A server for one SIGTERM: on leaving, it has exited, and so has its engine core (process mode)."""
+    with start_server(_args(model, grace, mode), log_dir=log_dir) as srv:
+        cores = child_pids(srv.proc.pid, "spawn_main")
+        assert len(cores) == len(mode)
+        yield srv
+        assert srv.proc.wait(timeout=30) is not None
+        assert not [pid for pid in cores if pid_alive(pid)], "the engine core outlived the server"
 
 
 def _assert_refused(knocks: list[httpx.Response]) -> None:
@@ -86,11 +94,8 @@ def _assert_refused(knocks: list[httpx.Response]) -> None:
 def test_open_requests_end_with_an_error_event_when_the_grace_runs_out(
     tiny_model_dir: Path, tmp_path: Path, mode: tuple[str, ...]
 ) -> None:
-    with start_server(_args(tiny_model_dir, "1", mode), log_dir=tmp_path) as srv:
-        cores = child_pids(srv.proc.pid, "spawn_main")
-        assert len(cores) == len(mode)
+    with _serving(tiny_model_dir, "1", mode, tmp_path) as srv:
         streams, plain, knocks = asyncio.run(_under_sigterm(srv, max_tokens=90_000))
-        _assert_exits_with_its_core(srv, cores)
     _assert_refused(knocks)
     for lines in streams:
         assert lines[-1] == "[DONE]", lines[-3:]
@@ -104,11 +109,10 @@ def test_open_requests_end_with_an_error_event_when_the_grace_runs_out(
 def test_running_requests_finish_within_the_grace_period(
     tiny_model_dir: Path, tmp_path: Path, mode: tuple[str, ...]
 ) -> None:
-    with start_server(_args(tiny_model_dir, "60", mode), log_dir=tmp_path) as srv:
-        cores = child_pids(srv.proc.pid, "spawn_main")
+    with _serving(tiny_model_dir, "60", mode, tmp_path) as srv:
         begin = time.monotonic()
         streams, plain, knocks = asyncio.run(_under_sigterm(srv, max_tokens=300))
-        _assert_exits_with_its_core(srv, cores)
+        assert srv.proc.wait(timeout=30) is not None
         assert time.monotonic() - begin < 60  # it exited once idle, not at the end of the grace period
     _assert_refused(knocks)
     for lines in streams:
