@@ -7,12 +7,17 @@ standard process (`process_*`) and platform (`python_info`) collectors are regis
 Who records what:
 - the cache calls the observer methods (`on_lookup`, `on_fetch`, `on_capture`, `on_evict`);
 - the engine calls the `observe_*` request methods (it alone sees queueing and every token);
-- `refresh(engine)` sets the gauges from `engine.cache.stats()` and the engine's queues; the
-  `/metrics` route calls it before every scrape.
+- `set_stats(engine_stats)` sets the gauges from a snapshot of the engine's queues, its cache's stats and
+  CUDA memory; the `/metrics` route takes one (`await engine.stats()`) before every scrape.
+
+With `--engine-process` the engine and the cache record into a recorder in the core process
+(`server.engine.ipc.Recorder`), which forwards the calls batched with each step's message; the HTTP
+process replays them on this `Metrics`, and a scrape asks the core for its `EngineStats`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
@@ -66,6 +71,38 @@ class EngineLike(Protocol):
 
     @property
     def cache(self) -> Any: ...
+
+
+GpuMemory = tuple[int, int, int]  # bytes (allocated, reserved, total), as `GPU_MEMORY_KINDS`
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the gauges show of an engine, read at scrape time (picklable: the engine core sends it)."""
+
+    num_running: int
+    num_waiting: int
+    cache: CacheStats | None
+    gpu_memory: GpuMemory | None  # None without CUDA
+
+
+def gpu_memory() -> GpuMemory | None:
+    """This process's CUDA memory (None without CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), total
+
+
+def engine_stats(engine: EngineLike) -> EngineStats:
+    """The snapshot of an engine in this process."""
+    cache = engine.cache
+    stats = cache.stats() if cache is not None else None
+    return EngineStats(engine.num_running, engine.num_waiting, stats, gpu_memory())
 
 
 class Metrics(CacheObserver):
@@ -273,13 +310,18 @@ class Metrics(CacheObserver):
 
     def refresh(self, engine: EngineLike | None) -> None:
         """Set the gauges from the engine's queues, its cache's stats and CUDA memory."""
-        if engine is not None:
-            self.requests_running.set(engine.num_running)
-            self.requests_waiting.set(engine.num_waiting)
-            cache = engine.cache
-            if cache is not None:
-                self.set_cache_stats(cache.stats())
-        self._refresh_gpu_memory()
+        if engine is None:
+            self.set_gpu_memory(gpu_memory())
+            return
+        self.set_stats(engine_stats(engine))
+
+    def set_stats(self, stats: EngineStats) -> None:
+        """Copy an `EngineStats` snapshot (this process's engine, or the engine core's) into the gauges."""
+        self.requests_running.set(stats.num_running)
+        self.requests_waiting.set(stats.num_waiting)
+        if stats.cache is not None:
+            self.set_cache_stats(stats.cache)
+        self.set_gpu_memory(stats.gpu_memory)
 
     def set_cache_stats(self, stats: CacheStats) -> None:
         """Copy a `StateCache.stats()` snapshot into the tier gauges."""
@@ -292,16 +334,11 @@ class Metrics(CacheObserver):
             self.cache_checkpoints.labels(tier=tier).set(tier_stats.checkpoints)
         self.sessions.set(stats.sessions)
 
-    def _refresh_gpu_memory(self) -> None:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency
+    def set_gpu_memory(self, memory: GpuMemory | None) -> None:
+        if memory is None:
             return
-        if not torch.cuda.is_available():
-            return
-        self.gpu_memory_bytes.labels(kind="allocated").set(torch.cuda.memory_allocated())
-        self.gpu_memory_bytes.labels(kind="reserved").set(torch.cuda.memory_reserved())
-        self.gpu_memory_bytes.labels(kind="total").set(torch.cuda.get_device_properties(0).total_memory)
+        for kind, value in zip(GPU_MEMORY_KINDS, memory, strict=True):
+            self.gpu_memory_bytes.labels(kind=kind).set(value)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

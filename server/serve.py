@@ -18,7 +18,7 @@ from server.api.logs import configure_logging
 from server.api.shutdown import drain
 from server.api.state import AppState
 from server.metrics import Metrics
-from server.settings import Settings, parse_settings
+from server.settings import Settings, apply_switch_interval, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,6 @@ def serve(argv: Sequence[str] | None = None) -> int:
         _report_load_failure(app.state.tssc)
         return 1
     return 0
-
-
-def apply_switch_interval(settings: Settings) -> None:
-    """The HTTP event loop and the engine's worker thread share the interpreter lock: a thread that wants
-    it back (the worker after every torch call, which releases it) waits up to the switch interval
-    while the other runs Python. A shorter interval hands it over sooner."""
-    if settings.gil_switch_interval_ms is not None:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
 
 def _log_start(settings: Settings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -65,6 +66,11 @@ class Settings(BaseSettings):
         ge=1,
         description="The same, in steps where some request is decoding: smaller keeps their inter-token "
         "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
+    )
+    engine_process: bool = Field(
+        False,
+        description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "
+        "process talks to over a pipe: HTTP work and model work then hold separate GILs.",
     )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -248,3 +254,12 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "tssc serve") 
     """
     namespace = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     return Settings(**vars(namespace))
+
+
+def apply_switch_interval(settings: Settings) -> None:
+    """The HTTP event loop (or, with `--engine-process`, the core's engine loop) and the engine's worker
+    thread share the interpreter lock: a thread that wants it back (the worker after every torch call,
+    which releases it) waits up to the switch interval while the other runs Python. A shorter interval
+    hands it over sooner."""
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)

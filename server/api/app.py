@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def _build(settings: Settings, metrics: Metrics) -> EngineLike:
+    if settings.engine_process:  # the model loads in the core process, when the client starts it
+        from server.engine.client import EngineClient
+
+        return EngineClient(settings, metrics)
     from server.engine.factory import build_engine
 
     engine: EngineLike = build_engine(settings, metrics)
@@ -52,15 +56,10 @@ async def _start(state: AppState) -> None:
 
 
 def load_failure(exc: BaseException) -> str:
-    """A failed load's cause on one line: a checkpoint error's own message (it names what is missing),
-    any other exception's type and message."""
-    from server.model.config import ConfigError
-    from server.model.loader import ModelLoadError
+    """A failed load's cause on one line (`server.model.loader.load_failure`)."""
+    from server.model.loader import load_failure as describe
 
-    message = " ".join(str(exc).split())
-    if message and isinstance(exc, ModelLoadError | ConfigError):
-        return message
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return describe(exc)
 
 
 @contextlib.asynccontextmanager

@@ -3,36 +3,39 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable
+from typing import Annotated, Literal, TypeVar
 
-import anyio.to_thread
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from server.api import session_ids
 from server.api.errors import APIError, bad_request
+from server.api.generation import engine_error
 from server.api.logs import session_id_var
 from server.api.responses import Health, SessionDeleted
 from server.api.routes_openai import ERRORS, Namespace
-from server.api.state import app_state
+from server.api.state import EngineLike, app_state
+from server.engine.types import EngineError, EngineNotReady
 from server.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 router = APIRouter()
 SessionPath = Annotated[str, Path(min_length=1, description=session_ids.RULE)]
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine runs; 503 before (and if loading failed) and from the
-    moment a shutdown begins (load balancers stop routing here while running requests finish)."""
+    """200 once the model is loaded and the engine runs; 503 before (and if loading failed, or the engine core
+    process died) and from the moment a shutdown begins (load balancers stop routing here while running requests finish)."""
     state = app_state(request)
     status: Literal["ok", "loading", "failed", "draining"] = "ok"
     if state.draining:
         status = "draining"
     elif not state.ready:
-        status = "failed" if state.load_error else "loading"
+        status = "failed" if state.failed else "loading"
     body = Health(status=status, model=state.settings.model_name)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
@@ -41,20 +44,31 @@ async def health(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     try:
-        state.metrics.refresh(state.engine if state.ready else None)
+        if state.engine is not None and state.ready:
+            state.metrics.set_stats(await state.engine.stats())
+        elif not state.settings.engine_process:  # the core process owns the device
+            state.metrics.refresh(None)
     except Exception:  # a stats failure must not hide the counters
         log.exception("metrics refresh failed")
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _session_cache(request: Request, session_id: str) -> Any:
+def _session_engine(request: Request, session_id: str) -> EngineLike:
     try:
         session_ids.check(session_id)
     except session_ids.InvalidSessionId as exc:
         raise bad_request(str(exc), param="session_id") from exc
     request.scope.setdefault("state", {})["session_id"] = session_id
     session_id_var.set(session_id)
-    return app_state(request).require_engine().cache
+    return app_state(request).require_engine()
+
+
+async def _ask(call: Awaitable[T]) -> T:
+    """An engine call; a core process that died meanwhile (or hangs) is a 503, never a 500."""
+    try:
+        return await call
+    except (EngineError, EngineNotReady, TimeoutError) as exc:
+        raise engine_error(exc) from exc
 
 
 def _not_found(session_id: str) -> APIError:
@@ -66,8 +80,7 @@ def _not_found(session_id: str) -> APIError:
 @router.get("/v1/sessions/{session_id:path}", responses=ERRORS)
 async def get_session(session_id: SessionPath, request: Request, namespace: Namespace) -> JSONResponse:
     """Checkpoints and bytes per tier of one of this key's sessions."""
-    cache = _session_cache(request, session_id)
-    info = cache.session_info(namespace, session_id) if cache is not None else None
+    info = await _ask(_session_engine(request, session_id).session_info(namespace, session_id))
     if info is None:
         raise _not_found(session_id)
     return JSONResponse(jsonable_encoder({"id": session_id, "object": "session", **info}))
@@ -76,11 +89,9 @@ async def get_session(session_id: SessionPath, request: Request, namespace: Name
 @router.delete("/v1/sessions/{session_id:path}", response_model=SessionDeleted, responses=ERRORS)
 async def delete_session(session_id: SessionPath, request: Request, namespace: Namespace) -> SessionDeleted:
     """Drop every checkpoint of the session, in every tier."""
-    cache = _session_cache(request, session_id)
-    if cache is None or cache.session_info(namespace, session_id) is None:
+    engine = _session_engine(request, session_id)
+    freed = await _ask(engine.delete_session(namespace, session_id))
+    if freed is None:
         raise _not_found(session_id)
-    freed = await anyio.to_thread.run_sync(cache.delete_session, namespace, session_id)
-    state = app_state(request)
-    if state.engine is not None:
-        state.chat_encoder(state.engine.tokenizer).forget((namespace, session_id))
-    return SessionDeleted(id=session_id, bytes_freed=int(freed))
+    app_state(request).chat_encoder(engine.tokenizer).forget((namespace, session_id))
+    return SessionDeleted(id=session_id, bytes_freed=freed)

@@ -14,21 +14,30 @@ from starlette.types import Receive, Scope, Send
 from server.api.errors import APIError
 from server.api.generation import shutting_down
 from server.engine.types import GenerationRequest, TokenEvent
-from server.metrics import EngineLike as MetricsEngine
-from server.metrics import Metrics
+from server.metrics import EngineStats, Metrics
 from server.model.chat_encoding import ChatEncoder
 from server.model.tokenizer import Tokenizer
 from server.settings import Settings
 
 
-class EngineLike(MetricsEngine, Protocol):
-    """What the API uses of `server.engine.engine.Engine` (beyond what metrics read)."""
+class EngineLike(Protocol):
+    """What the API uses of an engine: `server.engine.engine.Engine` in this process, or
+    `server.engine.client.EngineClient` in front of an engine core process (`--engine-process`)."""
 
     @property
     def ready(self) -> bool: ...
 
     @property
+    def failure(self) -> str | None: ...
+
+    @property
     def tokenizer(self) -> Any: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
 
     def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
 
@@ -37,6 +46,12 @@ class EngineLike(MetricsEngine, Protocol):
     def end_all(self, reason: str) -> int: ...
 
     async def stop(self) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def session_info(self, namespace: str, session_id: str) -> dict[str, Any] | None: ...
+
+    async def delete_session(self, namespace: str, session_id: str) -> int | None: ...
 
 
 @dataclass
@@ -61,10 +76,17 @@ class AppState:
     def ready(self) -> bool:
         return self.engine is not None and bool(self.engine.ready)
 
+    @property
+    def failed(self) -> bool:
+        """The model failed to load, or the engine stopped on its own (its core process died)."""
+        return self.load_error is not None or (self.engine is not None and self.engine.failure is not None)
+
     def require_engine(self) -> EngineLike:
         """The engine, or 503 while the model loads (or failed to) and once a shutdown began."""
         if self.draining:
             raise shutting_down()
+        if self.engine is not None and self.engine.failure is not None:
+            raise APIError(503, "The engine stopped; the server needs a restart.", code="engine_failed")
         if self.engine is None or not self.engine.ready:
             message = (
                 "The model is still loading." if self.load_error is None else "The model failed to load."

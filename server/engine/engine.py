@@ -21,16 +21,17 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
 from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.types import EngineError, EngineShutdown, GenerationRequest, TokenEvent
+from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
+from server.metrics import EngineStats, engine_stats
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
 
@@ -39,10 +40,6 @@ __all__ = ["Engine", "EngineConfig", "EngineError", "EngineNotReady", "EngineShu
 T = TypeVar("T")
 ENGINE_PHASES = ("queue", "restore", "prefill", "first_token")
 P = ParamSpec("P")
-
-
-class EngineNotReady(RuntimeError):
-    """`generate` was called before `start()` or after `stop()`."""
 
 
 class RequestMetrics(Protocol):
@@ -130,6 +127,27 @@ class Engine:
     def num_free_slots(self) -> int:
         return self._scheduler.num_free_slots
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving on its own (never, in this process: a step's bug fails its requests)."""
+        return None
+
+    async def stats(self) -> EngineStats:
+        return engine_stats(self)
+
+    # ---- sessions (the admin routes) ---------------------------------------------------------
+
+    async def session_info(self, namespace: str, session_id: str) -> dict[str, Any] | None:
+        """Checkpoints and bytes per tier of a session (None: no cache, or no such session)."""
+        return self._cache.session_info(namespace, session_id) if self._cache is not None else None
+
+    async def delete_session(self, namespace: str, session_id: str) -> int | None:
+        """Drop every checkpoint of a session; the bytes freed (None: no cache, or no such session)."""
+        cache = self._cache
+        if cache is None or cache.session_info(namespace, session_id) is None:
+            return None
+        return int(await asyncio.to_thread(cache.delete_session, namespace, session_id))
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -168,7 +186,7 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the request's events; the last one has `finish_reason` set.
 
         Raises ValueError for an invalid request, EngineNotReady before `start()`, EngineError if

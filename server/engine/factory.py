@@ -13,9 +13,13 @@ from server.engine.engine import Engine, EngineConfig
 if TYPE_CHECKING:
     from cache.config import RemoteConfig
     from cache.manager import StateCache
+    from server.engine.ipc import Recorder
     from server.metrics import Metrics
     from server.model.runner import ModelRunner
+    from server.model.tokenizer import Tokenizer
     from server.settings import Settings
+
+    EngineMetrics = Metrics | Recorder  # the core process records into a `Recorder` (server.engine.ipc)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class ServingDefaults:
 
 
 def build_cache(
-    settings: Settings, runner: ModelRunner, metrics: Metrics | None, interval: int
+    settings: Settings, runner: ModelRunner, metrics: EngineMetrics | None, interval: int
 ) -> StateCache | None:
     if settings.no_cache:
         return None
@@ -144,7 +148,15 @@ def budget_report(cache: StateCache, slots: int) -> list[str]:
     return lines
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+def load_tokenizer(settings: Settings) -> Tokenizer:
+    """The served model's tokenizer (the HTTP process loads its own with `--engine-process`)."""
+    from server.model.loader import resolve_model_dir
+    from server.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(resolve_model_dir(settings.model), model_name=settings.model_name)
+
+
+def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> Engine:
     """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
     from server.model.defaults import pick_device
     from server.model.gpu_runner import GpuModelRunner, make_runner

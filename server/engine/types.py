@@ -15,6 +15,10 @@ class EngineError(RuntimeError):
     """A request failed inside the engine (model error, engine stopped); other requests go on."""
 
 
+class EngineNotReady(RuntimeError):
+    """`generate` was called before `start()` or after `stop()`."""
+
+
 class EngineShutdown(EngineError):
     """The server is shutting down: the request was refused or ended before it finished (retry elsewhere)."""
 

@@ -53,6 +53,15 @@ class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be found or read; the message names what is missing."""
 
 
+def load_failure(exc: BaseException) -> str:
+    """A failed load's cause on one line: a checkpoint error's own message (it names what is missing),
+    any other exception's type and message."""
+    message = " ".join(str(exc).split())
+    if message and isinstance(exc, ModelLoadError | ConfigError):
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 def resolve_model_dir(path_or_id: str | os.PathLike[str]) -> Path:
     """A local directory as is; otherwise a Hub repo id, downloaded (with progress) or taken
     from the local cache when HF_HUB_OFFLINE is set."""

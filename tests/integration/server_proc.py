@@ -89,6 +89,35 @@ def _tail(log_path: Path, n: int = 40) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-n:])
 
 
+def child_pids(pid: int, marker: str = "") -> list[int]:
+    """The live child processes of `pid` whose command line contains `marker` (from /proc: no psutil)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+    return found
+
+
+def engine_core_pid(server: subprocess.Popen[bytes]) -> int:
+    """The engine core process of a `--engine-process` server (the child multiprocessing spawned)."""
+    (pid,) = child_pids(server.pid, "spawn_main")
+    return pid
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)

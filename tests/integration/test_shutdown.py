@@ -1,22 +1,26 @@
 """SIGTERM under load: new requests get 503 + Retry-After, running ones finish within the grace period, and
 what is still open then ends cleanly (an error event and [DONE] for streams, an OpenAI error body
-otherwise): never a cut chunked stream or a plain-text 500 (issue #11, failure 6)."""
+otherwise): never a cut chunked stream or a plain-text 500 (issue #11, failure 6). With `--engine-process` the
+core process drains with the server and exits with it (no orphan)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.integration.conftest import COMMON, MODEL
-from tests.integration.server_proc import ServerProc, start_server
+from tests.integration.server_proc import ServerProc, child_pids, pid_alive, start_server
 
 pytestmark = pytest.mark.slow
+MODES = pytest.mark.parametrize("mode", [(), ("--engine-process",)], ids=["thread", "process"])
 
 
 def _body(max_tokens: int, stream: bool) -> dict[str, object]:
@@ -63,9 +67,20 @@ async def _under_sigterm(
         return list(await asyncio.gather(*tasks)), list(await asyncio.gather(*posts)), knocks
 
 
-def _args(model: Path, grace: str) -> list[str]:
+def _args(model: Path, grace: str, mode: tuple[str, ...]) -> list[str]:
     args = ["--model", str(model), *COMMON, "--max-num-seqs", "16", "--max-tokens-cap", "100000"]
-    return [*args, "--shutdown-grace", grace]
+    return [*args, "--shutdown-grace", grace, *mode]
+
+
+@contextlib.contextmanager
+def _serving(model: Path, grace: str, mode: tuple[str, ...], log_dir: Path) -> Iterator[ServerProc]:
+    """A server for one SIGTERM: on leaving, it has exited, and so has its engine core (process mode)."""
+    with start_server(_args(model, grace, mode), log_dir=log_dir) as srv:
+        cores = child_pids(srv.proc.pid, "spawn_main")
+        assert len(cores) == len(mode)
+        yield srv
+        assert srv.proc.wait(timeout=30) is not None
+        assert not [pid for pid in cores if pid_alive(pid)], "the engine core outlived the server"
 
 
 def _assert_refused(knocks: list[httpx.Response]) -> None:
@@ -75,12 +90,12 @@ def _assert_refused(knocks: list[httpx.Response]) -> None:
     assert health.status_code == 503 and health.json()["status"] == "draining"
 
 
+@MODES
 def test_open_requests_end_with_an_error_event_when_the_grace_runs_out(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, mode: tuple[str, ...]
 ) -> None:
-    with start_server(_args(tiny_model_dir, grace="1"), log_dir=tmp_path) as srv:
+    with _serving(tiny_model_dir, "1", mode, tmp_path) as srv:
         streams, plain, knocks = asyncio.run(_under_sigterm(srv, max_tokens=90_000))
-        assert srv.proc.wait(timeout=30) is not None
     _assert_refused(knocks)
     for lines in streams:
         assert lines[-1] == "[DONE]", lines[-3:]
@@ -90,8 +105,11 @@ def test_open_requests_end_with_an_error_event_when_the_grace_runs_out(
         assert resp.json()["error"]["code"] == "server_shutting_down"
 
 
-def test_running_requests_finish_within_the_grace_period(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with start_server(_args(tiny_model_dir, grace="60"), log_dir=tmp_path) as srv:
+@MODES
+def test_running_requests_finish_within_the_grace_period(
+    tiny_model_dir: Path, tmp_path: Path, mode: tuple[str, ...]
+) -> None:
+    with _serving(tiny_model_dir, "60", mode, tmp_path) as srv:
         begin = time.monotonic()
         streams, plain, knocks = asyncio.run(_under_sigterm(srv, max_tokens=300))
         assert srv.proc.wait(timeout=30) is not None

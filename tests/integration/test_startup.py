@@ -19,9 +19,13 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
+MODES = pytest.mark.parametrize("mode", [(), ("--engine-process",)], ids=["thread", "process"])
+
+
+@MODES
 @pytest.mark.parametrize("log_format", ["json", "text"])
-def test_a_missing_model_directory_exits_with_one_plain_line(log_format: str) -> None:
-    done = _serve("--model", "/nope", "--log-format", log_format)
+def test_a_missing_model_directory_exits_with_one_plain_line(log_format: str, mode: tuple[str, ...]) -> None:
+    done = _serve("--model", "/nope", "--log-format", log_format, *mode)
     assert done.returncode != 0
     last = done.stderr.rstrip("\n").splitlines()[-1]
     expected = "model directory /nope does not exist (and it is not a Hub id 'org/name')"
@@ -29,13 +33,15 @@ def test_a_missing_model_directory_exits_with_one_plain_line(log_format: str) ->
     assert "Traceback" not in done.stderr
 
 
-def test_a_directory_without_config_names_it(tmp_path: Path) -> None:
-    done = _serve("--model", str(tmp_path))
+@MODES
+def test_a_directory_without_config_names_it(tmp_path: Path, mode: tuple[str, ...]) -> None:
+    done = _serve("--model", str(tmp_path), *mode)
     assert done.returncode != 0
     assert done.stderr.splitlines()[-1] == f"tssc serve: cannot load the model: {tmp_path} has no config.json"
 
 
-def test_the_traceback_is_logged_at_debug_level(tmp_path: Path) -> None:
-    done = _serve("--model", str(tmp_path), "--log-level", "debug", "--log-format", "text")
+@MODES
+def test_the_traceback_is_logged_at_debug_level(tmp_path: Path, mode: tuple[str, ...]) -> None:
+    done = _serve("--model", str(tmp_path), "--log-level", "debug", "--log-format", "text", *mode)
     assert done.returncode != 0 and "Traceback" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("tssc serve: cannot load the model: ")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache.stats import CacheStats, TierStats
-from server.metrics import Metrics
+from server.metrics import GPU_MEMORY_KINDS, EngineStats, Metrics
 
 ISSUE_METRICS = {
     "tssc_state_cache_bytes",
@@ -129,3 +129,13 @@ def test_model_info_and_gpu_series_exist_on_cpu() -> None:
     assert _value(m, "tssc_gpu_memory_bytes", kind="allocated") == 0
     m.set_model_info(model="tiny", arch="mamba2", dtype="fp32", device="cpu")
     assert _value(m, "tssc_model_info", model="tiny", arch="mamba2") == 1
+
+
+def test_an_engine_stats_snapshot_sets_the_gauges() -> None:
+    m = Metrics(process_collectors=False)
+    m.set_stats(EngineStats(num_running=3, num_waiting=2, cache=None, gpu_memory=(10, 20, 30)))
+    assert _value(m, "tssc_requests_running") == 3
+    assert _value(m, "tssc_requests_waiting") == 2
+    assert [_value(m, "tssc_gpu_memory_bytes", kind=k) for k in GPU_MEMORY_KINDS] == [10, 20, 30]
+    m.set_stats(EngineStats(num_running=0, num_waiting=0, cache=None, gpu_memory=None))
+    assert _value(m, "tssc_gpu_memory_bytes", kind="total") == 30  # no CUDA in the snapshot: left as is

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.serve import apply_switch_interval
-from server.settings import Settings
+from server.settings import Settings, apply_switch_interval
 
 
 @pytest.fixture

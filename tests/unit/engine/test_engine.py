@@ -270,3 +270,19 @@ async def test_presence_penalty_prevents_repeats_and_logprobs_come_back(model_di
     assert first.logprob is not None and len(first.top_logprobs) == 3
     assert first.top_logprobs[0].token_id == first.token_id
     assert first.top_logprobs[0].logprob == pytest.approx(first.logprob)
+
+
+async def test_session_operations_and_stats_go_through_the_engine(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir, cache=True)) as engine:
+        await _collect(engine, _req("s1", _prompt(20, 21), max_tokens=3, session="kept"))
+        info = await engine.session_info("anon", "kept")
+        assert info is not None and info["checkpoints"]
+        stats = await engine.stats()
+        assert (stats.num_running, stats.num_waiting) == (0, 0)
+        assert stats.cache is not None and stats.cache.sessions == 1
+        assert (await engine.delete_session("anon", "kept") or 0) > 0
+        assert await engine.session_info("anon", "kept") is None
+        assert await engine.delete_session("anon", "kept") is None
+    async with _running(_make_engine(model_dir, cache=False)) as uncached:
+        assert await uncached.session_info("anon", "kept") is None
+        assert (await uncached.stats()).cache is None

@@ -1,0 +1,220 @@
+"""The messages between the HTTP process and the engine core process (`--engine-process`).
+
+They travel pickled over one `multiprocessing` Pipe (a socket pair); each side sends from its event loop
+thread only and reads on a thread of its own. All are frozen dataclasses of plain values.
+
+HTTP process -> core: `Submit` a request, `Abort` one (its client went away), `EndAll` (shutdown grace
+over), `Query` (stats at scrape time, session info and delete: answered by a `Reply` with the same
+`call_id`), `Shutdown`.
+
+Core -> HTTP process: `Ready` once the model is loaded or `LoadFailed` with the cause on one line; then
+one `Step` per engine step that delivered anything: every `TokenEvent` of that step, the requests that
+failed, the metric observations recorded since the last message (`Recorder`) and the queue lengths.
+
+Metrics: the engine and the state cache in the core record into a `Recorder` (their `Metrics`
+stand-in), which keeps each call as an `Observation` (method name, arguments); they ride along with the
+next `Step` (or a periodic flush when nothing else is sent), and `replay` makes the same calls on the
+HTTP process's `Metrics`. The counters and histograms thus count exactly what they count in one process,
+and `/metrics` stays one registry in one process (no prometheus multiprocess directory to manage). The
+gauges are read at scrape time: a `Query("stats")` answered with an `EngineStats`, sent after the
+observations recorded before it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from cache.base import CacheObserver, FetchTier, LookupResult, MissCause, RemoteDirection, Tier
+from server.engine.types import (
+    EngineError,
+    EngineNotReady,
+    EngineShutdown,
+    GenerationRequest,
+    TokenEvent,
+)
+
+if TYPE_CHECKING:
+    from server.metrics import LookupScope, Metrics
+
+QueryName = Literal["stats", "session_info", "delete_session"]
+FailureKind = Literal["invalid", "shutdown", "not_ready", "error"]
+Observation = tuple[str, tuple[Any, ...]]  # a `Metrics` method's name and its positional arguments
+MODEL_INFO_FIELDS = ("model", "arch", "dtype", "device")  # `Metrics.set_model_info`'s keywords
+
+
+# ---- HTTP process -> core --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    req: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndAll:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    call_id: int
+    name: QueryName
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+# ---- core -> HTTP process --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    message: str  # `server.model.loader.load_failure` of the exception
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A request the core ended with an exception, carried as its kind and message."""
+
+    request_id: str
+    kind: FailureKind
+    message: str
+
+    @classmethod
+    def of(cls, request_id: str, exc: BaseException) -> Failure:
+        kind: FailureKind = "error"
+        if isinstance(exc, EngineShutdown):
+            kind = "shutdown"
+        elif isinstance(exc, EngineNotReady):
+            kind = "not_ready"
+        elif isinstance(exc, ValueError):
+            kind = "invalid"
+        return cls(request_id, kind, str(exc))
+
+    def exception(self) -> Exception:
+        """The exception `generate` raises in the HTTP process: the same class the engine raised there."""
+        classes: dict[FailureKind, type[Exception]] = {
+            "invalid": ValueError,
+            "shutdown": EngineShutdown,
+            "not_ready": EngineNotReady,
+            "error": EngineError,
+        }
+        return classes[self.kind](self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    events: tuple[TokenEvent, ...]
+    failures: tuple[Failure, ...]
+    observations: tuple[Observation, ...]
+    num_running: int
+    num_waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    call_id: int
+    value: Any = None
+    error: str | None = None  # the query failed in the core: its exception's type and message
+
+
+ToCore = Submit | Abort | EndAll | Query | Shutdown
+FromCore = Ready | LoadFailed | Step | Reply
+
+
+# ---- metrics across the pipe -----------------------------------------------------------------------
+
+
+class Recorder(CacheObserver):
+    """The `Metrics` of the core: keeps every call the engine and the cache make (from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[Observation] = []
+
+    def _record(self, name: str, *args: Any) -> None:
+        with self._lock:
+            self._calls.append((name, args))
+
+    def drain(self) -> tuple[Observation, ...]:
+        """The calls recorded since the last drain, oldest first."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+        return tuple(calls)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._calls)
+
+    # the cache's observer (`cache.base.CacheObserver`); `on_reuse` stays a no-op, as in `Metrics`
+    def on_lookup(self, result: LookupResult, cause: MissCause, scope: LookupScope = "") -> None:
+        self._record("on_lookup", result, cause, scope)
+
+    def on_fetch(self, tier: FetchTier, seconds: float) -> None:
+        self._record("on_fetch", tier, seconds)
+
+    def on_capture(self, seconds: float) -> None:
+        self._record("on_capture", seconds)
+
+    def on_evict(self, tier: Tier) -> None:
+        self._record("on_evict", tier)
+
+    def on_corrupt(self) -> None:
+        self._record("on_corrupt")
+
+    def on_remote_bytes(self, direction: RemoteDirection, nbytes: int) -> None:
+        self._record("on_remote_bytes", direction, nbytes)
+
+    def on_remote_error(self, kind: str) -> None:
+        self._record("on_remote_error", kind)
+
+    # the engine's request metrics (`server.engine.engine.RequestMetrics`)
+    def observe_prompt(self, cached_tokens: int, computed_tokens: int) -> None:
+        self._record("observe_prompt", cached_tokens, computed_tokens)
+
+    def observe_queue(self, seconds: float) -> None:
+        self._record("observe_queue", seconds)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self._record("observe_phase", phase, seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self._record("observe_first_token", seconds)
+
+    def observe_token(self, inter_token_seconds: float | None = None) -> None:
+        self._record("observe_token", inter_token_seconds)
+
+    def observe_finish(self, finish_reason: str, duration_seconds: float) -> None:
+        self._record("observe_finish", finish_reason, duration_seconds)
+
+    def set_model_info(self, *, model: str, arch: str, dtype: str, device: str) -> None:
+        self._record("set_model_info", model, arch, dtype, device)
+
+
+REPLAYED = frozenset(name for name in vars(Recorder) if name.startswith(("on_", "observe_", "set_")))
+
+
+def replay(metrics: Metrics, observations: tuple[Observation, ...]) -> None:
+    """Make the recorded calls on `metrics` (thread-safe, as the cache's observer must be)."""
+    for name, args in observations:
+        if name not in REPLAYED:
+            continue  # not a metrics call: never dispatched
+        if name == "set_model_info":
+            metrics.set_model_info(**dict(zip(MODEL_INFO_FIELDS, args, strict=True)))
+        else:
+            getattr(metrics, name)(*args)

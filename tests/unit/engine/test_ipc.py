@@ -1,0 +1,214 @@
+"""The engine core's message protocol: messages survive pickling, failures keep their class, metric calls
+recorded in the core replay to the same exposition, and the outbox sends one message per engine step."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import pickle
+import re
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from server.engine.core import EngineCore, Outbox
+from server.engine.ipc import (
+    Abort,
+    EndAll,
+    Failure,
+    FromCore,
+    LoadFailed,
+    Query,
+    Ready,
+    Recorder,
+    Reply,
+    Shutdown,
+    Step,
+    Submit,
+    replay,
+)
+from server.engine.types import (
+    EngineError,
+    EngineNotReady,
+    EngineShutdown,
+    FinishReason,
+    GenerationRequest,
+    PromptLogprob,
+    SamplingParams,
+    TokenEvent,
+    TopLogprob,
+)
+from server.metrics import EngineStats, Metrics
+from tests.unit.engine.test_engine import _make_engine, _prompt, _req, _running
+
+T = TypeVar("T")
+_CREATED = re.compile(rb"^\S+_created(\{.*\})? .*$", re.MULTILINE)  # creation times differ per registry
+
+
+def _event(rid: str = "r", finish: FinishReason | None = None) -> TokenEvent:
+    top = (TopLogprob(7, -0.5), TopLogprob(9, -1.5))
+    return TokenEvent(
+        rid, 7, "é", -0.5, top, finish, 12, 4, 3, {"ttft_s": 0.1}, (None, PromptLogprob(3, -2.0, 5, top))
+    )
+
+
+MESSAGES = [
+    Submit(GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=4, stop=("x",)), session_id="s")),
+    Abort("r"),
+    EndAll("bye"),
+    Query(3, "session_info", ("anon", "s")),
+    Shutdown(),
+    Ready(),
+    LoadFailed("/m has no config.json"),
+    Step(
+        (_event(), _event("q", FinishReason.STOP)),
+        (Failure("z", "invalid", "bad"),),
+        (("on_capture", (0.1,)),),
+        1,
+        2,
+    ),
+    Reply(3, {"checkpoints": []}),
+    Reply(4, EngineStats(1, 0, None, (1, 2, 3))),
+    Reply(5, error="KeyError: 'x'"),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_survives_pickling(message: object) -> None:
+    assert pickle.loads(pickle.dumps(message)) == message
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ValueError("bad prompt"), EngineShutdown("closing"), EngineNotReady("later"), EngineError("boom")],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_failure_raises_the_class_the_engine_raised(exc: Exception) -> None:
+    again = pickle.loads(pickle.dumps(Failure.of("r", exc))).exception()
+    assert type(again) is type(exc) and str(again) == str(exc)
+
+
+def test_any_other_exception_fails_as_an_engine_error() -> None:
+    exc = Failure.of("r", RuntimeError("CUDA error")).exception()
+    assert type(exc) is EngineError and str(exc) == "CUDA error"
+
+
+def _observe(m: Metrics | Recorder) -> None:
+    m.on_lookup("hot_hit", "", "session")
+    m.on_lookup("miss", "evicted", "")
+    m.on_fetch("cold", 0.002)
+    m.on_capture(0.001)
+    m.on_evict("hot")
+    m.on_corrupt()
+    m.on_remote_bytes("written", 1000)
+    m.on_remote_error("timeout")
+    m.observe_prompt(30, 5)
+    m.observe_queue(0.01)
+    m.observe_phase("prefill", 0.02)
+    m.observe_first_token(0.2)
+    m.observe_token(None)
+    m.observe_token(0.01)
+    m.observe_finish("length", 1.0)
+    m.set_model_info(model="tiny", arch="mamba2", dtype="fp32", device="cpu")
+
+
+def test_recorded_calls_replay_to_the_same_exposition() -> None:
+    direct, replayed, recorder = (
+        Metrics(process_collectors=False),
+        Metrics(process_collectors=False),
+        Recorder(),
+    )
+    _observe(direct)
+    _observe(recorder)
+    replay(replayed, pickle.loads(pickle.dumps(recorder.drain())))
+    assert _CREATED.sub(b"", replayed.render()) == _CREATED.sub(b"", direct.render())
+    assert not recorder.pending and recorder.drain() == ()
+
+
+def test_replay_ignores_what_is_not_a_metrics_call() -> None:
+    m = Metrics(process_collectors=False)
+    replay(m, (("render", ()), ("_define_request_metrics", ()), ("observe_token", (None,))))
+    assert m.registry.get_sample_value("tssc_generation_tokens_total") == 1
+
+
+def test_the_recorder_keeps_every_call_from_many_threads() -> None:
+    recorder = Recorder()
+    threads = [
+        threading.Thread(target=lambda: [recorder.on_capture(0.1) for _ in range(500)]) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(recorder.drain()) == 2000
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import make_chat_model_dir
+
+    return make_chat_model_dir(tmp_path_factory.mktemp("tiny-ipc"), seed=3, tok_vocab=300)
+
+
+async def test_the_outbox_sends_one_step_message_per_engine_step(model_dir: Path) -> None:
+    sent: list[FromCore] = []
+    recorder = Recorder()
+    engine = _make_engine(
+        model_dir, slots=4, budget=512, metrics=recorder
+    )  # as build_engine does in the core
+    outbox = Outbox(sent.append, recorder, engine)
+
+    async def pump(i: int) -> None:
+        async for event in engine.generate(_req(f"r{i}", _prompt(6, seed=i), max_tokens=5)):
+            outbox.event(event)
+
+    async with _running(engine):
+        await asyncio.gather(*(pump(i) for i in range(4)))
+    steps = [m for m in sent if isinstance(m, Step)]
+    assert [len(s.events) for s in steps] == [4] * 5  # four requests decode together for five steps
+    assert all(len({e.request_id for e in s.events}) == 4 for s in steps)
+    assert steps[-1].events[0].finish_reason is FinishReason.LENGTH
+    assert sum(1 for s in steps for name, _ in s.observations if name == "observe_token") == 20
+
+
+async def _next(conn: Connection, kind: type[T]) -> T:
+    """The next message of `kind` from the core (others skipped)."""
+    while True:
+        message = await asyncio.wait_for(asyncio.to_thread(conn.recv), 30)
+        if isinstance(message, kind):
+            return message
+
+
+async def _until_finished(conn: Connection, request_id: str) -> list[TokenEvent]:
+    events: list[TokenEvent] = []
+    while not events or events[-1].finish_reason is None:
+        events += [e for e in (await _next(conn, Step)).events if e.request_id == request_id]
+    return events
+
+
+async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir: Path) -> None:
+    ours, theirs = multiprocessing.Pipe()
+    recorder = Recorder()
+    core = EngineCore(_make_engine(model_dir, slots=2, cache=True, metrics=recorder), recorder, theirs)
+    serving = asyncio.create_task(core.serve())
+    await _next(ours, Ready)
+    ours.send(Submit(_req("a", _prompt(20, 5), max_tokens=3, session="s")))
+    assert [e.completion_tokens for e in await _until_finished(ours, "a")] == [1, 2, 3]
+    ours.send(Submit(_req("long", _prompt(8, 6), max_tokens=100_000)))
+    await _next(ours, Step)
+    ours.send(Abort("long"))
+    ours.send(Submit(_req("empty", ())))
+    failures: tuple[Failure, ...] = ()
+    while not failures:  # steps of "long" computed before its abort arrived may come first
+        failures = (await _next(ours, Step)).failures
+    assert failures == (Failure("empty", "invalid", "the prompt is empty"),)
+    ours.send(Query(1, "stats"))
+    stats = (await _next(ours, Reply)).value
+    assert isinstance(stats, EngineStats) and stats.num_running == 0 and stats.cache is not None
+    ours.send(Query(2, "session_info", ("anon", "s")))
+    assert (await _next(ours, Reply)).value["checkpoints"]
+    ours.close()  # the HTTP process is gone: the core stops its engine
+    await asyncio.wait_for(serving, 30)
