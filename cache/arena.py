@@ -1,6 +1,8 @@
 """A pool of fixed-size byte blocks, preallocated on one device (hot: VRAM; cold: pinned host RAM).
 
-No allocator call per checkpoint and no fragmentation: a checkpoint occupies exactly one block. Not
+No allocator call per checkpoint and no fragmentation: a checkpoint occupies exactly one block. The memory is
+allocated up front, or, with `grow_by`, that many blocks at a time as blocks are taken (a hybrid model's
+tiers, whose budget the states and the KV blocks share, `cache.kv_blocks`). Not
 thread-safe: `StateCache` calls it under its lock. Reading or writing a block's bytes happens outside the
 lock, protected by the owner's pins. `fences` hold the CUDA event after the last reader of a freed block,
 `claims` a host-side reader that may still be copying it (weakly); a writer reusing the block waits on both.
@@ -25,7 +27,9 @@ class Claim(Protocol):
 class BlockArena:
     """`n` blocks of `block_bytes` each, in chunks of `(blocks, block_bytes)` uint8 tensors."""
 
-    def __init__(self, block_bytes: int, budget_bytes: int, device: torch.device, pin: bool) -> None:
+    def __init__(
+        self, block_bytes: int, budget_bytes: int, device: torch.device, pin: bool, grow_by: int = 0
+    ) -> None:
         self.block_bytes = block_bytes
         self.device = device
         self._pin = pin and device.type == "cpu"
@@ -37,7 +41,8 @@ class BlockArena:
         self.claims: dict[int, weakref.ref[Claim]] = {}
         self.used = 0
         self.target = budget_bytes // block_bytes
-        self._grow(self.target)
+        self._grow_by = grow_by
+        self._grow(0 if grow_by else self.target)
 
     @property
     def capacity(self) -> int:
@@ -54,7 +59,11 @@ class BlockArena:
 
     def alloc(self) -> int | None:
         """A free block id, or None when the tier is at capacity (the caller evicts and retries)."""
-        if self.used >= self.target or not self._free:
+        if self.used >= self.target:
+            return None
+        if not self._free and self._grow_by:
+            self._grow(min(self.target, self._allocated + self._grow_by))
+        if not self._free:
             return None
         self.used += 1
         return self._free.pop()
@@ -80,9 +89,11 @@ class BlockArena:
         return self._chunks[i][block - self._bases[i]]
 
     def set_budget(self, budget_bytes: int) -> None:
-        """New target; grows the physical pool if needed (shrinking keeps memory, lowers the limit)."""
+        """New target; grows the physical pool if needed (shrinking keeps memory, lowers the limit; with
+        `grow_by`, memory grows as blocks are taken)."""
         self.target = budget_bytes // self.block_bytes
-        self._grow(self.target)
+        if not self._grow_by:
+            self._grow(self.target)
 
     def over(self) -> int:
         """Blocks to evict to get back under the target."""

@@ -7,8 +7,8 @@ byte budget counts both (`cache.tiers`), eviction drops a copy with its holds, a
 demotion (dropping the hot copy, the cold one stays: write-through) releases the hot KV holds alone, so
 state and KV always move together. A restore reads both from the tier the lease names.
 
-Per tier, the blocks live in a KV arena of their own (`BlockArena`, grown on demand in chunks, never above
-the tier's budget) in their own precision (`cache.kv_copies`): hot in the model dtype (or FP8,
+Per tier, the blocks live in a KV arena of their own (`BlockArena`, taking memory as it fills, like the
+states' arenas of a hybrid: the tier's budget bounds what both hold, not what each could) in their own precision (`cache.kv_copies`): hot in the model dtype (or FP8,
 `CacheConfig.hot_kv_dtype`) on the cache device, cold with the cold tier's codec (FP16 with a scale per
 token and head, so nothing overflows) in host memory, pinned on CUDA. On disk each block is one file
 (`cache.kv_disk`), written when the first checkpoint copy holding it spills from the cold tier, shared by
@@ -43,7 +43,6 @@ from cache.layout import BlockLayout
 from cache.transfer import Event, Transfers
 
 ARENA_TIERS: tuple[Tier, ...] = ("hot", "cold")
-GROWTH = 256  # KV arena blocks added at most per growth
 KVReads = list[KVPart] | list[KVFileRead]  # what a restore reads: blocks' fields, or their files
 
 
@@ -74,6 +73,7 @@ class KVBlocks(Attachment):
         spec: KVSpec,
         layouts: dict[Tier, BlockLayout],
         transfers: Transfers,
+        grow_by: dict[Tier, int],
         disk: KVDisk | None = None,
     ) -> None:
         self.spec = spec
@@ -82,8 +82,9 @@ class KVBlocks(Attachment):
         self.layouts = layouts  # hot and cold: the block's fields, through the tier's codec
         devices = {"hot": transfers.device, "cold": torch.device("cpu")}
         self.block_bytes = {t: layouts[t].block_bytes for t in ARENA_TIERS}
-        self.arenas = {
-            t: BlockArena(self.block_bytes[t], 0, devices[t], pin=transfers.cuda) for t in ARENA_TIERS
+        self.arenas = {  # unbounded: the tier's budget (`Tiers.take_block`) bounds them
+            t: BlockArena(self.block_bytes[t], 1 << 62, devices[t], transfers.cuda, grow_by[t])
+            for t in ARENA_TIERS
         }
         self.disk = disk
         self._disk_tier: DiskTier | None = None
@@ -270,13 +271,9 @@ class KVBlocks(Attachment):
         return self.block_bytes[tier]
 
     def _take_slot(self, tier: Tier) -> int:
-        """A free slot of the tier's KV arena (the caller checked the budget), growing the arena if needed."""
-        arena = self.arenas[tier]
-        slot = arena.alloc()
-        if slot is None:
-            arena.set_budget((arena.target + min(GROWTH, max(8, arena.target))) * arena.block_bytes)
-            slot = arena.alloc()
-        assert slot is not None
+        """A free slot of the tier's KV arena (the caller checked the budget)."""
+        slot = self.arenas[tier].alloc()
+        assert slot is not None, "an unbounded arena always has a slot"
         return slot
 
     def _fields(self, tier: Tier, slot: int) -> KVPart:

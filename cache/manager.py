@@ -6,7 +6,9 @@ lock (spill writes, unlinks of dropped copies) is queued and taken in the same c
 after the lock is released (`_run_io`) to one background writer thread (`cache.io_worker`), so no caller
 waits for a disk. A queued spill stays readable from memory (`Checkpoint.pending`, `cache.spill`) until the file
 exists; the writer records the outcome under the lock (`Book.spill_done`). `flush` waits for the queue.
-Observer callbacks are dispatched after the lock is released.
+Observer callbacks are dispatched after the lock is released. A hybrid model's KV blocks (`cache.kv_blocks`,
+the book's attachment) follow the same rules: bookkeeping under the lock with the book's, copies and block
+files outside it, block files on the same writer thread (before the checkpoint files that need them).
 """
 
 from __future__ import annotations

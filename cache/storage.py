@@ -33,6 +33,7 @@ BlockJob = tuple[BlockLayout, torch.Tensor]  # (layout, `(block_bytes,)` uint8 b
 # hot, cold, write fences (CUDA), claims to settle before writing the cold block
 CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None], list[Claim]]
 Arenas = Mapping[Tier, BlockArena | None]  # the hot and cold arenas (`Tiers.arenas`)
+GROW_BYTES = 64 << 20  # a hybrid's arenas grow by about this much at a time
 
 
 class Storage:
@@ -54,13 +55,21 @@ class Storage:
         size = self.hot_layout.block_bytes
         if self.config.hot_window == 0 or self.config.hot_bytes < size:
             return None
-        return BlockArena(size, self.config.hot_bytes, self.device, pin=False)
+        grow = self._grow_by(size, self.config.hot_bytes)
+        return BlockArena(size, self.config.hot_bytes, self.device, pin=False, grow_by=grow)
 
     def make_cold(self) -> BlockArena | None:
         size = self.cold_layout.block_bytes
         if self.config.cold_bytes < size:
             return None
-        return BlockArena(size, self.config.cold_bytes, torch.device("cpu"), pin=self.transfers.cuda)
+        cpu, pin = torch.device("cpu"), self.transfers.cuda
+        grow = self._grow_by(size, self.config.cold_bytes)
+        return BlockArena(size, self.config.cold_bytes, cpu, pin=pin, grow_by=grow)
+
+    def _grow_by(self, block_bytes: int, budget: int) -> int:
+        """A hybrid's states share each tier's budget with its KV blocks: their arenas take memory as they
+        fill, `GROW_BYTES` (or the budget, if less) at a time. A pure SSM's take their budget up front (0)."""
+        return max(1, min(GROW_BYTES, budget) // block_bytes) if self.kv is not None else 0
 
     def _make_store(self) -> DiskStore | None:
         if not self.config.disk_enabled or self.config.disk_dir is None:
@@ -88,7 +97,9 @@ class Storage:
             return None
         cold = self.kv_layouts["cold"]
         disk = KVDisk(self.store.dir / "kv", cold, self._fingerprint()) if self.store is not None else None
-        return KVBlocks(self.kv, self.kv_layouts, self.transfers, disk)
+        budgets = {"hot": self.config.hot_bytes, "cold": self.config.cold_bytes}
+        grow = {t: self._grow_by(layout.block_bytes, budgets[t]) for t, layout in self.kv_layouts.items()}
+        return KVBlocks(self.kv, self.kv_layouts, self.transfers, grow, disk)
 
     # ---- captures ------------------------------------------------------------------------------------
 

@@ -13,10 +13,11 @@ namespace holds less than its fair share, and only its own copies once it holds 
 namespace can take free space and space beyond others' shares, but never push another namespace below its
 share. The disk tier, the overflow of the cold one, is shared by the policy alone.
 
-Attachments (`cache.base.Attachment`: a hybrid model's KV blocks, `cache.kv_blocks`): a hot or cold copy
-holds its checkpoint's attachment in that tier, and the tier's byte budget counts both (`used`). A copy is
-taken only when its state block and the attachment bytes it adds fit together, and dropping a copy
-drops its hold on the attachment. Eviction priorities stay per state copy: attachment bytes are shared.
+Attachments (`cache.base.Attachment`: a hybrid model's KV blocks, `cache.kv_blocks`): a copy in any tier
+holds its checkpoint's attachment in that tier, and the tier's byte budget counts both (`used`; on disk
+`DiskTier.total`). A copy is taken only when its state and the attachment bytes it adds fit together, and
+dropping a copy drops its hold on the attachment. Eviction priorities and namespace shares count the state
+copies alone: attachment bytes are shared between copies, so none of them owns them.
 """
 
 from __future__ import annotations

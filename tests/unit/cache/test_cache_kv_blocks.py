@@ -217,3 +217,14 @@ def test_lossy_kv_codecs_scale_per_token_and_head(hot: bool, codecs: dict[str, s
     err = (sink.kv - source.kv).abs().amax(-1)  # (L, 2, n, kv)
     assert torch.isfinite(sink.kv).all()
     assert (err <= bound * source.kv.abs().amax(-1)).all()
+
+
+def test_a_hybrids_arenas_take_memory_as_they_fill() -> None:
+    """States and KV blocks share each budget: neither arena reserves the whole of it up front."""
+    cache = make_hybrid_cache(hot_bytes=1 << 30, cold_bytes=1 << 30)
+    kv = cache._book.tiers.extra
+    arenas = [cache._book.arenas["hot"], cache._book.arenas["cold"], *kv.arenas.values()]  # type: ignore[attr-defined]
+    assert all(a is not None and a._allocated == 0 for a in arenas)
+    assert capture(cache, CONVERSATION)
+    for arena in arenas:
+        assert arena is not None and 0 < arena._allocated * arena.block_bytes <= 64 << 20
