@@ -66,6 +66,11 @@ class KVJob:
     waits: list[Fill]
     end: int  # the checkpoint's position
 
+    def fail(self) -> None:
+        """The capture failed: its blocks not written yet never will be (waiters give up on them)."""
+        for w in self.writes:
+            w.fill.finish(False)
+
 
 class KVBlocks(Attachment):
     def __init__(

@@ -43,8 +43,10 @@ class Fill:
         self.ok = False
 
     def finish(self, ok: bool) -> None:
-        self.ok = ok
-        self.done.set()
+        """The first call decides (a capture failing after its write leaves the block written)."""
+        if not self.done.is_set():
+            self.ok = ok
+            self.done.set()
 
 
 class KVBlock:

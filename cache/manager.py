@@ -204,16 +204,19 @@ class StateCache(CheckpointCache):
             job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
             kv_job = self._kv.capture_job(cp) if cp is not None and self._kv is not None else None
             work = self._book.disk.take()
-        self._run_io(work)
         if cp is None or job is None:
+            self._run_io(work)
             self._dispatch()
             return False
         try:
+            self._run_io(work)
             kv_ok = True  # the KV first: on CUDA the state's `ready` event then covers both
             if self._kv is not None and kv_job is not None and kv_source is not None:
                 kv_ok = self._kv.write(kv_job, kv_source)
             started, ready = self._storage.write_capture(values, job) if kv_ok else (None, None)
         except BaseException:
+            if kv_job is not None:
+                kv_job.fail()  # captures waiting for its blocks must not wait forever
             self._abort(cp)
             raise
         if not kv_ok:  # another capture's write of a block this one shares failed

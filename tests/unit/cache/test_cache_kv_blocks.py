@@ -156,7 +156,7 @@ def test_a_failed_kv_read_stores_nothing() -> None:
 
 
 def _capture_in_thread(
-    cache: StateCache, toks: tuple[int, ...], source: TokenKV
+    cache: StateCache, toks: tuple[int, ...], source: TokenKV, name: str | None = None
 ) -> tuple[threading.Thread, list]:
     result: list = []
 
@@ -166,7 +166,7 @@ def _capture_in_thread(
         except RuntimeError as exc:
             result.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     return thread, result
 
@@ -228,3 +228,30 @@ def test_a_hybrids_arenas_take_memory_as_they_fill() -> None:
     assert capture(cache, CONVERSATION)
     for arena in arenas:
         assert arena is not None and 0 < arena._allocated * arena.block_bytes <= 64 << 20
+
+
+def test_a_capture_failing_before_its_kv_write_never_leaves_a_sharer_waiting() -> None:
+    """A takes blocks 0 and 1, then fails before writing them; B, sharing them, waits, then gives up."""
+    cache = make_hybrid_cache()
+    entered, gate, original = threading.Event(), threading.Event(), cache._run_io
+
+    def run_io(work: object) -> None:
+        if threading.current_thread().name == "A":  # after A's reservation, before its writes
+            entered.set()
+            gate.wait(10)
+            raise RuntimeError("queueing file I/O failed")
+        original(work)  # type: ignore[arg-type]
+
+    cache._run_io = run_io  # type: ignore[method-assign]
+    a, a_result = _capture_in_thread(cache, CONVERSATION[:20], TokenKV(CONVERSATION[:20]), name="A")
+    assert entered.wait(10)
+    b, b_result = _capture_in_thread(cache, CONVERSATION[:27], TokenKV(CONVERSATION[:27]))
+    b.join(0.2)
+    assert b.is_alive()  # waiting for A's blocks
+    gate.set()
+    a.join(10)
+    b.join(10)
+    assert isinstance(a_result[0], RuntimeError) and b_result == [False]
+    assert all(cache.stats().tiers[t].bytes_used == 0 for t in ("hot", "cold"))
+    assert capture(cache, CONVERSATION[:27])
+    assert_restores(cache, CONVERSATION[:27])
