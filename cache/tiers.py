@@ -50,7 +50,7 @@ class Tiers:
 
     def held_bytes(self, cp: Checkpoint, tier: Tier) -> int:
         """The copy's state bytes plus the attachment it references (shared bytes included)."""
-        return self.copy_bytes(cp, tier) + (self.extra.held(cp, tier) if tier != "disk" else 0)
+        return self.copy_bytes(cp, tier) + self.extra.held(cp, tier)
 
     def used(self, tier: Tier) -> int:
         """Bytes held in an arena tier: state blocks and attachments."""

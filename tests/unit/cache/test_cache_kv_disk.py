@@ -61,6 +61,10 @@ def test_checkpoints_spilled_to_disk_share_their_kv_block_files(tmp_path: Path) 
     for p in on_disk:
         assert assert_restores(cache, CONVERSATION[:p]) == "disk"
     assert assert_restores(cache, CONVERSATION) == "cold"
+    info = cache.session_info("ns", "s")
+    assert info is not None
+    chains = info["bytes"]["disk"] - (disk.bytes_used - disk.kv_bytes)  # each checkpoint's KV in full
+    assert chains > 2 * disk.kv_bytes  # 43 blocks' files if unshared, 15 held
 
 
 def test_a_restart_finds_checkpoints_and_their_kv_blocks_again(tmp_path: Path) -> None:
