@@ -567,7 +567,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--variants",
         nargs="+",
         help="served sections once per entry, each entry extra flags of the cache server ('' for none), "
-        "against the same upstream and runner step",
+        "against the same upstream and runner step; start an entry with a space (' --engine-process'), or "
+        "argparse takes it for an option of this bench",
     )
     parser.add_argument("--client-procs", type=int, help="client processes (default: the plan's)")
     parser.add_argument("--deadline", type=float, default=3600.0, help="seconds; no section starts after it")

@@ -76,10 +76,10 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_variants_serve_the_sections_once_per_flag_set(tmp_path: Path) -> None:
-    text = _run_smoke(
-        tmp_path / "bench.md", "--sections", "tput", "--variants", "", "--decode-prefill-budget 8"
-    )
+    variants = ["", "--decode-prefill-budget 8", " --gil-switch-interval-ms=1"]  # a lone flag: a space first
+    text = _run_smoke(tmp_path / "bench.md", "--sections", "tput", "--variants", *variants)
     servers = [line for line in text.splitlines() if line.startswith("cache server:")]
-    assert len(servers) == 2 and "--decode-prefill-budget" not in servers[0]
+    assert len(servers) == 3 and "--decode-prefill-budget" not in servers[0]
     assert servers[1].endswith("--decode-prefill-budget 8`")
-    assert text.count("### throughput and latency") == 2
+    assert servers[2].endswith("--gil-switch-interval-ms=1`")
+    assert text.count("### throughput and latency") == 3
