@@ -330,15 +330,15 @@ class EngineClient:
             _resolve(future, reply.value)
 
     def _on_exit(self, exitcode: int | None) -> None:
-        """The core closed the pipe: it exited, or died."""
+        """The core closed the pipe: it exited (asked to stop), or died."""
         if not self._stopping:
             self._failure = f"the engine core process exited unexpectedly ({_describe_exit(exitcode)})"
             log.error("%s; failing the open requests", self._failure)
-            error = EngineError(self._failure)
-            self._fail_open(error)
-            for future in self._calls.values():
-                _resolve(future, error)
-            _resolve(self._loaded, error)
+        error = EngineError(self._failure or "the engine stopped")
+        self._fail_open(error)
+        for future in self._calls.values():
+            _resolve(future, error)
+        _resolve(self._loaded, error)
         _resolve(self._exited, exitcode)
 
 

@@ -168,3 +168,14 @@ def test_a_killed_core_fails_open_requests_and_the_health_check(tiny_model_dir: 
         begin = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=30) is not None and time.monotonic() - begin < 30
+
+
+def test_the_core_exits_when_the_server_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with start_server(["--model", str(tiny_model_dir), *COMMON, PROCESS], log_dir=tmp_path) as srv:
+        core = engine_core_pid(srv.proc)
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while pid_alive(core):  # the core reads the end of its pipe and stops
+            assert time.monotonic() < deadline, "the engine core outlived a killed server"
+            time.sleep(0.1)
