@@ -137,6 +137,8 @@ class EngineClient:
         self._proc = context.Process(target=run_core, args=(self._settings, theirs), name="tssc-engine-core")
         self._proc.start()
         theirs.close()
+        assert self._proc.pid is not None
+        self._metrics.track_engine_core(self._proc.pid)
         atexit.register(self._stop_at_exit)
         threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
         log.info("engine core process started", extra={"pid": self._proc.pid})
