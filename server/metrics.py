@@ -110,6 +110,7 @@ class Metrics(CacheObserver):
 
     def __init__(self, *, process_collectors: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._process_collectors = process_collectors
         if process_collectors:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -300,6 +301,12 @@ class Metrics(CacheObserver):
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None:
         self.requests.labels(finish_reason=finish_reason).inc()
         self.request_duration_seconds.observe(duration_seconds)
+
+    def track_engine_core(self, pid: int) -> None:
+        """With `--engine-process`: the core process's CPU time, memory and file descriptors, as
+        `tssc_engine_core_process_*` (the `process_*` series are this, the HTTP, process's own)."""
+        if self._process_collectors:
+            ProcessCollector(namespace="tssc_engine_core", pid=lambda: pid, registry=self.registry)
 
     def set_model_info(self, *, model: str, arch: str, dtype: str, device: str) -> None:
         """Called once the model is loaded: `model` is the served model id."""

@@ -115,26 +115,34 @@ class EngineClient:
         """Spawn the core and wait until its model is loaded (raises the load's failure)."""
         if self._proc is not None:
             return
-        loop = self._loop = asyncio.get_running_loop()
-        self._loaded, self._exited = loop.create_future(), loop.create_future()
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        self._proc = context.Process(target=run_core, args=(self._settings, theirs), name="tssc-engine-core")
-        self._conn = ours
-        self._proc.start()  # on the loop, briefly (a fork and exec): no cancellation between it and the reader
-        theirs.close()
-        atexit.register(self._stop_at_exit)
-        threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
-        log.info("engine core process started", extra={"pid": self._proc.pid})
+        loaded = self._spawn(asyncio.get_running_loop())
         from server.engine.factory import load_tokenizer
 
         tokenizer = self._in_daemon_thread(load_tokenizer, self._settings)  # while the core loads
         try:
-            await self._loaded
+            await loaded
         except BaseException:
             tokenizer.add_done_callback(_retrieved)  # the core's load error is the one reported
             raise
         self._tokenizer = await tokenizer
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Start the core process and the thread that reads its pipe (on the loop, briefly: a fork and exec,
+        with no await between the two, so that no cancellation can leave a core without its reader).
+        Returns the future of its load."""
+        self._loop = loop
+        self._loaded, self._exited = loop.create_future(), loop.create_future()
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self._proc = context.Process(target=run_core, args=(self._settings, theirs), name="tssc-engine-core")
+        self._proc.start()
+        theirs.close()
+        assert self._proc.pid is not None
+        self._metrics.track_engine_core(self._proc.pid)
+        atexit.register(self._stop_at_exit)
+        threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
+        log.info("engine core process started", extra={"pid": self._proc.pid})
+        return self._loaded
 
     def _in_daemon_thread(
         self, fn: Callable[[Settings], Tokenizer], arg: Settings
@@ -156,7 +164,7 @@ class EngineClient:
         """Refuse new requests and end every open one with `EngineShutdown(reason)` (the core frees their
         slots); returns how many were ended."""
         self._closing = reason
-        ended = self._fail_open(EngineShutdown(reason))
+        ended = self._fail_open(lambda: EngineShutdown(reason))
         self._send_quietly(EndAll(reason))
         return ended
 
@@ -165,7 +173,7 @@ class EngineClient:
         if self._proc is None or self._stopping:
             return
         self._stopping = True
-        self._fail_open(EngineError("the engine stopped"))
+        self._fail_open(lambda: EngineError("the engine stopped"))
         assert self._exited is not None and self._loaded is not None
         if self._loaded.done() and not self._exited.done():
             self._send_quietly(Shutdown())
@@ -225,10 +233,11 @@ class EngineClient:
         if req.request_id in self._open:
             raise ValueError(f"duplicate request id {req.request_id!r}")
 
-    def _fail_open(self, exc: BaseException) -> int:
+    def _fail_open(self, error: Callable[[], BaseException]) -> int:
+        """End every open request with its own `error()` (one exception object per raising task)."""
         open_queues, self._open = list(self._open.values()), {}
         for queue in open_queues:
-            queue.put_nowait(exc)
+            queue.put_nowait(error())
         return len(open_queues)
 
     # ---- queries -----------------------------------------------------------------------------
@@ -330,15 +339,14 @@ class EngineClient:
             _resolve(future, reply.value)
 
     def _on_exit(self, exitcode: int | None) -> None:
-        """The core closed the pipe: it exited, or died."""
+        """The core closed the pipe: it exited (asked to stop), or died."""
         if not self._stopping:
             self._failure = f"the engine core process exited unexpectedly ({_describe_exit(exitcode)})"
             log.error("%s; failing the open requests", self._failure)
-            error = EngineError(self._failure)
-            self._fail_open(error)
-            for future in self._calls.values():
-                _resolve(future, error)
-            _resolve(self._loaded, error)
+        message = self._failure or "the engine stopped"
+        self._fail_open(lambda: EngineError(message))
+        for future in [*self._calls.values(), self._loaded]:
+            _resolve(future, EngineError(message))
         _resolve(self._exited, exitcode)
 
 

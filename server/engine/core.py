@@ -149,7 +149,10 @@ class EngineCore:
                 message: ToCore | None = self._conn.recv()
             except (EOFError, OSError):
                 message = None  # the HTTP process exited (or was killed): stop
-            loop.call_soon_threadsafe(self._handle, message)
+            try:
+                loop.call_soon_threadsafe(self._handle, message)
+            except RuntimeError:  # the loop is closed: the core stopped
+                return
             if message is None or isinstance(message, Shutdown):
                 return
 
@@ -177,7 +180,7 @@ class EngineCore:
             self._done.set()
 
     def _abort(self, request_id: str) -> None:
-        task = self._requests.get(request_id)
+        task = self._requests.pop(request_id, None)  # here: a task cancelled before it ran has no `finally`
         if task is not None:
             task.cancel()  # closes its `generate`, which frees the slot
 

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration import test_clients, test_disconnects, test_robustness, test_sessions, test_shutdown
-from tests.integration.conftest import COMMON, MODEL, chat
+from tests.integration.conftest import COMMON, MODEL, chat, metric
 from tests.integration.server_proc import ServerProc, engine_core_pid, pid_alive, start_server
 
 PROCESS = "--engine-process"
@@ -110,6 +110,9 @@ def _workload(base_url: str) -> None:
     assert httpx.delete(base_url + "/v1/sessions/m-2").status_code == 200
 
 
+CORE_PROCESS = "tssc_engine_core_process_"  # the core's CPU and memory: process mode only
+
+
 def _samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every tssc_* sample that does not measure time (counters, gauges, histogram counts)."""
     text = httpx.get(base_url + "/metrics", timeout=30).text
@@ -117,7 +120,7 @@ def _samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             timed = s.name.endswith(("_created", "_sum", "_bucket"))
-            if s.name.startswith("tssc_") and not timed:
+            if s.name.startswith("tssc_") and not timed and not s.name.startswith(CORE_PROCESS):
                 out[s.name, tuple(sorted(s.labels.items()))] = s.value
     return out
 
@@ -128,6 +131,8 @@ def test_metrics_equal_the_thread_modes_for_the_same_requests(tiny_model_dir: Pa
         with start_server(["--model", str(tiny_model_dir), *COMMON, *SERVER, *mode], log_dir=tmp_path) as srv:
             _workload(srv.base_url)
             results.append(_samples(srv.base_url))
+            core_memory = metric(srv.base_url, CORE_PROCESS + "resident_memory_bytes")
+            assert (core_memory > 0) == bool(mode)
     thread, process = results
     assert process == thread
     hits = [v for (name, labels), v in process.items() if ("result", "hot_hit") in labels]
@@ -168,3 +173,14 @@ def test_a_killed_core_fails_open_requests_and_the_health_check(tiny_model_dir: 
         begin = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=30) is not None and time.monotonic() - begin < 30
+
+
+def test_the_core_exits_when_the_server_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with start_server(["--model", str(tiny_model_dir), *COMMON, PROCESS], log_dir=tmp_path) as srv:
+        core = engine_core_pid(srv.proc)
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while pid_alive(core):  # the core reads the end of its pipe and stops
+            assert time.monotonic() < deadline, "the engine core outlived a killed server"
+            time.sleep(0.1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache.stats import CacheStats, TierStats
@@ -139,3 +141,13 @@ def test_an_engine_stats_snapshot_sets_the_gauges() -> None:
     assert [_value(m, "tssc_gpu_memory_bytes", kind=k) for k in GPU_MEMORY_KINDS] == [10, 20, 30]
     m.set_stats(EngineStats(num_running=0, num_waiting=0, cache=None, gpu_memory=None))
     assert _value(m, "tssc_gpu_memory_bytes", kind="total") == 30  # no CUDA in the snapshot: left as is
+
+
+def test_the_engine_core_process_is_tracked_under_its_own_names() -> None:
+    m = Metrics()
+    m.track_engine_core(os.getpid())
+    assert _value(m, "tssc_engine_core_process_resident_memory_bytes") > 0
+    assert _value(m, "process_resident_memory_bytes") > 0  # the serving process's own, as before
+    quiet = Metrics(process_collectors=False)
+    quiet.track_engine_core(os.getpid())
+    assert not any(n.startswith("tssc_engine_core_") for n in _families(quiet))

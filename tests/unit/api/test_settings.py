@@ -143,3 +143,31 @@ def test_serve_version_prints_the_package_version(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as info:
         parse_settings(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"tssc {package_version()}"
+
+
+def test_engine_process_is_off_by_default_and_set_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse_settings([]).engine_process is False
+    assert parse_settings(["--engine-process"]).engine_process is True
+    monkeypatch.setenv("TSSC_ENGINE_PROCESS", "1")
+    assert parse_settings([]).engine_process is True
+
+
+def test_settings_travel_to_the_engine_core_intact() -> None:
+    import pickle
+
+    settings = parse_settings(
+        [
+            "--engine-process",
+            "--hot-bytes",
+            "1MiB",
+            "--api-key",
+            "k",
+            "--disk-dir",
+            "/d",
+            "--remote-password",
+            "pw",
+        ]
+    )
+    assert pickle.loads(pickle.dumps(settings)) == settings  # the spawned core receives them pickled

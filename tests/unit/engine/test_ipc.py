@@ -8,6 +8,7 @@ import multiprocessing
 import pickle
 import re
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
@@ -174,11 +175,11 @@ async def test_the_outbox_sends_one_step_message_per_engine_step(model_dir: Path
     assert sum(1 for s in steps for name, _ in s.observations if name == "observe_token") == 20
 
 
-async def _next(conn: Connection, kind: type[T]) -> T:
-    """The next message of `kind` from the core (others skipped)."""
+async def _next(conn: Connection, kind: type[T], where: Callable[[T], object] = bool) -> T:
+    """The next message of `kind` from the core for which `where` holds (others skipped)."""
     while True:
         message = await asyncio.wait_for(asyncio.to_thread(conn.recv), 30)
-        if isinstance(message, kind):
+        if isinstance(message, kind) and where(message):
             return message
 
 
@@ -201,14 +202,29 @@ async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir
     await _next(ours, Step)
     ours.send(Abort("long"))
     ours.send(Submit(_req("empty", ())))
-    failures: tuple[Failure, ...] = ()
-    while not failures:  # steps of "long" computed before its abort arrived may come first
-        failures = (await _next(ours, Step)).failures
-    assert failures == (Failure("empty", "invalid", "the prompt is empty"),)
+    failed = await _next(ours, Step, lambda step: step.failures)
+    assert failed.failures == (Failure("empty", "invalid", "the prompt is empty"),)
     ours.send(Query(1, "stats"))
     stats = (await _next(ours, Reply)).value
     assert isinstance(stats, EngineStats) and stats.num_running == 0 and stats.cache is not None
     ours.send(Query(2, "session_info", ("anon", "s")))
     assert (await _next(ours, Reply)).value["checkpoints"]
+    assert core._requests == {}  # the aborted request's task is gone
     ours.close()  # the HTTP process is gone: the core stops its engine
+    await asyncio.wait_for(serving, 30)
+
+
+async def test_an_abort_right_after_its_submit_leaves_nothing_behind(model_dir: Path) -> None:
+    ours, theirs = multiprocessing.Pipe()
+    recorder = Recorder()
+    core = EngineCore(_make_engine(model_dir, slots=1, metrics=recorder), recorder, theirs)
+    serving = asyncio.create_task(core.serve())
+    await _next(ours, Ready)
+    for i in range(5):
+        ours.send(Submit(_req(f"r{i}", _prompt(8, i), max_tokens=100_000)))
+        ours.send(Abort(f"r{i}"))
+    ours.send(Submit(_req("after", _prompt(8, 9), max_tokens=2)))
+    assert len(await _until_finished(ours, "after")) == 2  # the only slot came free every time
+    assert core._requests == {}
+    ours.send(Shutdown())
     await asyncio.wait_for(serving, 30)
