@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cache.base import KVSink, KVSource
 from server.model.config import ModelConfig
 from server.model.layers import PaddedRows
 from server.model.lm import LayerStates, MambaLM
@@ -93,6 +94,7 @@ def _groups(pieces: Sequence[_Piece], waste: float) -> list[list[_Piece]]:
 
 class ModelRunner:
     pad_waste = 1.25  # padded tokens per real token a batched prefill pass may hold, at most
+    max_model_len: int | None = None  # tokens a slot's sequence may reach (a hybrid's KV); None: no bound
 
     def __init__(
         self,
@@ -104,12 +106,24 @@ class ModelRunner:
     ) -> None:
         """`state_dtype`: the live ssm state's dtype, fp32 or bf16 (compute stays fp32; see `StatePool`)."""
         self.model = model
-        self.config: ModelConfig = model.cfg
-        self.device = torch.device(device) if device is not None else model.backbone.embedding.weight.device
-        self.dtype = model.dtype
-        self.max_slots = max_slots
-        self.pool = StatePool(self.config, max_slots, self.dtype, self.device, ssm_dtype=state_dtype)
+        dev = device if device is not None else model.backbone.embedding.weight.device
+        self._setup_slots(model.cfg, max_slots, dev, model.dtype, state_dtype)
         self.vocab = self.config.unpadded_vocab_size
+
+    def _setup_slots(
+        self,
+        config: ModelConfig,
+        max_slots: int,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        state_dtype: torch.dtype,
+    ) -> None:
+        """The live slots of `config`'s Mamba layers (every runner's; a hybrid's config counts its Mamba mixers)."""
+        self.config: ModelConfig = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_slots = max_slots
+        self.pool = StatePool(config, max_slots, dtype, self.device, ssm_dtype=state_dtype)
 
     # ---- state handoff -------------------------------------------------------------------------
 
@@ -129,6 +143,14 @@ class ModelRunner:
 
     def reset(self, slot: int) -> None:
         self.pool.reset(slot)
+
+    def kv_source(self, slot: int) -> KVSource | None:
+        """The slot's attention KV, which a capture reads its prefix from (a hybrid's); None: no KV."""
+        return None
+
+    def kv_sink(self, slot: int) -> KVSink | None:
+        """The slot's attention KV emptied, for a restore to append to (a hybrid's); None: no KV."""
+        return None
 
     def _slot_states(self, slots: Tensor) -> LayerStates:
         return [(self.pool.conv[i, slots], self.pool.ssm[i, slots]) for i in range(self.config.n_layer)]
@@ -281,6 +303,19 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
         """One token for each slot; slot -1 is padding. Returns logits (b, v) fp32."""
+        slot_t, tok_t, valid = self._decode_rows(tokens, slots)
+        live = slot_t[valid]
+        logits = torch.zeros(slot_t.shape[0], self.vocab, device=self.device)
+        if live.numel():
+            step_logits, states = self.model.step(tok_t[valid], self._slot_states(live))
+            self._store(live, states)
+            logits[valid] = step_logits[:, : self.vocab]
+        return logits
+
+    def _decode_rows(
+        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A decode batch checked: (slots (b,), tokens (b,), valid (b,) bool: the rows that are not padding)."""
         slot_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         tok_t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if slot_t.shape != tok_t.shape or slot_t.dim() != 1:
@@ -291,9 +326,4 @@ class ModelRunner:
             raise ValueError("a slot appears twice in one decode batch")
         if live.numel() and int(live.max()) >= self.max_slots:
             raise IndexError(f"slot index out of range [0, {self.max_slots})")
-        logits = torch.zeros(slot_t.shape[0], self.vocab, device=self.device)
-        if live.numel():
-            step_logits, states = self.model.step(tok_t[valid], self._slot_states(live))
-            self._store(live, states)
-            logits[valid] = step_logits[:, : self.vocab]
-        return logits
+        return slot_t, tok_t, valid
