@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     max_body_bytes: ByteSize = Field(ByteSize(8 * 2**20), description="Largest request body accepted.")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before 429.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Hybrid models: the longest sequence (prompt + max_tokens) a request may need; each live slot "
+        "reserves attention KV for this many tokens (default 8192). A longer request gets a 400.",
+    )
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
     max_messages: int = Field(1000, ge=1, description="Most messages a chat request may carry.")
     shutdown_grace: float = Field(

@@ -157,3 +157,13 @@ def _perturb(model: torch.nn.Module) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
+
+
+def make_chat_hybrid_dir(path: Any, variant: str, seed: int, tok_vocab: int = 300) -> Any:
+    """A seeded tiny hybrid of `variant` (vocab 320, chunk 8) with a byte-level tokenizer of `tok_vocab` ids
+    and a chat template, in `path`: a model directory `tssc serve` can load."""
+    from tests.tiny_models import make_tokenizer
+
+    tiny_hybrid(variant, seed=seed, vocab_size=320).save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path, vocab=tok_vocab)
+    return path

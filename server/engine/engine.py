@@ -215,6 +215,12 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if any(t >= vocab for t, _ in req.params.logit_bias):
             raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
+        limit = self._runner.max_model_len  # a hybrid's KV per slot; None: no bound
+        if limit is not None and len(prompt) + req.params.max_tokens > limit:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({req.params.max_tokens}) exceeds this "
+                f"model's maximum length of {limit} tokens (--max-model-len); shorten the prompt or lower max_tokens"
+            )
 
     def _check_admissible(self, req: GenerationRequest) -> None:
         """What can change while a request awaits its prefetch: the engine's state, and its id's use."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from server.engine.engine import Engine, EngineConfig
 
 if TYPE_CHECKING:
+    from cache.base import KVSpec
     from cache.config import RemoteConfig
     from cache.manager import StateCache
     from server.engine.ipc import Recorder
@@ -71,10 +73,17 @@ def build_cache(
         device=str(runner.device),
         remote=remote_config(settings, runner.device),
     )
-    cache = StateCache(config, runner.state_spec(), observer=metrics)
+    cache = StateCache(config, runner.state_spec(), observer=metrics, kv=_kv_spec(runner))
     for line in budget_report(cache, settings.max_num_seqs):
         log.log(logging.WARNING if line.startswith("raise") else logging.INFO, line)
     return cache
+
+
+def _kv_spec(runner: ModelRunner) -> KVSpec | None:
+    """A hybrid model's attention KV as its checkpoints hold it; None for a pure SSM."""
+    from server.model.hybrid_runner import HybridRunner
+
+    return runner.kv_spec() if isinstance(runner, HybridRunner) else None
 
 
 # capture reasons written through to the remote tier, per --remote-checkpoints
@@ -156,32 +165,71 @@ def load_tokenizer(settings: Settings) -> Tokenizer:
     return Tokenizer.from_pretrained(resolve_model_dir(settings.model), model_name=settings.model_name)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    runner: ModelRunner
+    arch: str  # "mamba2", "mamba1", or a hybrid's ("bamba", "nemotron_h", ...)
+    chunk: int  # the scan chunk of the Mamba layers (1 for Mamba1): checkpoint intervals round up to it
+
+
+def load_runner(
+    settings: Settings, model_dir: Path, device: torch.device, dtype: str, state_dtype: torch.dtype
+) -> LoadedModel:
+    """The model in `model_dir` and its runner: a hybrid's (`HybridRunner`, torch path, its KV reserved for
+    `--max-model-len` tokens per slot) or a pure SSM's (GPU kernels and CUDA graphs when available)."""
+    from server.model.gpu_runner import make_runner
+    from server.model.hybrid_config import hybrid_arch
+    from server.model.loader import load_model, read_raw_config
+
+    if hybrid_arch(read_raw_config(model_dir)) is None:
+        config, model = load_model(model_dir, device=device, dtype=dtype)
+        runner = make_runner(model, settings.max_num_seqs, device, state_dtype=state_dtype)
+        return LoadedModel(runner, config.arch, config.chunk_size if config.arch == "mamba2" else 1)
+    from server.model.hybrid_loader import load_hybrid
+    from server.model.hybrid_runner import DEFAULT_MAX_MODEL_LEN, HybridRunner
+
+    cfg, hybrid = load_hybrid(model_dir, device=device, dtype=dtype)
+    max_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
+    hybrid_runner = HybridRunner(
+        hybrid, settings.max_num_seqs, device, max_model_len=max_len, state_dtype=state_dtype
+    )
+    kv = hybrid_runner.kv
+    log.info(
+        "hybrid KV pool: %d blocks of %d tokens, %s (%d tokens per slot, --max-model-len)",
+        kv.allocator.num_blocks,
+        kv.block_size,
+        format_bytes(kv.allocator.num_blocks * kv.block_bytes),
+        max_len,
+    )
+    assert cfg.mamba is not None  # a hybrid runner has Mamba layers
+    return LoadedModel(hybrid_runner, cfg.arch, cfg.mamba.chunk_size)
+
+
 def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> Engine:
     """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
     from server.model.defaults import pick_device
-    from server.model.gpu_runner import GpuModelRunner, make_runner
-    from server.model.loader import load_model, resolve_model_dir
+    from server.model.gpu_runner import GpuModelRunner
+    from server.model.loader import resolve_model_dir
     from server.model.state import STATE_DTYPES
     from server.model.tokenizer import Tokenizer
 
     device = pick_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model_dir = resolve_model_dir(settings.model)
-    config, model = load_model(model_dir, device=device, dtype=dtype)
     state_dtype = STATE_DTYPES[settings.state_dtype]
-    # GPU kernels + CUDA graphs when available
-    runner = make_runner(model, settings.max_num_seqs, device, state_dtype=state_dtype)
+    loaded = load_runner(settings, model_dir, device, dtype, state_dtype)
+    runner = loaded.runner
     if isinstance(runner, GpuModelRunner):
         runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
-    chunk = config.chunk_size if config.arch == "mamba2" else 1
+    chunk = loaded.chunk
     defaults = ServingDefaults.resolve(settings, device, chunk)
     cache = build_cache(settings, runner, metrics, defaults.checkpoint_interval)
     if cache is not None:
         cache.warmup(runner.slot_state(0))  # the codec kernels too, on the strides of a restore into a slot
         runner.reset(0)
     if metrics is not None:
-        metrics.set_model_info(model=settings.model_name, arch=config.arch, dtype=dtype, device=device.type)
+        metrics.set_model_info(model=settings.model_name, arch=loaded.arch, dtype=dtype, device=device.type)
     log.info(
         "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d (%d while decoding), "
         "checkpoint interval %d, cache %s",

@@ -6,7 +6,8 @@
   a prefix of `prompt[:-1]` (at least one prompt token is always prefilled: its logits give the first
   sampled token), fetch it straight into the request's live slot (decoded into the pool's views; the
   slot is zeroed on a miss or a failed fetch), release the lease, and plan the capture positions of the
-  remaining prefill.
+  remaining prefill. A hybrid model's slot also gets the checkpoint's attention KV (`runner.kv_sink`), and
+  every capture of a hybrid reads its KV prefix from the slot (`runner.kv_source`).
 - `execute(plan)`: prefill the planned chunks (capturing at the planned positions), decode one token
   for every decoding request in one batch, sample all rows at once, apply the stop rules and
   capture the final state of each finished request.
@@ -109,7 +110,9 @@ class ModelWorker:
         if lease is None:
             return 0
         try:
-            self.cache.fetch(lease, out=self.runner.slot_state(seq.slot))
+            sink = self.runner.kv_sink(seq.slot)  # a hybrid's KV, emptied; None for a pure SSM
+            kv = {} if sink is None else {"kv": sink}
+            self.cache.fetch(lease, out=self.runner.slot_state(seq.slot), **kv)
             return lease.position
         except Exception:
             log.warning("checkpoint fetch failed; prefilling from scratch", exc_info=True)
@@ -247,8 +250,12 @@ class ModelWorker:
         if self.cache is None:
             return
         req = seq.req
+        source = self.runner.kv_source(seq.slot)  # a hybrid's KV (the cache reads its prefix); else None
+        kv = {} if source is None else {"kv": source}
         try:
-            self.cache.capture(req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree)
+            self.cache.capture(
+                req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree, **kv
+            )
         except Exception:
             log.exception("checkpoint capture failed", extra={"request_id": req.request_id})
 

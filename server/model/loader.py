@@ -11,7 +11,7 @@ the config only settles what shapes cannot (ngroups vs d_state, epsilons, chunk 
 norm's grouping: `tssc_norm_per_group`, see `GatedRMSNorm`). The architecture comes from the weights
 too (Mamba2 has `dt_bias`); a config.json that declares another one (`model_type`, `architectures`,
 state-spaces' `ssm_cfg.layer`) gets a warning at load. A hybrid's config.json (Mamba2 + attention
-layers) is refused with an error that says so; `hybrid_loader.py` reads those.
+layers) is refused with an error that says so; `hybrid_loader.py` reads those (the server picks the loader).
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def reject_hybrid(raw: Mapping[str, Any], model_dir: Path) -> None:
     arch = hybrid_arch(raw)
     if arch is not None:
         raise ModelLoadError(
-            f"{model_dir} holds a hybrid Mamba2 + attention model ({arch}); serving hybrids is not supported "
-            "yet, only pure Mamba2 / Mamba1 models (server.model.hybrid_loader.load_hybrid loads it for the "
-            "torch path)"
+            f"{model_dir} holds a hybrid Mamba2 + attention model ({arch}); this loader reads pure Mamba2 / "
+            "Mamba1 models only (server.model.hybrid_loader.load_hybrid loads hybrids, which `tssc serve` "
+            "serves on the torch path)"
         )
     model_type = raw.get("model_type")
     if model_type in UNSUPPORTED_MODEL_TYPES:

@@ -125,7 +125,7 @@ def test_nemotron_head_dim_defaults_to_transformers_128() -> None:
 
 
 @pytest.mark.parametrize("variant", ["bamba", "granite-moe", "nemotron_h", "falcon_h1"])
-def test_the_serving_loader_says_hybrids_are_not_served(tmp_path: Path, variant: str) -> None:
+def test_the_pure_mamba_loader_refuses_hybrids(tmp_path: Path, variant: str) -> None:
     _save(tmp_path, variant)
     with pytest.raises(ModelLoadError, match="hybrid Mamba2 \\+ attention model"):
         load_model(tmp_path)
