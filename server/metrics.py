@@ -127,6 +127,12 @@ class Metrics(CacheObserver):
         self.cache_capacity_bytes = Gauge(
             "tssc_state_cache_capacity_bytes", "Byte budget per tier.", ["tier"], registry=r
         )
+        self.cache_kv_bytes = Gauge(
+            "tssc_state_cache_kv_bytes",
+            "Bytes of attention KV blocks (hybrid models) held per tier, part of tssc_state_cache_bytes.",
+            ["tier"],
+            registry=r,
+        )
         self.cache_checkpoints = Gauge(
             "tssc_state_cache_checkpoints", "Checkpoints held per tier.", ["tier"], registry=r
         )
@@ -181,6 +187,7 @@ class Metrics(CacheObserver):
             self.cache_lookups.labels(result=result, cause=cause, scope=scope)
         for tier in TIERS:
             self.cache_bytes.labels(tier=tier)
+            self.cache_kv_bytes.labels(tier=tier)
             self.cache_capacity_bytes.labels(tier=tier)
             self.cache_checkpoints.labels(tier=tier)
             self.cache_evictions.labels(tier=tier)
@@ -333,6 +340,8 @@ class Metrics(CacheObserver):
     def set_cache_stats(self, stats: CacheStats) -> None:
         """Copy a `StateCache.stats()` snapshot into the tier gauges."""
         tiers = dict(stats.tiers)
+        for tier, tier_stats in stats.tiers.items():
+            self.cache_kv_bytes.labels(tier=tier).set(tier_stats.kv_bytes)
         if stats.remote is not None:
             tiers["remote"] = stats.remote  # type: ignore[index]
         for tier, tier_stats in tiers.items():

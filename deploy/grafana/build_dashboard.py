@@ -196,6 +196,15 @@ def _cache_capacity_row() -> Row:
                 (Target(f"sum by (tier) (tssc_state_cache_checkpoints{_sel()})", "{{tier}}"),),
                 width=6,
             ),
+            Panel(
+                "Attention KV per tier (hybrid models)",
+                "Bytes of attention KV blocks that hybrid (Mamba2 + attention) checkpoints hold in each tier, "
+                "part of the occupancy above; a conversation's checkpoints share their KV prefix, stored once. "
+                "Zero for a pure Mamba model.",
+                (Target(f"sum by (tier) (tssc_state_cache_kv_bytes{_sel()})", "{{tier}}"),),
+                unit="bytes",
+                width=12,
+            ),
         ),
     )
 

@@ -135,6 +135,7 @@ def test_required_panels_are_present(dashboard: dict[str, Any]) -> None:
     for metric in (
         "tssc_state_cache_bytes",
         "tssc_state_cache_capacity_bytes",
+        "tssc_state_cache_kv_bytes",
         "tssc_state_cache_fetch_seconds_bucket",
         "tssc_state_cache_lookups_total",
         "tssc_state_cache_evictions_total",

@@ -3,7 +3,8 @@
     with start_server(["--model", str(model_dir), "--no-cache"]) as srv:
         httpx.get(srv.base_url + "/health")
 
-Also builds the seeded tiny model every integration test serves (`make_tiny_model`).
+Also builds the seeded tiny model every integration test serves (`make_tiny_model`), and tiny hybrids
+(`make_tiny_hybrid`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def make_tiny_model(directory: Path, seed: int = 0, d_model: int = 32, n_layer: 
 
     model = hf_model("mamba2", seed=seed, vocab=TINY_VOCAB, d_model=d_model, n_layer=n_layer, chunk_size=8)
     model.save_pretrained(directory)
+    save_tokenizer(char_tokenizer(), directory)
+    return directory
+
+
+def make_tiny_hybrid(directory: Path, variant: str = "bamba", seed: int = 0) -> Path:
+    """A seeded tiny hybrid Mamba2 + attention model of `variant` (`tests.tiny_hybrids`, transformers
+    layout, vocab 320) plus the character tokenizer and chat template."""
+    from server.train.tokenizer import save_tokenizer
+    from tests.tiny_hybrids import tiny_hybrid
+
+    tiny_hybrid(variant, seed=seed, vocab_size=TINY_VOCAB).save_pretrained(directory, safe_serialization=True)
     save_tokenizer(char_tokenizer(), directory)
     return directory
 

@@ -104,7 +104,12 @@ def test_cache_stats_set_tier_gauges() -> None:
             bytes_used=100, bytes_capacity=1000, checkpoints=2, evictions=0, checkpoint_bytes=50
         ),
         "cold": TierStats(
-            bytes_used=300, bytes_capacity=3000, checkpoints=3, evictions=1, checkpoint_bytes=100
+            bytes_used=300,
+            bytes_capacity=3000,
+            checkpoints=3,
+            evictions=1,
+            checkpoint_bytes=100,
+            kv_bytes=120,
         ),
         "disk": TierStats(bytes_used=0, bytes_capacity=0, checkpoints=0, evictions=0, checkpoint_bytes=100),
     }
@@ -122,6 +127,8 @@ def test_cache_stats_set_tier_gauges() -> None:
     assert _value(m, "tssc_state_cache_bytes", tier="cold") == 300
     assert _value(m, "tssc_state_cache_capacity_bytes", tier="hot") == 1000
     assert _value(m, "tssc_state_cache_checkpoints", tier="cold") == 3
+    assert _value(m, "tssc_state_cache_kv_bytes", tier="cold") == 120  # a hybrid's KV blocks
+    assert _value(m, "tssc_state_cache_kv_bytes", tier="hot") == 0
     assert _value(m, "tssc_sessions") == 4
 
 

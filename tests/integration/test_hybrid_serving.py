@@ -1,0 +1,117 @@
+"""Hybrid Mamba2 + attention models served over HTTP (torch path, CPU), on two architectures: a follow-up
+turn resumes from a checkpoint (its attention KV prefix restored), regenerate and edit with lossless tiers
+generate exactly what a `--no-cache` server does, a request longer than `--max-model-len` gets a 400, KV
+bytes per tier are on /metrics; with the default tiers (FP8 hot) sessions resume too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import COMMON, chat, metric
+from tests.integration.server_proc import ServerProc, make_tiny_hybrid, start_server
+from tests.integration.test_sessions import STOP_IDS, _cached, _regenerate_and_edit, _text
+
+MAX_LEN = 512
+FLAGS = ["--max-num-seqs", "4", "--checkpoint-interval", "16", "--max-model-len", str(MAX_LEN)]
+
+
+@pytest.fixture(scope="module", params=("bamba", "nemotron_h"))
+def hybrid_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_hybrid(tmp_path_factory.mktemp("hybrids") / request.param, request.param, seed=3)
+
+
+def _serve(model_dir: Path, log_dir: Path, *args: str) -> Iterator[ServerProc]:
+    with start_server(["--model", str(model_dir), *COMMON, *FLAGS, *args], log_dir=log_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def lossless(hybrid_dir: Path, log_dir: Path) -> Iterator[ServerProc]:
+    yield from _serve(hybrid_dir, log_dir, "--hot-dtype", "fp32", "--cold-dtype", "fp32", "--hot-window", "2")
+
+
+@pytest.fixture(scope="module")
+def nocache(hybrid_dir: Path, log_dir: Path) -> Iterator[ServerProc]:
+    yield from _serve(hybrid_dir, log_dir, "--no-cache")
+
+
+def _turn(base_url: str, messages: list[dict[str, str]], session: str) -> dict[str, object]:
+    return chat(base_url, messages, session, stop_token_ids=STOP_IDS, max_tokens=24)
+
+
+def _follow_up(base_url: str, session: str) -> tuple[dict[str, object], dict[str, object]]:
+    turn1 = [{"role": "user", "content": "Tell me about the sea."}]
+    r1 = _turn(base_url, turn1, session)
+    turn2 = [*turn1, {"role": "assistant", "content": _text(r1)}, {"role": "user", "content": "More."}]
+    return r1, _turn(base_url, turn2, session)
+
+
+def test_a_follow_up_turn_resumes_with_its_kv(lossless: ServerProc) -> None:
+    r1, r2 = _follow_up(lossless.base_url, "hybrid-multi")
+    usage = r1["usage"]
+    assert isinstance(usage, dict)
+    assert _cached(r1) == 0
+    assert _cached(r2) >= usage["prompt_tokens"] + usage["completion_tokens"] - 1, r2["usage"]
+    kv = sum(metric(lossless.base_url, "tssc_state_cache_kv_bytes", tier=t) for t in ("hot", "cold"))
+    assert kv > 0
+    assert metric(lossless.base_url, "tssc_state_cache_kv_bytes", tier="cold") <= metric(
+        lossless.base_url, "tssc_state_cache_bytes", tier="cold"
+    )
+
+
+def test_regenerate_and_edit_lossless_tiers_match_no_cache(lossless: ServerProc, nocache: ServerProc) -> None:
+    texts, cached = _regenerate_and_edit(lossless.base_url, "hybrid-regen")
+    reference, ref_cached = _regenerate_and_edit(nocache.base_url, "hybrid-regen")
+    assert texts == reference
+    assert ref_cached == [0, 0, 0]
+    assert cached[0] == 0 and cached[1] > cached[2] > 0  # regenerate resumes deeper than the edit
+
+
+def test_follow_ups_match_no_cache(lossless: ServerProc, nocache: ServerProc) -> None:
+    cached_turns = _follow_up(lossless.base_url, "hybrid-same")
+    plain_turns = _follow_up(nocache.base_url, "hybrid-same")
+    assert [_text(r) for r in cached_turns] == [_text(r) for r in plain_turns]
+
+
+def test_a_request_past_max_model_len_gets_a_400(lossless: ServerProc) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": MAX_LEN}
+    resp = httpx.post(lossless.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert "max-model-len" in resp.json()["error"]["message"]
+    ok = httpx.post(lossless.base_url + "/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200  # the server goes on
+
+
+def test_default_tiers_resume_sessions(hybrid_dir: Path, log_dir: Path) -> None:
+    """FP8 hot / FP16 cold state; the KV is kept in the model dtype (fp32 here)."""
+    for srv in _serve(hybrid_dir, log_dir):
+        r1, r2 = _follow_up(srv.base_url, "hybrid-default")
+        assert _cached(r2) > _cached(r1) == 0
+        info = httpx.get(srv.base_url + "/v1/sessions/hybrid-default").json()
+        assert info["checkpoints"]
+        assert httpx.delete(srv.base_url + "/v1/sessions/hybrid-default").json()["bytes_freed"] > 0
+
+
+def test_the_disk_tier_serves_a_hybrid_session_after_a_restart(
+    hybrid_dir: Path, log_dir: Path, tmp_path: Path, nocache: ServerProc
+) -> None:
+    """A cold tier too small for the session spills to disk (states and KV block files); a new server on
+    the same directory resumes the session from disk and generates what `--no-cache` does."""
+    disk = ["--disk-dir", str(tmp_path / "disk"), "--disk-bytes", "8MiB", "--hot-bytes", "0"]
+    tiers = ["--hot-dtype", "fp32", "--cold-dtype", "fp32", "--cold-bytes", "48KiB", *disk]
+    turn1 = [{"role": "user", "content": "Tell me about the sea, and the ships upon it."}]
+    for srv in _serve(hybrid_dir, log_dir, *tiers):
+        r1 = _turn(srv.base_url, turn1, "hybrid-disk")
+        for i in range(6):  # other sessions push the first one's checkpoints out of the cold tier
+            _turn(srv.base_url, [{"role": "user", "content": f"Filler number {i}, a long one."}], f"fill-{i}")
+        assert metric(srv.base_url, "tssc_state_cache_checkpoints", tier="disk") > 0
+    turn2 = [*turn1, {"role": "assistant", "content": _text(r1)}, {"role": "user", "content": "More."}]
+    for srv in _serve(hybrid_dir, log_dir, *tiers):
+        r2 = _turn(srv.base_url, turn2, "hybrid-disk")
+        assert metric(srv.base_url, "tssc_state_cache_lookups_total", result="disk_hit") >= 1
+    assert _cached(r2) > 0
+    assert _text(r2) == _text(_turn(nocache.base_url, turn2, "hybrid-disk"))
