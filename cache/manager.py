@@ -62,7 +62,8 @@ class StateCache(CheckpointCache):
 
     A hybrid model (Mamba2 + attention) passes `kv`, its attention KV's shape: each checkpoint then holds
     its KV prefix too, in shared blocks (`cache.kv_blocks`), captured from a `KVSource` and restored into a
-    `KVSink`. Hybrids have no disk or remote tier yet (their files and blobs would lack the KV)."""
+    `KVSink`; the disk tier holds those blocks as files. Hybrids have no remote tier yet (its blobs would
+    lack the KV)."""
 
     def __init__(
         self,
