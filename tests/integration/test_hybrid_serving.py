@@ -115,3 +115,15 @@ def test_the_disk_tier_serves_a_hybrid_session_after_a_restart(
         assert metric(srv.base_url, "tssc_state_cache_lookups_total", result="disk_hit") >= 1
     assert _cached(r2) > 0
     assert _text(r2) == _text(_turn(nocache.base_url, turn2, "hybrid-disk"))
+
+
+def test_falcon_h1_in_an_engine_process(tmp_path: Path, log_dir: Path) -> None:
+    """A third architecture (attention and Mamba2 side by side), with the engine core in its own process:
+    a follow-up resumes, and the max-model-len refusal crosses the process boundary as a 400."""
+    model_dir = make_tiny_hybrid(tmp_path / "falcon_h1", "falcon_h1", seed=1)
+    for srv in _serve(model_dir, log_dir, "--engine-process"):
+        r1, r2 = _follow_up(srv.base_url, "falcon-process")
+        assert _cached(r2) > _cached(r1) == 0
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": MAX_LEN}
+        resp = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert resp.status_code == 400 and "max-model-len" in resp.text
