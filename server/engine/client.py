@@ -77,6 +77,7 @@ class EngineClient:
         self._running = self._waiting = 0
         self._closing: str | None = None  # set by `end_all`
         self._stopping = False
+        self._serving = False  # the core said `Ready`: it reads the pipe (while it loads, it does not)
         self._failure: str | None = None
 
     # ---- properties --------------------------------------------------------------------------
@@ -174,11 +175,7 @@ class EngineClient:
             return
         self._stopping = True
         self._fail_open(lambda: EngineError("the engine stopped"))
-        assert self._exited is not None and self._loaded is not None
-        if self._loaded.done() and not self._exited.done():
-            self._send_quietly(Shutdown())
-        else:
-            self._kill()  # still loading: nothing to flush
+        self._ask_to_stop()
         await self._wait_exit()
         atexit.unregister(self._stop_at_exit)
 
@@ -197,12 +194,15 @@ class EngineClient:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
 
-    def _stop_at_exit(self) -> None:
-        """At interpreter exit without `stop()` (runs before multiprocessing joins its children)."""
-        if self._loaded is not None and self._loaded.done():
+    def _ask_to_stop(self) -> None:
+        if self._serving:
             self._send_quietly(Shutdown())
         else:
-            self._kill()
+            self._kill()  # still loading (it reads no message until it serves): nothing to flush
+
+    def _stop_at_exit(self) -> None:
+        """At interpreter exit without `stop()` (runs before multiprocessing joins its children)."""
+        self._ask_to_stop()
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -311,6 +311,7 @@ class EngineClient:
         elif isinstance(message, Reply):
             self._answer(message)
         elif isinstance(message, Ready):
+            self._serving = True
             _resolve(self._loaded, None)
         elif isinstance(message, LoadFailed):
             from server.model.loader import ModelLoadError
