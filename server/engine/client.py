@@ -1,39 +1,30 @@
 """`EngineClient`: the engine as the API sees it when the engine runs in a core process (`--engine-process`).
 
-It implements the API's `EngineLike` (`server.api.state`) over the pipe to the core (`server.engine.core`,
-messages in `server.engine.ipc`):
+It implements the API's `EngineLike` (`server.api.state`) over the pipe to the core (`server.engine.core`;
+the process and its pipe: `server.engine.core_process`; the messages: `server.engine.ipc`):
 
-- `start()` spawns the core (the `spawn` context: CUDA cannot cross a fork) and waits for its `Ready`; a
-  load failure in the core is raised here as a `ModelLoadError` carrying the core's one-line cause, so
-  that the server reports it exactly as the thread mode does. The tokenizer (the chat template, the vocab
-  size, token names) is loaded here too: the HTTP process encodes prompts itself.
-- `generate(req)` submits the request and reads its events from an asyncio queue; closing the iterator
-  early sends an `Abort`, which frees the slot in the core.
-- one reader thread receives the core's messages, replays their metric observations on `Metrics`, and
-  hands each message to the event loop with one `call_soon_threadsafe`, where a step's events are
-  dispatched to the requests' queues.
-- if the core dies, every open request fails with `EngineError`, `failure` says why and `/health`
-  answers 503 (`failed`); the server does not restart it.
-- `stop()` asks the core to stop (it stops its engine, flushing the disk tier) and waits for it to exit,
-  killing it after `STOP_SECONDS`.
+- `start()` spawns the core and waits for its `Ready`; a load failure in the core is raised here as a
+  `ModelLoadError` carrying the core's one-line cause, so that the server reports it exactly as the thread
+  mode does. Meanwhile the tokenizer (the chat template, the vocab size, token names) loads here: the HTTP
+  process encodes prompts itself.
+- `generate(req)` submits the request and reads its events from an asyncio queue, to which each `Step`
+  message (one per engine step) dispatches its events; closing the iterator early sends an `Abort`, which
+  frees the slot in the core.
+- if the core dies, every open request fails with `EngineError`, `failure` says why and `/health` answers
+  503 (`failed`); the server does not restart it.
+- `stop()` stops the core (its engine flushes the disk tier) and waits for it to exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import itertools
 import logging
-import multiprocessing
-import signal
 import threading
 from collections.abc import AsyncIterator, Callable
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
-from server.engine.core import run_core
+from server.engine.core_process import CoreProcess, CoreUnreachable, describe_exit
 from server.engine.ipc import (
     Abort,
     EndAll,
@@ -43,11 +34,9 @@ from server.engine.ipc import (
     QueryName,
     Ready,
     Reply,
-    Shutdown,
     Step,
     Submit,
     ToCore,
-    replay,
 )
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
 from server.metrics import EngineStats, Metrics
@@ -55,7 +44,6 @@ from server.model.tokenizer import Tokenizer
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-STOP_SECONDS = 30.0  # for the core to stop its engine and exit, before it is killed
 QUERY_SECONDS = 30.0
 EventItem = TokenEvent | BaseException
 
@@ -65,11 +53,8 @@ class EngineClient:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings, self._metrics = settings, metrics
-        self._proc: BaseProcess | None = None
-        self._conn: Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: CoreProcess | None = None
         self._loaded: asyncio.Future[None] | None = None
-        self._exited: asyncio.Future[int | None] | None = None
         self._tokenizer: Tokenizer | None = None
         self._open: dict[str, asyncio.Queue[EventItem]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -107,18 +92,17 @@ class EngineClient:
     @property
     def pid(self) -> int | None:
         """The core process's id (None before `start`)."""
-        return self._proc.pid if self._proc is not None else None
+        return self._core.pid if self._core is not None else None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Spawn the core and wait until its model is loaded (raises the load's failure)."""
-        if self._proc is not None:
+        if self._core is not None:
             return
-        loaded = self._spawn(asyncio.get_running_loop())
-        from server.engine.factory import load_tokenizer
-
-        tokenizer = self._in_daemon_thread(load_tokenizer, self._settings)  # while the core loads
+        loaded = self._loaded = asyncio.get_running_loop().create_future()
+        self._core = CoreProcess(self._settings, self._metrics, self._on_message, self._on_exit)
+        tokenizer = self._load_tokenizer(self._core)  # while the core loads
         try:
             await loaded
         except BaseException:
@@ -126,36 +110,18 @@ class EngineClient:
             raise
         self._tokenizer = await tokenizer
 
-    def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Start the core process and the thread that reads its pipe (on the loop, briefly: a fork and exec,
-        with no await between the two, so that no cancellation can leave a core without its reader).
-        Returns the future of its load."""
-        self._loop = loop
-        self._loaded, self._exited = loop.create_future(), loop.create_future()
-        context = multiprocessing.get_context("spawn")
-        self._conn, theirs = context.Pipe()
-        self._proc = context.Process(target=run_core, args=(self._settings, theirs), name="tssc-engine-core")
-        self._proc.start()
-        theirs.close()
-        assert self._proc.pid is not None
-        self._metrics.track_engine_core(self._proc.pid)
-        atexit.register(self._stop_at_exit)
-        threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
-        log.info("engine core process started", extra={"pid": self._proc.pid})
-        return self._loaded
+    def _load_tokenizer(self, core: CoreProcess) -> asyncio.Future[Tokenizer]:
+        """On a daemon thread: a load that failed in the core does not hold up the exit."""
+        from server.engine.factory import load_tokenizer
 
-    def _in_daemon_thread(
-        self, fn: Callable[[Settings], Tokenizer], arg: Settings
-    ) -> asyncio.Future[Tokenizer]:
-        """`fn(arg)` on a daemon thread: a load that failed in the core does not hold up the exit."""
         future: asyncio.Future[Tokenizer] = asyncio.get_running_loop().create_future()
 
         def run() -> None:
             try:
-                result: Tokenizer | BaseException = fn(arg)
+                result: Tokenizer | BaseException = load_tokenizer(self._settings)
             except BaseException as exc:
                 result = exc
-            self._post(lambda value: _resolve(future, value), result)
+            core.post(lambda value: _resolve(future, value), result)
 
         threading.Thread(target=run, name="tssc-tokenizer-load", daemon=True).start()
         return future
@@ -169,40 +135,12 @@ class EngineClient:
         return ended
 
     async def stop(self) -> None:
-        """Fail every open request, stop the core (its engine flushes the cache) and wait for it to exit."""
-        if self._proc is None or self._stopping:
+        """Fail every open request, stop the core and wait for it to exit."""
+        if self._core is None or self._stopping:
             return
         self._stopping = True
         self._fail_open(lambda: EngineError("the engine stopped"))
-        assert self._exited is not None and self._loaded is not None
-        if self._loaded.done() and not self._exited.done():
-            self._send_quietly(Shutdown())
-        else:
-            self._kill()  # still loading: nothing to flush
-        await self._wait_exit()
-        atexit.unregister(self._stop_at_exit)
-
-    async def _wait_exit(self) -> None:
-        assert self._exited is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._exited), STOP_SECONDS)
-        except TimeoutError:
-            log.warning("the engine core did not stop within %.0f s; killing it", STOP_SECONDS)
-            self._kill()
-            await asyncio.wait_for(asyncio.shield(self._exited), STOP_SECONDS)
-        if self._conn is not None:
-            self._conn.close()
-
-    def _kill(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-
-    def _stop_at_exit(self) -> None:
-        """At interpreter exit without `stop()` (runs before multiprocessing joins its children)."""
-        if self._loaded is not None and self._loaded.done():
-            self._send_quietly(Shutdown())
-        else:
-            self._kill()
+        await self._core.stop()
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -258,52 +196,28 @@ class EngineClient:
     async def _query(self, name: QueryName, *args: str) -> Any:
         if not self.ready:
             raise EngineNotReady("the engine is not running")
-        assert self._loop is not None
         call_id = next(self._call_ids)
-        future = self._calls[call_id] = self._loop.create_future()
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
         try:
             self._send(Query(call_id, name, args))
             return await asyncio.wait_for(future, QUERY_SECONDS)
         finally:
             self._calls.pop(call_id, None)
 
-    # ---- the pipe ----------------------------------------------------------------------------
+    # ---- the core's messages (on the event loop) ---------------------------------------------
 
     def _send(self, message: ToCore) -> None:
-        """Send on the event loop's thread (the only sender); a dead core raises `EngineError`."""
-        if self._conn is None or self._failure is not None:
+        """A dead core raises `EngineError`."""
+        if self._core is None or self._failure is not None:
             raise EngineError(self._failure or "the engine is not running")
         try:
-            self._conn.send(message)
-        except OSError as exc:
+            self._core.send(message)
+        except CoreUnreachable as exc:
             raise EngineError(f"the engine core is unreachable: {exc}") from exc
 
     def _send_quietly(self, message: ToCore) -> None:
-        with contextlib.suppress(EngineError):
-            self._send(message)
-
-    def _read(self) -> None:
-        """The reader thread: each message to the loop, until the core closes its end (exit or crash)."""
-        assert self._conn is not None and self._proc is not None
-        while True:
-            try:
-                message: FromCore = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(message, Step):
-                replay(self._metrics, message.observations)  # here: the loop only dispatches events
-            if not self._post(self._on_message, message):
-                return
-        self._proc.join(timeout=10)
-        self._post(self._on_exit, self._proc.exitcode)
-
-    def _post(self, fn: Callable[[Any], None], arg: Any) -> bool:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(fn, arg)
-        except RuntimeError:  # the loop is closed: the server is gone
-            return False
-        return True
+        if self._core is not None:
+            self._core.send_quietly(message)
 
     def _on_message(self, message: FromCore) -> None:
         if isinstance(message, Step):
@@ -341,13 +255,12 @@ class EngineClient:
     def _on_exit(self, exitcode: int | None) -> None:
         """The core closed the pipe: it exited (asked to stop), or died."""
         if not self._stopping:
-            self._failure = f"the engine core process exited unexpectedly ({_describe_exit(exitcode)})"
+            self._failure = f"the engine core process exited unexpectedly ({describe_exit(exitcode)})"
             log.error("%s; failing the open requests", self._failure)
         message = self._failure or "the engine stopped"
         self._fail_open(lambda: EngineError(message))
         for future in [*self._calls.values(), self._loaded]:
             _resolve(future, EngineError(message))
-        _resolve(self._exited, exitcode)
 
 
 def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
@@ -363,11 +276,3 @@ def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running after closing its pipe"
-    if exitcode < 0:
-        return f"killed by {signal.Signals(-exitcode).name}"
-    return f"exit code {exitcode}"

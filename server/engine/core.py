@@ -127,6 +127,7 @@ class EngineCore:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._engine.start()
+        self._outbox.flush()  # what the load recorded (the model info) is on /metrics once the server is ready
         self._send(Ready())
         reader = threading.Thread(target=self._read, args=(loop,), name="tssc-core-pipe", daemon=True)
         reader.start()

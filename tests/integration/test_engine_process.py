@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration import test_clients, test_disconnects, test_robustness, test_sessions, test_shutdown
 from tests.integration.conftest import COMMON, MODEL, chat, metric
-from tests.integration.server_proc import ServerProc, engine_core_pid, pid_alive, start_server
+from tests.integration.server_proc import (
+    REPO_ROOT,
+    ServerProc,
+    child_pids,
+    engine_core_pid,
+    pid_alive,
+    start_server,
+    stop_process,
+)
 
 PROCESS = "--engine-process"
 SERVER = ["--max-num-seqs", "8", "--max-tokens-cap", "64", "--checkpoint-interval", "16"]
@@ -184,3 +194,24 @@ def test_the_core_exits_when_the_server_is_killed(tiny_model_dir: Path, tmp_path
         while pid_alive(core):  # the core reads the end of its pipe and stops
             assert time.monotonic() < deadline, "the engine core outlived a killed server"
             time.sleep(0.1)
+
+
+def test_sigterm_while_the_core_loads_kills_it_without_waiting_for_the_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cmd = [sys.executable, "-m", "server.serve", "--port", "0", "--model", str(tiny_model_dir), PROCESS]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not child_pids(proc.pid, "spawn_main"):
+            assert time.monotonic() < deadline and proc.poll() is None, "no engine core was started"
+            time.sleep(0.05)
+        (core,) = child_pids(proc.pid, "spawn_main")
+        proc.send_signal(signal.SIGTERM)  # the core is still importing and loading: it reads no pipe yet
+        assert proc.wait(timeout=20) is not None
+        assert not pid_alive(core), "the loading engine core outlived the server"
+        assert b"engine core stopped" not in (tmp_path / "server.log").read_bytes()  # killed, not waited for
+    finally:
+        stop_process(proc)

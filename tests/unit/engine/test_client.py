@@ -44,6 +44,8 @@ async def test_requests_queries_and_a_clean_stop(model_dir: Path) -> None:
     client = _client(model_dir, metrics)
     await client.start()
     assert client.ready and client.pid is not None and client.tokenizer.vocab_size > 0
+    info = {"model": str(model_dir.name), "arch": "mamba2", "dtype": "fp32", "device": "cpu"}
+    assert metrics.registry.get_sample_value("tssc_model_info", info) == 1  # already when ready
     events = [e async for e in client.generate(_req("a", _prompt(12, 2), max_tokens=4, session="s"))]
     assert [e.completion_tokens for e in events] == [1, 2, 3, 4]
     assert (await _first(client, "long")).completion_tokens == 1
