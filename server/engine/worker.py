@@ -110,9 +110,8 @@ class ModelWorker:
         if lease is None:
             return 0
         try:
-            sink = self.runner.kv_sink(seq.slot)  # a hybrid's KV, emptied; None for a pure SSM
-            kv = {} if sink is None else {"kv": sink}
-            self.cache.fetch(lease, out=self.runner.slot_state(seq.slot), **kv)
+            # a hybrid's KV, emptied for the restore to append to; None for a pure SSM
+            self.cache.fetch(lease, out=self.runner.slot_state(seq.slot), kv=self.runner.kv_sink(seq.slot))
             return lease.position
         except Exception:
             log.warning("checkpoint fetch failed; prefilling from scratch", exc_info=True)
@@ -251,10 +250,9 @@ class ModelWorker:
             return
         req = seq.req
         source = self.runner.kv_source(seq.slot)  # a hybrid's KV (the cache reads its prefix); else None
-        kv = {} if source is None else {"kv": source}
         try:
             self.cache.capture(
-                req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree, **kv
+                req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree, kv=source
             )
         except Exception:
             log.exception("checkpoint capture failed", extra={"request_id": req.request_id})

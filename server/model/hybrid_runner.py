@@ -35,6 +35,8 @@ KV_BLOCK_SIZE = 16  # tokens per block of the live KV pool and of the cache's KV
 
 
 class HybridRunner(ModelRunner):
+    max_model_len: int  # always bounded: each slot's KV is reserved for this many tokens
+
     def __init__(
         self,
         model: HybridLM,
@@ -54,7 +56,7 @@ class HybridRunner(ModelRunner):
         dev = device if device is not None else model.embedding.weight.device
         self._setup_slots(cfg.mamba, max_slots, dev, model.dtype, state_dtype)
         self.vocab = cfg.vocab_size
-        self.max_model_len = self._limit = max_model_len
+        self.max_model_len = max_model_len
         blocks = max_slots * -(-max_model_len // block_size)
         self.kv = KVBlockPool.for_model(cfg, blocks, block_size, model.dtype, self.device)
         self.seqs: list[PagedKV] = [self.kv.sequence() for _ in range(max_slots)]
@@ -102,10 +104,10 @@ class HybridRunner(ModelRunner):
         self._store(idx, list(state.mamba))
 
     def _check_room(self, slot: int, tokens: int) -> None:
-        if self.position(slot) + tokens > self._limit:
+        if self.position(slot) + tokens > self.max_model_len:
             raise ValueError(
                 f"slot {slot} holds {self.position(slot)} tokens; {tokens} more exceed max_model_len "
-                f"{self._limit}"
+                f"{self.max_model_len}"
             )
 
     # ---- compute -------------------------------------------------------------------------------
@@ -122,8 +124,9 @@ class HybridRunner(ModelRunner):
         """One token for each slot (slot -1: padding) -> logits (b, v) fp32; one pass per distinct position."""
         slot_t, tok_t, valid = self._decode_rows(tokens, slots)
         logits = torch.zeros(slot_t.shape[0], self.vocab, device=self.device)
-        rows = [r for r in range(slot_t.shape[0]) if bool(valid[r])]
-        slot_of = {r: int(slot_t[r]) for r in rows}
+        slot_list = slot_t.tolist()  # one host copy, not one per row
+        rows = [r for r, ok in enumerate(valid.tolist()) if ok]
+        slot_of = {r: slot_list[r] for r in rows}
         for r in rows:
             self._check_room(slot_of[r], 1)
         by_position: dict[int, list[int]] = {}
