@@ -127,3 +127,37 @@ def test_falcon_h1_in_an_engine_process(tmp_path: Path, log_dir: Path) -> None:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": MAX_LEN}
         resp = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=60)
         assert resp.status_code == 400 and "max-model-len" in resp.text
+
+
+def test_hostile_clients_on_one_session_leave_the_others_whole(
+    lossless: ServerProc, nocache: ServerProc
+) -> None:
+    """Streams cut after their first chunk and complete requests, concurrently on one odd session id (multi-byte,
+    a slash, a percent sign): every request that stayed connected succeeds, no slot (nor its KV) leaks, and a
+    conversation served afterwards is still exactly the `--no-cache` server's."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hostile"}], "max_tokens": 24}
+    body |= {"session_id": "会话/a%b", "temperature": 0}
+
+    def cut() -> int:
+        url = lossless.base_url + "/v1/chat/completions"
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            next(r.iter_bytes())  # one chunk, then the client goes away
+            return r.status_code
+
+    def complete() -> int:
+        return httpx.post(lossless.base_url + "/v1/chat/completions", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [f.result() for f in [pool.submit(cut if i % 2 else complete) for i in range(12)]]
+    assert codes == [200] * 12
+    deadline = time.monotonic() + 30
+    while metric(lossless.base_url, "tssc_requests_running") != 0:  # the cut streams' slots come back
+        assert time.monotonic() < deadline, "a slot leaked"
+        time.sleep(0.1)
+    assert httpx.get(lossless.base_url + "/health", timeout=10).status_code == 200
+    after = _follow_up(lossless.base_url, "after-hostile")
+    want = _follow_up(nocache.base_url, "after-hostile")
+    assert [_text(r) for r in after] == [_text(r) for r in want]
