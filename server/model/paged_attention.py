@@ -1,0 +1,141 @@
+# mypy: disable-error-code="no-untyped-def"
+# (Triton JIT kernels take untyped pointer and constexpr arguments.)
+"""Triton kernels for decode attention over the paged KV pool (imported only where triton is installed).
+
+One layer's slice of the pool, `pages = KVBlockPool.kv[layer]`: (N, 2, s, kv, dh) in the model dtype
+(block, 0 = key / 1 = value, offset in block, kv head, head dim). Each decode row r has a slot `idx[r]`
+(-1 = padding: skipped, its output zeros), a position `pos[r]` (the tokens its slot already holds, the
+new token's position) and the slot's block table `tables[slot]` ((S, M) int32, token t in block
+`tables[slot, t // s]` at offset `t % s`). Every per-row input is device data, so one CUDA graph serves
+rows at any positions.
+
+- `kv_append`: writes the new token's key and value of each row at `pos[r]` (its block must be in the
+  table already);
+- `decode_attention`: one query token per row over keys [0, pos[r] + 1), online softmax in fp32, GQA
+  (query head i reads kv head i // (q / kv)); one program per (row, kv head) handles that head's group of
+  query heads, BLOCK_N tokens at a time gathered through the table (any block size).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _kv_append_kernel(
+    k_ptr, v_ptr, pages_ptr, idx_ptr, pos_ptr, table_ptr,
+    dh,
+    stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_pn, stride_pkv, stride_ps, stride_ph, stride_ts,
+    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(idx_ptr + row).to(tl.int64)
+    if slot < 0:
+        return
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    block = tl.load(table_ptr + slot * stride_ts + pos // BLOCK_SIZE).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < dh
+    dst = pages_ptr + block * stride_pn + (pos % BLOCK_SIZE) * stride_ps + head * stride_ph + offs
+    k = tl.load(k_ptr + row * stride_kb + head * stride_kh + offs, mask=mask)
+    v = tl.load(v_ptr + row * stride_vb + head * stride_vh + offs, mask=mask)
+    tl.store(dst, k.to(pages_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_pkv, v.to(pages_ptr.dtype.element_ty), mask=mask)
+
+
+def kv_append(k: Tensor, v: Tensor, pages: Tensor, idx: Tensor, pos: Tensor, tables: Tensor) -> None:
+    """k, v: (b, kv, dh) (head dim contiguous); pages: (N, 2, s, kv, dh) written in place; idx, pos: (b,)
+    int; tables: (S, M) int32."""
+    b, heads, dh = k.shape
+    _check(pages, tables, heads, dh)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and v.shape == k.shape
+    _kv_append_kernel[(b, heads)](
+        k, v, pages, idx, pos, tables,
+        dh,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        pages.stride(0), pages.stride(1), pages.stride(2), pages.stride(3), tables.stride(0),
+        BLOCK_SIZE=pages.shape[2], BLOCK_D=triton.next_power_of_2(dh),
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, pages_ptr, idx_ptr, pos_ptr, table_ptr, out_ptr,
+    dh, group, scale,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_pn, stride_pkv, stride_ps, stride_ph, stride_ts,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_heads = kv_head * group + offs_g  # (G,)
+    g_mask = offs_g < group
+    d_mask = offs_d < dh
+    qd_mask = g_mask[:, None] & d_mask[None, :]
+    out_ptrs = out_ptr + row * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]  # (G, D)
+    slot = tl.load(idx_ptr + row).to(tl.int64)
+    if slot < 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=qd_mask)
+        return
+    length = tl.load(pos_ptr + row).to(tl.int64) + 1
+    q_ptrs = q_ptr + row * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=qd_mask, other=0.0).to(tl.float32) * scale  # (G, D)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    head_base = pages_ptr + kv_head * stride_ph
+    for start in range(0, length, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # (N,) token positions
+        n_mask = offs_n < length
+        block = tl.load(table_ptr + slot * stride_ts + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(
+            tl.int64
+        )
+        tok = block * stride_pn + (offs_n % BLOCK_SIZE) * stride_ps  # (N,)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(head_base + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(head_base + stride_pkv + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, N)
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])  # (G, N)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+
+
+def decode_attention(
+    q: Tensor, pages: Tensor, idx: Tensor, pos: Tensor, tables: Tensor, scale: float, block_n: int = 16
+) -> Tensor:
+    """q: (b, q, dh) (head dim contiguous), one token per row at position pos[r]; pages: (N, 2, s, kv, dh)
+    holding each live row's keys and values of [0, pos[r]] (`kv_append` first); idx, pos: (b,) int;
+    tables: (S, M) int32 -> out (b, q, dh) in q's dtype (zeros on padding rows)."""
+    b, n_heads, dh = q.shape
+    kv_heads = pages.shape[3]
+    _check(pages, tables, kv_heads, dh)
+    assert q.stride(-1) == 1 and n_heads % kv_heads == 0
+    group = n_heads // kv_heads
+    out = torch.empty(b, n_heads, dh, dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(b, kv_heads)](
+        q, pages, idx, pos, tables, out,
+        dh, group, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        pages.stride(0), pages.stride(1), pages.stride(2), pages.stride(3), tables.stride(0),
+        BLOCK_SIZE=pages.shape[2], BLOCK_N=block_n, BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_D=triton.next_power_of_2(dh),
+    )  # fmt: skip
+    return out
+
+
+def _check(pages: Tensor, tables: Tensor, kv_heads: int, dh: int) -> None:
+    assert pages.dim() == 5 and pages.shape[1] == 2 and pages.shape[3:] == (kv_heads, dh)
+    assert pages.stride(-1) == 1 and tables.dtype == torch.int32 and tables.stride(-1) == 1

@@ -1,0 +1,153 @@
+"""The GPU hybrid runner on CPU tensors under Triton's interpreter (see test_interpret.py for the venv):
+the paged decode-attention kernels against SDPA, and `GpuHybridRunner` (built on the CPU, without CUDA
+graphs) against the torch `HybridRunner` on tiny seeded hybrids of every architecture: prefill logits,
+decode over many steps, split prefill + decode, rows at different positions in one decode, a capture /
+restore round trip of the Mamba states and the KV.
+
+    TRITON_INTERPRET=1 /tmp/tvenv/bin/python -m pytest tests/gpu/test_interpret_hybrid.py -q
+
+The interpreter computes in fp32 numpy: tolerance (`_close`) and the CPU device fixture as in
+test_interpret.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from server.model.gpu_hybrid_runner import GpuHybridRunner
+from server.model.hybrid import HybridLM
+from server.model.hybrid_loader import load_hybrid
+from server.model.hybrid_runner import HybridRunner
+from server.model.runner import ModelRunner, PrefillSeg
+from tests.gpu.test_interpret import _close, _cpu_device_context  # noqa: F401 (an autouse fixture)
+from tests.tiny_hybrids import VOCAB, tiny_hybrid
+
+pytestmark = pytest.mark.triton_interpret
+PROMPT, STEPS, SLOTS, MAX_LEN, BLOCK = 19, 10, 3, 48, 8
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+
+def _paged(lengths: list[int], block: int, kv: int, dh: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """A pool (N, 2, s, kv, dh) holding each row's keys and values (2, n, kv, dh) of [0, n) in shuffled
+    blocks, and the (rows, M) int32 block tables."""
+    torch.manual_seed(0)
+    per_row = [-(-n // block) for n in lengths]
+    order = torch.randperm(sum(per_row) + 2).tolist()  # two blocks no row uses
+    pages = torch.randn(len(order), 2, block, kv, dh)
+    tables = torch.zeros(len(lengths), max(per_row), dtype=torch.int32)
+    rows = []
+    for r, n in enumerate(lengths):
+        ids = [order.pop() for _ in range(per_row[r])]
+        tables[r, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        rows.append(pages[ids].transpose(0, 1).flatten(1, 2)[:, :n].clone())  # (2, n, kv, dh)
+    return pages, tables, rows
+
+
+@pytest.mark.parametrize("heads,kv,dh,block", [(4, 2, 12, 4), (8, 8, 16, 16), (6, 2, 8, 8)])
+def test_decode_attention_equals_sdpa_over_each_rows_prefix(heads: int, kv: int, dh: int, block: int) -> None:
+    from server.model import paged_attention as ops
+
+    lengths = [1, 7, 40, 16]  # the new token's position + 1: a row of one token, block-aligned, several tiles
+    pages, tables, rows = _paged(lengths, block, kv, dh)
+    b = len(lengths)
+    q, k, v = torch.randn(b + 1, heads, dh), torch.randn(b + 1, kv, dh), torch.randn(b + 1, kv, dh)
+    idx = torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32)  # row 4 is padding
+    pos = torch.tensor([n - 1 for n in lengths] + [5], dtype=torch.int32)
+    before = pages.clone()
+    ops.kv_append(k, v, pages, idx, pos, tables)
+    out = ops.decode_attention(q, pages, idx, pos, tables, 0.3)
+    for r, n in enumerate(lengths):
+        keys = torch.cat([rows[r][0, : n - 1], k[r : r + 1]])  # (n, kv, dh)
+        values = torch.cat([rows[r][1, : n - 1], v[r : r + 1]])
+        want = F.scaled_dot_product_attention(
+            q[r][:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=0.3, enable_gqa=True
+        )  # (q, 1, dh)
+        _close(out[r], want[:, 0])
+    assert not out[b].any()
+    changed = (pages != before).flatten(1).any(-1).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted({int(tables[r, (n - 1) // block]) for r, n in enumerate(lengths)})
+
+
+# ---- the runner --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=("bamba", "granite-moe", "nemotron_h", "falcon_h1", "falcon_h1-norm"))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HybridLM:
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_hybrid(request.param, seed=3).save_pretrained(path, safe_serialization=True)
+    return load_hybrid(path)[1]
+
+
+def _runners(model: HybridLM) -> tuple[GpuHybridRunner, HybridRunner]:
+    gpu = GpuHybridRunner(model, SLOTS, "cpu", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=False)
+    return gpu, HybridRunner(model, SLOTS, "cpu", max_model_len=MAX_LEN, block_size=BLOCK)
+
+
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _decode_both(runners: tuple[ModelRunner, ...], tokens: list[int], slots: list[int]) -> None:
+    gpu, ref = (r.decode(tokens, slots) for r in runners)
+    _close(gpu, ref)
+
+
+def test_prefill_and_many_decode_steps_equal_the_torch_runner(model: HybridLM) -> None:
+    gpu, ref = _runners(model)
+    tokens = _tokens(PROMPT + STEPS)
+    got, want = (
+        gpu.prefill(tokens[:PROMPT], 1, all_logits=True),
+        ref.prefill(tokens[:PROMPT], 1, all_logits=True),
+    )
+    assert got.all_logits is not None and want.all_logits is not None
+    _close(got.all_logits, want.all_logits)
+    for t in tokens[PROMPT:]:  # crosses block boundaries (8, 16, 24)
+        _decode_both((gpu, ref), [t], [1])
+    assert gpu.position(1) == ref.position(1) == PROMPT + STEPS
+    _close(gpu.kv_source(1).read(0, PROMPT + STEPS), ref.kv_source(1).read(0, PROMPT + STEPS))
+    for name, value in ref.capture(1).items():
+        _close(gpu.capture(1)[name], value)
+
+
+@pytest.mark.parametrize("split", [1, 8, 9])
+def test_split_prefill_and_decode_equal_one_shot(model: HybridLM, split: int) -> None:
+    tokens = _tokens(PROMPT, seed=split)
+    one, two = _runners(model)[0], _runners(model)[0]
+    whole = one.prefill(tokens, 0).last_logits
+    two.prefill(tokens[:split], 0)
+    _close(two.prefill(tokens[split:], 0).last_logits, whole)
+    for t in (5, 6):
+        _close(two.decode([t], [0]), one.decode([t], [0]))
+
+
+def test_rows_at_different_positions_decode_in_one_call(model: HybridLM) -> None:
+    gpu, ref = _runners(model)
+    segs = [PrefillSeg(_tokens(n, seed=n), slot) for slot, n in enumerate((3, 8, 13))]
+    for runner in (gpu, ref):
+        runner.prefill_batch(segs)
+    for step in range(4):
+        _decode_both((gpu, ref), [7 + step, 0, 8, 9], [2, -1, 0, 1])
+
+
+def test_capture_and_restore_round_trip_the_mamba_states_and_the_kv(model: HybridLM) -> None:
+    gpu, ref = _runners(model)
+    tokens = _tokens(PROMPT, seed=4)
+    for runner in (gpu, ref):
+        runner.prefill(tokens, 0)
+        runner.decode([3], [0])
+    state, kv = gpu.capture(0), gpu.kv_source(0).read(0, PROMPT + 1)
+    gpu.decode([9], [0])  # slot 0 moves past the checkpoint (its table synced), then is reset
+    gpu.reset(0)
+    for slot in (0, 2):
+        gpu.restore(slot, state)
+        gpu.kv_sink(slot).append(kv)
+    assert gpu.position(0) == gpu.position(2) == PROMPT + 1
+    for t in (4, 5):
+        want, got = ref.decode([t], [0])[0], gpu.decode([t, t], [0, 2])
+        _close(got[0], want)
+        _close(got[1], want)
