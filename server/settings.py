@@ -30,6 +30,7 @@ ColdDType = Literal["fp16", "bf16", "fp32"]
 RemoteDType = Literal["fp8", "fp16", "bf16", "fp32"]
 RemoteCheckpoints = Literal["ends", "finish", "all"]
 StateDType = Literal["fp32", "bf16"]
+DecodeAhead = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["auto", "text", "json"]
 
@@ -66,6 +67,11 @@ class Settings(BaseSettings):
         ge=1,
         description="The same, in steps where some request is decoding: smaller keeps their inter-token "
         "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
+    )
+    decode_ahead: DecodeAhead = Field(
+        "auto",
+        description="Launch each decode step before the previous one's tokens reach the host, so that the "
+        "GPU computes while the host does the step's bookkeeping; auto: on CUDA.",
     )
     engine_process: bool = Field(
         False,

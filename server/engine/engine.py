@@ -67,6 +67,9 @@ class EngineConfig:
     max_slots: int  # live slots, at most the runner's
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
+    decode_ahead: bool | None = (
+        None  # launch the next decode before this one's tokens reach the host (None: on CUDA)
+    )
 
 
 class Engine:
@@ -86,8 +89,10 @@ class Engine:
             raise ValueError("max_slots exceeds the runner's live slots")
         self._runner, self._tokenizer, self._cache = runner, tokenizer, cache
         self._metrics: RequestMetrics = metrics if metrics is not None else _NoMetrics()
-        self._worker = ModelWorker(runner, cache, vocab_limit=tokenizer.vocab_size)
         cfg = self.config
+        self._worker = ModelWorker(
+            runner, cache, vocab_limit=tokenizer.vocab_size, decode_ahead=cfg.decode_ahead
+        )
         self._scheduler = Scheduler(
             SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget)
         )

@@ -232,7 +232,7 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
         metrics.set_model_info(model=settings.model_name, arch=loaded.arch, dtype=dtype, device=device.type)
     log.info(
         "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d (%d while decoding), "
-        "checkpoint interval %d, cache %s",
+        "checkpoint interval %d, decode ahead %s, cache %s",
         settings.model_name,
         device,
         dtype,
@@ -241,6 +241,7 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
         defaults.prefill_budget,
         defaults.decode_prefill_budget,
         defaults.checkpoint_interval,
+        settings.decode_ahead,
         "off" if cache is None else "on",
     )
     return Engine(
@@ -252,5 +253,6 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             max_slots=settings.max_num_seqs,
             prefill_budget=defaults.prefill_budget,
             decode_prefill_budget=defaults.decode_prefill_budget,
+            decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),
     )

@@ -79,9 +79,10 @@ class Seq:
             return frozenset()
         return frozenset(t for t in self.stop_ids if t < vocab)
 
-    def state_tokens(self) -> tuple[int, ...]:
-        """The tokens the slot's state covers once generation ended (the last sample is never fed)."""
-        return self.req.prompt_tokens + tuple(self.output[:-1])
+    def state_tokens(self, fed_last: bool = False) -> tuple[int, ...]:
+        """The tokens the slot's state covers once generation ended: all but the last sample, unless a
+        decode step computed ahead fed it too (`server.engine.ahead`)."""
+        return self.req.prompt_tokens + tuple(self.output if fed_last else self.output[:-1])
 
     def append(
         self,

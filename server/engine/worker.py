@@ -10,7 +10,9 @@
   every capture of a hybrid reads its KV prefix from the slot (`runner.kv_source`).
 - `execute(plan)`: prefill the planned chunks (capturing at the planned positions), decode one token
   for every decoding request in one batch, sample all rows at once, apply the stop rules and
-  capture the final state of each finished request.
+  capture the final state of each finished request. With decode ahead (`server.engine.ahead`; on by
+  default where the runner computes asynchronously, CUDA), the next step's decode of the sampled rows is
+  launched before their tokens are copied to the host, and the next `execute` takes its logits.
 
 The event loop never touches tensors and this worker never touches the scheduler: results go back
 as plain values (`Admitted`, `StepResult`).
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from cache.base import CheckpointCache
+from server.engine.ahead import Ahead, DecodeAhead
 from server.engine.prompt_logprobs import chunk_logprobs
 from server.engine.request import Seq
 from server.engine.sampler import (
@@ -55,14 +58,24 @@ class StepResult:
 
 class ModelWorker:
     def __init__(
-        self, runner: ModelRunner, cache: CheckpointCache | None, vocab_limit: int | None = None
+        self,
+        runner: ModelRunner,
+        cache: CheckpointCache | None,
+        vocab_limit: int | None = None,
+        *,
+        decode_ahead: bool | None = None,
     ) -> None:
+        """`decode_ahead`: launch each step's next decode before its tokens reach the host (None: where
+        the runner computes asynchronously)."""
         self.runner = runner
         self.cache = cache
         self.device = runner.device
         self.sampler = Sampler()
         self.counts = TokenCounts(runner.max_slots, runner.vocab, runner.device)
         self.vocab_limit = min(vocab_limit or runner.vocab, runner.vocab)
+        ahead = runner.computes_async if decode_ahead is None else decode_ahead
+        self.ahead = DecodeAhead(runner) if ahead else None
+        self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -133,7 +146,12 @@ class ModelWorker:
             if last is not None:
                 rows.append(seq)
                 logits.append(last.unsqueeze(0))
+        ahead, self._ahead = self._ahead, None
         decodes = [seq_of[e.request_id] for e in plan.decodes]
+        early, early_logits, decodes = ahead.take(decodes) if ahead is not None else ([], None, decodes)
+        if early_logits is not None:
+            logits.append(early_logits)
+            rows.extend(early)
         if decodes:
             try:
                 logits.append(self.runner.decode([s.output[-1] for s in decodes], [s.slot for s in decodes]))
@@ -150,7 +168,7 @@ class ModelWorker:
         apply each row's stop rules and finish capture, a failure there ending that row only."""
         sampled: list[tuple[Seq, Sampled]] = []
         try:
-            sampled = list(zip(rows, self._sample(rows, logits), strict=True))
+            out = self._sample_device(rows, logits)
         except Exception:
             log.exception("batched sampling failed; sampling row by row")
             for i, seq in enumerate(rows):
@@ -159,6 +177,12 @@ class ModelWorker:
                 except Exception as exc:
                     log.exception("sampling failed", extra={"request_id": seq.request_id})
                     result.errors.append((seq, exc))
+        else:  # the copy to the host is queued before the step launched ahead, which it need not wait for
+            host = _HostCopy(out)
+            launched = self.ahead.launch(rows, out.tokens) if self.ahead is not None else None
+            sampled = list(zip(rows, host.wait(), strict=True))
+            if launched is not None:
+                self._ahead = launched.resolve([token for _, (token, _, _) in sampled])
         now = time.monotonic()
         for seq, (token, logprob, top) in sampled:
             try:
@@ -259,6 +283,10 @@ class ModelWorker:
 
     def _sample(self, rows: list[Seq], logits: Tensor) -> list[Sampled]:
         """logits (b, v): one (token, logprob, top logprobs) per row. Mutates no request."""
+        return _HostCopy(self._sample_device(rows, logits)).wait()
+
+    def _sample_device(self, rows: list[Seq], logits: Tensor) -> SampleOutput:
+        """logits (b, v): the rows' samples, on the device (the token counts of penalised rows updated)."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
         params = [s.req.params for s in rows]
@@ -271,8 +299,7 @@ class ModelWorker:
         out = self.sampler.sample(logits, batch, counts, prompt)
         if batch.use_penalties:  # a 0/1 weight per row, on the device: no host-side row selection
             self.counts.add(slots, out.tokens, weights=penalised_rows(batch))
-        tokens = out.tokens.tolist()  # the step's one host sync
-        return [(t, lp, top) for t, (lp, top) in zip(tokens, _host_logprobs(out, len(rows)), strict=True)]
+        return out
 
     def _finish_row(
         self,
@@ -292,15 +319,38 @@ class ModelWorker:
 
     def _capture_finish(self, seq: Seq) -> None:
         try:
-            state = self.runner.capture(seq.slot)
+            state = self.runner.capture(seq.slot)  # queued after a step launched ahead: it sees its write
         except Exception:
             log.exception("reading the final state failed", extra={"request_id": seq.request_id})
             return
-        self._capture(seq, seq.state_tokens(), state, "finish")
+        fed = self._ahead is not None and self._ahead.fed(seq)
+        self._capture(seq, seq.state_tokens(fed_last=fed), state, "finish")
+
+
+class _HostCopy:
+    """A step's samples copied to the host: queued at once (non-blocking on CUDA, into pinned memory), so
+    that work queued afterwards (a decode launched ahead) is not waited for by `wait`, the step's one sync."""
+
+    def __init__(self, out: SampleOutput) -> None:
+        cuda = out.tokens.device.type == "cuda"
+        move = lambda t: t.to("cpu", non_blocking=True) if cuda and t is not None else t
+        self.out = SampleOutput(
+            move(out.tokens), move(out.logprobs), move(out.top_ids), move(out.top_logprobs)
+        )
+        self.done = torch.cuda.Event() if cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def wait(self) -> list[Sampled]:
+        if self.done is not None:
+            self.done.synchronize()
+        out = self.out
+        tokens = out.tokens.tolist()
+        return [(t, lp, top) for t, (lp, top) in zip(tokens, _host_logprobs(out, len(tokens)), strict=True)]
 
 
 def _host_logprobs(out: SampleOutput, rows: int) -> list[tuple[float | None, tuple[TopLogprob, ...]]]:
-    """Per row: (logprob of the chosen token, its top alternatives), copied to the host at once."""
+    """Per row: (logprob of the chosen token, its top alternatives), as Python values."""
     if out.logprobs is None:
         return [(None, ())] * rows
     chosen = out.logprobs.tolist()

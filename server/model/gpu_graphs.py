@@ -139,6 +139,10 @@ class InputStager:
         self._flip = 1 - k
         return self.slices(bucket)
 
+    def skip(self, n: int, token_ids: Tensor) -> None:
+        """Make the staged rows whose token is in `token_ids` (device) padding, on the device."""
+        self.idx[:n].masked_fill_(torch.isin(self.tokens[:n], token_ids), -1)
+
 
 class DecodeGraphs:
     def __init__(self, step: StepFn, stager: InputStager, max_slots: int) -> None:
@@ -174,12 +178,14 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         return self._capturer.capture(lambda: self.step(tokens, idx), f"decode bucket {bucket}")
 
-    def run(self, tokens: Sequence[int] | Tensor, slots: Sequence[int]) -> Tensor:
-        """Stage the batch into the bucket's static inputs and replay (or run eagerly where the capture
-        failed); logits (bucket, v), static when replayed."""
+    def run(self, tokens: Sequence[int] | Tensor, slots: Sequence[int], skip: Tensor | None = None) -> Tensor:
+        """Stage the batch into the bucket's static inputs (rows whose token is in `skip`: padding) and
+        replay (or run eagerly where the capture failed); logits (bucket, v), static when replayed."""
         bucket = self.bucket(len(slots))
         captured = self._ensure(bucket)
         staged = self.stager.stage(tokens, slots, bucket)
+        if skip is not None:
+            self.stager.skip(len(slots), skip)
         if captured is None:
             return self.step(*staged)
         graph, logits = captured

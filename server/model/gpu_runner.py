@@ -237,6 +237,10 @@ class GpuModelRunner(ModelRunner):
     def _pinned(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def computes_async(self) -> bool:
+        return self.device.type == "cuda"
+
     # ---- decode ----------------------------------------------------------------------------------
 
     def _step(self, tokens: Tensor, idx: Tensor) -> Tensor:
@@ -256,8 +260,11 @@ class GpuModelRunner(ModelRunner):
             raise IndexError(f"slot index out of range [0, {self.max_slots})")
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
-        """One token for each slot; slot -1 is padding. Returns logits (b, v) fp32.
+    def decode(
+        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
+    ) -> Tensor:
+        """One token for each slot; slot -1 is padding, and so is a row whose token is in `skip` (device
+        token ids, masked on the device). Returns logits (b, v) fp32 (a padding row's: meaningless).
 
         `tokens` may be a device tensor (no host round trip); `slots` are checked on the host."""
         slot_list = slots.tolist() if isinstance(slots, Tensor) else [int(s) for s in slots]
@@ -269,13 +276,15 @@ class GpuModelRunner(ModelRunner):
             return torch.zeros(0, self.vocab, device=self.device)
         if count > self.stager.capacity:
             return torch.cat(
-                [self.decode(tokens[i : i + 256], slot_list[i : i + 256]) for i in range(0, count, 256)]
+                [self.decode(tokens[i : i + 256], slot_list[i : i + 256], skip) for i in range(0, count, 256)]
             )
         if self.graphs is not None:
-            logits = self.graphs.run(tokens, slot_list)
+            logits = self.graphs.run(tokens, slot_list, skip)
         else:
             bucket = count
             tok, idx = self.stager.stage(tokens, slot_list, bucket)
+            if skip is not None:
+                self.stager.skip(count, skip)
             logits = self._step(tok, idx)
         return logits[:count, : self.vocab].clone()
 

@@ -120,9 +120,12 @@ class HybridRunner(ModelRunner):
         return logits[0]
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
-        """One token for each slot (slot -1: padding) -> logits (b, v) fp32; one pass per distinct position."""
-        slot_t, tok_t, valid = self._decode_rows(tokens, slots)
+    def decode(
+        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
+    ) -> Tensor:
+        """One token for each slot (slot -1 or a token in `skip`: padding) -> logits (b, v) fp32; one pass
+        per distinct position."""
+        slot_t, tok_t, valid = self._decode_rows(tokens, slots, skip)
         logits = torch.zeros(slot_t.shape[0], self.vocab, device=self.device)
         slot_list = slot_t.tolist()  # one host copy, not one per row
         rows = [r for r, ok in enumerate(valid.tolist()) if ok]

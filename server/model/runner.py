@@ -125,6 +125,12 @@ class ModelRunner:
         self.max_slots = max_slots
         self.pool = StatePool(config, max_slots, dtype, self.device, ssm_dtype=state_dtype)
 
+    @property
+    def computes_async(self) -> bool:
+        """Whether a call returns before the device has computed it (CUDA), so that the engine gains by
+        launching the next decode step before this one's tokens reach the host (decode ahead)."""
+        return False
+
     # ---- state handoff -------------------------------------------------------------------------
 
     def state_spec(self) -> StateSpec:
@@ -301,9 +307,13 @@ class ModelRunner:
     # ---- decode -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor) -> Tensor:
-        """One token for each slot; slot -1 is padding. Returns logits (b, v) fp32."""
-        slot_t, tok_t, valid = self._decode_rows(tokens, slots)
+    def decode(
+        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
+    ) -> Tensor:
+        """One token for each slot; slot -1 is padding, and so is a row whose token is in `skip` (a device
+        tensor of token ids: the engine's decode ahead leaves a row that sampled a stop id unfed). Returns
+        logits (b, v) fp32; a padding row's are zero."""
+        slot_t, tok_t, valid = self._decode_rows(tokens, slots, skip)
         live = slot_t[valid]
         logits = torch.zeros(slot_t.shape[0], self.vocab, device=self.device)
         if live.numel():
@@ -313,9 +323,10 @@ class ModelRunner:
         return logits
 
     def _decode_rows(
-        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor
+        self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """A decode batch checked: (slots (b,), tokens (b,), valid (b,) bool: the rows that are not padding)."""
+        """A decode batch checked: (slots (b,), tokens (b,), valid (b,) bool: the rows that are not padding,
+        nor skipped)."""
         slot_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         tok_t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if slot_t.shape != tok_t.shape or slot_t.dim() != 1:
@@ -326,4 +337,6 @@ class ModelRunner:
             raise ValueError("a slot appears twice in one decode batch")
         if live.numel() and int(live.max()) >= self.max_slots:
             raise IndexError(f"slot index out of range [0, {self.max_slots})")
+        if skip is not None:
+            valid &= ~torch.isin(tok_t, skip.to(self.device))
         return slot_t, tok_t, valid
