@@ -1,0 +1,117 @@
+"""GpuHybridRunner on a GPU: CUDA-graph decode equals eager decode, and both equal the torch HybridRunner
+(on the CPU, fp32) to TF32 / bf16 tolerance on tiny seeded hybrids (dense with partial RoPE, MoE without
+RoPE, parallel Mamba + attention); rows at different positions share one graph; a capture / restore round
+trip of Mamba states + KV; the factory's choice. Skipped without CUDA (conftest).
+
+    python -m pytest tests/gpu/test_gpu_hybrid_runner.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from server.model.gpu_hybrid_runner import GpuHybridRunner, make_hybrid_runner
+from server.model.hybrid import HybridLM
+from server.model.hybrid_loader import load_hybrid
+from server.model.hybrid_runner import HybridRunner
+from server.model.runner import PrefillSeg
+from tests.tiny_hybrids import VOCAB, tiny_hybrid
+
+pytestmark = pytest.mark.gpu
+PROMPT, STEPS, SLOTS, MAX_LEN, BLOCK = 21, 12, 4, 64, 8
+TOL = {"fp32": 2e-3, "bf16": 4e-2}  # relative norm: TF32 in mamba-ssm's kernels; bf16 weights and KV
+
+
+@pytest.fixture(scope="module", params=("bamba", "nemotron_h", "falcon_h1"))
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_hybrid(request.param, seed=5).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _ref(model_dir: Path) -> HybridRunner:
+    return HybridRunner(load_hybrid(model_dir)[1], SLOTS, max_model_len=MAX_LEN, block_size=BLOCK)
+
+
+def _gpu(model: HybridLM, graphs: bool = True) -> GpuHybridRunner:
+    return GpuHybridRunner(model, SLOTS, "cuda", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=graphs)
+
+
+def _cuda_model(model_dir: Path, dtype: str = "fp32") -> HybridLM:
+    return load_hybrid(model_dir, device="cuda", dtype=dtype)[1]
+
+
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prefill_and_graph_decode_match_the_torch_runner(model_dir: Path, dtype: str) -> None:
+    ref, gpu = _ref(model_dir), _gpu(_cuda_model(model_dir, dtype))
+    gpu.warmup()
+    tokens = _tokens(PROMPT + STEPS)
+    want, got = (
+        ref.prefill(tokens[:PROMPT], 2, all_logits=True),
+        gpu.prefill(tokens[:PROMPT], 2, all_logits=True),
+    )
+    assert got.all_logits is not None and want.all_logits is not None
+    assert _rel(got.all_logits, want.all_logits) < TOL[dtype]
+    for t in tokens[PROMPT:]:  # across KV blocks (24, 32)
+        assert _rel(gpu.decode([t], [2]), ref.decode([t], [2])) < TOL[dtype]
+    assert gpu.position(2) == PROMPT + STEPS
+    assert (
+        _rel(gpu.kv_source(2).read(0, PROMPT + STEPS), ref.kv_source(2).read(0, PROMPT + STEPS)) < TOL[dtype]
+    )
+
+
+def test_graph_decode_equals_eager_decode(model_dir: Path) -> None:
+    model = _cuda_model(model_dir)
+    graphed, eager = _gpu(model), _gpu(model, graphs=False)
+    graphed.warmup()
+    assert graphed.graphs is not None and all(g is not None for g in graphed.graphs._graphs.values())
+    segs = [PrefillSeg(_tokens(n, seed=n), slot) for slot, n in enumerate((3, 8, 17))]
+    for runner in (graphed, eager):
+        runner.prefill_batch(segs)
+    for step in range(STEPS):  # rows at three positions (and a padding row) in one bucket-4 graph
+        tokens, slots = [5 + step, 0, 7, 9], [1, -1, 2, 0]
+        got, want = graphed.decode(tokens, slots), eager.decode(tokens, slots)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not got[1].any()
+
+
+def test_rows_at_different_positions_equal_each_row_alone(model_dir: Path) -> None:
+    model = _cuda_model(model_dir)
+    batched, alone = _gpu(model), _gpu(model)
+    prompts = [_tokens(n, seed=n) for n in (4, 9, 16)]
+    for runner in (batched, alone):
+        runner.prefill_batch([PrefillSeg(p, slot) for slot, p in enumerate(prompts)])
+    for step in range(4):
+        got = batched.decode([1 + step, 2 + step, 3 + step], [2, 0, 1])
+        for row, slot in enumerate((2, 0, 1)):
+            assert _rel(got[row], alone.decode([row + 1 + step], [slot])[0]) < 1e-4
+
+
+def test_capture_and_restore_round_trip(model_dir: Path) -> None:
+    gpu = _gpu(_cuda_model(model_dir))
+    gpu.prefill(_tokens(PROMPT, seed=3), 0)
+    gpu.decode([4], [0])
+    state, kv = gpu.capture(0), gpu.kv_source(0).read(0, PROMPT + 1)
+    gpu.restore(3, state)
+    gpu.kv_sink(3).append(kv)
+    for t in (6, 7, 8):
+        logits = gpu.decode([t, t], [0, 3])
+        assert _rel(logits[1], logits[0]) < 1e-5
+
+
+def test_the_factory_picks_the_gpu_runner_on_cuda(model_dir: Path) -> None:
+    runner = make_hybrid_runner(_cuda_model(model_dir), 2, "cuda", max_model_len=32)
+    assert isinstance(runner, GpuHybridRunner) and runner.max_model_len == 32
