@@ -175,8 +175,8 @@ class LoadedModel:
 def load_runner(
     settings: Settings, model_dir: Path, device: torch.device, dtype: str, state_dtype: torch.dtype
 ) -> LoadedModel:
-    """The model in `model_dir` and its runner: a hybrid's (`HybridRunner`, torch path, its KV reserved for
-    `--max-model-len` tokens per slot) or a pure SSM's (GPU kernels and CUDA graphs when available)."""
+    """The model in `model_dir` and its runner: a hybrid's (its KV reserved for `--max-model-len` tokens per
+    slot) or a pure SSM's; either on the GPU kernels with CUDA graphs when available, else the torch path."""
     from server.model.gpu_runner import make_runner
     from server.model.hybrid_config import hybrid_arch
     from server.model.loader import load_model, read_raw_config
@@ -185,17 +185,19 @@ def load_runner(
         config, model = load_model(model_dir, device=device, dtype=dtype)
         runner = make_runner(model, settings.max_num_seqs, device, state_dtype=state_dtype)
         return LoadedModel(runner, config.arch, config.chunk_size if config.arch == "mamba2" else 1)
+    from server.model.gpu_hybrid_runner import make_hybrid_runner
     from server.model.hybrid_loader import load_hybrid
-    from server.model.hybrid_runner import DEFAULT_MAX_MODEL_LEN, HybridRunner
+    from server.model.hybrid_runner import DEFAULT_MAX_MODEL_LEN
 
     cfg, hybrid = load_hybrid(model_dir, device=device, dtype=dtype)
     max_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
-    hybrid_runner = HybridRunner(
+    hybrid_runner = make_hybrid_runner(
         hybrid, settings.max_num_seqs, device, max_model_len=max_len, state_dtype=state_dtype
     )
     kv = hybrid_runner.kv
     log.info(
-        "hybrid KV pool: %d blocks of %d tokens, %s (%d tokens per slot, --max-model-len)",
+        "%s, KV pool: %d blocks of %d tokens, %s (%d tokens per slot, --max-model-len)",
+        type(hybrid_runner).__name__,
         kv.allocator.num_blocks,
         kv.block_size,
         format_bytes(kv.allocator.num_blocks * kv.block_bytes),
@@ -208,6 +210,7 @@ def load_runner(
 def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> Engine:
     """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
     from server.model.defaults import pick_device
+    from server.model.gpu_hybrid_runner import GpuHybridRunner
     from server.model.gpu_runner import GpuModelRunner
     from server.model.loader import resolve_model_dir
     from server.model.state import STATE_DTYPES
@@ -219,7 +222,7 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
     state_dtype = STATE_DTYPES[settings.state_dtype]
     loaded = load_runner(settings, model_dir, device, dtype, state_dtype)
     runner = loaded.runner
-    if isinstance(runner, GpuModelRunner):
+    if isinstance(runner, GpuModelRunner | GpuHybridRunner):
         runner.warmup()  # capture the graphs before serving, not inside the first requests
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
     chunk = loaded.chunk
