@@ -51,6 +51,7 @@ class Sample:
     end: float = 0.0
     text: str = ""
     tag: str = ""
+    cached_tokens: int = 0  # of prompt_tokens, served from a checkpoint (usage.prompt_tokens_details)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -167,6 +168,8 @@ async def stream(
             if chunk.get("usage"):
                 sample.prompt_tokens = chunk["usage"]["prompt_tokens"]
                 sample.completion_tokens = chunk["usage"]["completion_tokens"]
+                details = chunk["usage"].get("prompt_tokens_details") or {}
+                sample.cached_tokens = int(details.get("cached_tokens") or 0)
             text.append(chunk_text(chunk))
             if has_token(chunk):
                 if last is None:
