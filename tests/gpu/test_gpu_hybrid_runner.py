@@ -23,7 +23,9 @@ from tests.tiny_hybrids import VOCAB, tiny_hybrid
 
 pytestmark = pytest.mark.gpu
 PROMPT, STEPS, SLOTS, MAX_LEN, BLOCK = 21, 12, 4, 64, 8
-TOL = {"fp32": 2e-3, "bf16": 4e-2}  # relative norm: TF32 in mamba-ssm's kernels; bf16 weights and KV
+# relative norm against the CPU's fp32: TF32 in mamba-ssm's prefill kernels; bf16 weights, states and KV
+# (the torch path in bf16 drifts up to 0.036 from fp32 over these 12 steps on nemotron_h)
+TOL = {"fp32": 5e-3, "bf16": 1e-1}
 
 
 @pytest.fixture(scope="module", params=("bamba", "nemotron_h", "falcon_h1"))
