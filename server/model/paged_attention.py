@@ -124,14 +124,15 @@ def decode_attention(
     _check(pages, tables, kv_heads, dh)
     assert q.stride(-1) == 1 and n_heads % kv_heads == 0
     group = n_heads // kv_heads
+    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(dh)
+    warps = 4 if block_g * block_n * block_d <= 8192 else 8  # the (G, N, D) products live in registers
     out = torch.empty(b, n_heads, dh, dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(b, kv_heads)](
         q, pages, idx, pos, tables, out,
         dh, group, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2), pages.stride(3), tables.stride(0),
-        BLOCK_SIZE=pages.shape[2], BLOCK_N=block_n, BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_D=triton.next_power_of_2(dh),
+        BLOCK_SIZE=pages.shape[2], BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -19,6 +19,7 @@ from server.model.hybrid import HybridLM
 from server.model.hybrid_loader import load_hybrid
 from server.model.hybrid_runner import HybridRunner
 from server.model.runner import PrefillSeg
+from tests.gpu import paged_cases
 from tests.tiny_hybrids import VOCAB, tiny_hybrid
 
 pytestmark = pytest.mark.gpu
@@ -54,6 +55,16 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
 def _rel(a: Tensor, b: Tensor) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 128, 16), (64, 8, 128, 16), (24, 8, 64, 32)])
+def test_decode_attention_kernels_equal_sdpa_in_bf16(shape: tuple[int, int, int, int]) -> None:
+    """Published shapes (GQA groups of 4 and 8, head dim 128), contexts past a thousand tokens."""
+
+    def close(a: Tensor, b: Tensor) -> None:
+        assert _rel(a, b) < 2e-2
+
+    paged_cases.check_decode_attention(shape, [1, 17, 1200, 512], close, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

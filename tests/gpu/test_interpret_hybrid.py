@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from server.model.gpu_hybrid_runner import GpuHybridRunner
 from server.model.hybrid import HybridLM
 from server.model.hybrid_loader import load_hybrid
 from server.model.hybrid_runner import HybridRunner
 from server.model.runner import ModelRunner, PrefillSeg
+from tests.gpu import paged_cases
 from tests.gpu.test_interpret import _close, _cpu_device_context  # noqa: F401 (an autouse fixture)
 from tests.tiny_hybrids import VOCAB, tiny_hybrid
 
@@ -32,45 +31,10 @@ PROMPT, STEPS, SLOTS, MAX_LEN, BLOCK = 19, 10, 3, 48, 8
 # ---- kernels -----------------------------------------------------------------------------------
 
 
-def _paged(lengths: list[int], block: int, kv: int, dh: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """A pool (N, 2, s, kv, dh) holding each row's keys and values (2, n, kv, dh) of [0, n) in shuffled
-    blocks, and the (rows, M) int32 block tables."""
-    torch.manual_seed(0)
-    per_row = [-(-n // block) for n in lengths]
-    order = torch.randperm(sum(per_row) + 2).tolist()  # two blocks no row uses
-    pages = torch.randn(len(order), 2, block, kv, dh)
-    tables = torch.zeros(len(lengths), max(per_row), dtype=torch.int32)
-    rows = []
-    for r, n in enumerate(lengths):
-        ids = [order.pop() for _ in range(per_row[r])]
-        tables[r, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        rows.append(pages[ids].transpose(0, 1).flatten(1, 2)[:, :n].clone())  # (2, n, kv, dh)
-    return pages, tables, rows
-
-
-@pytest.mark.parametrize("heads,kv,dh,block", [(4, 2, 12, 4), (8, 8, 16, 16), (6, 2, 8, 8)])
-def test_decode_attention_equals_sdpa_over_each_rows_prefix(heads: int, kv: int, dh: int, block: int) -> None:
-    from server.model import paged_attention as ops
-
-    lengths = [1, 7, 40, 16]  # the new token's position + 1: a row of one token, block-aligned, several tiles
-    pages, tables, rows = _paged(lengths, block, kv, dh)
-    b = len(lengths)
-    q, k, v = torch.randn(b + 1, heads, dh), torch.randn(b + 1, kv, dh), torch.randn(b + 1, kv, dh)
-    idx = torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32)  # row 4 is padding
-    pos = torch.tensor([n - 1 for n in lengths] + [5], dtype=torch.int32)
-    before = pages.clone()
-    ops.kv_append(k, v, pages, idx, pos, tables)
-    out = ops.decode_attention(q, pages, idx, pos, tables, 0.3)
-    for r, n in enumerate(lengths):
-        keys = torch.cat([rows[r][0, : n - 1], k[r : r + 1]])  # (n, kv, dh)
-        values = torch.cat([rows[r][1, : n - 1], v[r : r + 1]])
-        want = F.scaled_dot_product_attention(
-            q[r][:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=0.3, enable_gqa=True
-        )  # (q, 1, dh)
-        _close(out[r], want[:, 0])
-    assert not out[b].any()
-    changed = (pages != before).flatten(1).any(-1).nonzero().flatten().tolist()
-    assert sorted(changed) == sorted({int(tables[r, (n - 1) // block]) for r, n in enumerate(lengths)})
+@pytest.mark.parametrize("shape", [(4, 2, 12, 4), (8, 8, 16, 16), (6, 2, 8, 8)])
+def test_decode_attention_equals_sdpa_over_each_rows_prefix(shape: tuple[int, int, int, int]) -> None:
+    # rows of one token, 7, several tiles, block-aligned
+    paged_cases.check_decode_attention(shape, [1, 7, 40, 16], _close, torch.float32, "cpu")
 
 
 # ---- the runner --------------------------------------------------------------------------------
