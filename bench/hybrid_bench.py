@@ -118,6 +118,7 @@ class Context:
     rep: Report
     out: Path
     results: dict[str, Any] = field(default_factory=dict)
+    attempted: set[str] = field(default_factory=set)
 
     def save(self) -> None:
         self.out.write_text(json.dumps(self.results, indent=1, default=str))
@@ -130,8 +131,8 @@ class Context:
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[bool]:
         """Yields whether step `name` runs: selected, and fitting before the deadline by its estimate. A
-        step that fails is noted (with its traceback on stderr) and the run goes on."""
-        if not self.selected(name):
+        step that fails is noted (with its traceback on stderr) and the run goes on. A step runs once."""
+        if not self.selected(name) or name in self.attempted:
             yield False
             return
         left = self.budget.deadline - time.perf_counter()
@@ -141,6 +142,7 @@ class Context:
             )
             yield False
             return
+        self.attempted.add(name)
         try:
             with e2e.timed(name):
                 yield True
@@ -413,21 +415,27 @@ def serve_steps(ctx: Context, model_dir: Path, flag_sets: list[list[str]], hf_mo
 
 
 def run(ctx: Context, tmp: Path) -> None:
+    """The checkpoint, then the servers' steps (with `runner` among them), then `runner` alone if the
+    servers were not needed, did not fit, or failed before it."""
     with e2e.timed("checkpoint written"):
         model_dir, hf_model = write_hybrid(tmp / ctx.args.shape, ctx.args.shape)
     flag_sets = [server_flags(ctx.plan, ctx.args.cache_args, cache) for cache in (True, False)]
     header(ctx, model_dir, flag_sets)
     left, serve = ctx.budget.deadline - time.perf_counter(), ctx.plan.estimates["serve"]
-    if ctx.args.sections <= {"runner"} or left < serve:
-        if not ctx.args.sections <= {"runner"}:
+    if not ctx.args.sections <= {"runner"}:
+        if left < serve:
             ctx.note(
                 f"skipped the servers: {left:.0f} s left before --deadline, starting them takes ~{serve:.0f} s"
             )
-        with ctx.step("runner") as go:
-            if go:
-                run_runner(ctx, model_dir, hf_model)
-        return
-    serve_steps(ctx, model_dir, flag_sets, hf_model)
+        else:
+            try:
+                serve_steps(ctx, model_dir, flag_sets, hf_model)
+            except Exception as exc:  # the servers did not start, or a request outside a step failed
+                traceback.print_exc()
+                ctx.note(f"serving failed: {type(exc).__name__}: {exc}")
+    with ctx.step("runner") as go:
+        if go:
+            run_runner(ctx, model_dir, hf_model)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

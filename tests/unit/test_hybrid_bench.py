@@ -119,3 +119,13 @@ def test_a_step_past_the_deadline_is_skipped_with_a_note(tmp_path: Path) -> None
     text, results = _run(tmp_path / "bench.json", "--sections", "runner", "--deadline", "1")
     assert any(note.startswith("skipped runner:") for note in results["notes"])
     assert "_skipped runner:" in text and "runner" not in results
+
+
+@pytest.mark.slow
+def test_servers_that_fail_to_start_are_noted_and_the_runner_still_runs(tmp_path: Path) -> None:
+    text, results = _run(
+        tmp_path / "bench.json", "--sections", "followup,runner", "--cache-args=--no-such-flag"
+    )
+    assert any(note.startswith("serving failed:") for note in results["notes"])
+    assert "runner" in results and "followup" not in results
+    assert "### decode" in text
