@@ -2,7 +2,9 @@
 the paged decode-attention kernels against SDPA, and `GpuHybridRunner` (built on the CPU, without CUDA
 graphs) against the torch `HybridRunner` on tiny seeded hybrids of every architecture: prefill logits,
 decode over many steps, split prefill + decode, rows at different positions in one decode, a capture /
-restore round trip of the Mamba states and the KV.
+restore round trip of the Mamba states and the KV; and the engine on it (a follow-up turn resumed from a
+checkpoint generates what the torch engine does). The engine test needs, besides test_interpret.py's venv,
+the server's own dependencies there (redis, prometheus_client, pydantic-settings at the project's versions).
 
     TRITON_INTERPRET=1 /tmp/tvenv/bin/python -m pytest tests/gpu/test_interpret_hybrid.py -q
 
@@ -11,6 +13,8 @@ test_interpret.py.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
@@ -115,3 +119,31 @@ def test_capture_and_restore_round_trip_the_mamba_states_and_the_kv(model: Hybri
         want, got = ref.decode([t], [0])[0], gpu.decode([t, t], [0, 2])
         _close(got[0], want)
         _close(got[1], want)
+
+
+# ---- through the engine ------------------------------------------------------------------------
+
+
+async def test_the_engine_on_the_gpu_runner_resumes_and_matches_the_torch_engine(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_engine with GpuHybridRunner (CPU, no graphs) in place of the torch runner: a follow-up turn
+    resumes from a checkpoint (Mamba states and KV restored through kv_sink) and both turns generate what
+    the torch runner's cache-less engine does (greedy)."""
+    from server.engine import build_engine
+    from server.model import gpu_hybrid_runner
+    from tests.tiny_hybrids import make_chat_hybrid_dir
+    from tests.unit.engine import test_hybrid_engine as cases
+
+    model_dir = make_chat_hybrid_dir(tmp_path_factory.mktemp("engine"), "nemotron_h", seed=4)
+    plain = await asyncio.to_thread(build_engine, cases._settings(model_dir, no_cache=True), None)
+
+    def gpu_runner(model: HybridLM, slots: int, device: object, **kw: object) -> GpuHybridRunner:
+        return GpuHybridRunner(model, slots, "cpu", max_model_len=cases.MAX_LEN, use_graphs=False)
+
+    monkeypatch.setattr(gpu_hybrid_runner, "make_hybrid_runner", gpu_runner)
+    engine = await asyncio.to_thread(build_engine, cases._settings(model_dir), None)
+    assert isinstance(engine.runner, GpuHybridRunner)
+    answer, follow, last = await cases._conversation(engine)
+    assert last.cached_tokens > 37
+    assert (answer, follow) == (await cases._conversation(plain))[:2]
