@@ -86,6 +86,24 @@ def test_prefill_and_graph_decode_match_the_torch_runner(model_dir: Path, dtype:
     )
 
 
+def test_a_bf16_live_state_matches_the_torch_runners(model_dir: Path) -> None:
+    """--state-dtype bf16: the ssm state rounded to bf16 after every step on both paths."""
+    bf16 = torch.bfloat16
+    ref = HybridRunner(
+        load_hybrid(model_dir)[1], SLOTS, max_model_len=MAX_LEN, block_size=BLOCK, state_dtype=bf16
+    )
+    gpu = GpuHybridRunner(
+        _cuda_model(model_dir), SLOTS, "cuda", max_model_len=MAX_LEN, block_size=BLOCK, state_dtype=bf16
+    )
+    tokens = _tokens(PROMPT + 4, seed=6)
+    assert (
+        _rel(gpu.prefill(tokens[:PROMPT], 1).last_logits, ref.prefill(tokens[:PROMPT], 1).last_logits) < 2e-2
+    )
+    for t in tokens[PROMPT:]:
+        assert _rel(gpu.decode([t], [1]), ref.decode([t], [1])) < 2e-2
+    assert gpu.capture(1)["ssm"].dtype == bf16
+
+
 def test_graph_decode_equals_eager_decode(model_dir: Path) -> None:
     model = _cuda_model(model_dir)
     graphed, eager = _gpu(model), _gpu(model, graphs=False)
