@@ -4,9 +4,11 @@
                                  [--sections followup,bytes,runner] [--deadline SECONDS]
                                  [--cache-args "--hot-bytes 4GiB ..."] [--out FILE.json]
 
-On one H200, from the repo root (`. scripts/device_env.sh` first; no network needed):
+On one H200, from the repo root, in one call of at most 600 s (no network needed; the deadline leaves room
+for device_env, a step that overruns its estimate and the servers' stops):
 
-    HF_HUB_OFFLINE=1 python -m bench.hybrid_bench --deadline 480 --out $OUT/hybrid_bench.json
+    . scripts/device_env.sh && HF_HUB_OFFLINE=1 python3 -m bench.hybrid_bench --deadline 450 \
+        --out $OUT/hybrid_bench.json
 
 A random-weight `GraniteMoeHybridForCausalLM` of Granite-4.0-H-Micro's published shape (`bench.hybrid_model`;
 the demo tokenizer's 4,096-token vocab instead of 100,352) is written as a Hugging Face checkpoint, then
@@ -28,12 +30,13 @@ before `--deadline` (else it is skipped with a note):
   long      the 32k conversation on the --no-cache server (its cache side is the `bytes` one).
 Tables are printed and appended, as measured, to the markdown file next to `--out`; `--out` gets every
 number as JSON, rewritten after each step, so that a run cut short keeps what it measured.
-`--shape tiny --plan smoke` runs it all on CPU in about a minute (tests/unit/test_hybrid_bench.py).
+`--shape tiny --plan smoke` runs it all on CPU in about half a minute (tests/unit/test_hybrid_bench.py).
+`bench.hybrid_model` writes the model and measures in process; `bench.hybrid_serving` is the HTTP side.
 
 Expected on one H200, not yet measured: writing the 3B checkpoint ~40 s, both servers up and warm ~60-90 s,
 followup ~40 s, bytes ~30 s, runner ~120 s (two loads, Triton autotuning of transformers' mamba_ssm
-kernels when they import), long ~40 s: about 6-7 minutes with stops; `--deadline 480` skips what would
-not fit in a 600 s call.
+kernels when they import, or the torch reference's 8k prefill), long ~30 s: about 6 minutes with the
+stops; `--deadline 450` skips what would not fit in a 600 s call.
 """
 
 from __future__ import annotations
@@ -54,16 +57,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench import e2e_bench as e2e
 from bench._common import Report, Texts, ms, ratio
 from bench.hybrid_model import PUBLISHED_VOCAB, SHAPES, Numbers, model_dtype, write_hybrid
+from bench.hybrid_serving import Served, bytes_table, checkpoint_bytes, followup_tables, hybrid_cfg
 
-STEPS = ("followup", "bytes", "runner", "long")
 SECTIONS = ("followup", "bytes", "runner")  # `long` runs with followup or bytes
-TIERS = ("hot", "cold", "disk")
 # The long conversation's seed. Texts of one seed share their first tokens whatever their length, so the
 # long conversation's seed is no short one's: its first turn is a miss, and its KV blocks are its own.
 LONG_SEED = 1000
@@ -159,15 +158,6 @@ class Context:
 # ---- (b) follow-up TTFT and (c) bytes, over HTTP ---------------------------------------------------
 
 
-@dataclass
-class Served:
-    cache: e2e.Server
-    plain: e2e.Server
-    texts: Texts
-    on: e2e.Runs = field(default_factory=dict)  # (length, seed) -> turns on the cache server
-    off: e2e.Runs = field(default_factory=dict)  # ... on the --no-cache server
-
-
 def server_flags(plan: Plan, cache_args: str, cache: bool) -> list[str]:
     length = str(plan.max_model_len)
     flags = [
@@ -183,142 +173,23 @@ def server_flags(plan: Plan, cache_args: str, cache: bool) -> list[str]:
     return [*flags, "--shutdown-grace", "1", *(shlex.split(cache_args) if cache else ["--no-cache"])]
 
 
-def talk(ctx: Context, served: Served, length: int, seed: int, cache: bool) -> e2e.Turns:
-    server = served.cache if cache else served.plain
-    turns = e2e.conversation(server, served.texts, ctx.plan.e2e(), length, seed)
-    (served.on if cache else served.off)[(length, seed)] = turns
-    return turns
+def step_followup(plan: Plan, served: Served) -> None:
+    for length in plan.short_lengths:
+        for seed in range(plan.repeats):
+            served.talk(length, seed, cache=True)
+            served.talk(length, seed, cache=False)
 
 
-def step_followup(ctx: Context, served: Served) -> None:
-    for length in ctx.plan.short_lengths:
-        for seed in range(ctx.plan.repeats):
-            talk(ctx, served, length, seed, cache=True)
-            talk(ctx, served, length, seed, cache=False)
-
-
-def tier_metrics(url: str) -> dict[str, dict[str, float]]:
-    """tssc_state_cache_{bytes,kv_bytes,checkpoints} per tier, from one /metrics read."""
-    names = {
-        "tssc_state_cache_bytes": "bytes",
-        "tssc_state_cache_kv_bytes": "kv",
-        "tssc_state_cache_checkpoints": "n",
-    }
-    out: dict[str, dict[str, float]] = {t: {"bytes": 0.0, "kv": 0.0, "n": 0.0} for t in TIERS}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        for sample in family.samples:
-            tier = sample.labels.get("tier", "")
-            if sample.name in names and tier in out:
-                out[tier][names[sample.name]] += float(sample.value)
-    return out
-
-
-def hybrid_cfg(model_dir: Path) -> Any:
-    """The model's config as the server reads it (`HybridConfig`: layer kinds, attention heads)."""
-    from server.model.hybrid_archs import hybrid_config
-    from server.model.hybrid_config import hybrid_arch
-    from server.model.loader import read_raw_config
-
-    raw = read_raw_config(model_dir)
-    arch = hybrid_arch(raw)
-    assert arch is not None, f"{model_dir} is not a hybrid"
-    return hybrid_config(raw, arch)
-
-
-def kv_token_bytes(model_dir: Path) -> int:
-    """Attention KV bytes per token in the model dtype: attention layers x 2 x kv heads x head dim x size."""
-    cfg = hybrid_cfg(model_dir)
-    return cfg.n_attention * 2 * cfg.attention.n_kv_heads * cfg.attention.head_dim * model_dtype().itemsize
-
-
-def step_bytes(ctx: Context, served: Served, model_dir: Path) -> dict[str, Any]:
-    """The long conversation on the cache server, and what its checkpoints hold per tier."""
-    length, url = ctx.plan.long_length, served.cache.url
-    before = tier_metrics(url)
-    talk(ctx, served, length, LONG_SEED, cache=True)
-    after = tier_metrics(url)
-    info = httpx.get(f"{url}/v1/sessions/e2e-{length}-{LONG_SEED}", timeout=30).json()
-    per_token = kv_token_bytes(model_dir)
-    tiers = {}
-    for tier in TIERS:
-        positions = [cp["position"] for cp in info["checkpoints"] if tier in cp["tiers"]]
-        kv = int(after[tier]["kv"] - before[tier]["kv"])
-        state = int(after[tier]["bytes"] - before[tier]["bytes"]) - kv
-        full = int(info["bytes"].get(tier, 0)) - state  # every checkpoint's KV blocks counted in full
-        if positions:
-            tiers[tier] = {
-                "checkpoints": len(positions), "positions": positions, "state_bytes": state, "kv_bytes": kv,
-                "kv_full_copy_bytes": full, "kv_positions_x_token_bytes": sum(positions) * per_token,
-            }  # fmt: skip
-    return {"conversation_tokens": length, "kv_token_bytes": per_token, "tiers": tiers}
-
-
-def step_long(ctx: Context, served: Served) -> None:
-    key = (ctx.plan.long_length, LONG_SEED)
+def step_long(plan: Plan, served: Served) -> None:
+    key = (plan.long_length, LONG_SEED)
     if key not in served.on:
-        talk(ctx, served, *key, cache=True)
-    talk(ctx, served, *key, cache=False)
+        served.talk(*key, cache=True)
+    served.talk(*key, cache=False)
 
 
 # ---- tables ---------------------------------------------------------------------------------------
 
-BYTES_HEADER = ["tier", "checkpoints", "deepest position", "SSM state", "KV stored (blocks shared)",
-                "KV, a full copy per checkpoint", "full copies / stored",
-                "sum of position x KV per token (model dtype)",
-                "all stored", "all, with full KV copies"]  # fmt: skip
 RUNNER_HEADER = ["measure", "ours", "transformers", "ours vs transformers"]
-
-
-def fmt_bytes(n: float) -> str:
-    from server.engine.factory import format_bytes
-
-    return format_bytes(int(n))
-
-
-def bytes_rows(data: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for tier, t in data["tiers"].items():
-        state, kv, full = t["state_bytes"], t["kv_bytes"], t["kv_full_copy_bytes"]
-        rows.append([
-            tier, str(t["checkpoints"]), f"{max(t['positions']):,}", fmt_bytes(state), fmt_bytes(kv),
-            fmt_bytes(full), ratio(full, kv), fmt_bytes(t["kv_positions_x_token_bytes"]),
-            fmt_bytes(state + kv), fmt_bytes(state + full),
-        ])  # fmt: skip
-    return rows
-
-
-def followup_table(ctx: Context, served: Served) -> None:
-    on, off = served.on, served.off
-    rows = e2e.followup_rows(on, off, first=False)
-    for row, length in zip(rows, sorted({k[0] for k in on}), strict=True):
-        row += [_prefilled(on, length), _prefilled(off, length)]
-    title = f"follow-up turn (+{ctx.plan.followup_new} tokens) TTFT, state cache vs --no-cache"
-    extra = ["cache: tokens prefilled", "no-cache: tokens prefilled"]
-    ctx.rep.table(title, [*e2e.FOLLOWUP_HEADER, "speed-up", "runs", *extra], rows)
-    title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
-    ctx.rep.table(
-        title, [*e2e.FOLLOWUP_HEADER, "cache / no-cache", "runs"], e2e.followup_rows(on, off, first=True)
-    )
-    ctx.results["followup"] = {
-        f"{length}-{seed}-{'cache' if runs is on else 'no-cache'}": {
-            "first": _sample(t.first),
-            "followup": _sample(t.followup),
-        }
-        for runs in (on, off)
-        for (length, seed), t in runs.items()
-    }
-
-
-def _prefilled(runs: e2e.Runs, length: int) -> str:
-    """Median prompt tokens the follow-up turns of `length` prefilled (their prompt less the cached part)."""
-    counts = sorted(
-        t.followup.prompt_tokens - t.followup.cached_tokens for k, t in runs.items() if k[0] == length
-    )
-    return f"{counts[len(counts) // 2]:,}" if counts else "n/a"
-
-
-def _sample(s: Any) -> dict[str, Any]:
-    return {"ttft_s": s.ttft, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}
 
 
 def runner_rows(ours: Numbers, theirs: Numbers) -> list[list[str]]:
@@ -393,25 +264,26 @@ def run_runner(ctx: Context, model_dir: Path, hf_model: Any) -> None:
 def serve_steps(ctx: Context, model_dir: Path, flag_sets: list[list[str]], hf_model: Any) -> None:
     """The servers up for every step that needs them; `runner` in between, in this process."""
     with e2e.servers(model_dir, flag_sets, 1) as (cache, plain):
-        served = Served(cache, plain, Texts(model_dir))
+        served = Served(cache, plain, Texts(model_dir), ctx.plan.e2e())
         for server in (cache, plain):  # first requests: lazy initialisation and autotuning, untimed
             e2e.conversation(server, served.texts, ctx.plan.e2e(), ctx.plan.warm_tokens, 99)
         with ctx.step("followup") as go:
             if go:
-                step_followup(ctx, served)
+                step_followup(ctx.plan, served)
         with ctx.step("bytes") as go:
             if go:
-                ctx.results["bytes"] = data = step_bytes(ctx, served, model_dir)
-                title = f"checkpoint bytes of one {data['conversation_tokens']:,}-token conversation per tier"
-                ctx.rep.table(title, BYTES_HEADER, bytes_rows(data))
+                ctx.results["bytes"] = data = checkpoint_bytes(
+                    served, model_dir, ctx.plan.long_length, LONG_SEED
+                )
+                bytes_table(ctx.rep, data)
         with ctx.step("runner") as go:
             if go:
                 run_runner(ctx, model_dir, hf_model)
         with ctx.step("long") as go:
             if go:
-                step_long(ctx, served)
+                step_long(ctx.plan, served)
         if served.on:
-            followup_table(ctx, served)
+            ctx.results["followup"] = followup_tables(ctx.rep, served)
 
 
 def run(ctx: Context, tmp: Path) -> None:
@@ -449,7 +321,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cache-args", help="extra flags of the cache server (GPU default: 4GiB hot, 8GiB cold)"
     )
     parser.add_argument(
-        "--deadline", type=float, default=480.0, help="seconds; no step starts unless it fits"
+        "--deadline", type=float, default=450.0, help="seconds; no step starts unless it fits"
     )
     parser.add_argument("--commit", default="", help="the commit to print (default: git, else ./COMMIT)")
     parser.add_argument(
