@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -94,7 +93,6 @@ class GpuHybridRunner(HybridRunner):
             raise RuntimeError(f"GPU kernels unavailable: {self.kernels.summary()}")
         from server.model import gpu_ops, paged_attention
 
-        self.attn_ops: ModuleType = paged_attention
         blocks = list(model.layers())
         mixers = [b.mamba for b in blocks if b.mamba is not None]
         self.mamba = [mamba_gpu(m, self.kernels, gpu_ops, ssm_step, conv_prefill) for m in mixers]
@@ -268,9 +266,8 @@ class GpuHybridRunner(HybridRunner):
             seq = self.seqs[s]
             seq.lengths = [n + 1 for n in seq.lengths]
         out = logits[:count, : self.vocab].clone()
-        padding = [r for r, s in enumerate(slot_list) if s < 0]
-        if padding:
-            out[torch.tensor(padding, device=self.device)] = 0.0  # as the torch runner's
+        if len(live) < count:  # padding rows' logits are zeros, as the torch runner's (no host transfer)
+            out.masked_fill_((self.stager.idx[:count] < 0).unsqueeze(-1), 0.0)
         return out
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
