@@ -84,7 +84,7 @@ def _decode_attention_kernel(
     if slot < 0:
         tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=qd_mask)
         return
-    length = tl.load(pos_ptr + row).to(tl.int64) + 1
+    length = tl.load(pos_ptr + row).to(tl.int32) + 1  # an int32 loop bound
     q_ptrs = q_ptr + row * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=qd_mask, other=0.0).to(tl.float32) * scale  # (G, D)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
