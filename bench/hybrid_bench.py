@@ -83,11 +83,11 @@ class Plan:
     steps: int = 32  # decode: timed steps
     prefill_lengths: tuple[int, ...] = (2048, 8192)
     reps: int = 2
-    warm_tokens: int = 512
+    warm_tokens: int = 8192  # an untimed conversation first on each server: kernels tuned at prefill's shapes
     checkpoint_interval: int = 0  # 0: the server's default
     max_num_seqs: int = 2
     estimates: dict[str, float] = field(
-        default_factory=lambda: {"serve": 90, "followup": 40, "bytes": 30, "runner": 150, "long": 40}
+        default_factory=lambda: {"serve": 100, "followup": 40, "bytes": 30, "runner": 150, "long": 40}
     )
 
     @property
@@ -103,7 +103,7 @@ PLANS = {
     "full": Plan(),
     "smoke": Plan(
         short_lengths=(256,), repeats=1, long_length=512, followup_new=16, answer_tokens=4, batches=(1, 4),
-        prompt=16, steps=16, prefill_lengths=(128, 512), reps=2, warm_tokens=32, checkpoint_interval=64,
+        prompt=16, steps=8, prefill_lengths=(128, 512), reps=1, warm_tokens=32, checkpoint_interval=64,
         estimates={"serve": 30, "followup": 10, "bytes": 10, "runner": 20, "long": 10},
     ),
 }  # fmt: skip
@@ -257,6 +257,13 @@ def run_runner(ctx: Context, model_dir: Path, hf_model: Any) -> None:
         f"`{ours.name}` vs transformers `{theirs.name}`, same weights and device"
     )
     ctx.rep.table(title, RUNNER_HEADER, runner_rows(ours, theirs))
+    paths = ctx.results["header"]["transformers_paths"]
+    ctx.rep.write(
+        [
+            "",
+            f"transformers' kernels for the Mamba layers (a torch reference where its package is missing): {paths}",
+        ]
+    )
     for note in [*(f"ours: {n}" for n in ours.notes), *(f"transformers: {n}" for n in theirs.notes)]:
         ctx.note(note)
 
