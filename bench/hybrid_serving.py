@@ -3,6 +3,7 @@ the bytes a conversation's checkpoints take per tier, and the follow-up and byte
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ def tier_metrics(url: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def settled_metrics(url: str, tries: int = 20) -> dict[str, dict[str, float]]:
+    """`tier_metrics` once two reads 0.25 s apart agree (captures at a request's finish are booked after its
+    last chunk, and copies run on a side stream)."""
+    last = tier_metrics(url)
+    for _ in range(tries):
+        time.sleep(0.25)
+        now = tier_metrics(url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def hybrid_cfg(model_dir: Path) -> Any:
     """The model's config as the server reads it (`HybridConfig`: layer kinds, attention heads)."""
     from server.model.hybrid_archs import hybrid_config
@@ -72,9 +86,9 @@ def checkpoint_bytes(served: Served, model_dir: Path, length: int, seed: int) ->
     KV bytes stored (deltas of the tier metrics around it), the KV bytes that a full copy per checkpoint would
     take (session info counts each checkpoint's blocks in full), and sum of positions x KV bytes per token."""
     url = served.cache.url
-    before = tier_metrics(url)
+    before = settled_metrics(url)
     served.talk(length, seed, cache=True)
-    after = tier_metrics(url)
+    after = settled_metrics(url)
     info = httpx.get(f"{url}/v1/sessions/e2e-{length}-{seed}", timeout=30).json()
     per_token = kv_token_bytes(model_dir)
     tiers = {}
