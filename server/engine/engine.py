@@ -67,8 +67,9 @@ class EngineConfig:
     max_slots: int  # live slots, at most the runner's
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
+    short_prompt: int = 0  # while decoding, prompts this short are prefilled whole past that budget
     decode_ahead: bool | None = (
-        None  # launch the next decode before this one's tokens reach the host (None: on CUDA)
+        None  # launch the next decode before this one's tokens reach the host (None: CUDA)
     )
 
 
@@ -94,7 +95,7 @@ class Engine:
             runner, cache, vocab_limit=tokenizer.vocab_size, decode_ahead=cfg.decode_ahead
         )
         self._scheduler = Scheduler(
-            SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget)
+            SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget, cfg.short_prompt)
         )
         self._seqs: dict[str, Seq] = {}
         self._executor: ThreadPoolExecutor | None = None

@@ -32,6 +32,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+SHORT_PROMPT = 1023  # below GpuModelRunner.graph_row_min (1024): the rows of one eager padded pass
+
+
 @dataclass(frozen=True)
 class ServingDefaults:
     """Per-device defaults of the flags left unset. CPU: small prefill chunks keep decode steady on a few
@@ -42,6 +45,9 @@ class ServingDefaults:
     prefill_budget: int
     checkpoint_interval: int
     decode_prefill_budget: int  # the prefill budget of a step in which some request decodes
+    # prompts prefilled whole past that budget, within the full one: on CUDA those below the length at
+    # which a row runs alone as graph pieces, since shorter rows share one eager pass whatever their number
+    short_prompt: int = 0
 
     @classmethod
     def resolve(cls, settings: Settings, device: torch.device, chunk: int) -> ServingDefaults:
@@ -49,7 +55,7 @@ class ServingDefaults:
         budget = settings.prefill_budget or (8192 if cuda else 512)
         interval = settings.checkpoint_interval or (4096 if cuda else 256)
         decoding = settings.decode_prefill_budget or (min(budget, 2048) if cuda else budget)
-        return cls(budget, -(-interval // chunk) * chunk, decoding)
+        return cls(budget, -(-interval // chunk) * chunk, decoding, SHORT_PROMPT if cuda else 0)
 
 
 def build_cache(
@@ -256,6 +262,7 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             max_slots=settings.max_num_seqs,
             prefill_budget=defaults.prefill_budget,
             decode_prefill_budget=defaults.decode_prefill_budget,
+            short_prompt=defaults.short_prompt,
             decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),
     )

@@ -30,6 +30,11 @@ class SchedulerConfig:
     max_slots: int  # live slots (max_num_seqs)
     prefill_budget: int = 2048  # prompt tokens prefilled per step, over all entries
     decode_prefill_budget: int | None = None  # the same while some entry decodes (None: prefill_budget)
+    # While some entry decodes, prompts with at most this many tokens left are prefilled whole beyond the
+    # decode budget, up to `prefill_budget` in all (0: none). On the GPU such short rows share one eager
+    # pass whose launch cost does not grow with them, so splitting a burst of them over several steps
+    # multiplies that cost and every one's time to first token.
+    short_prompt: int = 0
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -38,6 +43,8 @@ class SchedulerConfig:
             raise ValueError("prefill_budget must be >= 1")
         if self.decode_prefill_budget is not None and self.decode_prefill_budget < 1:
             raise ValueError("decode_prefill_budget must be >= 1")
+        if self.short_prompt < 0:
+            raise ValueError("short_prompt must be >= 0")
 
     def budget(self, decoding: bool) -> int:
         """Prompt tokens a step may prefill, with or without entries decoding in it."""
@@ -145,17 +152,27 @@ class Scheduler:
         return admitted
 
     def plan(self) -> StepPlan:
-        """Prefill chunks (oldest first, within the step's budget) and the entries that decode."""
+        """Prefill chunks (oldest first, within the step's budget) and the entries that decode. Once the
+        budget is spent, a step with decodes still takes whole short prompts (`short_prompt`) while the
+        step's prefill stays within `prefill_budget`."""
+        cfg = self.config
         decodes = [e for e in self._running.values() if e.decoding]
-        budget = self.config.budget(decoding=bool(decodes))
+        budget = cfg.budget(decoding=bool(decodes))
+        short = cfg.short_prompt if decodes else 0
+        used = 0
         prefills: list[PrefillChunk] = []
         for entry in self._running.values():
-            if budget <= 0:
-                break
-            if not entry.decoding:
-                n = min(entry.remaining_prefill, budget)
-                prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
-                budget -= n
+            left = entry.remaining_prefill
+            if entry.decoding:
+                continue
+            if used < budget:
+                n = min(left, budget - used)
+            elif left <= short and used + left <= cfg.prefill_budget:
+                n = left
+            else:
+                continue
+            prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
+            used += n
         return StepPlan(tuple(prefills), tuple(decodes))
 
     def advance(self, entry: Entry, num_tokens: int) -> None:

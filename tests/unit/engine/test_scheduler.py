@@ -10,8 +10,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from server.engine.scheduler import Entry, Scheduler, SchedulerConfig
 
 
-def _make(max_slots: int = 2, budget: int = 16, decode_budget: int | None = None) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_slots, prefill_budget=budget, decode_prefill_budget=decode_budget))
+def _make(
+    max_slots: int = 2, budget: int = 16, decode_budget: int | None = None, short: int = 0
+) -> Scheduler:
+    config = SchedulerConfig(
+        max_slots, prefill_budget=budget, decode_prefill_budget=decode_budget, short_prompt=short
+    )
+    return Scheduler(config)
 
 
 def _run_step(s: Scheduler) -> None:
@@ -86,6 +91,26 @@ def test_the_decode_budget_caps_prefill_only_while_someone_decodes() -> None:
     assert [(c.entry.request_id, c.start, c.end) for c in plan.prefills] == [("b", 0, 9), ("c", 0, 1)]
 
 
+def test_short_prompts_ride_along_whole_beyond_the_decode_budget() -> None:
+    s = _make(max_slots=6, budget=10, decode_budget=4, short=3)
+    s.add(Entry("a", num_prompt=2))
+    _run_step(s)  # a decodes from now on
+    for rid, n in [("long", 5), ("big", 4), ("s1", 3), ("s2", 1)]:
+        s.add(Entry(rid, num_prompt=n))
+    assert [e.request_id for e in s.admit()] == ["long", "big", "s1"]  # backlog 12 >= 10: s2 waits
+    plan = s.plan()
+    # the decode budget goes to the oldest (a chunk of the long prompt); beyond it only whole short prompts
+    got = [(c.entry.request_id, c.start, c.end) for c in plan.prefills]
+    assert got == [("long", 0, 4), ("s1", 0, 3)]
+    s.finish("a")
+    plan = s.plan()  # nobody decodes: the full budget, chunked oldest first as ever
+    assert [(c.entry.request_id, c.end - c.start) for c in plan.prefills] == [
+        ("long", 5),
+        ("big", 4),
+        ("s1", 1),
+    ]
+
+
 def test_a_decode_budget_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="decode_prefill_budget"):
         SchedulerConfig(max_slots=1, prefill_budget=8, decode_prefill_budget=0)
@@ -139,10 +164,13 @@ class SlotMachine(RuleBasedStateMachine):
     """Random add / admit / step / finish / abort sequences never leak or double-book a slot."""
 
     @initialize(
-        max_slots=st.integers(1, 5), budget=st.integers(1, 20), decode_budget=st.none() | st.integers(1, 20)
+        max_slots=st.integers(1, 5),
+        budget=st.integers(1, 20),
+        decode_budget=st.none() | st.integers(1, 20),
+        short=st.integers(0, 8),
     )
-    def setup(self, max_slots: int, budget: int, decode_budget: int | None) -> None:
-        self.s = _make(max_slots, budget, decode_budget)
+    def setup(self, max_slots: int, budget: int, decode_budget: int | None, short: int) -> None:
+        self.s = _make(max_slots, budget, decode_budget, short)
         self.max_slots = max_slots
         self.next_id = 0
         self.known: list[str] = []
@@ -197,9 +225,18 @@ class SlotMachine(RuleBasedStateMachine):
 
     @invariant()
     def plan_respects_the_budget(self) -> None:
-        plan = self.s.plan()
-        budget = self.s.config.budget(decoding=bool(plan.decodes))
-        assert sum(c.end - c.start for c in plan.prefills) <= budget
+        plan, cfg = self.s.plan(), self.s.config
+        budget = cfg.budget(decoding=bool(plan.decodes))
+        used = 0
+        for (
+            c
+        ) in plan.prefills:  # chunks within the step's budget, then whole short prompts within the full one
+            if used < budget:
+                assert used + c.end - c.start <= budget
+            else:
+                assert plan.decodes and c.end == c.entry.num_prompt and c.end - c.start <= cfg.short_prompt
+                assert used + c.end - c.start <= cfg.prefill_budget
+            used += c.end - c.start
         assert not {id(c.entry) for c in plan.prefills} & {id(e) for e in plan.decodes}
 
     def teardown(self) -> None:
