@@ -7,7 +7,8 @@ then is the next decode launched; the GPU idles through all the host work. With 
 step N (its tokens still on the device), the worker launches step N+1's decode of the same rows, fed with
 those tokens, and only then copies them to the host. The GPU computes step N+1 while the host finishes
 step N; the next `execute` takes the logits for the rows that still decode (`Ahead.take`) and decodes the
-rest (rows whose prompt just ended, rows that were not fed) as usual.
+rest (rows that were not fed, e.g. an `ignore_eos` row that sampled EOS) as usual. A row whose prompt ended
+in step N sampled its first token there and is fed like the others.
 
 A fed row's state has consumed its last sampled token, so which rows are fed is decided before that token
 is known on the host, in a way the host can repeat once it is:

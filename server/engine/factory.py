@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -233,6 +233,10 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
     tokenizer = Tokenizer.from_pretrained(model_dir, model_name=settings.model_name)
     chunk = loaded.chunk
     defaults = ServingDefaults.resolve(settings, device, chunk)
+    if (
+        _kv_spec(runner) is not None
+    ):  # a hybrid prefills one request a pass: bundling short ones saves nothing
+        defaults = replace(defaults, short_prompt=0)
     cache = build_cache(settings, runner, metrics, defaults.checkpoint_interval)
     if cache is not None:
         cache.warmup(runner.slot_state(0))  # the codec kernels too, on the strides of a restore into a slot
