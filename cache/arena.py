@@ -88,6 +88,22 @@ class BlockArena:
         i = bisect.bisect_right(self._bases, block) - 1
         return self._chunks[i][block - self._bases[i]]
 
+    def runs(self, blocks: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """`blocks` cut into runs of consecutive ids within one chunk: per run, its index in `blocks` and its
+        `(n, block_bytes)` uint8 view (contiguous), so that many blocks move in one copy per run."""
+        out: list[tuple[int, torch.Tensor]] = []
+        start = 0
+        while start < len(blocks):
+            i = bisect.bisect_right(self._bases, blocks[start]) - 1
+            base, chunk = self._bases[i], self._chunks[i]
+            stop, end = base + chunk.shape[0], start + 1  # stop: the first id past the chunk
+            while end < len(blocks) and blocks[end] == blocks[end - 1] + 1 and blocks[end] < stop:
+                end += 1
+            first = blocks[start] - base
+            out.append((start, chunk[first : first + end - start]))
+            start = end
+        return out
+
     def set_budget(self, budget_bytes: int) -> None:
         """New target; grows the physical pool if needed (shrinking keeps memory, lowers the limit; with
         `grow_by`, memory grows as blocks are taken)."""

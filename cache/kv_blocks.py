@@ -18,10 +18,11 @@ every disk copy holding it, and found again at start.
 
 Copies run outside the lock, like the state's (`cache.copies`): a capture writes the blocks it took (only
 those the tier did not hold: a follow-up checkpoint writes its new full blocks and its partial one), on
-the capture stream on CUDA, reading [first new block, p) from its `KVSource` once. A capture that holds a
+the capture stream on CUDA, reading [first new block, p) from its `KVSource` once and moving the blocks
+per tier in a few batched encodes and copies (`cache.kv_copies.write_blocks`, never one per block). A capture that holds a
 block another capture is still writing waits for that write before it is published (`Fill`), so a
-published checkpoint's blocks are all written. A restore copies the leased tier's blocks into the
-`KVSink` on the current stream; a capture reusing a freed slot runs on the capture stream, which follows
+published checkpoint's blocks are all written. A restore decodes the leased tier's blocks, batched the
+same way (`read_blocks`), and appends them to the `KVSink` on the current stream; a capture reusing a freed slot runs on the capture stream, which follows
 the current stream's work, so it never overwrites a block a queued restore still reads.
 """
 
@@ -36,22 +37,24 @@ from cache.arena import BlockArena, Claim
 from cache.base import Attachment, KVSink, KVSource, KVSpec, Tier
 from cache.checkpoint import Checkpoint
 from cache.disk_tier import DiskTier
-from cache.kv_copies import KVPart, decode, encode_into
+from cache.kv_copies import ArenaBlocks, KVPart, decode, read_blocks, write_blocks
 from cache.kv_disk import KVDisk, KVFile, KVFileRead
 from cache.kv_index import Fill, KVBlock, KVIndex, name_of
 from cache.layout import BlockLayout
 from cache.transfer import Event, Transfers
 
 ARENA_TIERS: tuple[Tier, ...] = ("hot", "cold")
-KVReads = list[KVPart] | list[KVFileRead]  # what a restore reads: blocks' fields, or their files
+KVReads = ArenaBlocks | list[KVFileRead]  # what a restore reads: blocks in an arena, or their files
+KVLoaded = ArenaBlocks | list[KVPart]  # the same, files read
 
 
 @dataclass(frozen=True)
 class KVWrite:
-    """One block a capture writes: its slot's fields, positions [start, start + length), after settling
-    `claim` (a spill still to copy the slot's old bytes)."""
+    """One block a capture writes: a slot of the tier's KV arena, positions [start, start + length), after
+    settling `claim` (a spill still to copy the slot's old bytes)."""
 
-    target: KVPart
+    tier: Tier
+    slot: int
     start: int
     length: int
     fill: Fill
@@ -121,8 +124,7 @@ class KVBlocks(Attachment):
             slot = self._take_slot(tier)
             self.index.store(cp.cid, tier, block, slot)
             fill = block.fills[tier] = Fill()
-            target = self._fields(tier, slot)
-            writes.append(KVWrite(target, block.start, block.length, fill, arena.take_claim(slot)))
+            writes.append(KVWrite(tier, slot, block.start, block.length, fill, arena.take_claim(slot)))
 
     def adopt(self, cp: Checkpoint, tier: Tier) -> int | None:
         assert tier == "disk" and self.disk is not None
@@ -183,14 +185,15 @@ class KVBlocks(Attachment):
         return KVJob(writes, waits, cp.position)
 
     def reads(self, cp: Checkpoint, tier: Tier) -> KVReads:
-        """What a restore of `cp` from `tier` reads, in token order: the fields of its blocks (the tokens
-        each holds), or the blocks' disk files."""
+        """What a restore of `cp` from `tier` reads, in token order: its blocks' arena slots, or their disk
+        files."""
         chain = self.index.chains[cp.cid]
         assert len(self.index.held(cp.cid, tier)) == len(chain.blocks), "a leased copy lost a KV block"
         if tier == "disk":
             assert self.disk is not None
             return [self.disk.reading(b.slots[tier]) for b in chain.blocks]
-        return [self._fields(tier, b.slots[tier]).head(b.length) for b in chain.blocks]
+        slots = [b.slots[tier] for b in chain.blocks]
+        return ArenaBlocks(self.layouts[tier], self.arenas[tier], slots, cp.position)
 
     def file_done(self, file: KVFile, path: Path | None, nbytes: int) -> None:
         """A block file's write finished (`path` None: it failed)."""
@@ -213,21 +216,23 @@ class KVBlocks(Attachment):
             fill.done.wait()
         return all(fill.ok for fill in job.waits)
 
-    def load(self, reads: KVReads) -> list[KVPart]:
-        """The blocks' encoded KV, in order; files are read and verified. Raises CorruptFile."""
-        parts = []
-        for item in reads:
-            if isinstance(item, KVFileRead):
-                assert self.disk is not None
-                parts.append(self.disk.read(item))
-            else:
-                parts.append(item)
-        return parts
+    def load(self, reads: KVReads) -> KVLoaded:
+        """The blocks' encoded KV, in order: arena blocks as they are, files read and verified. Raises
+        CorruptFile."""
+        if isinstance(reads, ArenaBlocks):
+            return reads
+        disk = self.disk
+        assert disk is not None or not reads
+        return [disk.read(item) for item in reads] if disk is not None else []
 
-    def append(self, parts: list[KVPart], ready: Event | None, sink: KVSink) -> None:
+    def append(self, loaded: KVLoaded, ready: Event | None, sink: KVSink) -> None:
         """Decode the loaded blocks, positions [0, p), and append them to `sink` (model dtype, cache device)."""
         self.transfers.wait(ready)
-        sink.append(decode(self.transfers, parts, self.spec.dtype))  # (L, 2, p, kv, dh)
+        if isinstance(loaded, ArenaBlocks):
+            kv = read_blocks(loaded, self.transfers.device, self.spec.dtype)
+        else:
+            kv = decode(self.transfers, loaded, self.spec.dtype)
+        sink.append(kv)  # (L, 2, p, kv, dh)
 
     def check_source(self, source: KVSource | None, position: int) -> KVSource:
         if source is None or not callable(getattr(source, "read", None)):
@@ -265,8 +270,10 @@ class KVBlocks(Attachment):
             if w.claim is not None:
                 w.claim.settle()  # a queued block spill takes its copy of the slot's old bytes first
         with self.transfers.on_capture_stream([]):
-            for w in job.writes:
-                encode_into(kv[:, :, w.start - first : w.start - first + w.length], w.target)
+            for tier in ARENA_TIERS:
+                mine = [(w.slot, w.start, w.length) for w in job.writes if w.tier == tier]
+                if mine:
+                    write_blocks(self.layouts[tier], self.arenas[tier], kv, first, mine)
             self.transfers.keep_alive([kv])
 
     def _unit(self, tier: Tier) -> int:
@@ -280,9 +287,3 @@ class KVBlocks(Attachment):
         slot = self.arenas[tier].alloc()
         assert slot is not None, "an unbounded arena always has a slot"
         return slot
-
-    def _fields(self, tier: Tier, slot: int) -> KVPart:
-        """The fields of a slot of the tier's KV arena (views made once per slot, `BlockLayout.views`)."""
-        layout = self.layouts[tier]
-        data, scale = layout.views(self.arenas[tier].block(slot), arena=True)["kv"]
-        return KVPart(layout.codec, data, scale)

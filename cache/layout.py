@@ -81,6 +81,16 @@ class BlockLayout:
             out[f.state] = (data, view) if f.part == "scale" else (view, scale)
         return out
 
+    def rows_views(self, rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """`rows: (n, block_bytes)` uint8, n blocks each contiguous (an arena's run, a staging buffer) -> {state
+        name: (data (n, *shape), scale (n, *shape[:-1]) or None)}, strided views over all n blocks at once."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for f in self.fields:
+            view = rows[:, f.offset : f.offset + f.nbytes].view(f.dtype).view(rows.shape[0], *f.shape)
+            data, scale = out.get(f.state, (view, None))
+            out[f.state] = (data, view) if f.part == "scale" else (view, scale)
+        return out
+
     def named(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views keyed `"{state}.{part}"` (the names used in disk files)."""
         return {f"{f.state}.{f.part}": f.view(block) for f in self.fields}

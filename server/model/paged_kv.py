@@ -194,16 +194,8 @@ class PagedKV:
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Append k and v (l, kv, dh) to `layer` at positions [p, p+l), p = what the layer holds, growing
         the table as needed; never into a shared block."""
-        p, size = self.lengths[layer], self.pool.block_size
-        self.blocks += self.pool.allocator.allocate_many(
-            self.pool.blocks_for(p + k.shape[0]) - len(self.blocks)
-        )
-        first, last = p // size, (p + k.shape[0] - 1) // size
-        if any(self.pool.allocator.refcount(b) != 1 for b in self.blocks[first : last + 1]):
-            raise AssertionError("copy-on-write broken: a write reached a shared KV block")
-        positions = torch.arange(p, p + k.shape[0], device=k.device)
-        table = torch.tensor(self.blocks, device=k.device)
-        block, offset = table[positions // size], positions % size  # (l,), (l,)
+        p = self.lengths[layer]
+        block, offset = self._claim(p, k.shape[0], k.device)
         pages = self.pool.kv[layer]  # (N, 2, s, kv, dh)
         pages[block, 0, offset] = k.to(pages.dtype)
         pages[block, 1, offset] = v.to(pages.dtype)
@@ -221,10 +213,27 @@ class PagedKV:
         return picked.permute(1, 2, 0, 3, 4)
 
     def append(self, kv: Tensor) -> None:
-        """Append kv (L, 2, n, kv, dh) to every layer (what a restore from the state cache writes, `KVSink`)."""
+        """Append kv (L, 2, n, kv, dh) to every layer (what a restore from the state cache writes, `KVSink`):
+        one table update and one indexed write for all layers."""
         self._check_live()
-        for layer in range(self.pool.n_layers):
-            self.write(layer, kv[layer, 0], kv[layer, 1])
+        p, n = self.length, kv.shape[2]
+        if any(length != p for length in self.lengths):
+            raise ValueError(f"cannot append to every layer: the layers hold {self.lengths} tokens")
+        block, offset = self._claim(p, n, kv.device)
+        rows = kv.permute(2, 0, 1, 3, 4)  # (n, L, 2, kv, dh): the indexed positions' layout in the pool
+        self.pool.kv[:, block, :, offset] = rows.to(self.pool.kv.dtype)
+        self.lengths = [p + n] * self.pool.n_layers
+
+    def _claim(self, p: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Grow the table to hold positions [p, p + n), checked unshared; their blocks and offsets (n,), (n,)."""
+        size = self.pool.block_size
+        self.blocks += self.pool.allocator.allocate_many(self.pool.blocks_for(p + n) - len(self.blocks))
+        first, last = p // size, (p + n - 1) // size
+        if any(self.pool.allocator.refcount(b) != 1 for b in self.blocks[first : last + 1]):
+            raise AssertionError("copy-on-write broken: a write reached a shared KV block")
+        positions = torch.arange(p, p + n, device=device)
+        table = torch.tensor(self.blocks, device=device)
+        return table[positions // size], positions % size
 
     def gather(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
         """`layer`'s keys and values of [0, length): ((kv, length, dh), (kv, length, dh))."""

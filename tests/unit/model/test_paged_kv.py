@@ -142,6 +142,25 @@ def test_a_pool_has_the_documented_shape() -> None:
     assert pool.block_bytes == 3 * 2 * 4 * 2 * 8 * 2 and pool.blocks_for(9) == 3
 
 
+def test_append_writes_every_layer_as_per_layer_writes_do() -> None:
+    """`append` (a restore's sink: one indexed write for all layers) fills the blocks as `write` per layer
+    does, across block boundaries and onto a partial block, and `read` gives it back."""
+    pool = KVBlockPool(3, 12, 4, 2, 5, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn((3, 2, 11, 2, 5), generator=g)  # (L, 2, n, kv, dh)
+    got, want = pool.sequence(), pool.sequence()
+    got.append(kv[:, :, :6])  # ends inside a block: the next append continues it
+    got.append(kv[:, :, 6:])
+    for layer in range(3):
+        want.write(layer, kv[layer, 0], kv[layer, 1])
+    assert got.length == 11 and got.lengths == [11, 11, 11]
+    assert torch.equal(got.read(0, 11), kv) and torch.equal(got.read(3, 9), want.read(3, 9))
+    for layer in range(3):
+        assert all(
+            torch.equal(a, b) for a, b in zip(got.gather(layer, 11), want.gather(layer, 11), strict=True)
+        )
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Sequences are appended to, forked and released at random on a one-layer pool. Each block's count
     equals the tables that name it, free blocks are exactly those with no holder, and every live
