@@ -90,7 +90,9 @@ class BlockArena:
 
     def runs(self, blocks: list[int]) -> list[tuple[int, torch.Tensor]]:
         """`blocks` cut into runs of consecutive ids within one chunk: per run, its index in `blocks` and its
-        `(n, block_bytes)` uint8 view (contiguous), so that many blocks move in one copy per run."""
+        `(n, block_bytes)` uint8 view (contiguous), so that many blocks move in one copy per run. Safe outside
+        the cache lock for blocks the caller holds, as `block` is: chunks are only ever appended, each before
+        its base, so a lookup racing a growth still finds its own blocks' chunks."""
         out: list[tuple[int, torch.Tensor]] = []
         start = 0
         while start < len(blocks):
