@@ -33,7 +33,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from server.model.attention import Rope, rope_tables
 from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_hybrid_layers import AttentionGpu, ffn_static, mamba_gpu
 from server.model.gpu_layers import ConvPrefill, Mamba2Gpu, SsmStep
@@ -109,28 +108,6 @@ class GpuHybridRunner(HybridRunner):
         graphs_ok = use_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self._step, self.stager, max_slots) if graphs_ok else None
 
-    # ---- shared pieces -----------------------------------------------------------------------------
-
-    def _embed(self, ids: Tensor) -> Tensor:
-        """ids (...) -> the residual stream (..., d), fp32 if the config keeps it so."""
-        cfg = self.hybrid.cfg
-        residual = self.hybrid.embedding(ids) * cfg.embedding_multiplier
-        return residual.to(torch.float32 if cfg.residual_in_fp32 else self.dtype)
-
-    def _add(self, residual: Tensor, out: Tensor) -> Tensor:
-        return residual + (out * self.hybrid.cfg.residual_multiplier).to(residual.dtype)
-
-    def _head(self, residual: Tensor) -> Tensor:
-        """residual (..., d) -> logits (..., v) fp32."""
-        model = self.hybrid
-        logits = model.lm_head(model.norm_f(residual.to(self.dtype))).float()
-        return logits / model.cfg.logits_scaling
-
-    def _rope(self, positions: Tensor) -> Rope | None:
-        attn = self.hybrid.cfg.attention
-        assert attn is not None
-        return rope_tables(attn, positions, self.dtype)
-
     @staticmethod
     def _norm(block: HybridBlock, residual: Tensor) -> Tensor:
         normed: Tensor = block.norm(residual.to(block.norm.weight.dtype))
@@ -143,13 +120,14 @@ class GpuHybridRunner(HybridRunner):
         self._check_room(slot, ids.shape[1])
         seq = self.seqs[slot]
         views = list(seq.views())
-        rope = self._rope(torch.arange(seq.length, seq.length + ids.shape[1], device=self.device))
-        residual = self._embed(ids)  # (1, l, d)
+        model = self.hybrid
+        rope = model.rope(torch.arange(seq.length, seq.length + ids.shape[1], device=self.device))
+        residual = model.embed(ids)  # (1, l, d)
         m = a = 0
         for block in self.blocks:
             h = self._norm(block, residual)
             if block.ffn is not None:
-                residual = self._add(residual, block.ffn(h))
+                residual = model.add(residual, block.ffn(h))
                 continue
             outs = []
             if block.mamba is not None:
@@ -159,8 +137,8 @@ class GpuHybridRunner(HybridRunner):
                 out, views[a] = self.attention[a].prefill(h, views[a], rope)
                 outs.append(out)
                 a += 1
-            residual = self._add(residual, sum(outs[1:], outs[0]))
-        return self._head(residual if all_logits else residual[:, -1:])[0]
+            residual = model.add(residual, sum(outs[1:], outs[0]))
+        return model.head(residual if all_logits else residual[:, -1:])[0]
 
     def _prefill_mamba(self, layer: Mamba2Gpu, h: Tensor, i: int, slot: int) -> Tensor:
         conv, ssm = self.pool.conv[i, slot : slot + 1], self.pool.ssm[i, slot : slot + 1]
@@ -174,14 +152,15 @@ class GpuHybridRunner(HybridRunner):
     def _step(self, tokens: Tensor, idx: Tensor) -> Tensor:
         """tokens (b,) int64, idx (b,) int32 slot per row (-1 = padding), positions from the stager
         -> logits (b, v) fp32. What a decode graph captures: no host synchronisation."""
+        model = self.hybrid
         pos = self.stager.positions[: tokens.shape[0]]  # (b,)
-        rope = self._rope(pos)
-        residual = self._embed(tokens)  # (b, d)
+        rope = model.rope(pos)
+        residual = model.embed(tokens)  # (b, d)
         m = a = 0
         for block in self.blocks:
             h = self._norm(block, residual)
             if block.ffn is not None:
-                residual = self._add(residual, ffn_static(block.ffn, h))
+                residual = model.add(residual, ffn_static(block.ffn, h))
                 continue
             outs = []
             if block.mamba is not None:
@@ -190,16 +169,12 @@ class GpuHybridRunner(HybridRunner):
             if block.attention is not None:
                 outs.append(self.attention[a].step(h, self.kv.kv[a], idx, pos, self.tables, rope))
                 a += 1
-            residual = self._add(residual, sum(outs[1:], outs[0]))
-        return self._head(residual)
+            residual = model.add(residual, sum(outs[1:], outs[0]))
+        return model.head(residual)
 
     def _check_slots(self, slots: Sequence[int]) -> list[int]:
         """The live slots of a decode batch, checked (distinct, in range, room for one more token)."""
-        live = [s for s in slots if s >= 0]
-        if len(live) != len(set(live)):
-            raise ValueError("a slot appears twice in one decode batch")
-        if any(s >= self.max_slots for s in live):
-            raise IndexError(f"slot index out of range [0, {self.max_slots})")
+        live = self._live_slots(slots)
         for s in live:
             self._check_room(s, 1)
         return live

@@ -252,13 +252,6 @@ class GpuModelRunner(ModelRunner):
         assert residual is not None
         return self._logits(self._final_norm(out, residual))
 
-    def _check_slots(self, slots: Sequence[int]) -> None:
-        live = [s for s in slots if s >= 0]
-        if len(live) != len(set(live)):
-            raise ValueError("a slot appears twice in one decode batch")
-        if any(s >= self.max_slots for s in live):
-            raise IndexError(f"slot index out of range [0, {self.max_slots})")
-
     @torch.inference_mode()
     def decode(
         self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
@@ -271,7 +264,7 @@ class GpuModelRunner(ModelRunner):
         count = len(slot_list) if isinstance(tokens, Tensor) else len(tokens)
         if count != len(slot_list) or (isinstance(tokens, Tensor) and tokens.dim() != 1):
             raise ValueError("tokens and slots must be 1-D and of equal length")
-        self._check_slots(slot_list)
+        self._live_slots(slot_list)
         if count == 0:
             return torch.zeros(0, self.vocab, device=self.device)
         if count > self.stager.capacity:

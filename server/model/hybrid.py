@@ -159,12 +159,12 @@ class HybridLM(nn.Module):
         if input_ids.shape[1] == 0:
             return torch.zeros(*input_ids.shape, self.cfg.vocab_size, device=input_ids.device), state
         residual, new_state = self._blocks(input_ids, state, decode=False)
-        return self._head(residual), new_state
+        return self.head(residual), new_state
 
     def step(self, token_ids: Tensor, state: HybridState) -> tuple[Tensor, HybridState]:
         """One token per row: token_ids (b,) -> (logits (b, v) fp32, the state one position on)."""
         residual, new_state = self._blocks(token_ids.unsqueeze(1), state, decode=True)
-        return self._head(residual[:, 0]), new_state
+        return self.head(residual[:, 0]), new_state
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Scoring from the empty state: input_ids (b, l) -> logits (b, l, v) fp32."""
@@ -173,22 +173,33 @@ class HybridLM(nn.Module):
 
     def _blocks(self, input_ids: Tensor, state: HybridState, decode: bool) -> tuple[Tensor, HybridState]:
         """-> (the residual stream after the last block (b, l, d), the new state)."""
-        cfg = self.cfg
-        residual = self.embedding(input_ids) * cfg.embedding_multiplier  # (b, l, d)
-        residual = residual.to(torch.float32 if cfg.residual_in_fp32 else self.dtype)
+        residual = self.embed(input_ids)  # (b, l, d)
         length = input_ids.shape[1]
-        rope = self._rope(torch.arange(state.position, state.position + length, device=input_ids.device))
+        rope = self.rope(torch.arange(state.position, state.position + length, device=input_ids.device))
         new_states = []
-        for block, block_state in zip(self.layers(), state.per_block(cfg.blocks), strict=True):
+        for block, block_state in zip(self.layers(), state.per_block(self.cfg.blocks), strict=True):
             out, block_state = block(residual, block_state, rope, decode)
-            residual = residual + (out * cfg.residual_multiplier).to(residual.dtype)
+            residual = self.add(residual, out)
             new_states.append(block_state)
         return residual, HybridState.from_blocks(state.position + length, new_states)
 
-    def _rope(self, positions: Tensor) -> Rope | None:
+    # The pieces around the blocks, shared with the GPU runner (`GpuHybridRunner`), which runs the blocks itself.
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids (...) -> the residual stream (..., d), fp32 if the config keeps it so."""
+        cfg = self.cfg
+        residual = self.embedding(ids) * cfg.embedding_multiplier
+        return residual.to(torch.float32 if cfg.residual_in_fp32 else self.dtype)
+
+    def add(self, residual: Tensor, out: Tensor) -> Tensor:
+        """A block's output added to the residual stream (times residual_multiplier)."""
+        return residual + (out * self.cfg.residual_multiplier).to(residual.dtype)
+
+    def rope(self, positions: Tensor) -> Rope | None:
         attn = self.cfg.attention
         return rope_tables(attn, positions, self.dtype) if attn is not None else None
 
-    def _head(self, residual: Tensor) -> Tensor:
+    def head(self, residual: Tensor) -> Tensor:
+        """residual (..., d) -> logits (..., v) fp32."""
         logits = self.lm_head(self.norm_f(residual.to(self.dtype))).float()
         return logits / self.cfg.logits_scaling

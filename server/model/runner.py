@@ -322,6 +322,15 @@ class ModelRunner:
             logits[valid] = step_logits[:, : self.vocab]
         return logits
 
+    def _live_slots(self, slots: Sequence[int]) -> list[int]:
+        """The live (non-padding) slots of a decode batch given on the host, checked: distinct, in range."""
+        live = [s for s in slots if s >= 0]
+        if len(live) != len(set(live)):
+            raise ValueError("a slot appears twice in one decode batch")
+        if any(s >= self.max_slots for s in live):
+            raise IndexError(f"slot index out of range [0, {self.max_slots})")
+        return live
+
     def _decode_rows(
         self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
