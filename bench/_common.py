@@ -7,7 +7,8 @@
 - `Stats`, `pct`, `ms`, `ratio`, `Report`: what rounds of samples add up to, and markdown tables printed and
   appended to a file as they are measured;
 - `Texts`, `completion`, `chat_body`: random text of an exact token count, and streaming request bodies;
-- `write_random_model`: a random-weight Mamba2 of a published shape with the demo model's tokenizer.
+- `write_random_model`: a random-weight Mamba2 of a published shape with the demo model's tokenizer;
+- `phase_totals` / `phase_delta`: the server's `tssc_request_phase_seconds` (where TTFT goes) over a window.
 
 Nothing here imports torch at module level: client processes import this module only.
 """
@@ -36,6 +37,8 @@ SHAPES = {
     "mamba2-1.3b": (2048, 48),
     "mamba2-2.7b": (2560, 64),
 }
+PHASES = ("parse", "tokenize", "queue", "restore", "prefill", "first_token")
+PhaseSums = dict[str, tuple[float, float]]  # phase -> (seconds, observations)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -307,6 +310,31 @@ def write_random_model(directory: Path, shape: str = "mamba2-130m") -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=demo_vocab()))
     return save_with_demo_tokenizer(model, directory)
+
+
+def phase_totals(base_url: str) -> PhaseSums:
+    """The server's `tssc_request_phase_seconds` so far: per phase, (sum of seconds, count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {p: [0.0, 0.0] for p in PHASES}
+    for family in text_string_to_metric_families(httpx.get(base_url + "/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name.startswith("tssc_request_phase_seconds_") and s.labels.get("phase") in out:
+                if s.name.endswith("_sum"):
+                    out[s.labels["phase"]][0] = s.value
+                elif s.name.endswith("_count"):
+                    out[s.labels["phase"]][1] = s.value
+    return {p: (v[0], v[1]) for p, v in out.items()}
+
+
+def phase_delta(before: PhaseSums, after: PhaseSums) -> PhaseSums:
+    """What the requests between two `phase_totals` spent per phase: (seconds, observations)."""
+    return {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in PHASES}
+
+
+def phase_cells(sums: PhaseSums) -> list[str]:
+    """Mean ms per observation of each phase ("-" where none was observed)."""
+    return [f"{1000 * total / count:.2f}" if count else "-" for total, count in sums.values()]
 
 
 def emit(table: str, out: Path | None) -> None:

@@ -50,9 +50,11 @@ from typing import Any
 import httpx
 
 from bench._common import (
+    PHASES,
     SHAPES,
     Clients,
     Job,
+    PhaseSums,
     Report,
     Sample,
     Stats,
@@ -61,6 +63,9 @@ from bench._common import (
     completion,
     ms,
     pct,
+    phase_cells,
+    phase_delta,
+    phase_totals,
     ratio,
     stream,
 )
@@ -350,6 +355,7 @@ def section_itl(server: Server, texts: Texts, plan: Plan) -> list[list[str]]:
 class Turns:
     first: Sample
     followup: Sample
+    phases: tuple[PhaseSums, PhaseSums]  # the server's phases of each turn (nothing else runs meanwhile)
 
 
 async def _chat(url: str, body: dict[str, Any], session: str) -> Sample:
@@ -361,15 +367,18 @@ def conversation(server: Server, texts: Texts, plan: Plan, length: int, seed: in
     """Turn 1: one user message of `length` tokens; turn 2, the follow-up, adds ~`followup_new` more."""
     rng, session = random.Random(seed), f"e2e-{length}-{seed}"
     messages = [{"role": "user", "content": texts.text(length, rng)}]
+    before = phase_totals(server.url)
     first = asyncio.run(
         _chat(server.url, chat_body(server.model, messages, plan.answer_tokens, True), session)
     )
+    between = phase_totals(server.url)
     messages += [{"role": "assistant", "content": first.text}]
     messages += [{"role": "user", "content": texts.text(plan.followup_new, rng)}]
     second = asyncio.run(
         _chat(server.url, chat_body(server.model, messages, plan.answer_tokens, True), session)
     )
-    return Turns(first, second)
+    phases = (phase_delta(before, between), phase_delta(between, phase_totals(server.url)))
+    return Turns(first, second, phases)
 
 
 def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -> Runs:
@@ -413,6 +422,25 @@ def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str
         itl = stats[batch].itl50 if batch in stats else float("nan")
         target = "<= 1.5x" if batch == max(steps) else ""
         rows.append([str(batch), f"{step:.3f}", ms(itl, 2), ratio(itl * 1e3, step), target])
+    return rows
+
+
+def phase_rows(runs: dict[str, Runs]) -> list[list[str]]:
+    """Per length, server and turn: the server's mean ms per TTFT phase (`tssc_request_phase_seconds`)."""
+    rows = []
+    for length in sorted({k[0] for r in runs.values() for k in r}):
+        for name, by_key in runs.items():
+            for turn in (0, 1):
+                sums = {p: (0.0, 0.0) for p in PHASES}
+                for key, t in by_key.items():
+                    if key[0] == length:
+                        sums = {p: (sums[p][0] + t.phases[turn][p][0], sums[p][1] + t.phases[turn][p][1])
+                                for p in PHASES}  # fmt: skip
+                ttft = pct(
+                    [(t.followup if turn else t.first).ttft for k, t in by_key.items() if k[0] == length], 0.5
+                )
+                label = "follow-up" if turn else "first turn"
+                rows.append([f"{length:,}", name, label, ms(ttft, 2), *phase_cells(sums)])
     return rows
 
 
@@ -543,6 +571,9 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on, off, first=False))
     title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "cache / no-cache", "runs"], followup_rows(on, off, first=True))
+    title = "where TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
+    header = ["conversation tokens", "server", "turn", "client TTFT p50 ms", *PHASES]
+    ctx.rep.table(title, header, phase_rows({"cache": on, "no-cache": off}))
 
 
 # ---- main ----------------------------------------------------------------------------------------

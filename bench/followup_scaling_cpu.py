@@ -23,19 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import emit  # noqa: E402
+from bench._common import PHASES, PhaseSums, emit, phase_cells, phase_delta, phase_totals  # noqa: E402
 from bench.ttft_cpu import WORDS, cpu_name  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
-from tests.integration.server_proc import ServerProc, start_server  # noqa: E402
+from tests.integration.server_proc import start_server  # noqa: E402
 
 MODEL = "bench"
 SHAPES = {"short": (13, 2_000), "long": (100, 15_000)}  # (messages, conversation tokens)
-PHASES = ("parse", "tokenize", "queue", "restore", "prefill", "first_token")
 
 
 def _words(n: int, seed: int) -> str:
@@ -82,28 +80,10 @@ def ttft(client: httpx.Client, messages: list[dict[str, str]], session: str) -> 
     return first or time.perf_counter() - start, cached
 
 
-def phase_sums(srv: ServerProc) -> dict[str, tuple[float, float]]:
-    text = httpx.get(srv.base_url + "/metrics", timeout=30).text
-    out: dict[str, list[float]] = {p: [0.0, 0.0] for p in PHASES}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "tssc_request_phase_seconds_sum":
-                out[s.labels["phase"]][0] = s.value
-            elif s.name == "tssc_request_phase_seconds_count":
-                out[s.labels["phase"]][1] = s.value
-    return {p: (v[0], v[1]) for p, v in out.items()}
-
-
-def _add_phases(
-    acc: dict[str, list[float]], before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
-) -> None:
+def _add_phases(acc: dict[str, list[float]], sums: PhaseSums) -> None:
     for p in PHASES:
-        acc[p][0] += after[p][0] - before[p][0]
-        acc[p][1] += after[p][1] - before[p][1]
-
-
-def _phase_means(acc: dict[str, list[float]]) -> str:
-    return " | ".join(f"{1000 * total / count:.2f}" if count else "-" for total, count in acc.values())
+        acc[p][0] += sums[p][0]
+        acc[p][1] += sums[p][1]
 
 
 def run(model_dir: Path, repeats: int) -> str:
@@ -117,12 +97,14 @@ def run(model_dir: Path, repeats: int) -> str:
             ttft(client, [*convs[name][0], {"role": "user", "content": "warm up"}], f"scaling-{name}")
         for r in range(repeats):
             for name in SHAPES:
-                before = phase_sums(srv)
+                before = phase_totals(srv.base_url)
                 question = {"role": "user", "content": f"And then? ({r})"}
                 seconds, cached[name] = ttft(client, [*convs[name][0], question], f"scaling-{name}")
                 times[name].append(seconds)
-                _add_phases(acc[name], before, phase_sums(srv))
-    phases = {name: _phase_means(acc[name]) for name in SHAPES}
+                _add_phases(acc[name], phase_delta(before, phase_totals(srv.base_url)))
+    phases = {
+        name: " | ".join(phase_cells({p: (v[0], v[1]) for p, v in acc[name].items()})) for name in SHAPES
+    }
     return _table(model_dir, convs, times, cached, phases, repeats)
 
 

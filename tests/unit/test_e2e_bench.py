@@ -20,6 +20,8 @@ TABLES = {
                        "no-cache TTFT p50 ms", "speed-up", "runs"],
     "first-turn TTFT": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
                         "no-cache TTFT p50 ms", "cache / no-cache", "runs"],
+    "where TTFT goes": ["conversation tokens", "server", "turn", "client TTFT p50 ms", "parse", "tokenize",
+                        "queue", "restore", "prefill", "first_token"],
 }  # fmt: skip
 
 
@@ -72,6 +74,12 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     followup = _table(tables, "follow-up turn")
     assert [row[0] for row in followup[1:]] == ["256", "512"]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in followup[1:])
+    phases = _table(tables, "where TTFT goes")
+    assert len(phases) == 1 + 2 * 2 * 2  # per length, per server, per turn
+    for row in phases[1:]:
+        parts = [float(cell) for cell in row[4:]]  # every phase observed once per turn
+        assert sum(parts) <= float(row[3]) * 1.5  # the server's phases fit in the client's TTFT
+        assert float(row[8]) > 0  # prefill: at least one token always runs
 
 
 @pytest.mark.slow
