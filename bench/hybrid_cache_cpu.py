@@ -177,6 +177,7 @@ def measure(bench: Bench, position: int, interval: int, reps: int) -> dict[str, 
         "position": position,
         "turn_captures": len(turn),
         "turn_ms": sum(turn),
+        "first_capture_ms": turn[0],
         "last_capture_ms": turn[-1],
         "hot_restore_ms": statistics.median(hot_ms),
         "cold_capture_ms": cold_capture,
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ops", action="store_true", help="count each call's torch ops (under the profiler)")
+    p.add_argument(
+        "--profile", type=int, default=0, help="then measure this position again under the torch profiler "
+        "(CPU and CUDA activities) and print its ops by self CPU time",
+    )  # fmt: skip
     args = p.parse_args(argv)
     COUNT = args.ops
     bench = Bench(args.shape, torch.device(args.device), args.block)
@@ -217,6 +222,14 @@ def main(argv: list[str] | None = None) -> None:
             header = True
         cells = (f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values())
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if bench.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            measure(bench, args.profile, args.interval, 1)
+        print(f"\n## position {args.profile} again, under the profiler: ops by self CPU time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ class GpuModelRunner(ModelRunner):
     # padding costs GPU time, at most 2x here (the torch path's 1.25 is for a compute-bound CPU).
     pad_waste = 2.0
     graph_row_min = MAX_GRAPH_LEN  # prefill pieces this long run alone, as graph pieces (`_group`)
+    # Triton specialises an integer argument on == 1 and on divisibility by 16: widths that are multiples of
+    # 16 make the sequence length and every stride that holds it one case, which `warm_batched` compiles
+    width_grain = 16
+    warm_tokens = 16_384  # the largest batched pass `warm_batched` runs (rows x width)
 
     def __init__(
         self,
@@ -282,11 +286,36 @@ class GpuModelRunner(ModelRunner):
         return logits[:count, : self.vocab].clone()
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, prefill: bool = True) -> None:
-        """Capture the decode graphs (and the prefill graphs) now, else each is captured at first use."""
+        """Capture the decode graphs (and the prefill graphs) now, else each is captured at first use; with
+        `prefill`, also compile the batched pass's kernels (`warm_batched`)."""
         if self.graphs is not None:
             self.graphs.capture_all(batch_sizes)
         if prefill and self.prefill_graphs is not None:
             self.prefill_graphs.capture_all()
+        if prefill:
+            self.warm_batched()
+
+    @torch.inference_mode()
+    def warm_batched(self) -> None:
+        """Run the batched eager pass once per Triton specialisation that serving meets, so that no request
+        waits on a compile (50-500 ms each: under 64 streams on the 130m shape a fifth of the model
+        thread went to them, `bench/serve_profile.py`). Widths being multiples of 16, the kernels'
+        integer arguments vary in two ways only: the row count and the chunk count, each 1, a multiple
+        of 16, or neither. Each (rows, chunks) pair up to `warm_tokens` runs once, on slots 0.. (reset
+        after), with a chunk-aligned capture where the pass has one."""
+        chunk = self.config.chunk_size
+        grain = self._capture_grain()
+        for b in (1, 2, 16):
+            for chunks in (1, 2, 16):
+                width = -(-chunks * chunk // self.width_grain) * self.width_grain  # that many chunks
+                if b > self.max_slots or b * width > self.warm_tokens:
+                    continue
+                lengths = [width - (r % 2) * self.width_grain // 2 for r in range(b)]  # some rows padded
+                taps = [[n] if n <= grain or not grain or r else [grain, n] for r, n in enumerate(lengths)]
+                ids = torch.randint(0, self.vocab, (b, width), device=self.device)
+                self._prefill_padded(ids, lengths, list(range(b)), taps)
+        for slot in range(min(16, self.max_slots)):
+            self.reset(slot)
 
 
 def make_runner(

@@ -94,6 +94,7 @@ def _groups(pieces: Sequence[_Piece], waste: float) -> list[list[_Piece]]:
 
 class ModelRunner:
     pad_waste = 1.25  # padded tokens per real token a batched prefill pass may hold, at most
+    width_grain = 1  # a batched pass's width is max(lengths) rounded up to a multiple of this
     max_model_len: int | None = None  # tokens a slot's sequence may reach (a hybrid's KV); None: no bound
 
     def __init__(
@@ -264,7 +265,7 @@ class ModelRunner:
             out[pc.seg].captures.update({pc.start + q: state for q, state in caps[r].items()})
 
     def _padded_ids(self, rows: Sequence[Sequence[int]]) -> Tensor:
-        width = max(len(r) for r in rows)
+        width = -(-max(len(r) for r in rows) // self.width_grain) * self.width_grain
         padded = [[*r, *[PAD_ID] * (width - len(r))] for r in rows]
         return torch.tensor(padded, dtype=torch.long, device=self.device)  # (b, l)
 
@@ -278,7 +279,7 @@ class ModelRunner:
 
         Inputs:
         - ids (b, l) long on the device: row r holds its lengths[r] >= 1 tokens, right-padded with
-          PAD_ID up to l = max(lengths).
+          PAD_ID up to l = max(lengths), rounded up to a multiple of `width_grain`.
         - slots: distinct, in range. Row r starts from the live state of slots[r] and leaves there its
           state after lengths[r] tokens. Padding must change no row's state and no real output.
         - taps[r]: ascending positions relative to the row start, each lengths[r] or a positive

@@ -10,6 +10,7 @@ in TF32, bf16 4e-2); graph against eager on the same kernels 1e-5.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,6 +240,48 @@ def test_no_kernel_compiles_inside_a_capture(model_dir: Path, compiles_in_captur
     runner.decode([1, 2, 3], [0, 1, 2])
     assert compiles_in_captures == []
     assert runner.graphs is not None and all(runner.graphs._graphs.values())
+
+
+@pytest.fixture
+def compiles() -> Iterator[list[str]]:
+    """Names of the Triton kernels compiled or loaded (a miss of Triton's in-memory cache) meanwhile."""
+    import triton
+
+    seen: list[str] = []
+    knobs = triton.knobs.runtime
+
+    def on_compile(**kw: Any) -> bool:
+        seen.append(str(kw.get("repr")))
+        return False  # go on compiling
+
+    old = knobs.jit_cache_hook
+    knobs.jit_cache_hook = on_compile
+    yield seen
+    knobs.jit_cache_hook = old
+
+
+def test_after_warmup_batched_prefills_of_any_mix_compile_nothing(
+    model_dir: Path, compiles: list[str]
+) -> None:
+    """`warm_batched` covers every specialisation: row counts of 1, 16 and others, chunk counts alike,
+    chunk-aligned captures, rows padded or not."""
+    slots = 20
+    runner = _gpu(load_model(model_dir, device="cuda", dtype="bf16")[1], slots)
+    runner.warmup()
+    assert compiles, "the warm-up compiled nothing: the hook sees no compiles"
+    compiles.clear()
+    rng = random.Random(3)
+    grain = runner._capture_grain()
+    for b in [1, 2, 3, 16, 17, 20, *(rng.randint(1, slots) for _ in range(6))]:
+        segs = []
+        for slot in rng.sample(range(slots), b):
+            n = rng.randint(1, 20 * cases.CHUNK)
+            caps = sorted({p for p in (grain, 2 * grain, n) if 0 < p <= n}) if rng.random() < 0.5 else []
+            segs.append(PrefillSeg(cases.tokens(n, slot), slot, caps))
+        runner.prefill_batch(segs)
+        runner.decode([1] * b, [s.slot for s in segs])
+    torch.cuda.synchronize()
+    assert compiles == []
 
 
 def test_other_threads_cuda_work_cannot_invalidate_a_capture(model_dir: Path) -> None:
