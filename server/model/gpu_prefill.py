@@ -1,14 +1,20 @@
 """Prefill as CUDA-graph replays: a segment of n tokens runs as pieces of MAX_GRAPH_LEN tokens and then
-the binary pieces of the rest (e.g. 2100 = 1024 + 1024 + 32 + 16 + 4), one captured graph per
-power-of-two length, on a one-slot scratch state.
+the binary pieces of the rest down to PAD_TAIL tokens, and its last fewer than PAD_TAIL tokens as one
+piece padded to the next power of two (e.g. 2100 = 1024 + 1024 + 52 in a 64-token piece; 90 = 90 in a
+128-token piece), one captured graph per power-of-two size from MIN_GRAPH_LEN up, on a one-slot scratch
+state.
 
 Why: eager prefill launches ~15 kernels per layer, and their host cost (~10 ms for 64 layers) dominates
-short segments, which is exactly a follow-up turn after a cache hit. Splitting a segment anywhere is exact
-(the handoff invariant), so the pieces compute the same function. Each graph reads its token ids from a
-static buffer and continues the scratch state in place; the caller copies the slot's state into the
-scratch first and back after, and applies the LM head once to the last piece's final hidden row.
-Captures go through `gpu_graphs.GraphCapturer` (warm-up on the same buffers, thread-local capture; a
-piece length whose capture fails runs eagerly from then on).
+short segments, which is exactly a follow-up turn after a cache hit; and a short piece costs a replay of
+the whole model's small-kernel latency (~3 ms for mamba2-2.7b) whatever its length, so a follow-up's ~90
+tokens in binary pieces (64 + 16 + 8 + 2) cost four replays where one padded piece costs one. A piece
+runs the batched pass's padded layers (`prefill_rows`: dt = 0 on the padding, so the ssm state passes
+it unchanged, and the conv state taken at the real end), with its real length a static device input.
+Splitting a segment anywhere is exact (the handoff invariant), so the pieces compute the same function.
+Each graph reads its token ids and length from static buffers and continues the scratch state in place;
+the caller copies the slot's state into the scratch first and back after, and applies the LM head once
+to the last piece's final hidden row. Captures go through `gpu_graphs.GraphCapturer` (warm-up on the
+same buffers, thread-local capture; a piece size whose capture fails runs eagerly from then on).
 """
 
 from __future__ import annotations
@@ -21,23 +27,29 @@ from torch import Tensor
 from server.model.gpu_graphs import Captured, GraphCapturer
 
 MAX_GRAPH_LEN = 1024
+MIN_GRAPH_LEN = 16  # the smallest piece: shorter tails run padded to it
+PAD_TAIL = 256  # a segment's last tokens below this run as one padded piece
 # Segments up to this length run as graph pieces, longer ones eagerly. Eager prefill costs ~2 ms of host time
 # per layer at any length (mamba-ssm's Triton launches; 140 ms for mamba2-2.7b, 88 ms for 1.3b on an H100),
 # so it is host-bound until the GPU work per layer exceeds that. Measured on an H100 (bf16): a 1024-token
 # piece takes 16.5 ms (2.7b) / 9.0 ms (1.3b), so 8 pieces (8k tokens) beat eager (144 / 97 ms), while at
 # 32k eager wins (458 / 244 ms against 528 / 288 ms of pieces).
 GRAPH_PREFILL_MAX = 8 * MAX_GRAPH_LEN
-PieceFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (ids (1, L), conv, ssm) -> final normed hidden (1, d)
+# (ids (1, L), real length (1,) on the device, conv, ssm) -> the last real token's final normed hidden (1, d)
+PieceFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def pieces(n: int, largest: int = MAX_GRAPH_LEN) -> list[int]:
-    """n as a sum of powers of two <= largest (repeated as often as needed), largest first."""
+def pieces(n: int, largest: int = MAX_GRAPH_LEN) -> list[tuple[int, int]]:
+    """n tokens as graph pieces (size, real tokens), in order: powers of two <= largest, largest first, while
+    at least PAD_TAIL tokens remain, then the rest as one piece of the next power of two (>= MIN_GRAPH_LEN)."""
     out, bit = [], largest
-    while n > 0:
+    while n >= PAD_TAIL:
         while bit > n:
             bit //= 2
-        out.append(bit)
+        out.append((bit, bit))
         n -= bit
+    if n > 0:
+        out.append((max(MIN_GRAPH_LEN, 1 << (n - 1).bit_length()), n))
     return out
 
 
@@ -45,50 +57,53 @@ class PrefillGraphs:
     def __init__(self, piece: PieceFn, conv: Tensor, ssm: Tensor, d_model: int, dtype: torch.dtype) -> None:
         """conv: (n_layer, 1, c, k-1), ssm: (n_layer, 1, ...) fp32 — the scratch state the graphs update."""
         self.piece, self.conv, self.ssm = piece, conv, ssm
-        self.ids = torch.zeros(1, MAX_GRAPH_LEN, dtype=torch.long, device=conv.device)  # static input
+        self.ids = torch.zeros(1, MAX_GRAPH_LEN, dtype=torch.long, device=conv.device)  # static inputs
+        self.length = torch.zeros(1, dtype=torch.long, device=conv.device)  # the piece's real tokens
         self.hidden = torch.zeros(1, d_model, dtype=dtype, device=conv.device)  # last piece's output row
         self._graphs: dict[int, Captured] = {}
         self._capturer = GraphCapturer()
 
-    def _capture(self, length: int) -> Captured:
+    def _capture(self, size: int) -> Captured:
         saved = (self.conv.clone(), self.ssm.clone())  # warm-up runs advance the scratch state
-        ids = self.ids[:, :length]
+        ids = self.ids[:, :size]
+        self.length.fill_(size)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.piece(ids, self.conv, self.ssm)
+                    self.piece(ids, self.length, self.conv, self.ssm)
             torch.cuda.current_stream().wait_stream(side)
-            run = lambda: self.piece(ids, self.conv, self.ssm)
-            return self._capturer.capture(run, f"the {length}-token prefill piece")
+            run = lambda: self.piece(ids, self.length, self.conv, self.ssm)
+            return self._capturer.capture(run, f"the {size}-token prefill piece")
         finally:
             self.conv.copy_(saved[0])
             self.ssm.copy_(saved[1])
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        length = MAX_GRAPH_LEN
-        while length >= 1:
-            self._ensure(length)
-            length //= 2
+        size = MAX_GRAPH_LEN
+        while size >= MIN_GRAPH_LEN:
+            self._ensure(size)
+            size //= 2
 
-    def _ensure(self, length: int) -> Captured:
-        if length not in self._graphs:
-            self._graphs[length] = self._capture(length)
-        return self._graphs[length]
+    def _ensure(self, size: int) -> Captured:
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(size)
+        return self._graphs[size]
 
     def run(self, ids: Tensor) -> Tensor:
         """ids (1, n) on the device, n >= 1, from the scratch state -> final hidden (1, d)."""
         start, out = 0, self.hidden
-        for length in pieces(ids.shape[1]):
-            captured = self._ensure(length)
-            self.ids[:, :length].copy_(ids[:, start : start + length])
-            if captured is None:  # the capture failed: this length runs eagerly
-                out = self.piece(self.ids[:, :length], self.conv, self.ssm)
+        for size, real in pieces(ids.shape[1]):
+            captured = self._ensure(size)
+            self.ids[:, :real].copy_(ids[:, start : start + real])  # the padding keeps stale, valid ids
+            self.length.fill_(real)
+            if captured is None:  # the capture failed: this size runs eagerly
+                out = self.piece(self.ids[:, :size], self.length, self.conv, self.ssm)
             else:
                 graph, out = captured
                 graph.replay()
-            start += length
+            start += real
         self.hidden.copy_(out)
         return self.hidden

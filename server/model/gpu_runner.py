@@ -5,10 +5,10 @@ state_spec; live ssm state fp32 or bf16 (`state_dtype`, computed in fp32 either 
 model dtype). What differs is how the work runs:
 - residual add + RMSNorm fused (mamba-ssm's Triton `rms_norm_fn`), the gated norm on its Triton kernel;
 - prefill: the chunked SSD scan from the slot's state, split at the capture positions, logits of the
-  last token only unless all are asked for; each segment replays as CUDA graphs of power-of-two pieces
-  (`gpu_prefill`) up to GRAPH_PREFILL_MAX tokens, which removes the host launch cost (~1.3 ms a layer
-  eager) of short segments; longer segments and `all_logits=True` run eagerly (there the GPU work hides
-  the launches, while each graph piece adds a few ms of small-kernel latency);
+  last token only unless all are asked for; each segment replays as CUDA graphs of power-of-two pieces,
+  its tail padded (`gpu_prefill`), up to GRAPH_PREFILL_MAX tokens, which removes the host launch cost
+  (~1.3 ms a layer eager) of short segments; longer segments and `all_logits=True` run eagerly (there the
+  GPU work hides the launches, while each graph piece adds a few ms of small-kernel latency);
 - batched prefill (`prefill_batch`): a group of several rows runs as one eager padded pass (embedding,
   fused add + norm, `prefill_rows` per layer on states gathered from the rows' slots, new states written
   back, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
@@ -147,10 +147,20 @@ class GpuModelRunner(ModelRunner):
         assert residual is not None
         return out, residual
 
-    def _piece(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
-        """What a prefill graph runs: -> the last token's final hidden (1, d)."""
-        out, residual = self._run_layers(ids, conv, ssm)
-        return self._final_norm(out[:, -1], residual[:, -1])
+    def _piece(self, ids: Tensor, length: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
+        """What a prefill graph runs: ids (1, L) whose first `length` ((1,) on the device) are real, from the
+        state in conv / ssm (n_layer, 1, ...), continued in place to the state after them -> the last real
+        token's final hidden (1, d). The batched pass's padded layers, on one row."""
+        rows = PaddedRows.one_row(length, ids.shape[1])
+        out, residual = self._embed(ids), None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out, new_conv, new_ssm = layer.prefill_rows(hidden, conv[i], ssm[i], rows)
+            conv[i].copy_(new_conv)
+            ssm[i].copy_(new_ssm)
+        assert residual is not None
+        last = length - 1  # (1,)
+        return self._final_norm(out[0, last], residual[0, last])
 
     def _prefill_segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
         """ids (1, l) from the slot's state; updates the slot; logits (l or 1, v) fp32."""

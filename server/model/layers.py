@@ -103,6 +103,14 @@ class PaddedRows:
         ends = all(p == lengths[r] for r, p in taps)
         return cls(lens, valid, rows, pos, ends)
 
+    @classmethod
+    def one_row(cls, length: Tensor, width: int) -> PaddedRows:
+        """One row whose first `length` ((1,) long on the device) of `width` positions are real, tapped at its
+        end; from device tensors only (no host sync), so that a CUDA graph captures it with `length` as a
+        static input."""
+        valid = torch.arange(width, device=length.device) < length.unsqueeze(-1)  # (1, l)
+        return cls(length, valid, torch.zeros_like(length), length, True)
+
     def conv_at(self, window: Tensor) -> Tensor:
         """window (b, c, k-1+l) = [conv state, inputs] -> the conv state at each tap (t, c, k-1): the
         k-1 inputs before it (reaching into the old conv state for taps before k-1)."""
