@@ -137,7 +137,10 @@ def capture_positions(
     (the checkpoint being resumed, when start > 0), is dropped; `end` is kept, unless a message boundary lies
     fewer than `END_SLACK` tokens before it: then that boundary serves every later request the end would
     (a regenerate looks up the prompt minus its last token, and a follow-up resumes from the finished
-    request's own capture), and one capture per chat request is saved.
+    request's own capture), and one capture per chat request is saved. Likewise a position fewer than
+    `END_SLACK` tokens past a resumed `start` (the end-of-turn tokens of the answer a follow-up resumes
+    after) is dropped: the resumed checkpoint serves what it would, at most `END_SLACK` tokens earlier, and
+    a follow-up's prefill is one piece (and one capture) shorter.
     Then, with `limit` > 0, at most `limit` positions are kept (`thin`).
     """
     if end <= start:
@@ -153,6 +156,8 @@ def capture_positions(
     bounds = set(boundaries)
     if end not in bounds and any(end - END_SLACK <= p < end for p in kept if p in bounds):
         kept.remove(end)  # a chat prompt's end is its last message's end plus the generation prompt
+    if start > 0:
+        kept = [p for p in kept if p - start >= END_SLACK or p == kept[-1]]
     return thin(kept, start, bounds, limit) if limit > 0 else kept
 
 

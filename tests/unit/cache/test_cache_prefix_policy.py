@@ -174,6 +174,15 @@ def test_a_chat_prompt_end_right_after_its_last_message_is_not_captured() -> Non
     assert capture_positions(0, 102, [], interval=0, min_gap=0) == [102]  # completions: no boundaries
 
 
+def test_a_boundary_right_after_the_resumed_checkpoint_is_not_captured() -> None:
+    """A follow-up resumes after the answer: the answer's end-of-turn boundary a token or two later is served
+    by the resumed checkpoint, so the prefill is not split there."""
+    assert capture_positions(1000, 1075, [1002, 1070], interval=0, min_gap=0) == [1070]
+    assert capture_positions(1000, 1075, [1000 + END_SLACK, 1070], interval=0, min_gap=0) == [1008, 1070]
+    assert capture_positions(1000, 1004, [1002], interval=0, min_gap=0) == [1002]  # one capture stays
+    assert capture_positions(0, 75, [2, 70], interval=0, min_gap=0) == [2, 70]  # nothing resumed: kept
+
+
 def test_capture_positions_random_invariants() -> None:
     rng = random.Random(0)
     for _ in range(200):
@@ -189,6 +198,7 @@ def test_capture_positions_random_invariants() -> None:
         ]
         assert got[-1] == end or (got[-1] in near and end not in bounds)
         assert limit == 0 or len(got) <= limit
+        assert start == 0 or all(p - start >= END_SLACK for p in got[:-1])
 
 
 def test_greedy_dual_heap_stays_bounded_when_one_id_is_refreshed_many_times() -> None:
