@@ -192,6 +192,7 @@ def test_disk_eviction_unlinks_outside_the_lock(tmp_path: Path, monkeypatch: pyt
     cache = make_cache(tmp_path, disk_bytes=one)
     for i in range(3):  # s0 then s1 reach disk (s1 evicts s0), s2 stays in RAM
         cache.capture("ns", f"s{i}", [i] * 5, make_state(i), reason="x")
+    cache.flush()  # s0's unlink done: the gate below holds s1's alone (else, at times, s0's)
     entered, proceed = _gate_unlinks(monkeypatch)
     capturer = threading.Thread(target=lambda: cache.capture("ns", "s3", [3] * 5, make_state(3), reason="x"))
     capturer.start()  # spilling s2 evicts s1 from disk: its unlink is held at the gate
