@@ -321,7 +321,8 @@ class GpuModelRunner(ModelRunner):
                 if b > self.max_slots or b * width > self.warm_tokens:
                     continue
                 lengths = [width - (r % 2) * self.width_grain // 2 for r in range(b)]  # some rows padded
-                taps = [[n] if n <= grain or not grain or r else [grain, n] for r, n in enumerate(lengths)]
+                # every row's end; row 0 also at its first chunk boundary, where the pass holds one
+                taps = [[grain, n] if r == 0 and 0 < grain < n else [n] for r, n in enumerate(lengths)]
                 ids = torch.randint(0, self.vocab, (b, width), device=self.device)
                 self._prefill_padded(ids, lengths, list(range(b)), taps)
         for slot in range(min(16, self.max_slots)):
