@@ -29,17 +29,19 @@ def _cached(resp: dict[str, Any]) -> int:
     return int(resp["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def _turn(base_url: str, messages: list[dict[str, str]], session: str) -> dict[str, Any]:
-    return chat(base_url, messages, session, stop_token_ids=STOP_IDS, max_tokens=24)
+def _turn(base_url: str, messages: list[dict[str, str]], session: str, **fields: object) -> dict[str, Any]:
+    return chat(base_url, messages, session, stop_token_ids=STOP_IDS, max_tokens=24, **fields)
 
 
 def test_multi_turn_resumes_from_turn_one(server: ServerProc) -> None:
+    # a prefix tree of its own (`cache_salt`): other tests' conversations, hypothesis' among them, share the
+    # chat template's first tokens, and a checkpoint of theirs there would be a (correct) hit on turn 1
     hot_before = metric(server.base_url, "tssc_state_cache_lookups_total", result="hot_hit")
     turn1 = [{"role": "user", "content": "Tell me about the sea."}]
-    r1 = _turn(server.base_url, turn1, "multi-turn-1")
+    r1 = _turn(server.base_url, turn1, "multi-turn-1", cache_salt="multi-turn")
     assert _cached(r1) == 0
     turn2 = [*turn1, {"role": "assistant", "content": _text(r1)}, {"role": "user", "content": "More."}]
-    r2 = _turn(server.base_url, turn2, "multi-turn-1")
+    r2 = _turn(server.base_url, turn2, "multi-turn-1", cache_salt="multi-turn")
     covered = r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"] - 1
     assert _cached(r2) >= covered, (r1["usage"], r2["usage"])
     assert metric(server.base_url, "tssc_state_cache_lookups_total", result="hot_hit") > hot_before
