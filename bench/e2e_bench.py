@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -185,19 +185,51 @@ def upstream_tok_s(upstream: Any, batches: tuple[int, ...], plan: Plan) -> dict[
     return out
 
 
-def runner_step_ms(model_dir: Path, batches: tuple[int, ...], steps: int) -> dict[int, float]:
-    """The runner's own decode step per batch, on the weights and dtype the server loads."""
+def runner_step_ms(model_dir: Path, plan: Plan) -> tuple[dict[int, float], float]:
+    """The runner's own decode step per batch, and its batched prefill of the burst's prompts (`plan.burst`
+    rows of `plan.burst_tokens` tokens, one `prefill_batch`), on the weights and dtype the server loads."""
     import torch
 
     from server.model.gpu_runner import GpuModelRunner, make_runner
     from server.model.loader import load_model
 
+    batches = tuple(sorted(set(plan.concurrencies)))
     cuda = torch.cuda.is_available()
     _, model = load_model(model_dir, device="cuda" if cuda else "cpu", dtype="bf16" if cuda else "fp32")
-    runner = make_runner(model, max(batches))
+    runner = make_runner(model, max(*batches, plan.burst))
     if isinstance(runner, GpuModelRunner):
-        runner.warmup(list(batches), prefill=False)
-    return {b: _step_ms(runner, b, steps) for b in batches}
+        runner.warmup(list(batches))
+    steps = {b: _step_ms(runner, b, plan.step_reps) for b in batches}
+    return steps, _burst_prefill_ms(runner, plan.burst, plan.burst_tokens)
+
+
+def _burst_prefill_ms(runner: Any, rows: int, tokens: int) -> float:
+    """Milliseconds of one `prefill_batch` of `rows` fresh rows of `tokens` tokens (the second of two runs)."""
+    from server.model.runner import PrefillSeg
+
+    gen = random.Random(0)
+    segs = [PrefillSeg([gen.randrange(runner.vocab) for _ in range(tokens)], slot) for slot in range(rows)]
+    for _ in range(2):
+        for slot in range(rows):
+            runner.reset(slot)
+        elapsed = _timed_ms(runner.device, lambda: runner.prefill_batch(segs))
+    return elapsed
+
+
+def _timed_ms(device: Any, fn: Callable[[], object]) -> float:
+    """Milliseconds of fn(): wall time on CPU, CUDA events on a GPU."""
+    import torch
+
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
 
 
 def _step_ms(runner: Any, batch: int, steps: int) -> float:
@@ -212,16 +244,7 @@ def _step_ms(runner: Any, batch: int, steps: int) -> float:
             tokens = runner.decode(tokens, slots).argmax(-1)
 
     run()
-    if runner.device.type != "cuda":
-        t0 = time.perf_counter()
-        run()
-        return (time.perf_counter() - t0) * 1e3 / steps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end)) / steps
+    return _timed_ms(runner.device, run) / steps
 
 
 @contextlib.contextmanager
@@ -396,6 +419,7 @@ def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -
 TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
 STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
+BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill"]
 ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "long prefills",
               "their TTFT p50 ms"]  # fmt: skip
 FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -414,6 +438,12 @@ def tput_rows(
         ])  # fmt: skip
     burst_row = [f"{burst.requests} at once, {burst_tokens}-token prompts", "", "", "", ms(burst.ttft50)]
     return [*rows, [*burst_row, ms(burst.ttft99), "", "", str(burst.requests)]]
+
+
+def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None) -> list[str]:
+    ttft = burst.ttft50 if burst is not None else float("nan")
+    shape = f"{plan.burst} x {plan.burst_tokens}"
+    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms)]
 
 
 def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str]]:
@@ -502,6 +532,7 @@ class InProcess:
 
     upstream: dict[int, float]  # batch -> upstream generate tok/s
     steps: dict[int, float]  # batch -> the runner's step, ms
+    burst_ms: float  # the runner's batched prefill of the burst's prompts, ms (nan: not measured)
     note: str  # why upstream is missing, if it is
 
 
@@ -516,11 +547,12 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
     model_dir, note = prep.model_dir, prep.note
     del prep
     free_device()
+    burst = float("nan")
     if "step" in sections:
         with timed(f"{shape}: runner step"):
-            steps = runner_step_ms(model_dir, batches, ctx.plan.step_reps)
+            steps, burst = runner_step_ms(model_dir, ctx.plan)
     free_device()
-    return model_dir, InProcess(upstream, steps, note)
+    return model_dir, InProcess(upstream, steps, burst, note)
 
 
 def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
@@ -538,6 +570,8 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
         header(ctx, shape, model_dir, flag_sets)
         if ctx.args.sections <= {"step"}:
             ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
+            title = "the runner's own batched prefill of the burst against the server's TTFT"
+            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None)])
             return
         with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: {variant}"):
             serve_sections(ctx, started, Texts(model_dir), done)
@@ -546,6 +580,7 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
 def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InProcess) -> None:
     plan, sections, rep, budget = ctx.plan, ctx.args.sections, ctx.rep, ctx.budget
     stats: dict[int, Stats] = {}
+    burst: Stats | None = None
     if "tput" in sections and not budget.over():
         with timed("tput"):
             stats, burst = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
@@ -554,6 +589,9 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
     if done.steps:
         title = "the runner's own decode step against the server's ITL"
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))
+    if done.burst_ms == done.burst_ms:
+        title = "the runner's own batched prefill of the burst against the server's TTFT"
+        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst if stats else None)])
     if "itl" in sections and not budget.over():
         with timed("itl"):
             rows = section_itl(started[0], texts, plan)
