@@ -332,6 +332,11 @@ def phase_delta(before: PhaseSums, after: PhaseSums) -> PhaseSums:
     return {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in PHASES}
 
 
+def phase_sum(windows: list[PhaseSums]) -> PhaseSums:
+    """Several windows' `phase_delta`s added up, per phase."""
+    return {p: (sum(w[p][0] for w in windows), sum(w[p][1] for w in windows)) for p in PHASES}
+
+
 def phase_cells(sums: PhaseSums) -> list[str]:
     """Mean ms per observation of each phase ("-" where none was observed)."""
     return [f"{1000 * total / count:.2f}" if count else "-" for total, count in sums.values()]

@@ -65,6 +65,7 @@ from bench._common import (
     pct,
     phase_cells,
     phase_delta,
+    phase_sum,
     phase_totals,
     ratio,
     stream,
@@ -185,7 +186,7 @@ def upstream_tok_s(upstream: Any, batches: tuple[int, ...], plan: Plan) -> dict[
     return out
 
 
-def runner_step_ms(model_dir: Path, plan: Plan) -> tuple[dict[int, float], float]:
+def runner_timings(model_dir: Path, plan: Plan) -> tuple[dict[int, float], float]:
     """The runner's own decode step per batch, and its batched prefill of the burst's prompts (`plan.burst`
     rows of `plan.burst_tokens` tokens, one `prefill_batch`), on the weights and dtype the server loads."""
     import torch
@@ -460,16 +461,10 @@ def phase_rows(runs: dict[str, Runs]) -> list[list[str]]:
     rows = []
     for length in sorted({k[0] for r in runs.values() for k in r}):
         for name, by_key in runs.items():
-            for turn in (0, 1):
-                sums = {p: (0.0, 0.0) for p in PHASES}
-                for key, t in by_key.items():
-                    if key[0] == length:
-                        sums = {p: (sums[p][0] + t.phases[turn][p][0], sums[p][1] + t.phases[turn][p][1])
-                                for p in PHASES}  # fmt: skip
-                ttft = pct(
-                    [(t.followup if turn else t.first).ttft for k, t in by_key.items() if k[0] == length], 0.5
-                )
-                label = "follow-up" if turn else "first turn"
+            turns = [t for k, t in by_key.items() if k[0] == length]
+            for turn, label in ((0, "first turn"), (1, "follow-up")):
+                ttft = pct([(t.followup if turn else t.first).ttft for t in turns], 0.5)
+                sums = phase_sum([t.phases[turn] for t in turns])
                 rows.append([f"{length:,}", name, label, ms(ttft, 2), *phase_cells(sums)])
     return rows
 
@@ -550,7 +545,7 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
     burst = float("nan")
     if "step" in sections:
         with timed(f"{shape}: runner step"):
-            steps, burst = runner_step_ms(model_dir, ctx.plan)
+            steps, burst = runner_timings(model_dir, ctx.plan)
     free_device()
     return model_dir, InProcess(upstream, steps, burst, note)
 

@@ -27,7 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import PHASES, PhaseSums, emit, phase_cells, phase_delta, phase_totals  # noqa: E402
+from bench._common import PHASES, PhaseSums, emit, phase_cells, phase_delta, phase_sum, phase_totals  # noqa: E402
 from bench.ttft_cpu import WORDS, cpu_name  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 from tests.integration.server_proc import start_server  # noqa: E402
@@ -80,18 +80,12 @@ def ttft(client: httpx.Client, messages: list[dict[str, str]], session: str) -> 
     return first or time.perf_counter() - start, cached
 
 
-def _add_phases(acc: dict[str, list[float]], sums: PhaseSums) -> None:
-    for p in PHASES:
-        acc[p][0] += sums[p][0]
-        acc[p][1] += sums[p][1]
-
-
 def run(model_dir: Path, repeats: int) -> str:
     args = ["--model", str(model_dir), "--served-model-name", MODEL, "--max-prompt-tokens", "32768"]
     with start_server(args, timeout=600) as srv, httpx.Client(base_url=srv.base_url, timeout=600) as client:
         convs = {name: build(client, m, t, f"scaling-{name}") for name, (m, t) in SHAPES.items()}
         times: dict[str, list[float]] = {name: [] for name in SHAPES}
-        acc = {name: {p: [0.0, 0.0] for p in PHASES} for name in SHAPES}
+        windows: dict[str, list[PhaseSums]] = {name: [] for name in SHAPES}
         cached: dict[str, int] = {}
         for name in SHAPES:  # warm-up turn of each (first follow-up pays one-time costs)
             ttft(client, [*convs[name][0], {"role": "user", "content": "warm up"}], f"scaling-{name}")
@@ -101,10 +95,8 @@ def run(model_dir: Path, repeats: int) -> str:
                 question = {"role": "user", "content": f"And then? ({r})"}
                 seconds, cached[name] = ttft(client, [*convs[name][0], question], f"scaling-{name}")
                 times[name].append(seconds)
-                _add_phases(acc[name], phase_delta(before, phase_totals(srv.base_url)))
-    phases = {
-        name: " | ".join(phase_cells({p: (v[0], v[1]) for p, v in acc[name].items()})) for name in SHAPES
-    }
+                windows[name].append(phase_delta(before, phase_totals(srv.base_url)))
+    phases = {name: " | ".join(phase_cells(phase_sum(windows[name]))) for name in SHAPES}
     return _table(model_dir, convs, times, cached, phases, repeats)
 
 
