@@ -330,8 +330,11 @@ def one_round(server: Server, prompts: list[str], max_tokens: int) -> list[Sampl
     )
 
 
-def section_tput(server: Server, texts: Texts, plan: Plan, budget: Budget) -> tuple[dict[int, Stats], Stats]:
-    """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts."""
+def section_tput(
+    server: Server, texts: Texts, plan: Plan, budget: Budget
+) -> tuple[dict[int, Stats], Stats, PhaseSums]:
+    """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts,
+    with the server's phases of its requests."""
     rng, out = random.Random(1), {}
     for c in plan.concurrencies:
         prompts = lambda c=c: [texts.text(plan.prompt_tokens, rng) for _ in range(c)]
@@ -341,7 +344,9 @@ def section_tput(server: Server, texts: Texts, plan: Plan, budget: Budget) -> tu
             rounds.append(one_round(server, prompts(), plan.new_tokens))
         out[c] = Stats.of(rounds)
     burst = [texts.text(plan.burst_tokens, rng) for _ in range(plan.burst)]
-    return out, Stats.of([one_round(server, burst, plan.answer_tokens)])
+    before = phase_totals(server.url)
+    burst_stats = Stats.of([one_round(server, burst, plan.answer_tokens)])
+    return out, burst_stats, phase_delta(before, phase_totals(server.url))
 
 
 def itl_jobs(server: Server, texts: Texts, plan: Plan, seconds: float, long_extra: float | None) -> list[Job]:
@@ -420,7 +425,8 @@ def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -
 TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
 STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
-BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill"]
+BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill",
+                *(f"{p} (mean ms)" for p in PHASES)]  # fmt: skip
 ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "long prefills",
               "their TTFT p50 ms"]  # fmt: skip
 FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -441,10 +447,12 @@ def tput_rows(
     return [*rows, [*burst_row, ms(burst.ttft99), "", "", str(burst.requests)]]
 
 
-def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None) -> list[str]:
+def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None, phases: PhaseSums | None) -> list[str]:
+    """The runner's prefill of the burst, the server's TTFT of it and the server's phases of its requests."""
     ttft = burst.ttft50 if burst is not None else float("nan")
     shape = f"{plan.burst} x {plan.burst_tokens}"
-    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms)]
+    cells = phase_cells(phases) if phases is not None else ["-"] * len(PHASES)
+    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms), *cells]
 
 
 def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str]]:
@@ -535,7 +543,8 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
     batches, sections = tuple(sorted(set(ctx.plan.concurrencies))), ctx.args.sections
     with timed(f"{shape}: model written"):
         prep = prepare(shape, tmp)
-    upstream, steps = {}, {}
+    upstream: dict[int, float] = {}
+    steps: dict[int, float] = {}
     if prep.upstream is not None and "tput" in sections:
         with timed(f"{shape}: upstream generate"):
             upstream = upstream_tok_s(prep.upstream, batches, ctx.plan)
@@ -566,7 +575,7 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
         if ctx.args.sections <= {"step"}:
             ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
             title = "the runner's own batched prefill of the burst against the server's TTFT"
-            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None)])
+            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None, None)])
             return
         with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: {variant}"):
             serve_sections(ctx, started, Texts(model_dir), done)
@@ -576,17 +585,18 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
     plan, sections, rep, budget = ctx.plan, ctx.args.sections, ctx.rep, ctx.budget
     stats: dict[int, Stats] = {}
     burst: Stats | None = None
+    phases: PhaseSums | None = None
     if "tput" in sections and not budget.over():
         with timed("tput"):
-            stats, burst = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
+            stats, burst, phases = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
         title = f"throughput and latency: {plan.prompt_tokens}-token prompts, {plan.new_tokens} new tokens"
         rep.table(title, TPUT_HEADER, tput_rows(stats, done.upstream, burst, plan.burst_tokens, done.note))
     if done.steps:
         title = "the runner's own decode step against the server's ITL"
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))
-    if done.burst_ms == done.burst_ms:
-        title = "the runner's own batched prefill of the burst against the server's TTFT"
-        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst if stats else None)])
+    if done.burst_ms == done.burst_ms or phases is not None:
+        title = "the burst: the runner's own batched prefill against the server's TTFT, and the server's phases"
+        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst, phases)])
     if "itl" in sections and not budget.over():
         with timed("itl"):
             rows = section_itl(started[0], texts, plan)

@@ -14,8 +14,9 @@ TABLES = {
     "throughput and latency": ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms",
                                "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "requests"],
     "the runner's own decode step": ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"],
-    "the runner's own batched prefill of the burst": ["prompts x tokens", "runner prefill_batch ms",
-                                                       "server TTFT p50 ms", "TTFT / prefill"],
+    "the burst": ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill",
+                  "parse (mean ms)", "tokenize (mean ms)", "queue (mean ms)", "restore (mean ms)",
+                  "prefill (mean ms)", "first_token (mean ms)"],
     "ITL with long prefills in flight": ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)",
                                          "long prefills", "their TTFT p50 ms"],
     "follow-up turn": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -76,10 +77,12 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     followup = _table(tables, "follow-up turn")
     assert [row[0] for row in followup[1:]] == ["256", "512"]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in followup[1:])
-    burst = _table(tables, "the runner's own batched prefill of the burst")
+    burst = _table(tables, "the burst")
     assert (
         burst[1][0] == "4 x 24" and float(burst[1][1]) > 0 and float(burst[1][2]) > 0
     )  # the smoke plan's burst
+    burst_phases = [float(cell) for cell in burst[1][4:]]  # each of the burst's requests observed every phase
+    assert burst_phases[4] > 0 and sum(burst_phases) <= float(burst[1][2]) * 1.5
     phases = _table(tables, "where TTFT goes")
     assert len(phases) == 1 + 2 * 2 * 2  # per length, per server, per turn
     for row in phases[1:]:
