@@ -332,21 +332,27 @@ def one_round(server: Server, prompts: list[str], max_tokens: int) -> list[Sampl
 
 def section_tput(
     server: Server, texts: Texts, plan: Plan, budget: Budget
-) -> tuple[dict[int, Stats], Stats, PhaseSums]:
-    """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts,
-    with the server's phases of its requests."""
-    rng, out = random.Random(1), {}
+) -> tuple[dict[int, Stats], Stats, dict[str, PhaseSums]]:
+    """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts.
+    Also the server's phases of each concurrency's timed rounds and of the burst."""
+    rng, out, phases = random.Random(1), {}, {}
     for c in plan.concurrencies:
         prompts = lambda c=c: [texts.text(plan.prompt_tokens, rng) for _ in range(c)]
         one_round(server, prompts(), plan.new_tokens)
+        before = phase_totals(server.url)
         rounds = [one_round(server, prompts(), plan.new_tokens)]
         while len(rounds) < plan.rounds and not budget.over():
             rounds.append(one_round(server, prompts(), plan.new_tokens))
-        out[c] = Stats.of(rounds)
+        out[c], phases[str(c)] = Stats.of(rounds), phase_delta(before, phase_totals(server.url))
     burst = [texts.text(plan.burst_tokens, rng) for _ in range(plan.burst)]
     before = phase_totals(server.url)
     burst_stats = Stats.of([one_round(server, burst, plan.answer_tokens)])
-    return out, burst_stats, phase_delta(before, phase_totals(server.url))
+    phases[burst_label(plan)] = phase_delta(before, phase_totals(server.url))
+    return out, burst_stats, phases
+
+
+def burst_label(plan: Plan) -> str:
+    return f"{plan.burst} at once, {plan.burst_tokens}-token prompts"
 
 
 def itl_jobs(server: Server, texts: Texts, plan: Plan, seconds: float, long_extra: float | None) -> list[Job]:
@@ -425,8 +431,7 @@ def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -
 TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
 STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
-BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill",
-                *(f"{p} (mean ms)" for p in PHASES)]  # fmt: skip
+BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill"]
 ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "long prefills",
               "their TTFT p50 ms"]  # fmt: skip
 FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -434,7 +439,7 @@ FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT 
 
 
 def tput_rows(
-    stats: dict[int, Stats], upstream: dict[int, float], burst: Stats, burst_tokens: int, note: str
+    stats: dict[int, Stats], upstream: dict[int, float], burst: Stats, plan: Plan, note: str
 ) -> list[list[str]]:
     rows = []
     for c, st in stats.items():
@@ -443,16 +448,20 @@ def tput_rows(
             str(c), f"{st.tok_s:,.0f}", f"{up:,.0f}" if up == up else f"n/a ({note})", ratio(st.tok_s, up),
             ms(st.ttft50), ms(st.ttft99), ms(st.itl50, 2), ms(st.itl99, 2), str(st.requests),
         ])  # fmt: skip
-    burst_row = [f"{burst.requests} at once, {burst_tokens}-token prompts", "", "", "", ms(burst.ttft50)]
+    burst_row = [burst_label(plan), "", "", "", ms(burst.ttft50)]
     return [*rows, [*burst_row, ms(burst.ttft99), "", "", str(burst.requests)]]
 
 
-def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None, phases: PhaseSums | None) -> list[str]:
-    """The runner's prefill of the burst, the server's TTFT of it and the server's phases of its requests."""
+def tput_phase_rows(stats: dict[int, Stats], burst: Stats, phases: dict[str, PhaseSums]) -> list[list[str]]:
+    """Per throughput row: the client's TTFT p50 and the server's mean ms per TTFT phase."""
+    ttft = {str(c): st.ttft50 for c, st in stats.items()}
+    return [[load, ms(ttft.get(load, burst.ttft50), 2), *phase_cells(sums)] for load, sums in phases.items()]
+
+
+def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None) -> list[str]:
     ttft = burst.ttft50 if burst is not None else float("nan")
     shape = f"{plan.burst} x {plan.burst_tokens}"
-    cells = phase_cells(phases) if phases is not None else ["-"] * len(PHASES)
-    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms), *cells]
+    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms)]
 
 
 def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str]]:
@@ -575,7 +584,7 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
         if ctx.args.sections <= {"step"}:
             ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
             title = "the runner's own batched prefill of the burst against the server's TTFT"
-            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None, None)])
+            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None)])
             return
         with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: {variant}"):
             serve_sections(ctx, started, Texts(model_dir), done)
@@ -585,18 +594,19 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
     plan, sections, rep, budget = ctx.plan, ctx.args.sections, ctx.rep, ctx.budget
     stats: dict[int, Stats] = {}
     burst: Stats | None = None
-    phases: PhaseSums | None = None
     if "tput" in sections and not budget.over():
         with timed("tput"):
             stats, burst, phases = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
         title = f"throughput and latency: {plan.prompt_tokens}-token prompts, {plan.new_tokens} new tokens"
-        rep.table(title, TPUT_HEADER, tput_rows(stats, done.upstream, burst, plan.burst_tokens, done.note))
+        rep.table(title, TPUT_HEADER, tput_rows(stats, done.upstream, burst, plan, done.note))
+        title = "where the throughput rounds' TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
+        rep.table(title, ["load", "client TTFT p50 ms", *PHASES], tput_phase_rows(stats, burst, phases))
     if done.steps:
         title = "the runner's own decode step against the server's ITL"
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))
-    if done.burst_ms == done.burst_ms or phases is not None:
-        title = "the burst: the runner's own batched prefill against the server's TTFT, and the server's phases"
-        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst, phases)])
+    if done.burst_ms == done.burst_ms:
+        title = "the runner's own batched prefill of the burst against the server's TTFT"
+        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst)])
     if "itl" in sections and not budget.over():
         with timed("itl"):
             rows = section_itl(started[0], texts, plan)
