@@ -55,6 +55,7 @@ class Sample:
     text: str = ""
     tag: str = ""
     cached_tokens: int = 0  # of prompt_tokens, served from a checkpoint (usage.prompt_tokens_details)
+    headers: float = float("nan")  # from the request's start to the response's status and headers
 
 
 def pct(values: list[float], q: float) -> float:
@@ -160,6 +161,7 @@ async def stream(
     """POST a streaming request; TTFT is the first chunk carrying a token, gaps are between such chunks."""
     sample, last, text = Sample(0, float("nan"), start=time.perf_counter()), None, []
     async with client.stream("POST", path, json=body, headers=headers or {}) as r:
+        sample.headers = time.perf_counter() - sample.start
         if r.status_code != 200:
             raise RuntimeError(f"{path}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
         async for line in r.aiter_lines():

@@ -330,12 +330,10 @@ def one_round(server: Server, prompts: list[str], max_tokens: int) -> list[Sampl
     )
 
 
-def section_tput(
-    server: Server, texts: Texts, plan: Plan, budget: Budget
-) -> tuple[dict[int, Stats], Stats, dict[str, PhaseSums]]:
+def section_tput(server: Server, texts: Texts, plan: Plan, budget: Budget) -> Tput:
     """Per concurrency: a warm-up round, then up to `rounds` timed ones; then the burst of long prompts.
-    Also the server's phases of each concurrency's timed rounds and of the burst."""
-    rng, out, phases = random.Random(1), {}, {}
+    Also the samples and the server's phases of each concurrency's timed rounds and of the burst."""
+    rng, out, samples, phases = random.Random(1), {}, {}, {}
     for c in plan.concurrencies:
         prompts = lambda c=c: [texts.text(plan.prompt_tokens, rng) for _ in range(c)]
         one_round(server, prompts(), plan.new_tokens)
@@ -344,11 +342,20 @@ def section_tput(
         while len(rounds) < plan.rounds and not budget.over():
             rounds.append(one_round(server, prompts(), plan.new_tokens))
         out[c], phases[str(c)] = Stats.of(rounds), phase_delta(before, phase_totals(server.url))
+        samples[str(c)] = [s for r in rounds for s in r]
     burst = [texts.text(plan.burst_tokens, rng) for _ in range(plan.burst)]
     before = phase_totals(server.url)
-    burst_stats = Stats.of([one_round(server, burst, plan.answer_tokens)])
+    samples[burst_label(plan)] = one_round(server, burst, plan.answer_tokens)
     phases[burst_label(plan)] = phase_delta(before, phase_totals(server.url))
-    return out, burst_stats, phases
+    return Tput(out, Stats.of([samples[burst_label(plan)]]), samples, phases)
+
+
+@dataclass(frozen=True)
+class Tput:
+    stats: dict[int, Stats]  # per concurrency
+    burst: Stats
+    samples: dict[str, list[Sample]]  # per row of the tables: the concurrency, or the burst's label
+    phases: dict[str, PhaseSums]  # the same rows' server phases
 
 
 def burst_label(plan: Plan) -> str:
@@ -452,10 +459,14 @@ def tput_rows(
     return [*rows, [*burst_row, ms(burst.ttft99), "", "", str(burst.requests)]]
 
 
-def tput_phase_rows(stats: dict[int, Stats], burst: Stats, phases: dict[str, PhaseSums]) -> list[list[str]]:
-    """Per throughput row: the client's TTFT p50 and the server's mean ms per TTFT phase."""
-    ttft = {str(c): st.ttft50 for c, st in stats.items()}
-    return [[load, ms(ttft.get(load, burst.ttft50), 2), *phase_cells(sums)] for load, sums in phases.items()]
+def tput_phase_rows(samples: dict[str, list[Sample]], phases: dict[str, PhaseSums]) -> list[list[str]]:
+    """Per throughput row: the client's TTFT p50 and time to the response's headers p50 (the server sends
+    them once the prompt is tokenized), and the server's mean ms per TTFT phase."""
+    rows = []
+    for load, sums in phases.items():
+        ttft, heads = pct([s.ttft for s in samples[load]], 0.5), pct([s.headers for s in samples[load]], 0.5)
+        rows.append([load, ms(ttft, 2), ms(heads, 2), *phase_cells(sums)])
+    return rows
 
 
 def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None) -> list[str]:
@@ -596,11 +607,13 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
     burst: Stats | None = None
     if "tput" in sections and not budget.over():
         with timed("tput"):
-            stats, burst, phases = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
+            tput = section_tput(started[0], texts, plan, budget.section(plan.section_seconds))
+        stats, burst = tput.stats, tput.burst
         title = f"throughput and latency: {plan.prompt_tokens}-token prompts, {plan.new_tokens} new tokens"
         rep.table(title, TPUT_HEADER, tput_rows(stats, done.upstream, burst, plan, done.note))
         title = "where the throughput rounds' TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
-        rep.table(title, ["load", "client TTFT p50 ms", *PHASES], tput_phase_rows(stats, burst, phases))
+        header = ["load", "client TTFT p50 ms", "client headers p50 ms", *PHASES]
+        rep.table(title, header, tput_phase_rows(tput.samples, tput.phases))
     if done.steps:
         title = "the runner's own decode step against the server's ITL"
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))

@@ -16,8 +16,8 @@ TABLES = {
     "the runner's own decode step": ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"],
     "the runner's own batched prefill of the burst": ["prompts x tokens", "runner prefill_batch ms",
                                                        "server TTFT p50 ms", "TTFT / prefill"],
-    "where the throughput rounds' TTFT goes": ["load", "client TTFT p50 ms", "parse", "tokenize", "queue",
-                                               "restore", "prefill", "first_token"],
+    "where the throughput rounds' TTFT goes": ["load", "client TTFT p50 ms", "client headers p50 ms", "parse",
+                                               "tokenize", "queue", "restore", "prefill", "first_token"],
     "ITL with long prefills in flight": ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)",
                                          "long prefills", "their TTFT p50 ms"],
     "follow-up turn": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -85,8 +85,9 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     loads = _table(tables, "where the throughput rounds' TTFT goes")
     assert [row[0] for row in loads[1:]] == ["1", "2", "4 at once, 24-token prompts"]
     for row in loads[1:]:  # every request observed every phase
-        parts = [float(cell) for cell in row[2:]]
+        parts = [float(cell) for cell in row[3:]]
         assert parts[4] > 0 and sum(parts) <= float(row[1]) * 1.5
+        assert 0 < float(row[2]) < float(row[1])  # the headers come before the first token
     phases = _table(tables, "where TTFT goes")
     assert len(phases) == 1 + 2 * 2 * 2  # per length, per server, per turn
     for row in phases[1:]:
