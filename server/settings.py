@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         description="Launch each decode step before the previous one's tokens reach the host, so that the "
         "GPU computes while the host does the step's bookkeeping; auto: on CUDA.",
     )
+    batch_graphs: bool = Field(
+        True,
+        description="On CUDA, replay batched prefill passes of short prompts (up to 512 tokens, captured at "
+        "their ends) as CUDA graphs, one per (rows, width) bucket, captured at start-up.",
+    )
     engine_process: bool = Field(
         False,
         description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "

@@ -9,7 +9,9 @@ model dtype). What differs is how the work runs:
   its tail padded (`gpu_prefill`), up to GRAPH_PREFILL_MAX tokens, which removes the host launch cost
   (~1.3 ms a layer eager) of short segments; longer segments and `all_logits=True` run eagerly (there the
   GPU work hides the launches, while each graph piece adds a few ms of small-kernel latency);
-- batched prefill (`prefill_batch`): a group of several rows runs as one eager padded pass (embedding,
+- batched prefill (`prefill_batch`): a group of several rows of up to 512 tokens, captured at their ends
+  only, replays a CUDA graph of its (rows, width) bucket (`gpu_row_graphs`); any other group of several
+  rows runs as one eager padded pass (embedding,
   fused add + norm, `prefill_rows` per layer on states gathered from the rows' slots, new states written
   back, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
   one row takes the single-row path above (graph pieces, split at its captures). Captures at multiples of
@@ -38,6 +40,7 @@ from torch import Tensor
 from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
 from server.model.gpu_prefill import GRAPH_PREFILL_MAX, MAX_GRAPH_LEN, PrefillGraphs
+from server.model.gpu_row_graphs import RowGraphs
 from server.model.kernels import Kernels, load_kernels
 from server.model.layers import PaddedRows
 from server.model.lm import LayerStates, MambaLM
@@ -58,6 +61,12 @@ class GpuModelRunner(ModelRunner):
     # Triton specialises an integer argument on == 1 and on divisibility by 16: widths that are multiples of
     # 16 make the sequence length and every stride that holds it one case, which `warm_batched` compiles
     width_grain = 16
+    # a batched pass replays graphs (`gpu_row_graphs`) when their buckets hold at most `graph_waste` times
+    # the eager pass's padded tokens, or at most `graph_free_tokens`: padding costs the GPU what real tokens
+    # do, which counts once a pass's GPU time passes its eager launch time (2.7b: 4k tokens ~45 ms, launches
+    # ~130 ms)
+    graph_waste = 2.0
+    graph_free_tokens = 4096
     warm_tokens = 16_384  # the largest batched pass `warm_batched` runs (rows x width)
 
     def __init__(
@@ -69,6 +78,7 @@ class GpuModelRunner(ModelRunner):
         kernels: Kernels | None = None,
         use_graphs: bool = True,
         prefill_graphs: bool = True,
+        batch_graphs: bool = True,
         ssm_step: SsmStep = "tssc",
         conv_prefill: ConvPrefill = "triton",
         state_dtype: torch.dtype = torch.float32,
@@ -86,6 +96,8 @@ class GpuModelRunner(ModelRunner):
         graphs_ok = use_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self._step, self.stager, max_slots) if graphs_ok else None
         self.prefill_graphs = self._prefill_graphs() if graphs_ok and prefill_graphs else None
+        ok = graphs_ok and prefill_graphs and batch_graphs
+        self.row_graphs = RowGraphs(self._rows_pass, max_slots, self.device) if ok else None
 
     def _prefill_graphs(self) -> PrefillGraphs:
         pool = self.pool
@@ -151,7 +163,7 @@ class GpuModelRunner(ModelRunner):
         """What a prefill graph runs: ids (1, L) whose first `length` ((1,) on the device) are real, from the
         state in conv / ssm (n_layer, 1, ...), continued in place to the state after them -> the last real
         token's final hidden (1, d). The batched pass's padded layers, on one row."""
-        rows = PaddedRows.one_row(length, ids.shape[1])
+        rows = PaddedRows.at_ends(length, ids.shape[1])
         out, residual = self._embed(ids), None
         for i, layer in enumerate(self.layers):
             hidden, residual = self._add_norm(i, out, residual)
@@ -198,11 +210,45 @@ class GpuModelRunner(ModelRunner):
     def _prefill_rows(
         self, ids: Tensor, lengths: Sequence[int], slots: Sequence[int], taps: Sequence[Sequence[int]]
     ) -> tuple[Tensor, list[Captures]]:
-        """The base class's hook (contract there): one row on the single-row path (graph pieces), several
-        in one eager padded pass."""
+        """The base class's hook (contract there): one row on the single-row path (graph pieces); several
+        short ones captured at their ends at most as replays of batched graphs (`gpu_row_graphs`: the rows
+        longest first, in parts of a bucket each); others in one eager padded pass."""
         if len(lengths) == 1 and self.prefill_graphs is not None and lengths[0] <= GRAPH_PREFILL_MAX:
             return self._prefill_one(ids, lengths[0], slots[0], taps[0])
-        return self._prefill_padded(ids, lengths, slots, taps)
+        ends_only = all(set(tp) <= {n} for tp, n in zip(taps, lengths, strict=True))
+        ranked = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+        parts = self.row_graphs.parts([lengths[r] for r in ranked]) if self.row_graphs and ends_only else None
+        graph_tokens = sum(b * w for _, (b, w) in parts) if parts else 0
+        if parts is None or graph_tokens > max(self.graph_waste * ids.numel(), self.graph_free_tokens):
+            return self._prefill_padded(ids, lengths, slots, taps)
+        assert self.row_graphs is not None
+        done, outs = 0, []
+        for count, bucket in parts:
+            rows = ranked[done : done + count]
+            part_ids = ids[torch.tensor(rows, device=ids.device), : bucket[1]]
+            outs.append(
+                self.row_graphs.run(part_ids, [lengths[r] for r in rows], [slots[r] for r in rows], bucket)
+            )
+            done += count
+        inverse = torch.tensor(ranked, device=ids.device).argsort()
+        caps = [{n: self.pool.read(s)} if tp else {} for n, s, tp in zip(lengths, slots, taps, strict=True)]
+        return torch.cat(outs)[inverse], caps
+
+    def _rows_pass(self, ids: Tensor, lengths: Tensor, slots: Tensor) -> Tensor:
+        """What a batched prefill graph runs: rows ids (B, W), their real lengths (B,) and slots (B,), all on
+        the device; each row continues its slot's state and leaves there its state after its real tokens
+        (a length-0 row leaves it as it was) -> logits (B, v_padded) fp32 at each row's last real token."""
+        pool, b = self.pool, ids.shape[0]
+        rows = PaddedRows.at_ends(lengths, ids.shape[1])
+        out, residual = self._embed(ids), None  # (B, W, d)
+        for i, layer in enumerate(self.layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out, conv, ssm = layer.prefill_rows(hidden, pool.conv[i, slots], pool.ssm[i, slots], rows)
+            pool.conv[i, slots] = conv
+            pool.ssm[i, slots] = ssm.to(pool.ssm.dtype)
+        assert residual is not None
+        last = (torch.arange(b, device=ids.device), (lengths - 1).clamp(min=0))
+        return self._logits(self._final_norm(out[last], residual[last]))
 
     def _prefill_one(
         self, ids: Tensor, length: int, slot: int, taps: Sequence[int]
@@ -297,13 +343,15 @@ class GpuModelRunner(ModelRunner):
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, prefill: bool = True) -> None:
         """Capture the decode graphs (and the prefill graphs) now, else each is captured at first use; with
-        `prefill`, also compile the batched pass's kernels (`warm_batched`)."""
+        `prefill`, also compile the batched pass's kernels (`warm_batched`) and capture the batched graphs."""
         if self.graphs is not None:
             self.graphs.capture_all(batch_sizes)
         if prefill and self.prefill_graphs is not None:
             self.prefill_graphs.capture_all()
         if prefill:
             self.warm_batched()
+        if prefill and self.row_graphs is not None:  # after warm_batched: the kernels are compiled
+            self.row_graphs.capture_all()
 
     @torch.inference_mode()
     def warm_batched(self) -> None:
@@ -335,12 +383,16 @@ def make_runner(
     device: str | torch.device | None = None,
     *,
     state_dtype: torch.dtype = torch.float32,
+    batch_graphs: bool = True,
 ) -> ModelRunner:
-    """The GPU runner on CUDA with the kernels importable, else the torch runner (same interface)."""
+    """The GPU runner on CUDA with the kernels importable, else the torch runner (same interface);
+    `batch_graphs`: short rows' batched prefill passes replay CUDA graphs (`gpu_row_graphs`)."""
     dev = torch.device(device) if device is not None else model.backbone.embedding.weight.device
     if dev.type == "cuda":
         kernels = load_kernels()
         if kernels.gpu_ready:
-            return GpuModelRunner(model, max_slots, dev, kernels=kernels, state_dtype=state_dtype)
+            return GpuModelRunner(
+                model, max_slots, dev, kernels=kernels, state_dtype=state_dtype, batch_graphs=batch_graphs
+            )
         log.warning("CUDA without the GPU kernels (%s): using the torch path", kernels.summary())
     return ModelRunner(model, max_slots, dev, state_dtype=state_dtype)

@@ -104,12 +104,13 @@ class PaddedRows:
         return cls(lens, valid, rows, pos, ends)
 
     @classmethod
-    def one_row(cls, length: Tensor, width: int) -> PaddedRows:
-        """One row whose first `length` ((1,) long on the device) of `width` positions are real, tapped at its
-        end; from device tensors only (no host sync), so that a CUDA graph captures it with `length` as a
-        static input."""
-        valid = torch.arange(width, device=length.device) < length.unsqueeze(-1)  # (1, l)
-        return cls(length, valid, torch.zeros_like(length), length, True)
+    def at_ends(cls, lengths: Tensor, width: int) -> PaddedRows:
+        """Rows whose first `lengths` ((b,) long on the device) of `width` positions are real, each tapped at its
+        end; from device tensors only (no host sync), so that a CUDA graph captures them with `lengths` a
+        static input. A row of length 0 passes its state through unchanged (dt = 0 everywhere, the conv
+        state taken before its first input)."""
+        valid = torch.arange(width, device=lengths.device) < lengths.unsqueeze(-1)  # (b, l)
+        return cls(lengths, valid, torch.arange(lengths.shape[0], device=lengths.device), lengths, True)
 
     def conv_at(self, window: Tensor) -> Tensor:
         """window (b, c, k-1+l) = [conv state, inputs] -> the conv state at each tap (t, c, k-1): the

@@ -96,6 +96,44 @@ def test_long_rows_run_alone_as_graph_pieces(model_dir: Path, monkeypatch: pytes
     assert any(len(p) > 1 for p in passes)  # short ones still share a pass
 
 
+LAYOUTS = {
+    # groups [40, 17, 9] (3 rows of a 4 x 128 bucket) and [3, 1] (2 x 32)
+    "a part per group": ([1, 3, 9, 40, 17], [6, 0, 3, 7, 1], {(4, 128), (2, 32)}),
+    # one group of 5, cut into 4 x 128 and 1 row of a 2 x 128 (rows out of length order: the logits go back)
+    "two parts": ([45, 60, 33, 50, 40], [2, 5, 0, 7, 4], {(4, 128), (2, 128)}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_short_rows_replay_batched_graphs_equal_to_the_eager_pass(
+    model_dir: Path, dtype: str, layout: str
+) -> None:
+    """Rows captured at their ends at most replay their buckets' graphs; logits, end captures and slot
+    states equal the eager padded pass's, and no other slot changes by a bit (a bucket's padding rows
+    rewrite a spare slot's own state)."""
+    model = load_model(model_dir, device="cuda", dtype=dtype)[1]
+    graphed, eager = (
+        cases.restore_distinct_states(_gpu(model, **kw)) for kw in ({}, {"batch_graphs": False})
+    )
+    assert graphed.row_graphs is not None and eager.row_graphs is None
+    before = {s: graphed.capture(s) for s in range(cases.MAX_SLOTS)}
+    lengths, slots, buckets = LAYOUTS[layout]
+    segs = [
+        PrefillSeg(cases.tokens(n, i), slot, (n,) if i % 2 else ())
+        for i, (n, slot) in enumerate(zip(lengths, slots, strict=True))
+    ]
+    got, want = graphed.prefill_batch(segs), eager.prefill_batch(segs)
+    used = graphed.row_graphs._graphs  # captured at first use: the buckets that replayed
+    assert set(used) == buckets and all(g is not None for g in used.values())
+    cases.assert_batch_matches(got, want, (graphed, eager), segs, _within(1e-4))
+    for slot in set(range(cases.MAX_SLOTS)) - set(slots):
+        for name, tensor in graphed.capture(slot).items():
+            assert torch.equal(tensor, before[slot][name]), (slot, name)
+    nxt = [5, 6, 7, 8, 9]
+    assert _rel(graphed.decode(nxt, slots), eager.decode(nxt, slots)) < 1e-4
+
+
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])
 def test_batched_prefill_matches_the_cpu_path(model_dir: Path, dtype: str, tol: float) -> None:
     ref = cases.restore_distinct_states(ModelRunner(load_model(model_dir)[1], cases.MAX_SLOTS))
@@ -310,7 +348,8 @@ def test_other_threads_cuda_work_cannot_invalidate_a_capture(model_dir: Path) ->
         stop.set()
         worker.join()
     assert not errors
-    assert runner.graphs is not None and runner.prefill_graphs is not None
+    assert runner.graphs is not None and runner.prefill_graphs is not None and runner.row_graphs is not None
     assert all(runner.graphs._graphs.values()) and all(runner.prefill_graphs._graphs.values())
+    assert runner.row_graphs._graphs and all(runner.row_graphs._graphs.values())
     cases.restore_distinct_states(runner)  # warm_batched's passes ran on slots 0.. and reset them
     assert _rel(runner.decode([1, 2], [0, 7]), eager.decode([1, 2], [0, 7])) < 1e-5

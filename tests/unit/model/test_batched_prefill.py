@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from server.model.layers import PaddedRows
 from server.model.lm import MambaLM
 from server.model.loader import load_model
 from server.model.runner import Captures, ModelRunner, PrefillResult, PrefillSeg
@@ -247,3 +248,25 @@ def test_subclass_without_the_hook_prefills_row_by_row(model: MambaLM) -> None:
     runner = _OwnSegment(model, max_slots=MAX_SLOTS)
     results = runner.prefill_batch(_segs())
     assert runner.segments == len(LENGTHS) and len(results) == len(LENGTHS)
+
+
+def test_rows_tapped_at_their_ends_and_a_row_of_length_0(model: MambaLM) -> None:
+    """`PaddedRows.at_ends` (device tensors only: what a CUDA graph of a batched pass captures) gives what
+    `build` gives for rows tapped at their ends, and a row of length 0, a graph bucket's padding, leaves the
+    state it was given bit for bit."""
+    runner = _make_runner(model)
+    width = 16
+    ids = torch.tensor([[*_tokens(n, n), *[0] * (width - n)] for n in (5, 16)])  # (2, 16)
+    padded = torch.cat([ids[:1], torch.tensor([_tokens(width, 99)]), ids[1:]])  # a row of length 0 between
+    slots = torch.tensor([6, 2, 3])
+    states = runner._slot_states(slots)
+    built = PaddedRows.build([5, 16], width, [(0, 5), (1, 16)], runner.device)
+    want_logits, want = model.run_rows(ids, runner._slot_states(slots[[0, 2]]), built)
+    got_logits, got = model.run_rows(padded, states, PaddedRows.at_ends(torch.tensor([5, 0, 16]), width))
+    torch.testing.assert_close(got_logits[[0, 2]], want_logits, **TOL)
+    for (conv, ssm), (conv_w, ssm_w), (conv_in, ssm_in) in zip(got, want, states, strict=True):
+        torch.testing.assert_close(conv[[0, 2]], conv_w, **TOL)
+        torch.testing.assert_close(ssm[[0, 2]], ssm_w, **TOL)
+        assert torch.equal(conv[1], conv_in[1].to(conv.dtype)) and torch.equal(
+            ssm[1], ssm_in[1].to(ssm.dtype)
+        )
