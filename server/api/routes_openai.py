@@ -68,6 +68,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
 }
 CLIENT_CLOSED = 499
+# completions prompts of at most this many characters are tokenized on the event loop (well under a
+# millisecond): when many arrive at once, a thread hop each cost more (a burst of 64 200-token prompts: the
+# tokenize phase 41-53 ms mean in threads, 0.4-0.5 ms inline, on a 2-core CPU)
+INLINE_ENCODE_CHARS = 4096
 
 
 def namespace_dep(
@@ -269,6 +273,20 @@ def _json(content: dict[str, Any], ctx: RequestContext) -> Response:
 # ---- completions -----------------------------------------------------------------------------
 
 
+def _encode_inline(tok: Any, texts: list[str]) -> list[list[int]] | None:
+    """Short prompts tokenized on the event loop, when the tokenizer is free (never waiting on a long
+    encode in a thread); None: encode in a thread."""
+    if sum(map(len, texts)) > INLINE_ENCODE_CHARS:
+        return None
+    out = []
+    for text in texts:
+        ids = tok.encode_now(text)
+        if ids is None:
+            return None
+        out.append(ids)
+    return out
+
+
 async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[Prompt]:
     tok = engine.tokenizer
     raw = body.prompt
@@ -279,7 +297,13 @@ async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[P
     else:
         texts = None
     if texts is not None:
-        encoded = await anyio.to_thread.run_sync(lambda: [tok.encode(t) for t in texts])
+        todo = texts
+        inline = _encode_inline(tok, todo)
+        encoded: list[list[int]] = (
+            inline
+            if inline is not None
+            else await anyio.to_thread.run_sync(lambda: [tok.encode(t) for t in todo])
+        )
         return [Prompt(tokens=tuple(ids), text=t) for ids, t in zip(encoded, texts, strict=True)]
     lists = [raw] if isinstance(raw[0], int) else raw
     prompts = []

@@ -151,6 +151,16 @@ class Tokenizer:
         with self._lock:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_now(self, text: str) -> list[int] | None:
+        """`encode(text)` if no other thread is encoding now, else None (for callers that must not wait,
+        such as the event loop)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return list(self.hf.encode(text, add_special_tokens=True))
+        finally:
+            self._lock.release()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Plain decode (no clean-up of spaces, so that incremental decoding stays prefix-stable)."""
         if self._decoder is not None:
