@@ -266,6 +266,12 @@ class Clients:
             self.pool.shutdown(cancel_futures=True)
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, newline-terminated."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
 @dataclass
 class Report:
     """Printed and appended to `out` table by table, so a run cut short keeps what it measured."""
@@ -278,8 +284,7 @@ class Report:
             f.write("\n".join(lines) + "\n")
 
     def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
-        lines = ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.write(lines + ["| " + " | ".join(r) + " |" for r in rows])
+        self.write(["", f"### {title}", "", *markdown(header, rows).splitlines()])
 
 
 def copy_demo_tokenizer(directory: Path) -> Path:

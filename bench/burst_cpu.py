@@ -22,6 +22,7 @@ from bench._common import (
     Texts,
     completion,
     emit,
+    markdown,
     ms,
     pct,
     phase_cells,
@@ -57,9 +58,7 @@ def rounds(prompts: int, tokens: int, count: int, procs: int) -> list[list[str]]
 
 
 def table(rows: list[list[str]]) -> str:
-    header = ["round", "client TTFT p50 ms", "client headers p50 ms", *PHASES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+    return markdown(["round", "client TTFT p50 ms", "client headers p50 ms", *PHASES], rows)
 
 
 def main() -> None:
