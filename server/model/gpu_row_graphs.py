@@ -58,13 +58,13 @@ def plan_parts(lengths: Sequence[int], buckets: Sequence[Bucket]) -> list[tuple[
             return None
         width, left = min(widths), len(lengths) - i
         rows = sorted(b for b, w in buckets if w == width)
-        fits = [b for b in rows if b >= left and b <= left + max(1, left // 2)]
-        if fits:
-            parts.append((left, (fits[0], width)))
+        fits = [b for b in rows if left <= b <= left + max(1, left // 2)]
+        filled = [b for b in rows if b <= left]
+        if fits or not filled:  # all the rows left, in the smallest bucket that holds them
+            parts.append((left, (fits[0] if fits else min(b for b in rows if b >= left), width)))
             break
-        b = max((b for b in rows if b <= left), default=rows[0])
-        parts.append((b, (b, width)))
-        i += b
+        parts.append((filled[-1], (filled[-1], width)))
+        i += filled[-1]
     return parts
 
 
