@@ -1,0 +1,131 @@
+"""Where a follow-up turn's time goes inside the engine: the real engine (`build_engine`: runner, cache,
+worker, graphs captured as the server captures them) in this process, one first turn of `--length` prompt
+tokens, then `--repeats` follow-ups of `--new` more tokens each resuming its checkpoint; the follow-ups'
+time to first token, and a torch profiler trace of the last one (CPU and CUDA ops, top by total time; with
+`--trace-dir`, the Chrome trace too). No HTTP: what it isolates is the engine's step, which
+`e2e_bench`'s phase table shows as the `prefill` phase (~20 ms for ~96 new tokens of a 2.7b follow-up on an
+H200 in session 8).
+
+    python -m bench.followup_trace [--shape demo|mamba2-2.7b|...] [--length 32768] [--new 96] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench._common import emit, markdown, write_random_model
+from server.engine.engine import Engine
+from server.engine.factory import build_engine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.model.defaults import bundled_model_dir
+from server.settings import Settings
+
+ANSWER = 16  # the first turn's answer, greedy
+
+
+async def turn(
+    engine: Engine, rid: str, prompt: tuple[int, ...], ends: tuple[int, ...], n: int
+) -> tuple[float, list[int], int]:
+    """(seconds to the first token, the tokens, prompt tokens served from a checkpoint) of one request in
+    session `trace`."""
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    req = GenerationRequest(rid, prompt, params, session_id="trace", boundaries=ends)
+    start, first, out, cached = time.perf_counter(), float("nan"), [], 0
+    async for event in engine.generate(req):
+        if first != first:
+            first = time.perf_counter() - start
+        out.append(event.token_id)
+        cached = max(cached, event.cached_tokens)
+    return first, out, cached
+
+
+async def in_worker(engine: Engine, fn: Callable[[], object]) -> None:
+    """Run `fn` on the engine's model worker thread (where every step's model and cache work runs)."""
+    await asyncio.get_running_loop().run_in_executor(engine._executor, fn)
+
+
+async def run(
+    settings: Settings, length: int, new: int, repeats: int, trace_dir: Path | None
+) -> list[list[str]]:
+    engine = await asyncio.to_thread(build_engine, settings)
+    engine.start()
+    rng, vocab = random.Random(0), int(engine.tokenizer.vocab_size)
+    words = lambda n: tuple(rng.randrange(3, vocab) for _ in range(n))
+    try:
+        prompt = words(length)
+        first_ttft, answer, _ = await turn(engine, "first", prompt, (length,), ANSWER)
+        history = (*prompt, *answer)
+        ttfts, cached, prof = [], [], None
+        for i in range(repeats):
+            follow = (*history, *words(new))
+            ends = (length, len(history), len(follow))
+            cuda = torch.cuda.is_available()
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+            if i == repeats - 1:  # the profiler records the thread it starts on: the engine's worker
+                prof = profile(activities=activities)
+                await in_worker(engine, prof.start)
+            ttft, _, hit = await turn(engine, f"follow-{i}", follow, ends, 1)
+            cached.append(hit)
+            if prof is not None:
+                await in_worker(engine, prof.stop)
+            ttfts.append(ttft)
+    finally:
+        await engine.stop()
+    if prof is not None:
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=30))
+        if trace_dir is not None:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace_dir / f"followup-{length}.json"))
+    return [[f"{length:,}", str(new), f"{1e3 * first_ttft:.1f}", f"{1e3 * statistics.median(ttfts):.1f}",
+             f"{1e3 * min(ttfts):.1f}", str(min(cached)), str(len(ttfts))]]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shape", default="demo", help="demo (the bundled model) or a random shape of bench._common"
+    )
+    parser.add_argument("--length", type=int, default=32_768)
+    parser.add_argument("--new", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hot-bytes", default="4GiB")
+    parser.add_argument("--cold-bytes", default="8GiB")
+    parser.add_argument("--trace-dir", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = (
+            bundled_model_dir()
+            if args.shape == "demo"
+            else write_random_model(Path(tmp) / args.shape, args.shape)
+        )
+        settings = Settings(
+            model=str(model), max_num_seqs=4, max_prompt_tokens=args.length + 4096,
+            hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
+        )  # fmt: skip
+        rows = asyncio.run(run(settings, args.length, args.new, args.repeats, args.trace_dir))
+    header = [
+        "prompt tokens",
+        "new tokens",
+        "first turn TTFT ms",
+        "follow-up TTFT p50 ms",
+        "min ms",
+        "fewest cached tokens",
+        "follow-ups",
+    ]
+    emit(markdown(header, rows), args.out)
+
+
+if __name__ == "__main__":
+    main()
