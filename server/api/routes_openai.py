@@ -287,6 +287,10 @@ def _encode_inline(tok: Any, texts: list[str]) -> list[list[int]] | None:
     return out
 
 
+def _encode_all(tok: Any, texts: list[str]) -> list[list[int]]:
+    return [tok.encode(t) for t in texts]
+
+
 async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[Prompt]:
     tok = engine.tokenizer
     raw = body.prompt
@@ -297,13 +301,9 @@ async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[P
     else:
         texts = None
     if texts is not None:
-        todo = texts
-        inline = _encode_inline(tok, todo)
-        encoded: list[list[int]] = (
-            inline
-            if inline is not None
-            else await anyio.to_thread.run_sync(lambda: [tok.encode(t) for t in todo])
-        )
+        encoded = _encode_inline(tok, texts)
+        if encoded is None:
+            encoded = await anyio.to_thread.run_sync(_encode_all, tok, texts)
         return [Prompt(tokens=tuple(ids), text=t) for ids, t in zip(encoded, texts, strict=True)]
     lists = [raw] if isinstance(raw[0], int) else raw
     prompts = []
