@@ -222,15 +222,18 @@ class GpuModelRunner(ModelRunner):
         if parts is None or graph_tokens > max(self.graph_waste * ids.numel(), self.graph_free_tokens):
             return self._prefill_padded(ids, lengths, slots, taps)
         assert self.row_graphs is not None
+        # one asynchronous copy of the rows' order: a `torch.tensor(..., device=cuda)` per part would wait
+        # for the GPU before each replay after the first
+        order = torch.tensor(ranked, dtype=torch.long).pin_memory().to(ids.device, non_blocking=True)
         done, outs = 0, []
         for count, bucket in parts:
             rows = ranked[done : done + count]
-            part_ids = ids[torch.tensor(rows, device=ids.device), : bucket[1]]
+            part_ids = ids[order[done : done + count], : bucket[1]]
             outs.append(
                 self.row_graphs.run(part_ids, [lengths[r] for r in rows], [slots[r] for r in rows], bucket)
             )
             done += count
-        inverse = torch.tensor(ranked, device=ids.device).argsort()
+        inverse = order.argsort()
         caps = [{n: self.pool.read(s)} if tp else {} for n, s, tp in zip(lengths, slots, taps, strict=True)]
         return torch.cat(outs)[inverse], caps
 
