@@ -12,7 +12,8 @@ A bucket (B, W) holds b <= B rows of at most W tokens. The static inputs are tok
 and slots (B,). Rows past b are padding: length 0, which passes a row's state through unchanged (dt = 0 and
 the conv state taken before its first input), on a slot outside the batch, so writing their states back
 rewrites that slot's own bytes. Captures inside a row are not taken here (a row's end is: its slot's new
-state); rows with interior captures run the eager pass. A pass of more rows than a bucket holds well is
+state); rows with interior captures run the eager pass, except a lone segment's one capture, which a forked
+row on a spare slot takes (`GpuModelRunner._prefill_forked`). A pass of more rows than a bucket holds well is
 cut into parts of consecutive rows (longest first), one replay each (`plan_parts`). Captures go through
 `gpu_graphs.GraphCapturer`, largest first so that smaller graphs reuse the pool's blocks; warm-up and
 capture runs have every length 0, so they change no slot.

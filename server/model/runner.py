@@ -104,11 +104,13 @@ class ModelRunner:
         device: str | torch.device | None = None,
         *,
         state_dtype: torch.dtype = torch.float32,
+        spare_slots: int = 0,
     ) -> None:
-        """`state_dtype`: the live ssm state's dtype, fp32 or bf16 (compute stays fp32; see `StatePool`)."""
+        """`state_dtype`: the live ssm state's dtype, fp32 or bf16 (compute stays fp32; see `StatePool`);
+        `spare_slots`: pool slots past `max_slots` that the runner keeps for itself."""
         self.model = model
         dev = device if device is not None else model.backbone.embedding.weight.device
-        self._setup_slots(model.cfg, max_slots, dev, model.dtype, state_dtype)
+        self._setup_slots(model.cfg, max_slots, dev, model.dtype, state_dtype, spare_slots)
         self.vocab = self.config.unpadded_vocab_size
 
     def _setup_slots(
@@ -118,13 +120,14 @@ class ModelRunner:
         device: str | torch.device,
         dtype: torch.dtype,
         state_dtype: torch.dtype,
+        spare: int = 0,
     ) -> None:
         """The live slots of `config`'s Mamba layers (every runner's; a hybrid's config counts its Mamba mixers)."""
         self.config: ModelConfig = config
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_slots = max_slots
-        self.pool = StatePool(config, max_slots, dtype, self.device, ssm_dtype=state_dtype)
+        self.pool = StatePool(config, max_slots, dtype, self.device, ssm_dtype=state_dtype, spare=spare)
 
     @property
     def computes_async(self) -> bool:

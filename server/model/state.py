@@ -8,6 +8,9 @@ The ssm dtype is fp32 (the default) or bf16 (`--state-dtype bf16`): the mixers c
 either, and the runner rounds the new state to the pool's dtype when it stores it. bf16 halves the
 ssm state's bytes per slot, which a large decode batch reads and writes every step.
 
+`spare` slots past `slots` are the runner's own scratch (a forked prefill row's state, `gpu_runner`): no
+request holds them and `check_slot` refuses them.
+
 A slot's state as named tensors (what the cache stores) drops the slot axis:
     "conv": (n_layer, c, k-1), "ssm": (n_layer, h, p, n) or (n_layer, e, n).
 """
@@ -33,12 +36,14 @@ class StatePool:
         dtype: torch.dtype,
         device: torch.device,
         ssm_dtype: torch.dtype = torch.float32,
+        spare: int = 0,
     ) -> None:
         if ssm_dtype not in STATE_DTYPES.values():
             raise ValueError(f"the live ssm state is fp32 or bf16, not {ssm_dtype}")
         self.cfg, self.slots = cfg, slots
-        self.conv = torch.zeros(cfg.n_layer, slots, cfg.conv_dim, cfg.d_conv - 1, dtype=dtype, device=device)
-        self.ssm = torch.zeros(cfg.n_layer, slots, *cfg.ssm_state_shape(), dtype=ssm_dtype, device=device)
+        rows = slots + spare
+        self.conv = torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(cfg.n_layer, rows, *cfg.ssm_state_shape(), dtype=ssm_dtype, device=device)
 
     def spec(self) -> StateSpec:
         return {

@@ -134,6 +134,54 @@ def test_short_rows_replay_batched_graphs_equal_to_the_eager_pass(
     assert _rel(graphed.decode(nxt, slots), eager.decode(nxt, slots)) < 1e-4
 
 
+# (length, captures): a follow-up captured at its user message's end, 3 tokens before the prompt's end; the
+# same with the end captured too; a capture on a chunk boundary; a row of the widest bucket
+FORKS = [(96, (93,)), (40, (37, 40)), (24, (cases.CHUNK,)), (500, (1,))]
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])  # one pass against two: TF32 apart
+@pytest.mark.parametrize("length,capture_at", FORKS)
+def test_a_lone_segment_with_one_inner_capture_runs_as_one_forked_replay(
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: str,
+    tol: float,
+    length: int,
+    capture_at: tuple[int, ...],
+) -> None:
+    """One replay of a two-row bucket (the segment, and its fork up to the capture on the spare slot) gives
+    the logits, captures and slot state of the prefill split at the capture, and leaves every other slot
+    as it was, bit for bit."""
+    model = load_model(model_dir, device="cuda", dtype=dtype)[1]
+    forked, split = (cases.restore_distinct_states(_gpu(model, **kw)) for kw in ({}, {"batch_graphs": False}))
+    before = {s: forked.capture(s) for s in range(cases.MAX_SLOTS)}
+    seg = PrefillSeg(cases.tokens(length, 3), 5, capture_at)
+    passes: list[str] = []  # prefill passes other than the forked replay
+    for name in ("_prefill_rows", "_prefill_segment"):
+        monkeypatch.setattr(forked, name, lambda *a, name=name: passes.append(name))
+    got, want = forked.prefill_batch([seg]), split.prefill_batch([seg])
+    assert passes == [] and forked.row_graphs is not None
+    assert [b for b, _ in forked.row_graphs._graphs] == [2]  # the one bucket that replayed
+    cases.assert_batch_matches(got, want, (forked, split), [seg], _within(tol))
+    assert sorted(got[0].captures) == sorted(capture_at)
+    for slot in set(range(cases.MAX_SLOTS)) - {seg.slot}:
+        for name, tensor in forked.capture(slot).items():
+            assert torch.equal(tensor, before[slot][name]), (slot, name)
+    assert _rel(forked.decode([7], [seg.slot]), split.decode([7], [seg.slot])) < tol
+
+
+def test_a_segment_among_others_is_not_forked(model_dir: Path) -> None:
+    """With other segments in the step (or no capture inside it) the segment takes the usual path: the spare
+    slot serves only a lone segment's fork."""
+    runner = _gpu(load_model(model_dir, device="cuda")[1])
+    segs = [PrefillSeg(cases.tokens(40, 1), 1, (37,)), PrefillSeg(cases.tokens(12, 2), 3, ())]
+    assert runner._fork_point(segs) is None
+    assert runner._fork_point(segs[1:]) is None
+    assert runner._fork_point(segs[:1]) == (37, (2, 128))
+    with pytest.raises(IndexError):
+        runner.prefill_batch([PrefillSeg(cases.tokens(4, 1), cases.MAX_SLOTS, ())])  # the spare slot
+
+
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])
 def test_batched_prefill_matches_the_cpu_path(model_dir: Path, dtype: str, tol: float) -> None:
     ref = cases.restore_distinct_states(ModelRunner(load_model(model_dir)[1], cases.MAX_SLOTS))

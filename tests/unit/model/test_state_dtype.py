@@ -63,6 +63,17 @@ def test_the_pool_refuses_other_ssm_dtypes(model: MambaLM) -> None:
         StatePool(model.cfg, 1, model.dtype, torch.device("cpu"), ssm_dtype=torch.float16)
 
 
+def test_spare_slots_are_allocated_but_refused_to_callers(model: MambaLM) -> None:
+    """A runner's spare slots (the GPU runner's forked row) sit past `slots` in the pool's tensors; no caller
+    can name them."""
+    pool = StatePool(model.cfg, 3, model.dtype, torch.device("cpu"), spare=1)
+    assert pool.slots == 3 and pool.conv.shape[1] == pool.ssm.shape[1] == 4
+    pool.read(2)
+    for use in (pool.read, pool.reset, pool.views):
+        with pytest.raises(IndexError):
+            use(3)
+
+
 def test_prefill_with_captures_stays_close_to_the_fp32_runner(model: MambaLM) -> None:
     fp32, bf16 = _pair(model)
     cuts = [3, CHUNK, 2 * CHUNK + 1]
