@@ -7,6 +7,10 @@ time to first token, and a torch profiler trace of the last one (CPU and CUDA op
 H200 in session 8).
 
     python -m bench.followup_trace [--shape demo|mamba2-2.7b|...] [--length 32768] [--new 96] [--repeats 5]
+        [--answer 16] [--tail 3] [--max-num-seqs 64]
+
+The defaults mirror `e2e_bench`'s follow-up: 16-token answers, the new message's end a capture candidate 3
+tokens before the prompt's end (where a chat template's generation prompt starts), the server's slot count.
 """
 
 from __future__ import annotations
@@ -55,7 +59,13 @@ async def in_worker(engine: Engine, fn: Callable[[], object]) -> None:
 
 
 async def run(
-    settings: Settings, length: int, new: int, repeats: int, trace_dir: Path | None
+    settings: Settings,
+    length: int,
+    new: int,
+    repeats: int,
+    trace_dir: Path | None,
+    answer_tokens: int,
+    tail: int,
 ) -> list[list[str]]:
     engine = await asyncio.to_thread(build_engine, settings)
     engine.start()
@@ -68,13 +78,15 @@ async def run(
         ttfts, cached, prof = [], [], None
         for i in range(repeats):
             follow = (*history, *words(new))
-            ends = (length, len(history), len(follow))
+            # a chat prompt's message ends: the first prompt, the answer, and the new message, `tail` tokens (a
+            # generation prompt) before the end
+            ends = (length, len(history), len(follow) - tail)
             cuda = torch.cuda.is_available()
             activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
             if i == repeats - 1:  # the profiler records the thread it starts on: the engine's worker
                 prof = profile(activities=activities)
                 await in_worker(engine, prof.start)
-            ttft, _, hit = await turn(engine, f"follow-{i}", follow, ends, 1)
+            ttft, _, hit = await turn(engine, f"follow-{i}", follow, ends, answer_tokens)
             cached.append(hit)
             if prof is not None:
                 await in_worker(engine, prof.stop)
@@ -87,8 +99,9 @@ async def run(
         if trace_dir is not None:
             trace_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(trace_dir / f"followup-{length}.json"))
+    each = " / ".join(f"{1e3 * t:.1f}" for t in ttfts)
     return [[f"{length:,}", str(new), f"{1e3 * first_ttft:.1f}", f"{1e3 * statistics.median(ttfts):.1f}",
-             f"{1e3 * min(ttfts):.1f}", str(min(cached)), str(len(ttfts))]]  # fmt: skip
+             f"{1e3 * min(ttfts):.1f}", each, str(min(cached)), str(len(ttfts))]]  # fmt: skip
 
 
 def main() -> None:
@@ -99,6 +112,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32_768)
     parser.add_argument("--new", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--answer", type=int, default=16, help="tokens each follow-up generates (e2e_bench: 16)"
+    )
+    parser.add_argument(
+        "--tail",
+        type=int,
+        default=3,
+        help="tokens after the new message's end (a generation prompt; 0: none)",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hot-bytes", default="4GiB")
     parser.add_argument("--cold-bytes", default="8GiB")
     parser.add_argument("--trace-dir", type=Path)
@@ -111,16 +134,19 @@ def main() -> None:
             else write_random_model(Path(tmp) / args.shape, args.shape)
         )
         settings = Settings(
-            model=str(model), max_num_seqs=4, max_prompt_tokens=args.length + 4096,
+            model=str(model), max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.length + 4096,
             hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
         )  # fmt: skip
-        rows = asyncio.run(run(settings, args.length, args.new, args.repeats, args.trace_dir))
+        rows = asyncio.run(
+            run(settings, args.length, args.new, args.repeats, args.trace_dir, args.answer, args.tail)
+        )
     header = [
         "prompt tokens",
         "new tokens",
         "first turn TTFT ms",
         "follow-up TTFT p50 ms",
         "min ms",
+        "each follow-up ms",
         "fewest cached tokens",
         "follow-ups",
     ]

@@ -18,10 +18,13 @@ def test_follow_ups_resume_and_the_last_one_is_traced(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = Settings(model=str(bundled_model_dir()), max_num_seqs=2, max_prompt_tokens=4096)
-    rows = asyncio.run(run(settings, length=512, new=32, repeats=2, trace_dir=tmp_path))
-    [[length, new, first, p50, low, cached, count]] = rows
+    rows = asyncio.run(
+        run(settings, length=512, new=32, repeats=2, trace_dir=tmp_path, answer_tokens=2, tail=3)
+    )
+    [[length, new, first, p50, low, each, cached, count]] = rows
     assert (length, new, count) == ("512", "32", "2")
     assert int(cached) >= 512  # every follow-up resumed at least past the first turn's prompt
     assert 0 < float(low) <= float(p50) and float(first) > 0
+    assert min(map(float, each.split(" / "))) == float(low)
     assert "aten::" in capsys.readouterr().out  # the worker thread's ops were recorded
     assert (tmp_path / "followup-512.json").stat().st_size > 0
