@@ -186,6 +186,19 @@ def upstream_tok_s(upstream: Any, batches: tuple[int, ...], plan: Plan) -> dict[
     return out
 
 
+def upstream_prefill_ms(upstream: Any, plan: Plan) -> float:
+    """Milliseconds of upstream's forward over the burst's prompts (`plan.burst` rows of `plan.burst_tokens`
+    tokens, the last token's logits only; the second of two runs): how fast its kernels prefill that batch,
+    a reference for the runner's `prefill_batch` of the same rows (which also keeps every row's state)."""
+    import torch
+
+    ids = torch.randint(0, upstream.config.vocab_size, (plan.burst, plan.burst_tokens), device="cuda")
+    with torch.inference_mode():
+        for _ in range(2):
+            elapsed = _timed_ms(ids.device, lambda: upstream(ids, num_last_tokens=1))
+    return elapsed
+
+
 def runner_timings(model_dir: Path, plan: Plan) -> tuple[dict[int, float], float]:
     """The runner's own decode step per batch, and its batched prefill of the burst's prompts (`plan.burst`
     rows of `plan.burst_tokens` tokens, one `prefill_batch`), on the weights and dtype the server loads."""
@@ -438,7 +451,8 @@ def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -
 TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
 STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
-BURST_HEADER = ["prompts x tokens", "runner prefill_batch ms", "server TTFT p50 ms", "TTFT / prefill"]
+BURST_HEADER = ["prompts x tokens", "upstream forward ms", "runner prefill_batch ms", "server TTFT p50 ms",
+                "TTFT / prefill"]  # fmt: skip
 ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "long prefills",
               "their TTFT p50 ms"]  # fmt: skip
 FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
@@ -469,10 +483,11 @@ def tput_phase_rows(samples: dict[str, list[Sample]], phases: dict[str, PhaseSum
     return rows
 
 
-def burst_row(plan: Plan, prefill_ms: float, burst: Stats | None) -> list[str]:
+def burst_row(plan: Plan, done: InProcess, burst: Stats | None) -> list[str]:
     ttft = burst.ttft50 if burst is not None else float("nan")
     shape = f"{plan.burst} x {plan.burst_tokens}"
-    return [shape, f"{prefill_ms:.1f}", ms(ttft), ratio(ttft * 1e3, prefill_ms)]
+    upstream = f"{done.upstream_burst_ms:.1f}" if done.upstream_burst_ms == done.upstream_burst_ms else "-"
+    return [shape, upstream, f"{done.burst_ms:.1f}", ms(ttft), ratio(ttft * 1e3, done.burst_ms)]
 
 
 def step_rows(steps: dict[int, float], stats: dict[int, Stats]) -> list[list[str]]:
@@ -556,6 +571,7 @@ class InProcess:
     upstream: dict[int, float]  # batch -> upstream generate tok/s
     steps: dict[int, float]  # batch -> the runner's step, ms
     burst_ms: float  # the runner's batched prefill of the burst's prompts, ms (nan: not measured)
+    upstream_burst_ms: float  # upstream's forward over the same rows, ms (nan: not measured)
     note: str  # why upstream is missing, if it is
 
 
@@ -565,9 +581,12 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
         prep = prepare(shape, tmp)
     upstream: dict[int, float] = {}
     steps: dict[int, float] = {}
+    upstream_burst = float("nan")
     if prep.upstream is not None and "tput" in sections:
         with timed(f"{shape}: upstream generate"):
             upstream = upstream_tok_s(prep.upstream, batches, ctx.plan)
+    if prep.upstream is not None and "step" in sections:
+        upstream_burst = upstream_prefill_ms(prep.upstream, ctx.plan)
     model_dir, note = prep.model_dir, prep.note
     del prep
     free_device()
@@ -576,7 +595,7 @@ def in_process(ctx: Context, shape: str, tmp: Path) -> tuple[Path, InProcess]:
         with timed(f"{shape}: runner step"):
             steps, burst = runner_timings(model_dir, ctx.plan)
     free_device()
-    return model_dir, InProcess(upstream, steps, burst, note)
+    return model_dir, InProcess(upstream, steps, burst, upstream_burst, note)
 
 
 def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
@@ -595,7 +614,7 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
         if ctx.args.sections <= {"step"}:
             ctx.rep.table("the runner's own decode step", STEP_HEADER, step_rows(done.steps, {}))
             title = "the runner's own batched prefill of the burst against the server's TTFT"
-            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done.burst_ms, None)])
+            ctx.rep.table(title, BURST_HEADER, [burst_row(ctx.plan, done, None)])
             return
         with servers(model_dir, flag_sets, ctx.plan.client_procs) as started, timed(f"{shape}: {variant}"):
             serve_sections(ctx, started, Texts(model_dir), done)
@@ -619,7 +638,7 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))
     if done.burst_ms == done.burst_ms:
         title = "the runner's own batched prefill of the burst against the server's TTFT"
-        rep.table(title, BURST_HEADER, [burst_row(plan, done.burst_ms, burst)])
+        rep.table(title, BURST_HEADER, [burst_row(plan, done, burst)])
     if "itl" in sections and not budget.over():
         with timed("itl"):
             rows = section_itl(started[0], texts, plan)
