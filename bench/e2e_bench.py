@@ -189,10 +189,14 @@ def upstream_tok_s(upstream: Any, batches: tuple[int, ...], plan: Plan) -> dict[
 def upstream_prefill_ms(upstream: Any, plan: Plan) -> float:
     """Milliseconds of upstream's forward over the burst's prompts (`plan.burst` rows of `plan.burst_tokens`
     tokens, the last token's logits only; the second of two runs): how fast its kernels prefill that batch,
-    a reference for the runner's `prefill_batch` of the same rows (which also keeps every row's state)."""
+    a reference for the runner's `prefill_batch` of the same rows (which also keeps every row's state). Its
+    mixers take the path `generate()`'s prefill takes (not the fused one, which needs causal-conv1d's CUDA
+    extension)."""
     import torch
 
     ids = torch.randint(0, upstream.config.vocab_size, (plan.burst, plan.burst_tokens), device="cuda")
+    for layer in upstream.backbone.layers:
+        layer.mixer.use_mem_eff_path = False
     with torch.inference_mode():
         for _ in range(2):
             elapsed = _timed_ms(ids.device, lambda: upstream(ids, num_last_tokens=1))
