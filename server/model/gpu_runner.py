@@ -19,7 +19,7 @@ model dtype). What differs is how the work runs:
 - a lone segment of up to 512 tokens with one capture inside it (a chat follow-up, captured at the user
   message's end, a few tokens before the prompt's end) replays one two-row bucket: the segment, and a fork
   of its first tokens up to the capture on the pool's spare slot, both from the slot's state
-  (`_prefill_forked`): one replay instead of two, each mostly fixed latency (~9 and ~6 ms on 2.7b);
+  (`_prefill_forked`): one replay instead of two (on an H200, ~1.5 ms less of a 2.7b follow-up's server time);
 - decode: each layer updates the live pool in place through slot indices (no gather / scatter), and the
   whole step (embedding to logits) replays as one CUDA graph per batch bucket (1, 2, 4, ..., 256, up to
   max_slots); rows past the batch are padding (slot -1). Inputs go through pinned host buffers copied
@@ -255,8 +255,9 @@ class GpuModelRunner(ModelRunner):
     def _fork_point(self, segs: Sequence[PrefillSeg]) -> tuple[int, Bucket] | None:
         """(the capture position, the bucket of two rows) when `segs` is one segment of at most a row bucket's
         width with exactly one capture before its end: a chat follow-up, captured at the user message's end,
-        a few tokens before the generation prompt's. Split there, it costs two replays of the whole model,
-        each mostly fixed small-kernel latency (~9 + ~6 ms on mamba2-2.7b); forked, one. Else None."""
+        a few tokens before the generation prompt's. Split there, it costs two replays of the whole model (a
+        128-token piece is ~9 ms of GPU work on mamba2-2.7b, mostly small kernels' fixed latency, and the
+        3-token rest a 16-token piece); forked, one replay of a 2 x 128 bucket (~10.5 ms). Else None."""
         if len(segs) != 1 or self.row_graphs is None:
             return None
         n = len(segs[0].tokens)
