@@ -21,7 +21,6 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,11 +52,6 @@ async def turn(
     return first, out, cached
 
 
-async def in_worker(engine: Engine, fn: Callable[[], object]) -> None:
-    """Run `fn` on the engine's model worker thread (where every step's model and cache work runs)."""
-    await asyncio.get_running_loop().run_in_executor(engine._executor, fn)
-
-
 async def run(
     settings: Settings,
     length: int,
@@ -85,11 +79,11 @@ async def run(
             activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
             if i == repeats - 1:  # the profiler records the thread it starts on: the engine's worker
                 prof = profile(activities=activities)
-                await in_worker(engine, prof.start)
+                await engine.in_worker(prof.start)
             ttft, _, hit = await turn(engine, f"follow-{i}", follow, ends, answer_tokens)
             cached.append(hit)
             if prof is not None:
-                await in_worker(engine, prof.stop)
+                await engine.in_worker(prof.stop)
             ttfts.append(ttft)
     finally:
         await engine.stop()

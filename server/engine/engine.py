@@ -298,7 +298,9 @@ class Engine:
                 for seq in [self._seqs[e.request_id] for e in self._scheduler.running()]:
                     self._end(seq, error=exc)
 
-    async def _in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """fn(*args, **kwargs) on the model worker thread, where every step's model and cache work runs, in
+        turn with the steps (also for diagnostics: a profiler records the thread it is started on)."""
         if self._executor is None:
             raise EngineNotReady("the engine is not running")
         call = functools.partial(fn, *args, **kwargs)
@@ -318,14 +320,14 @@ class Engine:
             return
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
         seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
-        self._apply(await self._in_worker(self._worker.execute, plan, seq_of))
+        self._apply(await self.in_worker(self._worker.execute, plan, seq_of))
 
     async def _admit(self, seqs: list[Seq]) -> None:
         now = time.monotonic()
         for seq in seqs:
             seq.t_admitted = now
             self._metrics.observe_queue(now - seq.t_queued)
-        outcomes = await self._in_worker(self._worker.admit, seqs)
+        outcomes = await self.in_worker(self._worker.admit, seqs)
         for seq, n in zip(seqs, outcomes, strict=True):
             if self._seqs.get(seq.request_id) is not seq:
                 continue  # aborted while the worker restored it

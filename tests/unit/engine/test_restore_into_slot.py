@@ -5,6 +5,7 @@ corrupt disk file) leaves a reset slot; through the engine, concurrent requests 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from cache.config import CacheConfig
 from cache.manager import StateCache
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, EngineNotReady
 from server.engine.request import Seq
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.worker import ModelWorker
@@ -175,3 +176,24 @@ async def test_engine_follow_up_beside_live_requests(model_dir: Path) -> None:
     cold = await _run_each_alone(model_dir, [_req("cold", turn2, max_tokens=8), long_a, long_b])
     assert _tokens(follow) == cold[0]
     assert [_tokens([f, *r]) for f, r in zip(firsts, rests, strict=True)] == cold[1:]
+
+
+def test_in_worker_runs_on_the_model_thread_between_steps(model_dir: Path) -> None:
+    """`Engine.in_worker` runs a call on the thread that runs every step (what a profiler must start on), and
+    refuses once the engine has stopped."""
+
+    async def go() -> tuple[str, str]:
+        engine = _make_engine(model_dir, slots=2, cache=False)
+        engine.start()
+        try:
+            step_thread = await engine.in_worker(lambda: threading.current_thread().name)
+            tokens = _tokens([e async for e in engine.generate(_req("a", _prompt(12, 1)))])
+            assert len(tokens) == 4
+        finally:
+            await engine.stop()
+        with pytest.raises(EngineNotReady):
+            await engine.in_worker(lambda: None)
+        return step_thread, threading.current_thread().name
+
+    worker, caller = asyncio.run(go())
+    assert worker.startswith("tssc-model") and worker != caller
