@@ -2,7 +2,8 @@
 
     python -m bench.e2e_bench [--shape mamba2-2.7b mamba2-130m] [--sections step,tput,itl,followup]
                               [--quick | --smoke] [--cache-args "--hot-bytes 4GiB ..."] [--out BENCHMARKS.md]
-                              [--deadline SECONDS] [--commit SHA] [--client-procs N]
+                              [--deadline SECONDS] [--commit SHA] [--client-procs N] [--variants ...]
+                              [--profile-followups DIR]
 
 For each shape a random-weight model of that shape (vocab: the demo tokenizer's, so that it streams text)
 is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights in this process. Then:
@@ -15,14 +16,16 @@ is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights i
   itl       ITL p50/p99 of 16 streams alone, then while 2 more clients send 8k-token prompts in a loop
             (target: p99 <= 3x p50 with prefills in flight);
   followup  8k / 32k / 128k-token conversations: TTFT of the first turn and of a follow-up turn (+64
-            tokens) on the cache server and on a second server started with `--no-cache`.
+            tokens) on the cache server and on a second server started with `--no-cache`, each server's
+            conversations on one kept connection; with `--profile-followups DIR`, a torch profiler trace
+            of each follow-up's steps on the cache server (its TTFT then includes the profiler's cost).
 The step table sets the runner's step beside the server's ITL p50 (target at batch 64: ITL <= 1.5x step).
 Each table is printed and appended to `--out` as soon as it is measured, under a header with the card,
 shape, dtype, commit and both servers' flags. Without CUDA or mamba_ssm the upstream column says why it is
 empty; `--shape demo --smoke` serves the bundled demo model on CPU in about half a minute (the unit test).
 Clients run in `--client-procs` processes so that 64 streams are not limited by one Python client.
-Expected, not yet measured: 3-4 minutes for mamba2-2.7b with --quick on one H200 once Triton's cache is warm
-(about 2 for mamba2-130m); the full plan adds about 2 minutes a shape.
+Measured on an H200: about 3.5 minutes for mamba2-2.7b's tput section with --quick and two variants, 3.5
+for its followup section with two variants (the full plan), 3 for step and itl with --quick.
 """
 
 from __future__ import annotations
@@ -418,9 +421,10 @@ class Turns:
 
 
 async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: Plan, length: int,
-                seed: int) -> Turns:  # fmt: skip
+                seed: int, profile: bool = False) -> Turns:  # fmt: skip
     """Turn 1: one user message of `length` tokens; turn 2, the follow-up, adds ~`followup_new` more. Both on
-    `client`'s open connection, as a chat client sends its turns."""
+    `client`'s open connection, as a chat client sends its turns. With `profile`, the server (started with
+    --profile-dir) records the follow-up's steps (its TTFT then includes the profiler's cost)."""
     rng, session = random.Random(seed), f"e2e-{length}-{seed}"
     headers = {"X-Session-ID": session}
     messages = [{"role": "user", "content": texts.text(length, rng)}]
@@ -429,13 +433,24 @@ async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: P
     between = phase_totals(server.url)
     messages += [{"role": "assistant", "content": first.text}]
     messages += [{"role": "user", "content": texts.text(plan.followup_new, rng)}]
+    if profile:
+        (await client.post("/start_profile")).raise_for_status()
     second = await stream(client, CHAT, chat_body(server.model, messages, plan.answer_tokens, True), headers)
+    if profile:
+        stopped = await client.post("/stop_profile")
+        stopped.raise_for_status()
+        print(f"[e2e] follow-up of {length:,} tokens traced: {stopped.json()['trace']}", flush=True)
     phases = (phase_delta(before, between), phase_delta(between, phase_totals(server.url)))
     return Turns(first, second, phases)
 
 
 async def _talks(
-    server: Server, texts: Texts, plan: Plan, keys: list[tuple[int, int]], budget: Budget | None
+    server: Server,
+    texts: Texts,
+    plan: Plan,
+    keys: list[tuple[int, int]],
+    budget: Budget | None,
+    profile: bool,
 ) -> Runs:
     """The conversations on one client, warmed by a short completion first: a client's first request pays for
     its connection and its own set-up (4-11 ms on a 2-core CPU), which no follow-up of a chat client that keeps
@@ -447,16 +462,21 @@ async def _talks(
         for key in keys:
             if runs and budget is not None and budget.over():
                 break
-            runs[key] = await _talk(client, server, texts, plan, *key)
+            runs[key] = await _talk(client, server, texts, plan, *key, profile=profile)
     return runs
 
 
 def conversations(
-    server: Server, texts: Texts, plan: Plan, keys: list[tuple[int, int]], budget: Budget | None = None
+    server: Server,
+    texts: Texts,
+    plan: Plan,
+    keys: list[tuple[int, int]],
+    budget: Budget | None = None,
+    profile: bool = False,
 ) -> Runs:
     """Per (length, seed) key, a conversation of that many tokens and its follow-up (session
-    e2e-{length}-{seed}), one after another while the budget lasts."""
-    return asyncio.run(_talks(server, texts, plan, keys, budget))
+    e2e-{length}-{seed}), one after another while the budget lasts; `profile`: see `_talk`."""
+    return asyncio.run(_talks(server, texts, plan, keys, budget, profile))
 
 
 def conversation(server: Server, texts: Texts, plan: Plan, length: int, seed: int) -> Turns:
@@ -464,10 +484,10 @@ def conversation(server: Server, texts: Texts, plan: Plan, length: int, seed: in
     return conversations(server, texts, plan, [(length, seed)])[(length, seed)]
 
 
-def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget) -> Runs:
+def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget, profile: bool) -> Runs:
     """Each conversation length `repeats` times (fresh text and session each) while the budget lasts."""
     keys = [(length, seed) for length in plan.followup_lengths for seed in range(plan.repeats)]
-    return conversations(server, texts, plan, keys, budget)
+    return conversations(server, texts, plan, keys, budget, profile)
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -631,6 +651,8 @@ def run_shape(ctx: Context, shape: str, tmp: Path) -> None:
             print(f"skipped variant {variant!r}: past --deadline", flush=True)
             continue
         cache_args = f"{ctx.args.cache_args} {variant}".strip()
+        if ctx.args.profile_followups is not None:
+            cache_args += f" --profile-dir {shlex.quote(str(ctx.args.profile_followups))}"
         flag_sets = [server_flags(ctx.plan, cache_args, cache=True)]
         if "followup" in ctx.args.sections:
             flag_sets.append(server_flags(ctx.plan, cache_args, cache=False))
@@ -674,7 +696,8 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
 
 def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
     plan = ctx.plan
-    on = section_followup(started[0], texts, plan, ctx.budget.section(plan.section_seconds))
+    profile = ctx.args.profile_followups is not None
+    on = section_followup(started[0], texts, plan, ctx.budget.section(plan.section_seconds), profile)
     off = conversations(started[1], texts, plan, list(on))
     title = f"follow-up turn (+{plan.followup_new} tokens) TTFT, state cache vs --no-cache"
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on, off, first=False))
@@ -711,6 +734,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "argparse takes it for an option of this bench",
     )
     parser.add_argument("--client-procs", type=int, help="client processes (default: the plan's)")
+    parser.add_argument(
+        "--profile-followups",
+        type=Path,
+        metavar="DIR",
+        help="record each follow-up turn on the cache server with the torch profiler (--profile-dir DIR), "
+        "its Chrome trace into DIR; those turns' TTFTs include the profiler's cost",
+    )
     parser.add_argument("--deadline", type=float, default=3600.0, help="seconds; no section starts after it")
     parser.add_argument("--commit", default="", help="the commit to print (default: git, else ./COMMIT)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))

@@ -176,6 +176,11 @@ class Settings(BaseSettings):
         description="Log lines as text or json (one object a line); auto: text on a terminal, else json.",
     )
     log_session_ids: bool = Field(True, description="Write session ids into the logs (access log included).")
+    profile_dir: Path | None = Field(
+        None,
+        description="Directory for torch profiler traces of the model worker thread; when set, POST "
+        "/start_profile and POST /stop_profile record one (off when unset).",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""GET /health, GET /metrics, GET and DELETE /v1/sessions/{id}."""
+"""GET /health, GET /metrics, GET and DELETE /v1/sessions/{id}, POST /start_profile and /stop_profile."""
 
 from __future__ import annotations
 
@@ -95,3 +95,32 @@ async def delete_session(session_id: SessionPath, request: Request, namespace: N
         raise _not_found(session_id)
     app_state(request).chat_encoder(engine.tokenizer).forget((namespace, session_id))
     return SessionDeleted(id=session_id, bytes_freed=freed)
+
+
+# ---- profiling (--profile-dir) -------------------------------------------------------------------
+
+
+def _profiling_engine(request: Request) -> EngineLike:
+    state = app_state(request)
+    if state.settings.profile_dir is None:
+        raise APIError(404, "Profiling is off: start the server with --profile-dir.", code="profiling_off")
+    return state.require_engine()
+
+
+@router.post("/start_profile", responses={**ERRORS, 409: ERRORS[400]})
+async def start_profile(request: Request, namespace: Namespace) -> JSONResponse:
+    """Start a torch profiler recording of the model worker thread (409 if one runs already)."""
+    if not await _ask(_profiling_engine(request).start_profile()):
+        raise APIError(
+            409, "A profile is being recorded already: POST /stop_profile first.", code="profiling"
+        )
+    return JSONResponse({"status": "recording"})
+
+
+@router.post("/stop_profile", responses={**ERRORS, 409: ERRORS[400]})
+async def stop_profile(request: Request, namespace: Namespace) -> JSONResponse:
+    """Stop the recording and write its Chrome trace into --profile-dir (409 if none runs)."""
+    trace = await _ask(_profiling_engine(request).stop_profile())
+    if trace is None:
+        raise APIError(409, "No profile is being recorded: POST /start_profile first.", code="not_profiling")
+    return JSONResponse({"status": "written", "trace": trace})

@@ -53,6 +53,10 @@ class EngineLike(Protocol):
 
     async def delete_session(self, namespace: str, session_id: str) -> int | None: ...
 
+    async def start_profile(self) -> bool: ...
+
+    async def stop_profile(self) -> str | None: ...
+
 
 @dataclass
 class AppState:

@@ -193,6 +193,14 @@ class EngineClient:
         freed: int | None = await self._query("delete_session", namespace, session_id)
         return freed
 
+    async def start_profile(self) -> bool:
+        started: bool = await self._query("start_profile")
+        return started
+
+    async def stop_profile(self) -> str | None:
+        trace: str | None = await self._query("stop_profile")
+        return trace
+
     async def _query(self, name: QueryName, *args: str) -> Any:
         if not self.ready:
             raise EngineNotReady("the engine is not running")

@@ -24,9 +24,11 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
+from server.engine.profiling import WorkerProfiler
 from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
@@ -84,7 +86,9 @@ class Engine:
         *,
         metrics: RequestMetrics | None = None,
         config: EngineConfig | None = None,
+        profile_dir: Path | None = None,
     ) -> None:
+        """`profile_dir`: where `stop_profile` writes the worker thread's torch profiler traces (None: off)."""
         self.config = config or EngineConfig(max_slots=runner.max_slots)
         if self.config.max_slots > runner.max_slots:
             raise ValueError("max_slots exceeds the runner's live slots")
@@ -102,6 +106,7 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
+        self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -153,6 +158,23 @@ class Engine:
         if cache is None or cache.session_info(namespace, session_id) is None:
             return None
         return int(await asyncio.to_thread(cache.delete_session, namespace, session_id))
+
+    # ---- profiling (the admin routes, with --profile-dir) ------------------------------------
+
+    async def start_profile(self) -> bool:
+        """Start a torch profiler recording of the model worker thread; False if one runs already."""
+        return await self.in_worker(self._need_profiler().start)
+
+    async def stop_profile(self) -> str | None:
+        """Stop the recording and write its Chrome trace; the file's path, or None if none ran."""
+        profiler = self._need_profiler()
+        prof = await self.in_worker(profiler.stop)
+        return None if prof is None else str(await asyncio.to_thread(profiler.export, prof))
+
+    def _need_profiler(self) -> WorkerProfiler:
+        if self._profiler is None:
+            raise EngineError("profiling is off: start the server with --profile-dir")
+        return self._profiler
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -271,4 +271,5 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             short_prompt=defaults.short_prompt,
             decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),
+        profile_dir=settings.profile_dir,
     )

@@ -38,7 +38,7 @@ from server.engine.types import (
 if TYPE_CHECKING:
     from server.metrics import LookupScope, Metrics
 
-QueryName = Literal["stats", "session_info", "delete_session"]
+QueryName = Literal["stats", "session_info", "delete_session", "start_profile", "stop_profile"]
 FailureKind = Literal["invalid", "shutdown", "not_ready", "error"]
 Observation = tuple[str, tuple[Any, ...]]  # a `Metrics` method's name and its positional arguments
 MODEL_INFO_FIELDS = ("model", "arch", "dtype", "device")  # `Metrics.set_model_info`'s keywords

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,18 @@ def test_variants_serve_the_sections_once_per_flag_set(tmp_path: Path) -> None:
     assert servers[1].endswith("--decode-prefill-budget 8`")
     assert servers[2].endswith("--gil-switch-interval-ms=1`")
     assert text.count("### throughput and latency") == 3
+
+
+@pytest.mark.slow
+def test_profiled_follow_ups_leave_a_trace_each(tmp_path: Path) -> None:
+    """--profile-followups starts the cache server with --profile-dir and records every follow-up turn: one
+    Chrome trace per conversation, holding the model's ops, and the follow-up table as usual."""
+    traces = tmp_path / "traces"
+    text = _run_smoke(tmp_path / "bench.md", "--sections", "followup", "--profile-followups", str(traces))
+    assert f"--profile-dir {traces}" in text  # the cache server's flags
+    files = sorted(traces.glob("*.json"))
+    assert len(files) == 2  # the smoke plan's two conversation lengths, one run each
+    for path in files:
+        names = {e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]}
+        assert any(n.startswith("aten::") for n in names)
+    assert [row[0] for row in _table(_tables(text), "follow-up turn")[1:]] == ["256", "512"]
