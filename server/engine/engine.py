@@ -78,6 +78,8 @@ class EngineConfig:
 class Engine:
     """Continuous-batching generation over a `ModelRunner`, resuming prompts from a state cache."""
 
+    profile_max_seconds = 60.0  # a profiler recording stops by itself after this long
+
     def __init__(
         self,
         runner: ModelRunner,
@@ -107,6 +109,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
         self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
+        self._profile_timer: asyncio.Task[None] | None = None
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -162,14 +165,27 @@ class Engine:
     # ---- profiling (the admin routes, with --profile-dir) ------------------------------------
 
     async def start_profile(self) -> bool:
-        """Start a torch profiler recording of the model worker thread; False if one runs already."""
-        return await self.in_worker(self._need_profiler().start)
+        """Start a torch profiler recording of the model worker thread; False if one runs already. It stops
+        by itself after `profile_max_seconds` (its trace written then), so that a client that never stops
+        it cannot grow the profiler's buffers without bound."""
+        started = await self.in_worker(self._need_profiler().start)
+        if started:
+            self._profile_timer = asyncio.get_running_loop().create_task(self._stop_profile_later())
+        return started
 
     async def stop_profile(self) -> str | None:
         """Stop the recording and write its Chrome trace; the file's path, or None if none ran."""
         profiler = self._need_profiler()
+        timer, self._profile_timer = self._profile_timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
         prof = await self.in_worker(profiler.stop)
         return None if prof is None else str(await asyncio.to_thread(profiler.export, prof))
+
+    async def _stop_profile_later(self) -> None:
+        await asyncio.sleep(self.profile_max_seconds)
+        trace = await self.stop_profile()
+        log.warning("a profile ran %.0f s without a stop: stopped, trace %s", self.profile_max_seconds, trace)
 
     def _need_profiler(self) -> WorkerProfiler:
         if self._profiler is None:
@@ -199,10 +215,11 @@ class Engine:
 
     async def stop(self) -> None:
         """Fail every open request with `EngineError`, stop the loop and the worker, close the cache."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for task in (self._task, self._profile_timer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._profile_timer = None
         for seq in list(self._seqs.values()):
             self._end(seq, error=EngineError("the engine stopped"))
         executor, self._executor = self._executor, None

@@ -13,7 +13,7 @@ import pytest
 from tests.integration.conftest import COMMON, MODEL
 from tests.integration.server_proc import ServerProc, start_server
 
-BODY = {"model": MODEL, "prompt": "profile me", "max_tokens": 4}
+BODY = {"model": MODEL, "prompt": "profile me", "max_tokens": 4, "ignore_eos": True}
 
 
 def _complete(client: httpx.Client) -> None:
