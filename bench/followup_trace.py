@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from bench._common import emit, markdown, write_random_model
 from server.engine.engine import Engine
 from server.engine.factory import build_engine
+from server.engine.profiling import WorkerProfiler
 from server.engine.types import GenerationRequest, SamplingParams
 from server.model.defaults import bundled_model_dir
 from server.settings import Settings
@@ -70,20 +70,19 @@ async def run(
         first_ttft, answer, _ = await turn(engine, "first", prompt, (length,), ANSWER)
         history = (*prompt, *answer)
         ttfts, cached, prof = [], [], None
+        profiler = WorkerProfiler(trace_dir or Path())  # what the server's --profile-dir records
         for i in range(repeats):
             follow = (*history, *words(new))
             # a chat prompt's message ends: the first prompt, the answer, and the new message, `tail` tokens (a
             # generation prompt) before the end
             ends = (length, len(history), len(follow) - tail)
-            cuda = torch.cuda.is_available()
-            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-            if i == repeats - 1:  # the profiler records the thread it starts on: the engine's worker
-                prof = profile(activities=activities)
-                await engine.in_worker(prof.start)
+            last = i == repeats - 1
+            if last:  # the profiler records the thread it starts on: the engine's worker
+                await engine.in_worker(profiler.start)
             ttft, _, hit = await turn(engine, f"follow-{i}", follow, ends, answer_tokens)
             cached.append(hit)
-            if prof is not None:
-                await engine.in_worker(prof.stop)
+            if last:
+                prof = await engine.in_worker(profiler.stop)
             ttfts.append(ttft)
     finally:
         await engine.stop()

@@ -229,7 +229,7 @@ class GpuModelRunner(ModelRunner):
         assert self.row_graphs is not None
         # one asynchronous copy of the rows' order: a `torch.tensor(..., device=cuda)` per part would wait
         # for the GPU before each replay after the first
-        order = torch.tensor(ranked, dtype=torch.long).pin_memory().to(ids.device, non_blocking=True)
+        order = self._to_device(ranked)
         done, outs = 0, []
         for count, bucket in parts:
             rows = ranked[done : done + count]
@@ -261,23 +261,24 @@ class GpuModelRunner(ModelRunner):
         if len(segs) != 1 or self.row_graphs is None:
             return None
         n = len(segs[0].tokens)
-        inside = {p for p in segs[0].capture_at if p < n}
-        parts = self.row_graphs.parts([n, min(inside, default=0)]) if len(inside) == 1 else None
-        if parts is None or len(parts) != 1:
+        inside = [p for p in set(segs[0].capture_at) if p < n]
+        if len(inside) != 1:
             return None
-        return inside.pop(), parts[0][1]
+        parts = self.row_graphs.parts([n, inside[0]])
+        return (inside[0], parts[0][1]) if parts is not None and len(parts) == 1 else None
 
     def _prefill_forked(self, seg: PrefillSeg, at: int, bucket: Bucket) -> PrefillResult:
         """The segment and its first `at` tokens as two rows of one batched replay, both from the slot's state:
         the fork's row runs on the pool's spare slot (a copy of the slot's state first), whose state after it
         is the capture at `at`; the segment's row continues the slot as one unsplit pass would."""
-        pool, n, fork = self.pool, len(seg.tokens), self.pool.slots  # the spare slot
+        pool, n = self.pool, len(seg.tokens)
         assert self.row_graphs is not None
-        for states in (pool.conv, pool.ssm):
-            states[:, fork].copy_(states[:, seg.slot])
+        fork = pool.spare_views()
+        for name, view in pool.views(seg.slot).items():
+            fork[name].copy_(view)
         ids = self._padded_ids([seg.tokens, seg.tokens[:at]])  # (2, w)
-        logits = self.row_graphs.run(ids, [n, at], [seg.slot, fork], bucket)
-        caps: Captures = {at: {"conv": pool.conv[:, fork].clone(), "ssm": pool.ssm[:, fork].clone()}}
+        logits = self.row_graphs.run(ids, [n, at], [seg.slot, pool.slots], bucket)  # the spare: row `slots`
+        caps: Captures = {at: {name: view.clone() for name, view in fork.items()}}
         if n in seg.capture_at:
             caps[n] = pool.read(seg.slot)
         return PrefillResult(last_logits=logits[0, : self.vocab], captures=caps)
@@ -337,10 +338,14 @@ class GpuModelRunner(ModelRunner):
         return logits, caps
 
     def _token_ids(self, tokens: Sequence[int]) -> Tensor:
-        host = torch.as_tensor(list(tokens), dtype=torch.long)
+        return self._to_device(tokens)[None]  # (1, l)
+
+    def _to_device(self, values: Sequence[int]) -> Tensor:
+        """Integers as a (n,) long device tensor, through pinned memory on CUDA: a non-blocking copy."""
+        host = torch.as_tensor(list(values), dtype=torch.long)
         if self._pinned():
             host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)[None]  # (1, l)
+        return host.to(self.device, non_blocking=True)
 
     def _pinned(self) -> bool:
         return self.device.type == "cuda"

@@ -59,7 +59,16 @@ class StatePool:
         """One slot's state as views into the pool (no copy; writing them writes the slot):
         "conv": (n_layer, c, k-1) with strides (slots*c*(k-1), k-1, 1), "ssm": (n_layer, ...) likewise."""
         self.check_slot(slot)
-        return {"conv": self.conv[:, slot], "ssm": self.ssm[:, slot]}
+        return self._row(slot)
+
+    def spare_views(self, i: int = 0) -> dict[str, Tensor]:
+        """Spare slot i's state as views, like `views` (the runner's own scratch; no request holds it)."""
+        if not 0 <= i < self.conv.shape[1] - self.slots:
+            raise IndexError(f"spare slot {i} out of range [0, {self.conv.shape[1] - self.slots})")
+        return self._row(self.slots + i)
+
+    def _row(self, row: int) -> dict[str, Tensor]:
+        return {"conv": self.conv[:, row], "ssm": self.ssm[:, row]}
 
     def read(self, slot: int) -> dict[str, Tensor]:
         """A copy of one slot's state."""

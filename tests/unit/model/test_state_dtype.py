@@ -72,6 +72,9 @@ def test_spare_slots_are_allocated_but_refused_to_callers(model: MambaLM) -> Non
     for use in (pool.read, pool.reset, pool.views):
         with pytest.raises(IndexError):
             use(3)
+    assert pool.spare_views()["ssm"].data_ptr() == pool.ssm[:, 3].data_ptr()
+    with pytest.raises(IndexError):
+        pool.spare_views(1)
 
 
 def test_prefill_with_captures_stays_close_to_the_fp32_runner(model: MambaLM) -> None:
