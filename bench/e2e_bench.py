@@ -441,7 +441,17 @@ async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: P
         stopped.raise_for_status()
         print(f"[e2e] follow-up of {length:,} tokens traced: {stopped.json()['trace']}", flush=True)
     phases = (phase_delta(before, between), phase_delta(between, phase_totals(server.url)))
+    print(
+        f"[e2e] {length:,} #{seed}: {run_line(first, phases[0])}; follow-up {run_line(second, phases[1])}",
+        flush=True,
+    )
     return Turns(first, second, phases)
+
+
+def run_line(turn: Sample, phases: PhaseSums) -> str:
+    """One turn's client TTFT, its checkpoint hit and its server phases (ms): where one run's time went."""
+    cells = " ".join(f"{p} {c}" for p, c in zip(PHASES, phase_cells(phases), strict=True))
+    return f"TTFT {turn.ttft * 1e3:.1f} ms, {turn.cached_tokens:,} of {turn.prompt_tokens:,} cached ({cells})"
 
 
 async def _talks(
