@@ -425,7 +425,11 @@ async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: P
     """Turn 1: one user message of `length` tokens; turn 2, the follow-up, adds ~`followup_new` more. Both on
     `client`'s open connection, as a chat client sends its turns. With `profile`, the server (started with
     --profile-dir) records the follow-up's steps (its TTFT then includes the profiler's cost)."""
-    rng, session = random.Random(seed), f"e2e-{length}-{seed}"
+    # text seeded by the session, not by `seed` alone: the same seed at two lengths would share a prefix, and
+    # the longer first turn would resume from the shorter one's checkpoints (cross-session prefix sharing),
+    # which is not the miss the first-turn row measures
+    session = f"e2e-{length}-{seed}"
+    rng = random.Random(session)
     headers = {"X-Session-ID": session}
     messages = [{"role": "user", "content": texts.text(length, rng)}]
     before = phase_totals(server.url)

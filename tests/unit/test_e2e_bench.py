@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ TABLES = {
 }  # fmt: skip
 
 
-def _run_smoke(out: Path, *extra: str) -> str:
+def _run_smoke(out: Path, *extra: str) -> tuple[str, str]:
+    """The bench's --out text and its stdout."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -41,7 +43,7 @@ def _run_smoke(out: Path, *extra: str) -> str:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out.read_text()
+    return out.read_text(), proc.stdout
 
 
 def _tables(text: str) -> dict[str, list[list[str]]]:
@@ -65,7 +67,7 @@ def _table(tables: dict[str, list[list[str]]], prefix: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
-    text = _run_smoke(tmp_path / "bench.md")
+    text, stdout = _run_smoke(tmp_path / "bench.md")
     assert text.lstrip().startswith("## End to end over HTTP vs upstream mamba_ssm: cpu, demo")
     assert "cache server: `python -m server.serve" in text and "--no-cache`" in text
     tables = _tables(text)
@@ -96,12 +98,21 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
         parts = [float(cell) for cell in row[4:]]  # every phase observed once per turn
         assert sum(parts) <= float(row[3]) * 1.5  # the server's phases fit in the client's TTFT
         assert float(row[8]) > 0  # prefill: at least one token always runs
+    # one line per conversation and server: every first turn a miss (no conversation's text starts with
+    # another's, which shared prefixes would serve), every cache-server follow-up a hit
+    runs = [line for line in stdout.splitlines() if re.match(r"\[e2e\] [\d,]+ #\d+: ", line)]
+    assert len(runs) == 2 * 2
+    cached = [
+        [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of [\d,]+ cached", line)] for line in runs
+    ]
+    assert all(first == 0 for first, _ in cached)
+    assert all(followup > 0 for _, followup in cached[:2]) and all(f == 0 for _, f in cached[2:])
 
 
 @pytest.mark.slow
 def test_variants_serve_the_sections_once_per_flag_set(tmp_path: Path) -> None:
     variants = ["", "--decode-prefill-budget 8", " --gil-switch-interval-ms=1"]  # a lone flag: a space first
-    text = _run_smoke(tmp_path / "bench.md", "--sections", "tput", "--variants", *variants)
+    text, _ = _run_smoke(tmp_path / "bench.md", "--sections", "tput", "--variants", *variants)
     servers = [line for line in text.splitlines() if line.startswith("cache server:")]
     assert len(servers) == 3 and "--decode-prefill-budget" not in servers[0]
     assert servers[1].endswith("--decode-prefill-budget 8`")
@@ -114,7 +125,7 @@ def test_profiled_follow_ups_leave_a_trace_each(tmp_path: Path) -> None:
     """--profile-followups starts the cache server with --profile-dir and records every follow-up turn: one
     Chrome trace per conversation, holding the model's ops, and the follow-up table as usual."""
     traces = tmp_path / "traces"
-    text = _run_smoke(tmp_path / "bench.md", "--sections", "followup", "--profile-followups", str(traces))
+    text, _ = _run_smoke(tmp_path / "bench.md", "--sections", "followup", "--profile-followups", str(traces))
     assert f"--profile-dir {traces}" in text  # the cache server's flags
     files = sorted(traces.glob("*.json"))
     assert len(files) == 2  # the smoke plan's two conversation lengths, one run each
