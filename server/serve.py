@@ -18,7 +18,7 @@ from server.api.logs import configure_logging
 from server.api.shutdown import drain
 from server.api.state import AppState
 from server.metrics import Metrics
-from server.settings import Settings, apply_switch_interval, parse_settings
+from server.settings import Settings, apply_switch_interval, parse_settings, resolve_engine_process
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         sys.stderr.write(_settings_error(exc) + "\n")
         return 2
+    settings = resolve_engine_process(settings)  # logged as decided
     configure_logging(settings.log_level_int, session_ids=settings.log_session_ids, fmt=settings.log_format)
     apply_switch_interval(settings)
     failed: list[bool] = []

@@ -78,10 +78,11 @@ class Settings(BaseSettings):
         description="On CUDA, replay batched prefill passes of short prompts (up to 512 tokens, captured at "
         "their ends) as CUDA graphs, one per (rows, width) bucket, captured at start-up.",
     )
-    engine_process: bool = Field(
-        False,
+    engine_process: bool | None = Field(
+        None,
         description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "
-        "process talks to over a pipe: HTTP work and model work then hold separate GILs.",
+        "process talks to over a pipe: HTTP work and model work then hold separate GILs; default: on with "
+        "CUDA, off on CPU.",
     )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -257,8 +258,8 @@ def build_parser(prog: str = "tssc serve") -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}]"
-        if field.annotation is bool:
-            action = argparse.BooleanOptionalAction if field.default is True else "store_true"
+        if field.annotation is bool or field.annotation == bool | None:  # None: chosen per device
+            action = argparse.BooleanOptionalAction if field.default is not False else "store_true"
             parser.add_argument(_flag(name), dest=name, action=action, help=help_text)
         elif name == "api_key":
             parser.add_argument(_flag(name), dest=name, action="append", metavar="KEY", help=help_text)
@@ -276,6 +277,22 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "tssc serve") 
     """
     namespace = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     return Settings(**vars(namespace))
+
+
+def resolve_engine_process(settings: Settings) -> Settings:
+    """`settings` with `engine_process` decided when it was left unset: on where the engine runs on CUDA (on an
+    H200 it serves the 130m shape's 64 streams at 0.62x upstream against 0.36x in one process, and leaves the
+    2.7b shape's throughput and follow-ups where they were: BENCHMARKS.md session 10), off on CPU, where the
+    core's compute and the HTTP process would share the same few cores."""
+    if settings.engine_process is not None:
+        return settings
+    if settings.device == "auto":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = settings.device.startswith("cuda")
+    return settings.model_copy(update={"engine_process": cuda})
 
 
 def apply_switch_interval(settings: Settings) -> None:

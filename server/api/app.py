@@ -21,7 +21,7 @@ from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from server.api.state import AppState, EngineLike
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import Settings, resolve_engine_process
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ def create_app(
     """A FastAPI app serving `settings.model_name` through `engine` (built at startup when None).
 
     `metrics` defaults to a fresh `Metrics`; pass the one the engine was built with.
-    `on_load_error` runs if the engine fails to build or start (`serve` uses it to exit)."""
+    `on_load_error` runs if the engine fails to build or start (`serve` uses it to exit). Without `engine`,
+    an unset `--engine-process` is decided for the device (`resolve_engine_process`)."""
+    if engine is None:
+        settings = resolve_engine_process(settings)
     app = FastAPI(
         title="tssc",
         summary="OpenAI-compatible Mamba server with a tiered cache of state checkpoints",

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
-from server.settings import Settings, build_parser, default_model_path, parse_settings
+from server.settings import (
+    Settings,
+    build_parser,
+    default_model_path,
+    parse_settings,
+    resolve_engine_process,
+)
 
 ISSUE_FLAGS = [
     "--model",
@@ -145,13 +152,33 @@ def test_serve_version_prints_the_package_version(capsys: pytest.CaptureFixture[
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"tssc {package_version()}"
 
 
-def test_engine_process_is_off_by_default_and_set_by_flag_or_environment(
+def test_engine_process_is_chosen_per_device_unless_set_by_flag_or_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert parse_settings([]).engine_process is False
+    assert parse_settings([]).engine_process is None  # unset: decided for the device
     assert parse_settings(["--engine-process"]).engine_process is True
+    assert parse_settings(["--no-engine-process"]).engine_process is False
+    decided = lambda *argv: resolve_engine_process(parse_settings(list(argv))).engine_process
+    assert decided("--device", "cpu") is False
+    assert decided("--device", "cuda") is True  # decided from the flag alone: no CUDA needed to say so
+    assert decided("--device", "cuda", "--no-engine-process") is False
+    assert decided("--device", "cpu", "--engine-process") is True
+    assert decided() is torch.cuda.is_available()
     monkeypatch.setenv("TSSC_ENGINE_PROCESS", "1")
     assert parse_settings([]).engine_process is True
+    monkeypatch.setenv("TSSC_ENGINE_PROCESS", "false")
+    assert decided("--device", "cuda") is False
+
+
+def test_an_app_that_builds_its_engine_decides_the_engine_process_for_the_device(
+    tmp_path: Path,
+) -> None:
+    from server.api import create_app
+
+    settings = Settings(model=str(tmp_path), device="cuda")
+    assert create_app(settings).state.tssc.settings.engine_process is True
+    assert Settings(model=str(tmp_path), device="cpu").engine_process is None
+    assert create_app(Settings(model=str(tmp_path), device="cpu")).state.tssc.settings.engine_process is False
 
 
 def test_settings_travel_to_the_engine_core_intact() -> None:
