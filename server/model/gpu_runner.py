@@ -16,10 +16,11 @@ model dtype). What differs is how the work runs:
   back, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
   one row takes the single-row path above (graph pieces, split at its captures). Captures at multiples of
   the chunk size come out of the pass as fp32 chunk states (Mamba2; `_capture_grain`);
-- a lone segment of up to 512 tokens with one capture inside it (a chat follow-up, captured at the user
-  message's end, a few tokens before the prompt's end) replays one two-row bucket: the segment, and a fork
-  of its first tokens up to the capture on the pool's spare slot, both from the slot's state
-  (`_prefill_forked`): one replay instead of two (on an H200, ~1.5 ms less of a 2.7b follow-up's server time);
+- a lone segment of up to 512 tokens with one to MAX_FORKS captures inside it (a chat follow-up, captured at
+  the user message's end, a few tokens before the prompt's end, and at the answer's end when the previous
+  turn's finish checkpoint did not match) replays one bucket of up to four rows: the segment, and per capture
+  a fork of its first tokens up to it on one of the pool's spare slots, all from the slot's state
+  (`_prefill_forked`): one replay instead of one per capture and the end;
 - decode: each layer updates the live pool in place through slot indices (no gather / scatter), and the
   whole step (embedding to logits) replays as one CUDA graph per batch bucket (1, 2, 4, ..., 256, up to
   max_slots); rows past the batch are padding (slot -1). Inputs go through pinned host buffers copied
@@ -28,8 +29,8 @@ model dtype). What differs is how the work runs:
 `make_runner(model, max_slots, device)` returns this runner on CUDA with the kernels present, else the
 torch runner. Graphs are captured lazily at first use of a bucket / piece length; `warmup()` captures
 them all up front (call it before serving). Memory: the pool (fp32 ssm state: n_layer*h*p*n*4 bytes
-a slot, 168 MB for mamba2-2.7b; half that in bf16) plus one spare slot for the forked row (with the batched
-graphs) and one scratch slot (fp32 ssm) for the prefill graphs, and the graphs' activations.
+a slot, 168 MB for mamba2-2.7b; half that in bf16) plus MAX_FORKS spare slots for the forked rows (with the
+batched graphs) and one scratch slot (fp32 ssm) for the prefill graphs, and the graphs' activations.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from server.model.mamba2 import Mamba2Mixer
 from server.model.runner import Captures, ModelRunner, PrefillResult, PrefillSeg, _Piece
 
 log = logging.getLogger(__name__)
+# the captures inside a lone segment that its forked replay serves (one spare slot each): a follow-up holds one,
+# or two when it resumes before the previous answer; 3 forks and the segment fill a 4-row bucket, as 2 would
+MAX_FORKS = 3
 
 
 class GpuModelRunner(ModelRunner):
@@ -88,7 +92,8 @@ class GpuModelRunner(ModelRunner):
         state_dtype: torch.dtype = torch.float32,
     ) -> None:
         forks = use_graphs and prefill_graphs and batch_graphs  # a forked row's state goes to a spare slot
-        super().__init__(model, max_slots, device, state_dtype=state_dtype, spare_slots=int(forks))
+        spare = MAX_FORKS if forks else 0
+        super().__init__(model, max_slots, device, state_dtype=state_dtype, spare_slots=spare)
         self.kernels = kernels or load_kernels()
         if not self.kernels.gpu_ready:
             raise RuntimeError(f"GPU kernels unavailable: {self.kernels.summary()}")
@@ -244,41 +249,49 @@ class GpuModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def prefill_batch(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
-        """The base class's (contract there); a lone short segment with one capture inside it runs as one
-        replay with a forked row (`_prefill_forked`) instead of two passes split at the capture."""
+        """The base class's (contract there); a lone short segment with captures inside it runs as one replay
+        with a forked row per capture (`_prefill_forked`) instead of passes split at the captures."""
         self._check_segs(segs)
         fork = self._fork_point(segs)
         if fork is None:
             return super().prefill_batch(segs)
         return [self._prefill_forked(segs[0], *fork)]
 
-    def _fork_point(self, segs: Sequence[PrefillSeg]) -> tuple[int, Bucket] | None:
-        """(the capture position, the bucket of two rows) when `segs` is one segment of at most a row bucket's
-        width with exactly one capture before its end: a chat follow-up, captured at the user message's end,
-        a few tokens before the generation prompt's. Split there, it costs two replays of the whole model (a
-        128-token piece is ~9 ms of GPU work on mamba2-2.7b, mostly small kernels' fixed latency, and the
-        3-token rest a 16-token piece); forked, one replay of a 2 x 128 bucket (~10.5 ms). Else None."""
+    def _fork_point(self, segs: Sequence[PrefillSeg]) -> tuple[list[int], Bucket] | None:
+        """(the capture positions before the end, descending; the bucket of their rows and the segment's) when
+        `segs` is one segment of at most a row bucket's width with 1 to MAX_FORKS captures before its end: a
+        chat follow-up, captured at the user message's end, a few tokens before the generation prompt's (and
+        at the previous answer's end when it resumes before it). Split there, it costs a replay of the whole
+        model per piece (a 128-token piece is ~9 ms of GPU work on mamba2-2.7b, mostly small kernels' fixed
+        latency, and the 3-token rest a 16-token piece); forked, one replay of a 2 or 4 x 128 bucket (2 x 128:
+        ~10.5 ms). Else None."""
         if len(segs) != 1 or self.row_graphs is None:
             return None
         n = len(segs[0].tokens)
-        inside = [p for p in set(segs[0].capture_at) if p < n]
-        if len(inside) != 1:
+        inside = sorted({p for p in segs[0].capture_at if p < n}, reverse=True)
+        if not 1 <= len(inside) <= MAX_FORKS:
             return None
-        parts = self.row_graphs.parts([n, inside[0]])
-        return (inside[0], parts[0][1]) if parts is not None and len(parts) == 1 else None
+        parts = self.row_graphs.parts([n, *inside])
+        return (inside, parts[0][1]) if parts is not None and len(parts) == 1 else None
 
-    def _prefill_forked(self, seg: PrefillSeg, at: int, bucket: Bucket) -> PrefillResult:
-        """The segment and its first `at` tokens as two rows of one batched replay, both from the slot's state:
-        the fork's row runs on the pool's spare slot (a copy of the slot's state first), whose state after it
-        is the capture at `at`; the segment's row continues the slot as one unsplit pass would."""
+    def _prefill_forked(self, seg: PrefillSeg, ats: Sequence[int], bucket: Bucket) -> PrefillResult:
+        """The segment and, per position in `ats`, its first tokens up to there, as rows of one batched replay,
+        all from the slot's state: fork i runs on the pool's spare slot i (a copy of the slot's state first),
+        whose state after it is the capture at ats[i]; the segment's row continues the slot as one unsplit pass
+        would."""
         pool, n = self.pool, len(seg.tokens)
         assert self.row_graphs is not None
-        fork = pool.spare_views()
+        forks = [pool.spare_views(i) for i in range(len(ats))]
         for name, view in pool.views(seg.slot).items():
-            fork[name].copy_(view)
-        ids = self._padded_ids([seg.tokens, seg.tokens[:at]])  # (2, w)
-        logits = self.row_graphs.run(ids, [n, at], [seg.slot, pool.slots], bucket)  # the spare: row `slots`
-        caps: Captures = {at: {name: view.clone() for name, view in fork.items()}}
+            for fork in forks:
+                fork[name].copy_(view)
+        ids = self._padded_ids([seg.tokens, *(seg.tokens[:at] for at in ats)])  # (1 + forks, w)
+        spares = [pool.slots + i for i in range(len(ats))]  # spare slot i is the pool's row `slots + i`
+        logits = self.row_graphs.run(ids, [n, *ats], [seg.slot, *spares], bucket)
+        caps: Captures = {
+            at: {name: view.clone() for name, view in fork.items()}
+            for at, fork in zip(ats, forks, strict=True)
+        }
         if n in seg.capture_at:
             caps[n] = pool.read(seg.slot)
         return PrefillResult(last_logits=logits[0, : self.vocab], captures=caps)

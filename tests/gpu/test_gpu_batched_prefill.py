@@ -136,12 +136,20 @@ def test_short_rows_replay_batched_graphs_equal_to_the_eager_pass(
 
 # (length, captures): a follow-up captured at its user message's end, 3 tokens before the prompt's end; the
 # same with the end captured too; a capture on a chunk boundary; a row of the widest bucket
-FORKS = [(96, (93,)), (40, (37, 40)), (24, (cases.CHUNK,)), (500, (1,))]
+# (length, capture_at): one capture inside (a 2-row bucket), two or three (the previous answer's end too: 4 rows)
+FORKS = [
+    (96, (93,)),
+    (40, (37, 40)),
+    (24, (cases.CHUNK,)),
+    (500, (1,)),
+    (96, (18, 93)),
+    (120, (16, 50, 117, 120)),
+]
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 4e-2)])  # one pass against two: TF32 apart
 @pytest.mark.parametrize("length,capture_at", FORKS)
-def test_a_lone_segment_with_one_inner_capture_runs_as_one_forked_replay(
+def test_a_lone_segment_with_inner_captures_runs_as_one_forked_replay(
     model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     dtype: str,
@@ -149,9 +157,9 @@ def test_a_lone_segment_with_one_inner_capture_runs_as_one_forked_replay(
     length: int,
     capture_at: tuple[int, ...],
 ) -> None:
-    """One replay of a two-row bucket (the segment, and its fork up to the capture on the spare slot) gives
-    the logits, captures and slot state of the prefill split at the capture, and leaves every other slot
-    as it was, bit for bit."""
+    """One replay of a bucket of the segment and a fork per capture inside it (each up to its capture, on a
+    spare slot of its own) gives the logits, captures and slot state of the prefill split at the captures,
+    and leaves every other slot as it was, bit for bit."""
     model = load_model(model_dir, device="cuda", dtype=dtype)[1]
     forked, split = (cases.restore_distinct_states(_gpu(model, **kw)) for kw in ({}, {"batch_graphs": False}))
     before = {s: forked.capture(s) for s in range(cases.MAX_SLOTS)}
@@ -161,7 +169,10 @@ def test_a_lone_segment_with_one_inner_capture_runs_as_one_forked_replay(
         monkeypatch.setattr(forked, name, lambda *a, name=name: passes.append(name))
     got, want = forked.prefill_batch([seg]), split.prefill_batch([seg])
     assert passes == [] and forked.row_graphs is not None
-    assert [b for b, _ in forked.row_graphs._graphs] == [2]  # the one bucket that replayed
+    inside = [p for p in capture_at if p < length]
+    assert [b for b, _ in forked.row_graphs._graphs] == [
+        2 if len(inside) == 1 else 4
+    ]  # the one that replayed
     cases.assert_batch_matches(got, want, (forked, split), [seg], _within(tol))
     assert sorted(got[0].captures) == sorted(capture_at)
     for slot in set(range(cases.MAX_SLOTS)) - {seg.slot}:
@@ -171,13 +182,15 @@ def test_a_lone_segment_with_one_inner_capture_runs_as_one_forked_replay(
 
 
 def test_a_segment_among_others_is_not_forked(model_dir: Path) -> None:
-    """With other segments in the step (or no capture inside it) the segment takes the usual path: the spare
-    slot serves only a lone segment's fork."""
+    """With other segments in the step (or no capture inside it, or more than MAX_FORKS) the segment takes the
+    usual path: the spare slots serve only a lone segment's forks."""
     runner = _gpu(load_model(model_dir, device="cuda")[1])
     segs = [PrefillSeg(cases.tokens(40, 1), 1, (37,)), PrefillSeg(cases.tokens(12, 2), 3, ())]
     assert runner._fork_point(segs) is None
     assert runner._fork_point(segs[1:]) is None
-    assert runner._fork_point(segs[:1]) == (37, (2, 128))
+    assert runner._fork_point(segs[:1]) == ([37], (2, 128))
+    assert runner._fork_point([PrefillSeg(cases.tokens(40, 1), 1, (9, 20, 37))]) == ([37, 20, 9], (4, 128))
+    assert runner._fork_point([PrefillSeg(cases.tokens(40, 1), 1, (5, 9, 20, 37))]) is None  # 4 > MAX_FORKS
     with pytest.raises(IndexError):
         runner.prefill_batch([PrefillSeg(cases.tokens(4, 1), cases.MAX_SLOTS, ())])  # the spare slot
 
