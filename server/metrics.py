@@ -341,11 +341,10 @@ class Metrics(CacheObserver):
     def set_cache_stats(self, stats: CacheStats) -> None:
         """Copy a `StateCache.stats()` snapshot into the tier gauges."""
         tiers = dict(stats.tiers)
-        for tier, tier_stats in stats.tiers.items():
-            self.cache_kv_bytes.labels(tier=tier).set(tier_stats.kv_bytes)
         if stats.remote is not None:
             tiers["remote"] = stats.remote  # type: ignore[index]
         for tier, tier_stats in tiers.items():
+            self.cache_kv_bytes.labels(tier=tier).set(tier_stats.kv_bytes)
             self.cache_bytes.labels(tier=tier).set(tier_stats.bytes_used)
             self.cache_capacity_bytes.labels(tier=tier).set(tier_stats.bytes_capacity)
             self.cache_checkpoints.labels(tier=tier).set(tier_stats.checkpoints)
