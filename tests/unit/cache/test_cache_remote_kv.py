@@ -14,7 +14,15 @@ from cache import RemoteConfig, StateCache
 from cache.codec import make_codec, roundtrip
 from cache.remote_kv import block_names
 from tests.redis_proc import RedisProc, redis_server
-from tests.unit.cache.kv_helpers import KV, ListSink, capture, make_hybrid_cache, make_kv, make_state
+from tests.unit.cache.kv_helpers import (
+    KV,
+    ListSink,
+    TokenKV,
+    capture,
+    make_hybrid_cache,
+    make_kv,
+    make_state,
+)
 from tests.unit.cache.test_cache_remote import Recorder
 
 CONVERSATION = tuple(range(100, 190))  # 90 tokens: 11 full blocks of 8 and a partial one
@@ -158,6 +166,11 @@ def test_writes_and_hits_keep_blocks_alive_longer_than_their_checkpoints(rds: Re
     scores = dict(client.zrange(prefix + "lru", 0, -1, withscores=True))
     blob_score = max(v for k, v in scores.items() if b":c:" in k)
     assert all(v > blob_score for k, v in scores.items() if b":k:" in k)  # evicted after their checkpoint
+    for k in _keys(client, a, "k") + _keys(client, a, "c"):
+        client.pexpire(k, 10_000)  # as if written a while ago
+    assert _cache(rds.url, ttl=30.0).prefetch("ns", "s", CONVERSATION) == 20  # a hit refreshes them all
+    assert all(int(client.pttl(k)) > 30_000 for k in _keys(client, a, "k"))
+    assert all(20_000 < int(client.pttl(k)) <= 30_000 for k in _keys(client, a, "c"))
 
 
 def test_the_budget_holds_and_deleting_a_session_drops_the_blocks_it_wrote(rds: RedisProc) -> None:
@@ -202,3 +215,18 @@ def test_lossy_blobs_hold_the_kv_rounded_by_the_remote_codec(
     if cold != "fp32":
         want = roundtrip(make_codec(cold), want)
     assert sink.kv.equal(roundtrip(make_codec(remote or cold), want))
+
+
+def test_conversations_sharing_a_prefix_share_its_blocks_within_a_tree_only(rds: RedisProc) -> None:
+    a = _cache(rds.url)
+    prompt = CONVERSATION[:40]  # 5 full blocks
+    one, two = (*prompt, *range(7000, 7030)), (*prompt, *range(8000, 8030))  # 3 more blocks each
+    assert capture(a, one, session="one") and capture(a, two, session="two")
+    a.flush()
+    client = rds.client()
+    assert len(_keys(client, a, "k")) == 5 + 3 + 3
+    assert a.capture(
+        "ns", "three", one, make_state("other", one), reason="x", tree="other", kv=TokenKV(one)
+    )  # another tree (another API key): blocks of its own, never shared across trees
+    a.flush()
+    assert len(_keys(client, a, "k")) == 11 + 8
