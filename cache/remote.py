@@ -264,18 +264,11 @@ class RemoteStore:
         wanted = [int(x) for x in positions]
         digests = prefix_hashes(tokens, wanted)
         keys = [self.blob_key(tree, pos, digests[pos]) for pos in wanted]
-
-        def exists() -> list[int]:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            return pipe.execute()
-
-        flags = self._call(exists)
-        if flags is None:
+        lacking = self.missing(keys)
+        if lacking is None:
             return None
-        for pos, key, flag in zip(wanted, keys, flags, strict=True):
-            if not flag:
+        for pos, key, gone in zip(wanted, keys, lacking, strict=True):
+            if gone:
                 continue
             blob = self._get(key)
             if blob is None:
@@ -287,8 +280,8 @@ class RemoteStore:
                 self._on_error("corrupt")
                 continue
             hit: Found | None = Found(pos, fields, len(blob))
-            if kv is not None and hit is not None:
-                hit = self._with_kv(hit, tree, tokens, kv)
+            if kv is not None:
+                hit = self._with_kv(Found(pos, fields, len(blob)), tree, tokens, kv)
             if hit is None:
                 continue
             self._refer(key, hit.block_keys)
