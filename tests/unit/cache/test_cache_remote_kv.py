@@ -230,3 +230,14 @@ def test_conversations_sharing_a_prefix_share_its_blocks_within_a_tree_only(rds:
     )  # another tree (another API key): blocks of its own, never shared across trees
     a.flush()
     assert len(_keys(client, a, "k")) == 11 + 8
+
+
+def test_redis_down_costs_a_hybrid_nothing_but_the_remote_tier(rds: RedisProc) -> None:
+    seen = Recorder()
+    a = _cache(rds.url, seen, timeout=0.5)
+    rds.kill()
+    assert capture(a, CONVERSATION[:30])  # the write-through fails (counted); the local tiers hold it
+    a.flush()
+    assert seen.errors["connection"] >= 1 and seen.bytes["written"] == 0
+    assert a.prefetch("ns", "s", CONVERSATION) == 0
+    _assert_restores(a, CONVERSATION, 30)
