@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cache import copies, remote_kv
+from cache import copies
 from cache.base import (
     TIERS,
     CacheObserver,
@@ -51,10 +51,9 @@ from cache.kv_disk import KVFile
 from cache.layout import BlockLayout
 from cache.policy import capture_positions
 from cache.remote import Found, RemoteStore, encode_blob
-from cache.remote_kv import KVReader, RemoteKV, block_names, encode_block, tail_fields
+from cache.remote_kv import KVReader, KVWriter, RemoteKV, Written
 from cache.stats import CacheStats, LatencyRecorder, TierStats, sample_deques
 from cache.storage import Storage
-from cache.transfer import Event
 
 log = logging.getLogger(__name__)
 # file jobs: a caller queuing a spill behind more waits (bounds the RAM that queued spills' fields hold)
@@ -106,6 +105,7 @@ class StateCache(CheckpointCache):
         self._load_disk()
         self._remote: RemoteStore | None = None
         self._remote_kv: KVReader | None = None  # a hybrid's KV blocks in the remote codec
+        self._kv_writer: KVWriter | None = None
         self._remote_io = IoWorker("tssc-cache-remote")  # write-through and deletes, in order
         remote = config.remote
         if remote is not None:
@@ -116,6 +116,8 @@ class StateCache(CheckpointCache):
                 self._remote_kv = KVReader(BlockLayout({"kv": (kv.block_shape(), kv.dtype)}, codec))
                 fingerprint += f"|kv:{self._remote_kv.layout.fingerprint()}"
             self._remote = RemoteStore(remote, fingerprint, self.observer.on_remote_error)
+            if self._remote_kv is not None:
+                self._kv_writer = KVWriter(self._remote, self._remote_kv)
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -499,51 +501,26 @@ class StateCache(CheckpointCache):
         """On the remote writer thread: take the copy's bytes (then unpin), send them to Redis. A hybrid's
         full KV blocks Redis lacks go with them, its partial block inside the blob."""
         assert self._remote is not None
-        blocks: list[tuple[str, bytes | None]] | None = []
+        written: Written | None = None
         try:
             fields = copies.export_fields(source.layout, source.block, cp.ready, self.remote_layout)
-            if source.kv is not None:
-                blocks = self._remote_blocks(cp.tree, tokens, source.kv, cp.ready, fields)
+            if source.kv is not None and self._kv_writer is not None:
+                where = (cp.tree, key[0], key[1])
+                written = self._kv_writer.write(where, tokens, source.kv, cp.ready, fields)
+                if written is None:
+                    return  # Redis failed, or too large (counted)
         finally:
             with self._lock:
                 self._book.unpin(cp)
                 work = self._book.disk.take()
             self._run_io(work)
             self._dispatch()
-        if blocks is None:
-            return  # Redis failed (counted)
-        blob = encode_blob(fields, tokens)
-        if self._remote.put(cp.tree, key[0], key[1], tokens, blob, blocks):
-            sent = sum(len(value) for _, value in blocks if value is not None)
-            self.observer.on_remote_bytes("written", len(blob) + sent)
-
-    def _remote_blocks(
-        self,
-        tree: str,
-        tokens: tuple[int, ...],
-        kv: ArenaBlocks,
-        ready: Event | None,
-        fields: dict[str, torch.Tensor],
-    ) -> list[tuple[str, bytes | None]] | None:
-        """A hybrid checkpoint's full KV blocks for `RemoteStore.put`: (key, value), the value None where
-        Redis has the block already; its partial block is added to `fields`. None if Redis failed."""
-        assert self._remote is not None and self._remote_kv is not None
-        s = self._remote_kv.block_size
-        names = block_names(tree, tokens, s)
-        keys = [self._remote.block_key(name) for name in names]
-        lacking = self._remote.missing(keys)
-        if lacking is None:
-            return None
-        which = [i for i, miss in enumerate(lacking) if miss]
-        tail = len(tokens) % s > 0
-        exported = remote_kv.export(kv, which + ([len(names)] if tail else []), ready, self._remote_kv.layout)
-        if tail:
-            fields.update(tail_fields(exported.pop()))
-        values = dict(zip(which, exported, strict=True))
-        return [
-            (key, encode_block(values[i], names[i], tokens[i * s : (i + 1) * s]) if i in values else None)
-            for i, key in enumerate(keys)
-        ]
+        blob = written.blob if written is not None else encode_blob(fields, tokens)
+        block_keys = written.block_keys if written is not None else []
+        if self._remote.put(cp.tree, key[0], key[1], tokens, blob, block_keys):
+            self.observer.on_remote_bytes("written", len(blob))
+        if written is not None and written.sent:
+            self.observer.on_remote_bytes("written", written.sent)
 
     def _dispatch(self) -> None:
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""

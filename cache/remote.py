@@ -33,8 +33,9 @@ the tier (`MEMORY USAGE` of its keys) stays within the budget. Redis's own `maxm
 `volatile-lru` is a safe backstop: it only evicts blobs (they have TTLs), never the accounting keys, and an
 evicted blob's bytes are given back when the script purges its entry.
 
-KV blocks (hybrids): a checkpoint's write first asks which of its blocks Redis lacks (`missing`), then one
-MULTI/EXEC refreshes the stored ones, reserves and SETs the new ones, then reserves and SETs the blob. A block
+KV blocks (hybrids): a checkpoint's write first asks which of its blocks Redis lacks (`missing`), then sends
+the new ones a few MiB per MULTI/EXEC (`put_blocks`: the first also refreshes the stored ones, before
+reserving), then one MULTI/EXEC refreshes every block the blob names and reserves and SETs the blob. A block
 lives `BLOCK_GRACE_MS` longer than the checkpoints' TTL, and every write or hit of a checkpoint refreshes
 all its blocks in the same call that refreshes it, so a block expires after every checkpoint naming it, and
 (its LRU score being its expiry) the budget evicts it after them too. A block no checkpoint names any more
@@ -64,7 +65,7 @@ import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
@@ -72,8 +73,10 @@ import torch
 from cache.blob import CorruptBlob, pack, unpack
 from cache.config import RemoteConfig
 from cache.kv_copies import KVPart
-from cache.remote_kv import KVReader
 from cache.remote_scripts import BLOCKS, DELETE, RESERVE, TOUCH
+
+if TYPE_CHECKING:
+    from cache.remote_kv import KVReader
 
 log = logging.getLogger(__name__)
 ENTRY_OVERHEAD = 2048  # bytes accounted per blob beyond its value: its key, index entries and Redis headers
@@ -195,13 +198,12 @@ class RemoteStore:
         session: str | None,
         tokens: Sequence[int],
         blob: bytes,
-        blocks: Sequence[tuple[str, bytes | None]] = (),
+        block_keys: Sequence[str] = (),
     ) -> int | None:
         """Store a blob for `tokens` of `tree`, referenced by the session; the accounted bytes written
-        (0: it existed already, or does not fit the budget), None on failure. A hybrid's checkpoint passes its
-        full KV blocks, in order, as (key, value) with value None for a block found stored (`missing`): in
-        the same transaction, the stored ones live another block TTL and the new ones are written, before the
-        blob (so a block outlives, and is evicted after, every checkpoint naming it)."""
+        (0: it existed already, or does not fit the budget), None on failure. A hybrid's checkpoint names its
+        full KV blocks (`put_blocks` wrote the missing ones first): in the same transaction, before the blob,
+        they live another block TTL, so a block outlives, and is evicted after, every checkpoint naming it."""
         p = self.prefix
         key = self.blob_key(tree, len(tokens), prefix_hashes(tokens, [len(tokens)])[len(tokens)])
         keys = [
@@ -215,23 +217,14 @@ class RemoteStore:
             self._session_key(namespace, session),
         ]
         cost = accounted(len(blob))
-        costs = [accounted(len(value)) if value is not None else 0 for _, value in blocks]
-        if cost + sum(costs) > self.config.budget:
-            self._on_error("too_large")
+        if not self.fits(cost):
             return 0
-        ttl, block_ttl = int(self.config.ttl * 1000), self._block_ttl()
-        head = [p + name for name in ("lru", "sz", "used", "own")] + [keys[7]]
+        ttl = int(self.config.ttl * 1000)
 
         def write() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)  # MULTI ... EXEC: all or nothing
-            if blocks:
-                block_keys = [k for k, _ in blocks]
-                self._blocks(
-                    keys=head + block_keys, args=[self.config.budget, block_ttl, *costs], client=pipe
-                )
-                for k, value in blocks:
-                    if value is not None:
-                        pipe.set(k, value, px=block_ttl)
+            if block_keys:
+                self._refresh_blocks(pipe, namespace, session, block_keys, [])
             self._reserve(keys=keys, args=[cost, self.config.budget, ttl, len(tokens)], client=pipe)
             pipe.set(key, blob, px=ttl)
             return pipe.execute()
@@ -240,7 +233,49 @@ class RemoteStore:
         if replies is None:
             return None
         status, self.used, self.blobs, self.kv_bytes = (int(x) for x in replies[-2])
-        return cost + sum(costs) if status == 1 else sum(costs)
+        return cost if status == 1 else 0
+
+    def put_blocks(
+        self,
+        namespace: str,
+        session: str | None,
+        stored: Sequence[str],
+        new: Sequence[tuple[str, bytes]],
+    ) -> bool:
+        """Write KV blocks ahead of the checkpoint that names them, in one MULTI/EXEC: the `stored` ones (found
+        by `missing`) live another block TTL first, so that reserving the `new` (key, value) ones never evicts
+        them; the new ones are owned by the session. False on failure."""
+
+        def write() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            self._refresh_blocks(pipe, namespace, session, stored, new)
+            return pipe.execute()
+
+        return self._call(write) is not None
+
+    def _refresh_blocks(
+        self,
+        pipe: redis.client.Pipeline,
+        namespace: str,
+        session: str | None,
+        stored: Sequence[str],
+        new: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Queue the block script (refresh `stored`, reserve `new`) and the SETs of the new blocks on `pipe`."""
+        p, ttl = self.prefix, self._block_ttl()
+        head = [p + "lru", p + "sz", p + "used", p + "own", self._session_key(namespace, session)]
+        costs = [0] * len(stored) + [accounted(len(value)) for _, value in new]
+        keys = [*head, *stored, *(k for k, _ in new)]
+        self._blocks(keys=keys, args=[self.config.budget, ttl, *costs], client=pipe)
+        for k, value in new:
+            pipe.set(k, value, px=ttl)
+
+    def fits(self, cost: int) -> bool:
+        """Whether `cost` accounted bytes fit the whole budget (if not, counted `too_large`)."""
+        if cost > self.config.budget:
+            self._on_error("too_large")
+            return False
+        return True
 
     def _block_ttl(self) -> int:
         """Milliseconds a KV block lives after a write or hit of a checkpoint naming it: the checkpoints' TTL

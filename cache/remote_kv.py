@@ -15,14 +15,20 @@ reader derives the names of its p // s blocks; the blob adds `kvtail.data` / `kv
 p % s tokens (empty when p is a multiple of s). A read verifies every block (checksum, name, tokens, shapes)
 before anything is restored: a missing or unreadable block makes the checkpoint a miss, never a wrong KV.
 
-Nothing here touches the network or a lock: `cache.remote.RemoteStore` moves the bytes, `StateCache` calls
-`export` on its remote writer thread and `RemoteKV.read` when a prefetched checkpoint is stored locally.
+Writes (`KVWriter`, on `StateCache`'s remote writer thread, the checkpoint pinned): one pipelined `EXISTS`
+says which blocks Redis lacks; only those are taken from the local copy and sent, `PUT_BYTES` at a time
+(`RemoteStore.put_blocks`, which also refreshes the stored ones first), so host memory stays bounded
+whatever the prefix; then the blob goes with a refresh of every block it names (`RemoteStore.put`). A
+checkpoint whose blob and new blocks exceed the whole budget is not written (`too_large`). Reads: `KVReader`
+verifies what `RemoteStore.find` fetched; `RemoteKV` is the source the local capture of a prefetched
+checkpoint reads. No lock is taken here.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +36,11 @@ from cache.blob import CorruptBlob, pack, unpack
 from cache.kv_copies import ArenaBlocks, KVPart, decode, gather_rows
 from cache.kv_index import block_name
 from cache.layout import BlockLayout
+from cache.remote import RemoteStore, accounted, encode_blob
 from cache.transfer import Event, Transfers
 
 TAIL = "kvtail"  # field prefix of a checkpoint's partial block in its blob
+PUT_BYTES = 64 << 20  # a write-through sends its new KV blocks in transactions of about this many bytes
 
 
 def block_names(tree: str, tokens: Sequence[int], s: int) -> list[str]:
@@ -84,6 +92,63 @@ def encode_block(fields: dict[str, torch.Tensor], name: str, tokens: Sequence[in
 def tail_fields(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A partial block's fields, renamed for the checkpoint's blob."""
     return {f"{TAIL}.{k.removeprefix('kv.')}": t for k, t in fields.items()}
+
+
+@dataclass(frozen=True)
+class Written:
+    """What `KVWriter.write` sent ahead of a checkpoint: its blob (state and partial block), the keys of its
+    full blocks, and the bytes of the blocks it wrote."""
+
+    blob: bytes
+    block_keys: list[str]
+    sent: int
+
+
+class KVWriter:
+    """Sends a hybrid checkpoint's KV blocks that Redis lacks ahead of its blob."""
+
+    def __init__(self, store: RemoteStore, reader: KVReader) -> None:
+        self.store = store
+        self.layout = reader.layout
+        self.block_size = reader.block_size
+
+    def write(
+        self,
+        where: tuple[str, str, str | None],
+        tokens: Sequence[int],
+        kv: ArenaBlocks,
+        ready: Event | None,
+        fields: dict[str, torch.Tensor],
+    ) -> Written | None:
+        """Write the missing full blocks of the checkpoint of `tokens` (`where`: tree, namespace, session)
+        from its stored copy `kv`, and make its blob from its state `fields` and its partial block. None if
+        Redis failed or it does not fit the budget (counted)."""
+        tree, namespace, session = where
+        s = self.block_size
+        names = block_names(tree, tokens, s)
+        keys = [self.store.block_key(name) for name in names]
+        lacking = self.store.missing(keys)
+        if lacking is None:
+            return None
+        if len(tokens) % s:
+            fields.update(tail_fields(export(kv, [len(names)], ready, self.layout)[0]))
+        blob = encode_blob(fields, tokens)
+        new = [i for i, miss in enumerate(lacking) if miss]
+        stored = [key for key, miss in zip(keys, lacking, strict=True) if not miss]
+        per, sent = max(1, PUT_BYTES // self.layout.block_bytes), 0
+        for c in range(0, len(new), per):
+            chunk = new[c : c + per]
+            values = export(kv, chunk, ready, self.layout)
+            pairs = [
+                (keys[i], encode_block(v, names[i], tokens[i * s : (i + 1) * s]))
+                for i, v in zip(chunk, values, strict=True)
+            ]
+            if c == 0 and not self.store.fits(accounted(len(blob)) + len(new) * accounted(len(pairs[0][1]))):
+                return None  # full blocks' values all have one size
+            if not self.store.put_blocks(namespace, session, stored if c == 0 else [], pairs):
+                return None
+            sent += sum(len(value) for _, value in pairs)
+        return Written(blob, keys, sent)
 
 
 class RemoteKV:

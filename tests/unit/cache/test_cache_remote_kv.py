@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import redis
 
-from cache import RemoteConfig, StateCache
+from cache import RemoteConfig, StateCache, remote_kv
 from cache.codec import make_codec, roundtrip
 from cache.remote_kv import block_names
 from tests.redis_proc import RedisProc, redis_server
 from tests.unit.cache.kv_helpers import (
     KV,
+    KV_BLOCK,
     ListSink,
     TokenKV,
     capture,
@@ -241,3 +242,23 @@ def test_redis_down_costs_a_hybrid_nothing_but_the_remote_tier(rds: RedisProc) -
     assert seen.errors["connection"] >= 1 and seen.bytes["written"] == 0
     assert a.prefetch("ns", "s", CONVERSATION) == 0
     _assert_restores(a, CONVERSATION, 30)
+
+
+def test_new_blocks_go_a_piece_at_a_time_and_a_checkpoint_over_the_budget_is_not_written(
+    rds: RedisProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote_kv, "PUT_BYTES", 3 * KV_BLOCK)  # 3 blocks per transaction
+    a, b = _cache(rds.url), _cache(rds.url)
+    client = rds.client()
+    client.config_resetstat()
+    assert capture(a, CONVERSATION[:90])  # 11 new blocks: 4 transactions, then the blob
+    a.flush()
+    assert client.info("commandstats")["cmdstat_exec"]["calls"] == 5
+    assert b.prefetch("ns", "s", CONVERSATION) == 90
+    _assert_restores(b, CONVERSATION, 90)
+    seen = Recorder()
+    small = _cache(rds.url, seen, budget=20_000, prefix="small")  # the blob and 11 blocks need ~40 kB
+    assert capture(small, CONVERSATION[:90])
+    small.flush()
+    assert seen.errors["too_large"] == 1 and seen.bytes["written"] == 0
+    assert not list(client.scan_iter(match="small:*"))
