@@ -24,7 +24,7 @@ from tests.unit.cache.kv_helpers import (
     make_kv,
     make_state,
 )
-from tests.unit.cache.test_cache_remote import Recorder
+from tests.unit.cache.test_cache_remote import Recorder, write_at_once
 
 CONVERSATION = tuple(range(100, 190))  # 90 tokens: 11 full blocks of 8 and a partial one
 
@@ -262,3 +262,34 @@ def test_new_blocks_go_a_piece_at_a_time_and_a_checkpoint_over_the_budget_is_not
     small.flush()
     assert seen.errors["too_large"] == 1 and seen.bytes["written"] == 0
     assert not list(client.scan_iter(match="small:*"))
+
+
+def test_two_replicas_writing_shared_prefixes_at_once_keep_the_accounting_exact(rds: RedisProc) -> None:
+    budget = 60_000  # room for about two conversations' blocks: writes evict all along
+    a, b = _cache(rds.url, budget=budget), _cache(rds.url, budget=budget)
+    prompt = CONVERSATION[:24]  # 3 blocks every conversation shares
+
+    def write(cache: StateCache, base: int) -> None:
+        for i in range(8):
+            tokens = (*prompt, *range(base + 100 * i, base + 100 * i + 20 + 3 * i))
+            capture(cache, tokens, session=f"s{base}-{i}")
+        cache.flush()
+
+    write_at_once(write, [(a, 10_000), (b, 20_000)])
+    client = rds.client()
+    prefix = a._remote.prefix  # type: ignore[union-attr]
+    sizes = {k: int(v) for k, v in client.hgetall(prefix + "sz").items()}
+    blocks = {k: v for k, v in sizes.items() if b":k:" in k}
+    assert int(client.get(prefix + "used") or 0) == sum(sizes.values()) <= budget
+    assert int(client.get(prefix + "used:kv") or 0) == sum(blocks.values())
+    assert int(client.get(prefix + "used:kvn") or 0) == len(blocks) > 0
+    assert rds.memory_used_by(prefix + "*") <= budget
+    reader, restored = _cache(rds.url), 0
+    for base in (10_000, 20_000):  # whatever survived restores exactly; the rest is a miss
+        for i in range(8):
+            tokens = (*prompt, *range(base + 100 * i, base + 100 * i + 20 + 3 * i))
+            position = reader.prefetch("ns", "r", tokens)
+            if position == len(tokens):
+                _assert_restores(reader, tokens, position)
+                restored += 1
+    assert restored >= 1
