@@ -48,7 +48,8 @@ Lookup (`find`): the tree's positions in (after, len(tokens)], deepest first; th
 are checked in one pipelined round trip, and the deepest existing one is read and verified: checksum, then
 its token prefix compared with the request's, so a hash collision never restores a wrong state. A hybrid's
 blocks are then read (one pipelined round trip) and verified likewise; a missing one makes that checkpoint a
-miss (`kv_missing`), never a partial restore, and the next shallower one is tried.
+miss (`kv_missing`), never a partial restore, and the next shallower one is tried (blocks are checked with
+one pipelined `EXISTS` first, so such a miss moves no KV).
 
 Failures: every Redis error is counted by kind (`on_error`) and closes the gate for a backoff (0.5 s doubling
 to 30 s); while it is closed, calls return at once without touching the network. redis-py reconnects by
@@ -328,11 +329,14 @@ class RemoteStore:
         unusable (counted), or Redis failed."""
         names = kv.keys_for(tree, tokens[: found.position])
         keys = [self.block_key(name) for name in names]
-        got = self._mget(keys)
+        lacking = self.missing(keys)  # first: a checkpoint missing a block costs no transfer of the others
+        if lacking is None:
+            return None
+        got = [] if any(lacking) else self._mget(keys)
         if got is None:
             return None
         values = [value for value in got if value is not None]
-        if len(values) < len(keys):
+        if len(values) < len(keys):  # gone before the check, or since
             log.info("remote checkpoint at %d: a KV block is gone", found.position)
             self._on_error("kv_missing")
             return None

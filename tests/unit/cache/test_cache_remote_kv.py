@@ -110,14 +110,18 @@ def test_a_checkpoint_whose_block_is_gone_is_a_miss_not_a_wrong_restore(rds: Red
     prefix = a._remote.prefix  # type: ignore[union-attr]
     names = block_names("ns", CONVERSATION, KV.block_size)
     client.delete(f"{prefix}k:{names[6]}")  # positions [48, 56): the deeper checkpoint's alone
+    client.config_resetstat()
     assert b.prefetch("ns", "s", CONVERSATION) == 40  # the shallower one, whole
     assert seen.errors["kv_missing"] == 1
+    assert client.info("commandstats")["cmdstat_mget"]["calls"] == 1  # the miss moved no KV
     _assert_restores(b, CONVERSATION, 40)
     client.delete(f"{prefix}k:{names[0]}")  # shared by both
+    client.config_resetstat()
     c = _cache(rds.url, seen)
     assert c.prefetch("ns", "s", CONVERSATION) == 0
     assert c.lookup("ns", "s", CONVERSATION) is None
     assert seen.errors["kv_missing"] == 3
+    assert "cmdstat_mget" not in client.info("commandstats")
 
 
 def test_a_block_holding_other_tokens_fails_verification(rds: RedisProc) -> None:
