@@ -262,13 +262,15 @@ class RemoteStore:
         stored: Sequence[str],
         new: Sequence[tuple[str, bytes]],
     ) -> None:
-        """Queue the block script (refresh `stored`, reserve `new`) and the SETs of the new blocks on `pipe`."""
-        p, ttl = self.prefix, self._block_ttl()
+        """Queue on `pipe` the block script refreshing `stored`, then per new block the script reserving it
+        and its SET: each SET follows its own reservation, so a block that a later reservation of the same
+        transaction evicts is deleted with its accounting, never left stored and unaccounted."""
+        p, ttl, budget = self.prefix, self._block_ttl(), self.config.budget
         head = [p + "lru", p + "sz", p + "used", p + "own", self._session_key(namespace, session)]
-        costs = [0] * len(stored) + [accounted(len(value)) for _, value in new]
-        keys = [*head, *stored, *(k for k, _ in new)]
-        self._blocks(keys=keys, args=[self.config.budget, ttl, *costs], client=pipe)
+        if stored:
+            self._blocks(keys=[*head, *stored], args=[budget, ttl, *[0] * len(stored)], client=pipe)
         for k, value in new:
+            self._blocks(keys=[*head, k], args=[budget, ttl, accounted(len(value))], client=pipe)
             pipe.set(k, value, px=ttl)
 
     def fits(self, cost: int) -> bool:

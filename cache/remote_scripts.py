@@ -97,11 +97,11 @@ return {status, t[1], t[2], t[3]}
 """
 )
 
-# KEYS: lru, sz, used, own, session, then a checkpoint's KV block keys; ARGV: budget, block ttl ms, then per
-# block its accounted bytes, 0 for a block the writer found stored. First every stored block lives another
-# block TTL (refreshed first, so that reserving the new ones never evicts them), then the new ones are
-# reserved (owned by the session: `delete_session` drops the blocks it wrote first) for the SETs that follow
-# in the same transaction. Returns how many stored blocks were gone (the checkpoint will read as a miss).
+# KEYS: lru, sz, used, own, session, then KV block keys; ARGV: budget, block ttl ms, then per block its
+# accounted bytes, 0 for a block the writer found stored. First every stored block lives another block TTL
+# (refreshed first, so that reserving the new ones never evicts them), then the new ones are reserved (owned
+# by the session: `delete_session` drops the blocks it wrote first) for the SET that follows each in the same
+# transaction. Returns how many stored blocks were gone (the checkpoint will read as a miss).
 BLOCKS = (
     _PURGE
     + r"""

@@ -287,6 +287,7 @@ def test_two_replicas_writing_shared_prefixes_at_once_keep_the_accounting_exact(
     assert int(client.get(prefix + "used") or 0) == sum(sizes.values()) <= budget
     assert int(client.get(prefix + "used:kv") or 0) == sum(blocks.values())
     assert int(client.get(prefix + "used:kvn") or 0) == len(blocks) > 0
+    assert set(_keys(client, a, "k") + _keys(client, a, "c")) <= set(sizes)  # nothing stored unaccounted
     assert rds.memory_used_by(prefix + "*") <= budget
     reader, restored = _cache(rds.url), 0
     for base in (10_000, 20_000):  # whatever survived restores exactly; the rest is a miss
