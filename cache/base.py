@@ -149,6 +149,7 @@ class CacheObserver:
     from it, `on_fetch("remote", seconds)` the time to find, read, verify and store one (host time, up to the
     end of its copies), `on_remote_bytes(direction, n)` blob bytes written or read, and `on_remote_error(kind)`
     a failure: timeout, connection, auth, response (an error reply), corrupt (a blob failing verification),
+    kv_missing (a hybrid checkpoint whose KV blocks are not all in Redis any more: a miss),
     queue_full (a write dropped: the writer is behind), too_large (a checkpoint larger than the
     whole remote budget), unavailable (skipped while backing off), other.
     """

@@ -147,13 +147,13 @@ def _encode_rows(layout: BlockLayout, arena: BlockArena, x: torch.Tensor, slots:
 
 def _decode_rows(blocks: ArenaBlocks, slots: list[int], out: torch.Tensor) -> None:
     """Decode the first n tokens of k arena slots into `out (k, L, 2, n, kv, dh)`."""
-    rows = _gather_rows(blocks.arena, slots, out.device)
+    rows = gather_rows(blocks.arena, slots, out.device)
     data, scale = blocks.layout.rows_views(rows)["kv"]
     n = out.shape[3]
     blocks.layout.codec.decode_into(data[:, :, :, :n], scale[:, :, :, :n] if scale is not None else None, out)
 
 
-def _gather_rows(arena: BlockArena, slots: list[int], device: torch.device) -> torch.Tensor:
+def gather_rows(arena: BlockArena, slots: list[int], device: torch.device) -> torch.Tensor:
     """The slots' bytes `(k, block_bytes)` on `device`: the arena's own view when they are one run there,
     else a buffer filled with one copy per run."""
     runs = arena.runs(slots)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,10 +46,12 @@ from cache.config import CacheConfig
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import DiskWork, Spill
 from cache.io_worker import IoWorker
+from cache.kv_copies import ArenaBlocks
 from cache.kv_disk import KVFile
 from cache.layout import BlockLayout
 from cache.policy import capture_positions
-from cache.remote import RemoteStore, encode_blob
+from cache.remote import Found, RemoteStore, encode_blob
+from cache.remote_kv import KVReader, KVWriter, RemoteKV, Written
 from cache.stats import CacheStats, LatencyRecorder, TierStats, sample_deques
 from cache.storage import Storage
 
@@ -57,13 +60,23 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_IO = 8
 
 
+@dataclass(frozen=True)
+class RemoteSource:
+    """What a write-through reads, pinned: a copy's block (`(block_bytes,)` uint8) with its layout, and a
+    hybrid's KV blocks in the same tier."""
+
+    layout: BlockLayout
+    block: torch.Tensor
+    kv: ArenaBlocks | None
+
+
 class StateCache(CheckpointCache):
     """Tiered checkpoint store for one model (one state spec). Thread-safe; see `cache.base`.
 
     A hybrid model (Mamba2 + attention) passes `kv`, its attention KV's shape: each checkpoint then holds
     its KV prefix too, in shared blocks (`cache.kv_blocks`), captured from a `KVSource` and restored into a
-    `KVSink`; the disk tier holds those blocks as files. Hybrids have no remote tier yet (its blobs would
-    lack the KV)."""
+    `KVSink`; the disk tier holds those blocks as files, the remote tier as keys of their own
+    (`cache.remote_kv`)."""
 
     def __init__(
         self,
@@ -72,8 +85,6 @@ class StateCache(CheckpointCache):
         observer: CacheObserver | None = None,
         kv: KVSpec | None = None,
     ) -> None:
-        if kv is not None and config.remote is not None:
-            raise ValueError("a hybrid model's cache has no remote tier yet: its blobs would lack the KV")
         self.config = config
         self.device = torch.device(config.device)
         self.spec = {name: (tuple(shape), dtype) for name, (shape, dtype) in spec.items()}
@@ -93,14 +104,20 @@ class StateCache(CheckpointCache):
         self._io = IoWorker()  # its thread runs only while file I/O is queued
         self._load_disk()
         self._remote: RemoteStore | None = None
+        self._remote_kv: KVReader | None = None  # a hybrid's KV blocks in the remote codec
+        self._kv_writer: KVWriter | None = None
         self._remote_io = IoWorker("tssc-cache-remote")  # write-through and deletes, in order
         remote = config.remote
         if remote is not None:
             codec = make_codec(remote.dtype or config.cold_dtype)
             self.remote_layout = BlockLayout(self.spec, codec)
-            self._remote = RemoteStore(
-                remote, self.remote_layout.fingerprint(), self.observer.on_remote_error
-            )
+            fingerprint = self.remote_layout.fingerprint()
+            if kv is not None:
+                self._remote_kv = KVReader(BlockLayout({"kv": (kv.block_shape(), kv.dtype)}, codec))
+                fingerprint += f"|kv:{self._remote_kv.layout.fingerprint()}"
+            self._remote = RemoteStore(remote, fingerprint, self.observer.on_remote_error)
+            if self._remote_kv is not None:
+                self._kv_writer = KVWriter(self._remote, self._remote_kv)
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -334,7 +351,7 @@ class StateCache(CheckpointCache):
             _, local = self._book.index.near(name, toks)
         gap = max(self.config.min_gap if local > 0 else 0, remote.config.min_tokens)
         started = time.perf_counter()
-        found = remote.find(name, toks, local + max(gap - 1, 0))
+        found = remote.find(name, toks, local + max(gap - 1, 0), self._remote_kv)
         if found is None:
             return 0
         self.observer.on_remote_bytes("read", found.nbytes)
@@ -346,12 +363,20 @@ class StateCache(CheckpointCache):
             self.observer.on_remote_error("corrupt")
             return 0
         position = found.position
-        if not self._store((namespace, session), toks[:position], state, "remote", name, remote_copy=True):
+        kv = self._remote_kv_source(found)
+        if not self._store((namespace, session), toks[:position], state, "remote", name, True, kv):
             return 0
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self._on_fetch("remote", time.perf_counter() - started)
         return position
+
+    def _remote_kv_source(self, found: Found) -> RemoteKV | None:
+        """A hybrid's remote checkpoint's KV, as the source its local capture reads (only the blocks its
+        local tiers lack are decoded)."""
+        if found.kv is None or self._kv is None or self._remote_kv is None:
+            return None
+        return RemoteKV(found.kv, self._storage.transfers, self._kv.spec.dtype, self._remote_kv.block_size)
 
     def close(self, flush: bool = True) -> None:
         """Wait for queued file I/O and stop the writer thread. With a disk tier and `flush`, first write every
@@ -441,23 +466,26 @@ class StateCache(CheckpointCache):
         with self._booking():
             self._kv.file_done(file, path, nbytes)
 
-    def _remote_source(self, cp: Checkpoint) -> tuple[BlockLayout, torch.Tensor] | None:
-        """Under the lock: pin `cp` for its write-through and name the copy to read (the cold one if any),
-        or None when the writer is backed up (counted `queue_full`)."""
+    def _remote_source(self, cp: Checkpoint) -> RemoteSource | None:
+        """Under the lock: pin `cp` for its write-through and name the copy to read (the cold one if any,
+        with a hybrid's KV blocks in that tier), or None when the writer is backed up (counted `queue_full`)."""
         assert self._remote is not None
         arenas = self._book.arenas
         hot, cold = arenas["hot"], arenas["cold"]
+        tier: Tier
         if cold is not None and cp.cold is not None:
-            source = (self.cold_layout, cold.block(cp.cold))
+            tier, layout, block = "cold", self.cold_layout, cold.block(cp.cold)
         elif hot is not None and cp.hot is not None:
-            source = (self.hot_layout, hot.block(cp.hot))
+            tier, layout, block = "hot", self.hot_layout, hot.block(cp.hot)
         else:
             return None
         if self._remote_io.backlog() >= self._remote.config.queue:
             self._book.events.append(("on_remote_error", ("queue_full",)))
             return None
+        kv = self._kv.reads(cp, tier) if self._kv is not None else None
+        assert kv is None or isinstance(kv, ArenaBlocks)
         cp.pins += 1
-        return source
+        return RemoteSource(layout, block, kv)
 
     def _remote_delete(self, namespace: str, session: str | None) -> None:
         assert self._remote is not None
@@ -468,21 +496,31 @@ class StateCache(CheckpointCache):
         cp: Checkpoint,
         key: SessionKey,
         tokens: tuple[int, ...],
-        source: tuple[BlockLayout, torch.Tensor],
+        source: RemoteSource,
     ) -> None:
-        """On the remote writer thread: take the copy's bytes (then unpin), send them to Redis."""
+        """On the remote writer thread: take the copy's bytes (then unpin), send them to Redis. A hybrid's
+        full KV blocks Redis lacks go with them, its partial block inside the blob."""
         assert self._remote is not None
+        written: Written | None = None
         try:
-            fields = copies.export_fields(source[0], source[1], cp.ready, self.remote_layout)
+            fields = copies.export_fields(source.layout, source.block, cp.ready, self.remote_layout)
+            if source.kv is not None and self._kv_writer is not None:
+                where = (cp.tree, key[0], key[1])
+                written = self._kv_writer.write(where, tokens, source.kv, cp.ready, fields)
+                if written is None:
+                    return  # Redis failed, or too large (counted)
         finally:
             with self._lock:
                 self._book.unpin(cp)
                 work = self._book.disk.take()
             self._run_io(work)
             self._dispatch()
-        blob = encode_blob(fields, tokens)
-        if self._remote.put(cp.tree, key[0], key[1], tokens, blob):
+        blob = written.blob if written is not None else encode_blob(fields, tokens)
+        block_keys = written.block_keys if written is not None else []
+        if self._remote.put(cp.tree, key[0], key[1], tokens, blob, block_keys):
             self.observer.on_remote_bytes("written", len(blob))
+        if written is not None and written.sent:
+            self.observer.on_remote_bytes("written", written.sent)
 
     def _dispatch(self) -> None:
         """Run queued observer callbacks (outside the lock) and resolve finished GPU timings."""
@@ -518,7 +556,8 @@ class StateCache(CheckpointCache):
         remote = self._remote
         if remote is None:
             return None
-        return TierStats(remote.used, remote.config.budget, remote.blobs, 0, self.remote_layout.block_bytes)
+        block_bytes = self.remote_layout.block_bytes
+        return TierStats(remote.used, remote.config.budget, remote.blobs, 0, block_bytes, remote.kv_bytes)
 
     def _describe(self, key: SessionKey, cps: list[Checkpoint]) -> dict[str, Any]:
         per_tier: dict[str, int] = dict.fromkeys(TIERS, 0)

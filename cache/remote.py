@@ -15,6 +15,11 @@ another model or storing another precision never read these blobs):
 - `P lru` (sorted set: blob key -> expiry, ms), `P sz` (hash: blob key -> accounted bytes) and `P used` (the
   accounted total): the byte budget, shared by every replica; `P own` (hash: blob key -> the index entries
   that name it), so that dropping a blob drops them too and no index grows beyond the live blobs.
+- a hybrid model's (`cache.remote_kv`): `P k:{block}`, one full KV block of a tree, named by a digest of the
+  tree and every token up to its end, so that every checkpoint covering it shares it (stored once);
+  a checkpoint's blob holds its partial last block and names its full blocks implicitly (by its tokens).
+  Blocks are accounted like blobs in `lru` / `sz` / `used`, and also in `P used:kv` (their bytes) and
+  `P used:kvn` (their number); `own` maps a block to the session set of its first writer.
 The scripts touch keys they read from `own`, so the tier needs one Redis server (or a primary with
 replicas), not Redis Cluster.
 
@@ -28,9 +33,23 @@ the tier (`MEMORY USAGE` of its keys) stays within the budget. Redis's own `maxm
 `volatile-lru` is a safe backstop: it only evicts blobs (they have TTLs), never the accounting keys, and an
 evicted blob's bytes are given back when the script purges its entry.
 
+KV blocks (hybrids): a checkpoint's write first asks which of its blocks Redis lacks (`missing`), then sends
+the new ones a few MiB per MULTI/EXEC (`put_blocks`: the first also refreshes the stored ones, before
+reserving), then one MULTI/EXEC refreshes every block the blob names and reserves and SETs the blob. A block
+lives `BLOCK_GRACE_MS` longer than the checkpoints' TTL, and every write or hit of a checkpoint refreshes
+all its blocks in the same call that refreshes it, so a block expires after every checkpoint naming it, and
+(its LRU score being its expiry) the budget evicts it after them too. A block no checkpoint names any more
+(its checkpoints evicted, expired or deleted) stays accounted until its own expiry or the budget's eviction,
+which takes it right after its last checkpoint. Its bytes are accounted once, whatever the number of
+checkpoints naming it. `delete_session` drops the blocks the session wrote first, as it drops its blobs: a
+checkpoint of another session naming one becomes a miss until that session's next write stores it again.
+
 Lookup (`find`): the tree's positions in (after, len(tokens)], deepest first; the blob keys of those prefixes
 are checked in one pipelined round trip, and the deepest existing one is read and verified: checksum, then
-its token prefix compared with the request's, so a hash collision never restores a wrong state.
+its token prefix compared with the request's, so a hash collision never restores a wrong state. A hybrid's
+blocks are then read (one pipelined round trip) and verified likewise; a missing one makes that checkpoint a
+miss (`kv_missing`), never a partial restore, and the next shallower one is tried (blocks are checked with
+one pipelined `EXISTS` first, so such a miss moves no KV).
 
 Failures: every Redis error is counted by kind (`on_error`) and closes the gate for a backoff (0.5 s doubling
 to 30 s); while it is closed, calls return at once without touching the network. redis-py reconnects by
@@ -46,151 +65,48 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
-from safetensors.torch import load, save
 
+from cache.blob import CorruptBlob, pack, unpack
 from cache.config import RemoteConfig
-from cache.disk import checksum
+from cache.kv_copies import KVPart
+from cache.remote_scripts import BLOCKS, DELETE, RESERVE, TOUCH
+
+if TYPE_CHECKING:
+    from cache.remote_kv import KVReader
 
 log = logging.getLogger(__name__)
 ENTRY_OVERHEAD = 2048  # bytes accounted per blob beyond its value: its key, index entries and Redis headers
 MAX_CANDIDATES = 256  # deepest positions a lookup considers
 BACKOFF = (0.5, 30.0)  # seconds: first and longest pause after a failure
-
-# Shared by the scripts: `purge(k)` forgets blob `k` and everything that refers to it. `own` holds, per blob,
-# "session set\npositions key\ncounts key\nposition", so the index keeps only live blobs' positions and a
-# session set only its live blobs (Redis deletes a set or hash left empty).
-_PURGE = r"""
-local function purge(lru, sz, used, own, k)
-  local n = redis.call('HGET', sz, k)
-  if n then
-    redis.call('HDEL', sz, k)
-    if redis.call('DECRBY', used, n) < 0 then redis.call('SET', used, 0) end
-  end
-  local o = redis.call('HGET', own, k)
-  if o then
-    redis.call('HDEL', own, k)
-    local s, p, c, pos = string.match(o, '^(.-)\n(.-)\n(.-)\n(.*)$')
-    redis.call('SREM', s, k)
-    if redis.call('HINCRBY', c, pos, -1) <= 0 then
-      redis.call('HDEL', c, pos)
-      redis.call('ZREM', p, pos)
-    end
-  end
-  redis.call('ZREM', lru, k)
-  redis.call('DEL', k)
-end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# KEYS: blob, lru, sz, used, own, positions, counts, session; ARGV: accounted bytes, budget, ttl ms,
-# position. Reserves the budget for a blob the same transaction then SETs (the payload never passes through
-# Lua, which would copy it twice). Returns {status, used, blobs}: status 1 reserved, 0 existed (its TTL and
-# LRU place refreshed; the SET rewrites the same bytes), -1 over the budget (the caller never gets here).
-_RESERVE = (
-    _PURGE
-    + r"""
-local blob, lru, sz, used, own = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now, ttl = now_ms(), tonumber(ARGV[3])
-for _, k in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now, 'LIMIT', 0, 64)) do
-  purge(lru, sz, used, own, k)
-end
-if redis.call('HEXISTS', sz, blob) == 1 then
-  redis.call('ZADD', lru, now + ttl, blob)
-  return {0, tonumber(redis.call('GET', used) or '0'), redis.call('ZCARD', lru)}
-end
-local nbytes, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
-local total = tonumber(redis.call('GET', used) or '0')
-if nbytes > budget then return {-1, total, redis.call('ZCARD', lru)} end
-while total + nbytes > budget do
-  local oldest = redis.call('ZRANGE', lru, 0, 0)
-  if #oldest == 0 then
-    redis.call('SET', used, 0)
-    total = 0
-    break
-  end
-  purge(lru, sz, used, own, oldest[1])
-  total = tonumber(redis.call('GET', used) or '0')
-end
-redis.call('HSET', sz, blob, nbytes)
-redis.call('INCRBY', used, nbytes)
-redis.call('ZADD', lru, now + ttl, blob)
-redis.call('HSET', own, blob, KEYS[8] .. '\n' .. KEYS[6] .. '\n' .. KEYS[7] .. '\n' .. ARGV[4])
-redis.call('SADD', KEYS[8], blob)
-redis.call('ZADD', KEYS[6], tonumber(ARGV[4]), ARGV[4])
-redis.call('HINCRBY', KEYS[7], ARGV[4], 1)
-return {1, total + nbytes, redis.call('ZCARD', lru)}
-"""
-)
-
-# KEYS: blob, lru; ARGV: ttl ms. A hit: the blob lives another TTL.
-_TOUCH = (
-    _PURGE
-    + r"""
-if redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[1]), KEYS[1])
-return 1
-"""
-)
-
-# KEYS: session, lru, sz, used, own. Drops every blob the session wrote; returns how many.
-_DELETE = (
-    _PURGE
-    + r"""
-local n = 0
-for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  n = n + redis.call('EXISTS', k)
-  purge(KEYS[2], KEYS[3], KEYS[4], KEYS[5], k)
-end
-redis.call('DEL', KEYS[1])
-return n
-"""
-)
-
-
-class CorruptBlob(ValueError):
-    pass
+BLOCK_GRACE_MS = 5000  # a KV block outlives the checkpoints naming it by this much (a reader's GETs)
+MGET_KEYS = 256  # KV blocks per MGET reply of a lookup
 
 
 @dataclass(frozen=True)
 class Found:
-    """A verified remote checkpoint: the encoded fields of `tokens[:position]` (CPU tensors)."""
+    """A verified remote checkpoint: the encoded fields of `tokens[:position]` (CPU tensors); a hybrid's also
+    its KV of [0, position), verified (`kv`: its blocks and partial block, `block_keys`: the blocks' keys)."""
 
     position: int
     fields: dict[str, torch.Tensor]
     nbytes: int
+    kv: list[KVPart] | None = None
+    block_keys: list[str] = field(default_factory=list)
 
 
 def encode_blob(fields: Mapping[str, torch.Tensor], tokens: Sequence[int]) -> bytes:
     """A checkpoint as one safetensors file in memory: the fields, the int32 token prefix, a checksum."""
-    tensors = {name: t.contiguous() for name, t in fields.items()}
-    tensors["tokens"] = torch.tensor(list(tokens), dtype=torch.int32)
-    meta = {"position": str(len(tokens))}
-    meta["checksum"] = checksum(tensors, meta)
-    return save(tensors, metadata=meta)
+    return pack(fields, tokens, {"position": str(len(tokens))})
 
 
 def decode_blob(blob: bytes, tokens: Sequence[int]) -> dict[str, torch.Tensor]:
     """The fields of a blob, after checking its checksum and that its prefix is `tokens`. Raises CorruptBlob."""
-    try:
-        size = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
-        tensors = load(blob)
-    except Exception as exc:  # any malformed blob, whatever the parser raises
-        raise CorruptBlob(f"unreadable blob: {exc}") from exc
-    if meta.get("checksum") != checksum(tensors, meta):
-        raise CorruptBlob("checksum mismatch")
-    stored = tensors.pop("tokens", None)
-    if stored is None or stored.tolist() != list(tokens):
-        raise CorruptBlob("token prefix differs")
-    return tensors
+    return unpack(blob, tokens, "checkpoint blob")[0]
 
 
 def accounted(nbytes: int) -> int:
@@ -232,21 +148,27 @@ class RemoteStore:
         self.config = config
         self.prefix = f"{config.prefix}:{_hash(fingerprint)}:"
         self.client = client or _connect(config)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._touch = self.client.register_script(_TOUCH)
-        self._delete = self.client.register_script(_DELETE)
+        self._reserve = self.client.register_script(RESERVE)
+        self._touch = self.client.register_script(TOUCH)
+        self._blocks = self.client.register_script(BLOCKS)
+        self._delete = self.client.register_script(DELETE)
         self._on_error = on_error
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = BACKOFF[0]
-        self.used = 0  # accounted bytes and blobs held, as of the last write
+        self.used = 0  # accounted bytes, checkpoint blobs and accounted KV block bytes, as of the last write
         self.blobs = 0
+        self.kv_bytes = 0
 
     # ---- keys ------------------------------------------------------------------------------------------
 
     def blob_key(self, tree: str, position: int, digest: str) -> str:
         """The key of the blob of a prefix of `tree` (`digest`: its `prefix_hashes` entry)."""
         return f"{self.prefix}c:{_hash(tree)}:{position}:{digest}"
+
+    def block_key(self, name: str) -> str:
+        """The key of a hybrid's full KV block (`name`: `cache.remote_kv.block_names`, tree included)."""
+        return f"{self.prefix}k:{name}"
 
     def _session_key(self, namespace: str, session: str | None) -> str:
         return f"{self.prefix}s:{_hash(json.dumps([namespace, session]))}"
@@ -258,11 +180,31 @@ class RemoteStore:
         with self._lock:
             return time.monotonic() >= self._down_until
 
+    def missing(self, keys: Sequence[str]) -> list[bool] | None:
+        """Which of `keys` Redis lacks (one pipelined round trip); None on failure."""
+
+        def exists() -> list[int]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return pipe.execute()
+
+        flags = self._call(exists) if keys else []
+        return None if flags is None else [not flag for flag in flags]
+
     def put(
-        self, tree: str, namespace: str, session: str | None, tokens: Sequence[int], blob: bytes
+        self,
+        tree: str,
+        namespace: str,
+        session: str | None,
+        tokens: Sequence[int],
+        blob: bytes,
+        block_keys: Sequence[str] = (),
     ) -> int | None:
         """Store a blob for `tokens` of `tree`, referenced by the session; the accounted bytes written
-        (0: it existed already, or does not fit the budget), None on failure."""
+        (0: it existed already, or does not fit the budget), None on failure. A hybrid's checkpoint names its
+        full KV blocks (`put_blocks` wrote the missing ones first): in the same transaction, before the blob,
+        they live another block TTL, so a block outlives, and is evicted after, every checkpoint naming it."""
         p = self.prefix
         key = self.blob_key(tree, len(tokens), prefix_hashes(tokens, [len(tokens)])[len(tokens)])
         keys = [
@@ -276,13 +218,14 @@ class RemoteStore:
             self._session_key(namespace, session),
         ]
         cost = accounted(len(blob))
-        if cost > self.config.budget:
-            self._on_error("too_large")
+        if not self.fits(cost):
             return 0
         ttl = int(self.config.ttl * 1000)
 
         def write() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)  # MULTI ... EXEC: both or neither
+            pipe = self.client.pipeline(transaction=True)  # MULTI ... EXEC: all or nothing
+            if block_keys:
+                self._refresh_blocks(pipe, namespace, session, block_keys, [])
             self._reserve(keys=keys, args=[cost, self.config.budget, ttl, len(tokens)], client=pipe)
             pipe.set(key, blob, px=ttl)
             return pipe.execute()
@@ -290,13 +233,64 @@ class RemoteStore:
         replies = self._call(write)
         if replies is None:
             return None
-        status, self.used, self.blobs = (int(x) for x in replies[0])
+        status, self.used, self.blobs, self.kv_bytes = (int(x) for x in replies[-2])
         return cost if status == 1 else 0
 
-    def find(self, tree: str, tokens: Sequence[int], after: int) -> Found | None:
+    def put_blocks(
+        self,
+        namespace: str,
+        session: str | None,
+        stored: Sequence[str],
+        new: Sequence[tuple[str, bytes]],
+    ) -> bool:
+        """Write KV blocks ahead of the checkpoint that names them, in one MULTI/EXEC: the `stored` ones (found
+        by `missing`) live another block TTL first, so that reserving the `new` (key, value) ones never evicts
+        them; the new ones are owned by the session. False on failure."""
+
+        def write() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            self._refresh_blocks(pipe, namespace, session, stored, new)
+            return pipe.execute()
+
+        return self._call(write) is not None
+
+    def _refresh_blocks(
+        self,
+        pipe: redis.client.Pipeline,
+        namespace: str,
+        session: str | None,
+        stored: Sequence[str],
+        new: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Queue on `pipe` the block script refreshing `stored`, then per new block the script reserving it
+        and its SET: each SET follows its own reservation, so a block that a later reservation of the same
+        transaction evicts is deleted with its accounting, never left stored and unaccounted."""
+        p, ttl, budget = self.prefix, self._block_ttl(), self.config.budget
+        head = [p + "lru", p + "sz", p + "used", p + "own", self._session_key(namespace, session)]
+        if stored:
+            self._blocks(keys=[*head, *stored], args=[budget, ttl, *[0] * len(stored)], client=pipe)
+        for k, value in new:
+            self._blocks(keys=[*head, k], args=[budget, ttl, accounted(len(value))], client=pipe)
+            pipe.set(k, value, px=ttl)
+
+    def fits(self, cost: int) -> bool:
+        """Whether `cost` accounted bytes fit the whole budget (if not, counted `too_large`)."""
+        if cost > self.config.budget:
+            self._on_error("too_large")
+            return False
+        return True
+
+    def _block_ttl(self) -> int:
+        """Milliseconds a KV block lives after a write or hit of a checkpoint naming it: the checkpoints' TTL
+        plus `BLOCK_GRACE`, so that it expires (and is evicted) after every one of them."""
+        return int(self.config.ttl * 1000) + BLOCK_GRACE_MS
+
+    def find(self, tree: str, tokens: Sequence[int], after: int, kv: KVReader | None = None) -> Found | None:
         """The deepest verified blob of `tree` at a position in (after, len(tokens)] whose token prefix is
         `tokens[:position]`; None if there is none or Redis failed. A blob failing verification is counted
-        as `corrupt` and the next shallower one is tried."""
+        as `corrupt` and the next shallower one is tried. With `kv` (a hybrid's), the blob's KV blocks are
+        read and verified too: one missing (expired, evicted, deleted with the session that wrote it) is
+        counted `kv_missing`, one failing verification `corrupt`, and the next shallower blob is tried."""
         p = self.prefix
         positions = self._call(
             lambda: self.client.zrevrangebyscore(
@@ -308,18 +302,11 @@ class RemoteStore:
         wanted = [int(x) for x in positions]
         digests = prefix_hashes(tokens, wanted)
         keys = [self.blob_key(tree, pos, digests[pos]) for pos in wanted]
-
-        def exists() -> list[int]:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            return pipe.execute()
-
-        flags = self._call(exists)
-        if flags is None:
+        lacking = self.missing(keys)
+        if lacking is None:
             return None
-        for pos, key, flag in zip(wanted, keys, flags, strict=True):
-            if not flag:
+        for pos, key, gone in zip(wanted, keys, lacking, strict=True):
+            if gone:
                 continue
             blob = self._get(key)
             if blob is None:
@@ -330,17 +317,59 @@ class RemoteStore:
                 log.warning("remote checkpoint %s unusable: %s", key, exc)
                 self._on_error("corrupt")
                 continue
-            self._refer(key)
-            return Found(pos, fields, len(blob))
+            hit: Found | None = Found(pos, fields, len(blob))
+            if kv is not None:
+                hit = self._with_kv(Found(pos, fields, len(blob)), tree, tokens, kv)
+            if hit is None:
+                continue
+            self._refer(key, hit.block_keys)
+            return hit
         return None
+
+    def _with_kv(self, found: Found, tree: str, tokens: Sequence[int], kv: KVReader) -> Found | None:
+        """`found` with its KV read from its blocks and its blob's tail; None if a block is missing or
+        unusable (counted), or Redis failed."""
+        names = kv.keys_for(tree, tokens[: found.position])
+        keys = [self.block_key(name) for name in names]
+        lacking = self.missing(keys)  # first: a checkpoint missing a block costs no transfer of the others
+        if lacking is None:
+            return None
+        got = [] if any(lacking) else self._mget(keys)
+        if got is None:
+            return None
+        values = [value for value in got if value is not None]
+        if len(values) < len(keys):  # gone before the check, or since
+            log.info("remote checkpoint at %d: a KV block is gone", found.position)
+            self._on_error("kv_missing")
+            return None
+        try:
+            parts = kv.parts(names, values, tokens[: found.position], found.fields)
+        except CorruptBlob as exc:
+            log.warning("remote checkpoint at %d unusable: %s", found.position, exc)
+            self._on_error("corrupt")
+            return None
+        nbytes = found.nbytes + sum(len(v) for v in values)
+        return Found(found.position, found.fields, nbytes, parts, keys)
+
+    def _mget(self, keys: list[str]) -> list[bytes | None] | None:
+        """The values of `keys` (None where missing): one round trip, `MGET_KEYS` keys per reply."""
+
+        def read() -> list[bytes | None]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(0, len(keys), MGET_KEYS):
+                pipe.mget(keys[i : i + MGET_KEYS])
+            return [value for chunk in pipe.execute() for value in chunk]
+
+        return self._call(read) if keys else []
 
     def _get(self, key: str) -> bytes | None:
         return self._call(lambda: self.client.get(key))
 
-    def _refer(self, key: str) -> None:
-        """A hit on blob `key`: it lives another TTL."""
-        keys = [key, self.prefix + "lru"]
-        self._call(lambda: self._touch(keys=keys, args=[int(self.config.ttl * 1000)]))
+    def _refer(self, key: str, blocks: list[str]) -> None:
+        """A hit on blob `key`: it lives another TTL, its KV `blocks` another block TTL."""
+        keys = [self.prefix + "lru", key, *blocks]
+        args = [int(self.config.ttl * 1000), self._block_ttl()]
+        self._call(lambda: self._touch(keys=keys, args=args))
 
     def delete_session(self, namespace: str, session: str | None) -> int | None:
         """Drop every blob the session wrote (one that other sessions restored from too: a shared prefix is

@@ -39,8 +39,8 @@ LookupScope = Literal["session", "shared", ""]  # a hit's scope (`cache.base.Lea
 TIERS: tuple[str, ...] = ("hot", "cold", "disk")  # local tiers; "remote" series exist with --remote-url
 # `tssc_state_cache_remote_errors_total{kind}` (`cache.base.CacheObserver` says what each means)
 REMOTE_ERRORS: tuple[str, ...] = (
-    "timeout", "connection", "auth", "response", "corrupt", "queue_full", "too_large", "unavailable",
-    "other",
+    "timeout", "connection", "auth", "response", "corrupt", "kv_missing", "queue_full", "too_large",
+    "unavailable", "other",
 )  # fmt: skip
 GPU_MEMORY_KINDS: tuple[str, ...] = ("allocated", "reserved", "total")
 # consecutive parts of a request's time to first token (`tssc_request_phase_seconds`)
@@ -172,7 +172,8 @@ class Metrics(CacheObserver):
         )
         self.cache_remote_errors = Counter(
             "tssc_state_cache_remote_errors_total",
-            "Remote tier failures by kind (timeout, connection, auth, response, corrupt, queue_full, "
+            "Remote tier failures by kind (timeout, connection, auth, response, corrupt, kv_missing: a "
+            "hybrid checkpoint whose KV blocks are gone, read as a miss, queue_full, "
             "too_large: a checkpoint above the whole budget, unavailable: skipped while backing off, "
             "other). None fails a request.",
             ["kind"],
@@ -340,11 +341,10 @@ class Metrics(CacheObserver):
     def set_cache_stats(self, stats: CacheStats) -> None:
         """Copy a `StateCache.stats()` snapshot into the tier gauges."""
         tiers = dict(stats.tiers)
-        for tier, tier_stats in stats.tiers.items():
-            self.cache_kv_bytes.labels(tier=tier).set(tier_stats.kv_bytes)
         if stats.remote is not None:
             tiers["remote"] = stats.remote  # type: ignore[index]
         for tier, tier_stats in tiers.items():
+            self.cache_kv_bytes.labels(tier=tier).set(tier_stats.kv_bytes)
             self.cache_bytes.labels(tier=tier).set(tier_stats.bytes_used)
             self.cache_capacity_bytes.labels(tier=tier).set(tier_stats.bytes_capacity)
             self.cache_checkpoints.labels(tier=tier).set(tier_stats.checkpoints)

@@ -199,8 +199,8 @@ def _cache_capacity_row() -> Row:
             Panel(
                 "Attention KV per tier (hybrid models)",
                 "Bytes of attention KV blocks that hybrid (Mamba2 + attention) checkpoints hold in each tier, "
-                "part of the occupancy above; a conversation's checkpoints share their KV prefix, stored once. "
-                "Zero for a pure Mamba model.",
+                "part of the occupancy above; a conversation's checkpoints share their KV prefix, stored once "
+                "(in Redis too: remote, as of the replica's last write). Zero for a pure Mamba model.",
                 (Target(f"sum by (tier) (tssc_state_cache_kv_bytes{_sel()})", "{{tier}}"),),
                 unit="bytes",
                 width=12,

@@ -122,9 +122,11 @@ def test_cache_stats_set_tier_gauges() -> None:
         disk_corrupt=0,
         sessions=4,
         leases=0,
+        remote=TierStats(900, 9000, 1, 0, 100, kv_bytes=700),
     )
     m.set_cache_stats(stats)
     assert _value(m, "tssc_state_cache_bytes", tier="cold") == 300
+    assert _value(m, "tssc_state_cache_kv_bytes", tier="remote") == 700  # a hybrid's blocks in Redis
     assert _value(m, "tssc_state_cache_capacity_bytes", tier="hot") == 1000
     assert _value(m, "tssc_state_cache_checkpoints", tier="cold") == 3
     assert _value(m, "tssc_state_cache_kv_bytes", tier="cold") == 120  # a hybrid's KV blocks

@@ -83,7 +83,8 @@ def make_hybrid_cache(**overrides: Any) -> StateCache:
     }
     fields.update(overrides)
     kv = fields.pop("kv", KV)
-    return StateCache(CacheConfig(**fields), SPEC, kv=kv)
+    observer = fields.pop("observer", None)
+    return StateCache(CacheConfig(**fields), SPEC, observer, kv=kv)
 
 
 def capture(cache: StateCache, tokens: tuple[int, ...], session: str = "s", tree: str | None = None) -> bool:

@@ -9,11 +9,10 @@ import threading
 import pytest
 import torch
 
-from cache import CacheConfig, RemoteConfig, StateCache
+from cache import StateCache
 from tests.unit.cache.kv_helpers import (
     KV,
     KV_BLOCK,
-    SPEC,
     STATE_BLOCK,
     ListSink,
     TokenKV,
@@ -124,7 +123,7 @@ def test_trees_do_not_share_kv_blocks() -> None:
     assert_restores(cache, CONVERSATION[:16], tree="a")
 
 
-def test_hybrid_calls_without_kv_and_hybrids_with_a_remote_tier_are_refused() -> None:
+def test_hybrid_calls_without_kv_are_refused() -> None:
     cache = make_hybrid_cache()
     toks = CONVERSATION[:9]
     with pytest.raises(ValueError, match="KVSource"):
@@ -137,9 +136,6 @@ def test_hybrid_calls_without_kv_and_hybrids_with_a_remote_tier_are_refused() ->
     with pytest.raises(ValueError, match="KVSink"):
         cache.fetch(lease)
     cache.release(lease)
-    remote = RemoteConfig(url="redis://localhost:1")
-    with pytest.raises(ValueError, match="remote"):
-        StateCache(CacheConfig(cold_bytes=1 << 20, remote=remote), SPEC, kv=KV)
 
 
 def test_a_failed_kv_read_stores_nothing() -> None:

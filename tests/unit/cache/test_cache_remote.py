@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +176,7 @@ def test_budget_holds_with_two_replicas_writing_at_once(rds: RedisProc) -> None:
             cache.capture("ns", f"t{base}-{i}", [0, *range(39)], _state(0), reason="finish")  # same blob
         cache.flush()
 
-    threads = [threading.Thread(target=write, args=(c, base)) for c, base in ((a, 1000), (b, 2000))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    write_at_once(write, [(a, 1000), (b, 2000)])
     client = rds.client()
     prefix = a._remote.prefix  # type: ignore[union-attr]
     used = int(client.get(prefix + "used") or 0)
@@ -188,6 +184,15 @@ def test_budget_holds_with_two_replicas_writing_at_once(rds: RedisProc) -> None:
     assert used == sum(sizes) <= budget  # never double counted, never negative
     assert 1 <= len(sizes) <= 6
     assert rds.memory_used_by(prefix + "*") <= budget
+
+
+def write_at_once(write: Callable[[StateCache, int], None], replicas: list[tuple[StateCache, int]]) -> None:
+    """Run `write(cache, base)` for every (replica, base) on threads of their own, at once; wait for all."""
+    threads = [threading.Thread(target=write, args=pair) for pair in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def test_ttl_expiry_gives_the_bytes_back(rds: RedisProc) -> None:
