@@ -1,8 +1,10 @@
 """Long texts tokenized on several cores, with exactly the ids and offsets of one whole-text encode.
 
-`ParallelEncoder.encode(text)` cuts a long text into pieces, encodes them with the Rust backend's
-`encode_batch` (parallel over the pieces, rayon) and joins the ids and the offsets shifted by each
-piece's start. That equals the encode of the whole text only where nothing in the tokenizer's pipeline
+`ParallelEncoder.encode(text)` cuts a text of `MIN_CHARS` or more into pieces of about `PIECE_CHARS`,
+encodes them with the Rust backend's `encode_batch` (parallel over the pieces, rayon) and joins the ids
+and the offsets shifted by each piece's start (in Rust, `Encoding.merge`, when each piece's last token
+ends where the piece does, as it does unless a BPE without an unknown token dropped that character;
+else in Python). That equals the encode of the whole text only where nothing in the tokenizer's pipeline
 can reach across a cut, so a tokenizer gets a `ParallelEncoder` only when its `backend_tokenizer`
 configuration proves that (`ParallelEncoder.of`; otherwise None, and every text is encoded whole).
 
@@ -75,8 +77,8 @@ log = logging.getLogger(__name__)
 Spans = list[tuple[int, int]]
 Config = Mapping[str, Any]
 
-MIN_CHARS = 65_536  # shorter texts are encoded whole (bench/parallel_encode_cpu.py)
-PIECE_CHARS = 16_384  # a piece is about this long
+MIN_CHARS = 16_384  # shorter texts are encoded whole (bench/parallel_encode_cpu.py, BENCHMARKS.md)
+PIECE_CHARS = 8_192  # a piece is about this long
 MAX_PIECES = 64
 _SCAN = 2_048  # characters searched for a cut past each target position
 _SPACE = " "
@@ -302,13 +304,30 @@ class ParallelEncoder:
         bounds = [0, *cuts, len(text)]
         pieces = [text[a:b] for a, b in pairwise(bounds)]
         encodings = self._backend.encode_batch(pieces, add_special_tokens=False)
-        ids: list[int] = []
-        spans: Spans = []
-        for start, enc in zip(bounds, encodings, strict=False):
-            ids.extend(enc.ids)
-            offsets = enc.offsets
-            spans.extend(offsets if start == 0 else [(s + start, e + start) for s, e in offsets])
-        return ids, spans
+        if all(_ends_at(enc, len(piece)) for enc, piece in zip(encodings, pieces[:-1], strict=False)):
+            from tokenizers import Encoding
+
+            # each piece's offsets grow by the end of the one before: where the piece before ends
+            merged = Encoding.merge(encodings, growing_offsets=True)
+            return merged.ids, merged.offsets
+        return _joined(bounds, encodings)
+
+
+def _ends_at(encoding: Any, end: int) -> bool:
+    """Whether an encoding's last token ends at `end` (not so when its last character was dropped)."""
+    n = len(encoding)
+    return n > 0 and encoding.token_to_chars(n - 1)[1] == end
+
+
+def _joined(bounds: list[int], encodings: list[Any]) -> tuple[list[int], Spans]:
+    """The pieces' ids, and their offsets shifted by where each piece starts."""
+    ids: list[int] = []
+    spans: Spans = []
+    for start, enc in zip(bounds, encodings, strict=False):
+        ids.extend(enc.ids)
+        offsets = enc.offsets
+        spans.extend(offsets if start == 0 else [(s + start, e + start) for s, e in offsets])
+    return ids, spans
 
 
 def _added_contents(backend: Any) -> Iterator[str]:

@@ -113,7 +113,8 @@ class Tokenizer:
         # thread, once per token) uses its own copy of the backend tokenizer.
         self._lock = threading.Lock()
         self._decoder = _backend_copy(hf)
-        self._parallel = ParallelEncoder.of(hf)  # long texts on several cores (None: always whole)
+        # long texts in pieces on several cores where that is proven exact (None: every text is encoded whole)
+        self.parallel: ParallelEncoder | None = ParallelEncoder.of(hf)
         self.model_name = model_name
         self.uses_fallback_template = not chat_template
         self.chat_template = chat_template or FALLBACK_CHAT_TEMPLATE
@@ -267,7 +268,7 @@ class Tokenizer:
         cores where that is proven to give the same (`parallel_encode`)."""
         if not getattr(self.hf, "is_fast", False):
             return None
-        if self._parallel is not None and (pieces := self._parallel.encode(text)) is not None:
+        if self.parallel is not None and (pieces := self.parallel.encode(text)) is not None:
             return pieces
         with self._lock:
             enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)

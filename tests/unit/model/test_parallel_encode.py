@@ -276,6 +276,28 @@ def test_an_added_token_that_only_the_normalized_text_holds(tokenizers: dict[str
     assert _every_cut(hf).cuts(text) == [35, 102, 169, 200]  # between the w's, and at the end
 
 
+def test_a_piece_whose_last_character_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BPE without an unknown token drops "ж", so the piece before the cut ends short of the cut: the
+    offsets are shifted one piece at a time instead of by the pieces' ends."""
+    from tokenizers import pre_tokenizers
+
+    from server.model import parallel_encode
+
+    hf = _chars(unk=False)
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    joined: list[int] = []
+    real = parallel_encode._joined
+
+    def spy(bounds: list[int], encodings: list[Any]) -> Encoded:
+        joined.append(len(encodings))
+        return real(bounds, encodings)
+
+    monkeypatch.setattr(parallel_encode, "_joined", spy)
+    encoder = _every_cut(hf)
+    assert _assert_exact(encoder, hf, "ab cd ef") == 2 and not joined
+    assert _assert_exact(encoder, hf, "aж bж cж") == 2 and joined
+
+
 @pytest.mark.parametrize("name", ["demo", "neox", "llama3", "spm-unigram-first", "llama2-no-split"])
 def test_a_long_text_is_cut_into_pieces_and_exact(tokenizers: dict[str, Any], name: str) -> None:
     hf = tokenizers[name]
@@ -336,13 +358,25 @@ def test_parallelism_off_gives_the_same(tokenizers: dict[str, Any], monkeypatch:
     assert _assert_exact(_every_cut(hf), hf, _long_text(2_000)) > 0
 
 
+def test_threads_encode_at_once_without_a_lock(tokenizers: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    hf = tokenizers["demo"]
+    encoder = ParallelEncoder.of(hf)
+    assert encoder is not None
+    texts = [_long_text(MIN_CHARS // 2, seed) for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(encoder.encode, texts))
+    assert got == [_whole(hf, t) for t in texts]
+
+
 # ---- through Tokenizer and ChatEncoder ----------------------------------------------------------
 
 
 def test_encode_offsets_and_ends_of_a_long_text() -> None:
     tok = Tokenizer.from_pretrained(default_model_path())
     text = _long_text(MIN_CHARS // 2)
-    assert tok._parallel is not None and tok._parallel.cuts(text)
+    assert tok.parallel is not None and tok.parallel.cuts(text)
     ids, spans = _whole(tok.hf, text)
     assert tok.encode_offsets(text) == (ids, spans)
     assert tok.encode_with_ends(text)[0] == ids
@@ -355,7 +389,7 @@ def test_chat_encoder_on_a_long_first_turn() -> None:
         {"role": "user", "content": _long_text(MIN_CHARS // 2)},
     ]
     whole = Tokenizer(tok.hf, tok.model_name, tok.chat_template)
-    whole._parallel = None
+    whole.parallel = None
     out = ChatEncoder(tok).encode(msgs, "k")
     assert (out.tokens, out.boundaries) == whole.encode_chat(msgs)
 
@@ -441,7 +475,7 @@ def test_an_unproven_tokenizer_is_never_cut(name: str, caplog: pytest.LogCapture
         assert ParallelEncoder.of(hf) is None
     assert reason in caplog.text
     tok = Tokenizer(hf, name)
-    assert tok._parallel is None
+    assert tok.parallel is None
     if name != "dropout":  # dropout samples: two encodes differ anyway
         text = _long_text(MIN_CHARS // 3)
         assert tok.encode_offsets(text) == _whole(hf, text)
