@@ -113,7 +113,9 @@ class Tokenizer:
         # thread, once per token) uses its own copy of the backend tokenizer.
         self._lock = threading.Lock()
         self._decoder = _backend_copy(hf)
-        # long texts in pieces on several cores where that is proven exact (None: every text is encoded whole)
+        # long texts in pieces on several cores where that is proven exact (None: every text is encoded
+        # whole), through its own backend copy and without the lock: a short encode (`encode_now`) need
+        # not wait for a long one
         self.parallel: ParallelEncoder | None = ParallelEncoder.of(hf)
         self.model_name = model_name
         self.uses_fallback_template = not chat_template
