@@ -44,7 +44,8 @@ English text. The LRU is bounded by `max_bytes` and `max_conversations`. An entr
 
 Thread safety: one lock guards the LRU and the counters. Entries never change once built, and two
 requests of one conversation may run at once (the later store wins). Tokenizer calls are serialized
-by `Tokenizer`'s own lock.
+by `Tokenizer`'s own lock, except a long text's pieces (`parallel_encode`), which go through a backend
+copy that needs none.
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server.model.parallel_encode import ParallelEncoder, Spans
+
 log = logging.getLogger(__name__)
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -53,7 +55,6 @@ FALLBACK_STOP = "<|im_end|>"
 
 Message = Mapping[str, Any]
 _S = TypeVar("_S", str, bytes)
-Spans = list[tuple[int, int]]
 _REPLACEMENT = "\ufffd"
 _DECODE_CONTEXT = 6  # tokens decoded before a window: a token can render differently at the start
 _MAX_HELD = 64  # tokens a window may hold an incomplete character before its anchor moves anyway
@@ -112,6 +113,10 @@ class Tokenizer:
         # thread, once per token) uses its own copy of the backend tokenizer.
         self._lock = threading.Lock()
         self._decoder = _backend_copy(hf)
+        # long texts in pieces on several cores where that is proven exact (None: every text is encoded
+        # whole), through its own backend copy and without the lock: a short encode (`encode_now`) need
+        # not wait for a long one
+        self.parallel: ParallelEncoder | None = ParallelEncoder.of(hf)
         self.model_name = model_name
         self.uses_fallback_template = not chat_template
         self.chat_template = chat_template or FALLBACK_CHAT_TEMPLATE
@@ -261,9 +266,12 @@ class Tokenizer:
     def encode_offsets(self, text: str) -> tuple[list[int], Spans] | None:
         """Tokens of `text` (no special tokens added) and each one's (start, end) character span.
 
-        None for a slow tokenizer, which reports no offsets."""
+        None for a slow tokenizer, which reports no offsets. A long text is encoded in pieces on several
+        cores where that is proven to give the same (`parallel_encode`)."""
         if not getattr(self.hf, "is_fast", False):
             return None
+        if self.parallel is not None and (pieces := self.parallel.encode(text)) is not None:
+            return pieces
         with self._lock:
             enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), list(enc["offset_mapping"])
