@@ -67,6 +67,7 @@ class AppState:
     inflight: int = 0
     draining: bool = False  # a shutdown began: new generation requests get 503 + Retry-After
     on_load_error: Callable[[], None] | None = None
+    on_ready: Callable[[], None] | None = None  # once the engine serves (`create_app`)
     created: int = field(default_factory=lambda: int(time.time()))
     _chat_encoder: ChatEncoder | None = None
 

@@ -41,6 +41,7 @@ from server.engine.ipc import (
     ToCore,
 )
 from server.engine.types import TokenEvent
+from server.heap import freeze_heap
 from server.settings import Settings, apply_switch_interval
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run_core(settings: Settings, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.send(LoadFailed(load_failure(exc)))
         raise SystemExit(1) from None
+    freeze_heap()  # the model, torch and the imports: no full collection pauses a step to traverse them
     asyncio.run(EngineCore(engine, recorder, conn).serve())
 
 
