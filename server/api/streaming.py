@@ -6,7 +6,9 @@ then an empty delta carrying `finish_reason`. Completions: text chunks, then an 
 chunk with no choices carries the usage. An engine error after the headers went out is sent as an
 `{"error": ...}` event before `[DONE]`.
 
-Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
+Several events of one stream that are ready together (the engine delivered them while the stream waited
+for the event loop: `server.engine.events`) go out as one write: their chunks, still one SSE event per
+token, joined. Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
 pydantic schema once per choice with a marker for the text, and a token's chunk is then the bytes
 before the marker + the text as JSON + the bytes after it (`TextChunks`). Rare chunks (role, finish,
 logprobs, usage, error) still go through the schema.
@@ -32,7 +34,7 @@ from server.api.formatting import (
     has_logprob,
     usage_of,
 )
-from server.api.generation import GeneratingEngine, engine_error, merged_events
+from server.api.generation import GeneratingEngine, engine_error, merged_batches
 from server.api.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -118,6 +120,18 @@ def _chat_event_chunk(spec: StreamSpec, text: TextChunks, index: int, event: Tok
     return text(index, event.text) if event.text else None
 
 
+def _chat_event_bytes(
+    spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent, finals: list[TokenEvent | None]
+) -> bytes:
+    """One event's chunks: its text (or logprobs) chunk, then the finish chunk if it ends its choice."""
+    chunk = _chat_event_chunk(spec, text, index, event) or b""
+    if event.finish_reason is None:
+        return chunk
+    finals[index] = event
+    reason = finish_reason_out(event.finish_reason)
+    return chunk + _chat_chunk(spec, ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason))
+
+
 async def chat_stream(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec
 ) -> AsyncGenerator[bytes, None]:
@@ -126,16 +140,10 @@ async def chat_stream(
     text = chat_text_chunks(spec)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
-        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
-            async for index, event in events:
-                if (chunk := _chat_event_chunk(spec, text, index, event)) is not None:
-                    yield chunk
-                if event.finish_reason is not None:
-                    finals[index] = event
-                    reason = finish_reason_out(event.finish_reason)
-                    yield _chat_chunk(
-                        spec, ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)
-                    )
+        async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
+            async for index, batch in batches:
+                if chunks := b"".join(_chat_event_bytes(spec, text, index, e, finals) for e in batch):
+                    yield chunks
     except Exception as exc:
         yield _error_event(engine_error(exc))
         yield DONE
@@ -176,6 +184,25 @@ def _completion_event_chunk(
     return text(index, event.text) if event.text else None
 
 
+def _completion_event_bytes(
+    spec: StreamSpec,
+    text: TextChunks,
+    index: int,
+    event: TokenEvent,
+    offsets: list[int],
+    finals: list[TokenEvent | None],
+) -> bytes:
+    """One event's chunks: its text (or logprobs) chunk, then the finish chunk if it ends its choice;
+    `offsets[index]` moves past its text."""
+    chunk = _completion_event_chunk(spec, text, index, event, offsets[index]) or b""
+    offsets[index] += len(event.text)
+    if event.finish_reason is None:
+        return chunk
+    finals[index] = event
+    reason = finish_reason_out(event.finish_reason)
+    return chunk + _completion_chunk(spec, CompletionChoice(index=index, text="", finish_reason=reason))
+
+
 async def completion_stream(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec, echo: Sequence[str]
 ) -> AsyncGenerator[bytes, None]:
@@ -187,17 +214,11 @@ async def completion_stream(
             yield text(index, prompt)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     try:
-        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
-            async for index, event in events:
-                if (chunk := _completion_event_chunk(spec, text, index, event, offsets[index])) is not None:
-                    yield chunk
-                offsets[index] += len(event.text)
-                if event.finish_reason is not None:
-                    finals[index] = event
-                    reason = finish_reason_out(event.finish_reason)
-                    yield _completion_chunk(
-                        spec, CompletionChoice(index=index, text="", finish_reason=reason)
-                    )
+        async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
+            async for index, batch in batches:
+                chunks = (_completion_event_bytes(spec, text, index, e, offsets, finals) for e in batch)
+                if joined := b"".join(chunks):
+                    yield joined
     except Exception as exc:
         yield _error_event(engine_error(exc))
         yield DONE
