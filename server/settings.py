@@ -8,6 +8,7 @@ comma-separated list.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.resources
 import logging
 import sys
@@ -227,9 +228,7 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         """The id `/v1/models` reports and requests must name."""
-        if self.served_model_name:
-            return self.served_model_name
-        return Path(self.model.rstrip("/")).name or self.model
+        return self.served_model_name or _directory_name(self.model)
 
     @property
     def auth_enabled(self) -> bool:
@@ -276,6 +275,13 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "tssc serve") 
     """
     namespace = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     return Settings(**vars(namespace))
+
+
+@functools.lru_cache(maxsize=8)
+def _directory_name(model: str) -> str:
+    """A model path's last part (or the path itself): cached, as every request's model check and response
+    asks for it, and a `Path` costs ~10 µs of the event loop each time."""
+    return Path(model.rstrip("/")).name or model
 
 
 def apply_switch_interval(settings: Settings) -> None:
