@@ -15,11 +15,9 @@ round's requests and by its streamed tokens. With `--engine-process` that proces
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,6 +25,7 @@ import httpx
 from bench._common import (
     PHASES,
     Clients,
+    CpuTimes,
     Job,
     Sample,
     Stats,
@@ -44,27 +43,6 @@ from server.model.defaults import bundled_model_dir
 from tests.integration.server_proc import start_server
 
 COMPLETIONS = "/v1/completions"
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """CPU seconds of a process so far: all its threads, and its main thread (the event loop)."""
-
-    process: float
-    loop: float
-
-    @classmethod
-    def of(cls, pid: int) -> CpuTimes:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
-        loop_ns = int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
-        return cls(ticks, loop_ns / 1e9)
-
-    def __sub__(self, other: CpuTimes) -> CpuTimes:
-        return CpuTimes(self.process - other.process, self.loop - other.loop)
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def rounds(
@@ -101,9 +79,13 @@ def _client_cells(samples: list[Sample]) -> list[str]:
 
 def _cpu_cells(cpu: CpuTimes, samples: list[Sample]) -> list[str]:
     """Per request (ms) and per streamed token (µs): the process's, then the event loop's."""
-    requests, streamed = len(samples), max(1, sum(s.completion_tokens for s in samples))
-    per = [cpu.process / requests, cpu.loop / requests, cpu.process / streamed, cpu.loop / streamed]
-    return [f"{per[0] * 1e3:.2f}", f"{per[1] * 1e3:.2f}", f"{per[2] * 1e6:.0f}", f"{per[3] * 1e6:.0f}"]
+    req, tok = cpu.per(len(samples)), cpu.per(sum(s.completion_tokens for s in samples))
+    return [
+        f"{req.process * 1e3:.2f}",
+        f"{req.loop * 1e3:.2f}",
+        f"{tok.process * 1e6:.0f}",
+        f"{tok.loop * 1e6:.0f}",
+    ]
 
 
 HEADER = [

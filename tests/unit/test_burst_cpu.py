@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.burst_cpu import CpuTimes, rounds, table
+from bench._common import CpuTimes
+from bench.burst_cpu import rounds, table
 
 
 @pytest.mark.slow
