@@ -174,12 +174,23 @@ def test_events_delivered_together_are_written_at_once_with_one_sse_event_each(k
         apart, together = (asyncio.run(_completion(_spec("cmpl"), scripts, [""], t)) for t in (False, True))
     assert b"".join(apart) == b"".join(together)
     head = 1 if kind == "chat" else 0  # chat opens with its role chunk
-    assert len(together) == head + 2  # the role chunk; every token, its finish; [DONE]
+    assert len(together) == head + 1  # every token, the finish and [DONE] in one write
     texts = [t for t in TEXTS if t]
-    assert len(apart) == head + len(texts) + 1 + 1  # a write per text token, the last token with its finish
-    assert _events([c.decode() for c in together[head : head + 1]]) == _events(
-        [c.decode() for c in apart[head:-1]]
-    )
+    assert len(apart) == head + len(texts) + 1  # a write per text token; the last token with the end
+    assert len(_events([together[-1].decode()])) == len(texts) + 1 + 1 + 1
+
+
+@pytest.mark.parametrize("kind", ["chat", "cmpl"])
+def test_the_last_tokens_finish_usage_and_done_go_out_in_one_write(kind: str) -> None:
+    if kind == "chat":
+        chunks = asyncio.run(_chat(_spec("chat", usage=True), [_plain()]))
+    else:
+        chunks = asyncio.run(_completion(_spec("cmpl", usage=True), [_plain()], [""]))
+    last = _events([chunks[-1].decode()])
+    assert ['"end."' in last[0], '"finish_reason":"stop"' in last[1], '"prompt_tokens":11' in last[2]] == [
+        True
+    ] * 3
+    assert last[3] == "data: [DONE]\n\n" and len(last) == 4
 
 
 def test_an_error_after_events_delivered_together_sends_them_first() -> None:
@@ -188,7 +199,7 @@ def test_an_error_after_events_delivered_together_sends_them_first() -> None:
     )
     events = _events([c.decode() for c in chunks])
     assert ['"text":"a"' in events[0], '"text":"b"' in events[1], '"error"' in events[2]] == [True] * 3
-    assert len(chunks) == 3 and events[-1] == "data: [DONE]\n\n"
+    assert len(chunks) == 2 and events[-1] == "data: [DONE]\n\n"  # the batch; the error with [DONE]
 
 
 def _tricky_texts() -> list[str]:
