@@ -6,7 +6,10 @@ traverses every one of them: ~215 ms on this project's 2-core CPU, a pause of th
 burst of requests triggers (a py-spy profile of 64 simultaneous completions with `--engine-process` had
 the loop in `gc_collect_main` for 55% of its busy samples, and the parse phase's mean at 40-225 ms).
 `freeze_heap` collects once and moves what survives into the permanent generation (`gc.freeze`), which
-no later collection traverses; what is allocated afterwards is collected as before.
+no later collection traverses; what is allocated afterwards is collected as before. A frozen object is
+still freed when its last reference goes (reference counting); only a reference cycle through a frozen
+object is never collected, and the startup objects (modules, the model, the tokenizer) live as long as the
+process anyway.
 """
 
 from __future__ import annotations
