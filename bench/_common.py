@@ -8,7 +8,8 @@
   appended to a file as they are measured;
 - `Texts`, `completion`, `chat_body`: random text of an exact token count, and streaming request bodies;
 - `write_random_model`: a random-weight Mamba2 of a published shape with the demo model's tokenizer;
-- `phase_totals` / `phase_delta`: the server's `tssc_request_phase_seconds` (where TTFT goes) over a window.
+- `phase_totals` / `phase_delta`: the server's `tssc_request_phase_seconds` (where TTFT goes) over a window;
+- `CpuTimes`: a server process's CPU time, all its threads and its event loop's (Linux `/proc`).
 
 Nothing here imports torch at module level: client processes import this module only.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -367,3 +369,28 @@ def emit(table: str, out: Path | None) -> None:
     if out is not None:
         with out.open("a") as f:
             f.write("\n" + table)
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds of a process so far: all its threads, and its main thread (the event loop)."""
+
+    process: float
+    loop: float
+
+    @classmethod
+    def of(cls, pid: int) -> CpuTimes:
+        """All threads from `/proc/PID/stat` (clock ticks), the main thread from its schedstat (ns)."""
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+        loop_ns = int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+        return cls(ticks, loop_ns / 1e9)
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.process - other.process, self.loop - other.loop)
+
+    def per(self, count: int) -> CpuTimes:
+        return CpuTimes(self.process / max(1, count), self.loop / max(1, count))
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -2,7 +2,7 @@
 (issue #12 item 8): what the engine, the SSE formatting and the HTTP server add to each decode step.
 
     python -m bench.step_host_cpu [--batches 1 16 64] [--new-tokens 128] [--rounds 3] [--sections engine,http]
-                                  [--profile] [--out FILE]
+                                  [--flags " --engine-process"] [--profile] [--out FILE]
 
 Both sections serve a seeded tiny Mamba2 (d_model 32, 2 layers, the character tokenizer) with 128-token
 prompts, greedy, ignore_eos, the state cache on (as the e2e bench's server has it). torch runs one thread
@@ -11,8 +11,9 @@ in every process, so that the numbers do not depend on how busy the machine's ot
           bytes the HTTP server would send, without the socket). Per step: the period, the runner's
           decode inside it, the rest of the worker's step (sampling, stop rules, detokenization, events),
           the loop's delivery (`_apply`), and what is left (thread handoff, the streams' formatting);
-  http    the real server (`python -m server.serve`) with B concurrent streaming completions clients (raw
-          asyncio sockets, which cost the client little): completion tok/s and ITL p50/p99.
+  http    the real server (`python -m server.serve`, with `--flags`) with B concurrent streaming completions
+          clients (raw asyncio sockets, which cost the client little): completion tok/s, ITL p50/p99, and the
+          server process's CPU per streamed token (`bench._common.CpuTimes`: all threads, and the event loop).
 Beside both: the runner's own decode step at batch B, timed in this process on the same weights (chained
 greedy steps), and the ratio ITL (or step period) / runner step, the quantity issue #12 bounds at 1.5x.
 `--profile` prints the top functions (cProfile, by own time) of the loop and of the worker thread at the
@@ -29,11 +30,12 @@ import itertools
 import json
 import os
 import pstats
+import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import emit, pct  # noqa: E402
+from bench._common import CpuTimes, emit, pct  # noqa: E402
 
 T = TypeVar("T")
 PROMPT_TOKENS = 128
@@ -297,6 +299,7 @@ class HttpRow:
     tok_s: float
     itl50: float
     itl99: float
+    cpu: CpuTimes  # the server process's, per streamed token (seconds)
 
 
 async def _http_round(port: int, bodies: list[bytes]) -> list[Stream]:
@@ -305,30 +308,34 @@ async def _http_round(port: int, bodies: list[bytes]) -> list[Stream]:
     return streams
 
 
-def http_rows(model_dir: Path, batches: list[int], new_tokens: int, rounds: int) -> list[HttpRow]:
+def http_rows(
+    model_dir: Path, batches: list[int], new_tokens: int, rounds: int, flags: Sequence[str] = ()
+) -> list[HttpRow]:
     from tests.integration.server_proc import start_server
 
-    args = ["--model", str(model_dir), "--max-num-seqs", str(max(batches)), "--log-level", "warning"]
+    args = ["--model", str(model_dir), "--max-num-seqs", str(max(batches)), "--log-level", "warning", *flags]
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rows = []
     with start_server(args, env=env) as srv:
         for batch in batches:
             asyncio.run(_http_round(srv.port, _bodies(prompts(batch, 0), new_tokens)))  # warm-up
+            before = CpuTimes.of(srv.proc.pid)
             per_round = [
                 asyncio.run(_http_round(srv.port, _bodies(prompts(batch, r + 1), new_tokens)))
                 for r in range(rounds)
             ]
-            rows.append(_http_row(batch, per_round))
+            spent = CpuTimes.of(srv.proc.pid) - before
+            rows.append(_http_row(batch, per_round, spent.per(batch * new_tokens * rounds)))
     return rows
 
 
-def _http_row(batch: int, per_round: list[list[Stream]]) -> HttpRow:
+def _http_row(batch: int, per_round: list[list[Stream]], cpu: CpuTimes) -> HttpRow:
     rates = []
     for streams in per_round:
         end = max(s.stamps[-1] for s in streams if s.stamps)
         rates.append(sum(len(s.stamps) for s in streams) / (end - min(s.start for s in streams)))
     gaps = [b - a for streams in per_round for s in streams for a, b in itertools.pairwise(s.stamps)]
-    return HttpRow(batch, statistics.median(rates), pct(gaps, 0.5), pct(gaps, 0.99))
+    return HttpRow(batch, statistics.median(rates), pct(gaps, 0.5), pct(gaps, 0.99), cpu)
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -354,14 +361,15 @@ def engine_table(rows: list[EngineRow], steps: dict[int, float]) -> str:
 
 def http_table(rows: list[HttpRow], steps: dict[int, float]) -> str:
     lines = [
-        "| streams | runner step ms | ITL p50 ms | ITL p99 ms | ITL p50 / runner step | completion tok/s |",
-        "|---|---|---|---|---|---|",
+        "| streams | runner step ms | ITL p50 ms | ITL p99 ms | ITL p50 / runner step | completion tok/s "
+        "| server CPU µs / token | loop CPU µs / token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = steps[r.batch]
         lines.append(
             f"| {r.batch} | {step:.3f} | {r.itl50 * 1e3:.3f} | {r.itl99 * 1e3:.3f} | {r.itl50 * 1e3 / step:.2f}x "
-            f"| {r.tok_s:,.0f} |"
+            f"| {r.tok_s:,.0f} | {r.cpu.process * 1e6:.1f} | {r.cpu.loop * 1e6:.1f} |"
         )
     return "\n".join(lines)
 
@@ -374,6 +382,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch (the best one counts)")
     parser.add_argument("--sections", default="engine,http")
+    parser.add_argument(
+        "--flags", default="", help="extra server flags of the http section (start with a space)"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the engine at the largest batch")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this file")
     args = parser.parse_args()
@@ -390,7 +401,8 @@ def main() -> None:
                 args.out,
             )
         if "http" in sections:
-            rows_http = http_rows(model_dir, args.batches, args.new_tokens, args.rounds)
+            flags = shlex.split(args.flags)
+            rows_http = http_rows(model_dir, args.batches, args.new_tokens, args.rounds, flags)
             emit("\n### Over HTTP on CPU (tiny model)\n\n" + http_table(rows_http, steps), args.out)
         if args.profile:
             asyncio.run(engine_profile(model_dir, max(args.batches), args.new_tokens))

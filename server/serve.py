@@ -17,6 +17,7 @@ from server.api import create_app
 from server.api.logs import configure_logging
 from server.api.shutdown import drain
 from server.api.state import AppState
+from server.heap import freeze_heap
 from server.metrics import Metrics
 from server.settings import Settings, apply_switch_interval, parse_settings, resolve_engine_process
 
@@ -85,7 +86,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, metrics=Metrics(), on_load_error=on_load_error)
+    app = create_app(settings, metrics=Metrics(), on_load_error=on_load_error, on_ready=freeze_heap)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -2,7 +2,8 @@
 
 Without an engine, the lifespan builds one in a worker thread (`build_engine(settings, metrics)`,
 which loads the model) while the server already answers: `/health` is 503 until the engine is
-ready. A given engine is started the same way. Shutdown stops it.
+ready. A given engine is started the same way; `on_ready` runs once it serves (`serve` freezes the
+startup heap then: `server.heap`). Shutdown stops it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ async def _start(state: AppState) -> None:
         log.debug("the model load failed", exc_info=exc)
         if state.on_load_error is not None:
             state.on_load_error()
+        return
+    if state.on_ready is not None:
+        state.on_ready()
 
 
 def load_failure(exc: BaseException) -> str:
@@ -84,12 +88,14 @@ def create_app(
     engine: EngineLike | None = None,
     metrics: Metrics | None = None,
     on_load_error: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `settings.model_name` through `engine` (built at startup when None).
 
     `metrics` defaults to a fresh `Metrics`; pass the one the engine was built with.
-    `on_load_error` runs if the engine fails to build or start (`serve` uses it to exit). Without `engine`,
-    an unset `--engine-process` is decided for the device (`resolve_engine_process`)."""
+    `on_load_error` runs if the engine fails to build or start (`serve` uses it to exit); `on_ready`, on
+    the event loop, once it has started. Without `engine`, an unset `--engine-process` is decided for the
+    device (`resolve_engine_process`)."""
     if engine is None:
         settings = resolve_engine_process(settings)
     app = FastAPI(
@@ -99,7 +105,11 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.tssc = AppState(
-        settings=settings, metrics=metrics or Metrics(), engine=engine, on_load_error=on_load_error
+        settings=settings,
+        metrics=metrics or Metrics(),
+        engine=engine,
+        on_load_error=on_load_error,
+        on_ready=on_ready,
     )
     install_error_handlers(app)
     app.include_router(routes_openai.router)

@@ -1,5 +1,7 @@
 """Driving the engine for one HTTP request: fan-out merge, collection, disconnect, error mapping.
 
+Events come from the engine in batches (`generate_batches`: one event per step while the stream keeps
+up, several when it fell behind), and go on as batches to the stream, which writes each at once.
 Every engine iterator is closed with `aclose()` however the request ends (finish, client
 disconnect, cancellation, error): closing it is what aborts the request and frees its slot.
 """
@@ -22,7 +24,7 @@ T = TypeVar("T")
 
 
 class GeneratingEngine(Protocol):
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+    def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]: ...
 
 
 class ClientDisconnected(Exception):
@@ -47,9 +49,9 @@ async def _pump(
     engine: GeneratingEngine, index: int, req: GenerationRequest, queue: asyncio.Queue[Any]
 ) -> None:
     try:
-        async with closing(engine.generate(req)) as events:
-            async for event in events:
-                await queue.put((index, event))
+        async with closing(engine.generate_batches(req)) as batches:
+            async for batch in batches:
+                await queue.put((index, batch))
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -58,14 +60,15 @@ async def _pump(
     await queue.put(_DONE)
 
 
-async def merged_events(
+async def merged_batches(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest]
-) -> AsyncGenerator[tuple[int, TokenEvent], None]:
-    """(choice index, event) from every request, interleaved as they come. Close it to abort all."""
+) -> AsyncGenerator[tuple[int, list[TokenEvent]], None]:
+    """(choice index, a batch of its events) from every request, interleaved as they come. Close it to
+    abort all."""
     if len(reqs) == 1:
-        async with closing(engine.generate(reqs[0])) as events:
-            async for event in events:
-                yield 0, event
+        async with closing(engine.generate_batches(reqs[0])) as batches:
+            async for batch in batches:
+                yield 0, batch
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()
     tasks = [asyncio.create_task(_pump(engine, i, r, queue)) for i, r in enumerate(reqs)]
@@ -88,9 +91,9 @@ async def merged_events(
 async def collect(engine: GeneratingEngine, reqs: Sequence[GenerationRequest]) -> list[list[TokenEvent]]:
     """Every event of every choice, in order, per choice."""
     out: list[list[TokenEvent]] = [[] for _ in reqs]
-    async with contextlib.aclosing(merged_events(engine, reqs)) as events:
-        async for index, event in events:
-            out[index].append(event)
+    async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
+        async for index, batch in batches:
+            out[index].extend(batch)
     return out
 
 

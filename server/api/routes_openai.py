@@ -74,10 +74,11 @@ CLIENT_CLOSED = 499
 INLINE_ENCODE_CHARS = 4096
 
 
-def namespace_dep(
+async def namespace_dep(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """Authenticate; the request's session namespace."""
+    """Authenticate; the request's session namespace. A coroutine, so that FastAPI runs it on the event loop:
+    a plain function dependency is run in a worker thread, a hop per request (and, in a burst, new threads)."""
     state = app_state(request)
     header = f"Bearer {credentials.credentials}" if credentials is not None else None
     namespace = authenticate(header, state.settings.api_key)

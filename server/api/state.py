@@ -41,6 +41,8 @@ class EngineLike(Protocol):
 
     def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
 
+    def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]: ...
+
     def start(self) -> Any: ...
 
     def end_all(self, reason: str) -> int: ...
@@ -67,6 +69,7 @@ class AppState:
     inflight: int = 0
     draining: bool = False  # a shutdown began: new generation requests get 503 + Retry-After
     on_load_error: Callable[[], None] | None = None
+    on_ready: Callable[[], None] | None = None  # once the engine serves (`create_app`)
     created: int = field(default_factory=lambda: int(time.time()))
     _chat_encoder: ChatEncoder | None = None
 

@@ -6,7 +6,9 @@ then an empty delta carrying `finish_reason`. Completions: text chunks, then an 
 chunk with no choices carries the usage. An engine error after the headers went out is sent as an
 `{"error": ...}` event before `[DONE]`.
 
-Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
+Several events of one stream that are ready together (the engine delivered them while the stream waited
+for the event loop: `server.engine.events`) go out as one write: their chunks, still one SSE event per
+token, joined; the last ones go out with the usage chunk and `[DONE]`, in one write. Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
 pydantic schema once per choice with a marker for the text, and a token's chunk is then the bytes
 before the marker + the text as JSON + the bytes after it (`TextChunks`). Rare chunks (role, finish,
 logprobs, usage, error) still go through the schema.
@@ -32,7 +34,7 @@ from server.api.formatting import (
     has_logprob,
     usage_of,
 )
-from server.api.generation import GeneratingEngine, engine_error, merged_events
+from server.api.generation import GeneratingEngine, engine_error, merged_batches
 from server.api.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -118,38 +120,68 @@ def _chat_event_chunk(spec: StreamSpec, text: TextChunks, index: int, event: Tok
     return text(index, event.text) if event.text else None
 
 
-async def chat_stream(
+def _chat_event_bytes(
+    spec: StreamSpec, text: TextChunks, index: int, event: TokenEvent, finals: list[TokenEvent | None]
+) -> bytes:
+    """One event's chunks: its text (or logprobs) chunk, then the finish chunk if it ends its choice."""
+    chunk = _chat_event_chunk(spec, text, index, event) or b""
+    if event.finish_reason is None:
+        return chunk
+    finals[index] = event
+    reason = finish_reason_out(event.finish_reason)
+    return chunk + _chat_chunk(spec, ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason))
+
+
+def chat_stream(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec
 ) -> AsyncGenerator[bytes, None]:
-    for index in range(len(reqs)):
-        yield _chat_chunk(spec, ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
     text = chat_text_chunks(spec)
     finals: list[TokenEvent | None] = [None] * len(reqs)
-    try:
-        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
-            async for index, event in events:
-                if (chunk := _chat_event_chunk(spec, text, index, event)) is not None:
-                    yield chunk
-                if event.finish_reason is not None:
-                    finals[index] = event
-                    reason = finish_reason_out(event.finish_reason)
-                    yield _chat_chunk(
-                        spec, ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)
-                    )
-    except Exception as exc:
-        yield _error_event(engine_error(exc))
-        yield DONE
-        return
-    if spec.include_usage:
-        usage_chunk = ChatCompletionChunk(
+    opening = [
+        _chat_chunk(spec, ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        for i in range(len(reqs))
+    ]
+
+    def usage() -> bytes:
+        chunk = ChatCompletionChunk(
             id=spec.response_id,
             created=spec.created,
             model=spec.model,
             choices=[],
             usage=usage_of(finals, spec.n),
         )
-        yield sse(usage_chunk)
-    yield DONE
+        return sse(chunk)
+
+    events = lambda index, event: _chat_event_bytes(spec, text, index, event, finals)
+    return _sse_stream(engine, reqs, opening, events, finals, usage if spec.include_usage else None)
+
+
+async def _sse_stream(
+    engine: GeneratingEngine,
+    reqs: Sequence[GenerationRequest],
+    opening: Sequence[bytes],
+    event_bytes: Callable[[int, TokenEvent], bytes],
+    finals: list[TokenEvent | None],
+    usage: Callable[[], bytes] | None,
+) -> AsyncGenerator[bytes, None]:
+    """The opening chunks, each on its own; then each batch of events in one write (`event_bytes` fills
+    `finals`), except the last (every choice finished), which goes out with the usage chunk (if any) and
+    `[DONE]` in one write; an engine error as an error event before `[DONE]`."""
+    for chunk in opening:
+        yield chunk
+    tail = b""
+    try:
+        async with contextlib.aclosing(merged_batches(engine, reqs)) as batches:
+            async for index, batch in batches:
+                joined = b"".join(event_bytes(index, event) for event in batch)
+                if all(final is not None for final in finals):
+                    tail = joined
+                elif joined:
+                    yield joined
+    except Exception as exc:
+        yield tail + _error_event(engine_error(exc)) + DONE
+        return
+    yield tail + (usage() if usage is not None else b"") + DONE
 
 
 def _completion_chunk(spec: StreamSpec, choice: CompletionChoice | None) -> bytes:
@@ -176,39 +208,46 @@ def _completion_event_chunk(
     return text(index, event.text) if event.text else None
 
 
-async def completion_stream(
+def _completion_event_bytes(
+    spec: StreamSpec,
+    text: TextChunks,
+    index: int,
+    event: TokenEvent,
+    offsets: list[int],
+    finals: list[TokenEvent | None],
+) -> bytes:
+    """One event's chunks: its text (or logprobs) chunk, then the finish chunk if it ends its choice;
+    `offsets[index]` moves past its text."""
+    chunk = _completion_event_chunk(spec, text, index, event, offsets[index]) or b""
+    offsets[index] += len(event.text)
+    if event.finish_reason is None:
+        return chunk
+    finals[index] = event
+    reason = finish_reason_out(event.finish_reason)
+    return chunk + _completion_chunk(spec, CompletionChoice(index=index, text="", finish_reason=reason))
+
+
+def completion_stream(
     engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec, echo: Sequence[str]
 ) -> AsyncGenerator[bytes, None]:
     """`echo[i]` is text to send first for choice i (the prompt, with `echo`), or empty."""
     text = completion_text_chunks(spec)
     offsets = [len(e) for e in echo]
-    for index, prompt in enumerate(echo):
-        if prompt:
-            yield text(index, prompt)
+    opening = [text(index, prompt) for index, prompt in enumerate(echo) if prompt]
     finals: list[TokenEvent | None] = [None] * len(reqs)
-    try:
-        async with contextlib.aclosing(merged_events(engine, reqs)) as events:
-            async for index, event in events:
-                if (chunk := _completion_event_chunk(spec, text, index, event, offsets[index])) is not None:
-                    yield chunk
-                offsets[index] += len(event.text)
-                if event.finish_reason is not None:
-                    finals[index] = event
-                    reason = finish_reason_out(event.finish_reason)
-                    yield _completion_chunk(
-                        spec, CompletionChoice(index=index, text="", finish_reason=reason)
-                    )
-    except Exception as exc:
-        yield _error_event(engine_error(exc))
-        yield DONE
-        return
-    if spec.include_usage:
-        usage = usage_of(finals, spec.n)
+
+    def usage() -> bytes:
         last = Completion(
-            id=spec.response_id, created=spec.created, model=spec.model, choices=[], usage=usage
+            id=spec.response_id,
+            created=spec.created,
+            model=spec.model,
+            choices=[],
+            usage=usage_of(finals, spec.n),
         )
-        yield sse(last.model_dump(mode="json", exclude={"session_id"}))
-    yield DONE
+        return sse(last.model_dump(mode="json", exclude={"session_id"}))
+
+    events = lambda index, event: _completion_event_bytes(spec, text, index, event, offsets, finals)
+    return _sse_stream(engine, reqs, opening, events, finals, usage if spec.include_usage else None)
 
 
 def _error_event(err: APIError) -> bytes:

@@ -21,10 +21,11 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from server.engine.core_process import CoreProcess, CoreUnreachable, describe_exit
+from server.engine.events import EventQueue, event_batches, one_by_one
 from server.engine.ipc import (
     Abort,
     EndAll,
@@ -45,7 +46,6 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 QUERY_SECONDS = 30.0
-EventItem = TokenEvent | BaseException
 
 
 class EngineClient:
@@ -56,7 +56,7 @@ class EngineClient:
         self._core: CoreProcess | None = None
         self._loaded: asyncio.Future[None] | None = None
         self._tokenizer: Tokenizer | None = None
-        self._open: dict[str, asyncio.Queue[EventItem]] = {}
+        self._open: dict[str, EventQueue] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._running = self._waiting = 0
@@ -144,20 +144,19 @@ class EngineClient:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the request's events, as `Engine.generate` does; closing early aborts it in the core."""
+        return one_by_one(self.generate_batches(req))
+
+    async def generate_batches(self, req: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]:
+        """`generate`'s events in batches, as `Engine.generate_batches` gives them."""
         self._check_admissible(req)
-        queue: asyncio.Queue[EventItem] = asyncio.Queue()
+        queue: EventQueue = asyncio.Queue()
         self._open[req.request_id] = queue
         try:
             self._send(Submit(req))
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for batch in event_batches(queue):
+                yield batch
         finally:
             if self._open.get(req.request_id) is queue:
                 del self._open[req.request_id]

@@ -8,7 +8,7 @@ an `EngineCore` on its own asyncio loop until told to `Shutdown` or until the HT
 pipe's end of file), and stops the engine, which flushes the cache's disk tier.
 
 A thread reads the pipe and hands each message to the loop. Each request is a task iterating
-`Engine.generate`; its events collect in the `Outbox`, which sends one `Step` message per engine step
+`Engine.generate_batches`; its events collect in the `Outbox`, which sends one `Step` message per engine step
 (see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C or a SIGTERM to the process group reaches
 the HTTP process, which drains its requests and then stops the core through the pipe.
 """
@@ -41,6 +41,7 @@ from server.engine.ipc import (
     ToCore,
 )
 from server.engine.types import TokenEvent
+from server.heap import freeze_heap
 from server.settings import Settings, apply_switch_interval
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run_core(settings: Settings, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.send(LoadFailed(load_failure(exc)))
         raise SystemExit(1) from None
+    freeze_heap()  # the model, torch and the imports: no full collection pauses a step to traverse them
     asyncio.run(EngineCore(engine, recorder, conn).serve())
 
 
@@ -183,14 +185,15 @@ class EngineCore:
     def _abort(self, request_id: str) -> None:
         task = self._requests.pop(request_id, None)  # here: a task cancelled before it ran has no `finally`
         if task is not None:
-            task.cancel()  # closes its `generate`, which frees the slot
+            task.cancel()  # closes its `generate_batches`, which frees the slot
 
     async def _run(self, message: Submit) -> None:
         request_id = message.req.request_id
         try:
-            async with contextlib.aclosing(self._engine.generate(message.req)) as events:
-                async for event in events:
-                    self._outbox.event(event)
+            async with contextlib.aclosing(self._engine.generate_batches(message.req)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        self._outbox.event(event)
         except asyncio.CancelledError:
             pass  # aborted by the HTTP process, which forgot the request already
         except Exception as exc:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
+from server.engine.events import event_batches, one_by_one
 from server.engine.profiling import WorkerProfiler
 from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -231,23 +232,23 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the request's events; the last one has `finish_reason` set.
 
         Raises ValueError for an invalid request, EngineNotReady before `start()`, EngineError if
         the engine fails the request. Closing the iterator early aborts the request.
         """
+        return one_by_one(self.generate_batches(req))
+
+    async def generate_batches(self, req: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]:
+        """`generate`'s events in batches: each the next event and those already delivered behind it
+        (`server.engine.events`)."""
         self._validate(req)
         await self._prefetch(req)
         seq = self._submit(req)
         try:
-            while True:
-                item = await seq.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for batch in event_batches(seq.events):
+                yield batch
         finally:
             self._abort(seq)
 

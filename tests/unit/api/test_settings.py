@@ -131,6 +131,13 @@ def test_served_model_name_defaults_to_the_model_directory() -> None:
     assert parse_settings(["--model", "/m/x", "--served-model-name", "chat"]).model_name == "chat"
 
 
+@pytest.mark.parametrize("model", ["/m//x", "x/.", "/", "rel", "/models/a.b/", "./m"])
+def test_the_model_name_is_the_paths_last_part_or_the_path(model: str) -> None:
+    expected = Path(model.rstrip("/")).name or model
+    assert Settings(model=model).model_name == expected
+    assert Settings(model=model).model_name == expected  # again, from the cache
+
+
 def test_settings_are_frozen() -> None:
     s = Settings(port=1234)
     with pytest.raises(ValidationError):

@@ -1,5 +1,6 @@
-"""SSE streams: byte-for-byte what clients received before the chunk templates (golden streams), and
-template text chunks equal to the schema's serialisation for every character.
+"""SSE streams: byte-for-byte what clients received before the chunk templates (golden streams, compared
+event by event: how the bytes are split into writes is not the format), template text chunks equal to the
+schema's serialisation for every character, and the events the engine delivers together written at once.
 
 `tests/data/sse_streams.json` holds the streams the pydantic-per-chunk implementation produced at
 commit 508a50e for the scenarios below. To re-record after a deliberate format change:
@@ -50,17 +51,26 @@ Script = Sequence[TokenEvent | Exception]
 
 
 class _FakeEngine:
-    """Replays a script of events (or an exception) per request id, yielding to the loop in between."""
+    """Replays a script of events (or an exception) per request id, one event per batch, yielding to the
+    loop in between; with `together`, all the script's events before its end (or error) in one batch."""
 
-    def __init__(self, scripts: dict[str, Script]) -> None:
-        self._scripts = scripts
+    def __init__(self, scripts: dict[str, Script], together: bool = False) -> None:
+        self._scripts, self._together = scripts, together
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+        batch: list[TokenEvent] = []
         for item in self._scripts[req.request_id]:
             await asyncio.sleep(0)
             if isinstance(item, Exception):
+                if batch:
+                    yield batch
                 raise item
-            yield item
+            batch.append(item)
+            if not self._together:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def _event(text: str, token: int | None = 1, **kw: object) -> TokenEvent:
@@ -99,13 +109,15 @@ def _reqs(count: int) -> list[GenerationRequest]:
     return [GenerationRequest(f"req-{i}", (1, 2, 3), SamplingParams()) for i in range(count)]
 
 
-async def _chat(spec: StreamSpec, scripts: Sequence[Script]) -> list[bytes]:
-    engine = _FakeEngine({f"req-{i}": s for i, s in enumerate(scripts)})
+async def _chat(spec: StreamSpec, scripts: Sequence[Script], together: bool = False) -> list[bytes]:
+    engine = _FakeEngine({f"req-{i}": s for i, s in enumerate(scripts)}, together)
     return [chunk async for chunk in chat_stream(engine, _reqs(len(scripts)), spec)]
 
 
-async def _completion(spec: StreamSpec, scripts: Sequence[Script], echo: Sequence[str]) -> list[bytes]:
-    engine = _FakeEngine({f"req-{i}": s for i, s in enumerate(scripts)})
+async def _completion(
+    spec: StreamSpec, scripts: Sequence[Script], echo: Sequence[str], together: bool = False
+) -> list[bytes]:
+    engine = _FakeEngine({f"req-{i}": s for i, s in enumerate(scripts)}, together)
     return [chunk async for chunk in completion_stream(engine, _reqs(len(scripts)), spec, echo)]
 
 
@@ -131,9 +143,14 @@ SCENARIOS: dict[str, Callable[[], Coroutine[Any, Any, list[bytes]]]] = {
 }
 
 
+def _events(chunks: Sequence[str]) -> list[str]:
+    """A stream's SSE events, whichever writes carried them."""
+    return [event + "\n\n" for event in "".join(chunks).split("\n\n") if event]
+
+
 def _run(name: str) -> list[str]:
     chunks = asyncio.run(SCENARIOS[name]())
-    return [chunk.decode() for chunk in chunks]
+    return _events([chunk.decode() for chunk in chunks])
 
 
 def _golden() -> dict[str, list[str]]:
@@ -145,7 +162,44 @@ def _golden() -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_stream_bytes_match_the_golden_stream(name: str) -> None:
-    assert _run(name) == _golden()[name]
+    assert _run(name) == _events(_golden()[name])
+
+
+@pytest.mark.parametrize("kind", ["chat", "cmpl"])
+def test_events_delivered_together_are_written_at_once_with_one_sse_event_each(kind: str) -> None:
+    scripts = [_plain()]
+    if kind == "chat":
+        apart, together = (asyncio.run(_chat(_spec("chat"), scripts, t)) for t in (False, True))
+    else:
+        apart, together = (asyncio.run(_completion(_spec("cmpl"), scripts, [""], t)) for t in (False, True))
+    assert b"".join(apart) == b"".join(together)
+    head = 1 if kind == "chat" else 0  # chat opens with its role chunk
+    assert len(together) == head + 1  # every token, the finish and [DONE] in one write
+    texts = [t for t in TEXTS if t]
+    assert len(apart) == head + len(texts) + 1  # a write per text token; the last token with the end
+    assert len(_events([together[-1].decode()])) == len(texts) + 1 + 1 + 1
+
+
+@pytest.mark.parametrize("kind", ["chat", "cmpl"])
+def test_the_last_tokens_finish_usage_and_done_go_out_in_one_write(kind: str) -> None:
+    if kind == "chat":
+        chunks = asyncio.run(_chat(_spec("chat", usage=True), [_plain()]))
+    else:
+        chunks = asyncio.run(_completion(_spec("cmpl", usage=True), [_plain()], [""]))
+    last = _events([chunks[-1].decode()])
+    assert ['"end."' in last[0], '"finish_reason":"stop"' in last[1], '"prompt_tokens":11' in last[2]] == [
+        True
+    ] * 3
+    assert last[3] == "data: [DONE]\n\n" and len(last) == 4
+
+
+def test_an_error_after_events_delivered_together_sends_them_first() -> None:
+    chunks = asyncio.run(
+        _completion(_spec("cmpl"), [[_event("a"), _event("b"), ValueError("bad")]], [""], True)
+    )
+    events = _events([c.decode() for c in chunks])
+    assert ['"text":"a"' in events[0], '"text":"b"' in events[1], '"error"' in events[2]] == [True] * 3
+    assert len(chunks) == 2 and events[-1] == "data: [DONE]\n\n"  # the batch; the error with [DONE]
 
 
 def _tricky_texts() -> list[str]:
