@@ -8,10 +8,11 @@ chunk with no choices carries the usage. An engine error after the headers went 
 
 Several events of one stream that are ready together (the engine delivered them while the stream waited
 for the event loop: `server.engine.events`) go out as one write: their chunks, still one SSE event per
-token, joined; the last ones go out with the usage chunk and `[DONE]`, in one write. Text chunks, one per token per stream, are the hot path: each response renders its chunk through the
-pydantic schema once per choice with a marker for the text, and a token's chunk is then the bytes
-before the marker + the text as JSON + the bytes after it (`TextChunks`). Rare chunks (role, finish,
-logprobs, usage, error) still go through the schema.
+token, joined; the last ones go out with the usage chunk and `[DONE]`, in one write. Text chunks, one per
+token per stream, are the hot path: each response renders its chunk through the pydantic schema once
+per choice with a marker for the text, and a token's chunk is then the bytes before the marker + the text
+as JSON + the bytes after it (`TextChunks`). Rare chunks (role, finish, logprobs, usage, error) still go
+through the schema.
 """
 
 from __future__ import annotations
