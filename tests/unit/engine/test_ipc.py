@@ -82,6 +82,21 @@ def test_every_message_survives_pickling(message: object) -> None:
     assert pickle.loads(pickle.dumps(message)) == message
 
 
+def test_a_prompt_crosses_as_one_packed_buffer() -> None:
+    prompt = tuple(range(70_000, 70_000 + 50_000))  # ids past 2**16: no narrower packing would hold them
+    message = Submit(GenerationRequest("r", prompt, SamplingParams(), session_id="s", boundaries=(7, 49_990)))
+    data = pickle.dumps(message)
+    assert pickle.loads(data) == message
+    assert type(pickle.loads(data).req.prompt_tokens) is tuple
+    assert len(data) < 4 * len(prompt) + 1_000  # a pickled tuple of these ints: 5 bytes each
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**40, -(2**31) - 1])
+def test_ids_past_int32_cross_unchanged_for_the_engine_to_reject(bad: int) -> None:
+    message = Submit(GenerationRequest("r", (1, bad, 3), SamplingParams()))
+    assert pickle.loads(pickle.dumps(message)).req.prompt_tokens == (1, bad, 3)
+
+
 @pytest.mark.parametrize(
     "exc",
     [ValueError("bad prompt"), EngineShutdown("closing"), EngineNotReady("later"), EngineError("boom")],

@@ -141,6 +141,16 @@ def test_token_counts_reset_marks_the_prompt() -> None:
     assert counts.sum() == 0 and prompt[0].nonzero().flatten().tolist() == [1, 3]
 
 
+def test_token_counts_reset_drops_ids_past_the_vocab_and_the_previous_prompt() -> None:
+    state = TokenCounts(max_slots=2, vocab=5, device=CPU)
+    state.reset(1, prompt_tokens=(0, 2))
+    state.reset(1, prompt_tokens=(4, 7, -2, 4))
+    _, prompt = state.rows(torch.tensor([1]))
+    assert prompt[0].nonzero().flatten().tolist() == [4]
+    state.reset(1, prompt_tokens=())
+    assert not state.rows(torch.tensor([1]))[1].any()
+
+
 def test_logprobs_are_the_raw_distribution() -> None:
     logits = _logits(b=2, v=10)
     params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3, repetition_penalty=1.3)
