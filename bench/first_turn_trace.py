@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import random
 import statistics
 import tempfile
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,7 +57,50 @@ async def first_turns(
                     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
                     print(f"### {name}: the last first turn's ops\n", flush=True)
                     print(prof.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+                    if torch.cuda.is_available():
+                        with tempfile.TemporaryDirectory() as tmp:
+                            prof.export_chrome_trace(f"{tmp}/trace.json")
+                            print(timeline(json.loads(Path(f"{tmp}/trace.json").read_text())), flush=True)
     return ttfts
+
+
+def timeline(trace: dict[str, Any], gaps: int = 8) -> str:
+    """Where the GPU time went in time, from a Chrome trace: per stream, its ops' busy time and span; the
+    busiest stream's idle gaps (the largest, and their sum); the host's CUDA runtime calls by total time
+    (a long `cudaStreamSynchronize` or `cudaMemcpyAsync` to pageable memory is the host waiting)."""
+    gpu = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return "(no GPU events)"
+    streams: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in gpu:
+        streams[int(e["args"].get("stream", -1))].append((float(e["ts"]), float(e["dur"]), e["name"]))
+    lines = ["stream | ops | busy ms | span ms (first start to last end) | top op by time"]
+    for sid, ops in sorted(streams.items(), key=lambda kv: -sum(d for _, d, _ in kv[1])):
+        start, end = min(t for t, _, _ in ops), max(t + d for t, d, _ in ops)
+        by: dict[str, float] = defaultdict(float)
+        for _, d, name in ops:
+            by[name[:60]] += d
+        top = max(by.items(), key=lambda kv: kv[1])
+        lines.append(f"{sid} | {len(ops)} | {sum(d for _, d, _ in ops) / 1e3:.2f} | {(end - start) / 1e3:.2f} | "
+                     f"{top[0]} ({top[1] / 1e3:.2f} ms)")  # fmt: skip
+    main = sorted(max(streams.values(), key=lambda ops: sum(d for _, d, _ in ops)))
+    holes = [(t - (pt + pd), pt + pd, pn, n) for (pt, pd, pn), (t, _, n) in itertools.pairwise(main)]
+    origin = main[0][0]
+    lines.append(
+        f"busiest stream: idle gaps over 20 us sum to {sum(h for h, *_ in holes if h > 20) / 1e3:.2f} ms"
+    )
+    for h, at, before, after in sorted(holes, reverse=True)[:gaps]:
+        lines.append(
+            f"  gap {h / 1e3:.2f} ms at +{(at - origin) / 1e3:.1f} ms, after {before[:50]}, before {after[:50]}"
+        )
+    runtime: dict[str, list[float]] = defaultdict(list)
+    for e in trace["traceEvents"]:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            runtime[e["name"]].append(float(e.get("dur", 0.0)))
+    lines.append("host CUDA calls by total ms (calls):")
+    for name, durs in sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:gaps]:
+        lines.append(f"  {name}: {sum(durs) / 1e3:.2f} ({len(durs)}; longest {max(durs) / 1e3:.2f})")
+    return "\n".join(lines)
 
 
 async def run(settings: Settings, length: int, repeats: int, tail: int, rows: int) -> list[list[str]]:
