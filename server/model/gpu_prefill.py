@@ -1,8 +1,9 @@
 """Prefill as CUDA-graph replays: a segment of n tokens runs as pieces of MAX_GRAPH_LEN tokens and then
-the binary pieces of the rest down to PAD_TAIL tokens, and its last fewer than PAD_TAIL tokens as one
-piece padded to the next power of two (e.g. 2100 = 1024 + 1024 + 52 in a 64-token piece; 90 = 90 in a
-128-token piece), one captured graph per power-of-two size from MIN_GRAPH_LEN up, on a one-slot scratch
-state.
+the rest as the cheapest run of power-of-two pieces, whole ones largest first and the last one padded to the
+next power of two, where each replay costs PIECE_COST tokens' worth of fixed latency on top of its padded size
+(e.g. 2100 = 1024 + 1024 + 52 in a 64-token piece; 1021 in one 1024-token piece, not 512 + 256 + 253 in a
+256-token piece; 600 = 512 + 88 in a 128-token piece), one captured graph per power-of-two size from
+MIN_GRAPH_LEN up, on a one-slot scratch state.
 
 Why: eager prefill launches ~15 kernels per layer, and their host cost (~10 ms for 64 layers) dominates
 short segments, which is exactly a follow-up turn after a cache hit; and a short piece costs a replay of
@@ -19,6 +20,7 @@ same buffers, thread-local capture; a piece size whose capture fails runs eagerl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,7 +30,9 @@ from server.model.gpu_graphs import Captured, GraphCapturer
 
 MAX_GRAPH_LEN = 1024
 MIN_GRAPH_LEN = 16  # the smallest piece: shorter tails run padded to it
-PAD_TAIL = 256  # a segment's last tokens below this run as one padded piece
+# A replay's fixed cost in tokens of work: ~3 ms of small-kernel latency on mamba2-2.7b, where a 1024-token piece
+# takes 16.5 ms (H100, bf16): ~13 us a token, so a replay costs about what ~230 tokens of padding do.
+PIECE_COST = 256
 # Segments up to this length run as graph pieces, longer ones eagerly. Eager prefill costs ~2 ms of host time
 # per layer at any length (mamba-ssm's Triton launches; 140 ms for mamba2-2.7b, 88 ms for 1.3b on an H100),
 # so it is host-bound until the GPU work per layer exceeds that. Measured on an H100 (bf16): a 1024-token
@@ -40,17 +44,27 @@ PieceFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def pieces(n: int, largest: int = MAX_GRAPH_LEN) -> list[tuple[int, int]]:
-    """n tokens as graph pieces (size, real tokens), in order: powers of two <= largest, largest first, while
-    at least PAD_TAIL tokens remain, then the rest as one piece of the next power of two (>= MIN_GRAPH_LEN)."""
-    out, bit = [], largest
-    while n >= PAD_TAIL:
-        while bit > n:
-            bit //= 2
-        out.append((bit, bit))
-        n -= bit
-    if n > 0:
-        out.append((max(MIN_GRAPH_LEN, 1 << (n - 1).bit_length()), n))
-    return out
+    """n tokens as graph pieces (size, real tokens), in order: whole pieces of `largest`, then `_rest`."""
+    return [(largest, largest)] * (n // largest) + list(_rest(n % largest))
+
+
+@functools.cache
+def _rest(n: int) -> tuple[tuple[int, int], ...]:
+    """n (< MAX_GRAPH_LEN) tokens as the pieces of least cost (each piece PIECE_COST + its size): one piece
+    padded to the next power of two (>= MIN_GRAPH_LEN), or the largest power of two <= n whole and the rest
+    so; on a tie, the fewer pieces."""
+    if n == 0:
+        return ()
+    padded = ((max(MIN_GRAPH_LEN, 1 << (n - 1).bit_length()), n),)
+    whole = 1 << (n.bit_length() - 1)
+    if whole == n or whole < MIN_GRAPH_LEN:
+        return padded
+    split = ((whole, whole), *_rest(n - whole))
+    return split if _cost(split) < _cost(padded) else padded
+
+
+def _cost(parts: tuple[tuple[int, int], ...]) -> int:
+    return sum(PIECE_COST + size for size, _ in parts)
 
 
 class PrefillGraphs:

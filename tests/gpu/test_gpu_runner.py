@@ -167,8 +167,9 @@ def test_make_runner_picks_the_gpu_runner_on_cuda(model_dir: Path) -> None:
     assert type(make_runner(cpu, 2, "cpu")) is ModelRunner
 
 
-# padded tails (1, 5, 27, 100, 255, 2100 = 2 x 1024 + 52 in a 64-token piece), whole pieces (16, 256)
-@pytest.mark.parametrize("length", [1, 5, 16, 27, 100, 255, 256, 2100])
+# padded tails (1, 5, 27, 100, 255, 2100 = 2 x 1024 + 52 in a 64-token piece, 600 = 512 + 88 in a 128-token piece,
+# 8189 = 7 x 1024 + 1021 in a 1024-token piece), whole pieces (16, 256)
+@pytest.mark.parametrize("length", [1, 5, 16, 27, 100, 255, 256, 600, 2100, 8189])
 def test_prefill_graph_pieces_equal_eager_prefill(model_dir: Path, length: int) -> None:
     model = load_model(model_dir, device="cuda")[1]
     graphed, eager = _gpu(model, 2), _gpu(model, 2, prefill_graphs=False)
