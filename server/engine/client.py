@@ -35,8 +35,8 @@ from server.engine.ipc import (
     QueryName,
     Ready,
     Reply,
+    SentPrompts,
     Step,
-    Submit,
     ToCore,
 )
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
@@ -63,6 +63,7 @@ class EngineClient:
         self._closing: str | None = None  # set by `end_all`
         self._stopping = False
         self._failure: str | None = None
+        self._prompts = SentPrompts()  # the core's copy: `EngineCore`
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class EngineClient:
         queue: EventQueue = asyncio.Queue()
         self._open[req.request_id] = queue
         try:
-            self._send(Submit(req))
+            self._send(self._prompts.submit(req))
             async for batch in event_batches(queue):
                 yield batch
         finally:

@@ -35,12 +35,13 @@ from server.engine.ipc import (
     Ready,
     Recorder,
     Reply,
+    SentPrompts,
     Shutdown,
     Step,
     Submit,
     ToCore,
 )
-from server.engine.types import TokenEvent
+from server.engine.types import EngineError, GenerationRequest, TokenEvent
 from server.heap import freeze_heap
 from server.settings import Settings, apply_switch_interval
 
@@ -125,6 +126,7 @@ class EngineCore:
         self._requests: dict[str, asyncio.Task[None]] = {}
         self._queries: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
+        self._prompts = SentPrompts()  # the HTTP process's copy: `EngineClient`
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,7 +170,12 @@ class EngineCore:
     def _handle(self, message: ToCore | None) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(message, Submit):
-            self._requests[message.req.request_id] = loop.create_task(self._run(message))
+            try:
+                req = self._prompts.request(message)  # in the pipe's order, as the HTTP process sent them
+            except EngineError as exc:
+                self._outbox.failed(message.req.request_id, exc)
+                return
+            self._requests[req.request_id] = loop.create_task(self._run(req))
         elif isinstance(message, Abort):
             self._abort(message.request_id)
         elif isinstance(message, EndAll):
@@ -187,10 +194,10 @@ class EngineCore:
         if task is not None:
             task.cancel()  # closes its `generate_batches`, which frees the slot
 
-    async def _run(self, message: Submit) -> None:
-        request_id = message.req.request_id
+    async def _run(self, req: GenerationRequest) -> None:
+        request_id = req.request_id
         try:
-            async with contextlib.aclosing(self._engine.generate_batches(message.req)) as batches:
+            async with contextlib.aclosing(self._engine.generate_batches(req)) as batches:
                 async for batch in batches:
                     for event in batch:
                         self._outbox.event(event)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
+import random
 import re
 import threading
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from server.engine.ipc import (
     Ready,
     Recorder,
     Reply,
+    SentPrompts,
     Shutdown,
     Step,
     Submit,
@@ -95,6 +97,57 @@ def test_a_prompt_crosses_as_one_packed_buffer() -> None:
 def test_ids_past_int32_cross_unchanged_for_the_engine_to_reject(bad: int) -> None:
     message = Submit(GenerationRequest("r", (1, bad, 3), SamplingParams()))
     assert pickle.loads(pickle.dumps(message)).req.prompt_tokens == (1, bad, 3)
+
+
+def _across(http: SentPrompts, core: SentPrompts, req: GenerationRequest) -> tuple[GenerationRequest, bytes]:
+    """`req` through both ends of the pipe: (the request the core rebuilds, the message's bytes)."""
+    data = pickle.dumps(http.submit(req))
+    return core.request(pickle.loads(data)), data
+
+
+def test_a_follow_up_sends_only_what_its_conversation_added() -> None:
+    http, core = SentPrompts(), SentPrompts()
+    first = tuple(range(1000, 31_000))
+    follow = (*first, *range(5, 105))
+    again, data = _across(http, core, GenerationRequest("a", first, SamplingParams(), session_id="s"))
+    assert again.prompt_tokens == first and len(data) > 4 * len(first)
+    message = http.submit(GenerationRequest("b", follow, SamplingParams(), session_id="s"))
+    assert message.reuse == len(first) and message.req.prompt_tokens == tuple(range(5, 105))
+    data = pickle.dumps(message)
+    assert len(data) < 2_000  # not the 30k tokens before
+    assert core.request(pickle.loads(data)) == GenerationRequest(
+        "b", follow, SamplingParams(), session_id="s"
+    )
+    # a regenerate resends the same prompt: nothing new; another session, or an edit, sends it whole
+    assert http.submit(GenerationRequest("c", follow, SamplingParams(), session_id="s")).reuse == len(follow)
+    assert http.submit(GenerationRequest("d", follow, SamplingParams(), session_id="t")).reuse == 0
+    assert http.submit(GenerationRequest("e", (*first[:-1], 7), SamplingParams(), session_id="s")).reuse == 0
+
+
+def test_both_ends_keep_the_same_prompts_through_edits_and_forgetting() -> None:
+    rng = random.Random(3)
+    http, core = SentPrompts(max_tokens=300), SentPrompts(max_tokens=300)
+    last: dict[str, tuple[int, ...]] = {}
+    reused = 0
+    for i in range(600):
+        session = rng.choice(["a", "b", "c", "d", None])
+        prev = last.get(str(session), ())
+        cut = rng.choice([len(prev), len(prev), rng.randrange(len(prev) + 1)])  # mostly a follow-up
+        prompt = (*prev[:cut], *(rng.randrange(2**31 - 1) for _ in range(rng.randrange(0, 120))))
+        req = GenerationRequest(f"r{i}", prompt, SamplingParams(), namespace=rng.choice(["k", "k", "j"]),
+                                session_id=session)  # fmt: skip
+        message = http.submit(req)
+        reused += message.reuse
+        assert core.request(pickle.loads(pickle.dumps(message))) == req
+        last[str(session)] = prompt
+    assert reused > 0  # the deltas were exercised, not only whole prompts
+    assert http._last == core._last and http._tokens == core._tokens <= 300
+
+
+def test_a_core_without_the_previous_prompt_refuses_the_turn() -> None:
+    message = Submit(GenerationRequest("r", (4, 5), SamplingParams(), session_id="s"), reuse=10)
+    with pytest.raises(EngineError, match="previous prompt"):
+        SentPrompts().request(pickle.loads(pickle.dumps(message)))
 
 
 @pytest.mark.parametrize(
@@ -219,6 +272,11 @@ async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir
     ours.send(Submit(_req("empty", ())))
     failed = await _next(ours, Step, lambda step: step.failures)
     assert failed.failures == (Failure("empty", "invalid", "the prompt is empty"),)
+    ours.send(Submit(_req("lost", _prompt(4, 7), session="never-seen"), reuse=3))  # a delta with no base
+    failed = await _next(ours, Step, lambda step: step.failures)
+    assert failed.failures[0].request_id == "lost" and failed.failures[0].kind == "error"
+    ours.send(Submit(_req("b", (*_prompt(20, 5), *_prompt(3, 8)), max_tokens=1, session="s")))
+    assert (await _until_finished(ours, "b"))[-1].cached_tokens >= 20  # the same session, whole prompt: a hit
     ours.send(Query(1, "stats"))
     stats = (await _next(ours, Reply)).value
     assert isinstance(stats, EngineStats) and stats.num_running == 0 and stats.cache is not None
