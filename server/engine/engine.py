@@ -30,6 +30,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from cache.base import CheckpointCache
 from server.engine.events import event_batches, one_by_one
 from server.engine.profiling import WorkerProfiler
+from server.engine.prompts import LastPrompts, prompt_key
 from server.engine.request import Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
@@ -105,6 +106,7 @@ class Engine:
             SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget, cfg.short_prompt)
         )
         self._seqs: dict[str, Seq] = {}
+        self._checked = LastPrompts()  # each session's last prompt that passed `_validate`
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -256,9 +258,11 @@ class Engine:
         self._check_admissible(req)
         if not req.prompt_tokens:
             raise ValueError("the prompt is empty")
-        vocab, prompt = self._worker.vocab_limit, req.prompt_tokens
-        if min(prompt) < 0 or max(prompt) >= vocab:  # C-speed scans: per-turn work stays cheap
+        vocab, prompt, key = self._worker.vocab_limit, req.prompt_tokens, prompt_key(req)
+        new = prompt[self._checked.prefix(key, prompt) :]  # the session's last checked prompt is in range
+        if new and (min(new) < 0 or max(new) >= vocab):  # C-speed scans of the new ids only
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        self._checked.remember(key, prompt)
         if any(t >= vocab for t, _ in req.params.logit_bias):
             raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
         limit = self._runner.max_model_len  # a hybrid's KV per slot; None: no bound

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import array
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from cache.base import CacheObserver, FetchTier, LookupResult, MissCause, RemoteDirection, Tier
+from server.engine.prompts import LAST_PROMPT_TOKENS, LastPrompts, prompt_key
 from server.engine.types import (
     EngineError,
     EngineNotReady,
@@ -81,10 +81,6 @@ def _unpack_submit(req: GenerationRequest, packed: bytes, reuse: int) -> Submit:
     return Submit(replace(req, prompt_tokens=tuple(ids)), reuse)
 
 
-PromptKey = tuple[str, str | None, str | None]  # a request's (namespace, session id, prefix tree)
-SENT_PROMPT_TOKENS = 2_000_000  # the prompts kept on each end, in tokens (the core: ~80 MB at most)
-
-
 class SentPrompts:
     """The prompt each session sent to the core last, kept alike on both ends of the pipe, so that a turn sends
     only what its conversation added: a follow-up's prompt is the whole conversation, and sending it whole costs
@@ -93,50 +89,33 @@ class SentPrompts:
     project's 2-core CPU: 3.5 ms against 5.2 ms packed whole (median of 5); what is left is the prefix check
     below, on int objects that the chat encoder made anew.
 
-    Each end makes the same `_remember` calls in the same order (the HTTP process as it sends each `Submit`,
-    the core as it reads it; the pipe keeps their order) and forgets by the same rule (the oldest first, past
-    `max_tokens` tokens in all; a longer prompt is not kept), so both hold the same prompts."""
+    Each end makes the same `remember` calls in the same order (the HTTP process as it sends each `Submit`,
+    the core as it reads it; the pipe keeps their order) on a `LastPrompts` of the same size, so both hold the
+    same prompts."""
 
-    def __init__(self, max_tokens: int = SENT_PROMPT_TOKENS) -> None:
-        self.max_tokens = max_tokens
-        self._last: OrderedDict[PromptKey, tuple[int, ...]] = OrderedDict()
-        self._tokens = 0
+    def __init__(self, max_tokens: int = LAST_PROMPT_TOKENS) -> None:
+        self.last = LastPrompts(max_tokens)
 
     def submit(self, req: GenerationRequest) -> Submit:
         """The HTTP process's end: `req` as the message that carries it."""
-        key, prompt = _key(req), req.prompt_tokens
-        base = self._last.get(key)
-        reuse = len(base) if base and len(base) <= len(prompt) and prompt[: len(base)] == base else 0
-        self._remember(key, prompt)
+        key, prompt = prompt_key(req), req.prompt_tokens
+        reuse = self.last.prefix(key, prompt)
+        self.last.remember(key, prompt)
         return Submit(replace(req, prompt_tokens=prompt[reuse:]), reuse) if reuse else Submit(req)
 
     def request(self, message: Submit) -> GenerationRequest:
         """The core's end: the request `message` carries, its prompt whole again. Raises `EngineError` if
         the two ends disagree (a bug: their calls match one for one)."""
-        req, key = message.req, _key(message.req)
+        req, key = message.req, prompt_key(message.req)
         if message.reuse:
-            base = self._last.get(key)
+            base = self.last.get(key)
             if base is None or len(base) != message.reuse:
                 raise EngineError(
                     f"the engine core lost this session's previous prompt ({message.reuse} tokens)"
                 )
             req = replace(req, prompt_tokens=base + req.prompt_tokens)
-        self._remember(key, req.prompt_tokens)
+        self.last.remember(key, req.prompt_tokens)
         return req
-
-    def _remember(self, key: PromptKey, prompt: tuple[int, ...]) -> None:
-        old = self._last.pop(key, None)
-        self._tokens -= len(old) if old is not None else 0
-        if len(prompt) > self.max_tokens:
-            return
-        self._last[key] = prompt
-        self._tokens += len(prompt)
-        while self._tokens > self.max_tokens:
-            self._tokens -= len(self._last.popitem(last=False)[1])
-
-
-def _key(req: GenerationRequest) -> PromptKey:
-    return (req.namespace, req.session_id, req.tree)
 
 
 @dataclass(frozen=True, slots=True)

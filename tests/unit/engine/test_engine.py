@@ -207,6 +207,27 @@ async def test_invalid_requests_are_rejected_before_queueing(model_dir: Path) ->
         assert engine.num_waiting == 0 and engine.num_running == 0
 
 
+async def test_a_follow_up_is_checked_past_its_sessions_last_checked_prompt_and_no_further(
+    model_dir: Path,
+) -> None:
+    prompt = _prompt(12, 4)
+    async with _running(_make_engine(model_dir)) as engine:
+        await _collect(engine, _req("ok", prompt, max_tokens=1, session="v"))
+        for rid, bad in [
+            ("past", (*prompt, 7, TOK_VOCAB)),
+            ("neg", (*prompt, -1)),
+            ("edit", (-2, *prompt[1:])),
+        ]:
+            with pytest.raises(ValueError, match="must lie in"):
+                await _collect(engine, _req(rid, bad, max_tokens=1, session="v"))
+        # a rejected prompt is not remembered as checked: the same bad ids with more after them still fail
+        with pytest.raises(ValueError, match="must lie in"):
+            await _collect(engine, _req("again", (*prompt, 7, TOK_VOCAB, 9, 10), max_tokens=1, session="v"))
+        events = await _collect(engine, _req("longer", (*prompt, 7, 8), max_tokens=1, session="v"))
+        assert events[-1].prompt_tokens == len(prompt) + 2
+        assert engine.num_waiting == 0 and engine.num_running == 0
+
+
 async def test_metrics_record_cached_and_computed_prompt_tokens(model_dir: Path) -> None:
     metrics = Metrics(process_collectors=False)
     prompt = _prompt(20, 9)

@@ -141,7 +141,7 @@ def test_both_ends_keep_the_same_prompts_through_edits_and_forgetting() -> None:
         assert core.request(pickle.loads(pickle.dumps(message))) == req
         last[str(session)] = prompt
     assert reused > 0  # the deltas were exercised, not only whole prompts
-    assert http._last == core._last and http._tokens == core._tokens <= 300
+    assert http.last == core.last and http.last.tokens <= 300
 
 
 def test_a_core_without_the_previous_prompt_refuses_the_turn() -> None:
