@@ -87,6 +87,51 @@ def test_lossless_tiers_match_a_no_cache_thread_server(
     test_sessions.test_regenerate_and_edit_lossless_tiers_match_no_cache(core_lossless_server, nocache_server)
 
 
+def _interleaved_turns(base_url: str, session: str) -> list[str]:
+    """Three rounds of five requests at once in one session: a follow-up, an edit of the last message, the same
+    follow-up again, an edit of an earlier message and a further turn; so the prompts the core receives as
+    deltas of the session's previous one (`SentPrompts`) interleave with whole ones. Their greedy texts."""
+    say = lambda i: f"message {i}: " + " ".join(f"w{(i * 7 + k) % 23}" for k in range(12))
+    conv = [{"role": "user", "content": say(0)}]
+    texts: list[str] = []
+
+    async def one(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> str:
+        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 8}
+        r = await client.post("/v1/chat/completions", json=body, headers={"X-Session-ID": session})
+        r.raise_for_status()
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    async def rounds() -> None:
+        nonlocal conv
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            for i in range(1, 4):
+                conv = [
+                    *conv,
+                    {"role": "assistant", "content": say(10 + i)},
+                    {"role": "user", "content": say(i)},
+                ]
+                edit = [*conv[:-1], {"role": "user", "content": say(20 + i)}]
+                earlier = [*conv[:-3], {"role": "user", "content": say(30 + i)}]
+                further = [
+                    *conv,
+                    {"role": "assistant", "content": say(40 + i)},
+                    {"role": "user", "content": say(50)},
+                ]
+                texts.extend(
+                    await asyncio.gather(*(one(client, m) for m in (conv, edit, conv, earlier, further)))
+                )
+
+    asyncio.run(rounds())
+    return texts
+
+
+def test_interleaved_turns_of_one_session_match_a_no_cache_thread_server(
+    core_lossless_server: ServerProc, nocache_server: ServerProc
+) -> None:
+    texts = _interleaved_turns(core_lossless_server.base_url, "interleaved")
+    assert len(texts) == 15 and texts == _interleaved_turns(nocache_server.base_url, "interleaved")
+
+
 def test_session_info_and_delete(core_server: ServerProc) -> None:
     test_sessions.test_session_info_and_delete(core_server)
 
