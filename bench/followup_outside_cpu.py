@@ -25,19 +25,30 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import PHASES, Texts, chat_body, emit, markdown, phase_delta, phase_totals, stream  # noqa: E402
+from bench._common import (  # noqa: E402
+    PHASES,
+    PhaseSums,
+    Texts,
+    chat_body,
+    emit,
+    markdown,
+    phase_delta,
+    phase_totals,
+    stream,
+)
 from bench.e2e_bench import CHAT, COMPLETIONS  # noqa: E402
 from bench.ttft_cpu import cpu_name  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 from tests.integration.server_proc import start_server  # noqa: E402
 
 MODES = {"thread": [], "process": ["--engine-process"]}
+SHOWN = ("parse", "tokenize", "restore")  # the phases that grew with the conversation
 
 
 async def follow_ups(
     url: str, model: str, texts: Texts, length: int, repeats: int
-) -> list[tuple[float, float]]:
-    """(client TTFT, the server's phases summed) of each follow-up, in seconds."""
+) -> list[tuple[float, PhaseSums]]:
+    """(client TTFT, the server's phases) of each follow-up, in seconds."""
     out = []
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         await stream(client, COMPLETIONS, {"model": model, "prompt": "warm", "max_tokens": 1, "stream": True})
@@ -51,7 +62,7 @@ async def follow_ups(
             before = phase_totals(url)
             turn = await stream(client, CHAT, chat_body(model, messages, 1, True), headers)
             phases = phase_delta(before, phase_totals(url))
-            out.append((turn.ttft, sum(phases[p][0] for p in PHASES)))
+            out.append((turn.ttft, phases))
             messages.append({"role": "assistant", "content": turn.text})
     return out
 
@@ -72,19 +83,16 @@ def main() -> None:
             name = httpx.get(srv.base_url + "/v1/models").json()["data"][0]["id"]
             for length in lengths:
                 runs = asyncio.run(follow_ups(srv.base_url, name, texts, length, args.repeats))
-                ttft = statistics.median(t for t, _ in runs)
-                inside = statistics.median(p for _, p in runs)
-                outside = statistics.median(t - p for t, p in runs)
-                rows.append(
-                    [mode, f"{length:,}", f"{1e3 * ttft:.1f}", f"{1e3 * inside:.1f}", f"{1e3 * outside:.1f}"]
-                )
-    header = [
-        "engine",
-        "conversation tokens",
-        "follow-up TTFT p50 ms",
-        "server phases p50 ms",
-        "outside p50 ms",
-    ]
+                inside = [sum(ph[p][0] for p in PHASES) for _, ph in runs]
+                cells = [
+                    statistics.median(t for t, _ in runs),
+                    *(statistics.median(ph[p][0] for _, ph in runs) for p in SHOWN),
+                    statistics.median(inside),
+                    statistics.median(t - s for (t, _), s in zip(runs, inside, strict=True)),
+                ]
+                rows.append([mode, f"{length:,}", *(f"{1e3 * c:.1f}" for c in cells)])
+    header = ["engine", "conversation tokens", "follow-up TTFT p50 ms", *(f"{p} p50 ms" for p in SHOWN),
+              "server phases p50 ms", "outside p50 ms"]  # fmt: skip
     title = (
         f"#### Follow-up TTFT outside the server's phases ({cpu_name()}, demo-mamba2, {args.repeats} each)"
     )

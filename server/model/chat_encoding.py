@@ -37,10 +37,11 @@ added tokens in the rendering) the whole rendering is tokenized each turn. That 
 O(conversation), and only the O(messages) prefix renders are saved.
 
 Memory per conversation: its last rendering (1, 2 or 4 bytes per character, set by the widest
-character), 8 bytes per token (id and end offset, `array('i')`), 8 bytes per cut (about two per
-message), 21 bytes per message, and about 0.5 KiB fixed. That is about 12 bytes per token for
-English text. The LRU is bounded by `max_bytes` and `max_conversations`. An entry larger than
-`max_bytes` is not kept.
+character), 8 bytes per token (id and end offset, `array('i')`), the ids again as the tuple of Python ints
+the turn returned (counted as 40 bytes per token: a reference and an int object, which the next turn's tuple
+shares), 8 bytes per cut (about two per message), 21 bytes per message, and about 0.5 KiB fixed. That is
+about 52 bytes per token for English text. The LRU is bounded by `max_bytes` (256 MiB: ~5M tokens) and
+`max_conversations`. An entry larger than `max_bytes` is not kept.
 
 Thread safety: one lock guards the LRU and the counters. Entries never change once built, and two
 requests of one conversation may run at once (the later store wins). Tokenizer calls are serialized
@@ -79,6 +80,7 @@ _DIGEST = 16  # bytes per message digest
 _ROLE_CONTENT = {"role": None, "content": None}.keys()
 MAX_RENDERS = 48  # prefix renders per turn at most (message boundaries: `_render_subset`)
 _ENTRY_OVERHEAD = 512  # bytes: the entry, its arrays' headers, the LRU slot
+_ID_BYTES = 40  # a prompt tuple's reference and, at most, its int object, per token
 
 
 class EncodeCancelled(Exception):
@@ -96,7 +98,7 @@ class PromptTooLong(ValueError):
 
 @dataclass(frozen=True)
 class ChatEncoding:
-    tokens: list[int]
+    tokens: tuple[int, ...]  # the leading `reused_tokens` are the previous turn's own int objects
     boundaries: list[int]  # ascending, deduplicated, in [1, len(tokens)], as `encode_chat`
     reused_tokens: int  # leading tokens taken from the previous turn without tokenizing
     rendered_prefixes: int  # partial renderings made for boundaries (the rest were reused)
@@ -148,13 +150,15 @@ class _Entry:
     variables: bytes  # digest of the template variables (`template_kwargs`) it was rendered with
     chars: array[int]  # per message: common prefix of its partial rendering with `text` (-1: refused)
     whole: bytes  # per message: 1 when its partial rendering is a prefix of `text`
+    prompt: tuple[int, ...]  # the ids as the tuple this turn returned (`_prompt_ids`)
 
     @property
     def nbytes(self) -> int:
         parts = (
             len(self.digests) + len(self.variables) + len(self.whole) + self.chars.itemsize * len(self.chars)
         )
-        return sys.getsizeof(self.text) + self.tokens.nbytes + parts + _ENTRY_OVERHEAD
+        ids = _ID_BYTES * len(self.prompt)
+        return sys.getsizeof(self.text) + self.tokens.nbytes + parts + ids + _ENTRY_OVERHEAD
 
     def reusable(self, i: int, same: int) -> bool:
         """Message i's common-prefix length is unchanged against a text that shares `same` chars."""
@@ -166,7 +170,7 @@ class ChatEncoder:
     """`Tokenizer.encode_chat` with per-conversation reuse of the previous turn (see the module)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, *, max_bytes: int = 64 << 20, max_conversations: int = 1024
+        self, tokenizer: Tokenizer, *, max_bytes: int = 256 << 20, max_conversations: int = 1024
     ) -> None:
         if max_bytes < 0 or max_conversations < 0:
             raise ValueError("max_bytes and max_conversations must be >= 0")
@@ -214,9 +218,10 @@ class ChatEncoder:
         digests = b"".join(_digest(m) for m in msgs)
         chars, whole, rendered = self._message_chars(msgs, digests, text, prev, same, cancelled, render)
         boundaries = sorted({bisect_right(tokens.ends, c) for c in chars if c >= 0} - {0})
+        prompt = _prompt_ids(tokens, prev, reused)
         if key is not None:
-            self._store(key, _Entry(text, tokens, digests, variables, chars, whole), hit=reused > 0)
-        return ChatEncoding(tokens.ids.tolist(), boundaries, reused, rendered)
+            self._store(key, _Entry(text, tokens, digests, variables, chars, whole, prompt), hit=reused > 0)
+        return ChatEncoding(prompt, boundaries, reused, rendered)
 
     def forget(self, key: Hashable) -> None:
         with self._lock:
@@ -357,6 +362,16 @@ def _render_subset(todo: list[int]) -> set[int]:
 def _check(cancelled: Cancelled | None) -> None:
     if cancelled is not None and cancelled():
         raise EncodeCancelled("the chat encoding was cancelled")
+
+
+def _prompt_ids(tokens: _Tokens, prev: _Entry | None, reused: int) -> tuple[int, ...]:
+    """The ids as a tuple whose `reused` leading ones are the previous turn's int objects: building it costs the
+    new tokens only (a `tolist` of all of them made 98k ints every turn: ~1-2 ms on a 2-core CPU), and what
+    compares the prompt with the previous one (the engine process's delta, the engine's id check, the cache's
+    prefix tree) compares pointers."""
+    if prev is None or reused == 0:
+        return tuple(tokens.ids)
+    return prev.prompt[:reused] + tuple(tokens.ids[reused:])
 
 
 def _digest(message: dict[str, Any]) -> bytes:

@@ -81,7 +81,7 @@ def _conversation(n: int, seed: int = 0, pool: list[str] = _WORDS) -> list[Msg]:
 def _assert_exact(enc: ChatEncoder, msgs: list[Msg], key: object = "k", **kw: Any) -> ChatEncoding:
     out = enc.encode(msgs, key, **kw)
     tokens, boundaries = enc.tokenizer.encode_chat(msgs, kw.get("add_generation_prompt", True))
-    assert out.tokens == tokens
+    assert list(out.tokens) == tokens
     assert out.boundaries == boundaries
     return out
 
@@ -101,7 +101,7 @@ def test_a_long_first_turn_renders_a_bounded_number_of_prefixes(tmp_path: Path) 
     msgs = _conversation(300)
     out = enc.encode(msgs, "long")
     tokens, boundaries = enc.tokenizer.encode_chat(msgs)
-    assert out.tokens == tokens
+    assert list(out.tokens) == tokens
     assert MAX_RENDERS - 2 <= out.rendered_prefixes <= MAX_RENDERS
     assert set(out.boundaries) <= set(boundaries) and len(out.boundaries) >= MAX_RENDERS - 3
     assert out.boundaries[0] == boundaries[0] and out.boundaries[-1] == boundaries[-1]
@@ -115,6 +115,11 @@ def test_200_message_conversation_reuses_every_turn_and_renders_only_new_message
         # the previous prompt up to its last added token is reused; the reply and question are new
         assert len(prev.tokens) - 2 <= turn.reused_tokens < len(prev.tokens)
         assert turn.rendered_prefixes == 2
+        # the reused ids are the previous turn's own int objects (what is compared with the previous prompt
+        # downstream compares pointers), the new ones ints of their own
+        reused = turn.reused_tokens
+        assert all(a is b for a, b in zip(prev.tokens[:reused], turn.tokens[:reused], strict=True))
+        assert type(turn.tokens) is tuple
     assert enc.stats().hits == len(turns) - 1 and enc.stats().misses == 1
 
 

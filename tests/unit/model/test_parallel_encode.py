@@ -391,7 +391,7 @@ def test_chat_encoder_on_a_long_first_turn() -> None:
     whole = Tokenizer(tok.hf, tok.model_name, tok.chat_template)
     whole.parallel = None
     out = ChatEncoder(tok).encode(msgs, "k")
-    assert (out.tokens, out.boundaries) == whole.encode_chat(msgs)
+    assert (list(out.tokens), out.boundaries) == whole.encode_chat(msgs)
 
 
 # ---- refusals -----------------------------------------------------------------------------------
