@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
-from bench._common import emit, markdown, write_random_model
-from bench.followup_trace import turn
+from bench._common import emit, markdown
+from bench.followup_trace import add_engine_args, engine_settings, turn
 from server.engine.engine import Engine
 from server.engine.factory import build_engine
 from server.engine.profiling import WorkerProfiler
-from server.model.defaults import bundled_model_dir
 from server.settings import Settings
 
 
@@ -121,28 +120,14 @@ async def run(settings: Settings, length: int, repeats: int, tail: int, rows: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shape", default="demo", help="demo (the bundled model) or a random shape of bench._common"
-    )
-    parser.add_argument("--length", type=int, default=32_768)
+    add_engine_args(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tail", type=int, default=3, help="tokens after the message's end")
     parser.add_argument("--rows", type=int, default=25, help="ops in each profiler table")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--hot-bytes", default="4GiB")
-    parser.add_argument("--cold-bytes", default="8GiB")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = (
-            bundled_model_dir()
-            if args.shape == "demo"
-            else write_random_model(Path(tmp) / args.shape, args.shape)
-        )
-        settings = Settings(
-            model=str(model), max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.length + 4096,
-            hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
-        )  # fmt: skip
+        settings = engine_settings(args, Path(tmp))
         rows = asyncio.run(run(settings, args.length, args.repeats, args.tail, args.rows))
     header = ["prompt tokens", "cache TTFT p50 ms", "no-cache TTFT p50 ms", "cache / no-cache",
               "each, cache (ms)", "each, no-cache (ms)"]  # fmt: skip

@@ -97,12 +97,29 @@ async def run(
              f"{1e3 * min(ttfts):.1f}", each, str(min(cached)), str(len(ttfts))]]  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The model and cache options the in-process engine benches share (`--shape`, `--length`, budgets)."""
     parser.add_argument(
         "--shape", default="demo", help="demo (the bundled model) or a random shape of bench._common"
     )
     parser.add_argument("--length", type=int, default=32_768)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--hot-bytes", default="4GiB")
+    parser.add_argument("--cold-bytes", default="8GiB")
+
+
+def engine_settings(args: argparse.Namespace, tmp: Path) -> Settings:
+    """Settings for `add_engine_args`'s options: the bundled model, or a random one of `--shape` in `tmp`."""
+    model = bundled_model_dir() if args.shape == "demo" else write_random_model(tmp / args.shape, args.shape)
+    return Settings(
+        model=str(model), max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.length + 4096,
+        hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_args(parser)
     parser.add_argument("--new", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -114,22 +131,11 @@ def main() -> None:
         default=3,
         help="tokens after the new message's end (a generation prompt; 0: none)",
     )
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--hot-bytes", default="4GiB")
-    parser.add_argument("--cold-bytes", default="8GiB")
     parser.add_argument("--trace-dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = (
-            bundled_model_dir()
-            if args.shape == "demo"
-            else write_random_model(Path(tmp) / args.shape, args.shape)
-        )
-        settings = Settings(
-            model=str(model), max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.length + 4096,
-            hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
-        )  # fmt: skip
+        settings = engine_settings(args, Path(tmp))
         rows = asyncio.run(
             run(settings, args.length, args.new, args.repeats, args.trace_dir, args.answer, args.tail)
         )

@@ -43,9 +43,9 @@ GRAPH_PREFILL_MAX = 8 * MAX_GRAPH_LEN
 PieceFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def pieces(n: int, largest: int = MAX_GRAPH_LEN) -> list[tuple[int, int]]:
-    """n tokens as graph pieces (size, real tokens), in order: whole pieces of `largest`, then `_rest`."""
-    return [(largest, largest)] * (n // largest) + list(_rest(n % largest))
+def pieces(n: int) -> list[tuple[int, int]]:
+    """n tokens as graph pieces (size, real tokens), in order: whole pieces of MAX_GRAPH_LEN, then `_rest`."""
+    return [(MAX_GRAPH_LEN, MAX_GRAPH_LEN)] * (n // MAX_GRAPH_LEN) + list(_rest(n % MAX_GRAPH_LEN))
 
 
 @functools.cache
