@@ -31,11 +31,17 @@ def paged(
 
 
 def check_decode_attention(
-    shape: tuple[int, int, int, int], lengths: Sequence[int], close: Close, dtype: torch.dtype, device: str
+    shape: tuple[int, int, int, int],
+    lengths: Sequence[int],
+    close: Close,
+    dtype: torch.dtype,
+    device: str,
+    splits: int | None = None,
 ) -> None:
-    """shape (q heads, kv heads, dh, block size); lengths: each row's new token's position + 1. Appends each
-    row's new key and value, attends, and compares with SDPA over the row's keys; the padding row's output
-    is zero and only the blocks of the new tokens changed."""
+    """shape (q heads, kv heads, dh, block size); lengths: each row's new token's position + 1; splits: of
+    each row's keys (None: the kernel's choice). Appends each row's new key and value, attends, and compares
+    with SDPA over the row's keys; the padding row's output is zero and only the blocks of the new tokens
+    changed."""
     from server.model import paged_attention as ops
 
     heads, kv, dh, block = shape
@@ -46,7 +52,7 @@ def check_decode_attention(
     pos = torch.tensor([n - 1 for n in lengths] + [5], dtype=torch.int32, device=device)
     before = pages.clone()
     ops.kv_append(k, v, pages, idx, pos, tables)
-    out = ops.decode_attention(q, pages, idx, pos, tables, 0.3)
+    out = ops.decode_attention(q, pages, idx, pos, tables, 0.3, splits=splits)
     for r, n in enumerate(lengths):
         keys = torch.cat([rows[r][0, : n - 1], k[r : r + 1]]).transpose(0, 1)  # (kv, n, dh)
         values = torch.cat([rows[r][1, : n - 1], v[r : r + 1]]).transpose(0, 1)

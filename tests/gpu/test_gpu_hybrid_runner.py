@@ -57,14 +57,18 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+@pytest.mark.parametrize("splits", [None, 1, 7, 64])
 @pytest.mark.parametrize("shape", [(32, 8, 128, 16), (64, 8, 128, 16), (24, 8, 64, 32)])
-def test_decode_attention_kernels_equal_sdpa_in_bf16(shape: tuple[int, int, int, int]) -> None:
-    """Published shapes (GQA groups of 4 and 8, head dim 128), contexts past a thousand tokens."""
+def test_decode_attention_kernels_equal_sdpa_in_bf16(
+    shape: tuple[int, int, int, int], splits: int | None
+) -> None:
+    """Published shapes (GQA groups of 4 and 8, head dim 128), contexts past a thousand tokens, the keys
+    split as the kernel picks, unsplit, and in more splits than a short row fills."""
 
     def close(a: Tensor, b: Tensor) -> None:
         assert _rel(a, b) < 2e-2
 
-    paged_cases.check_decode_attention(shape, [1, 17, 1200, 512], close, torch.bfloat16, "cuda")
+    paged_cases.check_decode_attention(shape, [1, 17, 1200, 512], close, torch.bfloat16, "cuda", splits)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

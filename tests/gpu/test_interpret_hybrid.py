@@ -35,10 +35,13 @@ PROMPT, STEPS, SLOTS, MAX_LEN, BLOCK = 19, 10, 3, 48, 8
 # ---- kernels -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("splits", [None, 3, 8])
 @pytest.mark.parametrize("shape", [(4, 2, 12, 4), (8, 8, 16, 16), (6, 2, 8, 8)])
-def test_decode_attention_equals_sdpa_over_each_rows_prefix(shape: tuple[int, int, int, int]) -> None:
-    # rows of one token, 7, several tiles, block-aligned
-    paged_cases.check_decode_attention(shape, [1, 7, 40, 16], _close, torch.float32, "cpu")
+def test_decode_attention_equals_sdpa_over_each_rows_prefix(
+    shape: tuple[int, int, int, int], splits: int | None
+) -> None:
+    # rows of one token, 7, several tiles, block-aligned; split along the keys, some splits empty
+    paged_cases.check_decode_attention(shape, [1, 7, 40, 16], _close, torch.float32, "cpu", splits)
 
 
 # ---- the runner --------------------------------------------------------------------------------
