@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import tempfile
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 
 from bench._common import emit, markdown, write_random_model
+from bench.hybrid_model import SHAPES as HYBRID_SHAPES
+from bench.hybrid_model import write_hybrid
 from server.engine.engine import Engine
 from server.engine.factory import build_engine
 from server.engine.profiling import WorkerProfiler
@@ -87,20 +90,37 @@ async def run(
     finally:
         await engine.stop()
     if prof is not None:
-        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=30))
-        if trace_dir is not None:
-            trace_dir.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(trace_dir / f"followup-{length}.json"))
+        report(prof, trace_dir, length)
     each = " / ".join(f"{1e3 * t:.1f}" for t in ttfts)
     return [[f"{length:,}", str(new), f"{1e3 * first_ttft:.1f}", f"{1e3 * statistics.median(ttfts):.1f}",
              f"{1e3 * min(ttfts):.1f}", each, str(min(cached)), str(len(ttfts))]]  # fmt: skip
 
 
+def report(prof: torch.profiler.profile, trace_dir: Path | None, length: int) -> None:
+    """The profiled follow-up's ops by CPU time (and on CUDA by GPU time, then each stream's timeline);
+    its Chrome trace in `trace_dir`."""
+    cuda = torch.cuda.is_available()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+    if cuda:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+    if trace_dir is None and not cuda:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(trace_dir or tmp) / f"followup-{length}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        if cuda:
+            from bench.first_turn_trace import timeline  # it imports this module
+
+            print(timeline(json.loads(path.read_text())), flush=True)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The model and cache options the in-process engine benches share (`--shape`, `--length`, budgets)."""
     parser.add_argument(
-        "--shape", default="demo", help="demo (the bundled model) or a random shape of bench._common"
+        "--shape",
+        default="demo",
+        help="demo (the bundled model), a random shape of bench._common or of bench.hybrid_model",
     )
     parser.add_argument("--length", type=int, default=32_768)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -109,11 +129,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_settings(args: argparse.Namespace, tmp: Path) -> Settings:
-    """Settings for `add_engine_args`'s options: the bundled model, or a random one of `--shape` in `tmp`."""
-    model = bundled_model_dir() if args.shape == "demo" else write_random_model(tmp / args.shape, args.shape)
+    """Settings for `add_engine_args`'s options: the bundled model, or a random one of `--shape` in `tmp`
+    (a Mamba shape of bench._common, or a hybrid one of bench.hybrid_model, whose KV needs a model length)."""
+    hybrid = args.shape in HYBRID_SHAPES
+    if args.shape == "demo":
+        model = bundled_model_dir()
+    elif hybrid:
+        model, _ = write_hybrid(tmp / args.shape, args.shape)
+    else:
+        model = write_random_model(tmp / args.shape, args.shape)
     return Settings(
         model=str(model), max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.length + 4096,
         hot_bytes=args.hot_bytes, cold_bytes=args.cold_bytes,
+        max_model_len=args.length + 8192 if hybrid else None,
     )  # fmt: skip
 
 

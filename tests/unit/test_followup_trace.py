@@ -3,12 +3,14 @@ resuming its checkpoint, a profile of the last follow-up's worker-thread ops, an
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
-from bench.followup_trace import run
+from bench.followup_trace import engine_settings, run
 from server.model.defaults import bundled_model_dir
 from server.settings import Settings
 
@@ -28,3 +30,14 @@ def test_follow_ups_resume_and_the_last_one_is_traced(
     assert min(map(float, each.split(" / "))) == float(low)
     assert "aten::" in capsys.readouterr().out  # the worker thread's ops were recorded
     assert (tmp_path / "followup-512.json").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_hybrid_shape_is_traced_with_room_for_its_kv(tmp_path: Path) -> None:
+    args = argparse.Namespace(shape="tiny", length=256, max_num_seqs=2, hot_bytes="1GiB", cold_bytes="1GiB")
+    settings = engine_settings(args, tmp_path)
+    assert settings.max_model_len == 256 + 8192  # a hybrid's KV pool is sized by it
+    assert "layer_types" in json.loads((Path(settings.model) / "config.json").read_text())
+    rows = asyncio.run(run(settings, length=256, new=16, repeats=2, trace_dir=None, answer_tokens=2, tail=3))
+    [[_, _, _, _, _, _, cached, _]] = rows
+    assert int(cached) >= 256  # the hybrid's follow-ups resumed past the first prompt
