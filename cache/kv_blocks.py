@@ -28,12 +28,13 @@ the current stream's work, so it never overwrites a block a queued restore still
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cache.arena import BlockArena, Claim
+from cache.arena import BlockArena, ChunkSource, Claim
 from cache.base import Attachment, KVSink, KVSource, KVSpec, Tier
 from cache.checkpoint import Checkpoint
 from cache.disk_tier import DiskTier
@@ -83,6 +84,7 @@ class KVBlocks(Attachment):
         transfers: Transfers,
         grow_by: dict[Tier, int],
         disk: KVDisk | None = None,
+        sources: Mapping[Tier, ChunkSource | None] | None = None,
     ) -> None:
         self.spec = spec
         self.index = KVIndex(spec.block_size)
@@ -91,7 +93,9 @@ class KVBlocks(Attachment):
         devices = {"hot": transfers.device, "cold": torch.device("cpu")}
         self.block_bytes = {t: layouts[t].block_bytes for t in ARENA_TIERS}
         self.arenas = {  # unbounded: the tier's budget (`Tiers.take_block`) bounds them
-            t: BlockArena(self.block_bytes[t], 1 << 62, devices[t], transfers.cuda, grow_by[t])
+            t: BlockArena(
+                self.block_bytes[t], 1 << 62, devices[t], transfers.cuda, grow_by[t], (sources or {}).get(t)
+            )
             for t in ARENA_TIERS
         }
         self.disk = disk

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from cache import copies
-from cache.arena import BlockArena, Claim
+from cache.arena import BlockArena, ChunkSource, Claim
 from cache.base import KVSpec, State, Tier
 from cache.checkpoint import Checkpoint
 from cache.codec import NativeCodec, make_codec
@@ -47,6 +47,7 @@ class Storage:
         self.cold_layout = BlockLayout(spec, make_codec(config.cold_dtype, fused))
         self.kv_layouts = self._kv_layouts(fused)
         self.transfers = Transfers(self.device)
+        self.cold_source = self._cold_source()
         self.store = self._make_store()
 
     # ---- construction --------------------------------------------------------------------------------
@@ -64,7 +65,15 @@ class Storage:
             return None
         cpu, pin = torch.device("cpu"), self.transfers.cuda
         grow = self._grow_by(size, self.config.cold_bytes)
-        return BlockArena(size, self.config.cold_bytes, cpu, pin=pin, grow_by=grow)
+        return BlockArena(size, self.config.cold_bytes, cpu, pin=pin, grow_by=grow, source=self.cold_source)
+
+    def _cold_source(self) -> ChunkSource | None:
+        """A hybrid's cold states and KV blocks grow from one host buffer of the cold budget (plus a chunk of
+        slack per arena), allocated, and pinned with CUDA, here at start-up, as a pure SSM's cold arena is.
+        Past it (states and KV blocks do not trade freed blocks), chunks are allocated as they are needed."""
+        if self.kv is None or self.config.cold_bytes <= 0:
+            return None
+        return ChunkSource(self.config.cold_bytes + 2 * GROW_BYTES, torch.device("cpu"), self.transfers.cuda)
 
     def _grow_by(self, block_bytes: int, budget: int) -> int:
         """A hybrid's states share each tier's budget with its KV blocks: their arenas take memory as they
@@ -99,7 +108,7 @@ class Storage:
         disk = KVDisk(self.store.dir / "kv", cold, self._fingerprint()) if self.store is not None else None
         budgets = {"hot": self.config.hot_bytes, "cold": self.config.cold_bytes}
         grow = {t: self._grow_by(layout.block_bytes, budgets[t]) for t, layout in self.kv_layouts.items()}
-        return KVBlocks(self.kv, self.kv_layouts, self.transfers, grow, disk)
+        return KVBlocks(self.kv, self.kv_layouts, self.transfers, grow, disk, {"cold": self.cold_source})
 
     # ---- captures ------------------------------------------------------------------------------------
 

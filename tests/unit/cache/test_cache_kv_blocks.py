@@ -251,3 +251,19 @@ def test_a_capture_failing_before_its_kv_write_never_leaves_a_sharer_waiting() -
     assert all(cache.stats().tiers[t].bytes_used == 0 for t in ("hot", "cold"))
     assert capture(cache, CONVERSATION[:27])
     assert_restores(cache, CONVERSATION[:27])
+
+
+def test_a_hybrids_cold_states_and_kv_blocks_grow_from_one_buffer_allocated_up_front() -> None:
+    """No host allocation on a capture's path (pinning stalls the driver): both cold arenas' chunks are cut
+    from the buffer the cache allocated at start-up."""
+    cache = make_hybrid_cache(hot_bytes=1 << 30, cold_bytes=1 << 30, hot_window=1)
+    source = cache._storage.cold_source
+    assert source is not None and source.buffer.numel() >= 1 << 30 and source.used == 0
+    for end in POSITIONS:  # a window of one: every older checkpoint is demoted to the cold tier
+        assert capture(cache, CONVERSATION[:end])
+    cold = [cache._book.arenas["cold"], cache._book.tiers.extra.arenas["cold"]]  # type: ignore[attr-defined]
+    base, end = source.buffer.data_ptr(), source.buffer.data_ptr() + source.buffer.numel()
+    for arena in cold:
+        assert arena is not None and arena._chunks
+        assert all(base <= c.data_ptr() and c.data_ptr() + c.numel() <= end for c in arena._chunks)
+    assert source.used >= sum(c.numel() for a in cold for c in a._chunks)
