@@ -16,7 +16,8 @@
 #     h11==0.16.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 anyio==4.16.0 idna==3.20 \
 #     openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1 \
-#     pytest-asyncio==1.5.0 hypothesis==6.170.17 redis==8.1.0 hiredis==3.5.0
+#     pytest-asyncio==1.5.0 hypothesis==6.170.17 redis==8.1.0 hiredis==3.5.0 uvloop==0.23.0
+#   .venv/bin/pip download $p --platform manylinux1_x86_64 --platform manylinux_2_28_x86_64 httptools==0.9.0
 # and the remote tier's server, Debian 12's redis-server with its libraries (not a wheel: the machine has
 # none), in .whl/redis-server/{redis-server.bin,lib/,bin/redis-server}, bin/ being a wrapper that sets
 # LD_LIBRARY_PATH; this script puts bin/ on PATH when it is there.
@@ -39,6 +40,7 @@ PACKAGES = [
     ("tokenizers", "tokenizers"), ("safetensors", "safetensors"), ("numpy", "numpy"),
     ("prometheus_client", "prometheus-client"), ("jinja2", "jinja2"), ("httpx", "httpx"),
     ("fastapi", "fastapi"), ("starlette", "starlette"), ("uvicorn", "uvicorn"), ("h11", "h11"),
+    ("uvloop", "uvloop"), ("httptools", "httptools"),
     ("click", "click"), ("anyio", "anyio"), ("pydantic", "pydantic"), ("pydantic_core", "pydantic-core"),
     ("pydantic_settings", "pydantic-settings"), ("dotenv", "python-dotenv"), ("redis", "redis"), ("hiredis", "hiredis"),
     ("annotated_types", "annotated-types"), ("annotated_doc", "annotated-doc"),
