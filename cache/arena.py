@@ -4,9 +4,10 @@ No allocator call per checkpoint and no fragmentation: a checkpoint occupies exa
 allocated up front, or, with `grow_by`, that many blocks at a time as blocks are taken (a hybrid model's
 tiers, whose budget the states and the KV blocks share, `cache.kv_blocks`). Growing arenas may take their
 chunks from a `ChunkSource`: one buffer allocated up front that a tier's arenas share. For pinned host
-memory that matters: `cudaHostAlloc` of 64 MiB took ~35 ms on an H200 host, and it holds the driver's
-lock, so a growth on any thread stalls the engine's launches (measured: a hybrid follow-up's TTFT carried
-two such stalls). Not thread-safe: `StateCache` calls it under its lock. Reading or writing a block's bytes happens outside the
+memory that matters: `cudaHostAlloc` of 64 MiB took ~35 ms on an H200 host and holds the driver's lock, so
+a growth on any thread stalls the engine's launches (a hybrid follow-up's TTFT carried two such stalls).
+
+Not thread-safe: `StateCache` calls it under its lock. Reading or writing a block's bytes happens outside the
 lock, protected by the owner's pins. `fences` hold the CUDA event after the last reader of a freed block,
 `claims` a host-side reader that may still be copying it (weakly); a writer reusing the block waits on both.
 """

@@ -15,9 +15,8 @@ rows at any positions.
   (query head i reads kv head i // (q / kv)), split along the keys as flash-decoding does: one program per
   (row, kv head, split) handles that head's group of query heads over its split's share of the row's
   positions, BLOCK_N tokens at a time gathered through the table (any block size), in tensor-core
-  products; a second kernel
-  combines the splits' partial sums per (row, query head). Without the splits a lone row's attention ran
-  on `kv heads` programs of the GPU's ~132 multiprocessors.
+  products; a second kernel combines the splits' partial sums per (row, query head). Without the splits
+  a lone row's attention ran on `kv heads` programs of the GPU's ~132 multiprocessors.
 """
 
 from __future__ import annotations
