@@ -19,7 +19,11 @@ device block tables:
 Before each step the host allocates the block that each row's new token lands in (the slot's reservation
 guarantees it) and copies the table entries that changed since the slot's table was last synced (new
 blocks, or a new `PagedKV` after reset or restore) in one small copy. After it, every slot's length moves
-on by one. Prefill runs one row at a time, eagerly.
+on by one. Prefill runs one row at a time, eagerly, except a segment of at most `decode_tail` tokens (by
+default `DECODE_TAIL` with graphs, else 0) that does not need every position's logits: it runs as decode
+steps, one graph replay per token. Such segments are what a capture cuts off a prompt's end (its last
+message's end lies 3 tokens before it in a chat template), and an eager pass of the whole model costs the
+same host time however short it is (~1 ms per Mamba layer's chunked scan on an H200 host).
 
 `make_hybrid_runner` returns this runner on CUDA with the kernels present, else the torch `HybridRunner`.
 Graphs are captured at first use of a bucket; `warmup()` captures them all (call it before serving).
@@ -42,6 +46,7 @@ from server.model.kernels import Kernels, load_kernels
 from server.model.paged_kv import PagedKV
 
 log = logging.getLogger(__name__)
+DECODE_TAIL = 8  # segments this short prefill as graph-replayed decode steps
 
 
 class PositionStager(InputStager):
@@ -78,6 +83,7 @@ class GpuHybridRunner(HybridRunner):
         use_graphs: bool = True,
         ssm_step: SsmStep = "tssc",
         conv_prefill: ConvPrefill = "triton",
+        decode_tail: int | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -107,6 +113,8 @@ class GpuHybridRunner(HybridRunner):
         self.stager = PositionStager(max(buckets_for(max_slots)), self.device)
         graphs_ok = use_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self._step, self.stager, max_slots) if graphs_ok else None
+        tail = DECODE_TAIL if self.graphs is not None else 0
+        self.decode_tail = tail if decode_tail is None else decode_tail
 
     @staticmethod
     def _norm(block: HybridBlock, residual: Tensor) -> Tensor:
@@ -118,6 +126,11 @@ class GpuHybridRunner(HybridRunner):
     def _prefill_segment(self, ids: Tensor, slot: int, all_logits: bool) -> Tensor:
         """ids (1, l) continuing the slot -> logits (l, v), or (1, v) of the last token; the slot moves on."""
         self._check_room(slot, ids.shape[1])
+        if not all_logits and ids.shape[1] <= self.decode_tail:
+            logits = torch.empty(0)
+            for i in range(ids.shape[1]):  # the token stays on the device: no synchronisation
+                logits = self.decode(ids[0, i : i + 1], [slot])
+            return logits
         seq = self.seqs[slot]
         views = list(seq.views())
         model = self.hybrid

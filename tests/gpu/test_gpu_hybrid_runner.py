@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from server.model.gpu_hybrid_runner import GpuHybridRunner, make_hybrid_runner
+from server.model.gpu_hybrid_runner import DECODE_TAIL, GpuHybridRunner, make_hybrid_runner
 from server.model.hybrid import HybridLM
 from server.model.hybrid_loader import load_hybrid
 from server.model.hybrid_runner import HybridRunner
@@ -40,8 +40,16 @@ def _ref(model_dir: Path) -> HybridRunner:
     return HybridRunner(load_hybrid(model_dir)[1], SLOTS, max_model_len=MAX_LEN, block_size=BLOCK)
 
 
-def _gpu(model: HybridLM, graphs: bool = True) -> GpuHybridRunner:
-    return GpuHybridRunner(model, SLOTS, "cuda", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=graphs)
+def _gpu(model: HybridLM, graphs: bool = True, decode_tail: int | None = None) -> GpuHybridRunner:
+    return GpuHybridRunner(
+        model,
+        SLOTS,
+        "cuda",
+        max_model_len=MAX_LEN,
+        block_size=BLOCK,
+        use_graphs=graphs,
+        decode_tail=decode_tail,
+    )
 
 
 def _cuda_model(model_dir: Path, dtype: str = "fp32") -> HybridLM:
@@ -110,7 +118,7 @@ def test_a_bf16_live_state_matches_the_torch_runners(model_dir: Path) -> None:
 
 def test_graph_decode_equals_eager_decode(model_dir: Path) -> None:
     model = _cuda_model(model_dir)
-    graphed, eager = _gpu(model), _gpu(model, graphs=False)
+    graphed, eager = _gpu(model), _gpu(model, graphs=False, decode_tail=DECODE_TAIL)  # one prefill path
     graphed.warmup()
     assert graphed.graphs is not None and all(g is not None for g in graphed.graphs._graphs.values())
     segs = [PrefillSeg(_tokens(n, seed=n), slot) for slot, n in enumerate((3, 8, 17))]
@@ -133,6 +141,23 @@ def test_rows_at_different_positions_equal_each_row_alone(model_dir: Path) -> No
         got = batched.decode([1 + step, 2 + step, 3 + step], [2, 0, 1])
         for row, slot in enumerate((2, 0, 1)):
             assert _rel(got[row], alone.decode([row + 1 + step], [slot])[0]) < 1e-4
+
+
+def test_a_prompts_short_tail_runs_as_graph_decode_steps_and_matches_the_torch_runner(
+    model_dir: Path,
+) -> None:
+    """The last 3 tokens after a capture (a chat message's end) replay the decode graph instead of an eager
+    pass; logits, the captured state and the KV match the torch runner's, and decoding goes on from there."""
+    ref, gpu = _ref(model_dir), _gpu(_cuda_model(model_dir))
+    gpu.warmup()
+    assert gpu.decode_tail == DECODE_TAIL >= 3
+    tokens = _tokens(PROMPT + 1, seed=8)
+    want, got = (r.prefill(tokens[:PROMPT], 1, capture_at=[PROMPT - 3]) for r in (ref, gpu))
+    assert _rel(got.last_logits, want.last_logits) < TOL["fp32"]
+    for name, value in want.captures[PROMPT - 3].items():
+        assert _rel(got.captures[PROMPT - 3][name], value) < TOL["fp32"]
+    assert _rel(gpu.kv_source(1).read(0, PROMPT), ref.kv_source(1).read(0, PROMPT)) < TOL["fp32"]
+    assert _rel(gpu.decode(tokens[PROMPT:], [1]), ref.decode(tokens[PROMPT:], [1])) < TOL["fp32"]
 
 
 def test_capture_and_restore_round_trip(model_dir: Path) -> None:

@@ -15,9 +15,12 @@ test_interpret.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from server.model.gpu_hybrid_runner import GpuHybridRunner
 from server.model.hybrid import HybridLM
@@ -85,7 +88,7 @@ def test_prefill_and_many_decode_steps_equal_the_torch_runner(model: HybridLM) -
         _close(gpu.capture(1)[name], value)
 
 
-@pytest.mark.parametrize("split", [1, 8, 9])
+@pytest.mark.parametrize("split", [1, 8, 9, PROMPT - 3])
 def test_split_prefill_and_decode_equal_one_shot(model: HybridLM, split: int) -> None:
     tokens = _tokens(PROMPT, seed=split)
     one, two = _runners(model)[0], _runners(model)[0]
@@ -94,6 +97,34 @@ def test_split_prefill_and_decode_equal_one_shot(model: HybridLM, split: int) ->
     _close(two.prefill(tokens[split:], 0).last_logits, whole)
     for t in (5, 6):
         _close(two.decode([t], [0]), one.decode([t], [0]))
+
+
+def test_short_segments_prefilled_as_decode_steps_equal_the_torch_runner(model: HybridLM) -> None:
+    """A segment of at most `decode_tail` tokens runs as decode steps (graph replays on a GPU): a prompt cut
+    at its last 3 tokens (a chat message's end), then decoding, gives the torch runner's logits, state and KV."""
+    steps: list[int] = []
+
+    class Counted(GpuHybridRunner):
+        def decode(
+            self, tokens: Sequence[int] | Tensor, slots: Sequence[int] | Tensor, skip: Any = None
+        ) -> Tensor:
+            steps.append(len(slots))
+            return super().decode(tokens, slots, skip)
+
+    gpu = Counted(
+        model, SLOTS, "cpu", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=False, decode_tail=4
+    )
+    ref = _runners(model)[1]
+    tokens = _tokens(PROMPT, seed=11)
+    got, want = (r.prefill(tokens, 1, capture_at=[PROMPT - 3]) for r in (gpu, ref))
+    _close(got.last_logits, want.last_logits)
+    for name, value in want.captures[PROMPT - 3].items():
+        _close(got.captures[PROMPT - 3][name], value)
+    _close(gpu.prefill([5, 6], 1).last_logits, ref.prefill([5, 6], 1).last_logits)  # a whole segment of 2
+    assert steps == [1] * 5  # the 3-token tail and the 2-token segment, a step per token; 16 tokens eagerly
+    assert gpu.position(1) == ref.position(1) == PROMPT + 2
+    _close(gpu.kv_source(1).read(0, PROMPT + 2), ref.kv_source(1).read(0, PROMPT + 2))
+    _decode_both((gpu, ref), [7], [1])
 
 
 def test_rows_at_different_positions_decode_in_one_call(model: HybridLM) -> None:
