@@ -18,6 +18,7 @@ from server.api.logs import configure_logging
 from server.api.shutdown import drain
 from server.api.state import AppState
 from server.heap import freeze_heap
+from server.http_protocol import http_protocol
 from server.metrics import Metrics
 from server.settings import Settings, apply_switch_interval, parse_settings, resolve_engine_process
 
@@ -94,6 +95,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        http=http_protocol(),
     )
     server = DrainingServer(config, app, settings.shutdown_grace)
     _log_start(settings)

@@ -4,6 +4,8 @@ registry that forgets what the tiers no longer hold."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,40 @@ def test_the_session_registry_counts_live_sessions_only(tight_server: ServerProc
     for i in range(60):
         httpx.delete(base + f"/v1/sessions/once-{i}", headers={"Authorization": "Bearer key-a"}, timeout=30)
     assert metric(base, "tssc_sessions") <= sessions - alive
+
+
+# ---- the HTTP parser ---------------------------------------------------------------------------------
+
+
+def _raw(server: ServerProc, data: bytes) -> bytes:
+    """Send `data` on a fresh connection, read until the server closes it (a reset ends the read too)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                out += chunk
+        return out
+
+
+def test_a_request_head_is_bounded_and_the_server_keeps_serving(server: ServerProc) -> None:
+    """httptools keeps any header a client sends (h11 stopped at 16 KiB): past 64 KiB the head gets a 400
+    and the connection closes, before an endless header can fill the server's memory."""
+    line = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+    assert _raw(server, line + b"a" * 48_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    answer = _raw(server, line + b"a" * 100_000 + b"\r\n\r\n")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:80]  # a reset may beat the 400
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock, contextlib.suppress(OSError):
+        sock.sendall(line)
+        while sent < 256 << 20:  # an endless header
+            sock.sendall(b"a" * (1 << 20))
+            sent += 1 << 20
+    assert sent < 64 << 20, "the server kept reading an endless header"
+    assert _raw(server, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert _post(server.base_url, _chat_body()).status_code == 200
 
 
 # ---- logs --------------------------------------------------------------------------------------------
