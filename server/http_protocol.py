@@ -1,10 +1,11 @@
 """The HTTP/1.1 protocol uvicorn runs: httptools (llhttp) with a bound on a request's head.
 
-uvicorn parses with httptools when it is installed (~25% less event-loop CPU per streamed token than h11,
-BENCHMARKS.md session 12), but unlike h11, which refuses a head (request line and headers) past 16 KiB,
-httptools keeps whatever a client sends until the blank line: one connection could hold hundreds of MiB
-of header. `BoundedHttpToolsProtocol` answers 400 (as uvicorn does for any request it cannot parse, and as
-h11 did for a long head) and closes the connection once a head passes `MAX_HEAD_BYTES`, counted two ways:
+uvicorn parses with httptools when it is installed (with uvloop, 20-44% less event-loop CPU per streamed
+token than asyncio and h11 on a 2-core CPU, BENCHMARKS.md session 12), but unlike h11, which refuses a
+head (request line and headers) past 16 KiB, httptools keeps whatever a client sends until the blank line:
+one connection could hold hundreds of MiB of header. `BoundedHttpToolsProtocol` answers 400 (as uvicorn
+does for any request it cannot parse, and as h11 did for a long head) and closes the connection once a
+head passes `MAX_HEAD_BYTES`, counted two ways:
 - the URL and each header as the parser hands them over (exact, for a head that arrives whole);
 - every received chunk while the head is still incomplete after it (a header that never ends is cut off
   within a chunk of the bound; a chunk that also holds the previous pipelined request's end counts whole).
