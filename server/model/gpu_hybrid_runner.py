@@ -127,10 +127,9 @@ class GpuHybridRunner(HybridRunner):
         """ids (1, l) continuing the slot -> logits (l, v), or (1, v) of the last token; the slot moves on."""
         self._check_room(slot, ids.shape[1])
         if not all_logits and ids.shape[1] <= self.decode_tail:
-            logits = torch.empty(0)
-            for i in range(ids.shape[1]):  # the token stays on the device: no synchronisation
-                logits = self.decode(ids[0, i : i + 1], [slot])
-            return logits
+            for i in range(ids.shape[1] - 1):  # the tokens stay on the device: no synchronisation
+                self.decode(ids[0, i : i + 1], [slot])
+            return self.decode(ids[0, -1:], [slot])
         seq = self.seqs[slot]
         views = list(seq.views())
         model = self.hybrid

@@ -21,6 +21,8 @@ rows at any positions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -204,8 +206,14 @@ def split_count(programs: int, max_len: int, device: torch.device) -> int:
     two per multiprocessor (a lone row at 8k positions ran 1.3 ms on 8 programs of an H200 unsplit), at
     most one per `SPLIT_TOKENS` of the longest row the tables hold. Host values only: one CUDA graph per
     batch bucket keeps its count whatever positions its rows reach."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 8
     return max(1, min(-(-2 * sms // programs), max_len // SPLIT_TOKENS, MAX_SPLITS))
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    """The CUDA device's multiprocessor count, read once (an eager decode asks every layer, every step)."""
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _check(pages: Tensor, tables: Tensor, kv_heads: int, dh: int) -> None:
