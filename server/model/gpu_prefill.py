@@ -15,7 +15,9 @@ Splitting a segment anywhere is exact (the handoff invariant), so the pieces com
 Each graph reads its token ids and length from static buffers and continues the scratch state in place;
 the caller copies the slot's state into the scratch first and back after, and applies the LM head once
 to the last piece's final hidden row. Captures go through `gpu_graphs.GraphCapturer` (warm-up on the
-same buffers, thread-local capture; a piece size whose capture fails runs eagerly from then on).
+same buffers, thread-local capture; a piece size whose capture fails runs eagerly from then on). A family of
+graphs may stop at a smaller largest piece (`max_len`: the hybrid runner's, whose attention rows read the
+whole prefix); on a CPU device the pieces run eagerly (what the Triton-interpreter tests check).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ GRAPH_PREFILL_MAX = 8 * MAX_GRAPH_LEN
 PieceFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def pieces(n: int) -> list[tuple[int, int]]:
-    """n tokens as graph pieces (size, real tokens), in order: whole pieces of MAX_GRAPH_LEN, then `_rest`."""
-    return [(MAX_GRAPH_LEN, MAX_GRAPH_LEN)] * (n // MAX_GRAPH_LEN) + list(_rest(n % MAX_GRAPH_LEN))
+def pieces(n: int, top: int = MAX_GRAPH_LEN) -> list[tuple[int, int]]:
+    """n tokens as graph pieces (size, real tokens), in order: whole pieces of `top` (a power of two, at
+    most MAX_GRAPH_LEN), then `_rest`."""
+    return [(top, top)] * (n // top) + list(_rest(n % top))
 
 
 @functools.cache
@@ -68,14 +71,24 @@ def _cost(parts: tuple[tuple[int, int], ...]) -> int:
 
 
 class PrefillGraphs:
-    def __init__(self, piece: PieceFn, conv: Tensor, ssm: Tensor, d_model: int, dtype: torch.dtype) -> None:
-        """conv: (n_layer, 1, c, k-1), ssm: (n_layer, 1, ...) fp32 — the scratch state the graphs update."""
-        self.piece, self.conv, self.ssm = piece, conv, ssm
-        self.ids = torch.zeros(1, MAX_GRAPH_LEN, dtype=torch.long, device=conv.device)  # static inputs
+    def __init__(
+        self,
+        piece: PieceFn,
+        conv: Tensor,
+        ssm: Tensor,
+        d_model: int,
+        dtype: torch.dtype,
+        max_len: int = MAX_GRAPH_LEN,
+    ) -> None:
+        """conv: (n_layer, 1, c, k-1), ssm: (n_layer, 1, ...) fp32 — the scratch state the graphs update;
+        pieces of up to `max_len` tokens (a power of two). Off CUDA, every piece runs eagerly (no capture)."""
+        assert MIN_GRAPH_LEN <= max_len <= MAX_GRAPH_LEN and max_len & (max_len - 1) == 0
+        self.piece, self.conv, self.ssm, self.max_len = piece, conv, ssm, max_len
+        self.ids = torch.zeros(1, max_len, dtype=torch.long, device=conv.device)  # static inputs
         self.length = torch.zeros(1, dtype=torch.long, device=conv.device)  # the piece's real tokens
         self.hidden = torch.zeros(1, d_model, dtype=dtype, device=conv.device)  # last piece's output row
         self._graphs: dict[int, Captured] = {}
-        self._capturer = GraphCapturer()
+        self._capturer = GraphCapturer() if conv.is_cuda else None
 
     def _capture(self, size: int) -> Captured:
         saved = (self.conv.clone(), self.ssm.clone())  # warm-up runs advance the scratch state
@@ -89,6 +102,7 @@ class PrefillGraphs:
                     self.piece(ids, self.length, self.conv, self.ssm)
             torch.cuda.current_stream().wait_stream(side)
             run = lambda: self.piece(ids, self.length, self.conv, self.ssm)
+            assert self._capturer is not None
             return self._capturer.capture(run, f"the {size}-token prefill piece")
         finally:
             self.conv.copy_(saved[0])
@@ -96,20 +110,20 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        size = MAX_GRAPH_LEN
+        size = self.max_len
         while size >= MIN_GRAPH_LEN:
             self._ensure(size)
             size //= 2
 
     def _ensure(self, size: int) -> Captured:
         if size not in self._graphs:
-            self._graphs[size] = self._capture(size)
+            self._graphs[size] = self._capture(size) if self._capturer is not None else None
         return self._graphs[size]
 
     def run(self, ids: Tensor) -> Tensor:
         """ids (1, n) on the device, n >= 1, from the scratch state -> final hidden (1, d)."""
         start, out = 0, self.hidden
-        for size, real in pieces(ids.shape[1]):
+        for size, real in pieces(ids.shape[1], self.max_len):
             captured = self._ensure(size)
             self.ids[:, :real].copy_(ids[:, start : start + real])  # the padding keeps stale, valid ids
             self.length.fill_(real)

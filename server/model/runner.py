@@ -64,7 +64,7 @@ class _Piece:
         return self.end - self.start
 
 
-def _pieces(seg: int, n: int, capture_at: Sequence[int], grain: int) -> list[_Piece]:
+def plan_pieces(seg: int, n: int, capture_at: Sequence[int], grain: int) -> list[_Piece]:
     """Split a segment of n tokens at each capture that is not a multiple of `grain` (0: none is) from
     the start of its piece; every capture is a tap of exactly one piece."""
     pieces: list[_Piece] = []
@@ -220,7 +220,7 @@ class ModelRunner:
         if not self._batches_prefill():
             return [self.prefill(s.tokens, s.slot, s.capture_at) for s in segs]
         grain = self._capture_grain()
-        plans = [_pieces(i, len(s.tokens), s.capture_at, grain) for i, s in enumerate(segs)]
+        plans = [plan_pieces(i, len(s.tokens), s.capture_at, grain) for i, s in enumerate(segs)]
         results = [PrefillResult(last_logits=torch.empty(0, device=self.device)) for _ in segs]
         for rnd in range(max(map(len, plans), default=0)):  # a segment's pieces run in order
             for group in self._group([plan[rnd] for plan in plans if len(plan) > rnd]):

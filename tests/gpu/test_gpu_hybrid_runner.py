@@ -40,15 +40,22 @@ def _ref(model_dir: Path) -> HybridRunner:
     return HybridRunner(load_hybrid(model_dir)[1], SLOTS, max_model_len=MAX_LEN, block_size=BLOCK)
 
 
-def _gpu(model: HybridLM, graphs: bool = True, decode_tail: int | None = None) -> GpuHybridRunner:
+def _gpu(
+    model: HybridLM,
+    graphs: bool = True,
+    decode_tail: int | None = None,
+    pieces: bool | None = None,
+    max_len: int = MAX_LEN,
+) -> GpuHybridRunner:
     return GpuHybridRunner(
         model,
         SLOTS,
         "cuda",
-        max_model_len=MAX_LEN,
+        max_model_len=max_len,
         block_size=BLOCK,
         use_graphs=graphs,
         decode_tail=decode_tail,
+        prefill_pieces=pieces,
     )
 
 
@@ -148,7 +155,7 @@ def test_a_prompts_short_tail_runs_as_graph_decode_steps_and_matches_the_torch_r
 ) -> None:
     """The last 3 tokens after a capture (a chat message's end) replay the decode graph instead of an eager
     pass; logits, the captured state and the KV match the torch runner's, and decoding goes on from there."""
-    ref, gpu = _ref(model_dir), _gpu(_cuda_model(model_dir))
+    ref, gpu = _ref(model_dir), _gpu(_cuda_model(model_dir), pieces=False)
     gpu.warmup()
     assert gpu.decode_tail == DECODE_TAIL >= 3
     tokens = _tokens(PROMPT + 1, seed=8)
@@ -158,6 +165,52 @@ def test_a_prompts_short_tail_runs_as_graph_decode_steps_and_matches_the_torch_r
         assert _rel(got.captures[PROMPT - 3][name], value) < TOL["fp32"]
     assert _rel(gpu.kv_source(1).read(0, PROMPT), ref.kv_source(1).read(0, PROMPT)) < TOL["fp32"]
     assert _rel(gpu.decode(tokens[PROMPT:], [1]), ref.decode(tokens[PROMPT:], [1])) < TOL["fp32"]
+
+
+def test_prefill_pieces_replay_graphs_that_match_eager_prefill_and_the_torch_runner(model_dir: Path) -> None:
+    """By default a segment of up to PIECE_PREFILL_MAX tokens replays captured prefill pieces: 37 tokens cut at
+    a capture (34 in a 64-token piece, 3 in a 16-token one), then 300 more (256 + 44 padded to 64). Logits,
+    the captured state and the KV match the eager GPU runner's and the torch runner's; decoding goes on."""
+    long = 400
+    ref = HybridRunner(load_hybrid(model_dir)[1], SLOTS, max_model_len=long, block_size=BLOCK)
+    model = _cuda_model(model_dir)
+    graphed, eager = _gpu(model, max_len=long), _gpu(model, graphs=False, pieces=False, max_len=long)
+    graphed.warmup()
+    pieces = graphed.prefill_graphs
+    assert pieces is not None and graphed.decode_tail == 0 and eager.prefill_graphs is None
+    assert sorted(pieces._graphs) == [16, 32, 64, 128, 256] and all(pieces._graphs.values())
+    tokens = _tokens(337 + STEPS, seed=9)
+    first = {r: r.prefill(tokens[:37], 1, capture_at=[34]) for r in (ref, graphed, eager)}
+    rest = {r: r.prefill(tokens[37:337], 1) for r in (ref, graphed, eager)}
+    for runner in (graphed, eager):
+        assert _rel(first[runner].last_logits, first[ref].last_logits) < TOL["fp32"]
+        assert _rel(rest[runner].last_logits, rest[ref].last_logits) < TOL["fp32"]
+        for name, value in first[ref].captures[34].items():
+            assert _rel(first[runner].captures[34][name], value) < TOL["fp32"]
+        assert _rel(runner.kv_source(1).read(0, 337), ref.kv_source(1).read(0, 337)) < TOL["fp32"]
+    for t in tokens[337:]:
+        want = ref.decode([t], [1])
+        assert _rel(graphed.decode([t], [1]), want) < TOL["fp32"]
+        assert _rel(eager.decode([t], [1]), want) < TOL["fp32"]
+
+
+def test_a_long_segments_chunk_aligned_captures_come_out_of_one_eager_pass(model_dir: Path) -> None:
+    """600 tokens captured at 256 and 512 (multiples of the chunk size, 8), 597 and the end: one eager pass of
+    597 tokens tapped at 256 and 512, then a 3-token piece. The captures, logits and KV match the torch
+    runner's, which splits at every capture."""
+    long = 640
+    ref = HybridRunner(load_hybrid(model_dir)[1], SLOTS, max_model_len=long, block_size=BLOCK)
+    gpu = _gpu(_cuda_model(model_dir), max_len=long)
+    assert gpu._capture_grain() == 8
+    tokens, at = _tokens(601, seed=10), [256, 512, 597, 600]
+    got, want = (r.prefill(tokens[:600], 2, capture_at=at) for r in (gpu, ref))
+    assert _rel(got.last_logits, want.last_logits) < TOL["fp32"]
+    assert sorted(got.captures) == at
+    for p in at:
+        for name, value in want.captures[p].items():
+            assert _rel(got.captures[p][name], value) < TOL["fp32"]
+    assert _rel(gpu.kv_source(2).read(0, 600), ref.kv_source(2).read(0, 600)) < TOL["fp32"]
+    assert _rel(gpu.decode(tokens[600:], [2]), ref.decode(tokens[600:], [2])) < TOL["fp32"]
 
 
 def test_capture_and_restore_round_trip(model_dir: Path) -> None:

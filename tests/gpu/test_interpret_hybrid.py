@@ -101,7 +101,8 @@ def test_split_prefill_and_decode_equal_one_shot(model: HybridLM, split: int) ->
 
 def test_short_segments_prefilled_as_decode_steps_equal_the_torch_runner(model: HybridLM) -> None:
     """A segment of at most `decode_tail` tokens runs as decode steps (graph replays on a GPU): a prompt cut
-    at its last 3 tokens (a chat message's end), then decoding, gives the torch runner's logits, state and KV."""
+    at its last 2 tokens (off the chunk grain, so the capture splits it), then decoding, gives the torch
+    runner's logits, state and KV."""
     steps: list[int] = []
 
     class Counted(GpuHybridRunner):
@@ -116,15 +117,84 @@ def test_short_segments_prefilled_as_decode_steps_equal_the_torch_runner(model: 
     )
     ref = _runners(model)[1]
     tokens = _tokens(PROMPT, seed=11)
-    got, want = (r.prefill(tokens, 1, capture_at=[PROMPT - 3]) for r in (gpu, ref))
+    got, want = (r.prefill(tokens, 1, capture_at=[PROMPT - 2]) for r in (gpu, ref))
     _close(got.last_logits, want.last_logits)
-    for name, value in want.captures[PROMPT - 3].items():
-        _close(got.captures[PROMPT - 3][name], value)
+    for name, value in want.captures[PROMPT - 2].items():
+        _close(got.captures[PROMPT - 2][name], value)
     _close(gpu.prefill([5, 6], 1).last_logits, ref.prefill([5, 6], 1).last_logits)  # a whole segment of 2
-    assert steps == [1] * 5  # the 3-token tail and the 2-token segment, a step per token; 16 tokens eagerly
+    assert steps == [1] * 4  # the 2-token tail and the 2-token segment, a step per token; 17 tokens eagerly
     assert gpu.position(1) == ref.position(1) == PROMPT + 2
     _close(gpu.kv_source(1).read(0, PROMPT + 2), ref.kv_source(1).read(0, PROMPT + 2))
     _decode_both((gpu, ref), [7], [1])
+
+
+def test_prefill_pieces_equal_the_torch_runner(model: HybridLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments prefilled as pieces (eager on a CPU: the function a GPU captures), here of up to 16 tokens:
+    37 tokens cut at a capture (34) run as 16 + 16 + 2 padded to 16 and 3 padded to 16, the slot's position
+    carried from piece to piece; then a restore into another slot and a segment from there. Logits, the
+    captured state, the KV and the decoding that follows match the torch runner's."""
+    from server.model import gpu_hybrid_runner
+
+    monkeypatch.setattr(gpu_hybrid_runner, "PIECE_MAX", 16)
+    monkeypatch.setattr(gpu_hybrid_runner, "PIECE_PREFILL_MAX", MAX_LEN)
+    segments: list[int] = []
+
+    class Counted(GpuHybridRunner):
+        def _prefill_pieces(self, graphs: Any, ids: Tensor, slot: int) -> Tensor:
+            segments.append(ids.shape[1])
+            return super()._prefill_pieces(graphs, ids, slot)
+
+    gpu = Counted(
+        model, SLOTS, "cpu", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=False, prefill_pieces=True
+    )
+    ref = _runners(model)[1]
+    assert gpu.decode_tail == 0
+    tokens = _tokens(40, seed=12)
+    got, want = (r.prefill(tokens[:37], 1, capture_at=[34]) for r in (gpu, ref))
+    assert segments == [34, 3]
+    _close(got.last_logits, want.last_logits)
+    for name, value in want.captures[34].items():
+        _close(got.captures[34][name], value)
+    assert gpu.position(1) == ref.position(1) == 37
+    _close(gpu.kv_source(1).read(0, 37), ref.kv_source(1).read(0, 37))
+    for runner, result in ((gpu, got), (ref, want)):
+        kv = runner.kv_source(1).read(0, 34)
+        runner.restore(2, result.captures[34])
+        runner.kv_sink(2).append(kv)
+    _close(gpu.prefill(tokens[34:40], 2).last_logits, ref.prefill(tokens[34:40], 2).last_logits)
+    assert segments[-1] == 6
+    for step in range(3):  # both slots, at positions 37 and 40, in one call
+        _decode_both((gpu, ref), [7 + step, 8 + step], [1, 2])
+
+
+def test_captures_at_chunk_multiples_come_out_of_one_eager_pass(model: HybridLM) -> None:
+    """An eager segment is not split by captures a multiple of the chunk size (8) into it (a long prompt's
+    interval captures): their Mamba states come from its pass. A capture off that grain still splits it. The
+    captured states, the logits, the KV and the decoding that follows match the torch runner's, which splits
+    at every capture."""
+    passes: list[tuple[int, tuple[int, ...]]] = []
+
+    class Counted(GpuHybridRunner):
+        def _prefill_eager(
+            self, ids: Tensor, slot: int, all_logits: bool, taps: Sequence[int] = ()
+        ) -> tuple[Tensor, Any]:
+            passes.append((ids.shape[1], tuple(taps)))
+            return super()._prefill_eager(ids, slot, all_logits, taps)
+
+    gpu = Counted(model, SLOTS, "cpu", max_model_len=MAX_LEN, block_size=BLOCK, use_graphs=False)
+    ref = _runners(model)[1]
+    assert gpu._capture_grain() == 8
+    tokens = _tokens(41, seed=13)
+    at = [8, 24, 37, 40]
+    got, want = (r.prefill(tokens[:40], 1, capture_at=at) for r in (gpu, ref))
+    assert passes == [(37, (8, 24)), (3, ())]
+    _close(got.last_logits, want.last_logits)
+    assert sorted(got.captures) == at
+    for p in at:
+        for name, value in want.captures[p].items():
+            _close(got.captures[p][name], value)
+    _close(gpu.kv_source(1).read(0, 40), ref.kv_source(1).read(0, 40))
+    _decode_both((gpu, ref), tokens[40:], [1])
 
 
 def test_rows_at_different_positions_decode_in_one_call(model: HybridLM) -> None:
@@ -158,12 +228,13 @@ def test_capture_and_restore_round_trip_the_mamba_states_and_the_kv(model: Hybri
 # ---- through the engine ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pieces", [False, True], ids=["eager", "pieces"])
 async def test_the_engine_on_the_gpu_runner_resumes_and_matches_the_torch_engine(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, pieces: bool
 ) -> None:
-    """build_engine with GpuHybridRunner (CPU, no graphs) in place of the torch runner: a follow-up turn
-    resumes from a checkpoint (Mamba states and KV restored through kv_sink) and both turns generate what
-    the torch runner's cache-less engine does (greedy)."""
+    """build_engine with GpuHybridRunner (CPU, no graphs; prefill eager or as pieces) in place of the torch
+    runner: a follow-up turn resumes from a checkpoint (Mamba states and KV restored through kv_sink) and both
+    turns generate what the torch runner's cache-less engine does (greedy)."""
     from server.engine import build_engine
     from server.model import gpu_hybrid_runner
     from tests.tiny_hybrids import make_chat_hybrid_dir
@@ -173,7 +244,9 @@ async def test_the_engine_on_the_gpu_runner_resumes_and_matches_the_torch_engine
     plain = await asyncio.to_thread(build_engine, cases._settings(model_dir, no_cache=True), None)
 
     def gpu_runner(model: HybridLM, slots: int, device: object, **kw: object) -> GpuHybridRunner:
-        return GpuHybridRunner(model, slots, "cpu", max_model_len=cases.MAX_LEN, use_graphs=False)
+        return GpuHybridRunner(
+            model, slots, "cpu", max_model_len=cases.MAX_LEN, use_graphs=False, prefill_pieces=pieces
+        )
 
     monkeypatch.setattr(gpu_hybrid_runner, "make_hybrid_runner", gpu_runner)
     engine = await asyncio.to_thread(build_engine, cases._settings(model_dir), None)
