@@ -28,6 +28,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ModelDType = Literal["auto", "fp32", "fp16", "bf16"]
 HotDType = Literal["fp8", "fp16", "bf16", "fp32"]
 ColdDType = Literal["fp16", "bf16", "fp32"]
+HotKVDType = Literal["model", "fp8"]
 RemoteDType = Literal["fp8", "fp16", "bf16", "fp32"]
 RemoteCheckpoints = Literal["ends", "finish", "all"]
 StateDType = Literal["fp32", "bf16"]
@@ -103,6 +104,11 @@ class Settings(BaseSettings):
     cold_bytes: ByteSize = Field(ByteSize(2 * 2**30), description="Cold tier (pinned RAM) byte budget.")
     hot_dtype: HotDType = Field("fp8", description="Hot tier storage precision.")
     cold_dtype: ColdDType = Field("fp16", description="Cold tier (and disk) storage precision.")
+    hot_kv_dtype: HotKVDType = Field(
+        "model",
+        description="A hybrid model's attention KV in the hot tier: 'model' (its dtype, lossless) or 'fp8' "
+        "(e4m3, a scale per token and head: about half a bf16 KV's bytes). Cold and disk KV follow --cold-dtype.",
+    )
     disk_dir: Path | None = Field(None, description="Directory of the disk tier (off when unset).")
     disk_bytes: ByteSize = Field(ByteSize(8 * 2**30), description="Disk tier byte budget.")
     remote_url: str | None = Field(
@@ -205,6 +211,7 @@ class Settings(BaseSettings):
         "dtype",
         "hot_dtype",
         "cold_dtype",
+        "hot_kv_dtype",
         "remote_dtype",
         "state_dtype",
         mode="before",

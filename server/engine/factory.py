@@ -74,6 +74,7 @@ def build_cache(
         hot_window=settings.hot_window,
         hot_dtype=settings.hot_dtype,
         cold_dtype=settings.cold_dtype,
+        hot_kv_dtype=settings.hot_kv_dtype,
         checkpoint_interval=interval,
         max_captures=settings.max_checkpoints_per_request,
         device=str(runner.device),

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.model.hybrid_loader import load_hybrid
 from tests.integration.conftest import COMMON, chat, metric
 from tests.integration.server_proc import ServerProc, make_tiny_hybrid, start_server
 from tests.integration.test_sessions import STOP_IDS, _cached, _regenerate_and_edit, _text
@@ -94,6 +95,32 @@ def test_default_tiers_resume_sessions(hybrid_dir: Path, log_dir: Path) -> None:
         info = httpx.get(srv.base_url + "/v1/sessions/hybrid-default").json()
         assert info["checkpoints"]
         assert httpx.delete(srv.base_url + "/v1/sessions/hybrid-default").json()["bytes_freed"] > 0
+
+
+def test_hot_kv_dtype_fp8_stores_the_same_kv_in_fewer_bytes_and_resumes(
+    hybrid_dir: Path, log_dir: Path
+) -> None:
+    """--hot-kv-dtype fp8: after the same first turn (a miss: both servers capture the same positions), the hot
+    tier's KV takes (dh + 4) / (4 dh) of the fp32 KV's bytes (an e4m3 byte per value plus an fp32 scale per token
+    and head), and the follow-up resumes from it."""
+    tiers = ["--hot-dtype", "fp32", "--cold-dtype", "fp32", "--hot-window", "2"]
+    turn1 = [{"role": "user", "content": "Tell me about the sea."}]
+    hot_kv = {}
+    for dtype in ("model", "fp8"):
+        for srv in _serve(hybrid_dir, log_dir, *tiers, "--hot-kv-dtype", dtype):
+            r1 = _turn(srv.base_url, turn1, "hybrid-kv-dtype")
+            hot_kv[dtype] = metric(srv.base_url, "tssc_state_cache_kv_bytes", tier="hot")
+            turn2 = [
+                *turn1,
+                {"role": "assistant", "content": _text(r1)},
+                {"role": "user", "content": "More."},
+            ]
+            assert _cached(_turn(srv.base_url, turn2, "hybrid-kv-dtype")) > 0
+    attention = load_hybrid(hybrid_dir)[1].cfg.attention
+    assert attention is not None
+    head_dim = attention.head_dim
+    assert hot_kv["model"] > 0
+    assert hot_kv["fp8"] == pytest.approx(hot_kv["model"] * (head_dim + 4) / (4 * head_dim))
 
 
 def test_the_disk_tier_serves_a_hybrid_session_after_a_restart(

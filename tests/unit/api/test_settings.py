@@ -55,7 +55,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_issue() -> None:
     s = parse_settings([])
     assert s.host == "127.0.0.1"
-    assert (s.hot_dtype, s.cold_dtype) == ("fp8", "fp16")
+    assert (s.hot_dtype, s.cold_dtype, s.hot_kv_dtype) == ("fp8", "fp16", "model")
     assert s.device == "auto"
     assert s.no_cache is False
     assert s.api_key == []
@@ -74,6 +74,7 @@ def test_every_field_has_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TSSC_HOT_BYTES", "64MiB")
     monkeypatch.setenv("TSSC_NO_CACHE", "true")
     monkeypatch.setenv("TSSC_HOT_DTYPE", "FP32")
+    monkeypatch.setenv("TSSC_HOT_KV_DTYPE", "FP8")
     monkeypatch.setenv("TSSC_DISK_DIR", "/tmp/tssc-disk")
     monkeypatch.setenv("TSSC_API_KEY", "alpha, beta")
     s = parse_settings([])
@@ -81,6 +82,7 @@ def test_every_field_has_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.hot_bytes == 64 * 2**20
     assert s.no_cache is True
     assert s.hot_dtype == "fp32"
+    assert s.hot_kv_dtype == "fp8"
     assert s.disk_dir == Path("/tmp/tssc-disk")
     assert s.api_key == ["alpha", "beta"]
 
@@ -106,6 +108,7 @@ def test_byte_sizes_accept_units(text: str, expected: int) -> None:
     [
         ["--hot-dtype", "int4"],
         ["--cold-dtype", "fp8"],
+        ["--hot-kv-dtype", "fp16"],
         ["--device", "tpu"],
         ["--port", "70000"],
         ["--max-num-seqs", "0"],
