@@ -5,11 +5,13 @@ bytes per tier are on /metrics; with the default tiers (FP8 hot) sessions resume
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.model.hybrid_loader import load_hybrid
 from tests.integration.conftest import COMMON, chat, metric
@@ -188,3 +190,67 @@ def test_hostile_clients_on_one_session_leave_the_others_whole(
     after = _follow_up(lossless.base_url, "after-hostile")
     want = _follow_up(nocache.base_url, "after-hostile")
     assert [_text(r) for r in after] == [_text(r) for r in want]
+
+
+def _tiers_over_budget(base: str) -> list[tuple[str, dict[str, float]]]:
+    """The tiers whose bytes exceed their capacity, or whose KV exceeds their bytes, in one scrape."""
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if "tier" in sample.labels:
+                values[(sample.name, sample.labels["tier"])] = float(sample.value)
+    names = ("tssc_state_cache_bytes", "tssc_state_cache_kv_bytes", "tssc_state_cache_capacity_bytes")
+    over = []
+    for tier in ("hot", "cold"):
+        used, kv, cap = (values.get((name, tier), 0.0) for name in names)
+        if used > cap or kv > used:
+            over.append((tier, {"used": used, "kv": kv, "capacity": cap}))
+    return over
+
+
+def _sample_until(base: str, done: threading.Event, out: list[tuple[str, dict[str, float]]]) -> None:
+    while not done.wait(0.05):
+        out.extend(_tiers_over_budget(base))
+
+
+def _conversation(base: str, i: int) -> list[int]:
+    """3 turns of session load-i -> each turn's cached prompt tokens."""
+    messages = [{"role": "user", "content": f"Tell me about the sea, number {i}."}]
+    cached = []
+    for turn in range(3):
+        reply = _turn(base, messages, f"load-{i}")
+        cached.append(_cached(reply))
+        messages += [{"role": "assistant", "content": _text(reply)}, {"role": "user", "content": f"{turn}"}]
+    return cached
+
+
+def test_budgets_hold_under_concurrent_load(hybrid_dir: Path, log_dir: Path) -> None:
+    """Tiers sized for about two conversations' checkpoints (Mamba states and KV), 6 clients holding 3-turn
+    conversations at once: every request succeeds, no tier holds more than its budget at any sample taken while
+    they run (its KV counted inside it, both read from one scrape), checkpoints are evicted to stay within it,
+    later turns still hit, no slot leaks, and a conversation started afterwards still resumes."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiers = ["--hot-dtype", "fp32", "--cold-dtype", "fp32", "--hot-window", "2"]
+    for srv in _serve(hybrid_dir, log_dir, *tiers):  # what one conversation's checkpoints take
+        _follow_up(srv.base_url, "sizing")
+        one = {t: metric(srv.base_url, "tssc_state_cache_bytes", tier=t) for t in ("hot", "cold")}
+    budgets = ["--hot-bytes", str(int(2 * one["hot"])), "--cold-bytes", str(int(2 * one["cold"]))]
+    for srv in _serve(hybrid_dir, log_dir, *tiers, *budgets):
+        base, done = srv.base_url, threading.Event()
+        samples: list[tuple[str, dict[str, float]]] = []
+        sampler = threading.Thread(target=_sample_until, args=(base, done, samples))
+        sampler.start()
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(functools.partial(_conversation, base), range(6)))
+        finally:
+            done.set()
+            sampler.join()
+        assert not samples
+        assert len(results) == 6 and any(c > 0 for r in results for c in r[1:])  # later turns still hit
+        assert metric(base, "tssc_state_cache_evictions_total") > 0
+        assert metric(base, "tssc_requests_running") == 0
+        r1, r2 = _follow_up(base, "after-load")
+        assert _cached(r2) > _cached(r1) == 0
