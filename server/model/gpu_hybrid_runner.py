@@ -87,12 +87,12 @@ class SlotPrefillGraphs(PrefillGraphs):
             self.slot.copy_(saved[0])
             self.start.copy_(saved[1])
 
-    def run_slot(self, ids: Tensor, slot: int, start: int) -> Tensor:
-        """ids (1, n) continuing `slot` from position `start` (its blocks for them in the synced table, its
-        Mamba states in the scratch) -> the last token's final residual row (1, d)."""
+    def run_slot(self, ids: Tensor, slot: int, start: int, conv: Tensor, ssm: Tensor) -> Tensor:
+        """ids (1, n) continuing `slot` from position `start` (its blocks for them in the synced table) and
+        from its Mamba states `conv` / `ssm`, which move on -> the last token's final residual row (1, d)."""
         self.slot.fill_(slot)
         self.start.fill_(start)
-        return self.run(ids)
+        return self.run_on(ids, conv, ssm)
 
 
 class PositionStager(InputStager):
@@ -277,11 +277,7 @@ class GpuHybridRunner(HybridRunner):
             lambda ffn, h: ffn(h),
         )
         logits = model.head(residual if all_logits else residual[:, -1:])[0]
-        caps: Captures = {}
-        for j, tap in enumerate(taps, start=1):
-            conv = torch.stack([c[j] for c, _ in tapped]).to(self.pool.conv.dtype)
-            caps[tap] = {"conv": conv, "ssm": torch.stack([s[j] for _, s in tapped]).to(self.pool.ssm.dtype)}
-        return logits, caps
+        return logits, {tap: self._tap_state(tapped, j) for j, tap in enumerate(taps, start=1)}
 
     def _prefill_pieces(self, graphs: SlotPrefillGraphs, ids: Tensor, slot: int) -> Tensor:
         """ids (1, l) continuing the slot, as prefill pieces -> the last token's logits (1, v)."""
@@ -289,11 +285,7 @@ class GpuHybridRunner(HybridRunner):
         self._grow(slot, n)
         self._sync_tables([slot])
         conv, ssm = self.pool.conv[:, slot : slot + 1], self.pool.ssm[:, slot : slot + 1]
-        graphs.conv.copy_(conv)
-        graphs.ssm.copy_(ssm)
-        hidden = graphs.run_slot(ids, slot, seq.length)
-        conv.copy_(graphs.conv)
-        ssm.copy_(graphs.ssm)
+        hidden = graphs.run_slot(ids, slot, seq.length, conv, ssm)
         seq.lengths = [length + n for length in seq.lengths]
         return self.hybrid.head(hidden)
 

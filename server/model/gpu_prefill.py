@@ -120,6 +120,16 @@ class PrefillGraphs:
             self._graphs[size] = self._capture(size) if self._capturer is not None else None
         return self._graphs[size]
 
+    def run_on(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
+        """`run` from the state in `conv` / `ssm` (a slot's views, shaped like the scratch), which it moves on:
+        copied into the scratch first and back after."""
+        self.conv.copy_(conv)
+        self.ssm.copy_(ssm)
+        hidden = self.run(ids)
+        conv.copy_(self.conv)
+        ssm.copy_(self.ssm)
+        return hidden
+
     def run(self, ids: Tensor) -> Tensor:
         """ids (1, n) on the device, n >= 1, from the scratch state -> final hidden (1, d)."""
         start, out = 0, self.hidden

@@ -189,12 +189,7 @@ class GpuModelRunner(ModelRunner):
         conv, ssm = self.pool.conv[:, slot : slot + 1], self.pool.ssm[:, slot : slot + 1]
         graphs = self.prefill_graphs
         if graphs is not None and not all_logits and ids.shape[1] <= GRAPH_PREFILL_MAX:
-            graphs.conv.copy_(conv)
-            graphs.ssm.copy_(ssm)
-            hidden = graphs.run(ids)
-            conv.copy_(graphs.conv)
-            ssm.copy_(graphs.ssm)
-            return self._logits(hidden)
+            return self._logits(graphs.run_on(ids, conv, ssm))
         out, residual = self._run_layers(ids, conv, ssm)
         if not all_logits:
             out, residual = out[:, -1:], residual[:, -1:]
