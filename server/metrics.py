@@ -17,6 +17,7 @@ process replays them on this `Metrics`, and a scrape asks the core for its `Engi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -300,11 +301,12 @@ class Metrics(CacheObserver):
     def observe_first_token(self, seconds: float) -> None:
         self.ttft_seconds.observe(seconds)
 
-    def observe_token(self, inter_token_seconds: float | None = None) -> None:
-        """One generated token; `inter_token_seconds` is None for a request's first token."""
-        self.generation_tokens.inc()
-        if inter_token_seconds is not None:
-            self.inter_token_seconds.observe(inter_token_seconds)
+    def observe_tokens(self, count: int, inter_token_seconds: Sequence[float] = ()) -> None:
+        """`count` generated tokens (one engine step's), and the gaps before those that were not a request's
+        first: one call per step, not per token (with the engine process every call crosses the pipe)."""
+        self.generation_tokens.inc(count)
+        for seconds in inter_token_seconds:
+            self.inter_token_seconds.observe(seconds)
 
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None:
         self.requests.labels(finish_reason=finish_reason).inc()

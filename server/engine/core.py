@@ -7,9 +7,10 @@ engine exactly as the thread mode does (`build_engine`), answers `Ready` (or `Lo
 an `EngineCore` on its own asyncio loop until told to `Shutdown` or until the HTTP process is gone (the
 pipe's end of file), and stops the engine, which flushes the cache's disk tier.
 
-A thread reads the pipe and hands each message to the loop. Each request is a task iterating
-`Engine.generate_batches`; its events collect in the `Outbox`, which sends one `Step` message per engine step
-(see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C or a SIGTERM to the process group reaches
+A thread reads the pipe and hands each message to the loop. Each request is a task only until the engine
+has queued it (`Engine.run_into`: validation, and the remote tier's prefetch if any); from then on the engine
+hands its events straight to the `Outbox` as each step delivers them (no queue and no task wake-up per token),
+which sends one `Step` message per engine step (see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C or a SIGTERM to the process group reaches
 the HTTP process, which drains its requests and then stops the core through the pipe.
 """
 
@@ -80,10 +81,9 @@ def _build(settings: Settings, recorder: Recorder) -> Engine:
 class Outbox:
     """What the core sends, batched per engine step.
 
-    `Engine._apply` delivers a whole step's events synchronously; each wakes its request's task, and the
-    first of those tasks to run queues `flush` on the loop, behind the wake-ups of all the others. So the
-    flush runs once every request of the step has handed in its event: one `Step` message per step (the
-    next step's results reach the loop two callbacks later, after the flush).
+    `Engine._apply` delivers a whole step's events synchronously, each straight to `event`; the first queues
+    `flush` on the loop, so it runs once `_apply` has returned, with every event of the step: one `Step`
+    message per step (the engine has handed its next step to the worker by then).
     """
 
     def __init__(self, send: Callable[[FromCore], None], recorder: Recorder, engine: Engine) -> None:
@@ -123,7 +123,8 @@ class EngineCore:
     def __init__(self, engine: Engine, recorder: Recorder, conn: Connection) -> None:
         self._engine, self._recorder, self._conn = engine, recorder, conn
         self._outbox = Outbox(self._send, recorder, engine)
-        self._requests: dict[str, asyncio.Task[None]] = {}
+        self._requests: dict[str, asyncio.Task[None]] = {}  # on their way into the engine (`run_into`)
+        self._queued: set[str] = set()  # in the engine, not ended yet
         self._queries: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
         self._prompts = SentPrompts()  # the HTTP process's copy: `EngineClient`
@@ -192,15 +193,16 @@ class EngineCore:
     def _abort(self, request_id: str) -> None:
         task = self._requests.pop(request_id, None)  # here: a task cancelled before it ran has no `finally`
         if task is not None:
-            task.cancel()  # closes its `generate_batches`, which frees the slot
+            task.cancel()  # not queued yet: it never will be
+        if request_id in self._queued:
+            self._queued.discard(request_id)
+            self._engine.abort(request_id)  # frees the slot
 
     async def _run(self, req: GenerationRequest) -> None:
         request_id = req.request_id
         try:
-            async with contextlib.aclosing(self._engine.generate_batches(req)) as batches:
-                async for batch in batches:
-                    for event in batch:
-                        self._outbox.event(event)
+            await self._engine.run_into(req, _Forward(self, request_id))
+            self._queued.add(request_id)
         except asyncio.CancelledError:
             pass  # aborted by the HTTP process, which forgot the request already
         except Exception as exc:
@@ -208,6 +210,16 @@ class EngineCore:
         finally:
             if self._requests.get(request_id) is asyncio.current_task():
                 self._requests.pop(request_id)
+
+    def _forward(self, request_id: str, item: TokenEvent | BaseException) -> None:
+        """A queued request's event (or the exception that ended it), from the engine's step delivery."""
+        if isinstance(item, BaseException):
+            self._queued.discard(request_id)
+            self._outbox.failed(request_id, item)
+            return
+        if item.finish_reason is not None:
+            self._queued.discard(request_id)
+        self._outbox.event(item)
 
     async def _answer(self, query: Query) -> None:
         try:
@@ -218,3 +230,15 @@ class EngineCore:
             reply = Reply(query.call_id, error=f"{type(exc).__name__}: {exc}")
         self._outbox.flush()  # the observations recorded so far reach the metrics before the reply
         self._send(reply)
+
+
+class _Forward:
+    """A request's `EventSink` in the core: its events go straight to the `Outbox`."""
+
+    __slots__ = ("_core", "_request_id")
+
+    def __init__(self, core: EngineCore, request_id: str) -> None:
+        self._core, self._request_id = core, request_id
+
+    def put_nowait(self, item: TokenEvent | BaseException) -> None:
+        self._core._forward(self._request_id, item)

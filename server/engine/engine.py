@@ -21,17 +21,17 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cache.base import CheckpointCache
-from server.engine.events import event_batches, one_by_one
+from server.engine.events import EventQueue, event_batches, one_by_one
 from server.engine.profiling import WorkerProfiler
 from server.engine.prompts import LastPrompts, prompt_key
-from server.engine.request import Seq
+from server.engine.request import EventSink, Seq
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
@@ -53,7 +53,7 @@ class RequestMetrics(Protocol):
     def observe_queue(self, seconds: float) -> None: ...
     def observe_phase(self, phase: str, seconds: float) -> None: ...
     def observe_first_token(self, seconds: float) -> None: ...
-    def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
+    def observe_tokens(self, count: int, inter_token_seconds: Sequence[float] = ()) -> None: ...
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
 
 
@@ -62,7 +62,7 @@ class _NoMetrics:
     def observe_queue(self, seconds: float) -> None: ...
     def observe_phase(self, phase: str, seconds: float) -> None: ...
     def observe_first_token(self, seconds: float) -> None: ...
-    def observe_token(self, inter_token_seconds: float | None = None) -> None: ...
+    def observe_tokens(self, count: int, inter_token_seconds: Sequence[float] = ()) -> None: ...
     def observe_finish(self, finish_reason: str, duration_seconds: float) -> None: ...
 
 
@@ -247,11 +247,28 @@ class Engine:
         (`server.engine.events`)."""
         self._validate(req)
         await self._prefetch(req)
-        seq = self._submit(req)
+        queue: EventQueue = asyncio.Queue()
+        seq = self._submit(req, queue)
         try:
-            async for batch in event_batches(seq.events):
+            async for batch in event_batches(queue):
                 yield batch
         finally:
+            self._abort(seq)
+
+    async def run_into(self, req: GenerationRequest, sink: EventSink) -> None:
+        """Validate, prefetch and queue `req`; returns once it is queued (raising as `generate` does before its
+        first event). Its events, and the exception that ends it if one does, then go to `sink.put_nowait` on
+        this loop as each step delivers them: no queue and no task wake-up per token, for the engine core,
+        which forwards a whole step's events at once. `abort(req.request_id)` ends it early."""
+        self._validate(req)
+        await self._prefetch(req)
+        self._submit(req, sink)
+
+    def abort(self, request_id: str) -> None:
+        """End a request queued by `run_into` (its client went away); its slot is free on return. A request
+        that already ended is ignored."""
+        seq = self._seqs.get(request_id)
+        if seq is not None:
             self._abort(seq)
 
     def _validate(self, req: GenerationRequest) -> None:
@@ -295,9 +312,9 @@ class Engine:
             log.exception("remote prefetch failed", extra={"request_id": req.request_id})
         self._metrics.observe_phase("remote", time.monotonic() - started)
 
-    def _submit(self, req: GenerationRequest) -> Seq:
+    def _submit(self, req: GenerationRequest, sink: EventSink) -> Seq:
         self._check_admissible(req)  # again: the engine may have started closing during the prefetch
-        seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic())
+        seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic(), sink)
         self._scheduler.add(seq.entry)
         self._seqs[req.request_id] = seq
         self._wake.set()
@@ -402,6 +419,7 @@ class Engine:
     def _apply(self, result: StepResult) -> None:
         """Deliver a step's results to the still-open requests (aborted ones are skipped)."""
         live = lambda s: self._seqs.get(s.request_id) is s
+        tokens, gaps = 0, []
         for seq, n in result.prefilled:
             if live(seq):
                 self._scheduler.advance(seq.entry, n)
@@ -414,7 +432,11 @@ class Engine:
                 now = time.monotonic()  # delivered: the phases and the TTFT end at the same instant
                 self._metrics.observe_first_token(now - seq.t_arrival)
                 self._observe_phases(seq, now)
-            self._metrics.observe_token(seq.last_itl)
+            tokens += 1
+            if seq.last_itl is not None:
+                gaps.append(seq.last_itl)
             seq.events.put_nowait(event)
             if event.finish_reason is not None:
                 self._end(seq)
+        if tokens:
+            self._metrics.observe_tokens(tokens, gaps)

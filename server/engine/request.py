@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from server.engine.detokenizer import DecodeFn, IncrementalDetokenizer
 from server.engine.scheduler import Entry
@@ -27,13 +27,20 @@ from server.engine.types import FinishReason, GenerationRequest, PromptLogprob, 
 EventItem = TokenEvent | BaseException
 
 
+class EventSink(Protocol):
+    """Where a request's events go, on the event loop, as each step delivers them (the last one finishes it;
+    an exception ends it instead): an `asyncio.Queue`, or the engine core's outbox (`Engine.run_into`)."""
+
+    def put_nowait(self, item: EventItem) -> None: ...
+
+
 @dataclass(eq=False)
 class Seq:
     req: GenerationRequest
     entry: Entry
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
-    events: asyncio.Queue[EventItem]
+    events: EventSink
     t_arrival: float
     t_queued: float  # handed to the scheduler (after a remote prefetch, if any)
     output: list[int] = field(default_factory=list)
@@ -55,7 +62,15 @@ class Seq:
     last_itl: float | None = None  # seconds between the last two tokens (None after the first)
 
     @classmethod
-    def create(cls, req: GenerationRequest, decode: DecodeFn, eos_ids: tuple[int, ...], now: float) -> Seq:
+    def create(
+        cls,
+        req: GenerationRequest,
+        decode: DecodeFn,
+        eos_ids: tuple[int, ...],
+        now: float,
+        events: EventSink | None = None,
+    ) -> Seq:
+        """`events`: where its events go (None: a new `asyncio.Queue`)."""
         p = req.params
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
         arrival = req.arrival_time if 0 < req.arrival_time <= now else now
@@ -64,7 +79,7 @@ class Seq:
             entry=Entry(req.request_id, num_prompt=len(req.prompt_tokens)),
             detok=IncrementalDetokenizer(decode, stop=p.stop, prompt_tail=req.prompt_tokens),
             stop_ids=frozenset(stop_ids),
-            events=asyncio.Queue(),
+            events=asyncio.Queue() if events is None else events,
             t_arrival=arrival,
             t_queued=now,
         )

@@ -86,8 +86,7 @@ def test_observer_hooks_record() -> None:
 def test_request_observations_record() -> None:
     m = Metrics(process_collectors=False)
     m.observe_prompt(cached_tokens=30, computed_tokens=5)
-    m.observe_token(None)
-    m.observe_token(0.01)
+    m.observe_tokens(2, [0.01])
     m.observe_first_token(0.2)
     m.observe_finish("length", 1.0)
     assert _value(m, "tssc_prompt_tokens_total", source="cached") == 30

@@ -157,6 +157,52 @@ async def test_closing_the_stream_aborts_and_frees_the_slot_at_once(model_dir: P
         assert events[-1].finish_reason == FinishReason.LENGTH
 
 
+class _Sink:
+    """An `EventSink` that keeps what it is given, as the engine core's forwarding does."""
+
+    def __init__(self) -> None:
+        self.items: list[TokenEvent | BaseException] = []
+        self.ended = asyncio.Event()
+
+    def put_nowait(self, item: TokenEvent | BaseException) -> None:
+        self.items.append(item)
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.ended.set()
+
+
+async def test_run_into_delivers_the_same_events_as_generate_straight_to_a_sink(model_dir: Path) -> None:
+    prompts = [_prompt(n, seed=n) for n in (5, 23, 9)]
+    reqs = [_req(f"r{i}", p, max_tokens=4 + 3 * i) for i, p in enumerate(prompts)]
+    expected = await _alone(model_dir, reqs)
+    async with _running(_make_engine(model_dir, slots=3)) as engine:
+        sinks = [_Sink() for _ in reqs]
+        for r, sink in zip(reqs, sinks, strict=True):
+            await engine.run_into(r, sink)
+        await asyncio.wait_for(asyncio.gather(*(s.ended.wait() for s in sinks)), 30)
+        assert engine.num_running == 0 and engine.num_free_slots == 3
+        with pytest.raises(ValueError, match="empty"):  # refused before it is queued, as by `generate`
+            await engine.run_into(_req("e", ()), _Sink())
+    got = [[e.token_id for e in s.items if isinstance(e, TokenEvent)] for s in sinks]
+    assert got == expected
+    assert all(s.items[-1].finish_reason == FinishReason.LENGTH for s in sinks)  # type: ignore[union-attr]
+
+
+async def test_abort_ends_a_request_run_into_a_sink_and_frees_its_slot(model_dir: Path) -> None:
+    async with _running(_make_engine(model_dir, slots=1)) as engine:
+        sink = _Sink()
+        await engine.run_into(_req("long", _prompt(8, 2), max_tokens=10_000), sink)
+        while not sink.items:
+            await asyncio.sleep(0.01)
+        engine.abort("long")
+        engine.abort("long")  # twice, and an unknown id: ignored
+        engine.abort("nobody")
+        assert engine.num_running == 0 and engine.num_free_slots == 1
+        delivered = len(sink.items)
+        events = await asyncio.wait_for(_collect(engine, _req("next", _prompt(8, 3), max_tokens=3)), 10)
+        assert events[-1].finish_reason == FinishReason.LENGTH
+        assert len(sink.items) == delivered and not sink.ended.is_set()  # nothing after the abort
+
+
 async def test_cancelling_the_consumer_aborts_a_waiting_request(model_dir: Path) -> None:
     async with _running(_make_engine(model_dir, slots=1)) as engine:
         hog = engine.generate(_req("hog", _prompt(8, 2), max_tokens=10_000))

@@ -178,8 +178,7 @@ def _observe(m: Metrics | Recorder) -> None:
     m.observe_queue(0.01)
     m.observe_phase("prefill", 0.02)
     m.observe_first_token(0.2)
-    m.observe_token(None)
-    m.observe_token(0.01)
+    m.observe_tokens(2, [0.01])
     m.observe_finish("length", 1.0)
     m.set_model_info(model="tiny", arch="mamba2", dtype="fp32", device="cpu")
 
@@ -199,7 +198,7 @@ def test_recorded_calls_replay_to_the_same_exposition() -> None:
 
 def test_replay_ignores_what_is_not_a_metrics_call() -> None:
     m = Metrics(process_collectors=False)
-    replay(m, (("render", ()), ("_define_request_metrics", ()), ("observe_token", (None,))))
+    replay(m, (("render", ()), ("_define_request_metrics", ()), ("observe_tokens", (1, ()))))
     assert m.registry.get_sample_value("tssc_generation_tokens_total") == 1
 
 
@@ -230,17 +229,27 @@ async def test_the_outbox_sends_one_step_message_per_engine_step(model_dir: Path
     )  # as build_engine does in the core
     outbox = Outbox(sent.append, recorder, engine)
 
-    async def pump(i: int) -> None:
-        async for event in engine.generate(_req(f"r{i}", _prompt(6, seed=i), max_tokens=5)):
-            outbox.event(event)
+    ended: asyncio.Queue[str] = asyncio.Queue()
+
+    class Forward:  # as the core's sink does: each event to the outbox as the step delivers it
+        def put_nowait(self, item: TokenEvent | BaseException) -> None:
+            assert isinstance(item, TokenEvent)
+            outbox.event(item)
+            if item.finish_reason is not None:
+                ended.put_nowait(item.request_id)
 
     async with _running(engine):
-        await asyncio.gather(*(pump(i) for i in range(4)))
+        for i in range(4):
+            await engine.run_into(_req(f"r{i}", _prompt(6, seed=i), max_tokens=5), Forward())
+        done = {await asyncio.wait_for(ended.get(), 30) for _ in range(4)}
+        await asyncio.sleep(0)  # the last step's flush
+    assert done == {f"r{i}" for i in range(4)}
     steps = [m for m in sent if isinstance(m, Step)]
     assert [len(s.events) for s in steps] == [4] * 5  # four requests decode together for five steps
     assert all(len({e.request_id for e in s.events}) == 4 for s in steps)
     assert steps[-1].events[0].finish_reason is FinishReason.LENGTH
-    assert sum(1 for s in steps for name, _ in s.observations if name == "observe_token") == 20
+    tokens = [args[0] for s in steps for name, args in s.observations if name == "observe_tokens"]
+    assert tokens == [4] * 5  # one observation per step
 
 
 async def _next(conn: Connection, kind: type[T], where: Callable[[T], object] = bool) -> T:
