@@ -83,6 +83,9 @@ class IncrementalDetokenizer:
         return self._release(tail, final=True)
 
     def _release(self, new_text: str, *, final: bool, stop: bool = True) -> str:
+        if not self._stops:  # nothing to hold back (most requests): one per token, so kept short
+            self.text += new_text
+            return new_text
         self._pending += new_text
         cut = self._first_stop(self._pending) if stop else None
         if cut is not None:
