@@ -55,19 +55,17 @@ class IncrementalDetokenizer:
         released as text; a suffix that could still grow into one is held all the same."""
         if self.stopped:
             return ""
-        self._tokens.append(token_id)
-        window = self._decode(self._tokens[self._prefix_offset :])
-        incomplete = window.endswith(_REPLACEMENT)
-        held = len(self._tokens) - self._read_offset
-        if incomplete and held < _MAX_HELD_TOKENS:
-            window = window[:-1]
+        tokens = self._tokens
+        tokens.append(token_id)
+        window = self._decode(tokens[self._prefix_offset :])
         start = len(self._prefix_text) + self._sent
-        new_text = window[start:] if len(window) > start else ""
-        if incomplete and held < _MAX_HELD_TOKENS:
+        if window.endswith(_REPLACEMENT) and len(tokens) - self._read_offset < _MAX_HELD_TOKENS:
+            new_text = window[start:-1]
             self._sent += len(new_text)
         else:
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
-            self._prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+            new_text = window[start:]
+            self._prefix_offset, self._read_offset = self._read_offset, len(tokens)
+            self._prefix_text = self._decode(tokens[self._prefix_offset :])
             self._sent = 0
         return self._release(new_text, final=False, stop=stop) if new_text else ""
 

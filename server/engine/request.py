@@ -106,19 +106,24 @@ class Seq:
         logprob: float | None = None,
         top: tuple[TopLogprob, ...] = (),
     ) -> TokenEvent:
-        """Record one sampled token; return its event (the last one carries finish and usage)."""
-        self.output.append(token)
-        may_stop = len(self.output) > self.req.params.min_tokens
-        finish: FinishReason | None
-        if token in self.stop_ids and may_stop:
-            text, finish = self.detok.flush(), FinishReason.STOP
+        """Record one sampled token; return its event (the last one carries finish and usage). Runs once per
+        row per decode step on the engine's worker thread, so it is written for speed."""
+        output, p, detok = self.output, self.req.params, self.detok
+        output.append(token)
+        may_stop = len(output) > p.min_tokens
+        finish: FinishReason | None = None
+        if may_stop and token in self.stop_ids:
+            text, finish = detok.flush(), FinishReason.STOP
         else:
-            text = self.detok.push(token, stop=may_stop)
-            finish = FinishReason.STOP if self.detok.stopped else None
-            if finish is None and len(self.output) >= self.req.params.max_tokens:
-                text, finish = text + self.detok.flush(), FinishReason.LENGTH
-        self.last_itl = now - self.t_last if self.t_last is not None else None
-        self.t_first = self.t_first if self.t_first is not None else now
+            text = detok.push(token, stop=may_stop)
+            if detok.stopped:
+                finish = FinishReason.STOP
+            elif len(output) >= p.max_tokens:
+                text, finish = text + detok.flush(), FinishReason.LENGTH
+        last = self.t_last
+        self.last_itl = None if last is None else now - last
+        if self.t_first is None:
+            self.t_first = now
         self.t_last = now
         self.finish_reason = finish
         return self._event(token, text, logprob, top, now)
@@ -126,28 +131,23 @@ class Seq:
     def _event(
         self, token: int, text: str, logprob: float | None, top: tuple[TopLogprob, ...], now: float
     ) -> TokenEvent:
-        extra: dict[str, float] = {}
-        if self.finish_reason is not None:
-            extra = self.timings(now)
+        req, finish = self.req, self.finish_reason
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and len(self.output) == 1:
+            prompt_logprobs = tuple(self.prompt_logprobs)  # on the first event only
         return TokenEvent(
-            request_id=self.request_id,
-            token_id=token,
-            text=text,
-            logprob=logprob,
-            top_logprobs=top,
-            finish_reason=self.finish_reason,
-            prompt_tokens=len(self.req.prompt_tokens),
-            cached_tokens=self.cached_tokens,
-            completion_tokens=len(self.output),
-            extra=extra,
-            prompt_logprobs=self._prompt_logprobs_once(),
+            self.req.request_id,
+            token,
+            text,
+            logprob,
+            top,
+            finish,
+            len(req.prompt_tokens),
+            self.cached_tokens,
+            len(self.output),
+            {} if finish is None else self.timings(now),
+            prompt_logprobs,
         )
-
-    def _prompt_logprobs_once(self) -> tuple[PromptLogprob | None, ...] | None:
-        """The prompt's logprobs, on the first event only (when the request asked for them)."""
-        if self.req.prompt_logprobs is None or len(self.output) != 1:
-            return None
-        return tuple(self.prompt_logprobs)
 
     def timings(self, now: float) -> dict[str, float]:
         out = {"duration_s": now - self.t_arrival}

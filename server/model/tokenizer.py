@@ -131,6 +131,9 @@ class Tokenizer:
         self._byte_level, self._byte_fallback, self._metaspace = _byte_schemes(hf)
         self._added_ids = frozenset(int(i) for i in getattr(hf, "added_tokens_decoder", {}))
         self._bytes: dict[int, bytes] = {}  # token_bytes, filled on use
+        self._lone: dict[
+            tuple[int, bool], str
+        ] = {}  # `decode` of one token, filled on use (the vocabulary at most)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_name: str | None = None) -> Tokenizer:
@@ -167,11 +170,21 @@ class Tokenizer:
             self._lock.release()
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Plain decode (no clean-up of spaces, so that incremental decoding stays prefix-stable)."""
+        """Plain decode (no clean-up of spaces, so that incremental decoding stays prefix-stable). A lone token
+        (half of the detokenizer's decodes: `server.engine.detokenizer`, per row per step) is decoded once."""
+        if len(ids) == 1:
+            key = (ids[0], skip_special_tokens)
+            text = self._lone.get(key)
+            if text is None:
+                text = self._lone[key] = self._decode(list(ids), skip_special_tokens)
+            return text
+        return self._decode(ids if isinstance(ids, list) else list(ids), skip_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self._decoder is not None:
-            return str(self._decoder.decode(list(ids), skip_special_tokens=skip_special_tokens))
+            return str(self._decoder.decode(ids, skip_special_tokens=skip_special_tokens))
         with self._lock:
-            return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+            return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_text(self, token_id: int) -> str:
         """One token's text for logprob entries (special tokens included)."""

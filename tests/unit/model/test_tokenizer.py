@@ -100,3 +100,17 @@ def test_encode_decode_round_trip(tmp_path: Path) -> None:
     text = "Hello there! naïve 😀"
     assert tok.decode(tok.encode(text)) == text
     assert tok.token_text(tok.eos_ids[0]) == END
+
+
+def test_a_lone_tokens_decode_is_kept_and_equals_the_tokenizers_own(tmp_path: Path) -> None:
+    tok = Tokenizer.from_pretrained(_make_dir(tmp_path))
+    ids = [*tok.encode("Hello there! naïve 😀"), tok.eos_ids[0]]  # a byte-level piece of the emoji, a special
+    for i in ids:
+        for skip in (True, False):
+            own = tok.hf.decode([i], skip_special_tokens=skip)
+            assert tok.decode([i], skip_special_tokens=skip) == own
+            assert tok.decode((i,), skip_special_tokens=skip) == own  # from the memo, any sequence type
+    assert (
+        tok.decode([tok.eos_ids[0]]) == "" and tok.decode([tok.eos_ids[0]], skip_special_tokens=False) == END
+    )
+    assert tok.decode(ids) == tok.hf.decode(ids, skip_special_tokens=True)  # longer sequences as before
