@@ -106,9 +106,7 @@ class PositionStager(InputStager):
         self._host_pos = [torch.zeros(capacity, dtype=torch.int32, pin_memory=cuda) for _ in range(2)]
 
     def stage_positions(self, positions: Sequence[int], bucket: int) -> None:
-        event = self._events[self._flip]
-        if event is not None:
-            event.synchronize()
+        self.wait_buffer()
         host = self._host_pos[self._flip]
         host.numpy()[:bucket] = 0
         host.numpy()[: len(positions)] = positions
