@@ -82,6 +82,7 @@ class DecodeAhead:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self._skip: tuple[frozenset[int], Tensor] | None = None  # the last stop-id set, on the device
+        self._stops: tuple[tuple[Seq, ...], frozenset[int]] | None = None  # the last rows' stop ids, by rows
 
     def launch(self, rows: list[Seq], tokens: Tensor) -> Launched | None:
         """Queue the next decode of `rows`, fed with their sampled `tokens` (b,) on the device; None when no
@@ -89,13 +90,21 @@ class DecodeAhead:
         slots = [s.slot if _goes_on(s) else -1 for s in rows]
         if all(s < 0 for s in slots):
             return None
-        skip = frozenset[int]().union(*(s.stop_ids for s in rows))
+        skip = self._stop_ids(rows)
         try:
             logits = self.runner.decode(tokens, slots, skip=self._skip_ids(skip) if skip else None)
         except Exception:
             log.exception("decode ahead failed to launch; decoding next step as usual")
             return None
         return Launched(rows, slots, skip, logits)
+
+    def _stop_ids(self, rows: list[Seq]) -> frozenset[int]:
+        """Every row's stop ids; the last step's again when its rows are the same requests (`Seq` compares by
+        identity): a union of 64 sets each step was a fair share of the worker's time at 64 streams."""
+        key = tuple(rows)
+        if self._stops is None or self._stops[0] != key:
+            self._stops = (key, frozenset[int]().union(*(s.stop_ids for s in rows)))
+        return self._stops[1]
 
     def _skip_ids(self, skip: frozenset[int]) -> Tensor:
         if self._skip is None or self._skip[0] != skip:

@@ -57,3 +57,18 @@ def test_a_reused_batch_samples_each_rows_own_parameters(worker: ModelWorker) ->
     for _ in range(3):  # built once, then reused
         out = worker._sample_device([biased, plain], logits.clone())
         assert out.tokens.tolist() == [9, 3]
+
+
+def test_decode_ahead_skips_every_rows_stop_ids_and_recomputes_them_when_the_rows_change(
+    worker: ModelWorker,
+) -> None:
+    from server.engine.ahead import DecodeAhead
+
+    ahead = DecodeAhead(worker.runner)
+    a = _seq("a", stop_token_ids=(3,))  # eos 0 as well (not ignore_eos)
+    b = _seq("b", ignore_eos=True, stop_token_ids=(9,))
+    c = _seq("c", ignore_eos=True)
+    assert ahead._stop_ids([a, b]) == {0, 3, 9}
+    assert ahead._stop_ids([a, b]) is ahead._stop_ids([a, b])  # a steady step: kept
+    assert ahead._stop_ids([b, c]) == {9}
+    assert ahead._stop_ids([c]) == frozenset()
