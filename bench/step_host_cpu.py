@@ -13,7 +13,8 @@ in every process, so that the numbers do not depend on how busy the machine's ot
           the loop's delivery (`_apply`), and what is left (thread handoff, the streams' formatting);
   http    the real server (`python -m server.serve`, with `--flags`) with B concurrent streaming completions
           clients (raw asyncio sockets, which cost the client little): completion tok/s, ITL p50/p99, and the
-          server process's CPU per streamed token (`bench._common.CpuTimes`: all threads, and the event loop).
+          server process's CPU per streamed token (`bench._common.CpuTimes`: all threads, and the event loop), and
+          with `--engine-process` the core process's (its `tssc_engine_core_process_cpu_seconds_total`).
 Beside both: the runner's own decode step at batch B, timed in this process on the same weights (chained
 greedy steps), and the ratio ITL (or step period) / runner step, the quantity issue #12 bounds at 1.5x.
 `--profile` prints the top functions (cProfile, by own time) of the loop and of the worker thread at the
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -300,6 +301,7 @@ class HttpRow:
     itl50: float
     itl99: float
     cpu: CpuTimes  # the server process's, per streamed token (seconds)
+    core: float | None = None  # the engine core process's CPU seconds per streamed token (None: no core process)
 
 
 async def _http_round(port: int, bodies: list[bytes]) -> list[Stream]:
@@ -319,14 +321,32 @@ def http_rows(
     with start_server(args, env=env) as srv:
         for batch in batches:
             asyncio.run(_http_round(srv.port, _bodies(prompts(batch, 0), new_tokens)))  # warm-up
-            before = CpuTimes.of(srv.proc.pid)
+            before, core_before = CpuTimes.of(srv.proc.pid), core_cpu_seconds(srv.port)
             per_round = [
                 asyncio.run(_http_round(srv.port, _bodies(prompts(batch, r + 1), new_tokens)))
                 for r in range(rounds)
             ]
-            spent = CpuTimes.of(srv.proc.pid) - before
-            rows.append(_http_row(batch, per_round, spent.per(batch * new_tokens * rounds)))
+            spent, core_after = CpuTimes.of(srv.proc.pid) - before, core_cpu_seconds(srv.port)
+            tokens = batch * new_tokens * rounds
+            row = _http_row(batch, per_round, spent.per(tokens))
+            if core_before is not None and core_after is not None:
+                row = replace(row, core=(core_after - core_before) / tokens)
+            rows.append(row)
     return rows
+
+
+def core_cpu_seconds(port: int) -> float | None:
+    """The engine core process's CPU seconds so far, as the server exports them
+    (`tssc_engine_core_process_cpu_seconds_total`); None without a core process."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tssc_engine_core_process_cpu_seconds_total":
+                return float(sample.value)
+    return None
 
 
 def _http_row(batch: int, per_round: list[list[Stream]], cpu: CpuTimes) -> HttpRow:
@@ -362,14 +382,15 @@ def engine_table(rows: list[EngineRow], steps: dict[int, float]) -> str:
 def http_table(rows: list[HttpRow], steps: dict[int, float]) -> str:
     lines = [
         "| streams | runner step ms | ITL p50 ms | ITL p99 ms | ITL p50 / runner step | completion tok/s "
-        "| server CPU µs / token | loop CPU µs / token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server CPU µs / token | loop CPU µs / token | core CPU µs / token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = steps[r.batch]
         lines.append(
             f"| {r.batch} | {step:.3f} | {r.itl50 * 1e3:.3f} | {r.itl99 * 1e3:.3f} | {r.itl50 * 1e3 / step:.2f}x "
-            f"| {r.tok_s:,.0f} | {r.cpu.process * 1e6:.1f} | {r.cpu.loop * 1e6:.1f} |"
+            f"| {r.tok_s:,.0f} | {r.cpu.process * 1e6:.1f} | {r.cpu.loop * 1e6:.1f} "
+            f"| {'n/a' if r.core is None else f'{r.core * 1e6:.1f}'} |"
         )
     return "\n".join(lines)
 
