@@ -131,9 +131,8 @@ class Tokenizer:
         self._byte_level, self._byte_fallback, self._metaspace = _byte_schemes(hf)
         self._added_ids = frozenset(int(i) for i in getattr(hf, "added_tokens_decoder", {}))
         self._bytes: dict[int, bytes] = {}  # token_bytes, filled on use
-        self._lone: dict[
-            tuple[int, bool], str
-        ] = {}  # `decode` of one token, filled on use (the vocabulary at most)
+        # `decode` of one token, filled on use (twice the vocabulary at most: with and without special tokens)
+        self._lone: dict[tuple[int, bool], str] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_name: str | None = None) -> Tokenizer:
