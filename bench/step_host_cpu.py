@@ -301,7 +301,7 @@ class HttpRow:
     itl50: float
     itl99: float
     cpu: CpuTimes  # the server process's, per streamed token (seconds)
-    core: float | None = None  # the engine core process's CPU seconds per streamed token (None: no core process)
+    core: float | None = None  # the core process's CPU seconds per streamed token (None: no core process)
 
 
 async def _http_round(port: int, bodies: list[bytes]) -> list[Stream]:
