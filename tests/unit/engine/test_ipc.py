@@ -292,6 +292,7 @@ async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir
     ours.send(Query(2, "session_info", ("anon", "s")))
     assert (await _next(ours, Reply)).value["checkpoints"]
     assert core._requests == {}  # the aborted request's task is gone
+    assert core._queued == set()  # finished, aborted and failed requests alike: nothing left to forward to
     ours.close()  # the HTTP process is gone: the core stops its engine
     await asyncio.wait_for(serving, 30)
 
@@ -307,6 +308,25 @@ async def test_an_abort_right_after_its_submit_leaves_nothing_behind(model_dir: 
         ours.send(Abort(f"r{i}"))
     ours.send(Submit(_req("after", _prompt(8, 9), max_tokens=2)))
     assert len(await _until_finished(ours, "after")) == 2  # the only slot came free every time
-    assert core._requests == {}
+    assert core._requests == {} and core._queued == set()
+    ours.send(Shutdown())
+    await asyncio.wait_for(serving, 30)
+
+
+async def test_ending_all_fails_the_queued_requests_through_the_outbox(model_dir: Path) -> None:
+    ours, theirs = multiprocessing.Pipe()
+    recorder = Recorder()
+    core = EngineCore(_make_engine(model_dir, slots=2, metrics=recorder), recorder, theirs)
+    serving = asyncio.create_task(core.serve())
+    await _next(ours, Ready)
+    ours.send(Submit(_req("long", _prompt(8, 1), max_tokens=100_000)))
+    await _next(ours, Step, lambda step: any(e.request_id == "long" for e in step.events))
+    ours.send(EndAll("bye"))
+    failed = await _next(ours, Step, lambda step: step.failures)
+    assert failed.failures == (Failure("long", "shutdown", "bye"),)
+    ours.send(Submit(_req("late", _prompt(8, 2))))  # refused: the engine is closing
+    refused = await _next(ours, Step, lambda step: step.failures)
+    assert refused.failures[0].request_id == "late" and refused.failures[0].kind == "shutdown"
+    assert core._queued == set() and core._requests == {}
     ours.send(Shutdown())
     await asyncio.wait_for(serving, 30)
