@@ -10,8 +10,9 @@ pipe's end of file), and stops the engine, which flushes the cache's disk tier.
 A thread reads the pipe and hands each message to the loop. Each request is a task only until the engine
 has queued it (`Engine.run_into`: validation, and the remote tier's prefetch if any); from then on the engine
 hands its events straight to the `Outbox` as each step delivers them (no queue and no task wake-up per token),
-which sends one `Step` message per engine step (see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C or a SIGTERM to the process group reaches
-the HTTP process, which drains its requests and then stops the core through the pipe.
+which sends one `Step` message per engine step (see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C
+or a SIGTERM to the process group reaches the HTTP process, which drains its requests and then stops the core
+through the pipe.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class Seq:
         if req.prompt_logprobs is not None and len(self.output) == 1:
             prompt_logprobs = tuple(self.prompt_logprobs)  # on the first event only
         return TokenEvent(
-            self.req.request_id,
+            req.request_id,
             token,
             text,
             logprob,

@@ -104,13 +104,14 @@ class PositionStager(InputStager):
         self.positions = torch.zeros(capacity, dtype=torch.int32, device=device)  # (cap,) static
         cuda = device.type == "cuda"
         self._host_pos = [torch.zeros(capacity, dtype=torch.int32, pin_memory=cuda) for _ in range(2)]
+        self._pos_np = [t.numpy() for t in self._host_pos]  # made once, as the base class's views
 
     def stage_positions(self, positions: Sequence[int], bucket: int) -> None:
         self.wait_buffer()
-        host = self._host_pos[self._flip]
-        host.numpy()[:bucket] = 0
-        host.numpy()[: len(positions)] = positions
-        self.positions[:bucket].copy_(host[:bucket], non_blocking=True)
+        host = self._pos_np[self._flip]
+        host[:bucket] = 0
+        host[: len(positions)] = positions
+        self.positions[:bucket].copy_(self._host_pos[self._flip][:bucket], non_blocking=True)
 
 
 class GpuHybridRunner(HybridRunner):

@@ -267,12 +267,20 @@ async def _until_finished(conn: Connection, request_id: str) -> list[TokenEvent]
     return events
 
 
-async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir: Path) -> None:
+async def _serving_core(
+    model_dir: Path, slots: int, cache: bool = False
+) -> tuple[Connection, EngineCore, asyncio.Task[None]]:
+    """A core serving a tiny engine over a pipe, once it said `Ready`: (our end, the core, its serving task)."""
     ours, theirs = multiprocessing.Pipe()
     recorder = Recorder()
-    core = EngineCore(_make_engine(model_dir, slots=2, cache=True, metrics=recorder), recorder, theirs)
+    core = EngineCore(_make_engine(model_dir, slots=slots, cache=cache, metrics=recorder), recorder, theirs)
     serving = asyncio.create_task(core.serve())
     await _next(ours, Ready)
+    return ours, core, serving
+
+
+async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir: Path) -> None:
+    ours, core, serving = await _serving_core(model_dir, slots=2, cache=True)
     ours.send(Submit(_req("a", _prompt(20, 5), max_tokens=3, session="s")))
     assert [e.completion_tokens for e in await _until_finished(ours, "a")] == [1, 2, 3]
     ours.send(Submit(_req("long", _prompt(8, 6), max_tokens=100_000)))
@@ -298,11 +306,7 @@ async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir
 
 
 async def test_an_abort_right_after_its_submit_leaves_nothing_behind(model_dir: Path) -> None:
-    ours, theirs = multiprocessing.Pipe()
-    recorder = Recorder()
-    core = EngineCore(_make_engine(model_dir, slots=1, metrics=recorder), recorder, theirs)
-    serving = asyncio.create_task(core.serve())
-    await _next(ours, Ready)
+    ours, core, serving = await _serving_core(model_dir, slots=1)
     for i in range(5):
         ours.send(Submit(_req(f"r{i}", _prompt(8, i), max_tokens=100_000)))
         ours.send(Abort(f"r{i}"))
@@ -314,11 +318,7 @@ async def test_an_abort_right_after_its_submit_leaves_nothing_behind(model_dir: 
 
 
 async def test_ending_all_fails_the_queued_requests_through_the_outbox(model_dir: Path) -> None:
-    ours, theirs = multiprocessing.Pipe()
-    recorder = Recorder()
-    core = EngineCore(_make_engine(model_dir, slots=2, metrics=recorder), recorder, theirs)
-    serving = asyncio.create_task(core.serve())
-    await _next(ours, Ready)
+    ours, core, serving = await _serving_core(model_dir, slots=2)
     ours.send(Submit(_req("long", _prompt(8, 1), max_tokens=100_000)))
     await _next(ours, Step, lambda step: any(e.request_id == "long" for e in step.events))
     ours.send(EndAll("bye"))
