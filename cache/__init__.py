@@ -6,7 +6,16 @@ model's too: `KVSpec`, `KVSource`, `KVSink`).
 
 from __future__ import annotations
 
-from cache.base import CacheObserver, CheckpointCache, CheckpointUnavailable, KVSink, KVSource, KVSpec, Lease
+from cache.base import (
+    CacheObserver,
+    Capture,
+    CheckpointCache,
+    CheckpointUnavailable,
+    KVSink,
+    KVSource,
+    KVSpec,
+    Lease,
+)
 from cache.config import CacheConfig, RemoteConfig
 from cache.manager import StateCache
 from cache.stats import CacheStats, TierStats
@@ -15,6 +24,7 @@ __all__ = [
     "CacheConfig",
     "CacheObserver",
     "CacheStats",
+    "Capture",
     "CheckpointCache",
     "CheckpointUnavailable",
     "KVSink",

@@ -108,6 +108,19 @@ class KVSink(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Capture:
+    """One of the checkpoints a `CheckpointCache.capture_many` call stores (the arguments of `capture` but the
+    state)."""
+
+    namespace: str
+    session: str | None
+    tokens: Sequence[int]
+    reason: str
+    tree: str | None = None
+    kv: KVSource | None = None
+
+
 class CheckpointUnavailable(RuntimeError):
     """`fetch` could not produce the leased state (a disk file failed its checksum or vanished).
 
@@ -314,6 +327,13 @@ class CheckpointCache(abc.ABC):
         Returns False if nothing new was stored: `tokens` already have a checkpoint in the tree (whichever
         session made it: it is added to this session and counted as a hit, the state is not stored again),
         `tokens` lie within `min_gap` of an ancestor checkpoint in the tree, or no tier could take it."""
+
+    @abc.abstractmethod
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        """`capture` of n checkpoints at once, their states stacked in order (`states[name]: (n, *shape)`, a
+        copy as for `capture`): the results of n `capture` calls in that order (a later one of the same tokens
+        shares the earlier one's checkpoint), written together (on CUDA about as many launches as one capture).
+        A shape error raises ValueError before anything is stored."""
 
     @abc.abstractmethod
     def capture_positions(self, start: int, end: int, boundaries: Sequence[int]) -> list[int]:

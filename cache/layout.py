@@ -7,6 +7,7 @@ blocks (`cache.arena`). A block `(block_bytes,)` uint8 is viewed, field by field
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,12 @@ class BlockLayout:
         """Encode every state tensor into `block` (same device as the state); `arena` as in `views`."""
         for name, (data, scale) in self.views(block, arena).items():
             self.codec.encode_into(state[name], data, scale)
+
+    def encode_rows(self, states: Mapping[str, torch.Tensor], rows: torch.Tensor) -> None:
+        """Encode n stacked states, `states[name]: (n, *shape)`, into `rows: (n, block_bytes)` (n contiguous
+        blocks: an arena's run, a staging buffer), one codec call per state tensor for all n."""
+        for name, (data, scale) in self.rows_views(rows).items():
+            self.codec.encode_into(states[name], data, scale)
 
     def decode_into(self, block: torch.Tensor, out: dict[str, torch.Tensor], arena: bool = False) -> None:
         for name, (data, scale) in self.views(block, arena).items():

@@ -28,6 +28,7 @@ from cache import copies
 from cache.base import (
     TIERS,
     CacheObserver,
+    Capture,
     CheckpointCache,
     CheckpointUnavailable,
     FetchTier,
@@ -122,19 +123,23 @@ class StateCache(CheckpointCache):
     # ---- public API ----------------------------------------------------------------------------------
 
     def warmup(self, out: State | None = None) -> None:
-        """Encode one zero state through each tier's codec and decode it into `out` (fresh tensors if None),
-        outside the bookkeeping: on CUDA this compiles (or loads) the codec kernels now rather than inside the
-        first capture or restore. Pass the views a restore writes into (a free slot's): the kernels
-        specialise on strides."""
+        """Encode one zero state through each tier's codec (alone and stacked) and decode it into `out` (fresh
+        tensors if None), outside the bookkeeping: on CUDA this compiles (or loads) the codec kernels now rather
+        than inside the first capture or restore. Pass the views a restore writes into (a free slot's): the
+        kernels specialise on strides."""
         state = {
             name: torch.zeros(shape, dtype=dtype, device=self.device)
             for name, (shape, dtype) in self.spec.items()
         }
         target = self._storage.check_out(out) if out is not None else state
+        stacked = {name: torch.stack([t, t]) for name, t in state.items()}  # `capture_many`'s layout
         for layout in (self.hot_layout, self.cold_layout):
             block = torch.empty(layout.block_bytes, dtype=torch.uint8, device=self.device)  # (block_bytes,)
             layout.encode_into(state, block)
             layout.decode_into(block, target)
+            layout.encode_rows(
+                stacked, torch.empty((2, layout.block_bytes), dtype=torch.uint8, device=self.device)
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -196,66 +201,87 @@ class StateCache(CheckpointCache):
     ) -> bool:
         """`CheckpointCache.capture`; a hybrid's also stores the KV of [0, len(tokens)) read from `kv`
         (required; only the blocks its tiers lack are read)."""
-        return self._store((namespace, session), tuple(tokens), state, reason, tree, False, kv)
+        self._storage.check_state(state)
+        stacked = {name: t.unsqueeze(0) for name, t in state.items()}
+        return self._store([Capture(namespace, session, tokens, reason, tree, kv)], stacked, False)[0]
 
-    def _store(
-        self,
-        key: SessionKey,
-        toks: tuple[int, ...],
-        state: State,
-        reason: str,
-        tree: str | None,
-        remote_copy: bool,
-        kv: KVSource | None = None,
-    ) -> bool:
-        """`capture`; `remote_copy`: the state came from the remote tier (its first hit counts as remote, and
-        it is not written back)."""
-        namespace = key[0]
-        values = self._storage.check_state(state)
-        kv_source = self._kv.check_source(kv, len(toks)) if self._kv is not None else None
-        if not toks:
-            return False
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        return self._store(captures, states, False)
+
+    def _store(self, captures: Sequence[Capture], states: State, remote_copy: bool) -> list[bool]:
+        """`capture_many`; `remote_copy`: the states came from the remote tier (a first hit counts as remote,
+        and they are not written back)."""
+        values = self._storage.check_states(states, len(captures))
+        toks = [tuple(c.tokens) for c in captures]
+        kv = self._kv
+        sources = [
+            kv.check_source(c.kv, len(t)) if kv is not None else None
+            for c, t in zip(captures, toks, strict=True)
+        ]
+        out = [False] * len(captures)
+        if not any(toks):
+            return out
         token = self._recorder.start()
-        name = tree if tree is not None else namespace
         with self._lock:
-            cp = self._book.admit(key, name, toks, reason)
-            job = self._storage.capture_job(self._book.arenas, cp) if cp is not None else None
-            kv_job = self._kv.capture_job(cp) if cp is not None and self._kv is not None else None
+            admitted = [
+                (i, self._admit(c, t)) for i, (c, t) in enumerate(zip(captures, toks, strict=True)) if t
+            ]
+            cps = [(i, cp) for i, cp in admitted if cp is not None]
+            job = self._storage.capture_job(self._book.arenas, [cp for _, cp in cps]) if cps else None
+            kv_jobs = [kv.capture_job(cp) for _, cp in cps] if kv is not None else []
             work = self._book.disk.take()
-        if cp is None or job is None:
+        if job is None:
             self._run_io(work)
             self._dispatch()
-            return False
-        try:
+            return out
+        kv_ok = [True] * len(cps)
+        try:  # the KV first: on CUDA the states' `ready` event then covers both
             self._run_io(work)
-            kv_ok = True  # the KV first: on CUDA the state's `ready` event then covers both
-            if self._kv is not None and kv_job is not None and kv_source is not None:
-                kv_ok = self._kv.write(kv_job, kv_source)
-            started, ready = self._storage.write_capture(values, job) if kv_ok else (None, None)
+            for j, kv_job in enumerate(kv_jobs):  # a hybrid's: one per checkpoint
+                kv_source = sources[cps[j][0]]
+                if kv is not None and kv_source is not None:
+                    kv_ok[j] = kv.write(kv_job, kv_source)
+            started, ready = self._storage.write_capture(values, [i for i, _ in cps], job)
         except BaseException:
-            if kv_job is not None:
+            for kv_job in kv_jobs:
                 kv_job.fail()  # captures waiting for its blocks must not wait forever
-            self._abort(cp)
+            for _, cp in cps:
+                self._abort(cp)
             raise
-        if not kv_ok:  # another capture's write of a block this one shares failed
-            self._abort(cp)
-            return False
-        push = self._remote is not None and not remote_copy and reason in self._remote.config.reasons
+        remote = not remote_copy
+        pushes: list[tuple[Checkpoint, int, RemoteSource]] = []
         with self._lock:
-            cp.ready = ready
-            cp.from_remote = remote_copy
-            ok = self._book.publish(cp)
-            source = self._remote_source(cp) if ok and push else None
+            for (i, cp), ok in zip(cps, kv_ok, strict=True):
+                if not ok:  # another capture's write of a block this one shares failed
+                    self._book.abort(cp)
+                    continue
+                cp.ready = ready
+                cp.from_remote = remote_copy
+                out[i] = self._book.publish(cp)
+                pushed = self._remote_source(cp) if out[i] and remote and self._pushes(captures[i]) else None
+                if pushed is not None:
+                    pushes.append((cp, i, pushed))
             work = self._book.disk.take()
         self._run_io(work)
-        if source is not None:
-            self._remote_io.submit(partial(self._remote_write, cp, key, toks, source))
-        if started is not None and ready is not None:
-            self._recorder.pair(started, ready, self._on_capture)
-        else:
-            self._recorder.stop(token, self._on_capture)
+        for cp, i, pushed in pushes:
+            key = (captures[i].namespace, captures[i].session)
+            self._remote_io.submit(partial(self._remote_write, cp, key, toks[i], pushed))
+        for _ in range(sum(out)):  # each checkpoint's latency is its batch's
+            if started is not None and ready is not None:
+                self._recorder.pair(started, ready, self._on_capture)
+            else:
+                self._recorder.stop(token, self._on_capture)
         self._dispatch()
-        return ok
+        return out
+
+    def _pushes(self, capture: Capture) -> bool:
+        """Whether a capture for this reason is written through to the remote tier."""
+        return self._remote is not None and capture.reason in self._remote.config.reasons
+
+    def _admit(self, capture: Capture, tokens: tuple[int, ...]) -> Checkpoint | None:
+        """`Book.admit` for one capture (under the lock)."""
+        tree = capture.tree if capture.tree is not None else capture.namespace
+        return self._book.admit((capture.namespace, capture.session), tree, tokens, capture.reason)
 
     def _abort(self, cp: Checkpoint) -> None:
         with self._booking() as book:
@@ -364,7 +390,10 @@ class StateCache(CheckpointCache):
             return 0
         position = found.position
         kv = self._remote_kv_source(found)
-        if not self._store((namespace, session), toks[:position], state, "remote", name, True, kv):
+        stacked = {k: t.unsqueeze(0) for k, t in state.items()}
+        if not self._store([Capture(namespace, session, toks[:position], "remote", name, kv)], stacked, True)[
+            0
+        ]:
             return 0
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()

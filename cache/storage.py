@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from cache.base import KVSpec, State, Tier
 from cache.checkpoint import Checkpoint
 from cache.codec import NativeCodec, make_codec
 from cache.config import CacheConfig
+from cache.copies import TierBlocks
 from cache.disk import CorruptFile, DiskStore
 from cache.disk_tier import Spill
 from cache.kv_blocks import KVBlocks
@@ -29,11 +31,18 @@ from cache.transfer import Event, Transfers
 
 log = logging.getLogger(__name__)
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
-BlockJob = tuple[BlockLayout, torch.Tensor]  # (layout, `(block_bytes,)` uint8 block) a capture encodes into
-# hot, cold, write fences (CUDA), claims to settle before writing the cold block
-CaptureJob = tuple[BlockJob | None, BlockJob | None, list[Event | None], list[Claim]]
 Arenas = Mapping[Tier, BlockArena | None]  # the hot and cold arenas (`Tiers.arenas`)
 GROW_BYTES = 64 << 20  # a hybrid's arenas grow by about this much at a time
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """A batch of captures' blocks per tier, the CUDA events to wait for before writing them, and the claims
+    to settle before overwriting cold blocks."""
+
+    tiers: list[TierBlocks]
+    fences: list[Event | None]
+    claims: list[Claim]
 
 
 class Storage:
@@ -112,10 +121,18 @@ class Storage:
 
     # ---- captures ------------------------------------------------------------------------------------
 
-    def check_state(self, state: State) -> dict[str, torch.Tensor]:
-        """A state to capture: spec names and shapes, moved to the cache device."""
+    def check_states(self, states: State, n: int) -> dict[str, torch.Tensor]:
+        """n stacked states to capture, `states[name]: (n, *spec shape)`, moved to the cache device."""
+        if set(states) != set(self.spec):
+            raise ValueError(f"state names {sorted(states)} != spec {sorted(self.spec)}")
+        for name, (shape, _) in self.spec.items():
+            if tuple(states[name].shape) != (n, *shape):
+                raise ValueError(f"state {name!r}: shape {tuple(states[name].shape)} != {(n, *shape)}")
+        return {name: states[name].to(self.device, non_blocking=True) for name in self.spec}
+
+    def check_state(self, state: State) -> None:
+        """Raise ValueError unless `state` is one state of the spec (names and shapes)."""
         self._check_shapes(state, "state")
-        return {name: state[name].to(self.device, non_blocking=True) for name in self.spec}
 
     def _check_shapes(self, tensors: State, what: str) -> None:
         """Raise ValueError unless `tensors` has exactly the spec's names, each with its spec shape."""
@@ -125,26 +142,36 @@ class Storage:
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"{what} {name!r}: shape {tuple(tensors[name].shape)} != spec {shape}")
 
-    def capture_job(self, arenas: Arenas, cp: Checkpoint) -> CaptureJob:
-        """The blocks reserved for `cp` and what to wait for before writing them (under the lock): the CUDA
-        events after the blocks' last reads, and host readers (a queued spill's copy) of the cold block."""
-        hot, cold = arenas["hot"], arenas["cold"]
-        hot_job = (self.hot_layout, hot.block(cp.hot)) if hot is not None and cp.hot is not None else None
-        cold_job = (
-            (self.cold_layout, cold.block(cp.cold)) if cold is not None and cp.cold is not None else None
-        )
-        fences = [
-            arena.fences.pop(block, None)
-            for arena, block in ((hot, cp.hot), (cold, cp.cold))
-            if arena is not None and block is not None
-        ]
-        claim = cold.take_claim(cp.cold) if cold is not None and cp.cold is not None else None
-        return hot_job, cold_job, fences, [claim] if claim is not None else []
+    def capture_job(self, arenas: Arenas, cps: list[Checkpoint]) -> CaptureJob:
+        """The blocks reserved for `cps` and what to wait for before writing them (under the lock): the CUDA
+        events after the blocks' last reads, and host readers (a queued spill's copy) of the cold blocks."""
+        tiers: list[TierBlocks] = []
+        fences: list[Event | None] = []
+        claims: list[Claim] = []
+        tier: Tier
+        for tier, layout in (("hot", self.hot_layout), ("cold", self.cold_layout)):
+            arena = arenas[tier]
+            if arena is None:
+                continue
+            blocks = [(j, cp.hot if tier == "hot" else cp.cold) for j, cp in enumerate(cps)]
+            held = [(j, b) for j, b in blocks if b is not None]
+            if not held:
+                continue
+            ids = [b for _, b in held]
+            tiers.append(TierBlocks(layout, [j for j, _ in held], arena.runs(ids)))
+            fences += [arena.fences.pop(b, None) for b in ids]
+            if tier == "cold":
+                claims += [c for c in map(arena.take_claim, ids) if c is not None]
+        return CaptureJob(tiers, fences, claims)
 
-    def write_capture(self, values: State, job: CaptureJob) -> tuple[Event | None, Event | None]:
-        for claim in job[3]:
+    def write_capture(
+        self, states: dict[str, torch.Tensor], rows: list[int], job: CaptureJob
+    ) -> tuple[Event | None, Event | None]:
+        """Encode the job's checkpoints, job position j from `states` row rows[j]; (start, ready) events."""
+        for claim in job.claims:
             claim.settle()  # a queued spill takes its copy of the block's old bytes first
-        return copies.write_capture(self.transfers, values, job[0], job[1], job[2])
+        tiers = [TierBlocks(t.layout, [rows[j] for j in t.items], t.runs) for t in job.tiers]
+        return copies.write_captures(self.transfers, states, tiers, job.fences)
 
     # ---- fetches -------------------------------------------------------------------------------------
 

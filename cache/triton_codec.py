@@ -6,7 +6,8 @@ Imported by `cache.codec` only for CUDA tensors, and only if triton imports. Sha
 `(..., D)` is a set of R vectors of length D (the scaled axis); its leading dims must collapse to `(A, M)`
 with arbitrary strides (`stride_a`, `stride_m`) and a contiguous last dim, e.g. a live-pool slot view
 `pool.ssm[:, slot]: (L, h, p, n)` with strides `(S*h*p*n, p*n, n, 1)` is `A = L`, `M = h*p`. Encoded data
-`(R, D)` and scales `(R,)` are contiguous (views into a cache block).
+`(R, D)` and scales `(R,)` are contiguous (views into a cache block); an encode's may also be n such
+runs at a fixed stride (n stacked states into n blocks of one arena run, `BlockLayout.rows_views`).
 
 - `decode(data, scale, out)`: `out[r, :] = data[r, :] * scale[r]` in fp32, cast to out's dtype (RNE).
 - `encode(x, data, scale, top, limit)`: bit-identical to `cache.codec._encode_scaled`: `e` the frexp
@@ -98,13 +99,17 @@ def _decode_flat_kernel(
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "m", "per"])  # one build whatever the number of states encoded
 def _encode_kernel(
     x_ptr, data_ptr, scale_ptr,
-    n_rows, m, stride_a, stride_m, limit,
+    n_rows, m, stride_a, stride_m, limit, per, data_stride, scale_stride,
     D: tl.constexpr, TOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    item = rows // per  # the state (cache block) a row belongs to, `per` rows each
+    at = (rows - item * per).to(tl.int64)
+    data_rows = item.to(tl.int64) * data_stride + at * D
+    scale_rows = item.to(tl.int64) * scale_stride + at
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     # a whole-row tile masks by row only, which keeps rows contiguous for vector loads and stores
@@ -113,14 +118,14 @@ def _encode_kernel(
     x = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_D), exact widening
     amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # (BLOCK_R,) bits of max |x|
     e = tl.maximum(_frexp_exponent(amax_bits), TOP - 149)
-    tl.store(scale_ptr + rows, _pow2(e - TOP), mask=row_ok)
+    tl.store(scale_ptr + scale_rows, _pow2(e - TOP), mask=row_ok)
     k = TOP - e  # x / 2**(e - top) == x * 2**k; 2**k leaves the fp32 range above 127
     big = k > 126
     first = _pow2(tl.where(big, 64, 0))
     second = _pow2(tl.where(big, k - 64, k))
     y = (x * first[:, None]) * second[:, None]
     y = tl.minimum(tl.maximum(y, -limit), limit)
-    tl.store(data_ptr + rows[:, None] * D + cols[None, :], y.to(data_ptr.dtype.element_ty), mask=mask)
+    tl.store(data_ptr + data_rows[:, None] + cols[None, :], y.to(data_ptr.dtype.element_ty), mask=mask)
 
 
 def _leading(t: Tensor) -> tuple[int, int, int, int] | None:
@@ -152,6 +157,11 @@ def _disjoint_rows(lead: tuple[int, int, int, int], d: int) -> bool:
 
 def _fits(data: Tensor, scale: Tensor, t: Tensor) -> bool:
     """Common checks: devices, the encoded dtypes and contiguity, shapes, sizes."""
+    return _typed(data, scale, t) and data.is_contiguous() and scale.is_contiguous()
+
+
+def _typed(data: Tensor, scale: Tensor, t: Tensor) -> bool:
+    """Devices, the encoded dtypes, shapes, sizes."""
     if not (data.is_cuda and data.device == scale.device == t.device):
         return False
     if data.dtype not in _STORAGE or scale.dtype != torch.float32 or t.dtype not in _OUT:
@@ -160,7 +170,22 @@ def _fits(data: Tensor, scale: Tensor, t: Tensor) -> bool:
         return False
     if data.shape != t.shape or scale.shape != t.shape[:-1] or t.dim() < 1:
         return False
-    return data.is_contiguous() and scale.is_contiguous() and data.numel() <= _MAX_ELEMENTS
+    return data.numel() <= _MAX_ELEMENTS
+
+
+def _stacked(data: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
+    """`(per, data_stride, scale_stride)`: the encoded rows as items of `per` rows, item i's data and scales
+    contiguous at i * data_stride and i * scale_stride elements (stacked states written straight into cache
+    blocks: `BlockLayout.rows_views`); None if the outputs are laid out otherwise or overlap."""
+    rows = scale.numel()
+    if data.is_contiguous() and scale.is_contiguous():
+        return rows, 0, 0
+    if data.dim() < 2 or not (data[0].is_contiguous() and scale[0].is_contiguous()):
+        return None
+    per = rows // data.shape[0] if data.shape[0] else 0
+    if data.shape[0] > 1 and (data.stride(0) < per * data.shape[-1] or scale.stride(0) < per):
+        return None
+    return per, data.stride(0), scale.stride(0)
 
 
 @functools.cache
@@ -203,21 +228,23 @@ def decode(data: Tensor, scale: Tensor, out: Tensor) -> bool:
 
 
 def encode(x: Tensor, data: Tensor, scale: Tensor, top: int, limit: float) -> bool:
-    """`x (..., D)` fp32/fp16/bf16, possibly a strided view -> `data (..., D)` (contiguous, fp8/fp16/bf16) and
-    `scale (...)` fp32 (contiguous). One launch on the current stream; False if unhandled."""
-    if not _fits(data, scale, x):
+    """`x (..., D)` fp32/fp16/bf16, possibly a strided view -> `data (..., D)` (fp8/fp16/bf16) and `scale (...)`
+    fp32, both contiguous, or stacked: `(n, ...)` whose every `[i]` is contiguous (n states into n cache
+    blocks, `_stacked`). One launch on the current stream; False if unhandled."""
+    if not _typed(data, scale, x):
         return False
-    lead = _leading(x)
-    if lead is None:
+    lead, out = _leading(x), _stacked(data, scale)
+    if lead is None or out is None:
         return False
     if x.numel() == 0:
         return True
     _, m, stride_a, stride_m = lead
+    per, data_stride, scale_stride = out
     block_r, block_d = _rows_block(x.shape[-1])
     rows = scale.numel()
     with torch.cuda.device(x.device):
         _encode_kernel[(triton.cdiv(rows, block_r),)](
-            x, data, scale, rows, m, stride_a, stride_m, float(limit),
+            x, data, scale, rows, m, stride_a, stride_m, float(limit), per, data_stride, scale_stride,
             D=x.shape[-1], TOP=top, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return True

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from cache import CacheConfig, StateCache
 from cache.codec import ScaledCodec, make_codec
+from cache.layout import BlockLayout
 from cache.triton_codec import decode, encode
 
 pytestmark = pytest.mark.gpu
@@ -196,3 +197,32 @@ def test_cache_fetch_into_slot_views_on_cuda(tier: str) -> None:
                 _assert_same_bits(pool[:, slot], before[name][:, slot])
     err = (fresh["ssm"] - state["ssm"]).abs()
     assert (err <= 2**-4 * state["ssm"].abs().amax(-1, keepdim=True)).all()  # fp8 / fp16 bound, not garbage
+
+
+@pytest.mark.parametrize("codec", ["fp8", "fp16"])
+def test_stacked_states_encode_into_block_rows_as_one_by_one(codec: str) -> None:
+    """`capture_many`'s path: n stacked states encoded by one launch per state tensor into n blocks of a run
+    (strided data and scale outputs) give each block the bytes the torch ops give it alone."""
+    _skip_without_fp8(codec)
+    spec = _cache_spec()
+    fused, eager = BlockLayout(spec, make_codec(codec, fused=True)), BlockLayout(spec, make_codec(codec))
+    states = [
+        {
+            name: _make_state(shape, seed=7 * i + k).to(dtype).cuda()
+            for k, (name, (shape, dtype)) in enumerate(spec.items())
+        }
+        for i in range(3)
+    ]
+    stacked = {name: torch.stack([s[name] for s in states]) for name in spec}
+    rows = torch.zeros((3, fused.block_bytes), dtype=torch.uint8, device="cuda")
+    _, top, limit = CODECS[codec]
+    for name, (data, scale) in fused.rows_views(rows).items():
+        assert not data.is_contiguous()  # n blocks apart
+        assert encode(stacked[name], data, scale, top, limit), "the kernel declined stacked outputs"
+    for i, state in enumerate(states):
+        want = torch.zeros(eager.block_bytes, dtype=torch.uint8, device="cuda")
+        eager.encode_into(state, want)
+        _assert_same_bits(rows[i], want)
+    again = torch.zeros_like(rows)
+    fused.encode_rows(stacked, again)
+    _assert_same_bits(again, rows)
