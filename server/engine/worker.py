@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from cache.base import CheckpointCache
+from cache.base import Capture, CheckpointCache
 from server.engine.ahead import Ahead, DecodeAhead
 from server.engine.prompt_logprobs import chunk_logprobs
 from server.engine.request import Seq
@@ -77,6 +77,7 @@ class ModelWorker:
         self.ahead = DecodeAhead(runner) if ahead else None
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
+        self._pending: list[_Pending] = []  # the step's captures (`_capture`)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -139,6 +140,12 @@ class ModelWorker:
         """Run one step. A failure is confined to the rows it concerns: a prefill error fails that request,
         a sampling error is retried row by row so that only the failing row fails; only an error of the
         shared decode pass itself (the model failing) fails every decoding row."""
+        try:
+            return self._execute(plan, seq_of)
+        finally:
+            self._flush_captures()
+
+    def _execute(self, plan: StepPlan, seq_of: dict[str, Seq]) -> StepResult:
         result = StepResult()
         rows: list[Seq] = []
         logits: list[Tensor] = []
@@ -270,17 +277,37 @@ class ModelWorker:
             )
             self._capture(seq, prompt[:pos], state, reason)
 
-    def _capture(self, seq: Seq, tokens: Sequence[int], state: dict[str, Tensor], reason: str) -> None:
+    def _capture(
+        self, seq: Seq, tokens: Sequence[int], state: Mapping[str, Tensor], reason: str, owned: bool = True
+    ) -> None:
+        """Queue a capture; the step's captures go to the cache together at its end (`_flush_captures`).
+        `owned`: `state` is a copy nothing else writes (a prefill's captures), not views of a live slot."""
+        if self.cache is not None:
+            self._pending.append(_Pending(seq, tokens, state, reason, owned))
+
+    def _flush_captures(self) -> None:
+        """The step's captures, in batches of at most `CAPTURE_BATCH_BYTES` of states: the cache encodes a
+        batch in about as many launches as one capture (`CheckpointCache.capture_many`). At 64 streams one
+        capture at a time took a quarter of the model worker's time (py-spy on an H200's host), most of it
+        the codec's launches. A failed batch loses its checkpoints, never a request."""
+        pending, self._pending = self._pending, []
         if self.cache is None:
             return
-        req = seq.req
-        source = self.runner.kv_source(seq.slot)  # a hybrid's KV (the cache reads its prefix); else None
-        try:
-            self.cache.capture(
-                req.namespace, req.session_id, tokens, state, reason=reason, tree=req.tree, kv=source
-            )
-        except Exception:
-            log.exception("checkpoint capture failed", extra={"request_id": req.request_id})
+        for batch in _batches(pending, CAPTURE_BATCH_BYTES):
+            captures = [
+                Capture(
+                    p.seq.req.namespace, p.seq.req.session_id, p.tokens, p.reason, p.seq.req.tree,
+                    self.runner.kv_source(p.seq.slot),  # a hybrid's KV (the cache reads its prefix); else None
+                )
+                for p in batch
+            ]  # fmt: skip
+            try:
+                owned = all(p.owned for p in batch)
+                states = {name: _stack([p.state[name] for p in batch], owned) for name in batch[0].state}
+                self.cache.capture_many(captures, states)
+            except Exception:
+                ids = [p.seq.request_id for p in batch]
+                log.exception("checkpoint capture failed", extra={"request_ids": ids})
 
     def _sample(self, rows: list[Seq], logits: Tensor) -> list[Sampled]:
         """logits (b, v): one (token, logprob, top logprobs) per row. Mutates no request."""
@@ -330,13 +357,58 @@ class ModelWorker:
             self._capture_finish(seq)
 
     def _capture_finish(self, seq: Seq) -> None:
-        try:
-            state = self.runner.capture(seq.slot)  # queued after a step launched ahead: it sees its write
-        except Exception:
-            log.exception("reading the final state failed", extra={"request_id": seq.request_id})
-            return
+        # the live slot's views, stacked at the step's end: after a step launched ahead (it sees its write),
+        # before the engine frees the slot
+        state = self.runner.slot_state(seq.slot)
         fed = self._ahead is not None and self._ahead.fed(seq)
-        self._capture(seq, seq.state_tokens(fed_last=fed), state, "finish")
+        self._capture(seq, seq.state_tokens(fed_last=fed), state, "finish", owned=False)
+
+
+CAPTURE_BATCH_BYTES = 512 << 20  # states stacked for one `capture_many` (a copy, unless already stacked)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A capture queued for the step's end."""
+
+    seq: Seq
+    tokens: Sequence[int]
+    state: Mapping[str, Tensor]
+    reason: str
+    owned: bool  # `state` is the capture's own copy (else live-slot views, copied when stacked)
+
+
+def _batches(pending: list[_Pending], limit: int) -> list[list[_Pending]]:
+    """`pending` in order, cut into runs of at most `limit` bytes of states (at least one capture each)."""
+    out: list[list[_Pending]] = []
+    size = 0
+    for p in pending:
+        nbytes = sum(t.numel() * t.element_size() for t in p.state.values())
+        if not out or size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += nbytes
+    return out
+
+
+def _stack(tensors: list[Tensor], owned: bool) -> Tensor:
+    """`torch.stack(tensors)`, a copy; without one when they are `owned` (copies nothing else writes) and
+    already equally spaced contiguous rows of one tensor (the taps of one prefill pass: `_tap_states`)."""
+    first, n = tensors[0], len(tensors)
+    if owned and n > 1 and first.is_contiguous():
+        size, base = first.element_size(), first.untyped_storage().data_ptr()
+        step = tensors[1].data_ptr() - first.data_ptr()
+        same = all(
+            t.shape == first.shape and t.dtype == first.dtype and t.is_contiguous()
+            and t.untyped_storage().data_ptr() == base and t.data_ptr() - first.data_ptr() == i * step
+            for i, t in enumerate(tensors)
+        )  # fmt: skip
+        if same and step >= first.numel() * size and step % size == 0:
+            return first.as_strided(
+                (n, *first.shape), (step // size, *first.stride()), first.storage_offset()
+            )
+    return torch.stack(tensors)
 
 
 class _HostCopy:

@@ -276,7 +276,7 @@ class GpuHybridRunner(HybridRunner):
             lambda ffn, h: ffn(h),
         )
         logits = model.head(residual if all_logits else residual[:, -1:])[0]
-        return logits, {tap: self._tap_state(tapped, j) for j, tap in enumerate(taps, start=1)}
+        return logits, dict(zip(taps, self._tap_states(tapped, 1), strict=True)) if taps else {}
 
     def _prefill_pieces(self, graphs: SlotPrefillGraphs, ids: Tensor, slot: int) -> Tensor:
         """ids (1, l) continuing the slot, as prefill pieces -> the last token's logits (1, v)."""

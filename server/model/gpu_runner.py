@@ -48,7 +48,7 @@ from server.model.gpu_prefill import GRAPH_PREFILL_MAX, MAX_GRAPH_LEN, PrefillGr
 from server.model.gpu_row_graphs import Bucket, RowGraphs
 from server.model.kernels import Kernels, load_kernels
 from server.model.layers import PaddedRows
-from server.model.lm import LayerStates, MambaLM
+from server.model.lm import MambaLM
 from server.model.mamba1 import Mamba1Mixer
 from server.model.mamba2 import Mamba2Mixer
 from server.model.runner import Captures, ModelRunner, PrefillResult, PrefillSeg, _Piece
@@ -329,20 +329,25 @@ class GpuModelRunner(ModelRunner):
         points = [*enumerate(lengths), *((r, p) for r, ps in enumerate(taps) for p in ps)]
         rows = PaddedRows.build(lengths, ids.shape[1], points, self.device)  # row ends first, then taps
         out, residual = self._embed(ids), None  # (b, l, d)
-        tapped: LayerStates = []  # per layer, the states at taps[...] (t - b, ...)
+        t = len(points) - b
+        # the taps' states as slot states, stacked (t, n_layer, ...): the cache encodes them in one launch
+        tap_conv = pool.conv.new_empty((t, *pool.conv[:, 0].shape)) if t else None
+        tap_ssm = pool.ssm.new_empty((t, *pool.ssm[:, 0].shape)) if t else None
         for i, layer in enumerate(self.layers):
             hidden, residual = self._add_norm(i, out, residual)
             out, conv, ssm = layer.prefill_rows(hidden, pool.conv[i, slot_t], pool.ssm[i, slot_t], rows)
             pool.conv[i, slot_t] = conv[:b]
             pool.ssm[i, slot_t] = ssm[:b].to(pool.ssm.dtype)
-            if len(points) > b:
-                tapped.append((conv[b:].clone(), ssm[b:].clone()))
+            if tap_conv is not None and tap_ssm is not None:
+                tap_conv[:, i] = conv[b:]
+                tap_ssm[:, i] = ssm[b:]
         assert residual is not None
         last = (torch.arange(b, device=self.device), rows.lengths - 1)
         logits = self._logits(self._final_norm(out[last], residual[last]))  # (b, v_padded)
         caps: list[Captures] = [{} for _ in range(b)]
-        for j, (r, p) in enumerate(points[b:]):
-            caps[r][p] = self._tap_state(tapped, j)
+        if tap_conv is not None and tap_ssm is not None:
+            for (r, p), c, s in zip(points[b:], tap_conv, tap_ssm, strict=True):
+                caps[r][p] = {"conv": c, "ssm": s}
         return logits, caps
 
     def _token_ids(self, tokens: Sequence[int]) -> Tensor:

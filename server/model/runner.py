@@ -299,14 +299,17 @@ class ModelRunner:
         logits, states = self.model.run_rows(ids, self._slot_states(slot_t), rows)
         self._store(slot_t, [(conv[:b], ssm[:b]) for conv, ssm in states])
         caps: list[Captures] = [{} for _ in range(b)]
-        for j, (r, p) in enumerate(points[b:], start=b):
-            caps[r][p] = self._tap_state(states, j)
+        for (r, p), state in zip(points[b:], self._tap_states(states, b), strict=True):
+            caps[r][p] = state
         return logits, caps
 
-    def _tap_state(self, states: LayerStates, j: int) -> dict[str, Tensor]:
-        """Tap j of a batched pass as a slot state: conv (n_layer, c, k-1), ssm (n_layer, ...), new tensors."""
-        conv = torch.stack([c[j] for c, _ in states]).to(self.pool.conv.dtype)
-        return {"conv": conv, "ssm": torch.stack([s[j] for _, s in states]).to(self.pool.ssm.dtype)}
+    def _tap_states(self, states: LayerStates, first: int) -> list[dict[str, Tensor]]:
+        """Rows `first`.. of a pass's per-layer states as slot states, conv (n_layer, c, k-1) and ssm
+        (n_layer, ...): the rows of two new tensors (taps, n_layer, ...), one stack each, so that the cache
+        encodes them all at once as well (`CheckpointCache.capture_many`)."""
+        conv = torch.stack([c[first:] for c, _ in states], dim=1).to(self.pool.conv.dtype)
+        ssm = torch.stack([s[first:] for _, s in states], dim=1).to(self.pool.ssm.dtype)
+        return [{"conv": c, "ssm": s} for c, s in zip(conv, ssm, strict=True)]
 
     # ---- decode -------------------------------------------------------------------------------
 

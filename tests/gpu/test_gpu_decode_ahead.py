@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cache import CacheConfig, StateCache
 from server.engine import Engine, EngineConfig
 from server.engine.types import GenerationRequest, TokenEvent
 from server.model.gpu_runner import GpuModelRunner
@@ -75,3 +76,41 @@ async def test_an_engine_deciding_ahead_gives_the_serial_engines_tokens(model_di
     for w, g in zip(want, got, strict=True):
         assert _tokens(g) == _tokens(w)
         assert g[-1].finish_reason == w[-1].finish_reason
+
+
+async def test_finish_checkpoints_deciding_ahead_hold_each_requests_own_state(model_dir: Path) -> None:
+    """A finish capture reads the live slot at the step's end, after the step launched ahead wrote it (the
+    cache takes a step's captures together): each finish checkpoint holds its own request's state after the
+    tokens it is stored under, whether the last token was fed ahead (length) or not (a stop id)."""
+    runner = GpuModelRunner(load_model(model_dir, device="cuda")[1], 4, "cuda")
+    config = CacheConfig(
+        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", device="cuda"
+    )
+    cache = StateCache(config, runner.state_spec())
+    engine = Engine(
+        runner,
+        Tokenizer.from_pretrained(model_dir),
+        cache,
+        config=EngineConfig(max_slots=4, prefill_budget=64, decode_ahead=True),
+    )
+    prompts = [_prompt(n, seed=300 + n) for n in (7, 19, 12)]
+    probe = await _serve(_engine(model_dir, ahead=False), [_req("probe", prompts[1], max_tokens=12)])
+    reqs = [
+        _req("length", prompts[0], max_tokens=9),
+        _req("stop-id", prompts[1], max_tokens=20, stop_token_ids=[_tokens(probe[0])[4]]),
+        _req("length-2", prompts[2], max_tokens=9),
+    ]
+    got = await _serve(engine, reqs)
+    fresh = GpuModelRunner(load_model(model_dir, device="cuda")[1], 1, "cuda", use_graphs=False)
+    for req, events in zip(reqs, got, strict=True):
+        tokens = [*req.prompt_tokens, *_tokens(events)]
+        lease = cache.lookup("anon", None, [*tokens, 0])
+        assert lease is not None and lease.position >= len(tokens) - 1, req.request_id  # the finish's
+        try:
+            state = cache.fetch(lease)
+        finally:
+            cache.release(lease)
+        fresh.reset(0)
+        fresh.prefill(tokens[: lease.position], 0)
+        for name, want in fresh.capture(0).items():
+            torch.testing.assert_close(state[name], want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,112 @@
+"""The model worker hands a step's captures to the cache together (one `capture_many` per step: the prompt
+ends of a batched prefill, the finishes of rows that end in the same step), and each checkpoint holds its own
+request's state at its own position: a fresh prefill of those tokens gives the same state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cache import CacheConfig, Capture, StateCache
+from cache.base import State
+from server.engine import Engine, EngineConfig
+from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.worker import _stack
+from server.model.loader import load_model
+from server.model.runner import ModelRunner
+from server.model.tokenizer import Tokenizer
+from tests.tiny_models import make_chat_model_dir
+
+TOK_VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_chat_model_dir(tmp_path_factory.mktemp("tiny-captures"), seed=11, tok_vocab=TOK_VOCAB)
+
+
+class _Recording(StateCache):
+    """The real cache, recording the reasons of each `capture_many` call."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.batches: list[list[str]] = []
+
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        self.batches.append([c.reason for c in captures])
+        return super().capture_many(captures, states)
+
+
+def _prompt(n: int, seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(5, TOK_VOCAB, (n,), generator=g).tolist())
+
+
+async def _tokens(stream: AsyncIterator[TokenEvent]) -> list[int]:
+    return [e.token_id async for e in stream if e.token_id is not None]
+
+
+def _exact(cache: StateCache, tokens: Sequence[int]) -> dict[str, torch.Tensor]:
+    lease = cache.lookup("anon", None, [*tokens, 0])
+    assert lease is not None and lease.position == len(tokens)
+    try:
+        return cache.fetch(lease)
+    finally:
+        cache.release(lease)
+
+
+async def test_a_steps_captures_reach_the_cache_together_each_its_own_state(model_dir: Path) -> None:
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=4)
+    config = CacheConfig(
+        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", checkpoint_interval=1024
+    )
+    cache = _Recording(config, runner.state_spec())
+    engine = Engine(
+        runner,
+        Tokenizer.from_pretrained(model_dir),
+        cache,
+        config=EngineConfig(max_slots=4, prefill_budget=256),
+    )
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [_prompt(20, seed=i) for i in range(3)]
+    engine.start()
+    try:
+        outs = await asyncio.gather(
+            *(_tokens(engine.generate(GenerationRequest(f"r{i}", p, params))) for i, p in enumerate(prompts))
+        )
+    finally:
+        await engine.stop()
+    assert ["prompt"] * 3 in cache.batches and ["finish"] * 3 in cache.batches
+    assert sum(map(len, cache.batches)) == 6
+    fresh = ModelRunner(model, max_slots=1)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out) == 4
+        # the prompt's end, and the finish: the state after every token but the last sampled one
+        for tokens in (prompt, (*prompt, *out[:-1])):
+            fresh.reset(0)
+            fresh.prefill(tokens, 0)
+            want = fresh.capture(0)
+            for name, got in _exact(cache, tokens).items():
+                torch.testing.assert_close(got, want[name], atol=1e-5, rtol=1e-4)
+
+
+def test_stacking_keeps_a_passes_taps_in_place_and_copies_live_slots() -> None:
+    taps = torch.randn(3, 2, 4, 5)  # a pass's taps: (taps, n_layer, ...)
+    stacked = _stack(list(taps), owned=True)
+    assert stacked.data_ptr() == taps.data_ptr() and torch.equal(stacked, taps)  # no copy
+    copied = _stack(list(taps), owned=False)
+    assert copied.data_ptr() != taps.data_ptr() and torch.equal(copied, taps)
+    for layers in (2, 1):  # one layer: a slot's view is contiguous and equally spaced, still copied
+        pool = torch.randn(layers, 3, 4, 5)  # (n_layer, slots, ...)
+        live = [pool[:, slot] for slot in range(3)]
+        out = _stack(live, owned=False)
+        assert out.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()
+        assert torch.equal(out, pool.transpose(0, 1))
+    spaced = torch.randn(6, 4)
+    assert torch.equal(_stack([spaced[0], spaced[2], spaced[5]], owned=True), spaced[[0, 2, 5]])  # uneven
