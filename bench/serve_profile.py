@@ -46,6 +46,20 @@ def load(clients: Clients, texts: Texts, model: str, streams: int, until: float)
     return Stats.of([clients.run(jobs)])
 
 
+def rounds(clients: Clients, texts: Texts, model: str, streams: int, until: float) -> Stats:
+    """Rounds as `bench.e2e_bench`'s throughput section runs them until `until`: `streams` requests sent at
+    once, the next round when the last one ended. Its ramp (taking in a round's requests and prefilling
+    them) is then in the profile as often as a user's load test puts it in the throughput it reports."""
+    rng, out = random.Random(0), []
+    while not out or time.perf_counter() < until:
+        start = time.perf_counter() + 0.05
+        prompts = [texts.text(PROMPT_TOKENS, rng) for _ in range(streams)]
+        out.append(
+            clients.run([Job("/v1/completions", completion(model, p, NEW_TOKENS), start) for p in prompts])
+        )
+    return Stats.of(out)
+
+
 def shares(stacks: Path) -> dict[str, tuple[int, collections.Counter[str], collections.Counter[str]]]:
     """Per process and thread: (samples, inclusive counts per function, self counts per function)."""
     out: dict[str, tuple[int, collections.Counter[str], collections.Counter[str]]] = {}
@@ -71,7 +85,8 @@ def shares(stacks: Path) -> dict[str, tuple[int, collections.Counter[str], colle
 
 def summary(stacks: Path, stats: Stats, args: argparse.Namespace) -> str:
     lines = [
-        f"# Server host profile: {args.shape}, {args.streams} streams, flags `{args.flags.strip()}`",
+        f"# Server host profile: {args.shape}, {args.streams} streams{' in rounds' if args.rounds else ''}, "
+        f"flags `{args.flags.strip()}`",
         "",
         f"completion tok/s under the profiler: {stats.tok_s:,.0f}; ITL p50 {stats.itl50 * 1e3:.2f} ms",
         "",
@@ -98,6 +113,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--flags", default="", help="extra server flags (start with a space)")
     parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument(
+        "--rounds",
+        action="store_true",
+        help="rounds of simultaneous requests (e2e_bench's), not steady streams",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +143,8 @@ def main(argv: list[str]) -> None:
                            "-d", str(int(args.seconds)), "--format", "raw", "-o", str(stacks),
                            "-p", str(srv.proc.pid)]  # fmt: skip
                     record = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                stats = load(clients, texts, "bench", args.streams, time.perf_counter() + args.seconds)
+                run = rounds if args.rounds else load
+                stats = run(clients, texts, "bench", args.streams, time.perf_counter() + args.seconds)
                 if record is not None:
                     _, err = record.communicate(timeout=120)
                     if record.returncode:
