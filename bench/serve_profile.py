@@ -46,7 +46,9 @@ def load(clients: Clients, texts: Texts, model: str, streams: int, until: float)
     return Stats.of([clients.run(jobs)])
 
 
-def rounds(clients: Clients, texts: Texts, model: str, streams: int, until: float) -> Stats:
+def rounds(
+    clients: Clients, texts: Texts, model: str, streams: int, until: float, new_tokens: int = NEW_TOKENS
+) -> Stats:
     """Rounds as `bench.e2e_bench`'s throughput section runs them until `until`: `streams` requests sent at
     once, the next round when the last one ended. Its ramp (taking in a round's requests and prefilling
     them) is then in the profile as often as a user's load test puts it in the throughput it reports."""
@@ -55,7 +57,7 @@ def rounds(clients: Clients, texts: Texts, model: str, streams: int, until: floa
         start = time.perf_counter() + 0.05
         prompts = [texts.text(PROMPT_TOKENS, rng) for _ in range(streams)]
         out.append(
-            clients.run([Job("/v1/completions", completion(model, p, NEW_TOKENS), start) for p in prompts])
+            clients.run([Job("/v1/completions", completion(model, p, new_tokens), start) for p in prompts])
         )
     return Stats.of(out)
 
