@@ -5,7 +5,8 @@
 
 Starts `tssc serve` on a random-weight model of `--shape` (the GPU when there is one), warms it with one
 round, then keeps `--streams` completions streams busy (128-token prompts, 128 new tokens, ignore_eos)
-while `py-spy record --subprocesses --threads` samples the server and its engine process, if any. Writes
+while `py-spy record --subprocesses --threads` samples the server and its engine process, if any (with
+`--rounds`, rounds of `--streams` requests sent at once instead, as `bench.e2e_bench` measures throughput). Writes
 `py-spy.txt` (collapsed stacks, one line per distinct stack: `process;thread;frame;...;frame count`) and
 `summary.md`: per process and thread, the share of samples in which each function is on the stack
 (inclusive) and at its top (self), with the load's completion tok/s under the profiler beside it. Without
