@@ -146,7 +146,7 @@ class Metrics(CacheObserver):
         )
         self.cache_capture_seconds = Histogram(
             "tssc_state_cache_capture_seconds",
-            "Time to capture a checkpoint from a live slot.",
+            "Time to capture a checkpoint from a live slot (its batch's, for checkpoints captured together in a step).",
             buckets=_FAST_BUCKETS,
             registry=r,
         )

@@ -289,25 +289,35 @@ class ModelWorker:
         """The step's captures, in batches of at most `CAPTURE_BATCH_BYTES` of states: the cache encodes a
         batch in about as many launches as one capture (`CheckpointCache.capture_many`). At 64 streams one
         capture at a time took a quarter of the model worker's time (py-spy on an H200's host), most of it
-        the codec's launches. A failed batch loses its checkpoints, never a request."""
+        the codec's launches. A batch that fails is retried one capture at a time, so that a bad capture
+        loses only its own checkpoint; a capture never fails a request."""
         pending, self._pending = self._pending, []
         if self.cache is None:
             return
         for batch in _batches(pending, CAPTURE_BATCH_BYTES):
-            captures = [
-                Capture(
-                    p.seq.req.namespace, p.seq.req.session_id, p.tokens, p.reason, p.seq.req.tree,
-                    self.runner.kv_source(p.seq.slot),  # a hybrid's KV (the cache reads its prefix); else None
-                )
-                for p in batch
-            ]  # fmt: skip
-            try:
-                owned = all(p.owned for p in batch)
-                states = {name: _stack([p.state[name] for p in batch], owned) for name in batch[0].state}
-                self.cache.capture_many(captures, states)
-            except Exception:
-                ids = [p.seq.request_id for p in batch]
-                log.exception("checkpoint capture failed", extra={"request_ids": ids})
+            if not self._store(batch) and len(batch) > 1:
+                for one in batch:
+                    self._store([one])
+
+    def _store(self, batch: list[_Pending]) -> bool:
+        """One `capture_many` of `batch`; False (logged) if it raised."""
+        assert self.cache is not None
+        captures = [
+            Capture(
+                p.seq.req.namespace, p.seq.req.session_id, p.tokens, p.reason, p.seq.req.tree,
+                self.runner.kv_source(p.seq.slot),  # a hybrid's KV (the cache reads its prefix); else None
+            )
+            for p in batch
+        ]  # fmt: skip
+        try:
+            owned = all(p.owned for p in batch)
+            states = {name: _stack([p.state[name] for p in batch], owned) for name in batch[0].state}
+            self.cache.capture_many(captures, states)
+            return True
+        except Exception:
+            ids = [p.seq.request_id for p in batch]
+            log.exception("checkpoint capture failed", extra={"request_ids": ids})
+            return False
 
     def _sample(self, rows: list[Seq], logits: Tensor) -> list[Sampled]:
         """logits (b, v): one (token, logprob, top logprobs) per row. Mutates no request."""

@@ -96,6 +96,52 @@ async def test_a_steps_captures_reach_the_cache_together_each_its_own_state(mode
                 torch.testing.assert_close(got, want[name], atol=1e-5, rtol=1e-4)
 
 
+class _Failing(_Recording):
+    """The real cache, failing every batch that holds a capture of `poison`'s tokens (a fault injected)."""
+
+    def __init__(self, poison: Sequence[int], *args: Any) -> None:
+        super().__init__(*args)
+        self.poison = tuple(poison)
+
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        if any(tuple(c.tokens) == self.poison for c in captures):
+            self.batches.append(["failed"])
+            raise RuntimeError("injected capture failure")
+        return super().capture_many(captures, states)
+
+
+async def test_a_failed_batch_loses_only_its_bad_capture(model_dir: Path) -> None:
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=4)
+    config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, checkpoint_interval=1024)
+    prompts = [_prompt(20, seed=10 + i) for i in range(3)]
+    cache = _Failing(prompts[1], config, runner.state_spec())  # the second request's prompt end fails
+    engine = Engine(
+        runner,
+        Tokenizer.from_pretrained(model_dir),
+        cache,
+        config=EngineConfig(max_slots=4, prefill_budget=256),
+    )
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.start()
+    try:
+        outs = await asyncio.gather(
+            *(_tokens(engine.generate(GenerationRequest(f"r{i}", p, params))) for i, p in enumerate(prompts))
+        )
+    finally:
+        await engine.stop()
+    assert [len(o) for o in outs] == [4, 4, 4]  # no request failed
+    assert ["failed"] in cache.batches and ["prompt"] in cache.batches  # the batch, then one at a time
+    for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
+        lease = cache.lookup("anon", None, [*prompt, 0])
+        assert (lease is None) == (i == 1)  # only the poisoned checkpoint is missing
+        if lease is not None:
+            cache.release(lease)
+        finish = cache.lookup("anon", None, [*prompt, *out])
+        assert finish is not None and finish.position == len(prompt) + len(out) - 1
+        cache.release(finish)
+
+
 def test_stacking_keeps_a_passes_taps_in_place_and_copies_live_slots() -> None:
     taps = torch.randn(3, 2, 4, 5)  # a pass's taps: (taps, n_layer, ...)
     stacked = _stack(list(taps), owned=True)
