@@ -10,9 +10,8 @@ import torch
 from cache.layout import BlockLayout
 from cache.transfer import Event, Transfers
 
-STAGING_BYTES = (
-    128 << 20
-)  # device memory that stages one encode of captures bound for another device or scattered
+# device memory that stages one encode of captures bound for another device (the host tier) or scattered
+STAGING_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)

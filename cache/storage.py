@@ -123,24 +123,21 @@ class Storage:
 
     def check_states(self, states: State, n: int) -> dict[str, torch.Tensor]:
         """n stacked states to capture, `states[name]: (n, *spec shape)`, moved to the cache device."""
-        if set(states) != set(self.spec):
-            raise ValueError(f"state names {sorted(states)} != spec {sorted(self.spec)}")
-        for name, (shape, _) in self.spec.items():
-            if tuple(states[name].shape) != (n, *shape):
-                raise ValueError(f"state {name!r}: shape {tuple(states[name].shape)} != {(n, *shape)}")
+        self._check_shapes(states, "state", (n,))
         return {name: states[name].to(self.device, non_blocking=True) for name in self.spec}
 
     def check_state(self, state: State) -> None:
         """Raise ValueError unless `state` is one state of the spec (names and shapes)."""
         self._check_shapes(state, "state")
 
-    def _check_shapes(self, tensors: State, what: str) -> None:
-        """Raise ValueError unless `tensors` has exactly the spec's names, each with its spec shape."""
+    def _check_shapes(self, tensors: State, what: str, lead: tuple[int, ...] = ()) -> None:
+        """Raise ValueError unless `tensors` has exactly the spec's names, each with its spec shape (after
+        the leading dims `lead`)."""
         if set(tensors) != set(self.spec):
             raise ValueError(f"{what} names {sorted(tensors)} != spec {sorted(self.spec)}")
         for name, (shape, _) in self.spec.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{what} {name!r}: shape {tuple(tensors[name].shape)} != spec {shape}")
+            if tuple(tensors[name].shape) != (*lead, *shape):
+                raise ValueError(f"{what} {name!r}: shape {tuple(tensors[name].shape)} != {(*lead, *shape)}")
 
     def capture_job(self, arenas: Arenas, cps: list[Checkpoint]) -> CaptureJob:
         """The blocks reserved for `cps` and what to wait for before writing them (under the lock): the CUDA
