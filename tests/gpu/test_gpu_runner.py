@@ -4,6 +4,7 @@ padded slots == single decode, CUDA-graph decode == eager decode."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,16 @@ def test_prefill_equals_token_by_token_decode(model_dir: Path) -> None:
     assert _rel(gpu.capture(1)["ssm"], gpu.capture(0)["ssm"]) < 2e-3
 
 
+# Once seen failing inside a full tests/gpu run with cudaErrorStreamCaptureInvalidated (a Triton kernel compiled
+# inside a graph capture; issue #12): TSSC_REPEAT=10 runs it 10 times there, after whatever ran before it.
+REPEAT = range(int(os.environ.get("TSSC_REPEAT", "1")))
+
+
+@pytest.mark.parametrize("attempt", REPEAT)
 @pytest.mark.parametrize("use_graphs", [True, False])
-def test_batched_decode_with_permuted_and_padded_slots(model_dir: Path, use_graphs: bool) -> None:
+def test_batched_decode_with_permuted_and_padded_slots(
+    model_dir: Path, use_graphs: bool, attempt: int
+) -> None:
     model = load_model(model_dir, device="cuda")[1]
     prompts = [_tokens(5 + i, seed=i) for i in range(3)]
     nxt = [11, 22, 33]
