@@ -50,7 +50,7 @@ def _write_tier(states: dict[str, torch.Tensor], tier: TierBlocks) -> None:
     device = next(iter(states.values())).device
     runs, items = tier.runs, tier.items
     if len(runs) == 1 and runs[0][1].device == device:  # one run of blocks the states' device holds
-        tier.layout.encode_rows(_rows(states, items), runs[0][1])
+        tier.layout.encode_rows(_rows(states, items), runs[0][1], arena=True)
         return
     per = max(1, STAGING_BYTES // tier.layout.block_bytes)
     for a in range(0, len(items), per):

@@ -15,6 +15,7 @@ import torch
 from cache.base import Codec, StateSpec
 
 ALIGN = 256  # bytes; keeps every typed view aligned (and GPU accesses coalesced)
+CPU_ENCODE_BYTES = 1 << 20  # states per codec call on the CPU: its temporaries stay in the caches
 
 
 def _round_up(n: int, m: int) -> int:
@@ -108,11 +109,25 @@ class BlockLayout:
         for name, (data, scale) in self.views(block, arena).items():
             self.codec.encode_into(state[name], data, scale)
 
-    def encode_rows(self, states: Mapping[str, torch.Tensor], rows: torch.Tensor) -> None:
+    def encode_rows(
+        self, states: Mapping[str, torch.Tensor], rows: torch.Tensor, arena: bool = False
+    ) -> None:
         """Encode n stacked states, `states[name]: (n, *shape)`, into `rows: (n, block_bytes)` (n contiguous
-        blocks: an arena's run, a staging buffer), one codec call per state tensor for all n."""
-        for name, (data, scale) in self.rows_views(rows).items():
-            self.codec.encode_into(states[name], data, scale)
+        blocks: an arena's run, a staging buffer): on CUDA one codec call per state tensor for all n. On the
+        CPU about `CPU_ENCODE_BYTES` of states per call: the torch ops' temporaries are as large as their input,
+        and a whole batch's spill out of the caches (a batch of 64 demo-model states in one call took twice as
+        long per state). `arena`: the rows are an arena's (a lone block then reuses its views, as `views`
+        does)."""
+        if rows.shape[0] == 1 and arena:
+            self.encode_into({name: t[0] for name, t in states.items()}, rows[0], arena=True)
+            return
+        views, n = self.rows_views(rows), rows.shape[0]
+        state_bytes = sum(t[0].numel() * t.element_size() for t in states.values()) if n else 1
+        per = n if rows.is_cuda else max(1, CPU_ENCODE_BYTES // max(1, state_bytes))
+        for a in range(0, n, per):
+            for name, (data, scale) in views.items():
+                part = None if scale is None else scale[a : a + per]
+                self.codec.encode_into(states[name][a : a + per], data[a : a + per], part)
 
     def decode_into(self, block: torch.Tensor, out: dict[str, torch.Tensor], arena: bool = False) -> None:
         for name, (data, scale) in self.views(block, arena).items():
