@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import emit  # noqa: E402
+from bench._common import emit, markdown  # noqa: E402
 
 
 def measure(captures: int, reps: int) -> dict[str, float]:
@@ -65,14 +65,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     us = measure(args.captures, args.reps)
-    lines = [
-        f"### A checkpoint capture's host cost on CPU (demo model, {args.captures} captures, µs of CPU each)",
-        "",
-        "| one `capture` each | one `capture_many` of all |",
-        "|---|---|",
-        f"| {us['one']:.0f} | {us['batch']:.0f} |",
-    ]
-    emit("\n".join(lines) + "\n", args.out)
+    title = (
+        f"### A checkpoint capture's host cost on CPU (demo model, {args.captures} captures, µs of CPU each)"
+    )
+    header = ["one `capture` each", "one `capture_many` of all"]
+    emit(f"{title}\n\n" + markdown(header, [[f"{us['one']:.0f}", f"{us['batch']:.0f}"]]), args.out)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,8 @@ class ModelWorker:
         capture at a time took a quarter of the model worker's time (py-spy on an H200's host), most of it
         the codec's launches. A batch that fails is retried one capture at a time, so that a bad capture
         loses only its own checkpoint; a capture never fails a request."""
+        if not self._pending:  # most decode steps capture nothing
+            return
         pending, self._pending = self._pending, []
         if self.cache is None:
             return

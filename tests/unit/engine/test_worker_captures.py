@@ -60,13 +60,10 @@ def _exact(cache: StateCache, tokens: Sequence[int]) -> dict[str, torch.Tensor]:
         cache.release(lease)
 
 
-async def test_a_steps_captures_reach_the_cache_together_each_its_own_state(model_dir: Path) -> None:
-    model = load_model(model_dir)[1]
-    runner = ModelRunner(model, max_slots=4)
-    config = CacheConfig(
-        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", checkpoint_interval=1024
-    )
-    cache = _Recording(config, runner.state_spec())
+async def _serve_together(
+    model_dir: Path, runner: ModelRunner, cache: StateCache, prompts: list[tuple[int, ...]]
+) -> list[list[int]]:
+    """Each prompt's 4 greedy tokens from one engine over `runner` and `cache`, all requests sent at once."""
     engine = Engine(
         runner,
         Tokenizer.from_pretrained(model_dir),
@@ -74,14 +71,29 @@ async def test_a_steps_captures_reach_the_cache_together_each_its_own_state(mode
         config=EngineConfig(max_slots=4, prefill_budget=256),
     )
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    prompts = [_prompt(20, seed=i) for i in range(3)]
     engine.start()
     try:
-        outs = await asyncio.gather(
-            *(_tokens(engine.generate(GenerationRequest(f"r{i}", p, params))) for i, p in enumerate(prompts))
+        return list(
+            await asyncio.gather(
+                *(
+                    _tokens(engine.generate(GenerationRequest(f"r{i}", p, params)))
+                    for i, p in enumerate(prompts)
+                )
+            )
         )
     finally:
         await engine.stop()
+
+
+async def test_a_steps_captures_reach_the_cache_together_each_its_own_state(model_dir: Path) -> None:
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=4)
+    config = CacheConfig(
+        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", checkpoint_interval=1024
+    )
+    cache = _Recording(config, runner.state_spec())
+    prompts = [_prompt(20, seed=i) for i in range(3)]
+    outs = await _serve_together(model_dir, runner, cache, prompts)
     assert ["prompt"] * 3 in cache.batches and ["finish"] * 3 in cache.batches
     assert sum(map(len, cache.batches)) == 6
     fresh = ModelRunner(model, max_slots=1)
@@ -116,20 +128,7 @@ async def test_a_failed_batch_loses_only_its_bad_capture(model_dir: Path) -> Non
     config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, checkpoint_interval=1024)
     prompts = [_prompt(20, seed=10 + i) for i in range(3)]
     cache = _Failing(prompts[1], config, runner.state_spec())  # the second request's prompt end fails
-    engine = Engine(
-        runner,
-        Tokenizer.from_pretrained(model_dir),
-        cache,
-        config=EngineConfig(max_slots=4, prefill_budget=256),
-    )
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    engine.start()
-    try:
-        outs = await asyncio.gather(
-            *(_tokens(engine.generate(GenerationRequest(f"r{i}", p, params))) for i, p in enumerate(prompts))
-        )
-    finally:
-        await engine.stop()
+    outs = await _serve_together(model_dir, runner, cache, prompts)
     assert [len(o) for o in outs] == [4, 4, 4]  # no request failed
     assert ["failed"] in cache.batches and ["prompt"] in cache.batches  # the batch, then one at a time
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
