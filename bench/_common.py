@@ -58,6 +58,7 @@ class Sample:
     tag: str = ""
     cached_tokens: int = 0  # of prompt_tokens, served from a checkpoint (usage.prompt_tokens_details)
     headers: float = float("nan")  # from the request's start to the response's status and headers
+    token_ids: list[int] = field(default_factory=list)  # generated ids, named by logprobs as `token_id:<id>`
 
 
 def pct(values: list[float], q: float) -> float:
@@ -113,8 +114,12 @@ class Texts:
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
     def text(self, tokens: int, rng: random.Random) -> str:
+        return str(self.tok.decode(self.ids(tokens, rng)))
+
+    def ids(self, tokens: int, rng: random.Random) -> list[int]:
+        """The first `tokens` ids of random words."""
         ids = self.tok.encode(" ".join(rng.choices(WORDS, k=tokens)), add_special_tokens=False).ids
-        return str(self.tok.decode(ids[:tokens]))
+        return list(ids[:tokens])
 
 
 def completion(model: str, prompt: str, max_tokens: int, per_token: bool = False) -> dict[str, Any]:
@@ -123,6 +128,12 @@ def completion(model: str, prompt: str, max_tokens: int, per_token: bool = False
     (an incomplete UTF-8 character, which random weights produce often), so that TTFT and gaps time
     tokens rather than visible text (at the cost of a heavier chunk)."""
     return {"model": model, "prompt": prompt, **_greedy(max_tokens), **({"logprobs": 0} if per_token else {})}
+
+
+def completion_ids(model: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """`completion` (per token) on a prompt of token ids, each generated token named by its id in the
+    logprobs (vLLM's `return_tokens_as_token_ids`), which `stream` collects into `Sample.token_ids`."""
+    return {**completion(model, "", max_tokens, True), "prompt": ids, "return_tokens_as_token_ids": True}
 
 
 def chat_body(
@@ -144,6 +155,9 @@ def _greedy(max_tokens: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+TOKEN_ID = "token_id:"  # a logprob entry's name for a token by id (vLLM's `return_tokens_as_token_ids`)
+
+
 def has_token(chunk: dict[str, Any]) -> bool:
     """Does this chunk carry a generated token (its text, or its logprobs when the text is held back)?"""
     return any(c.get("logprobs") for c in chunk.get("choices") or []) or bool(chunk_text(chunk))
@@ -155,6 +169,12 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     for choice in chunk.get("choices") or []:
         parts.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
     return "".join(parts)
+
+
+def chunk_token_ids(chunk: dict[str, Any]) -> list[int]:
+    """The generated ids a completions chunk names in its logprobs (`return_tokens_as_token_ids`)."""
+    names = [t for c in chunk.get("choices") or [] for t in (c.get("logprobs") or {}).get("tokens") or []]
+    return [int(name[len(TOKEN_ID) :]) for name in names if name.startswith(TOKEN_ID)]
 
 
 async def stream(
@@ -178,6 +198,7 @@ async def stream(
                 details = chunk["usage"].get("prompt_tokens_details") or {}
                 sample.cached_tokens = int(details.get("cached_tokens") or 0)
             text.append(chunk_text(chunk))
+            sample.token_ids.extend(chunk_token_ids(chunk))
             if has_token(chunk):
                 if last is None:
                     sample.ttft = now - sample.start

@@ -19,6 +19,9 @@ is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights i
             tokens) on the cache server and on a second server started with `--no-cache`, each server's
             conversations on one kept connection; with `--profile-followups DIR`, a torch profiler trace
             of each follow-up's steps on the cache server (its TTFT then includes the profiler's cost).
+            Then the same on token ids over /v1/completions, the follow-up sending the answer's own ids
+            (`return_tokens_as_token_ids`): it resumes at the first turn's finish checkpoint, which a
+            random-weight model's chat follow-up misses (its answer's text re-tokenizes to other ids).
 The step table sets the runner's step beside the server's ITL p50 (target at batch 64: ITL <= 1.5x step).
 Each table is printed and appended to `--out` as soon as it is measured, under a header with the card,
 shape, dtype, commit and both servers' flags. Without CUDA or mamba_ssm the upstream column says why it is
@@ -64,6 +67,7 @@ from bench._common import (
     Texts,
     chat_body,
     completion,
+    completion_ids,
     ms,
     pct,
     phase_cells,
@@ -452,6 +456,35 @@ async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: P
     return Turns(first, second, phases)
 
 
+async def _talk_ids(client: httpx.AsyncClient, server: Server, texts: Texts, plan: Plan, length: int,
+                    seed: int, profile: bool = False) -> Turns:  # fmt: skip
+    """`_talk`'s conversation as token ids over /v1/completions, kept as an evaluation harness or an agent
+    framework keeps it (token in, token out): the follow-up's prompt is the first prompt's ids, the answer's
+    ids as generated (`return_tokens_as_token_ids`) and ~`followup_new` new ids, so that it resumes at the
+    first turn's finish checkpoint whatever the answer's text would re-tokenize to. A random-weight model's
+    chat answers never re-tokenize to the ids generated, so `_talk`'s follow-up resumes at the first prompt's
+    end and prefills the answer too."""
+    del profile  # the chat conversation's follow-ups are the profiled ones
+    session = f"e2e-ids-{length}-{seed}"
+    rng = random.Random(session)
+    headers = {"X-Session-ID": session}
+    body = lambda ids: completion_ids(server.model, ids, plan.answer_tokens)
+    prompt = texts.ids(length, rng)
+    before = phase_totals(server.url)
+    first = await stream(client, COMPLETIONS, body(prompt), headers)
+    between = phase_totals(server.url)
+    if len(first.token_ids) != plan.answer_tokens:
+        raise RuntimeError(f"the answer named {len(first.token_ids)} of {plan.answer_tokens} ids")
+    prompt += [*first.token_ids, *texts.ids(plan.followup_new, rng)]
+    second = await stream(client, COMPLETIONS, body(prompt), headers)
+    phases = (phase_delta(before, between), phase_delta(between, phase_totals(server.url)))
+    print(
+        f"[e2e] ids {length:,} #{seed}: {run_line(first, phases[0])}; follow-up {run_line(second, phases[1])}",
+        flush=True,
+    )
+    return Turns(first, second, phases)
+
+
 def run_line(turn: Sample, phases: PhaseSums) -> str:
     """One turn's client TTFT, its checkpoint hit and its server phases (ms): where one run's time went."""
     cells = " ".join(f"{p} {c}" for p, c in zip(PHASES, phase_cells(phases), strict=True))
@@ -465,6 +498,7 @@ async def _talks(
     keys: list[tuple[int, int]],
     budget: Budget | None,
     profile: bool,
+    ids: bool = False,
 ) -> Runs:
     """The conversations on one client, warmed by a short completion first: a client's first request pays for
     its connection and its own set-up (4-11 ms on a 2-core CPU), which no follow-up of a chat client that keeps
@@ -476,7 +510,8 @@ async def _talks(
         for key in keys:
             if runs and budget is not None and budget.over():
                 break
-            runs[key] = await _talk(client, server, texts, plan, *key, profile=profile)
+            talk = _talk_ids if ids else _talk
+            runs[key] = await talk(client, server, texts, plan, *key, profile=profile)
     return runs
 
 
@@ -487,10 +522,12 @@ def conversations(
     keys: list[tuple[int, int]],
     budget: Budget | None = None,
     profile: bool = False,
+    ids: bool = False,
 ) -> Runs:
     """Per (length, seed) key, a conversation of that many tokens and its follow-up (session
-    e2e-{length}-{seed}), one after another while the budget lasts; `profile`: see `_talk`."""
-    return asyncio.run(_talks(server, texts, plan, keys, budget, profile))
+    e2e-{length}-{seed}), one after another while the budget lasts; `profile`: see `_talk`; `ids`: on token
+    ids over /v1/completions (`_talk_ids`), not chat messages."""
+    return asyncio.run(_talks(server, texts, plan, keys, budget, profile, ids))
 
 
 def conversation(server: Server, texts: Texts, plan: Plan, length: int, seed: int) -> Turns:
@@ -717,9 +754,17 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on, off, first=False))
     title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "cache / no-cache", "runs"], followup_rows(on, off, first=True))
+    on_ids = conversations(started[0], texts, plan, list(on), ids=True)
+    off_ids = conversations(started[1], texts, plan, list(on), ids=True)
+    title = (
+        f"follow-up on token ids (+{plan.followup_new} tokens, /v1/completions, the answer's own ids: resumes at"
+        " the first turn's finish checkpoint) TTFT, state cache vs --no-cache"
+    )
+    ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on_ids, off_ids, first=False))
     title = "where TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
     header = ["conversation tokens", "server", "turn", "client TTFT p50 ms", *PHASES]
-    ctx.rep.table(title, header, phase_rows({"cache": on, "no-cache": off}))
+    servers = {"cache": on, "no-cache": off, "cache, token ids": on_ids, "no-cache, token ids": off_ids}
+    ctx.rep.table(title, header, phase_rows(servers))
 
 
 # ---- main ----------------------------------------------------------------------------------------

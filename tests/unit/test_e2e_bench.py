@@ -27,6 +27,8 @@ TABLES = {
                        "no-cache TTFT p50 ms", "speed-up", "runs"],
     "first-turn TTFT": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
                         "no-cache TTFT p50 ms", "cache / no-cache", "runs"],
+    "follow-up on token ids": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
+                               "no-cache TTFT p50 ms", "speed-up", "runs"],
     "where TTFT goes": ["conversation tokens", "server", "turn", "client TTFT p50 ms", "parse", "tokenize",
                         "queue", "restore", "prefill", "first_token"],
 }  # fmt: skip
@@ -93,7 +95,7 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
         assert parts[4] > 0 and sum(parts) <= float(row[1]) * 1.5
         assert 0 < float(row[2]) < float(row[1])  # the headers come before the first token
     phases = _table(tables, "where TTFT goes")
-    assert len(phases) == 1 + 2 * 2 * 2  # per length, per server, per turn
+    assert len(phases) == 1 + 2 * 4 * 2  # per length, per server (chat and token ids), per turn
     for row in phases[1:]:
         parts = [float(cell) for cell in row[4:]]  # every phase observed once per turn
         assert sum(parts) <= float(row[3]) * 1.5  # the server's phases fit in the client's TTFT
@@ -107,6 +109,18 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     ]
     assert all(first == 0 for first, _ in cached)
     assert all(followup > 0 for _, followup in cached[:2]) and all(f == 0 for _, f in cached[2:])
+    # on token ids, the cache server's follow-up resumes at the first turn's finish checkpoint: its prompt
+    # and the answer less its last token (the smoke plan's 4-token answers)
+    ids = [line for line in stdout.splitlines() if re.match(r"\[e2e\] ids [\d,]+ #\d+: ", line)]
+    assert len(ids) == 2 * 2
+    counts = [
+        [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of ([\d,]+) cached", line)[i]]
+        for line in ids
+        for i in (0, 1)
+    ]
+    for n, (first, followup) in enumerate(zip(counts[::2], counts[1::2], strict=True)):
+        assert first[0] == 0 and first[1] in (256, 512)
+        assert followup[0] == (first[1] + 4 - 1 if n < 2 else 0), ids[n]
 
 
 @pytest.mark.slow
