@@ -16,7 +16,8 @@
 #     h11==0.16.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 anyio==4.16.0 idna==3.20 \
 #     openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1 \
-#     pytest-asyncio==1.5.0 hypothesis==6.170.17 redis==8.1.0 hiredis==3.5.0 uvloop==0.23.0
+#     pytest-asyncio==1.5.0 hypothesis==6.170.17 redis==8.1.0 hiredis==3.5.0 uvloop==0.23.0 \
+#     pytest-xdist==3.8.0 execnet==2.1.2
 #   .venv/bin/pip download $p --platform manylinux1_x86_64 --platform manylinux_2_28_x86_64 httptools==0.9.0
 # and the remote tier's server, Debian 12's redis-server with its libraries (not a wheel: the machine has
 # none), in .whl/redis-server/{redis-server.bin,lib/,bin/redis-server}, bin/ being a wrapper that sets
@@ -47,7 +48,8 @@ PACKAGES = [
     ("typing_inspection", "typing-inspection"), ("typing_extensions", "typing-extensions"),
     ("opentelemetry", "opentelemetry-api"), ("openai", "openai"), ("httpx2", "httpx2"),
     ("httpcore2", "httpcore2"), ("truststore", "truststore"), ("jiter", "jiter"), ("sniffio", "sniffio"),
-    ("idna", "idna"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
+    ("idna", "idna"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"), ("xdist", "pytest-xdist"),
+    ("execnet", "execnet"),
     ("hypothesis", "hypothesis"), ("sortedcontainers", "sortedcontainers"), ("attrs", "attrs"),
 ]
 failed = []
