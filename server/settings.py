@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         description="One prefix tree for all API keys (a prompt prefix one key sent serves the others; "
         "TTFT then reveals across keys whether a prefix was sent before).",
     )
+    chat_answer_ids: bool = Field(
+        False,
+        description="A chat follow-up takes the model's previous answer, sent back unchanged, as the ids it "
+        "generated instead of re-tokenizing its text, so that it resumes where that answer ended (a session's "
+        "prompt then depends on this server's memory of the conversation).",
+    )
     hot_window: int = Field(4, ge=0, description="Most recent checkpoints per session kept in the hot tier.")
     hot_bytes: ByteSize = Field(ByteSize(512 * 2**20), description="Hot tier (VRAM) byte budget.")
     cold_bytes: ByteSize = Field(ByteSize(2 * 2**30), description="Cold tier (pinned RAM) byte budget.")

@@ -6,7 +6,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.api import session_ids
+from server.api.answers import AnswerLog, stop_ids
 from server.api.auth import authenticate
 from server.api.errors import bad_request
 from server.api.formatting import (
@@ -60,7 +61,7 @@ from server.api.responses import (
 )
 from server.api.state import AppState, EngineLike, ReleasingStream, app_state
 from server.api.streaming import StreamSpec, chat_stream, completion_stream
-from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.model.chat_encoding import EncodeCancelled, PromptTooLong
 
 _bearer = HTTPBearer(auto_error=False, description="An API key given to the server with --api-key.")
@@ -195,8 +196,9 @@ async def chat_completions(
         reqs = fan_out(ctx, [prompt], params, body.n, scored_prompt(body))
         as_ids = body.return_tokens_as_token_ids
         spec = _spec(state, engine, ctx, "chatcmpl-", body.n, body.include_usage, body.logprobs, as_ids)
+        log_answers, answered = _answer_log(state, engine, ctx, prompt, params, len(reqs))
         if body.stream:
-            stream = chat_stream(engine, reqs, spec)
+            stream = chat_stream(engine, reqs, spec, log_answers, answered)
             return ReleasingStream(stream, state.release, _response_headers(ctx))
         per_choice = await _collect(request, engine, reqs)
     except ClientDisconnected:
@@ -206,7 +208,33 @@ async def chat_completions(
         state.release()
         raise
     state.release()
+    if log_answers is not None and answered is not None:
+        for index, events in enumerate(per_choice):
+            for event in events:
+                log_answers.add(index, event)
+        answered()
     return _chat_response(spec, ctx, per_choice, body.logprobs, body.prompt_logprobs is not None)
+
+
+def _answer_log(
+    state: AppState,
+    engine: EngineLike,
+    ctx: RequestContext,
+    prompt: Prompt,
+    params: SamplingParams,
+    choices: int,
+) -> tuple[AnswerLog, Callable[[], None]] | tuple[None, None]:
+    """With `--chat-answer-ids` and a session: a log of the response's answers, and what hands them to the
+    chat encoder once the response finished (`ChatEncoder.answered`), for the session's next turn."""
+    if not state.settings.chat_answer_ids or ctx.session_id is None:
+        return None, None
+    log_answers = AnswerLog(choices, stop_ids(params, engine.tokenizer.eos_ids), params.min_tokens)
+    key, encoder = (ctx.namespace, ctx.session_id), state.chat_encoder(engine.tokenizer)
+
+    def answered() -> None:
+        encoder.answered(key, prompt.tokens, log_answers.answers())
+
+    return log_answers, answered
 
 
 def _spec(

@@ -76,7 +76,7 @@ class AppState:
     def chat_encoder(self, tokenizer: Tokenizer) -> ChatEncoder:
         """The per-session incremental chat encoder of the served tokenizer (made on first use)."""
         if self._chat_encoder is None or self._chat_encoder.tokenizer is not tokenizer:
-            self._chat_encoder = ChatEncoder(tokenizer)
+            self._chat_encoder = ChatEncoder(tokenizer, answer_ids=self.settings.chat_answer_ids)
         return self._chat_encoder
 
     @property

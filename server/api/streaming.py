@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from server.api.answers import AnswerLog
 from server.api.errors import APIError
 from server.api.formatting import (
     TokenText,
@@ -134,8 +135,13 @@ def _chat_event_bytes(
 
 
 def chat_stream(
-    engine: GeneratingEngine, reqs: Sequence[GenerationRequest], spec: StreamSpec
+    engine: GeneratingEngine,
+    reqs: Sequence[GenerationRequest],
+    spec: StreamSpec,
+    answers: AnswerLog | None = None,
+    answered: Callable[[], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
+    """`answers`: every event is also added to it; `answered` runs once every choice has finished."""
     text = chat_text_chunks(spec)
     finals: list[TokenEvent | None] = [None] * len(reqs)
     opening = [
@@ -153,8 +159,13 @@ def chat_stream(
         )
         return sse(chunk)
 
-    events = lambda index, event: _chat_event_bytes(spec, text, index, event, finals)
-    return _sse_stream(engine, reqs, opening, events, finals, usage if spec.include_usage else None)
+    def events(index: int, event: TokenEvent) -> bytes:
+        if answers is not None:
+            answers.add(index, event)
+        return _chat_event_bytes(spec, text, index, event, finals)
+
+    usage_chunk = usage if spec.include_usage else None
+    return _sse_stream(engine, reqs, opening, events, finals, usage_chunk, answered)
 
 
 async def _sse_stream(
@@ -164,10 +175,11 @@ async def _sse_stream(
     event_bytes: Callable[[int, TokenEvent], bytes],
     finals: list[TokenEvent | None],
     usage: Callable[[], bytes] | None,
+    finished: Callable[[], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The opening chunks, each on its own; then each batch of events in one write (`event_bytes` fills
     `finals`), except the last (every choice finished), which goes out with the usage chunk (if any) and
-    `[DONE]` in one write; an engine error as an error event before `[DONE]`."""
+    `[DONE]` in one write, after `finished` ran; an engine error as an error event before `[DONE]`."""
     for chunk in opening:
         yield chunk
     tail = b""
@@ -182,6 +194,8 @@ async def _sse_stream(
     except Exception as exc:
         yield tail + _error_event(engine_error(exc)) + DONE
         return
+    if finished is not None and all(final is not None for final in finals):
+        finished()  # before the last write: a client's next turn can arrive as soon as it reads [DONE]
     yield tail + (usage() if usage is not None else b"") + DONE
 
 

@@ -19,6 +19,15 @@ it keeps what the previous turn produced and reuses it:
   prefix of P and c_i <= same. Only the other messages are rendered. Normally that is the two new
   ones, the reply and the next question.
 
+- **The previous answer's own ids** (`answer_ids=True`, off by default; `answered`). A chat client sends the
+  model's answer back as text, and that text need not re-tokenize to the ids the model generated: a
+  byte-level BPE splits it otherwise, or a random-weight model's answer holds invalid UTF-8. The follow-up
+  then misses the checkpoint the answer ended at and prefills the answer again. With `answer_ids`, when the
+  new rendering T starts with the whole previous rendering P followed by the text of an answer `answered`
+  recorded for P, the tokens are P's, then that answer's ids as generated, then T's rest tokenized on its
+  own: what the model saw when it wrote the answer. This is the one case where `encode` differs from
+  `encode_chat`, and the tokens then depend on this encoder's memory of the conversation.
+
 Everything else falls back to the full computation, which gives the same result as
 `encode_chat`: no entry for the key, a different conversation, an edit before the cut, a slow
 tokenizer (no offsets, so no cut), a rendering without added tokens (for example the fallback
@@ -40,7 +49,8 @@ Memory per conversation: its last rendering (1, 2 or 4 bytes per character, set 
 character), 8 bytes per token (id and end offset, `array('i')`), the ids again as the tuple of Python ints
 the turn returned (counted as 40 bytes per token: a reference and an int object, which the next turn's tuple
 shares), 8 bytes per cut (about two per message), 21 bytes per message, and about 0.5 KiB fixed. That is
-about 52 bytes per token for English text. The LRU is bounded by `max_bytes` (256 MiB: ~5M tokens) and
+about 52 bytes per token for English text. With `answer_ids`, also the last turn's answers: their text and
+4 bytes per id. The LRU is bounded by `max_bytes` (256 MiB: ~5M tokens) and
 `max_conversations`. An entry larger than `max_bytes` is not kept.
 
 Thread safety: one lock guards the LRU and the counters. Entries never change once built, and two
@@ -61,7 +71,7 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any
 
@@ -102,6 +112,15 @@ class ChatEncoding:
     boundaries: list[int]  # ascending, deduplicated, in [1, len(tokens)], as `encode_chat`
     reused_tokens: int  # leading tokens taken from the previous turn without tokenizing
     rendered_prefixes: int  # partial renderings made for boundaries (the rest were reused)
+    answer_tokens: int = 0  # the previous answer's own ids, right after the reused tokens (`answered`)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer the model gave to a turn: the text the client received, and the ids whose text it is."""
+
+    text: str
+    ids: array[int]
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,7 @@ class _Entry:
     chars: array[int]  # per message: common prefix of its partial rendering with `text` (-1: refused)
     whole: bytes  # per message: 1 when its partial rendering is a prefix of `text`
     prompt: tuple[int, ...]  # the ids as the tuple this turn returned (`_prompt_ids`)
+    answers: tuple[Answer, ...] = ()  # what the model answered to this turn (`ChatEncoder.answered`)
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +178,8 @@ class _Entry:
             len(self.digests) + len(self.variables) + len(self.whole) + self.chars.itemsize * len(self.chars)
         )
         ids = _ID_BYTES * len(self.prompt)
-        return sys.getsizeof(self.text) + self.tokens.nbytes + parts + ids + _ENTRY_OVERHEAD
+        answers = sum(sys.getsizeof(a.text) + a.ids.itemsize * len(a.ids) for a in self.answers)
+        return sys.getsizeof(self.text) + self.tokens.nbytes + parts + ids + answers + _ENTRY_OVERHEAD
 
     def reusable(self, i: int, same: int) -> bool:
         """Message i's common-prefix length is unchanged against a text that shares `same` chars."""
@@ -170,11 +191,18 @@ class ChatEncoder:
     """`Tokenizer.encode_chat` with per-conversation reuse of the previous turn (see the module)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, *, max_bytes: int = 256 << 20, max_conversations: int = 1024
+        self,
+        tokenizer: Tokenizer,
+        *,
+        max_bytes: int = 256 << 20,
+        max_conversations: int = 1024,
+        answer_ids: bool = False,
     ) -> None:
+        """`answer_ids`: a follow-up takes the previous answer's own ids (see the module; `answered`)."""
         if max_bytes < 0 or max_conversations < 0:
             raise ValueError("max_bytes and max_conversations must be >= 0")
         self.tokenizer = tokenizer
+        self.answer_ids = answer_ids
         self.max_bytes = max_bytes
         self.max_conversations = max_conversations
         added = tokenizer.added_tokens()
@@ -212,7 +240,11 @@ class ChatEncoder:
         prev = self._lookup(key, variables)
         same = common_prefix_len(text, prev.text) if prev else 0
         _check(cancelled)
-        tokens, reused = self._tokenize(text, prev, same)
+        answer = self._answer_in(text, prev, same)
+        if prev is not None and answer is not None:
+            tokens, reused = self._after_answer(text, prev, answer), len(prev.tokens.ids)
+        else:
+            tokens, reused = self._tokenize(text, prev, same)
         if max_tokens is not None and len(tokens.ids) > max_tokens:
             raise PromptTooLong(len(tokens.ids), max_tokens)
         digests = b"".join(_digest(m) for m in msgs)
@@ -221,7 +253,24 @@ class ChatEncoder:
         prompt = _prompt_ids(tokens, prev, reused)
         if key is not None:
             self._store(key, _Entry(text, tokens, digests, variables, chars, whole, prompt), hit=reused > 0)
-        return ChatEncoding(prompt, boundaries, reused, rendered)
+        return ChatEncoding(prompt, boundaries, reused, rendered, len(answer.ids) if answer else 0)
+
+    def answered(self, key: Hashable, prompt: tuple[int, ...], answers: Sequence[Answer]) -> bool:
+        """Record what the model answered to the turn of conversation `key` whose prompt `encode` returned as
+        `prompt` (the very tuple): each answer's text as the client received it and the ids whose text it
+        is (without a stop token). False, and nothing kept, when `answer_ids` is off or the key's last turn
+        is another one by now."""
+        if not self.answer_ids:
+            return False
+        kept = tuple(a for a in answers if a.text)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.prompt is not prompt:
+                return False
+            updated = replace(entry, answers=kept)
+            self._nbytes += updated.nbytes - entry.nbytes
+            self._entries[key] = updated
+        return True
 
     def forget(self, key: Hashable) -> None:
         with self._lock:
@@ -233,6 +282,28 @@ class ChatEncoder:
             return ChatEncoderStats(len(self._entries), self._nbytes, self._hits, self._misses)
 
     # ---- tokens -----------------------------------------------------------------------------
+
+    def _answer_in(self, text: str, prev: _Entry | None, same: int) -> Answer | None:
+        """The longest recorded answer of `prev` whose text follows all of prev's rendering in `text`."""
+        if prev is None or not prev.answers or same != len(prev.text) or len(text) <= same:
+            return None
+        if not getattr(self.tokenizer.hf, "is_fast", False):
+            return None  # a slow tokenizer gives no offsets, so the rest cannot be tokenized on its own
+        found = [a for a in prev.answers if text.startswith(a.text, same)]
+        return max(found, key=lambda a: len(a.text)) if found else None
+
+    def _after_answer(self, text: str, prev: _Entry, answer: Answer) -> _Tokens:
+        """prev's tokens, the answer's ids (each ending where the answer's text ends), then the rest of `text`
+        tokenized on its own."""
+        end = len(prev.text) + len(answer.text)
+        head = prev.tokens
+        spliced = _Tokens(
+            head.ids + answer.ids,
+            head.ends + array("i", [end]) * len(answer.ids),
+            head.cut_chars,
+            head.cut_index,
+        )
+        return self._append(spliced, text, end) if end < len(text) else spliced
 
     def _tokenize(self, text: str, prev: _Entry | None, same: int) -> tuple[_Tokens, int]:
         """The rendering's tokens and how many leading ones came from `prev` untokenized."""
