@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 import uuid
@@ -89,6 +90,7 @@ async def namespace_dep(
 
 Namespace = Annotated[str, Depends(namespace_dep)]
 SessionHeader = Annotated[str | None, Header(alias="X-Session-ID")]
+log = logging.getLogger(__name__)
 router = APIRouter(responses=ERRORS)
 
 
@@ -232,7 +234,10 @@ def _answer_log(
     key, encoder = (ctx.namespace, ctx.session_id), state.chat_encoder(engine.tokenizer)
 
     def answered() -> None:
-        encoder.answered(key, prompt.tokens, log_answers.answers())
+        try:
+            encoder.answered(key, prompt.tokens, log_answers.answers())
+        except Exception:  # the next turn re-tokenizes the answer; this response is unharmed
+            log.exception("keeping the answers' ids failed")
 
     return log_answers, answered
 
