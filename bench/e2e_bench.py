@@ -21,7 +21,8 @@ is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights i
             of each follow-up's steps on the cache server (its TTFT then includes the profiler's cost).
             Then the same on token ids over /v1/completions, the follow-up sending the answer's own ids
             (`return_tokens_as_token_ids`): it resumes at the first turn's finish checkpoint, which a
-            random-weight model's chat follow-up misses (its answer's text re-tokenizes to other ids).
+            random-weight model's chat follow-up misses (its answer's text re-tokenizes to other ids);
+            `--variants "" " --chat-answer-ids"` sets the chat follow-up that takes the answer's ids beside.
 The step table sets the runner's step beside the server's ITL p50 (target at batch 64: ITL <= 1.5x step).
 Each table is printed and appended to `--out` as soon as it is measured, under a header with the card,
 shape, dtype, commit and both servers' flags. Without CUDA or mamba_ssm the upstream column says why it is
