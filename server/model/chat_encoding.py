@@ -224,7 +224,8 @@ class ChatEncoder:
         cancelled: Cancelled | None = None,
         max_tokens: int | None = None,
     ) -> ChatEncoding:
-        """(tokens, boundaries) equal to `Tokenizer.encode_chat` with the same messages and options.
+        """(tokens, boundaries) equal to `Tokenizer.encode_chat` with the same messages and options, except
+        where the previous answer's own ids are taken (`answer_ids`, `answered`).
 
         `key` names the conversation (None: no reuse, nothing stored). `cancelled` is polled between
         expensive steps, and `EncodeCancelled` is raised once it returns true (an Event's `is_set`
@@ -270,6 +271,7 @@ class ChatEncoder:
             updated = replace(entry, answers=kept)
             self._nbytes += updated.nbytes - entry.nbytes
             self._entries[key] = updated
+            self._evict()
         return True
 
     def forget(self, key: Hashable) -> None:
@@ -400,9 +402,15 @@ class ChatEncoder:
                 return
             self._entries[key] = entry
             self._nbytes += size
-            while self._nbytes > self.max_bytes or len(self._entries) > self.max_conversations:
-                _, evicted = self._entries.popitem(last=False)
-                self._nbytes -= evicted.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used entries until the bounds hold (the caller holds the lock)."""
+        while self._entries and (
+            self._nbytes > self.max_bytes or len(self._entries) > self.max_conversations
+        ):
+            _, evicted = self._entries.popitem(last=False)
+            self._nbytes -= evicted.nbytes
 
 
 def _prefix_chars(render: Render, msgs: list[dict[str, Any]], text: str) -> tuple[int, int]:

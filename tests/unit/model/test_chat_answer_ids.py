@@ -123,3 +123,17 @@ def test_off_by_default_and_only_for_the_keys_last_turn(tok: Tokenizer) -> None:
     assert not on.answered("other", latest.tokens, [Answer(ANSWER, _spelled(tok, ANSWER))])
     assert on.answered("k", latest.tokens, [Answer(ANSWER, _spelled(tok, ANSWER))])
     assert on.stats().nbytes > 0
+
+
+def test_answers_count_toward_the_byte_bound(tok: Tokenizer) -> None:
+    """An entry that its answers push past `max_bytes` is dropped, as one that large would not be kept."""
+    probe = ChatEncoder(tok, answer_ids=True)
+    probe.encode(FIRST, "k")
+    room = probe.stats().nbytes + 1000
+    enc = ChatEncoder(tok, answer_ids=True, max_bytes=room)
+    first = enc.encode(FIRST, "k")
+    assert enc.answered("k", first.tokens, [Answer(ANSWER, _spelled(tok, ANSWER))])
+    assert enc.stats().conversations == 1 and enc.stats().nbytes <= room
+    long = "a" * 2000
+    assert enc.answered("k", first.tokens, [Answer(long, array("i", [1] * 2000))])
+    assert enc.stats().conversations == 0 and enc.stats().nbytes == 0
