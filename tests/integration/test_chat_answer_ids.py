@@ -4,10 +4,12 @@ answers are random tokens), streamed or not; and the cache still changes no outp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -97,3 +99,22 @@ def test_the_cache_changes_no_output_with_answer_ids(
     assert [_text(r) for r in runs["cache"]] == [_text(r) for r in runs["plain"]]
     assert [_usage(r)[0] for r in runs["cache"]] == [_usage(r)[0] for r in runs["plain"]]
     assert all(_usage(r)[2] > 0 for r in runs["cache"][1:]) and all(_usage(r)[2] == 0 for r in runs["plain"])
+
+
+def test_a_stream_cut_short_keeps_no_answer(server: ServerProc, answers_server: ServerProc) -> None:
+    """A client that goes away mid-stream, then sends what it got as the answer: no ids were kept for it, so
+    the follow-up is tokenized as text, as on a server without the flag, and nothing fails."""
+    body = {"model": MODEL, "messages": FIRST, "max_tokens": 40, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    parts: list[str] = []
+    with httpx.stream("POST", answers_server.base_url + "/v1/chat/completions", json=body,
+                      headers={"X-Session-ID": "answers-cut"}, timeout=60) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                parts.extend(c["delta"].get("content") or "" for c in chunk["choices"])
+            if len(parts) >= 6:
+                break  # the client goes away
+    follow = _next(FIRST, "".join(parts), "Go on.")
+    cut, plain = (chat(s.base_url, follow, "answers-cut", max_tokens=4) for s in (answers_server, server))
+    assert _usage(cut)[0] == _usage(plain)[0]  # the same prompt: the answer re-tokenized
