@@ -617,8 +617,19 @@ def followup_rows(cache: Runs, plain: Runs, first: bool) -> list[list[str]]:
         a, b = pct([s.ttft for s in on], 0.5), pct([s.ttft for s in off], 0.5)
         tokens = statistics.median(s.prompt_tokens for s in on)
         speed = ratio(a, b) if first else ratio(b, a)
-        rows.append([f"{length:,}", f"{tokens:,.0f}", ms(a), ms(b), speed, str(len(on))])
+        row = [f"{length:,}", f"{tokens:,.0f}", ms(a), ms(b), speed, str(len(on))]
+        if not first:
+            turns = [t for k, t in cache.items() if k[0] == length]
+            row.append(f"{sum(resumed_after_answer(t) for t in turns)} of {len(turns)}")
+        rows.append(row)
     return rows
+
+
+def resumed_after_answer(turns: Turns) -> bool:
+    """The follow-up resumed at the first turn's finish checkpoint (its prompt and answer, less the answer's
+    last token) or deeper, rather than before the answer."""
+    first = turns.first
+    return turns.followup.cached_tokens >= first.prompt_tokens + first.completion_tokens - 1
 
 
 # ---- one shape -----------------------------------------------------------------------------------
@@ -752,7 +763,8 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
     on = section_followup(started[0], texts, plan, ctx.budget.section(plan.section_seconds), profile)
     off = conversations(started[1], texts, plan, list(on))
     title = f"follow-up turn (+{plan.followup_new} tokens) TTFT, state cache vs --no-cache"
-    ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on, off, first=False))
+    header = [*FOLLOWUP_HEADER, "speed-up", "runs", "resumed after the answer"]
+    ctx.rep.table(title, header, followup_rows(on, off, first=False))
     title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "cache / no-cache", "runs"], followup_rows(on, off, first=True))
     on_ids = conversations(started[0], texts, plan, list(on), ids=True)
@@ -761,7 +773,7 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
         f"follow-up on token ids (+{plan.followup_new} tokens, /v1/completions, the answer's own ids: resumes at"
         " the first turn's finish checkpoint) TTFT, state cache vs --no-cache"
     )
-    ctx.rep.table(title, [*FOLLOWUP_HEADER, "speed-up", "runs"], followup_rows(on_ids, off_ids, first=False))
+    ctx.rep.table(title, header, followup_rows(on_ids, off_ids, first=False))
     title = "where TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
     header = ["conversation tokens", "server", "turn", "client TTFT p50 ms", *PHASES]
     servers = {"cache": on, "no-cache": off, "cache, token ids": on_ids, "no-cache, token ids": off_ids}

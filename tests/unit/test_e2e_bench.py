@@ -24,11 +24,11 @@ TABLES = {
     "ITL with long prefills in flight": ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)",
                                          "long prefills", "their TTFT p50 ms"],
     "follow-up turn": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
-                       "no-cache TTFT p50 ms", "speed-up", "runs"],
+                       "no-cache TTFT p50 ms", "speed-up", "runs", "resumed after the answer"],
     "first-turn TTFT": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
                         "no-cache TTFT p50 ms", "cache / no-cache", "runs"],
     "follow-up on token ids": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
-                               "no-cache TTFT p50 ms", "speed-up", "runs"],
+                               "no-cache TTFT p50 ms", "speed-up", "runs", "resumed after the answer"],
     "where TTFT goes": ["conversation tokens", "server", "turn", "client TTFT p50 ms", "parse", "tokenize",
                         "queue", "restore", "prefill", "first_token"],
 }  # fmt: skip
@@ -84,6 +84,9 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path: Path) -> None:
     followup = _table(tables, "follow-up turn")
     assert [row[0] for row in followup[1:]] == ["256", "512"]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in followup[1:])
+    # token-id follow-ups always resume after the answer (the demo model's chat answers also re-tokenize
+    # to the ids generated, so the chat ones do here too)
+    assert all(row[-1] == "1 of 1" for row in _table(tables, "follow-up on token ids")[1:])
     burst = _table(tables, "the runner's own batched prefill of the burst")
     assert (
         burst[1][:2] == ["4 x 24", "-"] and float(burst[1][2]) > 0 and float(burst[1][3]) > 0
