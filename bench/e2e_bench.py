@@ -553,6 +553,8 @@ ITL_HEADER = ["load", "ITL p50 ms", "ITL p99 ms", "p99 / p50 (target <= 3x)", "l
               "their TTFT p50 ms"]  # fmt: skip
 FOLLOWUP_HEADER = ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
                    "no-cache TTFT p50 ms"]  # fmt: skip
+# `followup_rows(first=False)`'s columns
+FOLLOWUP_TURN_HEADER = [*FOLLOWUP_HEADER, "speed-up", "runs", "resumed after the answer"]
 
 
 def tput_rows(
@@ -763,8 +765,7 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
     on = section_followup(started[0], texts, plan, ctx.budget.section(plan.section_seconds), profile)
     off = conversations(started[1], texts, plan, list(on))
     title = f"follow-up turn (+{plan.followup_new} tokens) TTFT, state cache vs --no-cache"
-    header = [*FOLLOWUP_HEADER, "speed-up", "runs", "resumed after the answer"]
-    ctx.rep.table(title, header, followup_rows(on, off, first=False))
+    ctx.rep.table(title, FOLLOWUP_TURN_HEADER, followup_rows(on, off, first=False))
     title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
     ctx.rep.table(title, [*FOLLOWUP_HEADER, "cache / no-cache", "runs"], followup_rows(on, off, first=True))
     on_ids = conversations(started[0], texts, plan, list(on), ids=True)
@@ -773,7 +774,7 @@ def followup_tables(ctx: Context, started: list[Server], texts: Texts) -> None:
         f"follow-up on token ids (+{plan.followup_new} tokens, /v1/completions, the answer's own ids: resumes at"
         " the first turn's finish checkpoint) TTFT, state cache vs --no-cache"
     )
-    ctx.rep.table(title, header, followup_rows(on_ids, off_ids, first=False))
+    ctx.rep.table(title, FOLLOWUP_TURN_HEADER, followup_rows(on_ids, off_ids, first=False))
     title = "where TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
     header = ["conversation tokens", "server", "turn", "client TTFT p50 ms", *PHASES]
     servers = {"cache": on, "no-cache": off, "cache, token ids": on_ids, "no-cache, token ids": off_ids}

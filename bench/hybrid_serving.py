@@ -140,7 +140,7 @@ def followup_tables(rep: Report, served: Served) -> dict[str, Any]:
         row += [_prefilled(on, length), _prefilled(off, length)]
     title = f"follow-up turn (+{served.convo.followup_new} tokens) TTFT, state cache vs --no-cache"
     extra = ["cache: tokens prefilled", "no-cache: tokens prefilled"]
-    rep.table(title, [*e2e.FOLLOWUP_HEADER, "speed-up", "runs", *extra], rows)
+    rep.table(title, [*e2e.FOLLOWUP_TURN_HEADER, *extra], rows)
     title = "first-turn TTFT (a miss: what capturing costs), state cache vs --no-cache"
     header = [*e2e.FOLLOWUP_HEADER, "cache / no-cache", "runs"]
     rep.table(title, header, e2e.followup_rows(on, off, first=True))

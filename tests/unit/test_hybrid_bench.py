@@ -24,7 +24,8 @@ HEADERS = {
                          "sum of position x KV per token (model dtype)", "all stored", "all, with full KV copies"],
     "decode": ["measure", "ours", "transformers", "ours vs transformers"],
     "follow-up turn": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms", "no-cache TTFT p50 ms",
-                       "speed-up", "runs", "cache: tokens prefilled", "no-cache: tokens prefilled"],
+                       "speed-up", "runs", "resumed after the answer", "cache: tokens prefilled",
+                       "no-cache: tokens prefilled"],
     "first-turn TTFT": ["conversation tokens", "measured prompt tokens", "cache TTFT p50 ms",
                         "no-cache TTFT p50 ms", "cache / no-cache", "runs"],
 }  # fmt: skip
@@ -80,7 +81,7 @@ def test_a_cached_follow_up_prefills_fewer_tokens(smoke: tuple[str, dict[str, An
     rows = _table(_tables(smoke[0]), "follow-up turn")[1:]
     assert [row[0] for row in rows] == ["256", "512"]  # the smoke plan's short and long conversations
     for row in rows:
-        prompt, cache, plain = _n(row[1]), _n(row[6]), _n(row[7])
+        prompt, cache, plain = _n(row[1]), _n(row[7]), _n(row[8])
         assert 0 < cache < prompt // 4 and plain == prompt
         assert _n(row[2]) > 0 and _n(row[3]) > 0
 
