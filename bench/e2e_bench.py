@@ -458,14 +458,13 @@ async def _talk(client: httpx.AsyncClient, server: Server, texts: Texts, plan: P
 
 
 async def _talk_ids(client: httpx.AsyncClient, server: Server, texts: Texts, plan: Plan, length: int,
-                    seed: int, profile: bool = False) -> Turns:  # fmt: skip
+                    seed: int) -> Turns:  # fmt: skip
     """`_talk`'s conversation as token ids over /v1/completions, kept as an evaluation harness or an agent
     framework keeps it (token in, token out): the follow-up's prompt is the first prompt's ids, the answer's
     ids as generated (`return_tokens_as_token_ids`) and ~`followup_new` new ids, so that it resumes at the
     first turn's finish checkpoint whatever the answer's text would re-tokenize to. A random-weight model's
     chat answers never re-tokenize to the ids generated, so `_talk`'s follow-up resumes at the first prompt's
     end and prefills the answer too."""
-    del profile  # the chat conversation's follow-ups are the profiled ones
     session = f"e2e-ids-{length}-{seed}"
     rng = random.Random(session)
     headers = {"X-Session-ID": session}
@@ -511,8 +510,10 @@ async def _talks(
         for key in keys:
             if runs and budget is not None and budget.over():
                 break
-            talk = _talk_ids if ids else _talk
-            runs[key] = await talk(client, server, texts, plan, *key, profile=profile)
+            if ids:  # the chat conversations' follow-ups are the profiled ones
+                runs[key] = await _talk_ids(client, server, texts, plan, *key)
+            else:
+                runs[key] = await _talk(client, server, texts, plan, *key, profile=profile)
     return runs
 
 

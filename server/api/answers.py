@@ -9,19 +9,14 @@ finish (an abort, an error, a client gone).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Collection
 
-from server.engine.types import FinishReason, SamplingParams, TokenEvent
+from server.engine.types import FinishReason, TokenEvent
 from server.model.chat_encoding import Answer
 
 
-def stop_ids(params: SamplingParams, eos_ids: Collection[int]) -> frozenset[int]:
-    """The ids that end a request with `params` as the engine's first stop rule does (`server.engine.request`)."""
-    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
-
-
 class AnswerLog:
-    """Each choice's text and ids, event by event (`add`), then the choices' `Answer`s (`answers`)."""
+    """Each choice's text and ids, event by event (`add`), then the choices' `Answer`s (`answers`). `stops`:
+    the request's `server.engine.request.stop_ids`."""
 
     def __init__(self, choices: int, stops: frozenset[int], min_tokens: int) -> None:
         self._text: list[list[str]] = [[] for _ in range(choices)]

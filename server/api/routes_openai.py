@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.api import session_ids
-from server.api.answers import AnswerLog, stop_ids
+from server.api.answers import AnswerLog
 from server.api.auth import authenticate
 from server.api.errors import bad_request
 from server.api.formatting import (
@@ -62,6 +62,7 @@ from server.api.responses import (
 )
 from server.api.state import AppState, EngineLike, ReleasingStream, app_state
 from server.api.streaming import StreamSpec, chat_stream, completion_stream
+from server.engine.request import stop_ids
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.model.chat_encoding import EncodeCancelled, PromptTooLong
 

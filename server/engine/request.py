@@ -17,14 +17,28 @@ Timestamps are `time.monotonic()` seconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.engine.detokenizer import DecodeFn, IncrementalDetokenizer
 from server.engine.scheduler import Entry
-from server.engine.types import FinishReason, GenerationRequest, PromptLogprob, TokenEvent, TopLogprob
+from server.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    PromptLogprob,
+    SamplingParams,
+    TokenEvent,
+    TopLogprob,
+)
 
 EventItem = TokenEvent | BaseException
+
+
+def stop_ids(params: SamplingParams, eos_ids: Collection[int]) -> frozenset[int]:
+    """The ids that end a request with `params` (stop rule 1): its stop_token_ids, and the EOS ids unless
+    it ignores them."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
 
 
 class EventSink(Protocol):
@@ -72,13 +86,12 @@ class Seq:
     ) -> Seq:
         """`events`: where its events go (None: a new `asyncio.Queue`)."""
         p = req.params
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
         arrival = req.arrival_time if 0 < req.arrival_time <= now else now
         return cls(
             req=req,
             entry=Entry(req.request_id, num_prompt=len(req.prompt_tokens)),
             detok=IncrementalDetokenizer(decode, stop=p.stop, prompt_tail=req.prompt_tokens),
-            stop_ids=frozenset(stop_ids),
+            stop_ids=stop_ids(p, eos_ids),
             events=asyncio.Queue() if events is None else events,
             t_arrival=arrival,
             t_queued=now,

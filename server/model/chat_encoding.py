@@ -289,7 +289,7 @@ class ChatEncoder:
         """The longest recorded answer of `prev` whose text follows all of prev's rendering in `text`."""
         if prev is None or not prev.answers or same != len(prev.text) or len(text) <= same:
             return None
-        if not getattr(self.tokenizer.hf, "is_fast", False):
+        if not self.tokenizer.has_offsets:
             return None  # a slow tokenizer gives no offsets, so the rest cannot be tokenized on its own
         found = [a for a in prev.answers if text.startswith(a.text, same)]
         return max(found, key=lambda a: len(a.text)) if found else None

@@ -275,12 +275,17 @@ class Tokenizer:
                 boundaries.add(position)
         return tokens, sorted(boundaries)
 
+    @property
+    def has_offsets(self) -> bool:
+        """A fast tokenizer, which reports each token's character span (a slow one does not)."""
+        return bool(getattr(self.hf, "is_fast", False))
+
     def encode_offsets(self, text: str) -> tuple[list[int], Spans] | None:
         """Tokens of `text` (no special tokens added) and each one's (start, end) character span.
 
         None for a slow tokenizer, which reports no offsets. A long text is encoded in pieces on several
         cores where that is proven to give the same (`parallel_encode`)."""
-        if not getattr(self.hf, "is_fast", False):
+        if not self.has_offsets:
             return None
         if self.parallel is not None and (pieces := self.parallel.encode(text)) is not None:
             return pieces
@@ -304,7 +309,7 @@ class Tokenizer:
 
     def added_tokens(self) -> AddedTokens | None:
         """The added tokens, or None (a slow tokenizer, or one told to encode special tokens as text)."""
-        backend = getattr(self.hf, "backend_tokenizer", None) if getattr(self.hf, "is_fast", False) else None
+        backend = getattr(self.hf, "backend_tokenizer", None) if self.has_offsets else None
         if backend is None or getattr(self.hf, "split_special_tokens", False):
             return None
         with self._lock:

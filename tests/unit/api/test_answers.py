@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from server.api.answers import AnswerLog, stop_ids
-from server.engine.request import Seq
+from server.api.answers import AnswerLog
+from server.engine.request import Seq, stop_ids
 from server.engine.types import GenerationRequest, SamplingParams
 
 EOS = 25  # a letter vocabulary: token i is chr(97 + i), 'z' the EOS
