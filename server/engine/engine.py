@@ -228,6 +228,7 @@ class Engine:
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
+            await asyncio.to_thread(self._worker.flush_captures)  # what a cancelled step left queued
         close = getattr(self._cache, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
@@ -381,7 +382,12 @@ class Engine:
             return
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
         seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
-        self._apply(await self.in_worker(self._worker.execute, plan, seq_of))
+        self._apply(await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True))
+        if self._worker.captures_pending and self._executor is not None:
+            # after the step's tokens went out: not in their latency. Submitted now and shielded, so that a
+            # `stop` cancelling this step still stores them (it waits for the worker)
+            loop = asyncio.get_running_loop()
+            await asyncio.shield(loop.run_in_executor(self._executor, self._worker.flush_captures))
 
     async def _admit(self, seqs: list[Seq]) -> None:
         now = time.monotonic()

@@ -84,6 +84,7 @@ class ModelWorker:
     def admit(self, seqs: Sequence[Seq]) -> list[int | BaseException]:
         """Restore each request's slot; per request, the prompt tokens served from a checkpoint, or the
         exception that failed that request alone (the others are admitted all the same)."""
+        self.flush_captures()  # a deferred capture reads its slot before a restore may write it
         out: list[int | BaseException] = []
         for seq in seqs:
             try:
@@ -136,14 +137,26 @@ class ModelWorker:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def execute(self, plan: StepPlan, seq_of: dict[str, Seq]) -> StepResult:
+    def execute(self, plan: StepPlan, seq_of: dict[str, Seq], *, defer_captures: bool = False) -> StepResult:
         """Run one step. A failure is confined to the rows it concerns: a prefill error fails that request,
         a sampling error is retried row by row so that only the failing row fails; only an error of the
-        shared decode pass itself (the model failing) fails every decoding row."""
+        shared decode pass itself (the model failing) fails every decoding row.
+
+        `defer_captures`: the step's captures stay queued for `flush_captures`, which the engine calls once it
+        has delivered the step's tokens, so that a capture's host work (~4 ms for a 2.7b follow-up's on an
+        H200's host) is not in the time to first token. The next `admit` or `execute` flushes what is still
+        queued before anything else, so a capture always reads its slot before the slot is written again."""
+        self.flush_captures()
         try:
             return self._execute(plan, seq_of)
         finally:
-            self._flush_captures()
+            if not defer_captures:
+                self.flush_captures()
+
+    @property
+    def captures_pending(self) -> bool:
+        """Whether captures wait for `flush_captures` (after an `execute` with `defer_captures`)."""
+        return bool(self._pending)
 
     def _execute(self, plan: StepPlan, seq_of: dict[str, Seq]) -> StepResult:
         result = StepResult()
@@ -280,12 +293,12 @@ class ModelWorker:
     def _capture(
         self, seq: Seq, tokens: Sequence[int], state: Mapping[str, Tensor], reason: str, owned: bool = True
     ) -> None:
-        """Queue a capture; the step's captures go to the cache together at its end (`_flush_captures`).
+        """Queue a capture; the step's captures go to the cache together at its end (`flush_captures`).
         `owned`: `state` is a copy nothing else writes (a prefill's captures), not views of a live slot."""
         if self.cache is not None:
             self._pending.append(_Pending(seq, tokens, state, reason, owned))
 
-    def _flush_captures(self) -> None:
+    def flush_captures(self) -> None:
         """The step's captures, in batches of at most `CAPTURE_BATCH_BYTES` of states: the cache encodes a
         batch in about as many launches as one capture (`CheckpointCache.capture_many`). At 64 streams one
         capture at a time took a quarter of the model worker's time (py-spy on an H200's host), most of it

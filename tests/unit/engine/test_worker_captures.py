@@ -5,6 +5,8 @@ request's state at its own position: a fresh prefill of those tokens gives the s
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,10 @@ import torch
 from cache import CacheConfig, Capture, StateCache
 from cache.base import State
 from server.engine import Engine, EngineConfig
+from server.engine.request import Seq
+from server.engine.scheduler import PrefillChunk, StepPlan
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
-from server.engine.worker import _stack
+from server.engine.worker import ModelWorker, _stack
 from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
@@ -155,3 +159,75 @@ def test_stacking_keeps_a_passes_taps_in_place_and_copies_live_slots() -> None:
         assert torch.equal(out, pool.transpose(0, 1))
     spaced = torch.randn(6, 4)
     assert torch.equal(_stack([spaced[0], spaced[2], spaced[5]], owned=True), spaced[[0, 2, 5]])  # uneven
+
+
+class _Held(_Recording):
+    """The real cache, whose prompt captures wait until the test lets them through."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gate = threading.Event()
+
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        if any(c.reason == "prompt" for c in captures) and not self.gate.wait(timeout=30):
+            raise RuntimeError("the gate was never opened")
+        return super().capture_many(captures, states)
+
+
+async def test_a_steps_tokens_are_delivered_before_its_captures_are_stored(model_dir: Path) -> None:
+    """The first token reaches the client while the step's prompt capture is still to be stored: a
+    capture's host work is not in the time to first token. The checkpoint is stored all the same."""
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=2)
+    cache = _Held(CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32"), runner.state_spec())
+    engine = Engine(runner, Tokenizer.from_pretrained(model_dir), cache, config=EngineConfig(max_slots=2))
+    prompt = _prompt(20, seed=30)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.start()
+    try:
+        stream = engine.generate(GenerationRequest("r", prompt, params))
+        first = await asyncio.wait_for(anext(stream), timeout=20)  # before the gate opens
+        assert first.token_id is not None and cache.batches == []
+        cache.gate.set()
+        rest = [e.token_id async for e in stream]
+    finally:
+        cache.gate.set()
+        await engine.stop()
+    assert len(rest) == 2 and cache.batches[0] == ["prompt"]
+    fresh = ModelRunner(model, max_slots=1)
+    fresh.prefill(prompt, 0)
+    for name, got in _exact(cache, prompt).items():
+        torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-6, rtol=1e-6)
+
+
+def test_captures_deferred_by_a_step_are_stored_before_the_next_admission_writes_the_slot(
+    model_dir: Path,
+) -> None:
+    """`execute(defer_captures=True)` leaves the captures queued; the next `admit` (which resets or restores
+    the same slot) stores them first, so the checkpoint holds the state of its own tokens."""
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=1)
+    cache = StateCache(
+        CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32"), runner.state_spec()
+    )
+    worker = ModelWorker(runner, cache)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(20, seed=31)
+    first = Seq.create(GenerationRequest("a", prompt, params), lambda ids: "", (), time.monotonic())
+    first.entry.slot = first.slot = 0
+    assert worker.admit([first]) == [0]
+    plan = StepPlan((PrefillChunk(first.entry, 0, len(prompt)),), ())
+    result = worker.execute(plan, {"a": first}, defer_captures=True)
+    assert len(result.events) == 1 and worker.captures_pending
+    assert cache.lookup("anon", None, [*prompt, 0]) is None  # not stored yet
+    other = Seq.create(
+        GenerationRequest("b", _prompt(9, seed=32), params), lambda ids: "", (), time.monotonic()
+    )
+    other.entry.slot = other.slot = 0
+    assert worker.admit([other]) == [0]  # a miss: the slot is reset
+    assert not worker.captures_pending
+    assert not any(t.any() for t in runner.slot_state(0).values())
+    fresh = ModelRunner(model, max_slots=1)
+    fresh.prefill(prompt, 0)
+    for name, got in _exact(cache, prompt).items():
+        torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-6, rtol=1e-6)
