@@ -95,9 +95,9 @@ def check_prompt_length(n_tokens: int, settings: Settings, param: str) -> None:
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = [i for i in ids if i >= vocab_size]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab_size}).", param=param)
+    if ids and max(ids) >= vocab_size:  # the scan in C; the first offender's value for the message
+        bad = next(i for i in ids if i >= vocab_size)
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab_size}).", param=param)
 
 
 def chat_sampling(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -340,13 +340,14 @@ async def _encode_prompts(engine: EngineLike, body: CompletionRequest) -> list[P
         if encoded is None:
             encoded = await anyio.to_thread.run_sync(_encode_all, tok, texts)
         return [Prompt(tokens=tuple(ids), text=t) for ids, t in zip(encoded, texts, strict=True)]
-    lists = [raw] if isinstance(raw[0], int) else raw
+    # ints already (`TokenId`): no pass over each id in Python but the vocabulary check (a 131k-id prompt's
+    # tokenize phase read 16 ms on an H200's host with one)
+    lists = cast(list[list[int]], [raw] if isinstance(raw[0], int) else raw)
     prompts = []
     for ids in lists:
-        assert isinstance(ids, list)
-        token_ids = [int(i) for i in ids if isinstance(i, int)]
+        token_ids = tuple(ids)
         check_token_ids(token_ids, int(tok.vocab_size), "prompt")
-        prompts.append(Prompt(tokens=tuple(token_ids), text=tok.decode(token_ids) if body.echo else ""))
+        prompts.append(Prompt(tokens=token_ids, text=tok.decode(token_ids) if body.echo else ""))
     return prompts
 
 

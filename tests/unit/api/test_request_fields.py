@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from server.api.errors import APIError
 from server.api.formatting import TokenNames, chat_logprob_entry, completion_logprobs, unique_names
 from server.api.protocol import MAX_LOGIT_BIAS, ChatCompletionRequest, CompletionRequest
-from server.api.requests import chat_sampling, check_logit_bias, completion_sampling
+from server.api.requests import chat_sampling, check_logit_bias, check_token_ids, completion_sampling
 from server.engine.types import SamplingParams, TokenEvent, TopLogprob
 from server.settings import Settings
 
@@ -59,6 +59,14 @@ def test_logit_bias_ids_must_be_in_the_vocabulary() -> None:
     with pytest.raises(APIError) as info:
         check_logit_bias(params, vocab_size=299)
     assert info.value.param == "logit_bias"
+
+
+def test_a_prompts_token_ids_must_be_in_the_vocabulary_and_the_error_names_the_first_outside() -> None:
+    check_token_ids((0, 5, 299), vocab_size=300, param="prompt")
+    check_token_ids((), vocab_size=300, param="prompt")
+    with pytest.raises(APIError) as info:
+        check_token_ids((4, 301, 7, 999), vocab_size=300, param="prompt")
+    assert info.value.param == "prompt" and "token id 301 " in str(info.value.message)
 
 
 def test_min_tokens_reaches_the_params() -> None:
