@@ -238,8 +238,8 @@ class Metrics(CacheObserver):
             "Where time to first token goes, per request and phase: parse (body read and validated), "
             "tokenize (chat template and tokenizer), remote (finding and fetching a deeper checkpoint from the "
             "remote tier, with --remote-url), queue (waiting for a live slot), restore (checkpoint "
-            "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps), "
-            "first_token (sampling and delivery of the first token).",
+            "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps, until the "
+            "first token is sampled and on the host), first_token (from there to its delivery).",
             ["phase"],
             buckets=(0.00005, *_FAST_BUCKETS, 2.5, 5.0, 10.0, 30.0),
             registry=r,

@@ -369,8 +369,9 @@ def _latency_row() -> Row:
                 "Where time to first token goes (mean per request, by phase)",
                 "Consecutive phases of a request before its first token: parse (body read and validated), "
                 "tokenize (chat template, tokenizer), queue (waiting for a live slot), restore (checkpoint "
-                "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps), "
-                "first_token (sampling and delivery). Stacked, they add up to the server-side TTFT.",
+                "lookup and fetch into the slot), prefill (prompt tokens computed, chunked across steps, until the "
+                "first token is sampled and on the host), first_token (from there to its delivery). Stacked, "
+                "they add up to the server-side TTFT.",
                 (
                     Target(
                         f"sum by (phase) ({_rate('tssc_request_phase_seconds_sum')})"

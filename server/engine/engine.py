@@ -415,7 +415,7 @@ class Engine:
     def _observe_phases(self, seq: Seq, now: float) -> None:
         """The engine's phases of the request's time to first token (the API records parse and tokenize),
         from its hand-over to the scheduler to `now`, its first token's delivery."""
-        marks = (seq.t_queued, seq.t_admitted, seq.t_restored, seq.t_prefilled, now)
+        marks = (seq.t_queued, seq.t_admitted, seq.t_restored, seq.t_first, now)
         if any(t is None for t in marks):
             return
         for phase, (a, b) in zip(ENGINE_PHASES, itertools.pairwise(marks), strict=True):

@@ -70,8 +70,7 @@ class Seq:
     aborted: bool = False
     t_admitted: float | None = None  # given a slot (event loop)
     t_restored: float | None = None  # its checkpoint restored, or none found (worker)
-    t_prefilled: float | None = None  # its last prompt chunk computed (worker)
-    t_first: float | None = None
+    t_first: float | None = None  # its first token on the host: the prompt computed and the token sampled
     t_last: float | None = None
     last_itl: float | None = None  # seconds between the last two tokens (None after the first)
 

@@ -272,10 +272,7 @@ class ModelWorker:
         seq, start, end = chunk
         result.prefilled.append((seq, end - start))
         self._capture_prefill(seq, start, captures)
-        if end != len(seq.req.prompt_tokens):
-            return None
-        seq.t_prefilled = time.monotonic()
-        return last
+        return last if end == len(seq.req.prompt_tokens) else None
 
     @staticmethod
     def _caps(seq: Seq, start: int, end: int) -> list[int]:

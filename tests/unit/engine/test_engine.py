@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,38 @@ async def test_metrics_record_cached_and_computed_prompt_tokens(model_dir: Path)
     assert value("tssc_generation_tokens_total") == 8
     assert value("tssc_time_to_first_token_seconds_count") == 2
     assert value("tssc_inter_token_latency_seconds_count") == 6
+
+
+class _SlowDecode(ModelRunner):
+    """The real runner, whose decode pass takes `DELAY` seconds more (as a long GPU pass would)."""
+
+    DELAY = 0.3
+
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        time.sleep(self.DELAY)
+        return super().decode(tokens, slots)
+
+
+async def test_the_prefill_phase_lasts_until_the_first_token_is_on_the_host(model_dir: Path) -> None:
+    """A prompt prefilled in a step beside another request's decode has its first token once the step has
+    sampled, after that decode: the wait counts in its prefill phase, and first_token is its delivery alone."""
+    metrics = Metrics(process_collectors=False)
+    runner = _SlowDecode(load_model(model_dir)[1], max_slots=2)
+    config = EngineConfig(max_slots=2, prefill_budget=64)
+    engine = Engine(runner, Tokenizer.from_pretrained(model_dir), None, metrics=metrics, config=config)
+    phases = lambda: {
+        p: metrics.registry.get_sample_value("tssc_request_phase_seconds_sum", {"phase": p}) or 0.0
+        for p in ("prefill", "first_token")
+    }
+    async with _running(engine):
+        decoding = engine.generate(_req("a", _prompt(8, 1), max_tokens=6))
+        await anext(decoding)  # from now on every step decodes "a", DELAY seconds each
+        before = phases()
+        assert len(await _collect(engine, _req("b", _prompt(12, 2), max_tokens=1))) == 1
+        after = phases()
+        assert len([e async for e in decoding]) == 5
+    assert after["prefill"] - before["prefill"] >= 0.9 * _SlowDecode.DELAY
+    assert after["first_token"] - before["first_token"] < _SlowDecode.DELAY / 3
 
 
 async def test_build_engine_from_settings_serves_a_chat(model_dir: Path) -> None:
