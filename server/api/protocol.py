@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from server.api import session_ids
 
@@ -157,12 +166,40 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-PromptInput = (
-    Text
-    | Annotated[list[Text], Field(min_length=1, max_length=64)]
-    | Annotated[list[TokenId], Field(min_length=1)]
-    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
-)
+def _prompt_kind(value: Any) -> str | None:
+    """Which `PromptInput` member a prompt is, from its first element: one validation, where a plain union
+    tried each member (a 131k-id prompt failed the text members id by id first: ~2 ms more on a 2-core CPU)
+    and a bad prompt got an error per member. The tags read as type names (`errors._is_field` drops them).
+    None (neither a string nor a list): the discriminator's own error."""
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    return (
+        "list[str]"
+        if isinstance(first, str)
+        else "list[list[int]]"
+        if isinstance(first, list)
+        else "list[int]"
+    )
+
+
+PromptInput = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[list[Text], Field(min_length=1, max_length=64), Tag("list[str]")]
+    | Annotated[list[TokenId], Field(min_length=1), Tag("list[int]")]
+    | Annotated[
+        list[Annotated[list[TokenId], Field(min_length=1)]],
+        Field(min_length=1, max_length=64),
+        Tag("list[list[int]]"),
+    ],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message="prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+    ),
+]
 
 
 class CompletionRequest(_SamplingFields):

@@ -181,6 +181,28 @@ def test_bad_completion_prompts_are_400(client: TestClient, fields: dict[str, An
     _assert_openai_error(resp, 400)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "param", "words"),
+    [
+        (7, "prompt", "prompt must be a string, a list of strings, a list of token ids"),
+        ({"ids": [1]}, "prompt", "prompt must be a string"),
+        ([1, "a"], "prompt[1]", "integer"),
+        (["a", 1], "prompt[1]", "string"),
+        ([[1], ["x"]], "prompt[1][0]", "integer"),
+        ([5, -3], "prompt[1]", "greater than or equal to 0"),
+    ],
+)
+def test_a_bad_prompt_is_one_error_at_its_bad_element(
+    client: TestClient, prompt: Any, param: str, words: str
+) -> None:
+    """The prompt's form is read from its first element, so the error names the element that breaks it,
+    not one failure per form the prompt might have taken."""
+    err = _assert_openai_error(
+        client.post("/v1/completions", json={"model": MODEL, "prompt": prompt}), 400, param
+    )
+    assert words in err["message"]
+
+
 def test_unknown_model_is_404(client: TestClient) -> None:
     err = _assert_openai_error(_chat(client, model="gpt-17"), 404, "model")
     assert err["code"] == "model_not_found"
