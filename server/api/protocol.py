@@ -176,13 +176,11 @@ def _prompt_kind(value: Any) -> str | None:
     if not isinstance(value, list):
         return None
     first = value[0] if value else None
-    return (
-        "list[str]"
-        if isinstance(first, str)
-        else "list[list[int]]"
-        if isinstance(first, list)
-        else "list[int]"
-    )
+    if isinstance(first, str):
+        return "list[str]"
+    if isinstance(first, list):
+        return "list[list[int]]"
+    return "list[int]"  # ids, and an empty list (its error: at least one item)
 
 
 PromptInput = Annotated[
