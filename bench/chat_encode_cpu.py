@@ -92,7 +92,7 @@ def measure(tok: Tokenizer, n_messages: int, n_tokens: int, repeats: int) -> Row
     out = outs[-1]
     # tokens are always identical; a first turn of more than MAX_RENDERS messages (the prime here) finds a
     # subset of the message boundaries, each a true one
-    if out.tokens != tokens or not set(out.boundaries) <= set(boundaries):
+    if out.tokens != tuple(tokens) or not set(out.boundaries) <= set(boundaries):  # a tuple against a list
         raise AssertionError("incremental encoding differs from encode_chat")
     return Row(n_messages, len(tokens), full_ms, inc_ms, render_ms, out.reused_tokens, out.rendered_prefixes)
 
