@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import torch
 from cache import CacheConfig, Capture, StateCache
 from cache.base import State
 from server.engine import Engine, EngineConfig
-from server.engine.request import Seq
 from server.engine.scheduler import PrefillChunk, StepPlan
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.worker import ModelWorker, _stack
@@ -25,6 +23,7 @@ from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
 from tests.tiny_models import make_chat_model_dir
+from tests.unit.engine.test_restore_into_slot import _seq
 
 TOK_VOCAB = 300
 
@@ -194,10 +193,7 @@ async def test_a_steps_tokens_are_delivered_before_its_captures_are_stored(model
         cache.gate.set()
         await engine.stop()
     assert len(rest) == 2 and cache.batches[0] == ["prompt"]
-    fresh = ModelRunner(model, max_slots=1)
-    fresh.prefill(prompt, 0)
-    for name, got in _exact(cache, prompt).items():
-        torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-6, rtol=1e-6)
+    _assert_fresh_prefill_state(cache, model, prompt)
 
 
 def test_captures_deferred_by_a_step_are_stored_before_the_next_admission_writes_the_slot(
@@ -213,21 +209,22 @@ def test_captures_deferred_by_a_step_are_stored_before_the_next_admission_writes
     worker = ModelWorker(runner, cache)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     prompt = _prompt(20, seed=31)
-    first = Seq.create(GenerationRequest("a", prompt, params), lambda ids: "", (), time.monotonic())
-    first.entry.slot = first.slot = 0
+    first = _seq(GenerationRequest("a", prompt, params), 0)
     assert worker.admit([first]) == [0]
     plan = StepPlan((PrefillChunk(first.entry, 0, len(prompt)),), ())
     result = worker.execute(plan, {"a": first}, defer_captures=True)
     assert len(result.events) == 1 and worker.captures_pending
     assert cache.lookup("anon", None, [*prompt, 0]) is None  # not stored yet
-    other = Seq.create(
-        GenerationRequest("b", _prompt(9, seed=32), params), lambda ids: "", (), time.monotonic()
-    )
-    other.entry.slot = other.slot = 0
+    other = _seq(GenerationRequest("b", _prompt(9, seed=32), params), 0)
     assert worker.admit([other]) == [0]  # a miss: the slot is reset
     assert not worker.captures_pending
     assert not any(t.any() for t in runner.slot_state(0).values())
+    _assert_fresh_prefill_state(cache, model, prompt)
+
+
+def _assert_fresh_prefill_state(cache: StateCache, model: Any, tokens: tuple[int, ...]) -> None:
+    """The cache's checkpoint at exactly `tokens` holds the state a fresh prefill of them leaves."""
     fresh = ModelRunner(model, max_slots=1)
-    fresh.prefill(prompt, 0)
-    for name, got in _exact(cache, prompt).items():
+    fresh.prefill(tokens, 0)
+    for name, got in _exact(cache, tokens).items():
         torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-6, rtol=1e-6)
