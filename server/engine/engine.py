@@ -109,6 +109,7 @@ class Engine:
         self._checked = LastPrompts()  # each session's last prompt that passed `_validate`
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flush: asyncio.Future[None] | None = None  # the last step's deferred captures, being stored
         self._wake = asyncio.Event()
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
         self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
@@ -155,15 +156,26 @@ class Engine:
     # ---- sessions (the admin routes) ---------------------------------------------------------
 
     async def session_info(self, namespace: str, session_id: str) -> dict[str, Any] | None:
-        """Checkpoints and bytes per tier of a session (None: no cache, or no such session)."""
+        """Checkpoints and bytes per tier of a session (None: no cache, or no such session), with every
+        checkpoint of a request whose last token has gone out."""
+        await self._captures_stored()
         return self._cache.session_info(namespace, session_id) if self._cache is not None else None
 
     async def delete_session(self, namespace: str, session_id: str) -> int | None:
-        """Drop every checkpoint of a session; the bytes freed (None: no cache, or no such session)."""
+        """Drop every checkpoint of a session; the bytes freed (None: no cache, or no such session). It
+        waits for the captures of the steps already delivered, so that none of them brings the session back."""
+        await self._captures_stored()
         cache = self._cache
         if cache is None or cache.session_info(namespace, session_id) is None:
             return None
         return int(await asyncio.to_thread(cache.delete_session, namespace, session_id))
+
+    async def _captures_stored(self) -> None:
+        """Wait until the captures of every step delivered so far are in the cache (a step stores them after
+        its tokens went out). Its failure is the step's to log, and a cancelled wait leaves it running."""
+        flush = self._flush
+        if flush is not None and not flush.done():
+            await asyncio.wait([flush])
 
     # ---- profiling (the admin routes, with --profile-dir) ------------------------------------
 
@@ -384,10 +396,13 @@ class Engine:
         seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
         self._apply(await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True))
         if self._worker.captures_pending and self._executor is not None:
-            # after the step's tokens went out: not in their latency. Submitted now and shielded, so that a
-            # `stop` cancelling this step still stores them (it waits for the worker)
-            loop = asyncio.get_running_loop()
-            await asyncio.shield(loop.run_in_executor(self._executor, self._worker.flush_captures))
+            # after the step's tokens went out: not in their latency. Submitted in the same turn of the loop
+            # as the delivery, so that a client woken by it finds `_flush` set; shielded, so that a `stop`
+            # cancelling this step still stores them (it waits for the worker)
+            self._flush = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._worker.flush_captures
+            )
+            await asyncio.shield(self._flush)
 
     async def _admit(self, seqs: list[Seq]) -> None:
         now = time.monotonic()

@@ -161,14 +161,15 @@ def test_stacking_keeps_a_passes_taps_in_place_and_copies_live_slots() -> None:
 
 
 class _Held(_Recording):
-    """The real cache, whose prompt captures wait until the test lets them through."""
+    """The real cache, whose captures for one of `reasons` wait until the test lets them through."""
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, reasons: frozenset[str] = frozenset({"prompt"})) -> None:
         super().__init__(*args)
         self.gate = threading.Event()
+        self.reasons = reasons
 
     def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
-        if any(c.reason == "prompt" for c in captures) and not self.gate.wait(timeout=30):
+        if any(c.reason in self.reasons for c in captures) and not self.gate.wait(timeout=30):
             raise RuntimeError("the gate was never opened")
         return super().capture_many(captures, states)
 
@@ -194,6 +195,32 @@ async def test_a_steps_tokens_are_delivered_before_its_captures_are_stored(model
         await engine.stop()
     assert len(rest) == 2 and cache.batches[0] == ["prompt"]
     _assert_fresh_prefill_state(cache, model, prompt)
+
+
+async def test_a_session_deleted_after_its_last_token_stays_deleted(model_dir: Path) -> None:
+    """A client that deletes its session as soon as its request ended: the delete waits for that step's
+    captures, still being stored, so that none of them brings the session back (CI caught this race)."""
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=1)
+    config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22)
+    cache = _Held(config, runner.state_spec(), reasons=frozenset({"prompt", "finish"}))
+    engine = Engine(runner, Tokenizer.from_pretrained(model_dir), cache, config=EngineConfig(max_slots=1))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.start()
+    try:
+        stream = engine.generate(GenerationRequest("r", _prompt(20, seed=33), params, session_id="s"))
+        assert len(await asyncio.wait_for(_tokens(stream), timeout=20)) == 1  # ended; captures held
+        assert cache.batches == []
+        delete = asyncio.create_task(engine.delete_session("anon", "s"))
+        await asyncio.sleep(0.05)
+        assert not delete.done()  # waiting for the held captures
+        cache.gate.set()
+        freed = await asyncio.wait_for(delete, timeout=20)
+        assert cache.batches and freed is not None and freed > 0
+        assert await engine.session_info("anon", "s") is None
+    finally:
+        cache.gate.set()
+        await engine.stop()
 
 
 def test_captures_deferred_by_a_step_are_stored_before_the_next_admission_writes_the_slot(
