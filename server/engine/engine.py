@@ -289,7 +289,9 @@ class Engine:
         if not req.prompt_tokens:
             raise ValueError("the prompt is empty")
         vocab, prompt, key = self._worker.vocab_limit, req.prompt_tokens, prompt_key(req)
-        new = prompt[self._checked.prefix(key, prompt) :]  # the session's last checked prompt is in range
+        # the ids it shares with the session's last checked prompt are in range: a follow-up, a regenerate or
+        # an edit scans only what follows
+        new = prompt[self._checked.prefix(key, prompt) :]
         if new and (min(new) < 0 or max(new) >= vocab):  # C-speed scans of the new ids only
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         self._checked.remember(key, prompt)

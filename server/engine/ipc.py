@@ -85,11 +85,12 @@ def _unpack_submit(req: GenerationRequest, packed: bytes, reuse: int) -> Submit:
 
 class SentPrompts:
     """The prompt each session sent to the core last, kept alike on both ends of the pipe, so that a turn sends
-    only what its conversation added: a follow-up's prompt is the whole conversation, and sending it whole costs
-    both processes time that grows with the conversation (a 131k-token follow-up on an H200 took ~8 ms more
-    than with the engine in a thread). From the send to the core's engine call, a 98k-token follow-up on this
-    project's 2-core CPU: 3.5 ms against 5.2 ms packed whole (median of 5); what is left is the prefix check
-    below, on int objects that the chat encoder made anew.
+    only what differs from it: what a follow-up added, or a regenerate's or an edit's changed tail. A follow-up's
+    prompt is the whole conversation, and sending it whole costs both processes time that grows with the
+    conversation (a 131k-token follow-up on an H200 took ~8 ms more than with the engine in a thread). From the
+    send to the core's engine call, a 98k-token follow-up on this project's 2-core CPU: 3.5 ms against 5.2 ms
+    packed whole (median of 5); what is left is the prefix check below, on int objects that the chat encoder
+    made anew.
 
     Each end makes the same `remember` calls in the same order (the HTTP process as it sends each `Submit`,
     the core as it reads it; the pipe keeps their order) on a `LastPrompts` of the same size, so both hold the
@@ -111,11 +112,11 @@ class SentPrompts:
         req, key = message.req, prompt_key(message.req)
         if message.reuse:
             base = self.last.get(key)
-            if base is None or len(base) != message.reuse:
+            if base is None or len(base) < message.reuse:
                 raise EngineError(
                     f"the engine core lost this session's previous prompt ({message.reuse} tokens)"
                 )
-            req = replace(req, prompt_tokens=base + req.prompt_tokens)
+            req = replace(req, prompt_tokens=base[: message.reuse] + req.prompt_tokens)
         self.last.remember(key, req.prompt_tokens)
         return req
 

@@ -264,6 +264,7 @@ async def test_a_follow_up_is_checked_past_its_sessions_last_checked_prompt_and_
             ("past", (*prompt, 7, TOK_VOCAB)),
             ("neg", (*prompt, -1)),
             ("edit", (-2, *prompt[1:])),
+            ("sibling", (*prompt[:-1], TOK_VOCAB)),  # past the prefix it shares with the checked prompt
         ]:
             with pytest.raises(ValueError, match="must lie in"):
                 await _collect(engine, _req(rid, bad, max_tokens=1, session="v"))

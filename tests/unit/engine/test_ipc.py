@@ -118,10 +118,14 @@ def test_a_follow_up_sends_only_what_its_conversation_added() -> None:
     assert core.request(pickle.loads(data)) == GenerationRequest(
         "b", follow, SamplingParams(), session_id="s"
     )
-    # a regenerate resends the same prompt: nothing new; another session, or an edit, sends it whole
+    # a regenerate resends the same prompt: nothing new; an edit sends what follows the change; another
+    # session sends it whole
     assert http.submit(GenerationRequest("c", follow, SamplingParams(), session_id="s")).reuse == len(follow)
     assert http.submit(GenerationRequest("d", follow, SamplingParams(), session_id="t")).reuse == 0
-    assert http.submit(GenerationRequest("e", (*first[:-1], 7), SamplingParams(), session_id="s")).reuse == 0
+    edit = GenerationRequest("e", (*first[:-1], 7), SamplingParams(), session_id="s")
+    message = http.submit(edit)
+    assert message.reuse == len(first) - 1 and message.req.prompt_tokens == (7,)
+    assert core.request(pickle.loads(pickle.dumps(message))) == edit
 
 
 def test_both_ends_keep_the_same_prompts_through_edits_and_forgetting() -> None:

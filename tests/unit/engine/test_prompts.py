@@ -1,21 +1,40 @@
-"""`LastPrompts`: each session's last prompt, bounded in tokens, and whether a new prompt starts with it."""
+"""`LastPrompts`: each session's last prompt, bounded in tokens, and how much of it a new prompt shares."""
 
 from __future__ import annotations
 
-from server.engine.prompts import LastPrompts, prompt_key
+import random
+
+import pytest
+
+from server.engine.prompts import LastPrompts, common_prefix, prompt_key
 from server.engine.types import GenerationRequest, SamplingParams
 
 
-def test_the_prefix_is_the_last_prompt_only_when_the_new_one_starts_with_it() -> None:
+def test_the_prefix_is_what_the_new_prompt_shares_with_the_last_one() -> None:
     last = LastPrompts()
     key = prompt_key(GenerationRequest("r", (1,), SamplingParams(), namespace="k", session_id="s"))
     assert key == ("k", "s", None) and last.prefix(key, (1, 2, 3)) == 0
     last.remember(key, (1, 2, 3))
-    assert last.prefix(key, (1, 2, 3, 4)) == 3
-    assert last.prefix(key, (1, 2, 3)) == 3
-    assert last.prefix(key, (1, 2)) == 0  # shorter
-    assert last.prefix(key, (1, 9, 3, 4)) == 0  # an edit
+    assert last.prefix(key, (1, 2, 3, 4)) == 3  # a follow-up
+    assert last.prefix(key, (1, 2, 3)) == 3  # a regenerate
+    assert last.prefix(key, (1, 2)) == 2  # shorter
+    assert last.prefix(key, (1, 9, 3, 4)) == 1  # an edit
+    assert last.prefix(key, (9, 2, 3)) == 0
     assert last.prefix(("k", "t", None), (1, 2, 3, 4)) == 0  # another session
+
+
+@pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 9000, 20_000])
+def test_common_prefix_finds_the_first_difference_wherever_it_is(n: int) -> None:
+    rng = random.Random(n)
+    base = tuple(rng.randrange(50_000) for _ in range(n))
+    cases = {rng.randrange(n) for _ in range(20)} | {0, n - 1, 1023 % n, 1024 % n, 2047 % n}
+    for at in cases:
+        edited = (*base[:at], base[at] + 1, *base[at + 1 :])
+        assert common_prefix(base, edited) == common_prefix(edited, base) == at
+        assert common_prefix(base, edited[: at + 1]) == at
+    assert common_prefix(base, base) == common_prefix(base, (*base, 7)) == n
+    assert common_prefix(base[:-1], base) == n - 1
+    assert common_prefix(base, ()) == 0
 
 
 def test_the_oldest_sessions_are_forgotten_past_the_token_budget() -> None:
