@@ -396,7 +396,12 @@ def _backend_copy(hf: Any) -> Any:
 
 
 def normalize_message(message: Message) -> dict[str, Any]:
-    """A message whose content is a string (OpenAI content parts are joined)."""
+    """A message whose content is a string (OpenAI content parts are joined). A dict whose content is already
+    a string is returned as it is: nothing here or in the template's sandbox writes to it, and a turn normalizes
+    each message of the conversation once per render (a copy each was most of the chat encoder's per-message
+    cost)."""
+    if type(message) is dict and type(message.get("content")) is str:
+        return message
     out = dict(message)
     content = out.get("content")
     if content is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model.tokenizer import FALLBACK_STOP, ChatTemplateError, Tokenizer
+from server.model.tokenizer import FALLBACK_STOP, ChatTemplateError, Tokenizer, normalize_message
 from server.train.tokenizer import END, save_tokenizer, train_tokenizer
 
 _CORPUS = [
@@ -85,6 +85,20 @@ def test_content_parts_are_joined(tmp_path: Path) -> None:
     tok = Tokenizer.from_pretrained(_make_dir(tmp_path))
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
     assert tok.render_chat(parts) == tok.render_chat([{"role": "user", "content": "Hello"}])
+
+
+def test_a_message_is_normalized_without_touching_the_callers_dict(tmp_path: Path) -> None:
+    tok = Tokenizer.from_pretrained(_make_dir(tmp_path))
+    parts = {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}
+    empty = {"role": "assistant", "content": None}
+    plain = {"role": "user", "content": "again"}
+    out = [normalize_message(m) for m in (parts, empty, plain)]
+    assert [m["content"] for m in out] == ["Hello", "", "again"]
+    assert out[2] is plain  # already a string: no copy
+    assert isinstance(parts["content"], list) and empty["content"] is None  # the callers' dicts as they were
+    before = [dict(m) for m in (parts, empty, plain)]
+    tok.render_chat([parts, empty, plain], continue_final_message=True, add_generation_prompt=False)
+    assert [parts, empty, plain] == before
 
 
 def test_bad_role_and_empty_conversation_raise(tmp_path: Path) -> None:
