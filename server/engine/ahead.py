@@ -17,7 +17,7 @@ is known on the host, in a way the host can repeat once it is:
   (`decode(skip=...)`). A request that ends on EOS or a stop token id therefore keeps the state of its
   tokens but the last, as without decode ahead, and its finish checkpoint is the same;
 - every other row is fed. One that then ends (a stop string) or is aborted wasted a row of a batch that
-  ran anyway; its finish checkpoint covers all its output tokens (`Seq.state_tokens(fed_last=True)`). Its
+  ran anyway; its finish checkpoint covers all its output tokens (`Seq.state_output(fed_last=True)`). Its
   slot is reset or restored before reuse by work queued behind the fed step on the same stream.
 """
 

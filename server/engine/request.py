@@ -106,10 +106,10 @@ class Seq:
             return frozenset()
         return frozenset(t for t in self.stop_ids if t < vocab)
 
-    def state_tokens(self, fed_last: bool = False) -> tuple[int, ...]:
-        """The tokens the slot's state covers once generation ended: all but the last sample, unless a
-        decode step computed ahead fed it too (`server.engine.ahead`)."""
-        return self.req.prompt_tokens + tuple(self.output if fed_last else self.output[:-1])
+    def state_output(self, fed_last: bool = False) -> tuple[int, ...]:
+        """The output tokens the slot's state covers once generation ended, after the prompt: all but the last
+        sample, unless a decode step computed ahead fed it too (`server.engine.ahead`)."""
+        return tuple(self.output if fed_last else self.output[:-1])
 
     def append(
         self,

@@ -18,7 +18,7 @@ from cache.base import State
 from server.engine import Engine, EngineConfig
 from server.engine.scheduler import PrefillChunk, StepPlan
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
-from server.engine.worker import ModelWorker, _stack
+from server.engine.worker import ModelWorker, _Pending, _stack
 from server.model.loader import load_model
 from server.model.runner import ModelRunner
 from server.model.tokenizer import Tokenizer
@@ -247,6 +247,17 @@ def test_captures_deferred_by_a_step_are_stored_before_the_next_admission_writes
     assert not worker.captures_pending
     assert not any(t.any() for t in runner.slot_state(0).values())
     _assert_fresh_prefill_state(cache, model, prompt)
+
+
+def test_a_queued_capture_builds_its_tokens_when_stored_and_copies_no_whole_prompt() -> None:
+    prompt = tuple(range(1000, 1100))
+    seq = _seq(GenerationRequest("q", prompt, SamplingParams()), 0)
+    state = {"ssm": torch.zeros(1)}
+    end = _Pending(seq, prompt, len(prompt), (), state, "prompt", owned=True)
+    assert end.tokens() is prompt  # the prompt itself, not a copy
+    assert _Pending(seq, prompt, 40, (), state, "boundary", owned=True).tokens() == prompt[:40]
+    finish = _Pending(seq, prompt, len(prompt), (7, 8), state, "finish", owned=False)
+    assert finish.tokens() == (*prompt, 7, 8)
 
 
 def _assert_fresh_prefill_state(cache: StateCache, model: Any, tokens: tuple[int, ...]) -> None:
