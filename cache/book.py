@@ -32,6 +32,7 @@ from cache.disk import DiskRecord, DiskStore
 from cache.disk_tier import DiskTier, Spill
 from cache.index import CheckpointIndex
 from cache.layout import BlockLayout
+from cache.prefix import Node
 from cache.stats import empty_lookup_counts
 from cache.tiers import Tiers
 
@@ -71,21 +72,24 @@ class Book:
         """Admission + storage reservation. Returns a pinned, unpublished checkpoint, or None if nothing new
         is stored: the tree has a checkpoint at `tokens` already (then `key` shares it), or one fewer than
         `min_gap` tokens above, or no tier has room."""
-        exact, deepest = self.index.near(tree, tokens)
+        exact, deepest, on_path = self.index.near(tree, tokens)
         cp = None
         if exact is not None:
             self._share(exact, key)
             self.captures_shared += 1
         elif deepest == 0 or len(tokens) - deepest >= self.config.min_gap:
-            cp = self._reserve(key, tree, tokens, reason)
+            cp = self._reserve(key, tree, tokens, reason, on_path)
         if cp is None:
             self.captures_skipped += 1
         return cp
 
-    def _reserve(self, key: SessionKey, tree: str, tokens: tuple[int, ...], reason: str) -> Checkpoint | None:
-        """A new checkpoint with blocks reserved in the hot and cold tiers (evicting as needed), or None."""
+    def _reserve(
+        self, key: SessionKey, tree: str, tokens: tuple[int, ...], reason: str, on_path: Node | None
+    ) -> Checkpoint | None:
+        """A new checkpoint with blocks reserved in the hot and cold tiers (evicting as needed), or None.
+        `on_path`: a node on the path of `tokens` (`CheckpointIndex.near`'s) to insert from."""
         now = time.time()
-        node = self.index.node(tree, tokens)
+        node = self.index.node(tree, tokens, on_path)
         cp = Checkpoint(self._new_id(), tree, key, node, len(tokens), reason, now, now, pins=1)
         self.index.add(cp)  # first: evictions below cannot forget its tree (and its ghosts) or session
         self.tiers.extra.bind(cp, tokens)
@@ -300,7 +304,7 @@ class Book:
         """Index a file found at start into its tree and creating session. False (the caller removes the file)
         if it does not fit the budget, or if its tree already has these tokens (another copy of a checkpoint
         shared before the restart: its session then references the one adopted)."""
-        exact, _ = self.index.near(rec.tree, rec.tokens)
+        exact, _, _ = self.index.near(rec.tree, rec.tokens)
         if exact is not None:
             self.index.join(exact, (rec.namespace, rec.session))
             return False

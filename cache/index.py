@@ -55,29 +55,26 @@ class CheckpointIndex:
         tree = self.trees.get(name)
         if tree is None:
             return None, "evicted" if name in self.gone else "never_saved"
-        best: Checkpoint | None = None
-        ghost = False
-        for node in tree.prefix.path(tokens):
+        nodes = list(tree.prefix.path(tokens))
+        for node in reversed(nodes):  # the deepest first: the nodes above it are not looked at
             cp = self._occupant(node)
             if cp is not None and cp.visible():
-                best, ghost = cp, False
-            elif node.ghost:
-                ghost = True
-        if best is None:
-            return None, "evicted" if ghost else "never_saved"
-        return best, ""
+                return cp, ""
+        return None, "evicted" if any(node.ghost for node in nodes) else "never_saved"
 
-    def near(self, name: str, tokens: tuple[int, ...]) -> tuple[Checkpoint | None, int]:
-        """The live checkpoint (published or being captured) of tree `name` at exactly `tokens`, if any, and
-        the depth of the deepest live one on their path (0: none)."""
+    def near(self, name: str, tokens: tuple[int, ...]) -> tuple[Checkpoint | None, int, Node | None]:
+        """The live checkpoint (published or being captured) of tree `name` at exactly `tokens`, if any, the
+        depth of the deepest live one on their path (0: none), and the deepest node on it (None: no such tree),
+        where `node` can walk on from."""
         tree = self.trees.get(name)
-        exact, deepest = None, 0
+        exact, deepest, last = None, 0, None
         for node in tree.prefix.path(tokens) if tree is not None else ():
+            last = node
             cp = self._occupant(node)
             if cp is not None:
                 deepest = node.depth
                 exact = cp if node.depth == len(tokens) else None
-        return exact, deepest
+        return exact, deepest, last
 
     def _occupant(self, node: Node) -> Checkpoint | None:
         """The live checkpoint at `node`: being captured, or published with a copy left."""
@@ -88,14 +85,16 @@ class CheckpointIndex:
 
     # ---- trees, sessions, references ---------------------------------------------------------------
 
-    def node(self, name: str, tokens: tuple[int, ...]) -> Node:
+    def node(self, name: str, tokens: tuple[int, ...], start: Node | None = None) -> Node:
         """The node of `tokens` in tree `name`, both created if new (the tree is dropped again once it holds
-        no checkpoint: enter one at the node with `add` before anything can evict)."""
+        no checkpoint: enter one at the node with `add` before anything can evict). `start`: the deepest node
+        `near` found on their path, with nothing changed since: the walk goes on from it (a capture walks a
+        long prompt's path once, not twice)."""
         tree = self.trees.get(name)
         if tree is None:
             tree = self.trees[name] = Tree(name)
             self.gone.pop(name, None)
-        return tree.prefix.insert(tokens)
+        return tree.prefix.insert(tokens, start)
 
     def add(self, cp: Checkpoint) -> None:
         """Enter `cp` at its node (`cp.node`, from `node`), referenced by its creator."""

@@ -374,7 +374,7 @@ class StateCache(CheckpointCache):
             return 0
         name = tree if tree is not None else namespace
         with self._lock:
-            _, local = self._book.index.near(name, toks)
+            _, local, _ = self._book.index.near(name, toks)
         gap = max(self.config.min_gap if local > 0 else 0, remote.config.min_tokens)
         started = time.perf_counter()
         found = remote.find(name, toks, local + max(gap - 1, 0), self._remote_kv)

@@ -48,9 +48,10 @@ class PrefixTree:
             node = child
             yield node
 
-    def insert(self, tokens: tuple[int, ...]) -> Node:
-        """The node at depth len(tokens) on this token path, created (splitting an edge) if needed."""
-        node = self.root
+    def insert(self, tokens: tuple[int, ...], start: Node | None = None) -> Node:
+        """The node at depth len(tokens) on this token path, created (splitting an edge) if needed. `start`: a
+        node on the path (one `path(tokens)` yielded) to walk on from, instead of the root."""
+        node = start if start is not None else self.root
         while node.depth < len(tokens):
             child = node.children.get(tokens[node.depth])
             if child is None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache.policy import END_SLACK, GreedyDualSizeFrequency, capture_positions
-from cache.prefix import PrefixTree
+from cache.prefix import Node, PrefixTree
 
 
 def _deepest(tree: PrefixTree, tokens: tuple[int, ...]) -> int | None:
@@ -71,6 +71,25 @@ def test_tree_matches_brute_force(seqs: list[list[int]], data: st.DataObject) ->
     for n in range(len(query) + 1):
         expect = stored.get(query[:n], expect)
     assert _deepest(tree, query) == expect
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=2, max_size=20))
+def test_an_insert_from_a_node_on_the_path_is_the_insert_from_the_root(seqs: list[list[int]]) -> None:
+    """What a capture does (`CheckpointIndex.near`, then `node` from the deepest node it walked to)."""
+    tree, twin = PrefixTree(), PrefixTree()
+    for s in seqs:
+        toks = tuple(s)
+        on_path = list(tree.path(toks))[-1]
+        node = tree.insert(toks, on_path)
+        assert node.tokens() == toks and node.depth == len(toks)
+        assert tree.insert(toks) is node  # the root's walk finds the same node
+        twin.insert(toks)
+    assert _shape(tree.root) == _shape(twin.root)
+
+
+def _shape(node: Node) -> dict[tuple[int, ...], object]:
+    return {child.label: _shape(child) for child in node.children.values()}
 
 
 def test_greedy_dual_evicts_lowest_cost_per_byte_first() -> None:
