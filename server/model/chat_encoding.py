@@ -15,7 +15,8 @@ it keeps what the previous turn produced and reuses it:
   is tokenized. The cuts are read from the stored offsets, never assumed.
 - **Boundaries.** Message i's boundary depends on r_i = render(messages[:i+1]) only through
   c_i = common_prefix(r_i, text). The previous turn's c_i still holds when messages[:i+1] are
-  unchanged (a 16-byte BLAKE2b digest per message) and either c_i < same, or r_i was a whole
+  unchanged (each kept as its role and text, or as a 16-byte BLAKE2b digest when it has more than a
+  role and a text: `_Kept`) and either c_i < same, or r_i was a whole
   prefix of P and c_i <= same. Only the other messages are rendered. Normally that is the two new
   ones, the reply and the next question.
 
@@ -40,7 +41,7 @@ which is compared as text anyway).
 
 Cost per turn: one render of the whole conversation (jinja, about 0.1 ms for 200 messages), C-speed
 compares and copies of the stored prefix, tokenization of T[c:], one render per new message, and
-a digest and a bisect per message. Tokenization dominated, and it is now O(new tokens): 2.6 ms
+a tuple (or a digest) and a bisect per message. Tokenization dominated, and it is now O(new tokens): 2.6 ms
 against 55 ms for 200 messages and 29k tokens (`bench/chat_encode_cpu.py`). Without a cut (no
 added tokens in the rendering) the whole rendering is tokenized each turn. That is C-speed but
 O(conversation), and only the O(messages) prefix renders are saved.
@@ -48,8 +49,9 @@ O(conversation), and only the O(messages) prefix renders are saved.
 Memory per conversation: its last rendering (1, 2 or 4 bytes per character, set by the widest
 character), 8 bytes per token (id and end offset, `array('i')`), the ids again as the tuple of Python ints
 the turn returned (counted as 40 bytes per token: a reference and an int object, which the next turn's tuple
-shares), 8 bytes per cut (about two per message), 21 bytes per message, and about 0.5 KiB fixed. That is
-about 52 bytes per token for English text. With `answer_ids`, also the last turn's answers: their text and
+shares), 8 bytes per cut (about two per message), each message's text (kept for the next turn's compare,
+1 byte per character of English) and about 110 bytes per message, and about 0.5 KiB fixed. That is about
+57 bytes per token for English text. With `answer_ids`, also the last turn's answers: their text and
 4 bytes per id. The LRU is bounded by `max_bytes` (256 MiB: ~5M tokens) and
 `max_conversations`. An entry larger than `max_bytes` is not kept.
 
@@ -87,6 +89,7 @@ from server.model.tokenizer import (
 Cancelled = Callable[[], bool]
 Render = Callable[..., str]  # `Tokenizer.render_chat` with the request's template variables bound
 _DIGEST = 16  # bytes per message digest
+_KEPT_OVERHEAD = 64  # bytes per kept (role, text) besides the text's own: the 2-tuple and its reference
 _ROLE_CONTENT = {"role": None, "content": None}.keys()
 MAX_RENDERS = 48  # prefix renders per turn at most (message boundaries: `_render_subset`)
 _ENTRY_OVERHEAD = 512  # bytes: the entry, its arrays' headers, the LRU slot
@@ -165,7 +168,7 @@ class _Entry:
 
     text: str  # the rendering
     tokens: _Tokens
-    digests: bytes  # _DIGEST bytes per message
+    messages: tuple[_Kept, ...]  # what the next turn compares its messages with (`_kept`)
     variables: bytes  # digest of the template variables (`template_kwargs`) it was rendered with
     chars: array[int]  # per message: common prefix of its partial rendering with `text` (-1: refused)
     whole: bytes  # per message: 1 when its partial rendering is a prefix of `text`
@@ -175,7 +178,10 @@ class _Entry:
     @property
     def nbytes(self) -> int:
         parts = (
-            len(self.digests) + len(self.variables) + len(self.whole) + self.chars.itemsize * len(self.chars)
+            len(self.variables)
+            + len(self.whole)
+            + self.chars.itemsize * len(self.chars)
+            + _kept_nbytes(self.messages)
         )
         ids = _ID_BYTES * len(self.prompt)
         answers = sum(sys.getsizeof(a.text) + a.ids.itemsize * len(a.ids) for a in self.answers)
@@ -248,12 +254,12 @@ class ChatEncoder:
             tokens, reused = self._tokenize(text, prev, same)
         if max_tokens is not None and len(tokens.ids) > max_tokens:
             raise PromptTooLong(len(tokens.ids), max_tokens)
-        digests = b"".join(_digest(m) for m in msgs)
-        chars, whole, rendered = self._message_chars(msgs, digests, text, prev, same, cancelled, render)
+        kept = tuple(_kept(m) for m in msgs)
+        chars, whole, rendered = self._message_chars(msgs, kept, text, prev, same, cancelled, render)
         boundaries = sorted({bisect_right(tokens.ends, c) for c in chars if c >= 0} - {0})
         prompt = _prompt_ids(tokens, prev, reused)
         if key is not None:
-            self._store(key, _Entry(text, tokens, digests, variables, chars, whole, prompt), hit=reused > 0)
+            self._store(key, _Entry(text, tokens, kept, variables, chars, whole, prompt), hit=reused > 0)
         return ChatEncoding(prompt, boundaries, reused, rendered, len(answer.ids) if answer else 0)
 
     def answered(self, key: Hashable, prompt: tuple[int, ...], answers: Sequence[Answer]) -> bool:
@@ -351,7 +357,7 @@ class ChatEncoder:
     def _message_chars(
         self,
         msgs: list[dict[str, Any]],
-        digests: bytes,
+        kept_msgs: tuple[_Kept, ...],
         text: str,
         prev: _Entry | None,
         same: int,
@@ -359,7 +365,7 @@ class ChatEncoder:
         render: Render,
     ) -> tuple[array[int], bytes, int]:
         """Per message: common prefix of its partial rendering with `text`, whether whole; renders."""
-        kept = common_prefix_len(digests, prev.digests) // _DIGEST if prev and self._pure else 0
+        kept = common_prefix_len(kept_msgs, prev.messages) if prev and self._pure else 0
         reuse = [prev is not None and i < kept and prev.reusable(i, same) for i in range(len(msgs))]
         chosen = _render_subset([i for i, r in enumerate(reuse) if not r])
         chars, whole, rendered = array("i"), bytearray(), 0
@@ -453,16 +459,26 @@ def _prompt_ids(tokens: _Tokens, prev: _Entry | None, reused: int) -> tuple[int,
     return prev.prompt[:reused] + tuple(tokens.ids[reused:])
 
 
-def _digest(message: dict[str, Any]) -> bytes:
-    """A digest of everything a template can see in a message (random when not JSON-encodable)."""
-    if message.keys() == _ROLE_CONTENT:  # the usual case, fast: no sort, no string building
+_Kept = tuple[str, str] | bytes  # a message as the next turn compares it: (role, text), or a digest
+
+
+def _kept(message: dict[str, Any]) -> _Kept:
+    """A message of role and text strings as that pair (strings are immutable: the caller cannot change what is
+    kept; a compare of equal texts is a memcmp, of the very same ones a pointer compare), any other as its
+    digest. For 101 messages on this project's 2-core CPU: 0.08 ms a turn, where a digest of each took 0.31 ms."""
+    if message.keys() == _ROLE_CONTENT:
         role, content = message["role"], message["content"]
         if type(role) is str and type(content) is str:
-            encoded = role.encode("utf-8", "surrogatepass")
-            h = hashlib.blake2b(b"r%d:" % len(encoded), digest_size=_DIGEST)  # length-prefixed: unambiguous
-            h.update(encoded)
-            h.update(content.encode("utf-8", "surrogatepass"))
-            return h.digest()
+            return (role, content)
+    return _digest(message)
+
+
+def _kept_nbytes(kept: tuple[_Kept, ...]) -> int:
+    return sum(len(k) if type(k) is bytes else sys.getsizeof(k[1]) + _KEPT_OVERHEAD for k in kept)
+
+
+def _digest(message: dict[str, Any]) -> bytes:
+    """A digest of everything a template can see in a message (random when not JSON-encodable)."""
     try:
         text = "j" + json.dumps(message, sort_keys=True, ensure_ascii=False)
     except (TypeError, ValueError):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
-from server.engine.prompts import LastPrompts, common_prefix, prompt_key
+from server.engine.prompts import LastPrompts, prompt_key
 from server.engine.types import GenerationRequest, SamplingParams
+from server.model.tokenizer import common_prefix_len
 
 
 def test_the_prefix_is_what_the_new_prompt_shares_with_the_last_one() -> None:
@@ -23,18 +25,30 @@ def test_the_prefix_is_what_the_new_prompt_shares_with_the_last_one() -> None:
     assert last.prefix(("k", "t", None), (1, 2, 3, 4)) == 0  # another session
 
 
+def _edited(base: Any, at: int) -> Any:
+    """`base` with its element at `at` changed."""
+    if isinstance(base, str):
+        return base[:at] + ("x" if base[at] != "x" else "y") + base[at + 1 :]
+    if isinstance(base, bytes):
+        return base[:at] + bytes([base[at] ^ 1]) + base[at + 1 :]
+    return (*base[:at], base[at] + 1, *base[at + 1 :])
+
+
 @pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 9000, 20_000])
-def test_common_prefix_finds_the_first_difference_wherever_it_is(n: int) -> None:
+def test_common_prefix_len_finds_the_first_difference_wherever_it_is(n: int) -> None:
     rng = random.Random(n)
-    base = tuple(rng.randrange(50_000) for _ in range(n))
+    ids = tuple(rng.randrange(50_000) for _ in range(n))
+    text = "".join(rng.choice("ab\u00e9\U0001f600") for _ in range(n))
     cases = {rng.randrange(n) for _ in range(20)} | {0, n - 1, 1023 % n, 1024 % n, 2047 % n}
-    for at in cases:
-        edited = (*base[:at], base[at] + 1, *base[at + 1 :])
-        assert common_prefix(base, edited) == common_prefix(edited, base) == at
-        assert common_prefix(base, edited[: at + 1]) == at
-    assert common_prefix(base, base) == common_prefix(base, (*base, 7)) == n
-    assert common_prefix(base[:-1], base) == n - 1
-    assert common_prefix(base, ()) == 0
+    bases: list[Any] = [ids, text, text.encode()[:n]]
+    for base in bases:
+        for at in cases:
+            edited = _edited(base, at)
+            assert common_prefix_len(base, edited) == common_prefix_len(edited, base) == at
+            assert common_prefix_len(base, edited[: at + 1]) == at
+        assert common_prefix_len(base, base + base[:1]) == common_prefix_len(base, base) == n
+        assert common_prefix_len(base[:-1], base) == n - 1
+        assert common_prefix_len(base, base[:0]) == 0
 
 
 def test_the_oldest_sessions_are_forgotten_past_the_token_budget() -> None:

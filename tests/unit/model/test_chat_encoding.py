@@ -18,6 +18,7 @@ from server.model.chat_encoding import (
     ChatEncoding,
     EncodeCancelled,
     PromptTooLong,
+    _kept,
     _Tokens,
 )
 from server.model.tokenizer import Tokenizer, _prefix_lengths
@@ -443,3 +444,17 @@ def test_slow_tokenizer_chat_encoding(tmp_path: Path) -> None:
 def test_a_decoder_that_is_not_local_is_detected() -> None:
     """Early text that changes with later tokens: the caller decodes every prefix instead."""
     assert _prefix_lengths(lambda ids: "".join(str(i) for i in reversed(ids)), [1, 2, 3]) is None
+
+
+def test_a_message_is_kept_as_its_role_and_text_or_else_as_a_digest() -> None:
+    """What the next turn compares a message with, to tell which messages are unchanged (`_kept`)."""
+    plain = {"role": "user", "content": "hello"}
+    assert _kept(plain) == _kept({"role": "user", "content": "hel" + "lo"}) == ("user", "hello")
+    assert _kept(plain) != _kept({"role": "user", "content": "hello!"})
+    assert _kept(plain) != _kept({"role": "assistant", "content": "hello"})
+    named = {"role": "user", "content": "hello", "name": "ann"}
+    assert isinstance(_kept(named), bytes) and _kept(named) == _kept(dict(named))
+    assert _kept(named) != _kept({**named, "name": "bob"}) and _kept(named) != _kept(plain)
+    assert _kept({"role": "user", "content": "x", "when": object()}) != _kept(  # not JSON: never equal
+        {"role": "user", "content": "x", "when": object()}
+    )
