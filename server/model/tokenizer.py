@@ -419,6 +419,8 @@ def common_prefix_len(a: _S, b: _S) -> int:
     a bisection over whole slices copies the prefix log(n) times (a 61k-character rendering that differs near
     its end: 0.075 ms against 0.097 ms, on this project's 2-core CPU). On tuples, at pointer speed where the
     two share their int objects (18k token ids: 0.22-0.26 ms)."""
+    if not isinstance(a, tuple) and not isinstance(b, tuple) and b.startswith(a):
+        return len(a)  # one memcmp: a partial rendering is usually a prefix of the whole
     n, lo, hi = min(len(a), len(b)), 0, 0
     while lo < n:  # a[:lo] == b[:lo]
         hi = min(lo + _PREFIX_BLOCK, n)
