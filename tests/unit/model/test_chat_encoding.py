@@ -290,7 +290,7 @@ def test_template_whose_start_depends_on_later_messages(tmp_path: Path) -> None:
 
 def test_edit_that_the_full_rendering_does_not_show(tmp_path: Path) -> None:
     """Earlier replies are hidden (as reasoning templates drop past thinking); editing one changes
-    its own partial rendering only, which the message digests catch."""
+    its own partial rendering only, which the kept messages catch."""
     hide = (
         "{% for m in messages %}<|{{ m['role'] }}|>\n"
         "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}<|end|>\n{% endfor %}"
