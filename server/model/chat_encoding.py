@@ -73,7 +73,7 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
@@ -174,6 +174,10 @@ class _Entry:
     whole: bytes  # per message: 1 when its partial rendering is a prefix of `text`
     prompt: tuple[int, ...]  # the ids as the tuple this turn returned (`_prompt_ids`)
     answers: tuple[Answer, ...] = ()  # what the model answered to this turn (`ChatEncoder.answered`)
+    messages_nbytes: int = field(init=False, repr=False)  # `_kept_nbytes(messages)`, summed once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages_nbytes", _kept_nbytes(self.messages))
 
     @property
     def nbytes(self) -> int:
@@ -181,7 +185,7 @@ class _Entry:
             len(self.variables)
             + len(self.whole)
             + self.chars.itemsize * len(self.chars)
-            + _kept_nbytes(self.messages)
+            + self.messages_nbytes
         )
         ids = _ID_BYTES * len(self.prompt)
         answers = sum(sys.getsizeof(a.text) + a.ids.itemsize * len(a.ids) for a in self.answers)
