@@ -7,6 +7,9 @@ Mamba1 scan, both from an initial state);
 dt is computed outside the scan and set to 0 on the padding, so every row's state passes through its
 padding unchanged; it returns the states at the rows' taps: their ends and, for Mamba2, chunk-aligned
 points, whose fp32 states come out of the scan's stages (`chunk_scan_states`);
+`prefill_slots(u, conv_pool, ssm_pool, slots, rows)` is `prefill_rows` on the live pool's slots, the Mamba2
+ssm states read and written inside the scan's state passing (`gpu_ops.state_pass`) instead of gathered into
+a batch and scattered back;
 `step(u, conv_pool, ssm_pool, idx)` runs one token per row directly on the live pool's layer slice,
 rows addressed by slot index (-1 = padding, untouched), so no state is gathered or scattered.
 Shapes as in `server.model.config`; S is the number of slots in the pool.
@@ -131,6 +134,32 @@ class Mamba2Gpu:
         y, ssm_taps = self._scan_rows(x, self._dt(dt, rows.valid), B, C, ssm.float(), rows)
         return self._norm_out(y.flatten(-2), z), conv_taps, ssm_taps
 
+    def prefill_slots(
+        self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, slots: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`prefill_rows` on the live pool: conv_pool (S, c, k-1) and ssm_pool (S, h, p, n) are this layer's
+        slices, slots (b,) long the rows' slots. Each row continues its slot's state and leaves there its state
+        after its real tokens; the first b taps of `rows` must be the rows' ends -> (out (b, l, d), conv and
+        ssm fp32 states at the other taps (t - b, ...)). The ssm states go from and to the slots inside the
+        scan's state passing (`gpu_ops.state_pass`): no gather, scatter or copy of them."""
+        m, b = self.m, u.shape[0]
+        z, xbc, dt = m._split_proj(m.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
+        xbc, conv_taps = self.conv.prefill(xbc, conv_pool[slots], rows.tap_row, rows.tap_pos)
+        conv_pool[slots] = conv_taps[:b]
+        x, B, C = self._split_xbc(xbc)  # (b, l, h, p), (b, l, g, n) x2
+        dt = self._dt(dt, rows.valid)
+        parts, chunk = self.k.ssd_parts, self.cfg.chunk_size
+        if parts is None:
+            y, ssm = self._scan_rows(x, dt, B, C, ssm_pool[slots].float(), rows)
+            ssm_pool[slots] = ssm[:b].to(ssm_pool.dtype)
+            return self._norm_out(y.flatten(-2), z), conv_taps[b:], ssm[b:]
+        y, entering = chunk_scan_slots(parts, self.ops, x, dt, self.A, B, C, chunk, self.D, ssm_pool, slots)
+        return (
+            self._norm_out(y.flatten(-2), z),
+            conv_taps[b:],
+            _taps_in_pool(entering, ssm_pool, slots, rows, chunk),
+        )
+
     def _dt(self, dt: Tensor, valid: Tensor) -> Tensor:
         """dt (b, l, h) raw -> softplus(dt + dt_bias) within dt_limit, fp32, 0 where `valid` (b, l) is False."""
         dt = F.softplus(dt.float() + self.dt_bias)
@@ -226,6 +255,16 @@ class Mamba1Gpu:
         y, ssm = self.ops.selective_scan(x, dt, self.A, B, C, self.D, z, ssm)
         return m.out_proj(y.to(u.dtype)), conv, ssm
 
+    def prefill_slots(
+        self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, slots: Tensor, rows: PaddedRows
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """As `Mamba2Gpu.prefill_slots`, on states gathered from the slots and written back."""
+        b = u.shape[0]
+        out, conv, ssm = self.prefill_rows(u, conv_pool[slots], ssm_pool[slots].float(), rows)
+        conv_pool[slots] = conv[:b]
+        ssm_pool[slots] = ssm[:b].to(ssm_pool.dtype)
+        return out, conv[b:], ssm[b:]
+
     def step(self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, idx: Tensor) -> Tensor:
         """u: (b, d); conv_pool: (S, e, k-1); ssm_pool: (S, e, n) fp32, both in place -> (b, d)."""
         m = self.m
@@ -274,6 +313,44 @@ def chunk_scan_states(
     cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
     y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
     return y, entering, final
+
+
+def chunk_scan_slots(
+    parts: SsdParts,
+    ops: ModuleType,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk: int,
+    D: Tensor,
+    pool: Tensor,
+    slots: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`chunk_scan_states` with row r's initial state in slot slots[r] of `pool` (S, h, p, n), which gets its
+    final state (rounded to the pool's dtype) -> (y (b, l, h, p), entering (b, c, h, p, n) fp32)."""
+    n = B.shape[-1]
+    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
+    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n)
+    entering = ops.state_pass(own.flatten(-2), dA_cumsum[:, :, :, -1], pool.flatten(-2), slots)
+    entering = entering.unflatten(-1, (-1, n))
+    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
+    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
+    return y, entering
+
+
+def _taps_in_pool(entering: Tensor, pool: Tensor, slots: Tensor, rows: PaddedRows, chunk: int) -> Tensor:
+    """The fp32 ssm state at each tap after the first b (the rows' ends, already in their slots): a row end's
+    from its slot, an inner tap's (a multiple of the chunk size, below the row's length) from `entering`."""
+    b = slots.shape[0]
+    tap_row, tap_pos = rows.tap_row[b:], rows.tap_pos[b:]
+    if tap_row.numel() == 0:
+        return entering.new_empty((0, *entering.shape[2:]))
+    ends = tap_pos == rows.lengths[tap_row]
+    inner = entering[tap_row, (tap_pos // chunk).clamp(max=entering.shape[1] - 1)]  # (t - b, ...)
+    at_end = pool[slots[tap_row]].float()
+    return torch.where(ends.view(-1, *[1] * (inner.dim() - 1)), at_end, inner)
 
 
 def _states_at(entering: Tensor, final: Tensor, rows: PaddedRows, chunk: int) -> Tensor:

@@ -12,6 +12,9 @@
   reading the in_proj output in place (strided rows) and writing row-major: no transposed copies;
 - `conv_window`: the conv state at any point of a segment (its last k-1 inputs, reaching back into the
   old state): each segment's new state after its real length, and the states at capture points.
+- `state_pass`: the chunked scan's state passing from and to the live pool's slots (mamba-ssm's stage with
+  the initial states gathered and the final ones scattered back, in one kernel: a batched prefill's rows
+  then move their 2.6 MB fp32 states a layer (mamba2-2.7b) once each way, not five times);
 - `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
   `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
 
@@ -277,6 +280,56 @@ def ssm_step(
         d2.stride(0) if d2 is not None else 0, d2.stride(1) if d2 is not None else 0,
         out.stride(0), out.stride(1),
         HAS_D=d2 is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def _state_pass_kernel(
+    own_ptr, da_ptr, pool_ptr, slot_ptr, out_ptr,
+    dim, chunks,
+    stride_ob, stride_oc, stride_oh, stride_ab, stride_ah, stride_ac,
+    stride_ps, stride_ph, stride_eb, stride_ec, stride_eh,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    head = tl.program_id(2)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < dim
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    pool_ptrs = pool_ptr + slot * stride_ps + head * stride_ph + offs
+    state = tl.load(pool_ptrs, mask=mask, other=0.0).to(tl.float32)
+    own_ptrs = own_ptr + row * stride_ob + head * stride_oh + offs
+    out_ptrs = out_ptr + row * stride_eb + head * stride_eh + offs
+    da_ptrs = da_ptr + row * stride_ab + head * stride_ah
+    for c in range(chunks):
+        tl.store(out_ptrs + c * stride_ec, state, mask=mask)
+        own = tl.load(own_ptrs + c * stride_oc, mask=mask, other=0.0).to(tl.float32)
+        state = tl.exp(tl.load(da_ptrs + c * stride_ac).to(tl.float32)) * state + own
+    tl.store(pool_ptrs, state.to(pool_ptr.dtype.element_ty), mask=mask)
+
+
+def state_pass(own: Tensor, da_last: Tensor, pool: Tensor, slots: Tensor, block: int = 1024) -> Tensor:
+    """The chunked scan's state passing with the states in the live pool: row r starts from slot slots[r]'s
+    state and leaves there its state after its last chunk (fp32 maths, rounded to the pool's dtype on store).
+
+    own: (b, c, h, d) fp32, each chunk's own end state (from 0 within the chunk); da_last: (b, h, c) fp32, the
+    log decay across each chunk; pool: (S, h, d) fp32 or bf16, in place; slots: (b,) long, distinct but for rows
+    whose chunks leave the state as it was (own 0, decay 0: a padding row may share a slot). Returns the states
+    entering the chunks (b, c, h, d) fp32: mamba-ssm's `_state_passing_fwd` with the initial states gathered
+    from the pool and the final states scattered back, without either copy."""
+    b, c, h, d = own.shape
+    assert own.stride(-1) == 1 and pool.stride(-1) == 1 and pool.shape[1:] == (h, d)
+    assert da_last.shape == (b, h, c) and pool.dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty_like(own, dtype=torch.float32)
+    block = min(block, triton.next_power_of_2(d))
+    _state_pass_kernel[(triton.cdiv(d, block), b, h)](
+        own, da_last, pool, slots, out,
+        d, c,
+        own.stride(0), own.stride(1), own.stride(2), da_last.stride(0), da_last.stride(1), da_last.stride(2),
+        pool.stride(0), pool.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK=block, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -1,5 +1,5 @@
 """Batched prefill passes of short rows as CUDA graphs: one graph per bucket of (rows, width), each running
-the padded batched layers (`prefill_rows`) on the pool's states, gathered and written back through static
+the padded batched layers (`prefill_slots`) on the pool's states, read and written in place through static
 slot indices.
 
 Why: an eager pass costs about 1.3-2 ms of host launches per layer (mamba-ssm's Triton launchers), 30 ms

@@ -12,8 +12,8 @@ model dtype). What differs is how the work runs:
 - batched prefill (`prefill_batch`): a group of several rows of up to 512 tokens, captured at their ends
   only, replays a CUDA graph of its (rows, width) bucket (`gpu_row_graphs`); any other group of several
   rows runs as one eager padded pass (embedding,
-  fused add + norm, `prefill_rows` per layer on states gathered from the rows' slots, new states written
-  back, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
+  fused add + norm, `prefill_slots` per layer, whose scan reads each row's state from its slot and writes the
+  new one there, logits at each row's last real token), so the launch cost is paid once for all rows; a group of
   one row takes the single-row path above (graph pieces, split at its captures). Captures at multiples of
   the chunk size come out of the pass as fp32 chunk states (Mamba2; `_capture_grain`);
 - a lone segment of up to 512 tokens with one to MAX_FORKS captures inside it (a chat follow-up, captured at
@@ -300,9 +300,7 @@ class GpuModelRunner(ModelRunner):
         out, residual = self._embed(ids), None  # (B, W, d)
         for i, layer in enumerate(self.layers):
             hidden, residual = self._add_norm(i, out, residual)
-            out, conv, ssm = layer.prefill_rows(hidden, pool.conv[i, slots], pool.ssm[i, slots], rows)
-            pool.conv[i, slots] = conv
-            pool.ssm[i, slots] = ssm.to(pool.ssm.dtype)
+            out, _, _ = layer.prefill_slots(hidden, pool.conv[i], pool.ssm[i], slots, rows)
         assert residual is not None
         last = (torch.arange(b, device=ids.device), (lengths - 1).clamp(min=0))
         return self._logits(self._final_norm(out[last], residual[last]))
@@ -335,12 +333,10 @@ class GpuModelRunner(ModelRunner):
         tap_ssm = pool.ssm.new_empty((t, *pool.ssm[:, 0].shape)) if t else None
         for i, layer in enumerate(self.layers):
             hidden, residual = self._add_norm(i, out, residual)
-            out, conv, ssm = layer.prefill_rows(hidden, pool.conv[i, slot_t], pool.ssm[i, slot_t], rows)
-            pool.conv[i, slot_t] = conv[:b]
-            pool.ssm[i, slot_t] = ssm[:b].to(pool.ssm.dtype)
+            out, conv, ssm = layer.prefill_slots(hidden, pool.conv[i], pool.ssm[i], slot_t, rows)
             if tap_conv is not None and tap_ssm is not None:
-                tap_conv[:, i] = conv[b:]
-                tap_ssm[:, i] = ssm[b:]
+                tap_conv[:, i] = conv
+                tap_ssm[:, i] = ssm
         assert residual is not None
         last = (torch.arange(b, device=self.device), rows.lengths - 1)
         logits = self._logits(self._final_norm(out[last], residual[last]))  # (b, v_padded)

@@ -113,3 +113,36 @@ def assert_aligned_captures_take_one_pass(runner: Any, monkeypatch: Any) -> None
     (result,) = runner.prefill_batch([PrefillSeg(tokens(27, 0), 2, caps)])
     assert sorted(result.captures) == list(caps)
     assert len(passes) == (1 if runner.config.arch == "mamba2" else 4)
+
+
+def assert_state_pass_is_the_stage(
+    ops: Any, parts: Any, device: str, pool_dtype: torch.dtype, round_to_nearest: bool = True
+) -> None:
+    """`gpu_ops.state_pass` on pool slots equals mamba-ssm's state passing on states gathered from them, bit
+    for bit: the states entering each chunk, and the final ones (rounded to the pool's dtype) in the slots.
+    Two padding rows (own states 0, decay 0) share a slot, as a graph bucket's do, and leave it as it was;
+    the other slots keep their bytes. `round_to_nearest=False`: a bf16 store may truncate instead (Triton's
+    interpreter does), within one bf16 step of the nearest."""
+    gen = torch.Generator().manual_seed(9)
+    b, c, h, d, slots_n = 5, 3, 4, 48, 8
+    own = torch.randn(b, c, h, d, generator=gen)
+    own[3:] = 0.0
+    da = -torch.rand(b, h, c, 2, generator=gen)  # the stage reads a strided view: dA_cumsum[..., -1]
+    da[3:] = 0.0
+    pool = torch.randn(slots_n, h, d, generator=gen).to(pool_dtype)
+    own, da, pool = own.to(device), da.to(device), pool.to(device)
+    slots = torch.tensor([6, 0, 3, 5, 5], device=device)
+    before = pool.clone()
+    want, final = parts.state_passing(
+        own[:3], da[:3, ..., -1], initial_states=before[slots[:3]].float(), chunk_size=CHUNK,
+        out_dtype=torch.float32,
+    )  # fmt: skip
+    got = ops.state_pass(own, da[..., -1], pool, slots)
+    assert got.dtype == torch.float32 and torch.equal(got[:3], want)
+    assert torch.equal(got[3:], before[slots[3:]].float().unsqueeze(1).expand(-1, c, -1, -1))
+    if round_to_nearest or pool_dtype == torch.float32:
+        assert torch.equal(pool[slots[:3]], final.to(pool_dtype))
+    else:
+        torch.testing.assert_close(pool[slots[:3]].float(), final, atol=0, rtol=2**-7)
+    rest = torch.tensor([s for s in range(slots_n) if s not in (6, 0, 3)], device=device)
+    assert torch.equal(pool[rest], before[rest])

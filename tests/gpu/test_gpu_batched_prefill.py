@@ -243,6 +243,13 @@ def test_chunk_states_stay_fp32_and_the_outputs_unchanged() -> None:
         assert torch.equal(entering[:, j], split)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_state_pass_on_the_pool_is_the_stage(pool_dtype: torch.dtype) -> None:
+    from server.model import gpu_ops
+
+    cases.assert_state_pass_is_the_stage(gpu_ops, load_kernels().ssd_parts, "cuda", pool_dtype)
+
+
 def test_chunk_aligned_captures_take_no_split(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # without batched graphs: with them, a lone segment with up to MAX_FORKS captures inside runs as one forked
     # replay (`test_a_lone_segment_with_inner_captures_runs_as_one_forked_replay`), never as passes

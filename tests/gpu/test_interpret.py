@@ -148,6 +148,16 @@ def test_chunk_scan_states_are_the_torch_scan_states() -> None:
     _close(final, states_ref[:, -1])
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_state_pass_on_the_pool_is_the_stage(ops: ModuleType, pool_dtype: torch.dtype) -> None:
+    from server.model.kernels import load_kernels
+
+    # the interpreter's fp32 -> bf16 cast truncates; a GPU's rounds to nearest (the GPU test checks it)
+    cases.assert_state_pass_is_the_stage(
+        ops, load_kernels().ssd_parts, "cpu", pool_dtype, round_to_nearest=False
+    )
+
+
 def test_mamba1_scan_keeps_the_state_through_padding(ops: ModuleType) -> None:
     torch.manual_seed(2)
     b, length, e, n = 3, 11, 8, 4
