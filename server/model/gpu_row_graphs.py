@@ -46,6 +46,26 @@ def row_buckets(max_slots: int) -> list[Bucket]:
     return [(b, w) for b in rows for w in ROW_WIDTHS if b * w <= MAX_ROW_TOKENS]
 
 
+# An eager pass's host launches (mamba-ssm's Triton launchers, ~1.8 ms a layer) hide the GPU work of about
+# LAUNCH_PARAM_TOKENS / (parameters a layer) tokens. On an H200 a batched pass costs mamba2-2.7b ~14 us of GPU
+# a token (40M parameters a layer: ~8k tokens); mamba2-130m (3.7M a layer) ~86k: every bucket.
+LAUNCH_PARAM_TOKENS = 3.2e11
+
+
+def launch_tokens(layer_params: int, floor: int = 4096) -> int:
+    """The tokens whose GPU work an eager pass's launches hide, for layers of `layer_params` parameters."""
+    return max(floor, int(LAUNCH_PARAM_TOKENS / max(layer_params, 1)))
+
+
+def replays_win(graph_tokens: int, eager_tokens: int, hidden_tokens: int) -> bool:
+    """Whether replays of buckets holding `graph_tokens` (rows x widths) beat one eager pass over
+    `eager_tokens`, when the eager pass's launches hide `hidden_tokens` of GPU work. Padding costs the GPU what
+    real tokens do: below the hidden tokens the eager pass waits on its launches, so replays win up to there;
+    above, the wider buckets cost more than the eager pass (2.7b, H200: 64 rows of ~200 tokens, eager 64 x 208
+    190 ms, replays of 64 x 256 230 ms)."""
+    return graph_tokens <= max(hidden_tokens, eager_tokens)
+
+
 def plan_parts(lengths: Sequence[int], buckets: Sequence[Bucket]) -> list[tuple[int, Bucket]] | None:
     """Rows sorted longest first -> consecutive parts (rows in the part, its bucket) covering them; None when
     a row is wider than every bucket. Each part takes the narrowest width its first row fits; it takes all the

@@ -45,7 +45,7 @@ from torch import Tensor
 from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
 from server.model.gpu_prefill import GRAPH_PREFILL_MAX, MAX_GRAPH_LEN, PrefillGraphs
-from server.model.gpu_row_graphs import Bucket, RowGraphs
+from server.model.gpu_row_graphs import Bucket, RowGraphs, launch_tokens, replays_win
 from server.model.kernels import Kernels, load_kernels
 from server.model.layers import PaddedRows
 from server.model.lm import MambaLM
@@ -69,12 +69,6 @@ class GpuModelRunner(ModelRunner):
     # Triton specialises an integer argument on == 1 and on divisibility by 16: widths that are multiples of
     # 16 make the sequence length and every stride that holds it one case, which `warm_batched` compiles
     width_grain = 16
-    # a batched pass replays graphs (`gpu_row_graphs`) when their buckets hold at most `graph_waste` times
-    # the eager pass's padded tokens, or at most `graph_free_tokens`: padding costs the GPU what real tokens
-    # do, which counts once a pass's GPU time passes its eager launch time (2.7b: 4k tokens ~45 ms, launches
-    # ~130 ms)
-    graph_waste = 2.0
-    graph_free_tokens = 4096
     warm_tokens = 16_384  # the largest batched pass `warm_batched` runs (rows x width)
 
     def __init__(
@@ -108,6 +102,8 @@ class GpuModelRunner(ModelRunner):
         self.prefill_graphs = self._prefill_graphs() if graphs_ok and prefill_graphs else None
         ok = graphs_ok and prefill_graphs and batch_graphs
         self.row_graphs = RowGraphs(self._rows_pass, max_slots, self.device) if ok else None
+        # a batched pass replays graphs when `replays_win` (their buckets against the eager pass's tokens)
+        self.hidden_tokens = launch_tokens(sum(p.numel() for p in model.blocks()[0].parameters()))
 
     def _prefill_graphs(self) -> PrefillGraphs:
         pool = self.pool
@@ -224,7 +220,7 @@ class GpuModelRunner(ModelRunner):
         ranked = sorted(range(len(lengths)), key=lambda r: -lengths[r])
         parts = self.row_graphs.parts([lengths[r] for r in ranked]) if self.row_graphs and ends_only else None
         graph_tokens = sum(b * w for _, (b, w) in parts) if parts else 0
-        if parts is None or graph_tokens > max(self.graph_waste * ids.numel(), self.graph_free_tokens):
+        if parts is None or not replays_win(graph_tokens, ids.numel(), self.hidden_tokens):
             return self._prefill_padded(ids, lengths, slots, taps)
         assert self.row_graphs is not None
         # one asynchronous copy of the rows' order: a `torch.tensor(..., device=cuda)` per part would wait

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import random
 
-from server.model.gpu_row_graphs import MAX_ROW_TOKENS, ROW_WIDTHS, plan_parts, row_buckets
+import torch
+
+from server.model.config import ModelConfig
+from server.model.gpu_row_graphs import (
+    MAX_ROW_TOKENS,
+    ROW_WIDTHS,
+    launch_tokens,
+    plan_parts,
+    replays_win,
+    row_buckets,
+)
+from server.model.lm import MambaLM
 
 
 def test_buckets_are_powers_of_two_rows_within_the_token_bound() -> None:
@@ -41,3 +52,21 @@ def test_parts_cover_the_rows_in_order_each_in_a_bucket_that_holds_it() -> None:
                 assert max(lengths[start : start + count]) <= width
                 assert rows <= count + max(1, count // 2) or rows == count
                 start += count
+
+
+def _layer_params(d_model: int, n_layer: int = 2) -> int:
+    with torch.device("meta"):
+        model = MambaLM(ModelConfig(arch="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=512))
+    return sum(p.numel() for p in model.blocks()[0].parameters())
+
+
+def test_a_large_burst_runs_eagerly_on_a_large_model_and_as_replays_on_a_small_one() -> None:
+    """64 rows of ~200 tokens: eager 64 x 208, replays of the 64 x 256 bucket. On the 2.7b shape the eager
+    pass's launches hide ~8k tokens, so the 23% wider bucket loses; on the 130m shape they hide every bucket."""
+    big, small = launch_tokens(_layer_params(2560)), launch_tokens(_layer_params(768))
+    assert 6_000 < big < 10_000 and small > MAX_ROW_TOKENS
+    assert not replays_win(64 * 256, 64 * 208, big)
+    assert replays_win(64 * 256, 64 * 208, small)
+    assert replays_win(8 * 256, 8 * 208, big)  # a small pass waits on its launches: replays win
+    assert replays_win(64 * 256, 64 * 256, big)  # no wider than the eager pass
+    assert launch_tokens(10**12) == 4096  # the floor
