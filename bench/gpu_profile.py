@@ -1,10 +1,13 @@
 """Where the GPU time goes: kernel profiles of prefill and decode, and block-size sweeps of our Triton kernels.
 
-    python -m bench.gpu_profile [--model mamba2-2.7b] [--length 8192] [--sections prefill,decode,sweep]
-                                [--out profile.md]
+    python -m bench.gpu_profile [--model mamba2-2.7b] [--length 8192] [--rows 64] [--tokens 200]
+                                [--sections prefill,burst,decode,sweep] [--out profile.md]
 
 - prefill: one prefill of `--length` tokens by upstream mamba_ssm, by ours with the torch conv and by ours
   with the Triton conv; wall time (median of 3) and the kernels that take the most device time;
+- burst: `--rows` prompts of `--tokens` tokens prefilled at once: upstream's forward over them, our
+  `prefill_batch` (eager), and one packed row of as many tokens, each with its kernels; then our pass's wall
+  time per batch size (the latency a prefill budget trades for its batch);
 - decode: one eager decode step at batch 64 (ours), its top kernels;
 - sweep: `ssm_step` (batch 1 / 64 / 256) and `conv_prefill` (the prefill length) over block sizes and warps,
   in GB/s of the bytes each kernel must move.
@@ -19,11 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_bench import VOCAB, Report, build_pair, sync_time, upstream_prefill_fn
 from server.model import gpu_ops
 from server.model.gpu_runner import GpuModelRunner
+from server.model.runner import PrefillSeg
 
 
 def top_kernels(fn: Callable[[], object], rows: int = 12) -> list[list[str]]:
@@ -73,6 +78,103 @@ def section_prefill(rep: Report, model: str, length: int) -> None:
         wall = sync_time(fn, reps=3)
         rep.table(f"profile: prefill {length:,} tokens, {model}, {name}: {wall * 1e3:.1f} ms wall", header,
                   top_kernels(fn))  # fmt: skip
+
+
+def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
+    upstream, ours = build_pair(model)
+    for layer in upstream.backbone.layers:  # the path generate()'s prefill takes without causal-conv1d
+        layer.mixer.use_mem_eff_path = False
+    ids = torch.randint(0, VOCAB, (rows, tokens), device="cuda")
+    runner = GpuModelRunner(ours, rows, "cuda", use_graphs=False)
+    segs = [PrefillSeg(ids[r].tolist(), r) for r in range(rows)]
+    packed = ids.flatten().tolist()
+
+    @torch.inference_mode()
+    def up() -> None:
+        upstream(ids, num_last_tokens=1)
+
+    runs: dict[str, Callable[[], object]] = {
+        f"upstream forward, {rows} x {tokens}": up,
+        f"ours, prefill_batch of {rows} x {tokens}, eager": lambda: runner.prefill_batch(segs),
+        f"ours, one row of {rows * tokens:,} tokens, eager": lambda: runner.prefill(packed, 0),
+    }
+    header = ["kernel", "calls", "device ms", "share"]
+    for name, fn in runs.items():
+        fn()
+        wall = sync_time(fn, reps=3)
+        rep.table(f"profile: {name}, {model}: {wall * 1e3:.1f} ms wall", header, top_kernels(fn, rows=16))
+    graphed = GpuModelRunner(ours, rows, "cuda")
+    ended = [PrefillSeg(ids[r].tolist(), r, (tokens,)) for r in range(rows)]
+    graphed.prefill_batch(ended)
+    ms = sync_time(lambda: graphed.prefill_batch(ended), reps=5) * 1e3
+    rep.write(
+        [f"ours, prefill_batch of {rows} x {tokens} captured at their ends (graph replays): {ms:.1f} ms wall"]
+    )
+    _scan_layouts(rep, runner, rows, tokens)
+    walls = []
+    for b in sorted({max(1, rows // 8), max(1, rows // 4), max(1, rows // 2), rows}):
+        part = segs[:b]
+
+        def run(part: list[PrefillSeg] = part) -> None:
+            runner.prefill_batch(part)
+
+        run()
+        ms = sync_time(run, reps=3) * 1e3
+        walls.append([f"{b} x {tokens}", f"{ms:.1f}", f"{b * tokens / ms:,.0f}"])
+    rep.table(f"our eager prefill_batch by batch size, {model}", ["rows", "wall ms", "tokens / ms"], walls)
+
+
+def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -> None:
+    """One layer's chunked scan stages over `rows` sequences: right-padded rows (width a multiple of 16) on the
+    pool's slots, as the runner runs them, against one packed row with `seq_idx` and each sequence's final
+    state (`chunk_state_varlen`, its initial state 0)."""
+    from mamba_ssm.ops.triton.ssd_chunk_state import chunk_state_varlen
+
+    from server.model.gpu_layers import chunk_scan_slots
+
+    layer = runner.layers[0]
+    parts, cfg = runner.kernels.ssd_parts, layer.cfg
+    assert parts is not None
+    h, p, n, chunk = cfg.nheads, cfg.headdim, cfg.d_state, cfg.chunk_size
+    g = cfg.ngroups
+    width = -(-tokens // 16) * 16
+
+    def inputs(b: int, length: int) -> tuple[Tensor, ...]:
+        x = torch.randn(b, length, h, p, device="cuda", dtype=torch.bfloat16)
+        dt = torch.rand(b, length, h, device="cuda") * 0.1
+        bc = torch.randn(b, length, 2, g, n, device="cuda", dtype=torch.bfloat16)
+        return x, dt, bc[:, :, 0], bc[:, :, 1]
+
+    A = -torch.rand(h, device="cuda")
+    D = torch.ones(h, device="cuda")
+    x, dt, B, C = inputs(rows, width)
+    pool = torch.zeros(rows, h, p, n, device="cuda")
+    slots = torch.arange(rows, device="cuda")
+    padded = lambda: chunk_scan_slots(parts, gpu_ops, x, dt, A, B, C, chunk, D, pool, slots)
+    px, pdt, pB, pC = inputs(1, rows * tokens)
+    cu = torch.arange(0, rows * tokens + 1, tokens, device="cuda", dtype=torch.int32)
+    seq_idx = torch.repeat_interleave(torch.arange(rows, device="cuda", dtype=torch.int32), tokens)[None]
+
+    def packed() -> None:
+        dA_cumsum, dtc = parts.chunk_cumsum(pdt, A, chunk)
+        own = parts.chunk_state(pB, px, dtc, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        entering, _ = parts.state_passing(
+            own.flatten(-2),
+            dA_cumsum[:, :, :, -1],
+            seq_idx=seq_idx,
+            chunk_size=chunk,
+            out_dtype=torch.float32,
+        )
+        entering = entering.unflatten(-1, (p, n))
+        cb = parts.bmm_chunk(pC, pB, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
+        parts.chunk_scan(cb, px, dtc, dA_cumsum, pC, entering, D=D, seq_idx=seq_idx)
+        chunk_state_varlen(pB[0], px[0], dtc[0], dA_cumsum[0], cu, entering[0])
+
+    header = ["kernel", "calls", "device ms", "share"]
+    for name, fn in ((f"padded {rows} x {width}", padded), (f"packed 1 x {rows * tokens:,}", packed)):
+        fn()
+        ms = sync_time(fn, reps=5) * 1e3
+        rep.table(f"one layer's scan stages, {name}: {ms:.2f} ms wall", header, top_kernels(fn))
 
 
 def section_decode(rep: Report, model: str, batch: int = 64) -> None:
@@ -135,7 +237,9 @@ def main() -> None:
     )
     parser.add_argument("--model", default="mamba2-2.7b")
     parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--sections", default="prefill,decode,sweep")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--sections", default="prefill,burst,decode,sweep")
     parser.add_argument("--out", type=Path, default=Path("profile.md"))
     args = parser.parse_args()
     from bench.gpu_bench import copy_bandwidth
@@ -148,6 +252,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "prefill" in sections:
         section_prefill(rep, args.model, args.length)
+    if "burst" in sections:
+        section_burst(rep, args.model, args.rows, args.tokens)
     if "decode" in sections:
         section_decode(rep, args.model)
     if "sweep" in sections:
