@@ -18,6 +18,7 @@ Shapes as in `server.model.config`; S is the number of slots in the pool.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Literal
 
@@ -283,6 +284,25 @@ def _maybe(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.detach()
 
 
+# the chunked scan's state passing: (each chunk's own end state (b, c, h, p*n) fp32, the log decay across each
+# chunk (b, h, c)) -> the states entering the chunks (b, c, h, p*n) fp32
+Passing = Callable[[Tensor, Tensor], Tensor]
+
+
+def _scan_stages(
+    parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
+    passing: Passing,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, its state passing
+    given -> (y, the states entering the chunks (b, c, h, p, n) fp32)."""
+    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
+    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n): from 0 in each chunk
+    entering = passing(own.flatten(-2), dA_cumsum[:, :, :, -1]).unflatten(-1, (-1, B.shape[-1]))
+    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
+    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
+    return y, entering
+
+
 def chunk_scan_states(
     parts: SsdParts,
     x: Tensor,
@@ -294,50 +314,36 @@ def chunk_scan_states(
     D: Tensor,
     init: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, on a dt already
-    softplus'ed, keeping the states entering the chunks in fp32 (the public function rounds them to C's
-    dtype). `_chunk_scan_fwd` reads them in any dtype and rounds them to C's dtype for its product, so y
-    is what the public function computes.
+    """mamba-ssm's chunked scan, stage by stage, on a dt already softplus'ed, keeping the states entering the
+    chunks in fp32 (the public function rounds them to C's dtype). `_chunk_scan_fwd` reads them in any dtype
+    and rounds them to C's dtype for its product, so y is what the public function computes.
 
     x: (b, l, h, p); dt: (b, l, h) fp32; A: (h,); B, C: (b, l, g, n), channels contiguous; D: (h,) or
     (h, p); init: (b, h, p, n) fp32 -> (y (b, l, h, p) in x's dtype with the D skip, entering
     (b, c, h, p, n) fp32 for c = ceil(l / chunk) chunks, final state (b, h, p, n) fp32)."""
-    n = B.shape[-1]
-    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
-    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n): from 0 in each chunk
-    entering, final = parts.state_passing(
-        own.flatten(-2), dA_cumsum[:, :, :, -1], initial_states=init.flatten(-2), chunk_size=chunk,
-        out_dtype=torch.float32,
-    )  # fmt: skip
-    entering, final = entering.unflatten(-1, (-1, n)), final.unflatten(-1, (-1, n))
-    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
-    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
-    return y, entering, final
+    finals: list[Tensor] = []
+
+    def passing(own: Tensor, decay: Tensor) -> Tensor:
+        entering, final = parts.state_passing(
+            own, decay, initial_states=init.flatten(-2), chunk_size=chunk, out_dtype=torch.float32
+        )
+        finals.append(final)
+        return entering
+
+    y, entering = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing)
+    return y, entering, finals[0].unflatten(-1, (-1, B.shape[-1]))
 
 
 def chunk_scan_slots(
-    parts: SsdParts,
-    ops: ModuleType,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk: int,
-    D: Tensor,
-    pool: Tensor,
-    slots: Tensor,
-) -> tuple[Tensor, Tensor]:
+    parts: SsdParts, ops: ModuleType, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+    D: Tensor, pool: Tensor, slots: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """`chunk_scan_states` with row r's initial state in slot slots[r] of `pool` (S, h, p, n), which gets its
     final state (rounded to the pool's dtype) -> (y (b, l, h, p), entering (b, c, h, p, n) fp32)."""
-    n = B.shape[-1]
-    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
-    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n)
-    entering = ops.state_pass(own.flatten(-2), dA_cumsum[:, :, :, -1], pool.flatten(-2), slots)
-    entering = entering.unflatten(-1, (-1, n))
-    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
-    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
-    return y, entering
+    flat = pool.flatten(-2)
+    return _scan_stages(
+        parts, x, dt, A, B, C, chunk, D, lambda own, decay: ops.state_pass(own, decay, flat, slots)
+    )
 
 
 def _taps_in_pool(entering: Tensor, pool: Tensor, slots: Tensor, rows: PaddedRows, chunk: int) -> Tensor:
