@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from cache.prefix import common_prefix_len
 from server.engine.types import GenerationRequest
-from server.model.tokenizer import common_prefix_len
 
 PromptKey = tuple[str, str | None, str | None]  # (namespace, session id, prefix tree)
 LAST_PROMPT_TOKENS = 2_000_000  # ~16 MB of references; ~80 MB where the store alone keeps the ints alive

@@ -77,12 +77,12 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
+from cache.prefix import common_prefix_len
 from server.model.tokenizer import (
     ChatTemplateError,
     Message,
     Spans,
     Tokenizer,
-    common_prefix_len,
     normalize_message,
 )
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from cache.prefix import common_prefix_len
 from server.engine.prompts import LastPrompts, prompt_key
 from server.engine.types import GenerationRequest, SamplingParams
-from server.model.tokenizer import common_prefix_len
 
 
 def test_the_prefix_is_what_the_new_prompt_shares_with_the_last_one() -> None:
