@@ -12,9 +12,10 @@
   reading the in_proj output in place (strided rows) and writing row-major: no transposed copies;
 - `conv_window`: the conv state at any point of a segment (its last k-1 inputs, reaching back into the
   old state): each segment's new state after its real length, and the states at capture points.
-- `state_pass`: the chunked scan's state passing from and to the live pool's slots (mamba-ssm's stage with
-  the initial states gathered and the final ones scattered back, in one kernel: a batched prefill's rows
-  then move their 2.6 MB fp32 states a layer (mamba2-2.7b) once each way, not five times);
+- `state_pass`: the chunked scan's state passing from and to the live pool's slots: mamba-ssm's stage with
+  each row's initial state read from its slot and its final one written there, in one kernel. The gathers,
+  scatters and copies of the rows' fp32 states (2.6 MB a row a layer on mamba2-2.7b) that it replaces took
+  51 of the 230 ms of device time of a 64 x 200-token batched pass on an H200;
 - `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
   `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
 
