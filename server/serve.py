@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import socket
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
-import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server.api import create_app
 from server.api.logs import configure_logging
-from server.api.shutdown import drain
+from server.api.routes_admin import fresh_metrics
 from server.api.state import AppState
+from server.draining import DrainingServer, uvicorn_config
+from server.frontends import FrontEnds, front_end_settings
 from server.heap import freeze_heap
-from server.http_protocol import http_protocol
 from server.metrics import Metrics
 from server.settings import Settings, apply_switch_interval, parse_settings, resolve_engine_process
 
 log = logging.getLogger(__name__)
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, whose first SIGTERM/SIGINT drains the app (`server.api.shutdown`) before shutting down."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
-        super().__init__(config)
-        self._app, self._grace = app, grace
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
-        self._draining = False
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None or self.should_exit:
-            super().handle_exit(sig, frame)  # a second signal: uvicorn's own (immediate) shutdown
-            return
-        self._draining = True
-        self._captured_signals.append(sig)  # uvicorn re-raises it once it has shut down
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self._drain = asyncio.ensure_future(self._drain_then_exit())
-
-    async def _drain_then_exit(self) -> None:
-        state: AppState = self._app.state.tssc
-        try:
-            await drain(state, self._grace)
-        finally:
-            self.should_exit = True
 
 
 def _settings_error(exc: ValidationError) -> str:
@@ -87,19 +51,26 @@ def serve(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, metrics=Metrics(), on_load_error=on_load_error, on_ready=freeze_heap)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        http=http_protocol(),
+    metrics = Metrics()
+    try:
+        group = FrontEnds.listen(settings, metrics) if settings.api_servers > 1 else None
+    except OSError as exc:
+        sys.stderr.write(f"tssc serve: cannot listen on {settings.host}:{settings.port}: {exc}\n")
+        return 1
+    mine = front_end_settings(settings)
+    app = create_app(
+        mine,
+        engine=group.engine(mine) if group is not None else None,
+        metrics=metrics,
+        on_load_error=on_load_error,
+        on_ready=freeze_heap,
     )
-    server = DrainingServer(config, app, settings.shutdown_grace)
+    if group is not None:
+        group.render = functools.partial(fresh_metrics, app.state.tssc)
+    on_signal = group.forward if group is not None else None
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_grace, on_signal)
     _log_start(settings)
-    server.run()
+    server.run(sockets=[group.socket] if group is not None else None)
     if failed:
         _report_load_failure(app.state.tssc)
         return 1

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.cli import package_version
@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "
         "process talks to over a pipe: HTTP work and model work then hold separate GILs; default: on with "
         "CUDA, off on CPU.",
+    )
+    api_servers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes (parse, tokenize, stream) in front of the one engine core, on one "
+        "port (SO_REUSEPORT spreads the connections); above 1 implies --engine-process. Each front end keeps "
+        "its own sessions' chat encodings and its share of --max-concurrent-requests.",
     )
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -226,6 +234,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("api_servers")
+    @classmethod
+    def _front_ends_need_a_core(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("engine_process") is False:
+            raise ValueError("several front ends share one engine core: drop --no-engine-process")
+        return value
+
     @field_validator("remote_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
@@ -298,6 +313,8 @@ def resolve_engine_process(settings: Settings) -> Settings:
     core's compute and the HTTP process would share the same few cores."""
     if settings.engine_process is not None:
         return settings
+    if settings.api_servers > 1:
+        return settings.model_copy(update={"engine_process": True})
     if settings.device == "auto":
         import torch
 

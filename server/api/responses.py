@@ -140,6 +140,7 @@ class SessionDeleted(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading", "failed", "draining"]
     model: str
+    api_server: int = 0  # which front end answered (0: the primary; `--api-servers`)
 
 
 class ErrorDetail(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import Annotated, Literal, TypeVar
@@ -16,7 +17,7 @@ from server.api.generation import engine_error
 from server.api.logs import session_id_var
 from server.api.responses import Health, SessionDeleted
 from server.api.routes_openai import ERRORS, Namespace
-from server.api.state import EngineLike, app_state
+from server.api.state import AppState, EngineLike, app_state
 from server.engine.types import EngineError, EngineNotReady
 from server.metrics import CONTENT_TYPE_LATEST
 
@@ -36,13 +37,19 @@ async def health(request: Request) -> JSONResponse:
         status = "draining"
     elif not state.ready:
         status = "failed" if state.failed else "loading"
-    body = Health(status=status, model=state.settings.model_name)
+    body = Health(status=status, model=state.settings.model_name, api_server=state.api_server)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = app_state(request)
+    render = state.render_metrics or functools.partial(fresh_metrics, state)
+    return Response(await render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def fresh_metrics(state: AppState) -> bytes:
+    """The registry, its gauges refreshed from the engine."""
     try:
         if state.engine is not None and state.ready:
             state.metrics.set_stats(await state.engine.stats())
@@ -50,7 +57,7 @@ async def metrics(request: Request) -> Response:
             state.metrics.refresh(None)
     except Exception:  # a stats failure must not hide the counters
         log.exception("metrics refresh failed")
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return state.metrics.render()
 
 
 def _session_engine(request: Request, session_id: str) -> EngineLike:

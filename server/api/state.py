@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +70,9 @@ class AppState:
     draining: bool = False  # a shutdown began: new generation requests get 503 + Retry-After
     on_load_error: Callable[[], None] | None = None
     on_ready: Callable[[], None] | None = None  # once the engine serves (`create_app`)
+    # a further front end of --api-servers answers /metrics with the primary's registry (`server.frontends`)
+    render_metrics: Callable[[], Awaitable[bytes]] | None = None
+    api_server: int = 0  # this front end's index (0: the primary)
     created: int = field(default_factory=lambda: int(time.time()))
     _chat_encoder: ChatEncoder | None = None
 

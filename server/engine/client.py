@@ -13,6 +13,11 @@ the process and its pipe: `server.engine.core_process`; the messages: `server.en
 - if the core dies, every open request fails with `EngineError`, `failure` says why and `/health` answers
   503 (`failed`); the server does not restart it.
 - `stop()` stops the core (its engine flushes the disk tier) and waits for it to exit.
+
+With `--api-servers N` the primary front end's client spawns the core with N - 1 further pipes
+(`spare_links`), and each further front end's client is given one (`link`): it does not own the core, its
+`stop()` detaches it (the core ends its requests), and it prefixes its request ids with its index, so that
+ids from different front ends never meet in the one engine.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
 
-from server.engine.core_process import CoreProcess, CoreUnreachable, describe_exit
+from server.engine.core_process import CoreLink, CoreProcess, CoreUnreachable, describe_exit
 from server.engine.events import EventQueue, event_batches, one_by_one
 from server.engine.ipc import (
     Abort,
@@ -48,12 +55,31 @@ log = logging.getLogger(__name__)
 QUERY_SECONDS = 30.0
 
 
+class FrontEndsLike(Protocol):
+    """The further front ends that the primary's client starts after the core and stops before it
+    (`server.frontends.FrontEnds`)."""
+
+    async def start(self, links: list[Connection]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class EngineClient:
     """The engine in a core process, behind the same interface as `Engine`."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        link: Connection | None = None,
+        index: int = 0,
+        front_ends: FrontEndsLike | None = None,
+    ) -> None:
         self._settings, self._metrics = settings, metrics
-        self._core: CoreProcess | None = None
+        self._front_ends = front_ends
+        self._link = link  # a further front end's pipe to a core that another process started
+        self._id_prefix = f"fe{index}." if index else ""
+        self._core: CoreLink | None = None
         self._loaded: asyncio.Future[None] | None = None
         self._tokenizer: Tokenizer | None = None
         self._open: dict[str, EventQueue] = {}
@@ -92,26 +118,39 @@ class EngineClient:
 
     @property
     def pid(self) -> int | None:
-        """The core process's id (None before `start`)."""
-        return self._core.pid if self._core is not None else None
+        """The core process's id (None before `start`, and in a further front end)."""
+        return self._core.pid if isinstance(self._core, CoreProcess) else None
+
+    def spare_links(self) -> list[Connection]:
+        """The further front ends' pipes to the core (once, after `start`; the caller closes them)."""
+        return self._core.take_spare_links() if isinstance(self._core, CoreProcess) else []
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawn the core and wait until its model is loaded (raises the load's failure)."""
+        """Spawn the core (or attach to it: `link`) and wait until its model is loaded (raises the load's
+        failure)."""
         if self._core is not None:
             return
         loaded = self._loaded = asyncio.get_running_loop().create_future()
-        self._core = CoreProcess(self._settings, self._metrics, self._on_message, self._on_exit)
+        if self._link is None:
+            spare = self._settings.api_servers - 1
+            self._core = CoreProcess(self._settings, self._metrics, self._on_message, self._on_exit, spare)
+        else:
+            self._core = CoreLink(self._link, self._metrics, self._on_message, self._on_exit)
+            self._core.start_reading()
         tokenizer = self._load_tokenizer(self._core)  # while the core loads
         try:
             await loaded
         except BaseException:
             tokenizer.add_done_callback(_retrieved)  # the core's load error is the one reported
             raise
-        self._tokenizer = await tokenizer
+        loaded_tokenizer = await tokenizer
+        if self._front_ends is not None:
+            await self._front_ends.start(self.spare_links())  # ready once every front end serves
+        self._tokenizer = loaded_tokenizer
 
-    def _load_tokenizer(self, core: CoreProcess) -> asyncio.Future[Tokenizer]:
+    def _load_tokenizer(self, core: CoreLink) -> asyncio.Future[Tokenizer]:
         """On a daemon thread: a load that failed in the core does not hold up the exit."""
         from server.engine.factory import load_tokenizer
 
@@ -136,10 +175,13 @@ class EngineClient:
         return ended
 
     async def stop(self) -> None:
-        """Fail every open request, stop the core and wait for it to exit."""
+        """Stop the further front ends (they drain), fail every open request, stop the core and wait for it to
+        exit (a further front end's client only detaches from it)."""
         if self._core is None or self._stopping:
             return
         self._stopping = True
+        if self._front_ends is not None:
+            await self._front_ends.stop()
         self._fail_open(lambda: EngineError("the engine stopped"))
         await self._core.stop()
 
@@ -151,6 +193,8 @@ class EngineClient:
 
     async def generate_batches(self, req: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]:
         """`generate`'s events in batches, as `Engine.generate_batches` gives them."""
+        if self._id_prefix:
+            req = replace(req, request_id=self._id_prefix + req.request_id)
         self._check_admissible(req)
         queue: EventQueue = asyncio.Queue()
         self._open[req.request_id] = queue
@@ -263,7 +307,8 @@ class EngineClient:
     def _on_exit(self, exitcode: int | None) -> None:
         """The core closed the pipe: it exited (asked to stop), or died."""
         if not self._stopping:
-            self._failure = f"the engine core process exited unexpectedly ({describe_exit(exitcode)})"
+            how = describe_exit(exitcode) if self._link is None else "it closed this front end's pipe"
+            self._failure = f"the engine core process exited unexpectedly ({how})"
             log.error("%s; failing the open requests", self._failure)
         message = self._failure or "the engine stopped"
         self._fail_open(lambda: EngineError(message))

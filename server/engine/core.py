@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.5  # observations recorded between steps (evictions, remote errors) wait at most this
 
 
-def run_core(settings: Settings, conn: Connection) -> None:
-    """The core process: load, then serve the pipe until shutdown."""
+def run_core(settings: Settings, conns: list[Connection]) -> None:
+    """The core process: load, then serve the pipes until shutdown. `conns[0]` is the primary front end's
+    (the process that started this one; its end of file stops the core), the others those of the further
+    front ends of `--api-servers` (`server.frontends`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from server.api.logs import configure_logging
@@ -66,11 +68,12 @@ def run_core(settings: Settings, conn: Connection) -> None:
         from server.model.loader import load_failure
 
         log.debug("the model load failed", exc_info=exc)
-        with contextlib.suppress(OSError):
-            conn.send(LoadFailed(load_failure(exc)))
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send(LoadFailed(load_failure(exc)))
         raise SystemExit(1) from None
     freeze_heap()  # the model, torch and the imports: no full collection pauses a step to traverse them
-    asyncio.run(EngineCore(engine, recorder, conn).serve())
+    asyncio.run(EngineCore(engine, recorder, conns).serve())
 
 
 def _build(settings: Settings, recorder: Recorder) -> Engine:
@@ -84,10 +87,11 @@ class Outbox:
 
     `Engine._apply` delivers a whole step's events synchronously, each straight to `event`; the first queues
     `flush` on the loop, so it runs once `_apply` has returned, with every event of the step: one `Step`
-    message per step (the engine has handed its next step to the worker by then).
+    message per step (the engine has handed its next step to the worker by then). The metric observations
+    ride with the primary front end's messages only (`recorder` None for the others).
     """
 
-    def __init__(self, send: Callable[[FromCore], None], recorder: Recorder, engine: Engine) -> None:
+    def __init__(self, send: Callable[[FromCore], None], recorder: Recorder | None, engine: Engine) -> None:
         self._send, self._recorder, self._engine = send, recorder, engine
         self._events: list[TokenEvent] = []
         self._failures: list[Failure] = []
@@ -109,7 +113,7 @@ class Outbox:
     def flush(self) -> None:
         """Send what has collected (nothing if nothing has)."""
         self._queued = False
-        observations = self._recorder.drain()
+        observations = self._recorder.drain() if self._recorder is not None else ()
         if not (self._events or self._failures or observations):
             return
         events, failures = tuple(self._events), tuple(self._failures)
@@ -119,45 +123,40 @@ class Outbox:
 
 
 class EngineCore:
-    """Serves the pipe with a started engine, on the running loop."""
+    """Serves the front ends' pipes with a started engine, on the running loop."""
 
-    def __init__(self, engine: Engine, recorder: Recorder, conn: Connection) -> None:
-        self._engine, self._recorder, self._conn = engine, recorder, conn
-        self._outbox = Outbox(self._send, recorder, engine)
-        self._requests: dict[str, asyncio.Task[None]] = {}  # on their way into the engine (`run_into`)
-        self._queued: set[str] = set()  # in the engine, not ended yet
+    def __init__(self, engine: Engine, recorder: Recorder, conns: list[Connection]) -> None:
+        self._engine, self._recorder = engine, recorder
+        self._links = [Link(i, conn, recorder if i == 0 else None, engine) for i, conn in enumerate(conns)]
         self._queries: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
-        self._prompts = SentPrompts()  # the HTTP process's copy: `EngineClient`
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._engine.start()
-        self._outbox.flush()  # what the load recorded (the model info) is on /metrics once the server is ready
-        self._send(Ready())
-        reader = threading.Thread(target=self._read, args=(loop,), name="tssc-core-pipe", daemon=True)
-        reader.start()
+        primary = self._links[0]
+        primary.outbox.flush()  # what the load recorded (the model info) is on /metrics once the server is ready
+        for link in self._links:
+            link.send(Ready())
+            threading.Thread(
+                target=self._read, args=(loop, link), name=f"tssc-core-pipe-{link.index}", daemon=True
+            ).start()
         ticker = loop.create_task(self._tick())
         await self._done.wait()
         ticker.cancel()
         await self._engine.stop()
-        self._outbox.flush()
+        for link in self._links:
+            link.outbox.flush()
         log.info("engine core stopped")
 
-    def _send(self, message: FromCore) -> None:
-        try:
-            self._conn.send(message)
-        except OSError:  # the HTTP process is gone: the reader sees the end of file and stops the core
-            log.debug("engine core: the pipe is closed; dropped a %s", type(message).__name__)
-
-    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _read(self, loop: asyncio.AbstractEventLoop, link: Link) -> None:
         while True:
             try:
-                message: ToCore | None = self._conn.recv()
+                message: ToCore | None = link.conn.recv()
             except (EOFError, OSError):
-                message = None  # the HTTP process exited (or was killed): stop
+                message = None  # the front end exited (or was killed)
             try:
-                loop.call_soon_threadsafe(self._handle, message)
+                loop.call_soon_threadsafe(self._handle, link, message)
             except RuntimeError:  # the loop is closed: the core stopped
                 return
             if message is None or isinstance(message, Shutdown):
@@ -167,79 +166,116 @@ class EngineCore:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             if self._recorder.pending:
-                self._outbox.flush()
+                self._links[0].outbox.flush()
 
-    def _handle(self, message: ToCore | None) -> None:
+    def _handle(self, link: Link, message: ToCore | None) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(message, Submit):
             try:
-                req = self._prompts.request(message)  # in the pipe's order, as the HTTP process sent them
+                req = link.prompts.request(message)  # in the pipe's order, as the front end sent them
             except EngineError as exc:
-                self._outbox.failed(message.req.request_id, exc)
+                link.outbox.failed(message.req.request_id, exc)
                 return
-            self._requests[req.request_id] = loop.create_task(self._run(req))
+            link.requests[req.request_id] = loop.create_task(self._run(link, req))
         elif isinstance(message, Abort):
-            self._abort(message.request_id)
+            self._abort(link, message.request_id)
         elif isinstance(message, EndAll):
-            self._engine.end_all(message.reason)
+            self._end_all(link, message.reason)
         elif isinstance(message, Query):
-            query = loop.create_task(self._answer(message))
+            query = loop.create_task(self._answer(link, message))
             self._queries.add(query)
             query.add_done_callback(self._queries.discard)
+        elif link.index > 0:  # a further front end stopped (or died): its requests end with it
+            log.log(
+                logging.INFO if message is not None else logging.WARNING,
+                "engine core: front end %d is gone",
+                link.index,
+            )
+            for request_id in [*link.requests, *link.queued]:
+                self._abort(link, request_id)
+            link.conn.close()  # its reader sees the end of file: detached
         else:
             if message is None:
                 log.warning("engine core: the HTTP process is gone; stopping")
             self._done.set()
 
-    def _abort(self, request_id: str) -> None:
-        task = self._requests.pop(request_id, None)  # here: a task cancelled before it ran has no `finally`
+    def _end_all(self, link: Link, reason: str) -> None:
+        """One front end's shutdown grace ran out: with one front end, the engine ends everything (and refuses
+        what may still come); with several, this front end's requests end (it failed them itself)."""
+        if len(self._links) == 1:
+            self._engine.end_all(reason)
+            return
+        for request_id in [*link.requests, *link.queued]:
+            self._abort(link, request_id)
+
+    def _abort(self, link: Link, request_id: str) -> None:
+        task = link.requests.pop(request_id, None)  # here: a task cancelled before it ran has no `finally`
         if task is not None:
             task.cancel()  # not queued yet: it never will be
-        if request_id in self._queued:
-            self._queued.discard(request_id)
+        if request_id in link.queued:
+            link.queued.discard(request_id)
             self._engine.abort(request_id)  # frees the slot
 
-    async def _run(self, req: GenerationRequest) -> None:
+    async def _run(self, link: Link, req: GenerationRequest) -> None:
         request_id = req.request_id
         try:
-            await self._engine.run_into(req, _Forward(self, request_id))
-            self._queued.add(request_id)
+            await self._engine.run_into(req, _Forward(link, request_id))
+            link.queued.add(request_id)
         except asyncio.CancelledError:
-            pass  # aborted by the HTTP process, which forgot the request already
+            pass  # aborted by the front end, which forgot the request already
         except Exception as exc:
-            self._outbox.failed(request_id, exc)
+            link.outbox.failed(request_id, exc)
         finally:
-            if self._requests.get(request_id) is asyncio.current_task():
-                self._requests.pop(request_id)
+            if link.requests.get(request_id) is asyncio.current_task():
+                link.requests.pop(request_id)
 
-    def _forward(self, request_id: str, item: TokenEvent | BaseException) -> None:
-        """A queued request's event (or the exception that ended it), from the engine's step delivery."""
-        if isinstance(item, BaseException):
-            self._queued.discard(request_id)
-            self._outbox.failed(request_id, item)
-            return
-        if item.finish_reason is not None:
-            self._queued.discard(request_id)
-        self._outbox.event(item)
-
-    async def _answer(self, query: Query) -> None:
+    async def _answer(self, link: Link, query: Query) -> None:
         try:
             value: Any = await getattr(self._engine, query.name)(*query.args)
             reply = Reply(query.call_id, value)
         except Exception as exc:
             log.exception("engine core: query %s failed", query.name)
             reply = Reply(query.call_id, error=f"{type(exc).__name__}: {exc}")
-        self._outbox.flush()  # the observations recorded so far reach the metrics before the reply
-        self._send(reply)
+        link.outbox.flush()  # the observations recorded so far reach the metrics before the reply
+        link.send(reply)
+
+
+class Link:
+    """One front end's pipe, and what the core keeps for it: its requests on their way into the engine
+    (`run_into`: validation, the remote tier's prefetch) and those in it, its copy of the prompts it sent
+    (`SentPrompts`) and its `Outbox`."""
+
+    def __init__(self, index: int, conn: Connection, recorder: Recorder | None, engine: Engine) -> None:
+        self.index, self.conn = index, conn
+        self.outbox = Outbox(self.send, recorder, engine)
+        self.prompts = SentPrompts()
+        self.requests: dict[str, asyncio.Task[None]] = {}
+        self.queued: set[str] = set()  # in the engine, not ended yet
+
+    def send(self, message: FromCore) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:  # the front end is gone: the reader sees the end of file
+            log.debug("engine core: pipe %d is closed; dropped a %s", self.index, type(message).__name__)
+
+    def forward(self, request_id: str, item: TokenEvent | BaseException) -> None:
+        """A queued request's event (or the exception that ended it), from the engine's step delivery."""
+        if isinstance(item, BaseException):
+            self.queued.discard(request_id)
+            self.outbox.failed(request_id, item)
+            return
+        if item.finish_reason is not None:
+            self.queued.discard(request_id)
+        self.outbox.event(item)
 
 
 class _Forward:
     """A request's `EventSink` in the core: its events go straight to the `Outbox`."""
 
-    __slots__ = ("_core", "_request_id")
+    __slots__ = ("_link", "_request_id")
 
-    def __init__(self, core: EngineCore, request_id: str) -> None:
-        self._core, self._request_id = core, request_id
+    def __init__(self, link: Link, request_id: str) -> None:
+        self._link, self._request_id = link, request_id
 
     def put_nowait(self, item: TokenEvent | BaseException) -> None:
-        self._core._forward(self._request_id, item)
+        self._link.forward(self._request_id, item)

@@ -38,42 +38,25 @@ class CoreUnreachable(OSError):
     """The pipe to the core is closed: it exited or died."""
 
 
-class CoreProcess:
-    """One spawned engine core; `on_message(message)` and `on_exit(exitcode)` run on the event loop."""
+class CoreLink:
+    """A front end's pipe to a running engine core; `on_message(message)` and `on_exit(exitcode)` run on the
+    event loop. A further front end of `--api-servers` holds one of these (the core is not its child)."""
 
     def __init__(
         self,
-        settings: Settings,
+        conn: Connection,
         metrics: Metrics,
         on_message: Callable[[FromCore], None],
         on_exit: Callable[[int | None], None],
     ) -> None:
-        self._settings, self._metrics = settings, metrics
+        self._conn, self._metrics = conn, metrics
         self._on_message, self._on_exit = on_message, on_exit
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int | None] = self._loop.create_future()
         self._serving = False  # it said `Ready`: it reads the pipe (while it loads, it does not)
-        context = multiprocessing.get_context("spawn")
-        self._conn, theirs = context.Pipe()
-        self._proc: BaseProcess = context.Process(
-            target=run_core, args=(settings, theirs), name="tssc-engine-core"
-        )
-        self._start(theirs)
 
-    def _start(self, theirs: Connection) -> None:
-        """On the loop, briefly (a fork and exec), with no await before the reader runs: no cancellation
-        can leave a core without its reader."""
-        self._proc.start()
-        theirs.close()
-        assert self._proc.pid is not None
-        self._metrics.track_engine_core(self._proc.pid)
-        atexit.register(self.ask_to_stop)
+    def start_reading(self) -> None:
         threading.Thread(target=self._read, name="tssc-core-reader", daemon=True).start()
-        log.info("engine core process started", extra={"pid": self._proc.pid})
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
 
     def send(self, message: ToCore) -> None:
         """Send (on the event loop's thread only); raises `CoreUnreachable` once the core is gone."""
@@ -93,6 +76,86 @@ class CoreProcess:
         except RuntimeError:
             return False
         return True
+
+    async def stop(self) -> None:
+        """Detach from the core (which ends this front end's requests and closes the pipe's other end)."""
+        self.send_quietly(Shutdown())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), STOP_SECONDS)
+        self._conn.close()
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """The reader thread: each message to the loop, until the core closes its end (exit or crash)."""
+        while True:
+            try:
+                message: FromCore = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(message, Step):
+                replay(self._metrics, message.observations)  # here: the loop only dispatches events
+            if not self.post(self._dispatch, message):
+                return
+        self.post(self._exit, self._reap())
+
+    def _reap(self) -> int | None:
+        """The core's exit code, where this process can know it."""
+        return None
+
+    def _dispatch(self, message: FromCore) -> None:
+        if isinstance(message, Ready):
+            self._serving = True
+        self._on_message(message)
+
+    def _exit(self, exitcode: int | None) -> None:
+        self._on_exit(exitcode)
+        if not self._exited.done():
+            self._exited.set_result(exitcode)
+
+
+class CoreProcess(CoreLink):
+    """The spawned engine core and the primary front end's pipe to it; `spare` more pipes are made for the
+    further front ends of `--api-servers` (`take_spare_links`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_message: Callable[[FromCore], None],
+        on_exit: Callable[[int | None], None],
+        spare: int = 0,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe() for _ in range(1 + spare)]
+        super().__init__(pipes[0][0], metrics, on_message, on_exit)
+        self._spare: list[Connection] = [ours for ours, _ in pipes[1:]]
+        theirs = [end for _, end in pipes]
+        self._proc: BaseProcess = context.Process(
+            target=run_core, args=(settings, theirs), name="tssc-engine-core"
+        )
+        self._start(theirs)
+
+    def _start(self, theirs: list[Connection]) -> None:
+        """On the loop, briefly (a fork and exec), with no await before the reader runs: no cancellation
+        can leave a core without its reader."""
+        self._proc.start()
+        for end in theirs:
+            end.close()
+        assert self._proc.pid is not None
+        self._metrics.track_engine_core(self._proc.pid)
+        atexit.register(self.ask_to_stop)
+        self.start_reading()
+        log.info("engine core process started", extra={"pid": self._proc.pid})
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def take_spare_links(self) -> list[Connection]:
+        """The further front ends' pipe ends (once: the caller hands them on and closes them)."""
+        spare, self._spare = self._spare, []
+        return spare
 
     # ---- stopping ----------------------------------------------------------------------------
 
@@ -116,33 +179,13 @@ class CoreProcess:
             self.kill()
             await asyncio.wait_for(asyncio.shield(self._exited), STOP_SECONDS)
         self._conn.close()
+        for end in self.take_spare_links():
+            end.close()
         atexit.unregister(self.ask_to_stop)
 
-    # ---- reading -----------------------------------------------------------------------------
-
-    def _read(self) -> None:
-        """The reader thread: each message to the loop, until the core closes its end (exit or crash)."""
-        while True:
-            try:
-                message: FromCore = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(message, Step):
-                replay(self._metrics, message.observations)  # here: the loop only dispatches events
-            if not self.post(self._dispatch, message):
-                return
+    def _reap(self) -> int | None:
         self._proc.join(timeout=10)
-        self.post(self._exit, self._proc.exitcode)
-
-    def _dispatch(self, message: FromCore) -> None:
-        if isinstance(message, Ready):
-            self._serving = True
-        self._on_message(message)
-
-    def _exit(self, exitcode: int | None) -> None:
-        self._on_exit(exitcode)
-        if not self._exited.done():
-            self._exited.set_result(exitcode)
+        return self._proc.exitcode
 
 
 def describe_exit(exitcode: int | None) -> str:

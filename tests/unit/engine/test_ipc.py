@@ -275,12 +275,27 @@ async def _serving_core(
     model_dir: Path, slots: int, cache: bool = False
 ) -> tuple[Connection, EngineCore, asyncio.Task[None]]:
     """A core serving a tiny engine over a pipe, once it said `Ready`: (our end, the core, its serving task)."""
-    ours, theirs = multiprocessing.Pipe()
-    recorder = Recorder()
-    core = EngineCore(_make_engine(model_dir, slots=slots, cache=cache, metrics=recorder), recorder, theirs)
-    serving = asyncio.create_task(core.serve())
-    await _next(ours, Ready)
+    (ours,), core, serving = await _serving_front_ends(model_dir, slots, cache)
     return ours, core, serving
+
+
+async def _serving_front_ends(
+    model_dir: Path, slots: int, cache: bool = False, front_ends: int = 1
+) -> tuple[list[Connection], EngineCore, asyncio.Task[None]]:
+    """A core serving a tiny engine over one pipe per front end (`--api-servers`), once it said `Ready` on each."""
+    pipes = [multiprocessing.Pipe() for _ in range(front_ends)]
+    recorder = Recorder()
+    engine = _make_engine(model_dir, slots=slots, cache=cache, metrics=recorder)
+    core = EngineCore(engine, recorder, [theirs for _, theirs in pipes])
+    serving = asyncio.create_task(core.serve())
+    for ours, _ in pipes:
+        await _next(ours, Ready)
+    return [ours for ours, _ in pipes], core, serving
+
+
+def _left(core: EngineCore) -> list[tuple[dict[str, object], set[str]]]:
+    """Each front end's requests on their way into the engine and in it."""
+    return [(dict(link.requests), set(link.queued)) for link in core._links]
 
 
 async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir: Path) -> None:
@@ -303,8 +318,8 @@ async def test_the_core_serves_requests_aborts_and_queries_over_a_pipe(model_dir
     assert isinstance(stats, EngineStats) and stats.num_running == 0 and stats.cache is not None
     ours.send(Query(2, "session_info", ("anon", "s")))
     assert (await _next(ours, Reply)).value["checkpoints"]
-    assert core._requests == {}  # the aborted request's task is gone
-    assert core._queued == set()  # finished, aborted and failed requests alike: nothing left to forward to
+    # the aborted request's task is gone; finished, aborted and failed requests alike: nothing left to forward to
+    assert _left(core) == [({}, set())]
     ours.close()  # the HTTP process is gone: the core stops its engine
     await asyncio.wait_for(serving, 30)
 
@@ -316,7 +331,7 @@ async def test_an_abort_right_after_its_submit_leaves_nothing_behind(model_dir: 
         ours.send(Abort(f"r{i}"))
     ours.send(Submit(_req("after", _prompt(8, 9), max_tokens=2)))
     assert len(await _until_finished(ours, "after")) == 2  # the only slot came free every time
-    assert core._requests == {} and core._queued == set()
+    assert _left(core) == [({}, set())]
     ours.send(Shutdown())
     await asyncio.wait_for(serving, 30)
 
@@ -331,6 +346,36 @@ async def test_ending_all_fails_the_queued_requests_through_the_outbox(model_dir
     ours.send(Submit(_req("late", _prompt(8, 2))))  # refused: the engine is closing
     refused = await _next(ours, Step, lambda step: step.failures)
     assert refused.failures[0].request_id == "late" and refused.failures[0].kind == "shutdown"
-    assert core._queued == set() and core._requests == {}
+    assert _left(core) == [({}, set())]
     ours.send(Shutdown())
     await asyncio.wait_for(serving, 30)
+
+
+async def test_front_ends_keep_their_requests_apart_and_one_gone_ends_only_its_own(model_dir: Path) -> None:
+    (first, second), core, serving = await _serving_front_ends(model_dir, slots=2, cache=True, front_ends=2)
+    try:
+        first.send(Submit(_req("a", _prompt(8, 1), max_tokens=100_000)))
+        second.send(Submit(_req("b", _prompt(8, 2), max_tokens=100_000)))
+        await _next(first, Step, lambda step: any(e.request_id == "a" for e in step.events))
+        await _next(second, Step, lambda step: any(e.request_id == "b" for e in step.events))
+        second.send(Abort("a"))  # not its request: nothing happens to it
+        second.send(Submit(_req("a", _prompt(8, 3))))  # an id the other front end holds: refused
+        refused = await _next(second, Step, lambda step: step.failures)
+        assert refused.failures[0].request_id == "a" and "duplicate" in refused.failures[0].message
+        second.send(Query(1, "stats"))
+        assert (
+            await _next(second, Reply)
+        ).value.num_running == 2  # both still decode; the asker got the reply
+        second.close()  # that front end died: its request ends and frees its slot, the other one's decodes on
+        deadline = asyncio.get_running_loop().time() + 30
+        while _left(core)[1] != ({}, set()):
+            assert asyncio.get_running_loop().time() < deadline, "the gone front end's request kept its slot"
+            while first.poll():  # "a" decodes on: read its steps, or the core blocks on a full pipe
+                first.recv()
+            await asyncio.sleep(0.05)
+        assert _left(core)[0] == ({}, {"a"})
+        first.send(Submit(_req("c", _prompt(8, 4), max_tokens=2)))  # the freed slot serves the next request
+        assert len(await _until_finished(first, "c")) == 2
+    finally:
+        first.send(Shutdown())  # the primary's: the core stops its engine, whatever is left in it
+        await asyncio.wait_for(serving, 30)
