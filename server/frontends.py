@@ -89,6 +89,7 @@ class FrontEnds:
         self.render: Callable[[], Coroutine[Any, Any, bytes]] | None = None
         self._procs: list[BaseProcess] = []
         self._ready: list[asyncio.Future[None]] = []
+        self._controls: list[tuple[Connection, threading.Lock]] = []  # sent on from the loop and the threads
         self._stopping = False
 
     @classmethod
@@ -119,26 +120,31 @@ class FrontEnds:
             link.close()
             theirs.close()
             ready: asyncio.Future[None] = loop.create_future()
+            control = (ours, threading.Lock())
             self._procs.append(proc)
             self._ready.append(ready)
-            args = (loop, index, ours, proc, ready)
+            self._controls.append(control)
+            args = (loop, index, control, proc, ready)
             threading.Thread(
                 target=self._serve, args=args, name=f"tssc-front-end-{index}", daemon=True
             ).start()
         await asyncio.wait_for(asyncio.gather(*self._ready), START_SECONDS)
+        for control in self._controls:  # each answers /health "ok" from now on: all at once, not one by one
+            _send(control, ("serving",))
         log.info("front ends serving", extra={"api_servers": len(self._procs) + 1, "port": self._port})
 
-    def forward(self, sig: int) -> None:
-        """A shutdown signal for the primary: every further front end drains too."""
+    def forward(self, sig: int = signal.SIGTERM) -> None:
+        """The primary is stopping (on a SIGTERM or a SIGINT): every further front end drains too (a SIGTERM,
+        as they ignore SIGINT, which a Ctrl-C sends the whole process group)."""
         for proc in self._procs:
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
+                    os.kill(proc.pid, signal.SIGTERM)
 
     async def stop(self) -> None:
-        """Wait for every further front end to exit (after a `forward`ed signal, or send one now)."""
+        """Wait for every further front end to exit (after `forward`, or sending it now)."""
         self._stopping = True
-        self.forward(signal.SIGTERM)
+        self.forward()
         limit = self._settings.shutdown_grace + STOP_SECONDS
         for proc in self._procs:
             await asyncio.to_thread(proc.join, limit)
@@ -151,11 +157,12 @@ class FrontEnds:
         self,
         loop: asyncio.AbstractEventLoop,
         index: int,
-        conn: Connection,
+        control: tuple[Connection, threading.Lock],
         proc: BaseProcess,
         ready: asyncio.Future[None],
     ) -> None:
         """A thread per further front end: its readiness, its observations, its scrapes."""
+        conn = control[0]
         while True:
             try:
                 message: tuple[Any, ...] = conn.recv()
@@ -167,7 +174,7 @@ class FrontEnds:
             elif kind == "observe":
                 replay(self._metrics, message[1])
             elif kind == "render":
-                conn.send(("metrics", message[1], self._render(loop)))
+                _send(control, ("metrics", message[1], self._render(loop)))
         proc.join(timeout=10)
         failed = RuntimeError(f"front end {index} exited (exit code {proc.exitcode}) before it served")
         loop.call_soon_threadsafe(_resolve, ready, failed)
@@ -182,6 +189,12 @@ class FrontEnds:
         except Exception:
             log.exception("rendering the metrics for a front end failed")
             return self._metrics.render()
+
+
+def _send(control: tuple[Connection, threading.Lock], message: tuple[Any, ...]) -> None:
+    conn, lock = control
+    with lock, contextlib.suppress(OSError):
+        conn.send(message)
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -209,15 +222,29 @@ class ForwardedMetrics(Metrics):
 
 class Primary:
     """A further front end's control pipe to the primary, used from its event loop (the only sender) and read on
-    a thread. Its end of file means the primary is gone: this front end drains and exits (SIGTERM to itself)."""
+    a thread; its engine client's start hook (`FrontEndsLike`): the front end says it is ready, then serves
+    once the primary says every front end is ready. Its end of file means the primary is gone: this front
+    end drains and exits (SIGTERM to itself)."""
 
     def __init__(self, conn: Connection, metrics: ForwardedMetrics) -> None:
         self._conn, self._metrics = conn, metrics
-        self._loop = asyncio.get_running_loop()
         self._calls: dict[int, asyncio.Future[bytes]] = {}
         self._call_ids = itertools.count()
-        threading.Thread(target=self._read, name="tssc-primary-reader", daemon=True).start()
-        self._ticker = self._loop.create_task(self._tick())
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by `start`
+
+    async def start(self, links: list[Connection]) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self._serving: asyncio.Future[None] = loop.create_future()
+        threading.Thread(target=self._read, args=(loop,), name="tssc-primary-reader", daemon=True).start()
+        self._ticker = loop.create_task(self._tick())
+        self.send(("ready",))
+        await self._serving
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.flush()
 
     def send(self, message: tuple[Any, ...]) -> None:
         with contextlib.suppress(OSError):
@@ -230,6 +257,8 @@ class Primary:
 
     async def render(self) -> bytes:
         """The primary's `/metrics` body, with what this front end recorded so far counted in it."""
+        if self._loop is None:  # still loading: it has recorded nothing
+            return self._metrics.render()
         self.flush()
         call_id = next(self._call_ids)
         future = self._calls[call_id] = self._loop.create_future()
@@ -244,14 +273,17 @@ class Primary:
             await asyncio.sleep(FLUSH_SECONDS)
             self.flush()
 
-    def _read(self) -> None:
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
                 message: tuple[Any, ...] = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if message[0] == "metrics":
-                self._loop.call_soon_threadsafe(self._answer, message[1], message[2])
+            if message[0] == "serving":
+                loop.call_soon_threadsafe(_resolve, self._serving, None)
+            elif message[0] == "metrics":
+                loop.call_soon_threadsafe(self._answer, message[1], message[2])
+        loop.call_soon_threadsafe(_resolve, self._serving, RuntimeError("the primary front end is gone"))
         log.warning("front end: the primary is gone; draining")
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -274,18 +306,12 @@ def run_front_end(settings: Settings, index: int, link: Connection, control: Con
     configure_logging(settings.log_level_int, session_ids=settings.log_session_ids, fmt=settings.log_format)
     apply_switch_interval(settings)
     metrics = ForwardedMetrics()
-    engine = EngineClient(settings, metrics, link=link, index=index)
-    app = create_app(settings, engine=engine, metrics=metrics)
+    primary = Primary(control, metrics)
+    engine = EngineClient(settings, metrics, link=link, index=index, front_ends=primary)
+    app = create_app(settings, engine=engine, metrics=metrics, on_ready=freeze_heap)
     state = app.state.tssc
     state.api_server = index
-
-    def on_ready() -> None:
-        primary = Primary(control, metrics)
-        state.render_metrics = primary.render  # holds it
-        freeze_heap()
-        primary.send(("ready",))
-
-    state.on_ready = on_ready
+    state.render_metrics = primary.render
     state.on_load_error = lambda: os.kill(os.getpid(), signal.SIGTERM)
     sock = reuseport_socket(settings.host, port)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_grace)

@@ -161,6 +161,8 @@ def test_a_killed_front_end_ends_its_own_streams_only_and_frees_their_slots(
 
 def test_sigterm_drains_every_front_end_then_stops_the_group(tiny_model_dir: Path, tmp_path: Path) -> None:
     with start_server(["--model", str(tiny_model_dir), *COMMON, *FRONT_ENDS], log_dir=tmp_path) as srv:
+        # the first "ok" (start_server waited for it) holds on every connection: no front end still loads
+        assert {_fresh_health(srv.base_url)["status"] for _ in range(30)} == {"ok"}
         children = child_pids(srv.proc.pid, "spawn_main")
 
         async def drive() -> list[str | BaseException]:
