@@ -70,14 +70,6 @@ class Settings(BaseSettings):
         description="The same, in steps where some request is decoding: smaller keeps their inter-token "
         "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
     )
-    arrival_window_ms: float = Field(
-        0.0,
-        ge=0,
-        le=1000,
-        description="When requests arrive at an idle engine, wait while more keep coming (one at least every "
-        "millisecond), up to this long or a full prefill budget, so that a burst's first step takes more of it; "
-        "0: off (a step starts on the first arrival).",
-    )
     decode_ahead: DecodeAhead = Field(
         "auto",
         description="Launch each decode step before the previous one's tokens reach the host, so that the "

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineNotReady", "EngineShutdown"]
 T = TypeVar("T")
 ENGINE_PHASES = ("queue", "restore", "prefill", "first_token")
-ARRIVAL_GAP = 0.001  # seconds: within the arrival window, a burst goes on while requests come this often
 P = ParamSpec("P")
 
 
@@ -73,7 +72,6 @@ class EngineConfig:
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
     short_prompt: int = 0  # while decoding, prompts this short are prefilled whole past that budget
-    arrival_window: float = 0.0  # seconds an idle engine waits while requests keep arriving (0: off)
     decode_ahead: bool | None = (
         None  # launch the next decode before this one's tokens reach the host (None: CUDA)
     )
@@ -366,8 +364,6 @@ class Engine:
             if not self._scheduler.num_running and not self._scheduler.num_waiting:
                 self._wake.clear()
                 await self._wake.wait()
-                if self.config.arrival_window > 0:
-                    await self._gather_arrivals()
                 continue
             try:
                 await self._step()
@@ -377,20 +373,6 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 for seq in [self._seqs[e.request_id] for e in self._scheduler.running()]:
                     self._end(seq, error=exc)
-
-    async def _gather_arrivals(self) -> None:
-        """The engine was idle and a request came: while more keep coming (one within every `ARRIVAL_GAP`), wait
-        up to the arrival window or until a prefill budget's worth waits. A burst's first step then takes more
-        than the first few of it: on CUDA a step of up to ~32 short prompts costs about what one of a few
-        does (the launches bound it), and the rest of a burst would otherwise wait for that step to end."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.arrival_window
-        seen = self._scheduler.num_waiting
-        while loop.time() < deadline and self._scheduler.waiting_tokens() < self.config.prefill_budget:
-            await asyncio.sleep(ARRIVAL_GAP)
-            if self._scheduler.num_waiting <= seen:
-                return
-            seen = self._scheduler.num_waiting
 
     async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """fn(*args, **kwargs) on the model worker thread, where every step's model and cache work runs, in

@@ -270,7 +270,6 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             prefill_budget=defaults.prefill_budget,
             decode_prefill_budget=defaults.decode_prefill_budget,
             short_prompt=defaults.short_prompt,
-            arrival_window=settings.arrival_window_ms / 1000,
             decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),
         profile_dir=settings.profile_dir,

@@ -105,10 +105,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def waiting_tokens(self) -> int:
-        """The prompt tokens of the waiting entries (before any cache hit is known)."""
-        return sum(e.remaining_prefill for e in self._waiting.values())
-
     @property
     def num_running(self) -> int:
         return len(self._running)

@@ -387,26 +387,3 @@ async def test_session_operations_and_stats_go_through_the_engine(model_dir: Pat
     async with _running(_make_engine(model_dir, cache=False)) as uncached:
         assert await uncached.session_info("anon", "kept") is None
         assert (await uncached.stats()).cache is None
-
-
-@pytest.mark.parametrize("window", [0.5, 0.0])
-async def test_an_idle_engine_gathers_a_burst_into_its_first_step_within_the_arrival_window(
-    model_dir: Path, window: float
-) -> None:
-    from server.engine.ipc import Recorder
-
-    recorder = Recorder()
-    runner = ModelRunner(load_model(model_dir)[1], max_slots=8)
-    config = EngineConfig(max_slots=8, prefill_budget=1024, arrival_window=window)
-    engine = Engine(runner, Tokenizer.from_pretrained(model_dir), None, metrics=recorder, config=config)
-    async with _running(engine):
-        tasks = []
-        for i in range(6):  # a burst: each request well within a millisecond of the last
-            tasks.append(asyncio.ensure_future(_collect(engine, _req(f"r{i}", _prompt(12, i), max_tokens=2))))
-            await asyncio.sleep(0.0002)
-        await asyncio.gather(*tasks)
-    steps = [args[0] for name, args in recorder.drain() if name == "observe_tokens"]
-    if window:
-        assert steps[0] == 6  # every request's first token came out of the first step
-    else:
-        assert steps[0] < 6  # the first step started on the first arrival
