@@ -13,6 +13,11 @@ hands its events straight to the `Outbox` as each step delivers them (no queue a
 which sends one `Step` message per engine step (see `Outbox`). The core ignores SIGINT and SIGTERM: a Ctrl-C
 or a SIGTERM to the process group reaches the HTTP process, which drains its requests and then stops the core
 through the pipe.
+
+With `--api-servers N` the core serves N pipes, one per front-end process (`Link`: a reader thread, the
+requests, the `SentPrompts` copy and the `Outbox` of each); a step's events go out on the pipe of the front end
+that sent each request, and its metric observations on the primary's (the first). The primary's end of file
+or `Shutdown` stops the core; another front end's ends that front end's requests and closes its pipe.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The messages between the HTTP process and the engine core process (`--engine-process`).
 
-They travel pickled over one `multiprocessing` Pipe (a socket pair); each side sends from its event loop
-thread only and reads on a thread of its own. All are frozen dataclasses of plain values.
+They travel pickled over one `multiprocessing` Pipe (a socket pair) per front-end process (one, or N with
+`--api-servers N`); each side sends from its event loop thread only and reads on a thread of its own. All are frozen dataclasses of plain values.
 
 HTTP process -> core: `Submit` a request (a follow-up carries only the tokens its session's previous prompt
 lacks: `SentPrompts`), `Abort` one (its client went away), `EndAll` (shutdown grace
