@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# A streamed response's task group makes anyio import its asyncio backend on first use: ~10-14 ms of a
+# front-end process's first request (py-spy, this project's CPU; `--api-servers` starts several). Here, at
+# start-up, instead.
+import anyio._backends._asyncio  # noqa: F401
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
