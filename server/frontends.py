@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from server.engine.events import resolve
 from server.engine.ipc import Observation, Recorder, replay
 from server.metrics import Metrics
 from server.settings import Settings
@@ -170,14 +171,14 @@ class FrontEnds:
                 break
             kind = message[0]
             if kind == "ready":
-                loop.call_soon_threadsafe(_resolve, ready, None)
+                loop.call_soon_threadsafe(resolve, ready, None)
             elif kind == "observe":
                 replay(self._metrics, message[1])
             elif kind == "render":
                 _send(control, ("metrics", message[1], self._render(loop)))
         proc.join(timeout=10)
         failed = RuntimeError(f"front end {index} exited (exit code {proc.exitcode}) before it served")
-        loop.call_soon_threadsafe(_resolve, ready, failed)
+        loop.call_soon_threadsafe(resolve, ready, failed)
         if not self._stopping:
             log.warning("front end %d exited (exit code %s); the others serve on", index, proc.exitcode)
 
@@ -195,15 +196,6 @@ def _send(control: tuple[Connection, threading.Lock], message: tuple[Any, ...]) 
     conn, lock = control
     with lock, contextlib.suppress(OSError):
         conn.send(message)
-
-
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 # ---- a further front end's side --------------------------------------------------------------------
@@ -280,10 +272,10 @@ class Primary:
             except (EOFError, OSError):
                 break
             if message[0] == "serving":
-                loop.call_soon_threadsafe(_resolve, self._serving, None)
+                loop.call_soon_threadsafe(resolve, self._serving, None)
             elif message[0] == "metrics":
                 loop.call_soon_threadsafe(self._answer, message[1], message[2])
-        loop.call_soon_threadsafe(_resolve, self._serving, RuntimeError("the primary front end is gone"))
+        loop.call_soon_threadsafe(resolve, self._serving, RuntimeError("the primary front end is gone"))
         log.warning("front end: the primary is gone; draining")
         os.kill(os.getpid(), signal.SIGTERM)
 

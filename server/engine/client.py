@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from server.engine.core_process import CoreLink, CoreProcess, CoreUnreachable, describe_exit
-from server.engine.events import EventQueue, event_batches, one_by_one
+from server.engine.events import EventQueue, event_batches, one_by_one, resolve
 from server.engine.ipc import (
     Abort,
     EndAll,
@@ -161,7 +161,7 @@ class EngineClient:
                 result: Tokenizer | BaseException = load_tokenizer(self._settings)
             except BaseException as exc:
                 result = exc
-            core.post(lambda value: _resolve(future, value), result)
+            core.post(lambda value: resolve(future, value), result)
 
         threading.Thread(target=run, name="tssc-tokenizer-load", daemon=True).start()
         return future
@@ -277,11 +277,11 @@ class EngineClient:
         elif isinstance(message, Reply):
             self._answer(message)
         elif isinstance(message, Ready):
-            _resolve(self._loaded, None)
+            resolve(self._loaded, None)
         elif isinstance(message, LoadFailed):
             from server.model.loader import ModelLoadError
 
-            _resolve(self._loaded, ModelLoadError(message.message))
+            resolve(self._loaded, ModelLoadError(message.message))
 
     def _deliver(self, step: Step) -> None:
         self._running, self._waiting = step.num_running, step.num_waiting
@@ -300,9 +300,9 @@ class EngineClient:
     def _answer(self, reply: Reply) -> None:
         future = self._calls.get(reply.call_id)
         if reply.error is not None:
-            _resolve(future, EngineError(f"the engine core failed a query: {reply.error}"))
+            resolve(future, EngineError(f"the engine core failed a query: {reply.error}"))
         else:
-            _resolve(future, reply.value)
+            resolve(future, reply.value)
 
     def _on_exit(self, exitcode: int | None) -> None:
         """The core closed the pipe: it exited (asked to stop), or died."""
@@ -313,17 +313,7 @@ class EngineClient:
         message = self._failure or "the engine stopped"
         self._fail_open(lambda: EngineError(message))
         for future in [*self._calls.values(), self._loaded]:
-            _resolve(future, EngineError(message))
-
-
-def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
-    """Set a future's result, or its exception if `value` is one (no-op once done)."""
-    if future is None or future.done():
-        return
-    if isinstance(value, BaseException):
-        future.set_exception(value)
-    else:
-        future.set_result(value)
+            resolve(future, EngineError(message))
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from server.engine.types import TokenEvent
 
@@ -56,3 +56,13 @@ async def one_by_one(batches: AsyncGenerator[list[T], None]) -> AsyncGenerator[T
         async for batch in items:
             for item in batch:
                 yield item
+
+
+def resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
+    """Set a future's result, or its exception if `value` is one (no-op once done)."""
+    if future is None or future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
