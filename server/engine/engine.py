@@ -32,7 +32,7 @@ from server.engine.events import EventQueue, event_batches, one_by_one
 from server.engine.profiling import WorkerProfiler
 from server.engine.prompts import LastPrompts, prompt_key
 from server.engine.request import EventSink, Seq
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
 from server.metrics import EngineStats, engine_stats
@@ -383,7 +383,7 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _step(self) -> None:
-        admitted = []
+        began, admitted = time.monotonic(), []
         for entry in self._scheduler.admit():
             seq = self._seqs[entry.request_id]
             assert entry.slot is not None
@@ -397,16 +397,11 @@ class Engine:
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
         seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
         started = time.monotonic()
-        self._apply(await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True))
+        result = await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True)
+        returned = time.monotonic()
+        self._apply(result)
         if plan.prefills and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "step: %d prefill rows, %d prompt tokens, %d decodes, %d waiting: %.1f ms",
-                len(plan.prefills),
-                sum(c.end - c.start for c in plan.prefills),
-                len(plan.decodes),
-                self._scheduler.num_waiting,
-                (time.monotonic() - started) * 1000,
-            )
+            self._log_step(plan, {"admit": (started - began) * 1e3, **result.times}, started, returned)
         if self._worker.captures_pending and self._executor is not None:
             # after the step's tokens went out: not in their latency. Submitted in the same turn of the loop
             # as the delivery, so that a client woken by it finds `_flush` set; shielded, so that a `stop`
@@ -414,7 +409,29 @@ class Engine:
             self._flush = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._worker.flush_captures
             )
+            flushed = time.monotonic()
             await asyncio.shield(self._flush)
+            if plan.prefills and log.isEnabledFor(logging.DEBUG):
+                log.debug("step captures stored: %.1f ms", (time.monotonic() - flushed) * 1e3)
+
+    def _log_step(self, plan: StepPlan, times: dict[str, float], started: float, returned: float) -> None:
+        """The debug line of a step with prefill: its rows, its wall time from the worker call on, and where
+        the step went ('admit': the admission before it; the worker's laps, `StepClock`; 'handoff': the worker
+        round trip beyond them; 'apply': the delivery on the loop)."""
+        wall, apply = (time.monotonic() - started) * 1e3, (time.monotonic() - returned) * 1e3
+        handoff = (returned - started) * 1e3 - sum(
+            v for k, v in times.items() if k not in ("admit", "device")
+        )
+        parts = " ".join(f"{k} {v:.1f}" for k, v in {**times, "handoff": handoff, "apply": apply}.items())
+        log.debug(
+            "step: %d prefill rows, %d prompt tokens, %d decodes, %d waiting: %.1f ms (%s)",
+            len(plan.prefills),
+            sum(c.end - c.start for c in plan.prefills),
+            len(plan.decodes),
+            self._scheduler.num_waiting,
+            wall,
+            parts,
+        )
 
     async def _admit(self, seqs: list[Seq]) -> None:
         now = time.monotonic()

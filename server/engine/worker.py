@@ -54,6 +54,41 @@ class StepResult:
     events: list[tuple[Seq, TokenEvent]] = field(default_factory=list)
     prefilled: list[tuple[Seq, int]] = field(default_factory=list)  # (seq, prompt tokens advanced)
     errors: list[tuple[Seq, BaseException]] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)  # where the step went, ms (`StepClock`; debug only)
+
+
+class StepClock:
+    """Where one step's time goes on the worker, for the engine's debug line: host milliseconds between
+    `lap`s, and on CUDA the device's span from the step's first launch to its sampling (events; read once
+    the step's one sync has passed). A launch-bound step shows its time in the laps that launch (the
+    prefill), a device-bound one in the wait for the sampled tokens."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+        self._events = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        )
+        self._ended = False
+        if self._events is not None:
+            self._events[0].record()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._t) * 1e3
+        self._t = now
+
+    def device_done(self) -> None:
+        """Mark the end of the step's device work (after sampling is launched)."""
+        if self._events is not None:
+            self._events[1].record()
+            self._ended = True
+
+    def read(self) -> dict[str, float]:
+        """The laps, and 'device' where measured (call after the step's sync)."""
+        if self._events is not None and self._ended and self._events[1].query():
+            self.ms["device"] = self._events[0].elapsed_time(self._events[1])
+        return self.ms
 
 
 class ModelWorker:
@@ -78,6 +113,7 @@ class ModelWorker:
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
+        self._clock: StepClock | None = None  # the running step's, when the debug log is on
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -146,12 +182,22 @@ class ModelWorker:
         has delivered the step's tokens, so that a capture's host work (~4 ms for a 2.7b follow-up's on an
         H200's host) is not in the time to first token. The next `admit` or `execute` flushes what is still
         queued before anything else, so a capture always reads its slot before the slot is written again."""
+        self._clock = StepClock(self.device.type == "cuda") if log.isEnabledFor(logging.DEBUG) else None
         self.flush_captures()
+        self._lap("flush")
         try:
-            return self._execute(plan, seq_of)
+            result = self._execute(plan, seq_of)
+            if self._clock is not None:
+                result.times = self._clock.read()
+            return result
         finally:
+            self._clock = None
             if not defer_captures:
                 self.flush_captures()
+
+    def _lap(self, name: str) -> None:
+        if self._clock is not None:
+            self._clock.lap(name)
 
     @property
     def captures_pending(self) -> bool:
@@ -167,6 +213,7 @@ class ModelWorker:
             if last is not None:
                 rows.append(seq)
                 logits.append(last.unsqueeze(0))
+        self._lap("prefill")
         ahead, self._ahead = self._ahead, None
         decodes = [seq_of[e.request_id] for e in plan.decodes]
         early, early_logits, decodes = ahead.take(decodes) if ahead is not None else ([], None, decodes)
@@ -180,6 +227,7 @@ class ModelWorker:
             except Exception as exc:
                 log.exception("decode step failed")
                 result.errors.extend((s, exc) for s in decodes)
+        self._lap("decode")
         if rows:
             self._sample_rows(rows, torch.cat(logits), result)
         return result
@@ -199,9 +247,13 @@ class ModelWorker:
                     log.exception("sampling failed", extra={"request_id": seq.request_id})
                     result.errors.append((seq, exc))
         else:  # the copy to the host is queued before the step launched ahead, which it need not wait for
+            if self._clock is not None:
+                self._clock.device_done()
             host = _HostCopy(out)
             launched = self.ahead.launch(rows, out.tokens) if self.ahead is not None else None
+            self._lap("sample")
             sampled = list(zip(rows, host.wait(), strict=True))
+            self._lap("wait")
             if launched is not None:
                 self._ahead = launched.resolve([token for _, (token, _, _) in sampled])
         now = time.monotonic()
@@ -211,6 +263,7 @@ class ModelWorker:
             except Exception as exc:
                 log.exception("token bookkeeping failed", extra={"request_id": seq.request_id})
                 result.errors.append((seq, exc))
+        self._lap("finish")
 
     def _prefill_all(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
         """Prefill every chunk of the step in one batched call (`ModelRunner.prefill_batch`), capture at the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -387,3 +389,42 @@ async def test_session_operations_and_stats_go_through_the_engine(model_dir: Pat
     async with _running(_make_engine(model_dir, cache=False)) as uncached:
         assert await uncached.session_info("anon", "kept") is None
         assert (await uncached.stats()).cache is None
+
+
+async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the debug log on, each step with prefill logs its admission, the worker's laps (flush, prefill,
+    decode, sample, wait for the tokens, finish), the worker round trip beyond them and the delivery, and
+    those parts add up to no more than the step's wall time; with it off, the worker keeps no clock."""
+    caplog.set_level(logging.DEBUG, logger="server.engine")
+    async with _running(_make_engine(model_dir, cache=True)) as engine:
+        await asyncio.gather(
+            *(_collect(engine, _req(f"d{i}", _prompt(9, i), max_tokens=3)) for i in range(2))
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step: ")]
+    assert lines, "no step line"
+    for line in lines:
+        wall = float(re.search(r": ([\d.]+) ms \(", line).group(1))  # type: ignore[union-attr]
+        parts = dict((k, float(v)) for k, v in re.findall(r"(\w+) ([\d.-]+)", line.split("(", 1)[1]))
+        assert set(parts) == {
+            "admit",
+            "flush",
+            "prefill",
+            "decode",
+            "sample",
+            "wait",
+            "finish",
+            "handoff",
+            "apply",
+        }
+        assert all(v >= 0 for k, v in parts.items() if k != "handoff")
+        inside = sum(v for k, v in parts.items() if k not in ("admit", "apply"))  # the worker call
+        assert inside <= wall + 0.2 and parts["handoff"] > -0.2
+    assert any(r.getMessage().startswith("step captures stored: ") for r in caplog.records)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="server.engine")
+    async with _running(_make_engine(model_dir)) as engine:
+        await _collect(engine, _req("q", _prompt(9, 5), max_tokens=2))
+        assert engine._worker._clock is None
+    assert not [r for r in caplog.records if r.getMessage().startswith("step: ")]
