@@ -1,6 +1,6 @@
 """End to end over HTTP next to upstream mamba_ssm, in one command (issue #12 item 7).
 
-    python -m bench.e2e_bench [--shape mamba2-2.7b mamba2-130m] [--sections step,tput,itl,followup]
+    python -m bench.e2e_bench [--shape mamba2-2.7b mamba2-130m] [--sections step,tput,burst,itl,followup]
                               [--quick | --smoke] [--cache-args "--hot-bytes 4GiB ..."] [--out BENCHMARKS.md]
                               [--deadline SECONDS] [--commit SHA] [--client-procs N] [--variants ...]
                               [--profile-followups DIR]
@@ -13,6 +13,9 @@ is written once; on a GPU upstream's `MambaLMHeadModel` holds the same weights i
             the real server (`python -m server.serve`) with 1/16/64 concurrent streaming clients of the same
             lengths (random text, temperature 0, ignore_eos): completion tok/s and the ratio to upstream,
             TTFT and ITL p50/p99; then TTFT of a burst of 64 simultaneous ~200-token prompts;
+  burst     that burst again, a warm-up and 5 timed (3 with --quick), each of fresh prompts: TTFT p50 / p99,
+            the response headers' p50 and, with `--variants " --log-level debug"`, the server's prefill steps
+            meanwhile, each with where its time went (the engine's debug line);
   itl       ITL p50/p99 of 16 streams alone, then while 2 more clients send 8k-token prompts in a loop
             (target: p99 <= 3x p50 with prefills in flight);
   followup  8k / 32k / 128k-token conversations: TTFT of the first turn and of a follow-up turn (+64
@@ -40,6 +43,7 @@ import contextlib
 import datetime
 import json
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -81,7 +85,7 @@ from bench._common import (
 from tests.integration.server_proc import ServerProc, start_server
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "tput", "itl", "followup")
+SECTIONS = ("step", "tput", "burst", "itl", "followup")
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 Runs = dict[tuple[int, int], "Turns"]  # (conversation length, seed) -> its two turns
 
@@ -108,6 +112,7 @@ class Plan:
     client_procs: int = 4
     section_seconds: float = 150.0
     step_reps: int = 50  # decode steps timed per batch
+    bursts: int = 5  # timed bursts of the burst section, after a warm-up one
 
     @property
     def max_num_seqs(self) -> int:
@@ -116,12 +121,12 @@ class Plan:
 
 PLANS = {
     "full": Plan(),
-    "quick": Plan(rounds=2, itl_seconds=8.0, repeats=1, section_seconds=60.0),
+    "quick": Plan(rounds=2, itl_seconds=8.0, repeats=1, section_seconds=60.0, bursts=3),
     "smoke": Plan(
         concurrencies=(1, 2), prompt_tokens=16, new_tokens=8, rounds=1, burst=4, burst_tokens=24,
         itl_streams=2, long_clients=1, long_tokens=512, itl_seconds=1.5, followup_lengths=(256, 512),
         followup_new=16, answer_tokens=4, repeats=1, max_prompt_tokens=4096, client_procs=1,
-        section_seconds=30.0, step_reps=3,
+        section_seconds=30.0, step_reps=3, bursts=2,
     ),
 }  # fmt: skip
 
@@ -375,6 +380,40 @@ def section_tput(server: Server, texts: Texts, plan: Plan, budget: Budget) -> Tp
     return Tput(out, Stats.of([samples[burst_label(plan)]]), samples, phases)
 
 
+def section_burst(server: Server, texts: Texts, plan: Plan) -> list[list[str]]:
+    """A warm-up burst, then `plan.bursts` timed ones, each of fresh prompts: per burst its TTFT p50 / p99,
+    the response headers' p50, and the server's step lines logged meanwhile (with `--log-level debug`)."""
+    rng, rows = random.Random(3), []
+    for i in range(plan.bursts + 1):
+        seen = len(server.proc.log_path.read_text(errors="replace").splitlines())
+        samples = one_round(
+            server, [texts.text(plan.burst_tokens, rng) for _ in range(plan.burst)], plan.answer_tokens
+        )
+        time.sleep(0.2)  # the last step's line
+        steps = step_lines(server.proc.log_path.read_text(errors="replace").splitlines()[seen:])
+        heads = pct([s.headers for s in samples], 0.5)
+        ttft = [s.ttft for s in samples]
+        rows.append(
+            ["warm-up" if i == 0 else str(i), ms(pct(ttft, 0.5)), ms(pct(ttft, 0.99)), ms(heads), steps]
+        )
+    return rows
+
+
+def step_lines(lines: list[str]) -> str:
+    """The engine's debug lines of steps with prefill, shortened: 'rows (tokens) [+ decodes] wall (parts)'."""
+    out = []
+    for line in lines:
+        m = re.search(
+            r"step: (\d+) prefill rows, (\d+) prompt tokens, (\d+) decodes, \d+ waiting: ([\d.]+) ms(?: \(([^)]*)\))?",
+            line,
+        )
+        if m:
+            rows, tokens, decodes, wall, parts = m.groups()
+            extra = f" + {decodes} decodes" if decodes != "0" else ""
+            out.append(f"{rows} ({tokens}){extra} {wall}" + (f" ({parts})" if parts else ""))
+    return "; ".join(out) or "-"
+
+
 @dataclass(frozen=True)
 class Tput:
     stats: dict[int, Stats]  # per concurrency
@@ -547,6 +586,13 @@ def section_followup(server: Server, texts: Texts, plan: Plan, budget: Budget, p
 
 TPUT_HEADER = ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms", "requests"]  # fmt: skip
+BURST_STEPS_HEADER = [
+    "burst",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "headers p50 ms",
+    "the server's prefill steps: rows (prompt tokens) + decodes, wall ms (where it went, ms)",
+]
 STEP_HEADER = ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"]
 BURST_HEADER = ["prompts x tokens", "upstream forward ms", "runner prefill_batch ms", "server TTFT p50 ms",
                 "TTFT / prefill"]  # fmt: skip
@@ -745,6 +791,11 @@ def serve_sections(ctx: Context, started: list[Server], texts: Texts, done: InPr
         title = "where the throughput rounds' TTFT goes: the server's phases (`tssc_request_phase_seconds`, mean ms)"
         header = ["load", "client TTFT p50 ms", "client headers p50 ms", *PHASES]
         rep.table(title, header, tput_phase_rows(tput.samples, tput.phases))
+    if "burst" in sections and not budget.over():
+        with timed("burst"):
+            rows = section_burst(started[0], texts, plan)
+        title = f"bursts of {plan.burst} simultaneous {plan.burst_tokens}-token prompts, one after another"
+        rep.table(title, BURST_STEPS_HEADER, rows)
     if done.steps:
         title = "the runner's own decode step against the server's ITL"
         rep.table(title, STEP_HEADER, step_rows(done.steps, stats))

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TABLES = {
     "throughput and latency": ["streams", "completion tok/s", "upstream generate tok/s", "ratio", "TTFT p50 ms",
                                "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "requests"],
+    "bursts of": ["burst", "TTFT p50 ms", "TTFT p99 ms", "headers p50 ms",
+                  "the server's prefill steps: rows (prompt tokens) + decodes, wall ms (where it went, ms)"],
     "the runner's own decode step": ["batch", "runner step ms", "server ITL p50 ms", "ITL / step", "target"],
     "the runner's own batched prefill of the burst": ["prompts x tokens", "upstream forward ms",
                                                        "runner prefill_batch ms", "server TTFT p50 ms",
@@ -150,3 +152,19 @@ def test_profiled_follow_ups_leave_a_trace_each(tmp_path: Path) -> None:
         names = {e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]}
         assert any(n.startswith("aten::") for n in names)
     assert [row[0] for row in _table(_tables(text), "follow-up turn")[1:]] == ["256", "512"]
+
+
+@pytest.mark.slow
+def test_bursts_show_the_servers_prefill_steps_with_the_debug_log(tmp_path: Path) -> None:
+    """The burst section: a warm-up and the smoke plan's two timed bursts, each with the engine's prefill
+    steps meanwhile (every prompt in one of them) and where each step's time went."""
+    text, _ = _run_smoke(tmp_path / "bench.md", "--sections", "burst", "--variants", " --log-level debug")
+    rows = _table(_tables(text), "bursts of 4 simultaneous 24-token prompts")
+    assert [row[0] for row in rows[1:]] == ["warm-up", "1", "2"]
+    for row in rows[1:]:
+        assert 0 < float(row[1]) <= float(row[2]) and 0 < float(row[3]) < float(row[2])  # headers first
+        steps = row[4].split("; ")
+        assert sum(int(step.split(" ")[0]) for step in steps) >= 4  # every prompt's last chunk is in a step
+        for step in steps:
+            parts = dict(re.findall(r"(\w+) (-?[\d.]+)", step.split("(", 2)[-1]))
+            assert {"admit", "prefill", "wait", "handoff", "apply"} <= set(parts), step
