@@ -32,7 +32,8 @@ def _settings_error(exc: ValidationError) -> str:
 
 def serve(argv: Sequence[str] | None = None) -> int:
     """Run the server until interrupted. Returns the process exit code (2: bad flags, 1: the model
-    could not be loaded, after one plain line on stderr naming the cause)."""
+    could not be loaded, after one plain line on stderr naming the cause; 130: stopped by SIGINT, once
+    drained, with no traceback). A SIGTERM ends the process by that signal once drained, as uvicorn does."""
     try:
         settings = parse_settings(argv)
     except SystemExit as exc:  # --help, or an unknown flag (argparse printed why)
@@ -70,10 +71,18 @@ def serve(argv: Sequence[str] | None = None) -> int:
     on_signal = group.forward if group is not None else None
     server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_grace, on_signal)
     _log_start(settings)
-    server.run(sockets=[group.socket] if group is not None else None)
+    try:
+        server.run(sockets=[group.socket] if group is not None else None)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on: a Ctrl-C is a stop, not a crash
+        interrupted = True
+    else:
+        interrupted = False
     if failed:
         _report_load_failure(app.state.tssc)
         return 1
+    if interrupted:
+        log.info("stopped (SIGINT)")
+        return 130  # the shell's code for a command that a SIGINT ended
     return 0
 
 
