@@ -89,10 +89,11 @@ def conv_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, idx
 
 @triton.jit
 def _conv_prefill_kernel(
-    x_ptr, state_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, start_ptr,
     length, c,
     stride_xb, stride_xl, stride_sb, stride_sc, stride_sk, stride_wc, stride_wk, stride_ob, stride_ol,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -102,13 +103,18 @@ def _conv_prefill_kernel(
     out_ptr += seq * stride_ob
     mask_c = chans < c
     mask = (rows < length)[:, None] & mask_c[None, :]
+    first = rows * 0  # the first input each position may read (a packed row: its sequence's start)
+    if HAS_START:
+        first = tl.load(start_ptr + rows, mask=rows < length, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(K):
         src = rows - (K - 1) + j  # input position; < 0 reads the carried state
         from_x = tl.load(
-            x_ptr + src[:, None] * stride_xl + chans[None, :], mask=mask & (src >= 0)[:, None], other=0.0
+            x_ptr + src[:, None] * stride_xl + chans[None, :],
+            mask=mask & ((src >= 0) & (src >= first))[:, None],
+            other=0.0,
         ).to(tl.float32)
         from_state = tl.load(
             state_ptr + (src + K - 1)[:, None] * stride_sk + chans[None, :] * stride_sc,
@@ -125,10 +131,11 @@ def _conv_prefill_kernel(
 
 @triton.jit
 def _conv_window_kernel(
-    x_ptr, state_ptr, rows_ptr, pos_ptr, out_ptr,
+    x_ptr, state_ptr, rows_ptr, pos_ptr, start_ptr, out_ptr,
     length, c,
     stride_xb, stride_xl, stride_sb, stride_sc, stride_sk, stride_ot, stride_oc, stride_ok,
-    K1: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr,
+    K1: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_POS: tl.constexpr, HAS_START: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -139,9 +146,16 @@ def _conv_window_kernel(
     pos = (t * 0 + length).to(tl.int64)  # (a tensor even where `length` is specialised to a constant)
     if HAS_POS:
         pos = tl.load(pos_ptr + t).to(tl.int64)
+    first = pos * 0  # inputs before it read as 0 (a packed row: the point's sequence starts there)
+    if HAS_START:
+        first = tl.load(start_ptr + t).to(tl.int64)
     for j in tl.static_range(K1):
         src = pos - K1 + j  # input position; < 0 reads the old state
-        from_x = tl.load(x_ptr + seq * stride_xb + src * stride_xl + chans, mask=mask & (src >= 0), other=0.0)
+        from_x = tl.load(
+            x_ptr + seq * stride_xb + src * stride_xl + chans,
+            mask=mask & (src >= 0) & (src >= first),
+            other=0.0,
+        )
         state_ptrs = state_ptr + seq * stride_sb + chans * stride_sc + (src + K1) * stride_sk
         from_state = tl.load(state_ptrs, mask=mask & (src < 0), other=0.0)
         dtype = out_ptr.dtype.element_ty
@@ -160,12 +174,17 @@ def conv_prefill(
     *,
     rows: Tensor | None = None,
     pos: Tensor | None = None,
+    start: Tensor | None = None,
+    point_start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The causal conv + SiLU over b segments continuing from their states, in the row-major layout (no
     transposes), and the conv states at chosen points (`conv_window`).
 
     x: (b, l, c) with contiguous channels (rows and sequences may be strided); state: (b, c, k-1);
-    weight: (c, 1, k); rows, pos: as in `conv_window` (default: every sequence after all l inputs).
+    weight: (c, 1, k); rows, pos, point_start: as in `conv_window` (default: every sequence after all l
+    inputs). start: (l,) int, for b = 1 holding several fresh sequences back to back (a packed row): the
+    position where each position's sequence starts; inputs before it read as 0 (the zero state of a
+    sequence that starts there), so no sequence sees another's inputs.
     Returns (out (b, l, c) contiguous, states (t, c, k-1)); for b = 1 and no points, like
     `server.model.layers.causal_conv`. Right padding is harmless: causality keeps it out of real outputs."""
     b, length, c = x.shape
@@ -175,22 +194,31 @@ def conv_prefill(
     out = torch.empty(b, length, c, dtype=x.dtype, device=x.device)  # (b, l, c)
     block_c = min(block_c, triton.next_power_of_2(c))
     grid = (triton.cdiv(length, block_l), triton.cdiv(c, block_c), b)
+    assert start is None or (b == 1 and start.shape == (length,))
     _conv_prefill_kernel[grid](
-        x, state, w, bias, out,
+        x, state, w, bias, out, start,
         length, c,
         x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1),
-        K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps,
+        K=k, HAS_BIAS=bias is not None, HAS_START=start is not None, BLOCK_L=block_l, BLOCK_C=block_c,
+        num_warps=num_warps,
     )  # fmt: skip
-    return out, conv_window(x, state, rows, pos)
+    return out, conv_window(x, state, rows, pos, point_start)
 
 
-def conv_window(x: Tensor, state: Tensor, rows: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+def conv_window(
+    x: Tensor,
+    state: Tensor,
+    rows: Tensor | None = None,
+    pos: Tensor | None = None,
+    start: Tensor | None = None,
+) -> Tensor:
     """The conv state of sequence rows[i] after its first pos[i] inputs: the k-1 inputs before that point,
     reaching back into the sequence's old state when pos[i] < k-1.
 
     x: (b, l, c) with contiguous channels; state: (b, c, k-1); rows: (t,) int sequence per point (None:
-    t = b, point i in sequence i); pos: (t,) int in [0, l] (None: l for every point).
+    t = b, point i in sequence i); pos: (t,) int in [0, l] (None: l for every point); start: (t,) int
+    (None: 0), for a packed row: where point i's sequence starts, whose inputs before it read as 0.
     Returns (t, c, k-1) in the state's dtype."""
     b, length, c = x.shape
     k1 = state.shape[-1]
@@ -199,12 +227,14 @@ def conv_window(x: Tensor, state: Tensor, rows: Tensor | None = None, pos: Tenso
     assert rows is not None or count == b
     out = torch.empty(count, c, k1, dtype=state.dtype, device=x.device)  # (t, c, k-1)
     block = min(1024, triton.next_power_of_2(c))
+    assert start is None or start.shape == (count,)
     _conv_window_kernel[(count, triton.cdiv(c, block))](
-        x, state, rows, pos, out,
+        x, state, rows, pos, start, out,
         length, c,
         x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        K1=k1, HAS_ROWS=rows is not None, HAS_POS=pos is not None, BLOCK_C=block, num_warps=4,
+        K1=k1, HAS_ROWS=rows is not None, HAS_POS=pos is not None, HAS_START=start is not None, BLOCK_C=block,
+        num_warps=4,
     )  # fmt: skip
     return out
 

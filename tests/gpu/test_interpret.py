@@ -120,6 +120,25 @@ def test_conv_window_at_points(ops: ModuleType) -> None:
     torch.testing.assert_close(got, rows.conv_at(window), atol=0, rtol=0)
 
 
+def test_a_packed_row_convolves_each_fresh_sequence_alone(ops: ModuleType) -> None:
+    """Fresh sequences back to back in one row (`start`: each position's sequence start): each one's outputs
+    and final conv state are its own from the zero state, also for sequences shorter than k-1."""
+    lengths = [1, 2, 5, 3, 9]
+    x, _, weight, bias = _conv_inputs([sum(lengths)])
+    zero = torch.zeros(1, x.shape[-1], weight.shape[-1] - 1)
+    starts = torch.tensor([0, *lengths]).cumsum(0)[:-1]
+    start = torch.repeat_interleave(starts, torch.tensor(lengths))
+    ends = starts + torch.tensor(lengths)
+    rows = torch.zeros(len(lengths), dtype=torch.long)
+    out, states = ops.conv_prefill(
+        x, zero, weight, bias, rows=rows, pos=ends, start=start, point_start=starts
+    )
+    for r, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        want_out, want_state = causal_conv(x[:, a:b], zero, weight, bias)
+        _close(out[0, a:b], want_out[0])
+        _close(states[r], want_state[0])
+
+
 def _ssd_inputs(b: int, length: int, h: int = 4, p: int = 16, n: int = 16, g: int = 2) -> dict[str, Tensor]:
     torch.manual_seed(1)
     return {
@@ -215,3 +234,4 @@ def test_a_positive_dt_floor_leaves_the_padding_inert(tmp_path: Path) -> None:
     gpu = cases.restore_distinct_states(_gpu(model))
     segs = cases.segments(seed=5)
     cases.assert_batch_matches(gpu.prefill_batch(segs), ref.prefill_batch(segs), (gpu, ref), segs, _close)
+
