@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="On CUDA, replay batched prefill passes of short prompts (up to 512 tokens, captured at "
         "their ends) as CUDA graphs, one per (rows, width) bucket, captured at start-up.",
     )
+    packed_prefill: bool = Field(
+        False,
+        description="On CUDA, prefill a step's fresh prompts (nothing restored, captured at their ends) packed "
+        "back to back into one row, one CUDA graph per bucket of total tokens, instead of right-padded rows; "
+        "off until measured on a GPU.",
+    )
     engine_process: bool | None = Field(
         None,
         description="Run the engine (scheduler, model, state cache) in its own process, which the HTTP "

@@ -191,8 +191,9 @@ def load_runner(
     if hybrid_arch(read_raw_config(model_dir)) is None:
         config, model = load_model(model_dir, device=device, dtype=dtype)
         runner = make_runner(
-            model, settings.max_num_seqs, device, state_dtype=state_dtype, batch_graphs=settings.batch_graphs
-        )
+            model, settings.max_num_seqs, device, state_dtype=state_dtype, batch_graphs=settings.batch_graphs,
+            packed_prefill=settings.packed_prefill,
+        )  # fmt: skip
         return LoadedModel(runner, config.arch, config.chunk_size if config.arch == "mamba2" else 1)
     from server.model.gpu_hybrid_runner import make_hybrid_runner
     from server.model.hybrid_loader import load_hybrid

@@ -282,8 +282,9 @@ class ModelWorker:
     def _prefill_batched(self, chunks: list[tuple[Seq, int, int]], result: StepResult) -> list[Tensor | None]:
         if not chunks:
             return []
-        segs = [
-            PrefillSeg(seq.req.prompt_tokens[a:b], seq.slot, self._caps(seq, a, b)) for seq, a, b in chunks
+        segs = [  # a chunk from position 0 starts from the zero state: nothing was restored (`_admit_one`)
+            PrefillSeg(seq.req.prompt_tokens[a:b], seq.slot, self._caps(seq, a, b), fresh=a == 0)
+            for seq, a, b in chunks
         ]
         try:
             outs = self.runner.prefill_batch(segs)

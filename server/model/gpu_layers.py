@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from server.model.gpu_packed import PackedRows
 from server.model.kernels import Kernels, SsdParts
 from server.model.layers import PaddedRows, causal_conv
 from server.model.mamba1 import Mamba1Mixer
@@ -161,12 +162,31 @@ class Mamba2Gpu:
             _taps_in_pool(entering, ssm_pool, slots, rows, chunk),
         )
 
-    def _dt(self, dt: Tensor, valid: Tensor) -> Tensor:
+    def prefill_packed(self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, rows: PackedRows) -> Tensor:
+        """Fresh sequences packed back to back in one row (`server.model.gpu_packed`): u (1, T, d) -> out
+        (1, T, d). Each sequence starts from the zero state and leaves its final conv and ssm states in its
+        slot, `rows.slots` (the spare slot for those past the real rows)."""
+        m = self.m
+        z, xbc, dt = m._split_proj(m.in_proj(u))  # (1, T, e), (1, T, c), (1, T, h)
+        zero = conv_pool.new_zeros((1, *conv_pool.shape[1:]))  # (1, c, k-1)
+        xbc, conv = self.ops.conv_prefill(
+            xbc, zero, self.conv.weight3, self.conv.bias, rows=rows.point_rows, pos=rows.ends, start=rows.start,
+            point_start=rows.seq_start,
+        )  # fmt: skip
+        conv_pool[rows.slots] = conv
+        x, B, C = self._split_xbc(xbc)  # (1, T, h, p), (1, T, g, n) x2
+        parts = self.k.ssd_parts
+        assert parts is not None
+        y, ssm = chunk_scan_packed(parts, x, self._dt(dt), self.A, B, C, self.cfg.chunk_size, self.D, rows)
+        ssm_pool[rows.slots] = ssm.to(ssm_pool.dtype)
+        return self._norm_out(y.flatten(-2), z)
+
+    def _dt(self, dt: Tensor, valid: Tensor | None = None) -> Tensor:
         """dt (b, l, h) raw -> softplus(dt + dt_bias) within dt_limit, fp32, 0 where `valid` (b, l) is False."""
         dt = F.softplus(dt.float() + self.dt_bias)
         if not self.default_limit:
             dt = dt.clamp(*self.cfg.dt_limit)
-        return dt.masked_fill(~valid.unsqueeze(-1), 0.0)
+        return dt if valid is None else dt.masked_fill(~valid.unsqueeze(-1), 0.0)
 
     def _scan_rows(
         self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, init: Tensor, rows: PaddedRows
@@ -291,16 +311,18 @@ Passing = Callable[[Tensor, Tensor], Tensor]
 
 def _scan_stages(
     parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
-    passing: Passing,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    passing: Passing, seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, its state passing
-    given -> (y, the states entering the chunks (b, c, h, p, n) fp32)."""
+    given (and with `seq_idx` (b, l) int32, sequences packed in a row, none seeing another's tokens) -> (y, the
+    states entering the chunks (b, c, h, p, n) fp32, the dA cumsum and the dt per chunk (b, h, c, chunk))."""
     dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
-    own = parts.chunk_state(B, x, dt, dA_cumsum, states_in_fp32=True)  # (b, c, h, p, n): from 0 in each chunk
+    # (b, c, h, p, n): each chunk's own end state, from 0 in each chunk
+    own = parts.chunk_state(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
     entering = passing(own.flatten(-2), dA_cumsum[:, :, :, -1]).unflatten(-1, (-1, B.shape[-1]))
-    cb = parts.bmm_chunk(C, B, chunk, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
-    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D)
-    return y, entering
+    cb = parts.bmm_chunk(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)  # (b, c, g, chunk, chunk)
+    y, _ = parts.chunk_scan(cb, x, dt, dA_cumsum, C, entering, D=D, seq_idx=seq_idx)
+    return y, entering, dA_cumsum, dt
 
 
 def chunk_scan_states(
@@ -330,7 +352,7 @@ def chunk_scan_states(
         finals.append(final)
         return entering
 
-    y, entering = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing)
+    y, entering, _, _ = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing)
     return y, entering, finals[0].unflatten(-1, (-1, B.shape[-1]))
 
 
@@ -341,9 +363,31 @@ def chunk_scan_slots(
     """`chunk_scan_states` with row r's initial state in slot slots[r] of `pool` (S, h, p, n), which gets its
     final state (rounded to the pool's dtype) -> (y (b, l, h, p), entering (b, c, h, p, n) fp32)."""
     flat = pool.flatten(-2)
-    return _scan_stages(
+    y, entering, _, _ = _scan_stages(
         parts, x, dt, A, B, C, chunk, D, lambda own, decay: ops.state_pass(own, decay, flat, slots)
     )
+    return y, entering
+
+
+def chunk_scan_packed(
+    parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
+    rows: PackedRows,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The chunked scan over fresh sequences packed in one row (`PackedRows`), each from the zero state:
+    x (1, T, h, p); dt (1, T, h) fp32 softplus'ed -> (y (1, T, h, p), each sequence's final state
+    (S, h, p, n) fp32, by mamba-ssm's `chunk_state_varlen`)."""
+    varlen = parts.state_varlen
+    assert varlen is not None
+    seq_idx = rows.seq_idx
+
+    def passing(own: Tensor, decay: Tensor) -> Tensor:
+        entering, _ = parts.state_passing(
+            own, decay, seq_idx=seq_idx, chunk_size=chunk, out_dtype=torch.float32
+        )
+        return entering
+
+    y, entering, dA_cumsum, dtc = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing, seq_idx)
+    return y, varlen(B[0], x[0], dtc[0], dA_cumsum[0], rows.cu, entering[0])
 
 
 def _taps_in_pool(entering: Tensor, pool: Tensor, slots: Tensor, rows: PaddedRows, chunk: int) -> Tensor:

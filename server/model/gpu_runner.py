@@ -44,6 +44,7 @@ from torch import Tensor
 
 from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
+from server.model.gpu_packed import PACKED_BUCKETS, PackedGraphs, PackedRows, packed_eager
 from server.model.gpu_prefill import GRAPH_PREFILL_MAX, MAX_GRAPH_LEN, PrefillGraphs
 from server.model.gpu_row_graphs import Bucket, RowGraphs, launch_tokens, replays_win
 from server.model.kernels import Kernels, load_kernels
@@ -84,9 +85,11 @@ class GpuModelRunner(ModelRunner):
         ssm_step: SsmStep = "tssc",
         conv_prefill: ConvPrefill = "triton",
         state_dtype: torch.dtype = torch.float32,
+        packed_prefill: bool = False,
     ) -> None:
         forks = use_graphs and prefill_graphs and batch_graphs  # a forked row's state goes to a spare slot
-        spare = MAX_FORKS if forks else 0
+        # the packed pass writes the states of its padding sequences to spare slot 0
+        spare = MAX_FORKS if forks else 1 if packed_prefill else 0
         super().__init__(model, max_slots, device, state_dtype=state_dtype, spare_slots=spare)
         self.kernels = kernels or load_kernels()
         if not self.kernels.gpu_ready:
@@ -95,6 +98,7 @@ class GpuModelRunner(ModelRunner):
 
         self.ops: ModuleType = gpu_ops
         self.layers = [self._wrap(b.mixer, ssm_step, conv_prefill) for b in model.blocks()]
+        self.packed_layers = self._packed_layers(conv_prefill) if packed_prefill else None
         self.norms = [b.norm for b in model.blocks()]
         self.stager = InputStager(max(buckets_for(max_slots)), self.device)
         graphs_ok = use_graphs and self.device.type == "cuda"
@@ -104,6 +108,22 @@ class GpuModelRunner(ModelRunner):
         self.row_graphs = RowGraphs(self._rows_pass, max_slots, self.device) if ok else None
         # a batched pass replays graphs when `replays_win` (their buckets against the eager pass's tokens)
         self.hidden_tokens = launch_tokens(sum(p.numel() for p in model.blocks()[0].parameters()))
+        packed_graphs = graphs_ok and self.packed_layers is not None
+        self.packed_graphs = (
+            PackedGraphs(self._packed_pass, max_slots, self.pool.slots, self.device)
+            if packed_graphs
+            else None
+        )
+
+    def _packed_layers(self, conv: ConvPrefill) -> list[Mamba2Gpu] | None:
+        """The layers, where all of them can run a packed pass (Mamba2, mamba-ssm's varlen final states, our
+        Triton conv); else None (logged): such a runner prefills fresh rows on the padded paths."""
+        parts = self.kernels.ssd_parts
+        mamba2 = [layer for layer in self.layers if isinstance(layer, Mamba2Gpu)]
+        if len(mamba2) == len(self.layers) and parts is not None and parts.state_varlen and conv == "triton":
+            return mamba2
+        log.warning("packed prefill needs Mamba2 layers, mamba-ssm's chunk_state_varlen and the Triton conv")
+        return None
 
     def _prefill_graphs(self) -> PrefillGraphs:
         pool = self.pool
@@ -241,12 +261,65 @@ class GpuModelRunner(ModelRunner):
     @torch.inference_mode()
     def prefill_batch(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
         """The base class's (contract there); a lone short segment with captures inside it runs as one replay
-        with a forked row per capture (`_prefill_forked`) instead of passes split at the captures."""
+        with a forked row per capture (`_prefill_forked`) instead of passes split at the captures; with
+        packed prefill, fresh segments run as one packed pass (`_prefill_packed`) and the others as before."""
         self._check_segs(segs)
         fork = self._fork_point(segs)
-        if fork is None:
+        if fork is not None:
+            return [self._prefill_forked(segs[0], *fork)]
+        packed = self._packable(segs)
+        if not packed:
             return super().prefill_batch(segs)
-        return [self._prefill_forked(segs[0], *fork)]
+        out = dict(zip(packed, self._prefill_packed([segs[i] for i in packed]), strict=True))
+        rest = [i for i in range(len(segs)) if i not in out]
+        if rest:
+            out.update(zip(rest, super().prefill_batch([segs[i] for i in rest]), strict=True))
+        return [out[i] for i in range(len(segs))]
+
+    def _packable(self, segs: Sequence[PrefillSeg]) -> list[int]:
+        """The segments a packed pass takes: fresh ones captured at their ends at most, in order while they fit
+        its largest bucket; none unless two or more (a lone row has the single-row graph pieces)."""
+        if self.packed_layers is None:
+            return []
+        chosen: list[int] = []
+        total = 0
+        for i, seg in enumerate(segs):
+            n = len(seg.tokens)
+            if seg.fresh and set(seg.capture_at) <= {n} and total + n <= max(PACKED_BUCKETS):
+                chosen.append(i)
+                total += n
+        return chosen if len(chosen) >= 2 else []
+
+    def _prefill_packed(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
+        """Fresh segments packed back to back into one pass (`gpu_packed`): a replay of its token bucket's
+        graph, or one eager pass without graphs; a segment's end capture is its slot's state after it."""
+        tokens, slots = [seg.tokens for seg in segs], [seg.slot for seg in segs]
+        if self.packed_graphs is not None:
+            logits = self.packed_graphs.run(tokens, slots)
+        else:
+            logits = packed_eager(self._packed_pass, tokens, slots, self.pool.slots, self.device)
+        return [
+            PrefillResult(
+                last_logits=logits[r, : self.vocab],
+                captures={len(seg.tokens): self.pool.read(seg.slot)}
+                if len(seg.tokens) in seg.capture_at
+                else {},
+            )
+            for r, seg in enumerate(segs)
+        ]
+
+    def _packed_pass(self, ids: Tensor, rows: PackedRows) -> Tensor:
+        """What a packed graph runs: ids (T,) of the sequences laid out in `rows`, all on the device -> logits
+        (rows, v_padded) fp32 at each real row's last token; every sequence leaves its final state in its slot."""
+        assert self.packed_layers is not None
+        pool = self.pool
+        out, residual = self._embed(ids[None]), None  # (1, T, d)
+        for i, layer in enumerate(self.packed_layers):
+            hidden, residual = self._add_norm(i, out, residual)
+            out = layer.prefill_packed(hidden, pool.conv[i], pool.ssm[i], rows)
+        assert residual is not None
+        last = rows.last
+        return self._logits(self._final_norm(out[0, last], residual[0, last]))
 
     def _fork_point(self, segs: Sequence[PrefillSeg]) -> tuple[list[int], Bucket] | None:
         """(the capture positions before the end, descending; the bucket of their rows and the segment's) when
@@ -410,6 +483,8 @@ class GpuModelRunner(ModelRunner):
             self.warm_batched()
         if prefill and self.row_graphs is not None:  # after warm_batched: the kernels are compiled
             self.row_graphs.capture_all()
+        if prefill and self.packed_graphs is not None:  # each bucket warmed up before its capture
+            self.packed_graphs.capture_all()
 
     @torch.inference_mode()
     def warm_batched(self) -> None:
@@ -442,15 +517,18 @@ def make_runner(
     *,
     state_dtype: torch.dtype = torch.float32,
     batch_graphs: bool = True,
+    packed_prefill: bool = False,
 ) -> ModelRunner:
     """The GPU runner on CUDA with the kernels importable, else the torch runner (same interface);
-    `batch_graphs`: short rows' batched prefill passes replay CUDA graphs (`gpu_row_graphs`)."""
+    `batch_graphs`: short rows' batched prefill passes replay CUDA graphs (`gpu_row_graphs`); `packed_prefill`:
+    fresh rows' passes run packed (`gpu_packed`)."""
     dev = torch.device(device) if device is not None else model.backbone.embedding.weight.device
     if dev.type == "cuda":
         kernels = load_kernels()
         if kernels.gpu_ready:
             return GpuModelRunner(
-                model, max_slots, dev, kernels=kernels, state_dtype=state_dtype, batch_graphs=batch_graphs
-            )
+                model, max_slots, dev, kernels=kernels, state_dtype=state_dtype, batch_graphs=batch_graphs,
+                packed_prefill=packed_prefill,
+            )  # fmt: skip
         log.warning("CUDA without the GPU kernels (%s): using the torch path", kernels.summary())
     return ModelRunner(model, max_slots, dev, state_dtype=state_dtype)

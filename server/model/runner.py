@@ -47,6 +47,8 @@ class PrefillSeg:
     tokens: Sequence[int]
     slot: int
     capture_at: Sequence[int] = ()  # positions relative to the segment start, in [1, len(tokens)]
+    # the slot holds the zero state (a prompt's first chunk, nothing restored): a packed pass may take it
+    fresh: bool = False
 
 
 @dataclass(frozen=True)

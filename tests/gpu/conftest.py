@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +63,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.gpu)
         if skip is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def compiles() -> Iterator[list[str]]:
+    """Names of the Triton kernels compiled or loaded (a miss of Triton's in-memory cache) meanwhile."""
+    import triton
+
+    seen: list[str] = []
+    knobs = triton.knobs.runtime
+
+    def on_compile(**kw: Any) -> bool:
+        seen.append(str(kw.get("repr")))
+        return False  # go on compiling
+
+    old = knobs.jit_cache_hook
+    knobs.jit_cache_hook = on_compile
+    yield seen
+    knobs.jit_cache_hook = old

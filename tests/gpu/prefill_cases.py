@@ -146,3 +146,46 @@ def assert_state_pass_is_the_stage(
         torch.testing.assert_close(pool[slots[:3]].float(), final, atol=0, rtol=2**-7)
     rest = torch.tensor([s for s in range(slots_n) if s not in (6, 0, 3)], device=device)
     assert torch.equal(pool[rest], before[rest])
+
+
+# fresh rows for a packed pass (lengths below k-1, across chunk boundaries, several chunks), each captured
+# at its end or not, beside a row continuing a live state; slot 4 stays untouched
+PACKED_CASES: list[tuple[int, int, bool, tuple[int, ...]]] = [  # (length, slot, fresh, captures)
+    (1, 6, True, (1,)),
+    (2, 0, True, ()),
+    (5, 3, True, (5,)),
+    (8, 5, True, (8,)),
+    (19, 1, True, (19,)),
+    (11, 2, False, (11,)),
+    (9, 7, True, ()),
+]
+
+
+def assert_packed_matches(runner: Any, ref: ModelRunner, close: Close, monkeypatch: Any) -> None:
+    """`runner` (packed prefill on) against `ref` (the torch runner), both from the same distinct slot states,
+    the fresh rows' slots reset: one packed pass takes every fresh row, the continued row runs as before, and
+    the logits, captures, slot states and a decode step after match."""
+    for r in (runner, ref):
+        restore_distinct_states(r)
+        for _, slot, fresh, _ in PACKED_CASES:
+            if fresh:
+                r.reset(slot)
+    segs = [
+        PrefillSeg(tokens(n, 20 + i), slot, caps, fresh)
+        for i, (n, slot, fresh, caps) in enumerate(PACKED_CASES)
+    ]
+    packed: list[list[int]] = []
+    inner = runner._prefill_packed
+
+    def counted(part: Sequence[PrefillSeg]) -> Any:
+        packed.append([seg.slot for seg in part])
+        return inner(part)
+
+    monkeypatch.setattr(runner, "_prefill_packed", counted)
+    got = runner.prefill_batch(segs)
+    assert packed == [[slot for _, slot, fresh, _ in PACKED_CASES if fresh]]  # one pass, every fresh row
+    assert_batch_matches(got, ref.prefill_batch(segs), (runner, ref), segs, close)
+    assert_states_close(runner.capture(4), ref.capture(4), close)
+    slots = list(range(MAX_SLOTS))
+    nxt = [5 * i % 320 for i in slots]
+    close(runner.decode(nxt, slots), ref.decode(nxt, slots))

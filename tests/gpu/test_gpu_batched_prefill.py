@@ -351,24 +351,6 @@ def test_no_kernel_compiles_inside_a_capture(model_dir: Path, compiles_in_captur
     assert runner.graphs is not None and all(runner.graphs._graphs.values())
 
 
-@pytest.fixture
-def compiles() -> Iterator[list[str]]:
-    """Names of the Triton kernels compiled or loaded (a miss of Triton's in-memory cache) meanwhile."""
-    import triton
-
-    seen: list[str] = []
-    knobs = triton.knobs.runtime
-
-    def on_compile(**kw: Any) -> bool:
-        seen.append(str(kw.get("repr")))
-        return False  # go on compiling
-
-    old = knobs.jit_cache_hook
-    knobs.jit_cache_hook = on_compile
-    yield seen
-    knobs.jit_cache_hook = old
-
-
 def test_after_warmup_batched_prefills_of_any_mix_compile_nothing(
     model_dir: Path, compiles: list[str]
 ) -> None:

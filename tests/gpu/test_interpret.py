@@ -235,3 +235,11 @@ def test_a_positive_dt_floor_leaves_the_padding_inert(tmp_path: Path) -> None:
     segs = cases.segments(seed=5)
     cases.assert_batch_matches(gpu.prefill_batch(segs), ref.prefill_batch(segs), (gpu, ref), segs, _close)
 
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_packed_pass_of_fresh_rows_equals_the_torch_runner(
+    tmp_path: Path, groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _load(tmp_path, "mamba2", groups)
+    packed = GpuModelRunner(model, cases.MAX_SLOTS, "cpu", use_graphs=False, packed_prefill=True)
+    cases.assert_packed_matches(packed, ModelRunner(model, cases.MAX_SLOTS), _close, monkeypatch)

@@ -20,7 +20,7 @@ from server.engine.scheduler import PrefillChunk, StepPlan
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.worker import ModelWorker, _Pending, _stack
 from server.model.loader import load_model
-from server.model.runner import ModelRunner
+from server.model.runner import ModelRunner, PrefillResult, PrefillSeg
 from server.model.tokenizer import Tokenizer
 from tests.tiny_models import make_chat_model_dir
 from tests.unit.engine.test_restore_into_slot import _seq
@@ -266,3 +266,39 @@ def _assert_fresh_prefill_state(cache: StateCache, model: Any, tokens: tuple[int
     fresh.prefill(tokens, 0)
     for name, got in _exact(cache, tokens).items():
         torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-6, rtol=1e-6)
+
+
+class _Segments(ModelRunner):
+    """The torch runner, recording each batched prefill's segments as (slot, tokens, fresh)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.segs: list[tuple[int, int, bool]] = []
+
+    def prefill_batch(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
+        self.segs.extend((s.slot, len(s.tokens), s.fresh) for s in segs)
+        return super().prefill_batch(segs)
+
+
+async def test_only_a_prompts_first_chunk_without_a_restore_is_fresh(model_dir: Path) -> None:
+    """A segment is marked fresh (its slot at the zero state, which a packed pass assumes) only when it starts
+    the prompt with nothing restored: not a later chunk of the same prompt, not a follow-up resumed from a
+    checkpoint."""
+    runner = _Segments(load_model(model_dir)[1], max_slots=4)
+    cache = _Recording(CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22), runner.state_spec())
+    engine = Engine(
+        runner, Tokenizer.from_pretrained(model_dir), cache, config=EngineConfig(4, prefill_budget=16)
+    )
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    first = _prompt(40, seed=30)
+    engine.start()
+    try:
+        out = await _tokens(engine.generate(GenerationRequest("a", first, params)))
+        assert [(n, fresh) for _, n, fresh in runner.segs] == [(16, True), (16, False), (8, False)]
+        runner.segs.clear()
+        await _tokens(engine.generate(GenerationRequest("b", (*first, *out, *_prompt(5, seed=31)), params)))
+    finally:
+        await engine.stop()
+    assert runner.segs and not any(
+        fresh for _, _, fresh in runner.segs
+    )  # resumed from the first turn's state
