@@ -243,3 +243,56 @@ def test_a_packed_pass_of_fresh_rows_equals_the_torch_runner(
     model = _load(tmp_path, "mamba2", groups)
     packed = GpuModelRunner(model, cases.MAX_SLOTS, "cpu", use_graphs=False, packed_prefill=True)
     cases.assert_packed_matches(packed, ModelRunner(model, cases.MAX_SLOTS), _close, monkeypatch)
+
+
+async def test_an_engine_with_packed_prefill_answers_as_the_torch_runners(tmp_path: Path) -> None:
+    """Requests end to end through the engine and a lossless cache: a burst of first turns (one packed pass,
+    their prompt ends captured from it) and follow-ups resumed from those captures answer as the torch
+    runner's engine does."""
+    import asyncio
+
+    from cache import CacheConfig, StateCache
+    from server.engine import Engine, EngineConfig
+    from server.engine.types import GenerationRequest, SamplingParams
+    from server.model.tokenizer import Tokenizer
+    from tests.tiny_models import make_chat_model_dir
+
+    model_dir = make_chat_model_dir(tmp_path, seed=13)
+    model = load_model(model_dir)[1]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
+    firsts = [cases.tokens(n, 40 + n, vocab=300) for n in (3, 12, 20, 7)]
+
+    async def answers(runner: ModelRunner) -> list[list[tuple[int, float]]]:
+        config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32")
+        engine = Engine(
+            runner, Tokenizer.from_pretrained(model_dir), StateCache(config, runner.state_spec()),
+            config=EngineConfig(max_slots=4, prefill_budget=128),
+        )  # fmt: skip
+
+        async def ask(rid: str, prompt: list[int]) -> list[tuple[int, float]]:
+            req = GenerationRequest(rid, tuple(prompt), params, session_id=rid[-1])
+            events = [e async for e in engine.generate(req)]
+            if rid.startswith("b"):
+                assert events[-1].cached_tokens > len(prompt) - 8  # resumed from the first turn's checkpoints
+            return [(e.token_id, e.logprob or 0.0) for e in events if e.token_id is not None]
+
+        engine.start()
+        try:
+            out = list(await asyncio.gather(*(ask(f"a{i}", p) for i, p in enumerate(firsts))))
+            follow = [[*p, *(t for t, _ in o), 5, 6, 7] for p, o in zip(firsts, out, strict=True)]
+            return out + list(await asyncio.gather(*(ask(f"b{i}", p) for i, p in enumerate(follow))))
+        finally:
+            await engine.stop()
+
+    gpu = GpuModelRunner(model, 4, "cpu", use_graphs=False, packed_prefill=True)
+    passes: list[int] = []
+    inner = gpu._prefill_packed
+    gpu._prefill_packed = lambda segs: passes.append(len(segs)) or inner(segs)  # type: ignore[method-assign]
+    got = await answers(gpu)
+    assert passes and passes[0] >= 2  # the first turns went packed
+    want = await answers(ModelRunner(model, 4))
+    assert [[t for t, _ in a] for a in got] == [[t for t, _ in a] for a in want]
+    # the logprobs follow the states: a pass that left a wrong state in a slot or a checkpoint shows here
+    _close(
+        torch.tensor([[lp for _, lp in a] for a in got]), torch.tensor([[lp for _, lp in a] for a in want])
+    )
