@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.gpu_bench import VOCAB, Report, build_pair, sync_time, upstream_prefill_fn
 from server.model import gpu_ops
 from server.model.gpu_runner import GpuModelRunner
+from server.model.lm import MambaLM
 from server.model.runner import PrefillSeg
 
 
@@ -104,13 +105,12 @@ def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
         fn()
         wall = sync_time(fn, reps=3)
         rep.table(f"profile: {name}, {model}: {wall * 1e3:.1f} ms wall", header, top_kernels(fn, rows=16))
-    graphed = GpuModelRunner(ours, rows, "cuda")
     ended = [PrefillSeg(ids[r].tolist(), r, (tokens,)) for r in range(rows)]
-    graphed.prefill_batch(ended)
-    ms = sync_time(lambda: graphed.prefill_batch(ended), reps=5) * 1e3
+    ms = _replayed_ms(GpuModelRunner(ours, rows, "cuda"), ended)
     rep.write(
         [f"ours, prefill_batch of {rows} x {tokens} captured at their ends (graph replays): {ms:.1f} ms wall"]
     )
+    _packed_walls(rep, ours, ids, rows, tokens)
     _scan_layouts(rep, runner, rows, tokens)
     walls = []
     for b in sorted({max(1, rows // 8), max(1, rows // 4), max(1, rows // 2), rows}):
@@ -123,6 +123,39 @@ def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
         ms = sync_time(run, reps=3) * 1e3
         walls.append([f"{b} x {tokens}", f"{ms:.1f}", f"{b * tokens / ms:,.0f}"])
     rep.table(f"our eager prefill_batch by batch size, {model}", ["rows", "wall ms", "tokens / ms"], walls)
+
+
+def _replayed_ms(runner: GpuModelRunner, segs: list[PrefillSeg]) -> float:
+    """Wall ms of `runner.prefill_batch(segs)` after one run that captures its graphs (the runner, and its
+    slots' memory, go when this returns)."""
+    runner.prefill_batch(segs)
+    return sync_time(lambda: runner.prefill_batch(segs), reps=5) * 1e3
+
+
+def _packed_walls(rep: Report, model: MambaLM, ids: Tensor, rows: int, tokens: int) -> None:
+    """The same rows as fresh ones captured at their ends through `--packed-prefill`'s pass (one packed row,
+    `server.model.gpu_packed`): eager, and as its bucket's graph replay; by batch size too (wall ms)."""
+    fresh = [PrefillSeg(ids[r].tolist(), r, (tokens,), True) for r in range(rows)]
+    lines, walls = [], []
+    for graphs in (False, True):
+        runner = GpuModelRunner(model, rows, "cuda", use_graphs=graphs, packed_prefill=True)
+        for b in sorted({2, max(2, rows // 4), max(2, rows // 2), rows}):
+            part = fresh[:b]
+
+            def run(part: list[PrefillSeg] = part, runner: GpuModelRunner = runner) -> None:
+                runner.prefill_batch(part)
+
+            run()
+            ms = sync_time(run, reps=3) * 1e3
+            walls.append(
+                [f"{b} x {tokens}", "replay" if graphs else "eager", f"{ms:.1f}", f"{b * tokens / ms:,.0f}"]
+            )
+        lines.append(
+            f"ours, packed pass of {rows} x {tokens} ({'graph replay' if graphs else 'eager'}): {walls[-1][2]} ms wall"
+        )
+        del runner
+    rep.write(lines)
+    rep.table("the packed pass by batch size", ["rows", "pass", "wall ms", "tokens / ms"], walls)
 
 
 def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -> None:
