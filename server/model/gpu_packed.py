@@ -5,8 +5,8 @@ Why: a burst of short prompts ran as one eager pass of right-padded rows. On mam
 engine's debug line, BENCHMARKS.md session 21) a step of 41 such rows took 150-160 ms, bound both by the
 device (each row padded to the longest, 3.7 ms a ~200-token row) and by the host (its 64 layers' launches,
 97-150 ms under load); the row graphs' buckets pad rows and widths further. A packed row has no padding but
-its bucket's tail, and a replay no launches: upstream's varlen scan over one packed row of the same tokens
-costs ~13 us a token against ~15 for the padded rows (session 19).
+its bucket's tail, and a replay no launches: our eager pass over one row of the same 12,800 tokens (one
+sequence, a bound for a packed pass) took ~13 us a token against ~15 for the 64 padded rows (session 19).
 
 Fresh rows only (each starts from the zero state: a prompt's first chunk, nothing restored), captured at
 their ends only: mamba-ssm's varlen scan (`seq_idx`) starts every sequence from zero, and the conv reads no
