@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -54,6 +56,10 @@ from server.settings import Settings, apply_switch_interval
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.5  # observations recorded between steps (evictions, remote errors) wait at most this
+# with several front ends, one whose pipe has taken nothing for this long (its process stopped, or hung) is
+# dropped: its requests end, and the others' never wait on it
+STALL_SECONDS = 5.0
+DRAIN_SECONDS = 5.0  # at the core's stop, what the front ends' pipes still have to take, at most this long
 
 
 def run_core(settings: Settings, conns: list[Connection]) -> None:
@@ -132,7 +138,13 @@ class EngineCore:
 
     def __init__(self, engine: Engine, recorder: Recorder, conns: list[Connection]) -> None:
         self._engine, self._recorder = engine, recorder
-        self._links = [Link(i, conn, recorder if i == 0 else None, engine) for i, conn in enumerate(conns)]
+        several = len(conns) > 1
+        self._links = [
+            Link(i, conn, recorder if i == 0 else None, engine, Sender(conn, i) if several else None)
+            for i, conn in enumerate(conns)
+        ]
+        for link in self._links:
+            link.on_stall = self._stalled
         self._queries: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
 
@@ -152,14 +164,18 @@ class EngineCore:
         await self._engine.stop()
         for link in self._links:
             link.outbox.flush()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for link in self._links:
+            if link.sender is not None:
+                link.sender.close(max(0.0, deadline - time.monotonic()))
         log.info("engine core stopped")
 
     def _read(self, loop: asyncio.AbstractEventLoop, link: Link) -> None:
         while True:
             try:
                 message: ToCore | None = link.conn.recv()
-            except (EOFError, OSError):
-                message = None  # the front end exited (or was killed)
+            except (EOFError, OSError, TypeError):  # TypeError: the core closed the pipe under the read
+                message = None  # the front end exited (or was killed, or dropped)
             try:
                 loop.call_soon_threadsafe(self._handle, link, message)
             except RuntimeError:  # the loop is closed: the core stopped
@@ -172,6 +188,14 @@ class EngineCore:
             await asyncio.sleep(FLUSH_SECONDS)
             if self._recorder.pending:
                 self._links[0].outbox.flush()
+
+    def _stalled(self, link: Link) -> None:
+        """A further front end's pipe took nothing for STALL_SECONDS: dropped as if it had exited."""
+        if link.index > 0 and not link.conn.closed:
+            log.warning(
+                "engine core: front end %d took nothing for %.0f s; dropping it", link.index, STALL_SECONDS
+            )
+            self._handle(link, None)
 
     def _handle(self, link: Link, message: ToCore | None) -> None:
         loop = asyncio.get_running_loop()
@@ -190,7 +214,11 @@ class EngineCore:
             query = loop.create_task(self._answer(link, message))
             self._queries.add(query)
             query.add_done_callback(self._queries.discard)
-        elif link.index > 0:  # a further front end stopped (or died): its requests end with it
+        elif (
+            link.index > 0
+        ):  # a further front end stopped (or died, or was dropped): its requests end with it
+            if link.conn.closed:  # dropped already (`_stalled`): its reader has seen the pipe close
+                return
             log.log(
                 logging.INFO if message is not None else logging.WARNING,
                 "engine core: front end %d is gone",
@@ -245,19 +273,69 @@ class EngineCore:
         link.send(reply)
 
 
+class Sender:
+    """A front end's pipe written by a thread of its own, in order, so that the core's loop never blocks on
+    a front end that stopped reading (a full pipe blocks its writer); `stalled` once one message has waited
+    in the pipe's write for STALL_SECONDS. Without it, one stopped front end (SIGSTOP, a hung process) held
+    the core, and with it every other front end's streams, within a second at a few streams' pace."""
+
+    def __init__(self, conn: Connection, index: int) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[FromCore | None] = queue.SimpleQueue()
+        self._since: float | None = None  # when the write under way began
+        self._thread = threading.Thread(target=self._run, name=f"tssc-core-send-{index}", daemon=True)
+        self._thread.start()
+
+    def put(self, message: FromCore) -> None:
+        self._queue.put(message)
+
+    @property
+    def stalled(self) -> bool:
+        since = self._since
+        return since is not None and time.monotonic() - since > STALL_SECONDS
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            self._since = time.monotonic()
+            try:
+                self._conn.send(message)
+            except (OSError, TypeError):  # the front end is gone, or dropped (its pipe closed mid-write)
+                pass
+            finally:
+                self._since = None
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued (at most `timeout` seconds), then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
 class Link:
     """One front end's pipe, and what the core keeps for it: its requests on their way into the engine
     (`run_into`: validation, the remote tier's prefetch) and those in it, its copy of the prompts it sent
-    (`SentPrompts`) and its `Outbox`."""
+    (`SentPrompts`) and its `Outbox`. With several front ends, a `Sender` thread writes the pipe."""
 
-    def __init__(self, index: int, conn: Connection, recorder: Recorder | None, engine: Engine) -> None:
-        self.index, self.conn = index, conn
+    def __init__(
+        self,
+        index: int,
+        conn: Connection,
+        recorder: Recorder | None,
+        engine: Engine,
+        sender: Sender | None = None,
+    ) -> None:
+        self.index, self.conn, self.sender = index, conn, sender
         self.outbox = Outbox(self.send, recorder, engine)
         self.prompts = SentPrompts()
         self.requests: dict[str, asyncio.Task[None]] = {}
         self.queued: set[str] = set()  # in the engine, not ended yet
+        self.on_stall: Callable[[Link], None] | None = None  # set by the core
 
     def send(self, message: FromCore) -> None:
+        if self.sender is not None:
+            if self.sender.stalled and self.on_stall is not None:
+                self.on_stall(self)
+            self.sender.put(message)
+            return
         try:
             self.conn.send(message)
         except OSError:  # the front end is gone: the reader sees the end of file

@@ -77,9 +77,12 @@ def client(server: ServerProc) -> Iterator[httpx.Client]:
         yield c
 
 
-def metric(base_url: str, sample_name: str, **labels: str) -> float:
-    """Sum of the samples named `sample_name` whose labels include `labels` (0 if none)."""
-    text = httpx.get(base_url + "/metrics", timeout=30).text
+def metric(base_url: str, sample_name: str, client: httpx.Client | None = None, **labels: str) -> float:
+    """Sum of the samples named `sample_name` whose labels include `labels` (0 if none); scraped on a fresh
+    connection, or on `client`'s."""
+    text = (
+        client.get("/metrics") if client is not None else httpx.get(base_url + "/metrics", timeout=30)
+    ).text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

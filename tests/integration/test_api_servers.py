@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.engine.core import STALL_SECONDS
 from server.frontends import FLUSH_SECONDS
 from tests.integration.conftest import COMMON, MODEL, chat, metric
 from tests.integration.server_proc import REPO_ROOT, ServerProc, child_pids, pid_alive, start_server
@@ -198,3 +199,40 @@ def test_several_front_ends_need_the_engine_process(tiny_model_dir: Path) -> Non
     )
     assert done.returncode == 2
     assert b"--api-servers: Value error, several front ends share one engine core" in done.stderr
+
+
+def test_a_stopped_front_end_holds_no_other_and_is_dropped(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A further front end stopped (SIGSTOP) while its stream runs: the core writes each pipe from a thread of
+    its own, so the primary's requests keep being answered after the stopped one's pipe has filled, and once
+    that pipe has taken nothing for STALL_SECONDS the core drops it (its stream's slot freed)."""
+    flags = ["--api-servers", "2", "--max-num-seqs", "8", "--max-tokens-cap", "100000"]
+    with start_server(["--model", str(tiny_model_dir), *COMMON, *flags], log_dir=tmp_path) as srv:
+        (further,) = _listening_pids(child_pids(srv.proc.pid, "spawn_main"), srv.port)
+        clients = [httpx.Client(base_url=srv.base_url, timeout=60) for _ in range(12)]  # kept connections
+        on = {c: c.get("/health").json()["api_server"] for c in clients}
+        theirs = next(c for c in clients if on[c] == 1)
+        ours = next(c for c in clients if on[c] == 0)
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 100000, "ignore_eos": True, "stream": True}
+        with theirs.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # held: a dropped iterator would close the stream
+            next(lines)
+            os.kill(further, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                while time.monotonic() - started < STALL_SECONDS + 3:  # past a full pipe, then past the stall
+                    one = ours.post(
+                        "/v1/completions",
+                        json={"model": MODEL, "prompt": "hi", "max_tokens": 16, "ignore_eos": True},
+                    )
+                    assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 16
+                deadline = time.monotonic() + 10
+                # the stopped one's stream ended (scraped on our connection: a fresh one may land on the stopped one)
+                while metric(srv.base_url, "tssc_requests_running", client=ours) > 0:
+                    assert time.monotonic() < deadline, "the stopped front end's stream kept its slot"
+                    time.sleep(0.2)
+            finally:
+                os.kill(further, signal.SIGCONT)
+        assert f"front end 1 took nothing for {STALL_SECONDS:.0f} s; dropping it" in srv.log_path.read_text()
+        for c in clients:
+            c.close()
