@@ -84,6 +84,15 @@ class GraphCapturer:
             self.pool = torch.cuda.graph_pool_handle()
         return captured
 
+    def warm_and_capture(self, run: Callable[[], Tensor], what: str) -> Captured:
+        """`run()` once on a side stream (every kernel compiled and autotuned for its shapes), then captured."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        return self.capture(run, what)
+
 
 def _stop_recording(pool: GraphPool) -> None:
     """Torch's capture_end raises on a failed capture before it stops the caching allocator recording

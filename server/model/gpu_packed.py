@@ -108,9 +108,6 @@ class PackedGraphs:
         self._graphs: dict[int, Captured] = {}
         self._capturer = GraphCapturer()
 
-    def fits(self, tokens: int, rows: int) -> bool:
-        return 1 <= rows <= self.rows and bucket_for(tokens) is not None
-
     def _fill(self, tokens: Sequence[Sequence[int]], slots: Sequence[int], width: int) -> None:
         longs, ints = PackedRows.host(tokens, slots, self.spare, width, self.seqs, self.rows)
         cuda = self.device.type == "cuda"
@@ -124,12 +121,9 @@ class PackedGraphs:
     def _capture(self, width: int) -> Captured:
         # warm-up and capture on one row of 1 token and the tail: every state written goes to the spare slot
         self._fill([[PAD_ID]], [self.spare], width)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run(width)  # compiles and autotunes every kernel for this bucket's shapes
-        torch.cuda.current_stream().wait_stream(side)
-        return self._capturer.capture(lambda: self._run(width), f"the packed prefill pass of {width} tokens")
+        return self._capturer.warm_and_capture(
+            lambda: self._run(width), f"the packed prefill pass of {width} tokens"
+        )
 
     @torch.inference_mode()
     def capture_all(self) -> None:

@@ -109,12 +109,10 @@ class RowGraphs:
 
     def _capture(self, b: int, w: int) -> Captured:
         self.lengths.zero_()  # warm-up runs change no slot
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.fn(*self._inputs(b, w))  # the kernels are compiled (warm_batched): one run sets them up
-        torch.cuda.current_stream().wait_stream(side)
-        return self._capturer.capture(lambda: self.fn(*self._inputs(b, w)), f"the {b} x {w} prefill pass")
+        # the kernels are compiled (warm_batched): the warm-up run sets up the rest
+        return self._capturer.warm_and_capture(
+            lambda: self.fn(*self._inputs(b, w)), f"the {b} x {w} prefill pass"
+        )
 
     @torch.inference_mode()
     def capture_all(self) -> None:
