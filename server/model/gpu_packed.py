@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -76,19 +76,22 @@ class PackedRows:
     ) -> tuple[Tensor, Tensor]:
         """The flat buffers' values (long, int32) on the host for real rows `tokens` on `slots`, in a bucket of
         `width` tokens with `seqs` sequences and `rows` logits."""
-        lengths = [len(t) for t in tokens]
-        r, total = len(lengths), sum(lengths)
-        if r == 0 or r >= seqs or r > rows or total > width or min(lengths) < 1:
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        r, total = len(tokens), int(lengths.sum())
+        if r == 0 or r >= seqs or r > rows or total > width or int(lengths.min()) < 1:
             raise ValueError(f"{r} rows of {total} tokens do not fit a packed bucket of {width} x {seqs}")
-        bounds = [0, *accumulate(lengths), *[width] * (seqs - r)]  # the tail, then empty sequences
-        starts, ends = bounds[:-1], bounds[1:]
-        seq_of = [i for i, n in enumerate(lengths) for _ in range(n)] + [r] * (width - total)
-        ids = [tok for row in tokens for tok in row] + [PAD_ID] * (width - total)
-        flat = [
-            *ids, *(starts[i] for i in seq_of), *slots, *[spare] * (seqs - r), *starts, *ends, *[0] * seqs,
-            *(e - 1 for e in ends[:r]), *[0] * (rows - r),
-        ]  # fmt: skip
-        return torch.tensor(flat, dtype=torch.long), torch.tensor([*seq_of, *bounds], dtype=torch.int32)
+        bounds = torch.full((seqs + 1,), width, dtype=torch.long)  # the tail, then empty sequences at T
+        bounds[0], bounds[1 : r + 1] = 0, lengths.cumsum(0)
+        seq_of = torch.full((width,), r, dtype=torch.long)
+        seq_of[:total] = torch.arange(r).repeat_interleave(lengths)
+        flat = torch.empty(PackedRows.sizes(width, seqs, rows)[0], dtype=torch.long)
+        ids, start, slot, seq_start, ends, zeros, last = flat.split([width, width, *[seqs] * 4, rows])
+        ids[:total], ids[total:] = torch.tensor(list(chain.from_iterable(tokens)), dtype=torch.long), PAD_ID
+        torch.index_select(bounds, 0, seq_of, out=start)
+        slot[:r], slot[r:] = torch.tensor(slots, dtype=torch.long), spare
+        seq_start.copy_(bounds[:-1]), ends.copy_(bounds[1:]), zeros.zero_()
+        last[:r], last[r:] = bounds[1 : r + 1] - 1, 0
+        return flat, torch.cat([seq_of, bounds]).to(torch.int32)
 
 
 def bucket_for(tokens: int, buckets: Sequence[int] = PACKED_BUCKETS) -> int | None:
