@@ -1,6 +1,6 @@
 """Soak: the whole server under hostile traffic for a minute (issue #11's acceptance).
 
-64 concurrent streaming clients hold multi-turn conversations under odd (valid) session ids; a third of
+64 concurrent streaming clients, with one front end and with two (`--api-servers 2`), hold multi-turn conversations under odd (valid) session ids; a third of
 the requests are abandoned at a random point; a trickle of malformed requests and invalid ids runs beside
 them. Then: every request that was not abandoned completed correctly (well-formed chunks, its finish
 chunk, [DONE], the text a reference run gives), nothing answered 5xx, `tssc_requests_running` is back to
@@ -61,9 +61,12 @@ class Tally:
     scrapes: list[dict[str, float]] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def soak_server(tiny_model_dir: Path, log_dir: Path) -> Iterator[ServerProc]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-front-end", "two-front-ends"])
+def soak_server(request: pytest.FixtureRequest, tiny_model_dir: Path, log_dir: Path) -> Iterator[ServerProc]:
+    """The server, with one front end or two (`--api-servers 2`: the engine core in its own process, the
+    connections spread over both front ends, each abandoned stream ended through the core's pipes)."""
     args = ["--model", str(tiny_model_dir), *COMMON, "--max-num-seqs", "16", "--checkpoint-interval", "16"]
+    args += ["--api-servers", str(request.param)] if request.param > 1 else []
     args += ["--hot-dtype", "fp32", "--cold-dtype", "fp32", "--hot-bytes", "64KiB", "--cold-bytes", "128KiB"]
     args += ["--max-concurrent-requests", "512"]
     with start_server(args, log_dir=log_dir) as srv:
