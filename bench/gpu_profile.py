@@ -6,8 +6,8 @@
 - prefill: one prefill of `--length` tokens by upstream mamba_ssm, by ours with the torch conv and by ours
   with the Triton conv; wall time (median of 3) and the kernels that take the most device time;
 - burst: `--rows` prompts of `--tokens` tokens prefilled at once: upstream's forward over them, our
-  `prefill_batch` (eager), and one packed row of as many tokens, each with its kernels; then our pass's wall
-  time per batch size (the latency a prefill budget trades for its batch);
+  `prefill_batch` (eager), one row of as many tokens and `--packed-prefill`'s pass, each with its kernels;
+  then our pass's wall time per batch size (the latency a prefill budget trades for its batch);
 - decode: one eager decode step at batch 64 (ours), its top kernels;
 - sweep: `ssm_step` (batch 1 / 64 / 256) and `conv_prefill` (one row of the prefill length, and a burst's
   64 rows of 208 tokens, reading xBC inside the in_proj output as the runner does) over block sizes and
@@ -90,6 +90,8 @@ def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
     runner = GpuModelRunner(ours, rows, "cuda", use_graphs=False)
     segs = [PrefillSeg(ids[r].tolist(), r) for r in range(rows)]
     packed = ids.flatten().tolist()
+    packer = GpuModelRunner(ours, rows, "cuda", use_graphs=False, packed_prefill=True)
+    fresh = [PrefillSeg(ids[r].tolist(), r, (tokens,), True) for r in range(rows)]
 
     @torch.inference_mode()
     def up() -> None:
@@ -99,6 +101,9 @@ def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
         f"upstream forward, {rows} x {tokens}": up,
         f"ours, prefill_batch of {rows} x {tokens}, eager": lambda: runner.prefill_batch(segs),
         f"ours, one row of {rows * tokens:,} tokens, eager": lambda: runner.prefill(packed, 0),
+        f"ours, packed pass of {rows} x {tokens} (--packed-prefill), eager": lambda: packer.prefill_batch(
+            fresh
+        ),
     }
     header = ["kernel", "calls", "device ms", "share"]
     for name, fn in runs.items():
