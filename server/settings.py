@@ -81,10 +81,10 @@ class Settings(BaseSettings):
         "their ends) as CUDA graphs, one per (rows, width) bucket, captured at start-up.",
     )
     packed_prefill: bool = Field(
-        False,
-        description="On CUDA, prefill a step's fresh prompts (nothing restored, captured at their ends) packed "
-        "back to back into one row, one CUDA graph per bucket of total tokens, instead of right-padded rows; "
-        "off until measured on a GPU.",
+        True,
+        description="On CUDA (Mamba2), prefill a step's fresh prompts (nothing restored, captured at their ends) "
+        "packed back to back into one row, one CUDA graph per bucket of total tokens, instead of right-padded "
+        "rows.",
     )
     engine_process: bool | None = Field(
         None,

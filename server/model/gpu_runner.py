@@ -120,9 +120,12 @@ class GpuModelRunner(ModelRunner):
         Triton conv); else None (logged): such a runner prefills fresh rows on the padded paths."""
         parts = self.kernels.ssd_parts
         mamba2 = [layer for layer in self.layers if isinstance(layer, Mamba2Gpu)]
-        if len(mamba2) == len(self.layers) and parts is not None and parts.state_varlen and conv == "triton":
+        if len(mamba2) < len(self.layers):  # a Mamba1 model (on by default: nothing to warn of)
+            log.info("packed prefill is for Mamba2 layers: fresh prompts prefill on the padded paths")
+            return None
+        if parts is not None and parts.state_varlen and conv == "triton":
             return mamba2
-        log.warning("packed prefill needs Mamba2 layers, mamba-ssm's chunk_state_varlen and the Triton conv")
+        log.warning("packed prefill needs mamba-ssm's chunk_state_varlen and the Triton conv")
         return None
 
     def _prefill_graphs(self) -> PrefillGraphs:
