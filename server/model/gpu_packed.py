@@ -84,20 +84,23 @@ class PackedRows:
         r, total = len(tokens), int(lengths.sum())
         if r == 0 or r >= seqs or r > rows or total > width or int(lengths.min()) < 1:
             raise ValueError(f"{r} rows of {total} tokens do not fit a packed bucket of {width} x {seqs}")
+        longs, ints = PackedRows.sizes(width, seqs, rows)
+        flat, flat32 = torch.empty(longs, dtype=torch.long), torch.empty(ints, dtype=torch.int32)
+        ids, layout = PackedRows.views(flat, flat32, width, seqs, rows)  # filled in place below
         bounds = torch.full((seqs + 1,), width, dtype=torch.long)  # the tail, then empty sequences at T
         bounds[0], bounds[1 : r + 1] = 0, lengths.cumsum(0)
         seq_of = torch.full((width,), r, dtype=torch.long)
         seq_of[:total] = torch.arange(r).repeat_interleave(lengths)
-        flat = torch.empty(PackedRows.sizes(width, seqs, rows)[0], dtype=torch.long)
-        ids, start, slot, seq_start, ends, zeros, last = flat.split([width, width, *[seqs] * 4, rows])
         ids[:total], ids[total:] = torch.tensor(list(chain.from_iterable(tokens)), dtype=torch.long), PAD_ID
-        torch.index_select(bounds, 0, seq_of, out=start)
-        slot[:r], slot[r:] = torch.tensor(slots, dtype=torch.long), spare
-        seq_start.copy_(bounds[:-1])
-        ends.copy_(bounds[1:])
-        zeros.zero_()
-        last[:r], last[r:] = bounds[1 : r + 1] - 1, 0
-        return flat, torch.cat([seq_of, bounds]).to(torch.int32)
+        torch.index_select(bounds, 0, seq_of, out=layout.start)
+        layout.slots[:r], layout.slots[r:] = torch.tensor(slots, dtype=torch.long), spare
+        layout.seq_start.copy_(bounds[:-1])
+        layout.ends.copy_(bounds[1:])
+        layout.point_rows.zero_()
+        layout.last[:r], layout.last[r:] = bounds[1 : r + 1] - 1, 0
+        layout.seq_idx[0].copy_(seq_of)
+        layout.cu.copy_(bounds)
+        return flat, flat32
 
 
 def bucket_for(tokens: int, buckets: Sequence[int] = PACKED_BUCKETS) -> int | None:

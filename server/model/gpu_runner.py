@@ -87,6 +87,7 @@ class GpuModelRunner(ModelRunner):
         state_dtype: torch.dtype = torch.float32,
         packed_prefill: bool = False,
     ) -> None:
+        packed_prefill = packed_prefill and model.cfg.arch == "mamba2"  # Mamba1 keeps the padded paths
         forks = use_graphs and prefill_graphs and batch_graphs  # a forked row's state goes to a spare slot
         # the packed pass writes the states of its padding sequences to spare slot 0
         spare = MAX_FORKS if forks else 1 if packed_prefill else 0
@@ -116,15 +117,11 @@ class GpuModelRunner(ModelRunner):
         )
 
     def _packed_layers(self, conv: ConvPrefill) -> list[Mamba2Gpu] | None:
-        """The layers, where all of them can run a packed pass (Mamba2, mamba-ssm's varlen final states, our
+        """The (Mamba2) layers, where the kernels can run a packed pass (mamba-ssm's varlen final states, our
         Triton conv); else None (logged): such a runner prefills fresh rows on the padded paths."""
         parts = self.kernels.ssd_parts
-        mamba2 = [layer for layer in self.layers if isinstance(layer, Mamba2Gpu)]
-        if len(mamba2) < len(self.layers):  # a Mamba1 model (on by default: nothing to warn of)
-            log.info("packed prefill is for Mamba2 layers: fresh prompts prefill on the padded paths")
-            return None
         if parts is not None and parts.state_varlen and conv == "triton":
-            return mamba2
+            return [layer for layer in self.layers if isinstance(layer, Mamba2Gpu)]
         log.warning("packed prefill needs mamba-ssm's chunk_state_varlen and the Triton conv")
         return None
 

@@ -1,11 +1,12 @@
 """Soak: the whole server under hostile traffic for a minute (issue #11's acceptance).
 
-64 concurrent streaming clients, with one front end and with two (`--api-servers 2`), hold multi-turn conversations under odd (valid) session ids; a third of
-the requests are abandoned at a random point; a trickle of malformed requests and invalid ids runs beside
-them. Then: every request that was not abandoned completed correctly (well-formed chunks, its finish
-chunk, [DONE], the text a reference run gives), nothing answered 5xx, `tssc_requests_running` is back to
-0, no tier ever held more than its budget, and the resident memory plateaued (the last third of the run
-grew by less than 5%). Lossless tiers, so that a resumed conversation must give exactly the reference text.
+64 concurrent streaming clients, with one front end and with two (`--api-servers 2`), hold multi-turn
+conversations under odd (valid) session ids; a third of the requests are abandoned at a random point; a
+trickle of malformed requests and invalid ids runs beside them. Then: every request that was not abandoned
+completed correctly (well-formed chunks, its finish chunk, [DONE], the text a reference run gives), nothing
+answered 5xx, `tssc_requests_running` is back to 0, no tier ever held more than its budget, and the resident
+memory plateaued (the last third of the run grew by less than 5%). Lossless tiers, so that a resumed
+conversation must give exactly the reference text.
 """
 
 from __future__ import annotations
