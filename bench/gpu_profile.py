@@ -111,6 +111,11 @@ def section_burst(rep: Report, model: str, rows: int, tokens: int) -> None:
         fn()
         wall = sync_time(fn, reps=3)
         rep.table(f"profile: {name}, {model}: {wall * 1e3:.1f} ms wall", header, top_kernels(fn, rows=16))
+    rep.table(
+        f"the packed pass of {rows} x {tokens}, eager, by torch op (self device time)",
+        ["op", "input shapes", "calls", "device ms"],
+        top_ops(partial(packer.prefill_batch, fresh)),
+    )
     ended = [PrefillSeg(ids[r].tolist(), r, (tokens,)) for r in range(rows)]
     ms = _replayed_ms(GpuModelRunner(ours, rows, "cuda"), ended)
     rep.write(
@@ -166,8 +171,9 @@ def _packed_walls(rep: Report, model: MambaLM, ids: Tensor, rows: int, tokens: i
 
 def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -> None:
     """One layer's chunked scan stages over `rows` sequences: right-padded rows (width a multiple of 16) on the
-    pool's slots, as the runner runs them, against one packed row with `seq_idx` and each sequence's final
-    state (`chunk_state_varlen`, its initial state 0)."""
+    pool's slots, as the runner runs them, against one packed row with `seq_idx`, its sequences' final states
+    either by mamba-ssm's `chunk_state_varlen` and a scatter into the slots (session 22's pass) or straight
+    into the slots by `gpu_ops.final_states` (each from the zero state)."""
     from mamba_ssm.ops.triton.ssd_chunk_state import chunk_state_varlen
 
     from server.model.gpu_layers import chunk_scan_slots
@@ -188,14 +194,14 @@ def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -
     A = -torch.rand(h, device="cuda")
     D = torch.ones(h, device="cuda")
     x, dt, B, C = inputs(rows, width)
-    pool = torch.zeros(rows, h, p, n, device="cuda")
+    pool = torch.zeros(rows + 1, h, p, n, device="cuda")
     slots = torch.arange(rows, device="cuda")
     padded = lambda: chunk_scan_slots(parts, gpu_ops, x, dt, A, B, C, chunk, D, pool, slots)
     px, pdt, pB, pC = inputs(1, rows * tokens)
     cu = torch.arange(0, rows * tokens + 1, tokens, device="cuda", dtype=torch.int32)
     seq_idx = torch.repeat_interleave(torch.arange(rows, device="cuda", dtype=torch.int32), tokens)[None]
 
-    def packed() -> None:
+    def packed(into_slots: bool) -> None:
         dA_cumsum, dtc = parts.chunk_cumsum(pdt, A, chunk)
         own = parts.chunk_state(pB, px, dtc, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
         entering, _ = parts.state_passing(
@@ -208,13 +214,37 @@ def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -
         entering = entering.unflatten(-1, (p, n))
         cb = parts.bmm_chunk(pC, pB, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
         parts.chunk_scan(cb, px, dtc, dA_cumsum, pC, entering, D=D, seq_idx=seq_idx)
-        chunk_state_varlen(pB[0], px[0], dtc[0], dA_cumsum[0], cu, entering[0])
+        if into_slots:
+            gpu_ops.final_states(px[0], pB[0], dtc[0], dA_cumsum[0], entering[0], cu, pool, slots, rows)
+        else:
+            pool[slots] = chunk_state_varlen(pB[0], px[0], dtc[0], dA_cumsum[0], cu, entering[0])
 
     header = ["kernel", "calls", "device ms", "share"]
-    for name, fn in ((f"padded {rows} x {width}", padded), (f"packed 1 x {rows * tokens:,}", packed)):
+    runs: tuple[tuple[str, Callable[[], object]], ...] = (
+        (f"padded {rows} x {width}", padded),
+        (f"packed 1 x {rows * tokens:,}, chunk_state_varlen + scatter", partial(packed, False)),
+        (f"packed 1 x {rows * tokens:,}, final_states into the slots", partial(packed, True)),
+    )
+    for name, fn in runs:
         fn()
         ms = sync_time(fn, reps=5) * 1e3
         rep.table(f"one layer's scan stages, {name}: {ms:.2f} ms wall", header, top_kernels(fn))
+
+
+def top_ops(fn: Callable[[], object], rows: int = 16) -> list[list[str]]:
+    """[op, input shapes, calls, self device ms] for the torch ops of one run of fn that launch kernels
+    themselves, most device time first: which op (at which shapes) each small kernel comes from."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if _device_us(e) > 0 and "::" in e.key]
+    events.sort(key=_device_us, reverse=True)
+    return [
+        [e.key, str(e.input_shapes)[:90].replace("|", "/"), str(e.count), f"{_device_us(e) / 1e3:.2f}"]
+        for e in events[:rows]
+    ]
 
 
 def section_decode(rep: Report, model: str, batch: int = 64) -> None:

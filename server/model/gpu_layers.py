@@ -162,10 +162,13 @@ class Mamba2Gpu:
             _taps_in_pool(entering, ssm_pool, slots, rows, chunk),
         )
 
-    def prefill_packed(self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, rows: PackedRows) -> Tensor:
+    def prefill_packed(
+        self, u: Tensor, conv_pool: Tensor, ssm_pool: Tensor, rows: PackedRows, spare: int
+    ) -> Tensor:
         """Fresh sequences packed back to back in one row (`server.model.gpu_packed`): u (1, T, d) -> out
         (1, T, d). Each sequence starts from the zero state and leaves its final conv and ssm states in its
-        slot, `rows.slots` (the spare slot for those past the real rows)."""
+        slot, `rows.slots`; those past the real rows, on the `spare` slot, leave their conv states there and
+        no ssm state."""
         m = self.m
         z, xbc, dt = m._split_proj(m.in_proj(u))  # (1, T, e), (1, T, c), (1, T, h)
         zero = conv_pool.new_zeros((1, *conv_pool.shape[1:]))  # (1, c, k-1)
@@ -177,8 +180,8 @@ class Mamba2Gpu:
         x, B, C = self._split_xbc(xbc)  # (1, T, h, p), (1, T, g, n) x2
         parts = self.k.ssd_parts
         assert parts is not None
-        y, ssm = chunk_scan_packed(parts, x, self._dt(dt), self.A, B, C, self.cfg.chunk_size, self.D, rows)
-        ssm_pool[rows.slots] = ssm.to(ssm_pool.dtype)
+        y = chunk_scan_packed(parts, self.ops, x, self._dt(dt), self.A, B, C, self.cfg.chunk_size, self.D, rows,
+                              ssm_pool, spare)  # fmt: skip
         return self._norm_out(y.flatten(-2), z)
 
     def _dt(self, dt: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -370,14 +373,12 @@ def chunk_scan_slots(
 
 
 def chunk_scan_packed(
-    parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
-    rows: PackedRows,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    parts: SsdParts, ops: ModuleType, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+    D: Tensor, rows: PackedRows, pool: Tensor, spare: int,
+) -> Tensor:  # fmt: skip
     """The chunked scan over fresh sequences packed in one row (`PackedRows`), each from the zero state:
-    x (1, T, h, p); dt (1, T, h) fp32 softplus'ed -> (y (1, T, h, p), each sequence's final state
-    (S, h, p, n) fp32, by mamba-ssm's `chunk_state_varlen`)."""
-    varlen = parts.state_varlen
-    assert varlen is not None
+    x (1, T, h, p); dt (1, T, h) fp32 softplus'ed -> y (1, T, h, p). Each sequence's final state goes straight
+    into its slot of `pool` (S, h, p, n) (`gpu_ops.final_states`), but for those on the `spare` slot."""
     seq_idx = rows.seq_idx
 
     def passing(own: Tensor, decay: Tensor) -> Tensor:
@@ -387,7 +388,8 @@ def chunk_scan_packed(
         return entering
 
     y, entering, dA_cumsum, dtc = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing, seq_idx)
-    return y, varlen(B[0], x[0], dtc[0], dA_cumsum[0], rows.cu, entering[0])
+    ops.final_states(x[0], B[0], dtc[0], dA_cumsum[0], entering[0], rows.cu, pool, rows.slots, spare)
+    return y
 
 
 def _taps_in_pool(entering: Tensor, pool: Tensor, slots: Tensor, rows: PaddedRows, chunk: int) -> Tensor:

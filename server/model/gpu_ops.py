@@ -16,6 +16,10 @@
   each row's initial state read from its slot and its final one written there, in one kernel. The gathers,
   scatters and copies of the rows' fp32 states (2.6 MB a row a layer on mamba2-2.7b) that it replaces took
   51 of the 230 ms of device time of a 64 x 200-token batched pass on an H200;
+- `final_states`: each fresh sequence's final ssm state of a packed row (`server.model.gpu_packed`), written
+  straight into its slot: mamba-ssm's `chunk_state_varlen` and the scatter after it, in one kernel that skips
+  the layout's padding sequences. The two took 23 of the 200 ms of device time of a 64 x 200-token packed pass
+  on mamba2-2.7b (an H200, session 22), for 65 sequences a layer whatever the rows;
 - `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
   `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
 
@@ -363,6 +367,109 @@ def state_pass(own: Tensor, da_last: Tensor, pool: Tensor, slots: Tensor, block:
         BLOCK=block, num_warps=4,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _final_state_kernel(
+    x_ptr, b_ptr, dt_ptr, da_ptr, enter_ptr, cu_ptr, slot_ptr, pool_ptr,
+    p, n, chunk, heads_per_group, skip,
+    stride_xt, stride_xh, stride_xp, stride_bt, stride_bg, stride_bn, stride_dh, stride_dc, stride_dk,
+    stride_ec, stride_eh, stride_ep, stride_en, stride_ps, stride_ph, stride_pp, stride_pn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    if slot != skip:
+        blocks_n = tl.cdiv(n, BLOCK_N)
+        offs_m = (pid // blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (pid % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < p, offs_n < n
+        start = tl.load(cu_ptr + seq)
+        end = tl.load(cu_ptr + seq + 1)
+        c = (end - 1) // chunk  # the chunk of the sequence's last token
+        base = c * chunk
+        dt_c = dt_ptr + head * stride_dh + c * stride_dc
+        da_c = da_ptr + head * stride_dh + c * stride_dc
+        da_end = tl.load(da_c + (end - 1 - base) * stride_dk)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(tl.maximum(start, base), end, BLOCK_K):  # the sequence's tokens in chunk c
+            t = k + tl.arange(0, BLOCK_K)
+            inside = t < end
+            da = tl.load(da_c + (t - base) * stride_dk, mask=inside, other=0.0)
+            dt = tl.load(dt_c + (t - base) * stride_dk, mask=inside, other=0.0)
+            weight = tl.where(inside, tl.exp(tl.minimum(da_end - da, 0.0)) * dt, 0.0)  # (K,)
+            xs = tl.load(
+                x_ptr + t[None, :] * stride_xt + head * stride_xh + offs_m[:, None] * stride_xp,
+                mask=mask_m[:, None] & inside[None, :],
+                other=0.0,
+            )  # (M, K)
+            bs = tl.load(
+                b_ptr
+                + t[:, None] * stride_bt
+                + (head // heads_per_group) * stride_bg
+                + offs_n[None, :] * stride_bn,
+                mask=inside[:, None] & mask_n[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (K, N)
+            acc += tl.dot(xs, (bs * weight[:, None]).to(xs.dtype))
+        if start < base:  # the sequence entered chunk c with a state: decayed across the chunk up to its end
+            block = offs_m[:, None] * stride_ep + offs_n[None, :] * stride_en
+            entering = tl.load(
+                enter_ptr + c * stride_ec + head * stride_eh + block, mask=mask_m[:, None] & mask_n[None, :]
+            )
+            acc += entering * tl.exp(da_end)
+        out = (
+            pool_ptr
+            + slot * stride_ps
+            + head * stride_ph
+            + offs_m[:, None] * stride_pp
+            + offs_n[None, :] * stride_pn
+        )
+        tl.store(out, acc.to(pool_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def final_states(
+    x: Tensor,
+    B: Tensor,
+    dt: Tensor,
+    dA_cumsum: Tensor,
+    entering: Tensor,
+    cu: Tensor,
+    pool: Tensor,
+    slots: Tensor,
+    skip: int,
+) -> None:
+    """Each fresh sequence's final ssm state of a packed row (sequences back to back, `seq_idx`), written
+    straight into its slot of the live pool: the last chunk's partial sum of the sequence's own tokens, plus
+    the state it entered that chunk with (when it began before it) decayed to its end. mamba-ssm's
+    `chunk_state_varlen` and a scatter into the pool in one kernel, with no work for sequences on the `skip`
+    slot (a packed layout's padding sequences: `server.model.gpu_packed`).
+
+    x: (T, h, p); B: (T, g, n); dt, dA_cumsum: (h, c, chunk) fp32, the scan's dt and its cumsum within each
+    chunk; entering: (c, h, p, n) fp32, the states entering the chunks (reset where a new sequence begins);
+    cu: (S + 1,) int32 the sequences' bounds; pool: (slots, h, p, n) fp32 or bf16, in place; slots: (S,) long,
+    distinct but for `skip`; a sequence on another slot must be non-empty."""
+    _, h, p = x.shape
+    n = B.shape[-1]
+    assert dt.shape == dA_cumsum.shape and dt.stride() == dA_cumsum.stride() and dt.shape[0] == h
+    assert entering.shape == (dt.shape[1], h, p, n) and pool.shape[1:] == (h, p, n)
+    assert cu.shape == (slots.shape[0] + 1,) and cu.dtype == torch.int32
+    block_m, block_n = (
+        max(16, min(64, triton.next_power_of_2(p))),
+        max(16, min(64, triton.next_power_of_2(n))),
+    )
+    grid = (triton.cdiv(p, block_m) * triton.cdiv(n, block_n), slots.shape[0], h)
+    _final_state_kernel[grid](
+        x, B, dt, dA_cumsum, entering, cu, slots, pool,
+        p, n, dt.shape[-1], h // B.shape[1], skip,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        dt.stride(0), dt.stride(1), dt.stride(2),
+        entering.stride(0), entering.stride(1), entering.stride(2), entering.stride(3),
+        pool.stride(0), pool.stride(1), pool.stride(2), pool.stride(3),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=4,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -117,12 +117,11 @@ class GpuModelRunner(ModelRunner):
         )
 
     def _packed_layers(self, conv: ConvPrefill) -> list[Mamba2Gpu] | None:
-        """The (Mamba2) layers, where the kernels can run a packed pass (mamba-ssm's varlen final states, our
+        """The (Mamba2) layers, where the kernels can run a packed pass (mamba-ssm's chunked scan stages, our
         Triton conv); else None (logged): such a runner prefills fresh rows on the padded paths."""
-        parts = self.kernels.ssd_parts
-        if parts is not None and parts.state_varlen and conv == "triton":
+        if self.kernels.ssd_parts is not None and conv == "triton":
             return [layer for layer in self.layers if isinstance(layer, Mamba2Gpu)]
-        log.warning("packed prefill needs mamba-ssm's chunk_state_varlen and the Triton conv")
+        log.warning("packed prefill needs mamba-ssm's chunked scan stages and the Triton conv")
         return None
 
     def _prefill_graphs(self) -> PrefillGraphs:
@@ -316,7 +315,7 @@ class GpuModelRunner(ModelRunner):
         out, residual = self._embed(ids[None]), None  # (1, T, d)
         for i, layer in enumerate(self.packed_layers):
             hidden, residual = self._add_norm(i, out, residual)
-            out = layer.prefill_packed(hidden, pool.conv[i], pool.ssm[i], rows)
+            out = layer.prefill_packed(hidden, pool.conv[i], pool.ssm[i], rows, pool.slots)
         assert residual is not None
         last = rows.last
         return self._logits(self._final_norm(out[0, last], residual[0, last]))

@@ -46,9 +46,6 @@ class SsdParts:
     state_passing: KernelFn  # _state_passing_fwd: states entering each chunk, and the final one
     bmm_chunk: KernelFn  # _bmm_chunk_fwd: C^T B within each chunk
     chunk_scan: KernelFn  # _chunk_scan_fwd: the outputs
-    # chunk_state_varlen: the final state of each sequence of a packed row (`seq_idx` / `cu_seqlens`); None
-    # where this mamba-ssm version lacks it (no packed prefill then)
-    state_varlen: KernelFn | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +145,7 @@ def _import_ssd_parts() -> SsdParts | None:
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         return SsdParts(
             ssd._chunk_cumsum_fwd, ssd._chunk_state_fwd, ssd._state_passing_fwd, ssd._bmm_chunk_fwd,
-            ssd._chunk_scan_fwd, getattr(ssd, "chunk_state_varlen", None),
+            ssd._chunk_scan_fwd,
         )  # fmt: skip
     except (ImportError, AttributeError) as exc:
         log.warning("mamba-ssm's chunked scan stages are missing (%s): captures split prefills", exc)

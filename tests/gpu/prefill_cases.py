@@ -189,3 +189,42 @@ def assert_packed_matches(runner: Any, ref: ModelRunner, close: Close, monkeypat
     slots = list(range(MAX_SLOTS))
     nxt = [5 * i % 320 for i in slots]
     close(runner.decode(nxt, slots), ref.decode(nxt, slots))
+
+
+def assert_packed_scan_is_each_sequence_alone(
+    ops: Any, parts: Any, device: str, pool_dtype: torch.dtype, close: Close
+) -> None:
+    """The packed chunked scan (`gpu_layers.chunk_scan_packed`) over fresh sequences back to back (lengths
+    1 to 17 on chunks of 8: inside one chunk, ending on a boundary, crossing one or two), in a bucket with a
+    tail and an empty sequence on the spare slot: each sequence's outputs and final state in its slot are the
+    torch scan's over it alone from the zero state; the spare slot and the slots no sequence holds keep their
+    bytes (`gpu_ops.final_states` writes nothing for the spare's sequences)."""
+    from server.model.gpu_layers import chunk_scan_packed
+    from server.model.gpu_packed import PackedRows
+    from server.model.ssd import ssd_scan_states
+
+    lengths, slots, spare, width = [1, 7, 8, 9, 17, 3], [6, 0, 3, 5, 1, 7], MAX_SLOTS, 48
+    gen = torch.Generator().manual_seed(12)
+    h, p, n, g = 4, 16, 16, 2
+    x = torch.randn(1, width, h * p + 5, generator=gen)[..., 2 : 2 + h * p].unflatten(-1, (h, p))  # strided
+    dt = torch.nn.functional.softplus(torch.randn(1, width, h, generator=gen))
+    bc = torch.randn(1, width, 2, g, n, generator=gen)
+    A, D = -torch.rand(h, generator=gen) - 0.1, torch.randn(h, generator=gen)
+    pool = torch.randn(MAX_SLOTS + 1, h, p, n, generator=gen).to(pool_dtype)
+    x, dt, bc, A, D, pool = (t.to(device) for t in (x, dt, bc, A, D, pool))
+    B, C = bc[:, :, 0], bc[:, :, 1]
+    longs, ints = PackedRows.host(
+        [[0] * k for k in lengths], slots, spare, width, len(lengths) + 2, len(lengths)
+    )
+    _, rows = PackedRows.views(longs.to(device), ints.to(device), width, len(lengths) + 2, len(lengths))
+    before = pool.clone()
+    y = chunk_scan_packed(parts, ops, x, dt, A, B, C, CHUNK, D, rows, pool, spare)
+    start = 0
+    for length, slot in zip(lengths, slots, strict=True):
+        part = slice(start, start + length)
+        want_y, states = ssd_scan_states(x[:, part], dt[:, part], A, B[:, part], C[:, part], CHUNK, None)
+        close(y[:, part], want_y + x[:, part] * D[:, None])
+        close(pool[slot].float(), states[0, -1].to(pool_dtype).float())
+        start += length
+    kept = [s for s in range(MAX_SLOTS + 1) if s not in slots]  # 2, 4 and the spare
+    assert torch.equal(pool[kept], before[kept])

@@ -177,6 +177,21 @@ def test_state_pass_on_the_pool_is_the_stage(ops: ModuleType, pool_dtype: torch.
     )
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_scan_leaves_each_sequence_alone_in_its_slot(
+    ops: ModuleType, pool_dtype: torch.dtype
+) -> None:
+    from server.model.kernels import load_kernels
+
+    # a bf16 pool: the interpreter's fp32 -> bf16 cast truncates where the reference's rounds: one bf16 step
+    close = _close if pool_dtype == torch.float32 else _bf16_close
+    cases.assert_packed_scan_is_each_sequence_alone(ops, load_kernels().ssd_parts, "cpu", pool_dtype, close)
+
+
+def _bf16_close(a: Tensor, b: Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=2**-7)
+
+
 def test_mamba1_scan_keeps_the_state_through_padding(ops: ModuleType) -> None:
     torch.manual_seed(2)
     b, length, e, n = 3, 11, 8, 4
