@@ -291,20 +291,19 @@ class GpuModelRunner(ModelRunner):
 
     def _prefill_packed(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
         """Fresh segments packed back to back into one pass (`gpu_packed`): a replay of its token bucket's
-        graph, or one eager pass without graphs; a segment's end capture is its slot's state after it."""
+        graph, or one eager pass without graphs; a segment's end capture is its slot's live state after it
+        (views: the worker copies them once the step's tokens are on their way to the host)."""
         tokens, slots = [seg.tokens for seg in segs], [seg.slot for seg in segs]
         if self.packed_graphs is not None:
             logits = self.packed_graphs.run(tokens, slots)
         else:
             logits = packed_eager(self._packed_pass, tokens, slots, self.pool.slots, self.device)
-        return [
-            PrefillResult(
-                last_logits=logits[r, : self.vocab],
-                captures={len(seg.tokens): self.pool.read(seg.slot)}
-                if len(seg.tokens) in seg.capture_at
-                else {},
-            )
-            for r, seg in enumerate(segs)
+        ends = [len(seg.tokens) if len(seg.tokens) in seg.capture_at else None for seg in segs]
+        return [  # a row's end capture is its slot's live state, not a copy (`PrefillResult.live`)
+            PrefillResult(logits[r, : self.vocab], None, {end: self.pool.views(seg.slot)}, (end,))
+            if end is not None
+            else PrefillResult(logits[r, : self.vocab])
+            for r, (seg, end) in enumerate(zip(segs, ends, strict=True))
         ]
 
     def _packed_pass(self, ids: Tensor, rows: PackedRows) -> Tensor:

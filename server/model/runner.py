@@ -38,6 +38,9 @@ class PrefillResult:
     last_logits: Tensor  # (v,) fp32; for an empty segment, empty (0,)
     all_logits: Tensor | None = None  # (l, v) fp32 when asked for
     captures: Captures = field(default_factory=dict)  # segment position -> state copy
+    # the positions whose capture is the slot's live state as views (`slot_state`), not a copy: the caller
+    # copies it before the slot is next written (`server.engine.worker`); a packed pass's row ends
+    live: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -281,21 +281,29 @@ async def test_an_engine_with_packed_prefill_answers_as_the_torch_runners(tmp_pa
         config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32")
         engine = Engine(
             runner, Tokenizer.from_pretrained(model_dir), StateCache(config, runner.state_spec()),
-            config=EngineConfig(max_slots=4, prefill_budget=128),
+            config=EngineConfig(max_slots=4, prefill_budget=128, decode_ahead=True),
         )  # fmt: skip
 
-        async def ask(rid: str, prompt: list[int]) -> list[tuple[int, float]]:
+        async def ask(rid: str, prompt: list[int], cached: int | None = None) -> list[tuple[int, float]]:
             req = GenerationRequest(rid, tuple(prompt), params, session_id=rid[-1])
             events = [e async for e in engine.generate(req)]
             if rid.startswith("b"):
                 assert events[-1].cached_tokens > len(prompt) - 8  # resumed from the first turn's checkpoints
+            if cached is not None:
+                assert events[-1].cached_tokens == cached
             return [(e.token_id, e.logprob or 0.0) for e in events if e.token_id is not None]
 
         engine.start()
         try:
             out = list(await asyncio.gather(*(ask(f"a{i}", p) for i, p in enumerate(firsts))))
             follow = [[*p, *(t for t, _ in o), 5, 6, 7] for p, o in zip(firsts, out, strict=True)]
-            return out + list(await asyncio.gather(*(ask(f"b{i}", p) for i, p in enumerate(follow))))
+            out += await asyncio.gather(*(ask(f"b{i}", p) for i, p in enumerate(follow)))
+            # an edited answer resumes from the first prompt's own checkpoint: a packed row's end capture, a
+            # view of its slot until the worker copied it, before the decode launched ahead wrote the slot
+            edits = [[*p, (o[0][0] + 1) % 300, 5, 6] for p, o in zip(firsts, out, strict=False)]
+            return out + list(
+                await asyncio.gather(*(ask(f"c{i}", p, len(firsts[i])) for i, p in enumerate(edits)))
+            )
         finally:
             await engine.stop()
 
