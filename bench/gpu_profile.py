@@ -264,21 +264,25 @@ def section_sweep(rep: Report, model: str, length: int, d2d: float) -> None:
     c, k = cfg.conv_dim, cfg.d_conv
     weight = torch.randn(c, 1, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(c, device="cuda", dtype=torch.bfloat16)
-    for b, width in ((1, length), (64, 208)):  # a long prompt; a burst's padded rows
+    # a long prompt; a burst's padded rows; a burst's packed row (sequences of 200 tokens from the zero state)
+    for b, width, packed in ((1, length, False), (64, 208, False), (1, 8192, True)):
         # the conv reads xBC in place inside the in_proj output [z, xBC, dt] (strided rows), as the runner does
         proj = torch.randn(b, width, cfg.d_in_proj, device="cuda", dtype=torch.bfloat16)
         x = proj[..., cfg.d_inner : cfg.d_inner + c]
         state = torch.randn(b, c, k - 1, device="cuda", dtype=torch.bfloat16)
+        start = torch.arange(width, device="cuda") // 200 * 200 if packed else None
         moved = 2 * x.numel() * 2
         for block_l, block_c, warps in itertools.product((16, 32, 64), (64, 128, 256), (4, 8)):
 
             def conv(
-                bl: int = block_l, bc: int = block_c, w: int = warps, x: Tensor = x, state: Tensor = state
-            ) -> None:
-                gpu_ops.conv_prefill(x, state, weight, bias, block_l=bl, block_c=bc, num_warps=w)
+                bl: int = block_l, bc: int = block_c, w: int = warps, x: Tensor = x, state: Tensor = state,
+                start: Tensor | None = start,
+            ) -> None:  # fmt: skip
+                gpu_ops.conv_prefill(x, state, weight, bias, block_l=bl, block_c=bc, num_warps=w, start=start)
 
             secs = sync_time(conv, reps=5)
-            rows.append(["conv_prefill", f"{b} x {width}", f"block_l={block_l} block_c={block_c} warps={warps}",
+            shape = f"{b} x {width}{' packed' if packed else ''}"
+            rows.append(["conv_prefill", shape, f"block_l={block_l} block_c={block_c} warps={warps}",
                          f"{secs * 1e6:.1f}", f"{moved / secs / 1e9:,.0f}", f"{moved / secs / 1e9 / d2d:.0%}"])  # fmt: skip
     header = ["kernel", "shape", "config", "us", "GB/s", "of copy bw"]
     rep.table(f"sweep: our Triton kernels, {model} shapes", header, rows)

@@ -115,18 +115,23 @@ def _conv_prefill_kernel(
         acc += tl.load(b_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(K):
         src = rows - (K - 1) + j  # input position; < 0 reads the carried state
+        w = tl.load(w_ptr + chans * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
         from_x = tl.load(
             x_ptr + src[:, None] * stride_xl + chans[None, :],
             mask=mask & ((src >= 0) & (src >= first))[:, None],
             other=0.0,
         ).to(tl.float32)
-        from_state = tl.load(
-            state_ptr + (src + K - 1)[:, None] * stride_sk + chans[None, :] * stride_sc,
-            mask=mask & (src < 0)[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(w_ptr + chans * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
-        acc += (from_x + from_state) * w[None, :]
+        acc += from_x * w[None, :]
+    if tl.program_id(0) * BLOCK_L < K - 1:  # only the first block's first rows reach into the state
+        for j in tl.static_range(K - 1):
+            src = rows - (K - 1) + j
+            w = tl.load(w_ptr + chans * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+            from_state = tl.load(
+                state_ptr + (src + K - 1)[:, None] * stride_sk + chans[None, :] * stride_sc,
+                mask=mask & (src < 0)[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            acc += from_state * w[None, :]
     out = acc * tl.sigmoid(acc)
     tl.store(
         out_ptr + rows[:, None] * stride_ol + chans[None, :], out.to(out_ptr.dtype.element_ty), mask=mask
@@ -440,6 +445,8 @@ def final_states(
     pool: Tensor,
     slots: Tensor,
     skip: int,
+    block_n: int = 64,
+    num_warps: int = 4,
 ) -> None:
     """Each fresh sequence's final ssm state of a packed row (sequences back to back, `seq_idx`), written
     straight into its slot of the live pool: the last chunk's partial sum of the sequence's own tokens, plus
@@ -458,7 +465,7 @@ def final_states(
     assert cu.shape == (slots.shape[0] + 1,) and cu.dtype == torch.int32
     block_m, block_n = (
         max(16, min(64, triton.next_power_of_2(p))),
-        max(16, min(64, triton.next_power_of_2(n))),
+        max(16, min(block_n, triton.next_power_of_2(n))),
     )
     grid = (triton.cdiv(p, block_m) * triton.cdiv(n, block_n), slots.shape[0], h)
     _final_state_kernel[grid](
@@ -468,7 +475,7 @@ def final_states(
         dt.stride(0), dt.stride(1), dt.stride(2),
         entering.stride(0), entering.stride(1), entering.stride(2), entering.stride(3),
         pool.stride(0), pool.stride(1), pool.stride(2), pool.stride(3),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=num_warps,
     )  # fmt: skip
 
 

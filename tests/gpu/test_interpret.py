@@ -100,10 +100,13 @@ def _conv_inputs(lengths: list[int], c: int = 24, k: int = 4) -> tuple[Tensor, T
     return x, torch.randn(b, c, k - 1), torch.randn(c, 1, k), torch.randn(c)
 
 
-def test_conv_prefill_rows_equal_each_row_alone(ops: ModuleType) -> None:
+@pytest.mark.parametrize(
+    "block_l", [2, 4, 32]
+)  # the state read by the first block's rows only, or two blocks'
+def test_conv_prefill_rows_equal_each_row_alone(ops: ModuleType, block_l: int) -> None:
     lengths = [1, 2, 3, 9]  # shorter than k-1 = 3: the new state reaches back into the old one
     x, state, weight, bias = _conv_inputs(lengths)
-    out, new = ops.conv_prefill(x, state, weight, bias, pos=torch.tensor(lengths))
+    out, new = ops.conv_prefill(x, state, weight, bias, block_l=block_l, pos=torch.tensor(lengths))
     for r, n in enumerate(lengths):
         want_out, want_state = causal_conv(x[r : r + 1, :n], state[r : r + 1], weight, bias)
         _close(out[r, :n], want_out[0])
