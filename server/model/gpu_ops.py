@@ -195,7 +195,9 @@ def conv_prefill(
     position where each position's sequence starts; inputs before it read as 0 (the zero state of a
     sequence that starts there), so no sequence sees another's inputs.
     Returns (out (b, l, c) contiguous, states (t, c, k-1)); for b = 1 and no points, like
-    `server.model.layers.causal_conv`. Right padding is harmless: causality keeps it out of real outputs."""
+    `server.model.layers.causal_conv`. Right padding is harmless: causality keeps it out of real outputs.
+    Only the first block's rows read the carried state: as masked loads in every block, 8,192 tokens of
+    mamba2-2.7b's 5,376 channels took 267-297 us against 147-174 us now (an H200, session 23)."""
     b, length, c = x.shape
     k = weight.shape[-1]
     assert x.stride(-1) == 1 and state.shape == (b, c, k - 1)
@@ -445,8 +447,8 @@ def final_states(
     pool: Tensor,
     slots: Tensor,
     skip: int,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int = 128,
+    num_warps: int = 8,
 ) -> None:
     """Each fresh sequence's final ssm state of a packed row (sequences back to back, `seq_idx`), written
     straight into its slot of the live pool: the last chunk's partial sum of the sequence's own tokens, plus
@@ -457,7 +459,9 @@ def final_states(
     x: (T, h, p); B: (T, g, n); dt, dA_cumsum: (h, c, chunk) fp32, the scan's dt and its cumsum within each
     chunk; entering: (c, h, p, n) fp32, the states entering the chunks (reset where a new sequence begins);
     cu: (S + 1,) int32 the sequences' bounds; pool: (slots, h, p, n) fp32 or bf16, in place; slots: (S,) long,
-    distinct but for `skip`; a sequence on another slot must be non-empty."""
+    distinct but for `skip`; a sequence on another slot must be non-empty. Blocks of 64 x 128 state entries
+    and 8 warps: 183 us for 41 sequences of 197 tokens on mamba2-2.7b's heads, against 201-210 us for the
+    others tried (an H200, session 23)."""
     _, h, p = x.shape
     n = B.shape[-1]
     assert dt.shape == dA_cumsum.shape and dt.stride() == dA_cumsum.stride() and dt.shape[0] == h
