@@ -191,23 +191,32 @@ def assert_packed_matches(runner: Any, ref: ModelRunner, close: Close, monkeypat
     close(runner.decode(nxt, slots), ref.decode(nxt, slots))
 
 
+# (h, p, n, g, chunk, lengths, bucket width) of `assert_packed_scan_is_each_sequence_alone`: the tiny models'
+# chunks of 8 (lengths inside one chunk, ending on a boundary, crossing one or two), and mamba2-2.7b's head
+# shapes on chunks of 256 (blocks of 64 x 128 state entries)
+PACKED_SCANS = {
+    "tiny": (4, 16, 16, 2, CHUNK, [1, 7, 8, 9, 17, 3], 48),
+    "realistic": (2, 64, 128, 1, 256, [1, 255, 256, 257, 600, 3], 1536),
+}
+
+
 def assert_packed_scan_is_each_sequence_alone(
-    ops: Any, parts: Any, device: str, pool_dtype: torch.dtype, close: Close
+    ops: Any, parts: Any, device: str, pool_dtype: torch.dtype, close: Close, shapes: str = "tiny"
 ) -> None:
-    """The packed chunked scan (`gpu_layers.chunk_scan_packed`) over fresh sequences back to back (lengths
-    1 to 17 on chunks of 8: inside one chunk, ending on a boundary, crossing one or two), in a bucket with a
-    tail and an empty sequence on the spare slot: each sequence's outputs and final state in its slot are the
-    torch scan's over it alone from the zero state; the spare slot and the slots no sequence holds keep their
-    bytes (`gpu_ops.final_states` writes nothing for the spare's sequences)."""
+    """The packed chunked scan (`gpu_layers.chunk_scan_packed`) over fresh sequences back to back
+    (`PACKED_SCANS`), in a bucket with a tail and an empty sequence on the spare slot: each sequence's outputs
+    and final state in its slot are the torch scan's over it alone from the zero state; the spare slot and
+    the slots no sequence holds keep their bytes (`gpu_ops.final_states` writes nothing for the spare's
+    sequences)."""
     from server.model.gpu_layers import chunk_scan_packed
     from server.model.gpu_packed import PackedRows
     from server.model.ssd import ssd_scan_states
 
-    lengths, slots, spare, width = [1, 7, 8, 9, 17, 3], [6, 0, 3, 5, 1, 7], MAX_SLOTS, 48
+    h, p, n, g, chunk, lengths, width = PACKED_SCANS[shapes]
+    slots, spare = [6, 0, 3, 5, 1, 7], MAX_SLOTS
     gen = torch.Generator().manual_seed(12)
-    h, p, n, g = 4, 16, 16, 2
     x = torch.randn(1, width, h * p + 5, generator=gen)[..., 2 : 2 + h * p].unflatten(-1, (h, p))  # strided
-    dt = torch.nn.functional.softplus(torch.randn(1, width, h, generator=gen))
+    dt = torch.nn.functional.softplus(torch.randn(1, width, h, generator=gen) - 2.0)
     bc = torch.randn(1, width, 2, g, n, generator=gen)
     A, D = -torch.rand(h, generator=gen) - 0.1, torch.randn(h, generator=gen)
     pool = torch.randn(MAX_SLOTS + 1, h, p, n, generator=gen).to(pool_dtype)
@@ -218,11 +227,11 @@ def assert_packed_scan_is_each_sequence_alone(
     )
     _, rows = PackedRows.views(longs.to(device), ints.to(device), width, len(lengths) + 2, len(lengths))
     before = pool.clone()
-    y = chunk_scan_packed(parts, ops, x, dt, A, B, C, CHUNK, D, rows, pool, spare)
+    y = chunk_scan_packed(parts, ops, x, dt, A, B, C, chunk, D, rows, pool, spare)
     start = 0
     for length, slot in zip(lengths, slots, strict=True):
         part = slice(start, start + length)
-        want_y, states = ssd_scan_states(x[:, part], dt[:, part], A, B[:, part], C[:, part], CHUNK, None)
+        want_y, states = ssd_scan_states(x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk, None)
         close(y[:, part], want_y + x[:, part] * D[:, None])
         close(pool[slot].float(), states[0, -1].to(pool_dtype).float())
         start += length

@@ -37,14 +37,15 @@ def _within(tol: float) -> cases.Close:
     return close
 
 
+@pytest.mark.parametrize("shapes", list(cases.PACKED_SCANS))
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_the_packed_scan_leaves_each_sequence_alone_in_its_slot(pool_dtype: torch.dtype) -> None:
+def test_the_packed_scan_leaves_each_sequence_alone_in_its_slot(pool_dtype: torch.dtype, shapes: str) -> None:
     from server.model import gpu_ops
     from server.model.kernels import load_kernels
 
     tol = 2e-3 if pool_dtype == torch.float32 else 4e-2
     cases.assert_packed_scan_is_each_sequence_alone(
-        gpu_ops, load_kernels().ssd_parts, "cuda", pool_dtype, _within(tol)
+        gpu_ops, load_kernels().ssd_parts, "cuda", pool_dtype, _within(tol), shapes
     )
 
 

@@ -180,19 +180,24 @@ def test_state_pass_on_the_pool_is_the_stage(ops: ModuleType, pool_dtype: torch.
     )
 
 
+@pytest.mark.parametrize("shapes", list(cases.PACKED_SCANS))
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 def test_the_packed_scan_leaves_each_sequence_alone_in_its_slot(
-    ops: ModuleType, pool_dtype: torch.dtype
+    ops: ModuleType, pool_dtype: torch.dtype, shapes: str
 ) -> None:
     from server.model.kernels import load_kernels
 
-    # a bf16 pool: the interpreter's fp32 -> bf16 cast truncates where the reference's rounds: one bf16 step
-    close = _close if pool_dtype == torch.float32 else _bf16_close
-    cases.assert_packed_scan_is_each_sequence_alone(ops, load_kernels().ssd_parts, "cpu", pool_dtype, close)
+    # a bf16 pool: the interpreter's fp32 -> bf16 cast truncates where the reference's rounds: one bf16 step;
+    # sums over chunks of 256 in another order than the reference's: atol 1e-4, rtol 1e-3 (measured 3e-5)
+    atol, rtol = (ATOL, RTOL) if shapes == "tiny" else (1e-4, 1e-3)
+    rtol = rtol if pool_dtype == torch.float32 else 2**-7
 
+    def close(a: Tensor, b: Tensor) -> None:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
-def _bf16_close(a: Tensor, b: Tensor) -> None:
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=2**-7)
+    cases.assert_packed_scan_is_each_sequence_alone(
+        ops, load_kernels().ssd_parts, "cpu", pool_dtype, close, shapes
+    )
 
 
 def test_mamba1_scan_keeps_the_state_through_padding(ops: ModuleType) -> None:
