@@ -362,8 +362,13 @@ class ModelWorker:
         if not self._live:
             return
         live, self._live = self._live, []
-        pending = [self._pending[i] for i in live]
-        stacked = {name: torch.stack([p.state[name] for p in pending]) for name in pending[0].state}
+        try:
+            stacked = _stack_states([self._pending[i].state for i in live])
+        except Exception:  # a capture never fails a request: these checkpoints are lost, the step goes on
+            log.exception("copying the step's prefill captures failed; %d are dropped", len(live))
+            dropped = set(live)
+            self._pending = [p for i, p in enumerate(self._pending) if i not in dropped]
+            return
         for row, i in enumerate(live):
             state = {name: tensor[row] for name, tensor in stacked.items()}
             self._pending[i] = replace(self._pending[i], state=state, owned=True)
@@ -499,6 +504,11 @@ def _batches(pending: list[_Pending], limit: int) -> list[list[_Pending]]:
         out[-1].append(p)
         size += nbytes
     return out
+
+
+def _stack_states(states: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The states, each name's stacked into one new tensor (rows of it: `_stack` keeps them in place)."""
+    return {name: torch.stack([state[name] for state in states]) for name in states[0]}
 
 
 def _stack(tensors: list[Tensor], owned: bool) -> Tensor:

@@ -64,14 +64,18 @@ def _exact(cache: StateCache, tokens: Sequence[int]) -> dict[str, torch.Tensor]:
 
 
 async def _serve_together(
-    model_dir: Path, runner: ModelRunner, cache: StateCache, prompts: list[tuple[int, ...]]
+    model_dir: Path,
+    runner: ModelRunner,
+    cache: StateCache,
+    prompts: list[tuple[int, ...]],
+    decode_ahead: bool | None = None,
 ) -> list[list[int]]:
     """Each prompt's 4 greedy tokens from one engine over `runner` and `cache`, all requests sent at once."""
     engine = Engine(
         runner,
         Tokenizer.from_pretrained(model_dir),
         cache,
-        config=EngineConfig(max_slots=4, prefill_budget=256),
+        config=EngineConfig(max_slots=4, prefill_budget=256, decode_ahead=decode_ahead),
     )
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     engine.start()
@@ -302,3 +306,67 @@ async def test_only_a_prompts_first_chunk_without_a_restore_is_fresh(model_dir: 
     assert runner.segs and not any(
         fresh for _, _, fresh in runner.segs
     )  # resumed from the first turn's state
+
+
+class _LiveEnds(ModelRunner):
+    """The torch runner handing back its segments' end captures as the slots' live views
+    (`PrefillResult.live`), as the GPU runner's packed pass does."""
+
+    def prefill_batch(self, segs: Sequence[PrefillSeg]) -> list[PrefillResult]:
+        ends = [len(s.tokens) if len(s.tokens) in s.capture_at else None for s in segs]
+        inner = [
+            PrefillSeg(s.tokens, s.slot, [p for p in s.capture_at if p != end], s.fresh)
+            for s, end in zip(segs, ends, strict=True)
+        ]
+        return [
+            out
+            if end is None
+            else PrefillResult(
+                out.last_logits, out.all_logits, {**out.captures, end: self.slot_state(s.slot)}, (end,)
+            )
+            for out, s, end in zip(super().prefill_batch(inner), segs, ends, strict=True)
+        ]
+
+
+def _live_setup(model_dir: Path) -> tuple[ModelRunner, CacheConfig, list[tuple[int, ...]]]:
+    runner = _LiveEnds(load_model(model_dir)[1], max_slots=4)
+    config = CacheConfig(
+        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", checkpoint_interval=1024
+    )
+    return runner, config, [_prompt(20, seed=30 + i) for i in range(3)]
+
+
+async def test_live_prompt_captures_are_copied_before_the_decode_launched_ahead(model_dir: Path) -> None:
+    """The prompt-end checkpoints of a runner that hands them back as live views hold the state after the
+    prompt, though the decode launched ahead in the same step writes those slots right after the sampling."""
+    runner, config, prompts = _live_setup(model_dir)
+    cache = _Recording(config, runner.state_spec())
+    outs = await _serve_together(model_dir, runner, cache, prompts, decode_ahead=True)
+    assert ["prompt"] * 3 in cache.batches  # one step's three live captures, stored together
+    fresh = ModelRunner(load_model(model_dir)[1], max_slots=1)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out) == 4
+        fresh.reset(0)
+        fresh.prefill(prompt, 0)
+        for name, got in _exact(cache, prompt).items():
+            torch.testing.assert_close(got, fresh.capture(0)[name], atol=1e-5, rtol=1e-4)
+
+
+async def test_a_failed_copy_of_live_captures_loses_them_and_fails_no_request(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.engine import worker
+
+    def failing(states: Any) -> Any:
+        raise RuntimeError("injected copy failure")
+
+    monkeypatch.setattr(worker, "_stack_states", failing)  # a fault injected (out of memory, say)
+    runner, config, prompts = _live_setup(model_dir)
+    cache = _Recording(config, runner.state_spec())
+    outs = await _serve_together(model_dir, runner, cache, prompts, decode_ahead=True)
+    assert [len(o) for o in outs] == [4, 4, 4]  # every request answered
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert cache.lookup("anon", None, [*prompt, 0]) is None  # the prompt's checkpoint was dropped
+        finish = cache.lookup("anon", None, [*prompt, *out])  # the finish's, stacked at the flush, was not
+        assert finish is not None and finish.position == len(prompt) + len(out) - 1
+        cache.release(finish)
