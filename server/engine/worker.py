@@ -113,9 +113,8 @@ class ModelWorker:
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
-        self._live: list[
-            int
-        ] = []  # those of `_pending` that are still views of a prefilled slot (`_copy_live`)
+        # the indices in `_pending` of captures that are still views of a prefilled slot (`_copy_live`)
+        self._live: list[int] = []
         self._clock: StepClock | None = None  # the running step's, when the debug log is on
 
     # ---- admission ---------------------------------------------------------------------------
