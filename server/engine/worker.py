@@ -113,8 +113,6 @@ class ModelWorker:
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
-        # the indices in `_pending` of captures that are still views of a prefilled slot (`_copy_live`)
-        self._live: list[int] = []
         self._clock: StepClock | None = None  # the running step's, when the debug log is on
 
     # ---- admission ---------------------------------------------------------------------------
@@ -348,9 +346,8 @@ class ModelWorker:
             reason = (
                 "prompt" if pos == len(prompt) else "boundary" if pos in seq.req.boundaries else "interval"
             )
-            if rel in live and self.cache is not None:
-                self._live.append(len(self._pending))
-            self._capture(_Pending(seq, prompt, pos, (), state, reason, owned=rel not in live))
+            view = rel in live
+            self._capture(_Pending(seq, prompt, pos, (), state, reason, owned=not view, early=view))
 
     def _copy_live(self) -> None:
         """The step's prefill captures that are still views of their slots, copied in one stack per state
@@ -358,19 +355,18 @@ class ModelWorker:
         sampled tokens are queued to the host, so that on a GPU the copy (168 MB a 2.7b row, 41 rows in a
         burst's packed step) is not in their time to first token, and before a decode launched ahead, or
         anything else, writes those slots."""
-        if not self._live:
+        live = [i for i, p in enumerate(self._pending) if p.early]
+        if not live:
             return
-        live, self._live = self._live, []
         try:
             stacked = _stack_states([self._pending[i].state for i in live])
         except Exception:  # a capture never fails a request: these checkpoints are lost, the step goes on
             log.exception("copying the step's prefill captures failed; %d are dropped", len(live))
-            dropped = set(live)
-            self._pending = [p for i, p in enumerate(self._pending) if i not in dropped]
+            self._pending = [p for p in self._pending if not p.early]
             return
         for row, i in enumerate(live):
             state = {name: tensor[row] for name, tensor in stacked.items()}
-            self._pending[i] = replace(self._pending[i], state=state, owned=True)
+            self._pending[i] = replace(self._pending[i], state=state, owned=True, early=False)
 
     def _capture(self, pending: _Pending) -> None:
         """Queue a capture; the step's captures go to the cache together at its end (`flush_captures`)."""
@@ -486,6 +482,7 @@ class _Pending:
     state: Mapping[str, Tensor]
     reason: str
     owned: bool  # `state` is the capture's own copy (else live-slot views, copied when stacked)
+    early: bool = False  # views to copy before a decode launched ahead writes the slot (`_copy_live`)
 
     def tokens(self) -> tuple[int, ...]:
         return self.base[: self.end] + self.extra

@@ -7,10 +7,10 @@ device (each row padded to the longest, 3.7 ms a ~200-token row) and by the host
 97-150 ms under load); the row graphs' buckets pad rows and widths further. A packed row has no padding but
 its bucket's tail, and a replay no launches: our eager pass over one row of the same 12,800 tokens (one
 sequence, a bound for a packed pass) took ~13 us a token against ~15 for the 64 padded rows (session 19).
-Measured (session 22, an H200): the packed pass takes 15.6 us a token on the device (36 ms over that bound for
-64 x 200 tokens: the state writes of all S sequences, the varlen final states, small elementwise kernels), no
-cheaper than the padded rows; over HTTP a replay's launch is 6-11 ms against 136-161 of eager launches, and a
-64-prompt burst's TTFT p50 went from 199-244 to 170-182 ms, so it is on by default.
+Measured (session 23, an H200): the packed pass of 64 x 200 tokens takes 178 ms on the device, 15 ms over that
+bound (the final states, `gpu_ops.final_states`, and the `seq_idx` masks), against 190 for the padded rows; over
+HTTP a replay's launch is a few ms against 100-160 of eager launches, and a 64-prompt burst's TTFT p50 reads
+152-157 ms against 194-205 with padded rows in the same call, so it is on by default.
 
 Fresh rows only (each starts from the zero state: a prompt's first chunk, nothing restored), captured at
 their ends only: mamba-ssm's varlen scan (`seq_idx`) starts every sequence from zero, and the conv reads no
