@@ -400,9 +400,14 @@ def section_burst(server: Server, texts: Texts, plan: Plan) -> list[list[str]]:
 
 
 def step_lines(lines: list[str]) -> str:
-    """The engine's debug lines of steps with prefill, shortened: 'rows (tokens) [+ decodes] wall (parts)'."""
+    """The engine's debug lines of steps with prefill, shortened: 'rows (tokens) [+ decodes] wall (parts)',
+    each followed by ' [stored X]' when the engine stored that step's captures before the next one (X ms)."""
     out = []
     for line in lines:
+        stored = re.search(r"step captures stored: ([\d.]+) ms", line)
+        if stored and out and not out[-1].endswith("]"):
+            out[-1] += f" [stored {stored.group(1)}]"
+            continue
         m = re.search(
             r"step: (\d+) prefill rows, (\d+) prompt tokens, (\d+) decodes, \d+ waiting: ([\d.]+) ms(?: \(([^)]*)\))?",
             line,

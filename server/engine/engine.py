@@ -176,6 +176,10 @@ class Engine:
         flush = self._flush
         if flush is not None and not flush.done():
             await asyncio.wait([flush])
+        if self._cache is not None and self._executor is not None:
+            # captures held for the next step (`settle_captures`) are stored by its `execute`, which this
+            # call waits for (the worker runs one call at a time), or by this call
+            await self.in_worker(self._worker.flush_captures)
 
     # ---- profiling (the admin routes, with --profile-dir) ------------------------------------
 
@@ -362,6 +366,10 @@ class Engine:
     async def _run(self) -> None:
         while True:
             if not self._scheduler.num_running and not self._scheduler.num_waiting:
+                if self._worker.captures_pending and self._executor is not None:
+                    # held for a step that did not come (its requests aborted): stored before idling
+                    await self.in_worker(self._worker.flush_captures)
+                    continue
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -405,9 +413,11 @@ class Engine:
         if self._worker.captures_pending and self._executor is not None:
             # after the step's tokens went out: not in their latency. Submitted in the same turn of the loop
             # as the delivery, so that a client woken by it finds `_flush` set; shielded, so that a `stop`
-            # cancelling this step still stores them (it waits for the worker)
+            # cancelling this step still stores them (it waits for the worker). With another step to come,
+            # the worker may hold them for it to store behind its launches (`ModelWorker.settle_captures`)
+            more = bool(self._scheduler.num_running or self._scheduler.num_waiting)
             self._flush = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._worker.flush_captures
+                self._executor, self._worker.settle_captures, more
             )
             flushed = time.monotonic()
             await asyncio.shield(self._flush)

@@ -113,6 +113,9 @@ class ModelWorker:
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
+        self._carried: list[
+            _Pending
+        ] = []  # the last step's, stored behind this step's launches (`settle_captures`)
         self._clock: StepClock | None = None  # the running step's, when the debug log is on
 
     # ---- admission ---------------------------------------------------------------------------
@@ -120,7 +123,8 @@ class ModelWorker:
     def admit(self, seqs: Sequence[Seq]) -> list[int | BaseException]:
         """Restore each request's slot; per request, the prompt tokens served from a checkpoint, or the
         exception that failed that request alone (the others are admitted all the same)."""
-        self.flush_captures()  # a deferred capture reads its slot before a restore may write it
+        if self._pending or self._may_serve(seqs):
+            self.flush_captures()  # a deferred capture reads its slot before a restore may write it
         out: list[int | BaseException] = []
         for seq in seqs:
             try:
@@ -181,9 +185,10 @@ class ModelWorker:
         `defer_captures`: the step's captures stay queued for `flush_captures`, which the engine calls once it
         has delivered the step's tokens, so that a capture's host work (~4 ms for a 2.7b follow-up's on an
         H200's host) is not in the time to first token. The next `admit` or `execute` flushes what is still
-        queued before anything else, so a capture always reads its slot before the slot is written again."""
+        queued before anything else, so a capture always reads its slot before the slot is written again;
+        captures held by `settle_captures` are stored once this step's device work is launched."""
         self._clock = StepClock(self.device.type == "cuda") if log.isEnabledFor(logging.DEBUG) else None
-        self.flush_captures()
+        self._flush_pending()
         self._lap("flush")
         try:
             result = self._execute(plan, seq_of)
@@ -192,6 +197,7 @@ class ModelWorker:
             return result
         finally:
             self._clock = None
+            self._store_carried()  # a step that sampled nothing, or failed
             if not defer_captures:
                 self.flush_captures()
 
@@ -201,8 +207,9 @@ class ModelWorker:
 
     @property
     def captures_pending(self) -> bool:
-        """Whether captures wait for `flush_captures` (after an `execute` with `defer_captures`)."""
-        return bool(self._pending)
+        """Whether captures wait for `flush_captures` (after an `execute` with `defer_captures`, or held by
+        `settle_captures`)."""
+        return bool(self._pending or self._carried)
 
     def _execute(self, plan: StepPlan, seq_of: dict[str, Seq]) -> StepResult:
         result = StepResult()
@@ -254,6 +261,8 @@ class ModelWorker:
             self._copy_live()
             launched = self.ahead.launch(rows, out.tokens) if self.ahead is not None else None
             self._lap("sample")
+            self._store_carried()  # the last step's captures: host work while this step's device work runs
+            self._lap("stored")
             sampled = list(zip(rows, host.wait(), strict=True))
             self._lap("wait")
             if launched is not None:
@@ -374,16 +383,61 @@ class ModelWorker:
             self._pending.append(pending)
 
     def flush_captures(self) -> None:
-        """The step's captures, in batches of at most `CAPTURE_BATCH_BYTES` of states: the cache encodes a
-        batch in about as many launches as one capture (`CheckpointCache.capture_many`). At 64 streams one
+        """Store every queued capture: those held from an earlier step first, then the step's own. The
+        step's are stored in batches of at most `CAPTURE_BATCH_BYTES` of states: the cache encodes a batch
+        in about as many launches as one capture (`CheckpointCache.capture_many`). At 64 streams one
         capture at a time took a quarter of the model worker's time (py-spy on an H200's host), most of it
         the codec's launches. A batch that fails is retried one capture at a time, so that a bad capture
         loses only its own checkpoint; a capture never fails a request."""
+        self._store_carried()
+        self._flush_pending()
+
+    def settle_captures(self, carry: bool) -> None:
+        """The end of a step whose captures were deferred (`execute(defer_captures=True)`), once its tokens
+        went out. With `carry` (another step follows), hold them for that step to store once its device
+        work is launched, so that their host work (~4 ms a 2.7b capture on an H200's host) overlaps it
+        rather than delaying it: a burst's second step, which holds the median request, no longer waits for
+        the first step's captures. Held only when that is safe and cheap: every capture owns its state (no
+        slot views, which the next step may write), none reads a slot's attention KV (a hybrid's, which an
+        abort may free), and their states total at most `CARRY_BYTES` (held one step longer). Else, and
+        without `carry`, they are stored now. `admit` stores held captures before its lookups when one of
+        them may be the checkpoint an admitted request resumes from."""
+        if carry and not self._carried and self._carryable():
+            self._carried, self._pending = self._pending, []
+            return
+        self.flush_captures()
+
+    def _carryable(self) -> bool:
+        nbytes = sum(t.numel() * t.element_size() for p in self._pending for t in p.state.values())
+        return nbytes <= CARRY_BYTES and all(
+            p.owned and self.runner.kv_source(p.seq.slot) is None for p in self._pending
+        )
+
+    def _may_serve(self, seqs: Sequence[Seq]) -> bool:
+        """Whether a held capture may be a checkpoint that one of `seqs` resumes from: its tokens a prefix of
+        the prompt before its last token (a lookup's key; namespaces and trees are not compared)."""
+        for p in self._carried:
+            tokens = p.tokens()
+            for seq in seqs:
+                prompt = seq.req.prompt_tokens
+                if len(tokens) < len(prompt) and prompt[: len(tokens)] == tokens:
+                    return True
+        return False
+
+    def _flush_pending(self) -> None:
+        """Store the step's queued captures (its live ones copied first)."""
         if not self._pending:  # most decode steps capture nothing
             return
         self._copy_live()
         pending, self._pending = self._pending, []
-        if self.cache is None:
+        self._store_all(pending)
+
+    def _store_carried(self) -> None:
+        carried, self._carried = self._carried, []
+        self._store_all(carried)
+
+    def _store_all(self, pending: list[_Pending]) -> None:
+        if self.cache is None or not pending:
             return
         for batch in _batches(pending, CAPTURE_BATCH_BYTES):
             if not self._store(batch) and len(batch) > 1:
@@ -467,6 +521,7 @@ class ModelWorker:
 
 
 CAPTURE_BATCH_BYTES = 512 << 20  # states stacked for one `capture_many` (a copy, unless already stacked)
+CARRY_BYTES = 1 << 30  # a step's captures held for the next step to store (`settle_captures`), at most
 
 
 @dataclass(frozen=True, slots=True)

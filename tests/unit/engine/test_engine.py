@@ -395,7 +395,8 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
     model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the debug log on, each step with prefill logs its admission, the worker's laps (flush, prefill,
-    decode, sample, wait for the tokens, finish), the worker round trip beyond them and the delivery, and
+    decode, sample, storing the captures held from the last step, wait for the tokens, finish), the worker
+    round trip beyond them and the delivery, and
     those parts add up to no more than the step's wall time; with it off, the worker keeps no clock."""
     caplog.set_level(logging.DEBUG, logger="server.engine")
     async with _running(_make_engine(model_dir, cache=True)) as engine:
@@ -413,6 +414,7 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
             "prefill",
             "decode",
             "sample",
+            "stored",
             "wait",
             "finish",
             "handoff",

@@ -370,3 +370,153 @@ async def test_a_failed_copy_of_live_captures_loses_them_and_fails_no_request(
         finish = cache.lookup("anon", None, [*prompt, *out])  # the finish's, stacked at the flush, was not
         assert finish is not None and finish.position == len(prompt) + len(out) - 1
         cache.release(finish)
+
+
+class _Order(ModelRunner):
+    """The torch runner, logging its decode launches into `log` (shared with an `_OrderCache`)."""
+
+    def __init__(self, *args: Any, log: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log = log
+
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        self.log.append("decode")
+        return super().decode(tokens, slots)
+
+
+class _OrderCache(StateCache):
+    def __init__(self, *args: Any, log: list[str]) -> None:
+        super().__init__(*args)
+        self.log = log
+
+    def capture_many(self, captures: Sequence[Capture], states: State) -> list[bool]:
+        self.log.extend(f"store {c.reason}" for c in captures)
+        return super().capture_many(captures, states)
+
+
+def _held_setup(model_dir: Path) -> tuple[Any, ModelRunner, StateCache, ModelWorker, list[str]]:
+    model, log = load_model(model_dir)[1], []
+    runner = _Order(model, max_slots=2, log=log)
+    config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", checkpoint_interval=1024)
+    cache = _OrderCache(config, runner.state_spec(), log=log)
+    return model, runner, cache, ModelWorker(runner, cache, decode_ahead=False), log
+
+
+def _prefill_step(worker: ModelWorker, seq: Any) -> None:
+    """Admit `seq` and prefill its whole prompt in one step, its captures deferred."""
+    prompt = seq.req.prompt_tokens
+    worker.admit([seq])
+    plan = StepPlan((PrefillChunk(seq.entry, 0, len(prompt)),), ())
+    assert len(worker.execute(plan, {seq.request_id: seq}, defer_captures=True).events) == 1
+
+
+def test_a_steps_captures_held_for_the_next_step_are_stored_after_its_launches(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`settle_captures(carry=True)` holds a step's owned captures; the next step stores them once its own
+    device work is launched (its decode here) and before it waits for its sampled tokens, and each holds
+    its own tokens' state."""
+    from server.engine import worker as worker_module
+
+    model, _, cache, worker, log = _held_setup(model_dir)
+    wait = worker_module._HostCopy.wait
+    monkeypatch.setattr(worker_module._HostCopy, "wait", lambda self: (log.append("wait"), wait(self))[1])
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(20, seed=40)
+    seq = _seq(GenerationRequest("a", prompt, params), 0)
+    _prefill_step(worker, seq)
+    log.clear()
+    worker.settle_captures(carry=True)
+    assert worker.captures_pending and log == []  # held, not stored
+    assert cache.lookup("anon", None, [*prompt, 0]) is None
+    worker.execute(StepPlan((), (seq.entry,)), {"a": seq}, defer_captures=True)
+    assert log == ["decode", "store prompt", "wait"]  # stored behind the next step's launch
+    assert not worker.captures_pending
+    _assert_fresh_prefill_state(cache, model, prompt)
+
+
+def test_a_held_capture_an_admitted_prompt_extends_is_stored_before_its_lookup(model_dir: Path) -> None:
+    """A request admitted while a prompt's checkpoint is held, whose prompt extends that prompt (a shared
+    system prompt, a follow-up), resumes from it: `admit` stores what may serve it before the lookup. An
+    unrelated request leaves it held."""
+    _, _, _, worker, log = _held_setup(model_dir)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(20, seed=41)
+    _prefill_step(worker, _seq(GenerationRequest("a", prompt, params), 0))
+    worker.settle_captures(carry=True)
+    other = _seq(GenerationRequest("b", _prompt(30, seed=42), params), 1)
+    assert worker.admit([other]) == [0] and worker.captures_pending and log == []
+    worker.runner.reset(1)
+    longer = _seq(GenerationRequest("c", (*prompt, *_prompt(6, seed=43)), params), 1)
+    assert worker.admit([longer]) == [len(prompt)]  # resumed from the held checkpoint
+    assert log == ["store prompt"] and not worker.captures_pending
+
+
+def test_captures_that_are_views_or_too_big_or_last_are_stored_at_once(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not held: a finish's capture (the slot's live views, which the next admission may overwrite),
+    captures above `CARRY_BYTES`, and any when no step follows (`carry=False`)."""
+    from server.engine import worker as worker_module
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    _, _, _, worker, log = _held_setup(model_dir)
+    seq = _seq(GenerationRequest("a", _prompt(20, seed=44), params), 0)
+    _prefill_step(worker, seq)
+    worker.settle_captures(carry=False)
+    log.clear()
+    worker.execute(StepPlan((), (seq.entry,)), {"a": seq}, defer_captures=True)  # ends: a finish
+    worker.settle_captures(carry=True)
+    assert log == ["decode", "store finish"] and not worker.captures_pending
+    longer = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for limit, carry in ((0, True), (1 << 30, False)):
+        monkeypatch.setattr(worker_module, "CARRY_BYTES", limit)
+        log.clear()
+        _prefill_step(worker, _seq(GenerationRequest(f"b{limit}", _prompt(20, seed=45 + limit), longer), 1))
+        worker.settle_captures(carry=carry)
+        assert log == ["store prompt"] and not worker.captures_pending
+
+
+async def test_a_checkpoint_held_for_the_next_step_is_waited_for_and_survives_an_abort(
+    model_dir: Path,
+) -> None:
+    """`session_info` waits for a prompt checkpoint held for the next step (stored in it); and one held
+    for a step that never comes, its request aborted after the first token, is still stored."""
+    model = load_model(model_dir)[1]
+    runner = ModelRunner(model, max_slots=2)
+    cache = _Held(CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32"), runner.state_spec())
+    engine = Engine(
+        runner,
+        Tokenizer.from_pretrained(model_dir),
+        cache,
+        config=EngineConfig(max_slots=2, decode_ahead=False),
+    )
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    first, second = _prompt(20, seed=46), _prompt(24, seed=47)
+    engine.start()
+    try:
+        stream = engine.generate(GenerationRequest("a", first, params, session_id="s"))
+        assert (await asyncio.wait_for(anext(stream), timeout=20)).token_id is not None
+        info = asyncio.create_task(engine.session_info("anon", "s"))
+        await asyncio.sleep(0.1)
+        assert not info.done() and cache.batches == []  # waiting for the held capture
+        cache.gate.set()
+        got = await asyncio.wait_for(info, timeout=20)
+        assert got is not None and cache.batches[0] == ["prompt"]
+        await stream.aclose()
+        cache.gate.clear()
+        cache.batches.clear()
+        stream = engine.generate(GenerationRequest("b", second, params))
+        assert (await asyncio.wait_for(anext(stream), timeout=20)).token_id is not None
+        await stream.aclose()  # aborted: no further step, the held capture is stored before idling
+        cache.gate.set()
+        for _ in range(200):
+            if cache.batches:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.batches == [["prompt"]]
+    finally:
+        cache.gate.set()
+        await engine.stop()
+    _assert_fresh_prefill_state(cache, model, first)
+    _assert_fresh_prefill_state(cache, model, second)
