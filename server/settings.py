@@ -92,14 +92,6 @@ class Settings(BaseSettings):
         "process talks to over a pipe: HTTP work and model work then hold separate GILs; default: on with "
         "CUDA, off on CPU.",
     )
-    switch_interval_ms: float = Field(
-        0.5,
-        gt=0,
-        le=100,
-        description="The interpreter's thread switch interval in the process that runs the engine "
-        "(`sys.setswitchinterval`): how long the model worker thread may wait for the GIL while the event loop "
-        "holds it, taking in requests (Python's default: 5 ms).",
-    )
     api_servers: int = Field(
         1,
         ge=1,

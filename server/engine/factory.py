@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -219,8 +218,7 @@ def load_runner(
 
 
 def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> Engine:
-    """Blocking (loads weights): the API calls it in a worker thread while /health answers 503. Sets the
-    process's thread switch interval (`--switch-interval-ms`): the engine's process is the one it runs in."""
+    """Blocking (loads weights): the API calls it in a worker thread while /health answers 503."""
     from server.model.defaults import pick_device
     from server.model.gpu_hybrid_runner import GpuHybridRunner
     from server.model.gpu_runner import GpuModelRunner
@@ -228,7 +226,6 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
     from server.model.state import STATE_DTYPES
     from server.model.tokenizer import Tokenizer
 
-    sys.setswitchinterval(settings.switch_interval_ms / 1e3)
     device = pick_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model_dir = resolve_model_dir(settings.model)

@@ -1,18 +1,11 @@
-"""Per-device defaults of the engine's step budgets (`ServingDefaults.resolve`), and the process settings
-`build_engine` applies."""
+"""Per-device defaults of the engine's step budgets (`ServingDefaults.resolve`)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
-from server.engine import build_engine
 from server.engine.factory import ServingDefaults
 from server.settings import Settings
-from tests.tiny_models import make_chat_model_dir
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -41,16 +34,3 @@ def test_the_decode_budget_never_exceeds_a_smaller_prefill_budget_unless_asked()
 
 def test_the_interval_rounds_up_to_the_scan_chunk() -> None:
     assert _resolve(CPU, checkpoint_interval=300).checkpoint_interval == 512
-
-
-@pytest.mark.parametrize("ms", [0.25, 5.0])
-def test_build_engine_sets_its_processs_thread_switch_interval(tmp_path: Path, ms: float) -> None:
-    """The model worker thread waits at most this long for the GIL while the loop holds it."""
-    before = sys.getswitchinterval()
-    try:
-        build_engine(
-            Settings(model=str(make_chat_model_dir(tmp_path, seed=1)), device="cpu", switch_interval_ms=ms)
-        )
-        assert sys.getswitchinterval() == pytest.approx(ms / 1e3)
-    finally:
-        sys.setswitchinterval(before)
