@@ -180,8 +180,8 @@ class Mamba2Gpu:
         x, B, C = self._split_xbc(xbc)  # (1, T, h, p), (1, T, g, n) x2
         parts = self.k.ssd_parts
         assert parts is not None
-        y = chunk_scan_packed(parts, self.ops, x, self._dt(dt), self.A, B, C, self.cfg.chunk_size, self.D, rows,
-                              ssm_pool, spare)  # fmt: skip
+        y = chunk_scan_packed(parts, self.ops, x, dt, self.A, B, C, self.cfg.chunk_size, self.D, rows, ssm_pool,
+                              spare, self.dt_bias, self.cfg.dt_limit)  # fmt: skip
         return self._norm_out(y.flatten(-2), z)
 
     def _dt(self, dt: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -314,12 +314,17 @@ Passing = Callable[[Tensor, Tensor], Tensor]
 
 def _scan_stages(
     parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
-    passing: Passing, seq_idx: Tensor | None = None,
+    passing: Passing, seq_idx: Tensor | None = None, raw: tuple[Tensor, tuple[float, float]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, its state passing
     given (and with `seq_idx` (b, l) int32, sequences packed in a row, none seeing another's tokens) -> (y, the
-    states entering the chunks (b, c, h, p, n) fp32, the dA cumsum and the dt per chunk (b, h, c, chunk))."""
-    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
+    states entering the chunks (b, c, h, p, n) fp32, the dA cumsum and the dt per chunk (b, h, c, chunk)).
+    With `raw` (dt_bias (h,), dt_limit), dt is raw and the chunk cumsum's kernel applies the bias, the softplus
+    and the clamp: no kernels of their own."""
+    if raw is None:
+        dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
+    else:
+        dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk, dt_bias=raw[0], dt_softplus=True, dt_limit=raw[1])
     # (b, c, h, p, n): each chunk's own end state, from 0 in each chunk
     own = parts.chunk_state(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
     entering = passing(own.flatten(-2), dA_cumsum[:, :, :, -1]).unflatten(-1, (-1, B.shape[-1]))
@@ -374,11 +379,13 @@ def chunk_scan_slots(
 
 def chunk_scan_packed(
     parts: SsdParts, ops: ModuleType, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
-    D: Tensor, rows: PackedRows, pool: Tensor, spare: int,
+    D: Tensor, rows: PackedRows, pool: Tensor, spare: int, dt_bias: Tensor, dt_limit: tuple[float, float],
 ) -> Tensor:  # fmt: skip
     """The chunked scan over fresh sequences packed in one row (`PackedRows`), each from the zero state:
-    x (1, T, h, p); dt (1, T, h) fp32 softplus'ed -> y (1, T, h, p). Each sequence's final state goes straight
-    into its slot of `pool` (S, h, p, n) (`gpu_ops.final_states`), but for those on the `spare` slot."""
+    x (1, T, h, p); dt (1, T, h) raw, before `dt_bias` (h,) fp32, the softplus and the clamp to `dt_limit`,
+    which the scan's chunk cumsum applies (a packed row has no padding to zero) -> y (1, T, h, p). Each
+    sequence's final state goes straight into its slot of `pool` (S, h, p, n) (`gpu_ops.final_states`), but
+    for those on the `spare` slot."""
     seq_idx = rows.seq_idx
 
     def passing(own: Tensor, decay: Tensor) -> Tensor:
@@ -387,7 +394,9 @@ def chunk_scan_packed(
         )
         return entering
 
-    y, entering, dA_cumsum, dtc = _scan_stages(parts, x, dt, A, B, C, chunk, D, passing, seq_idx)
+    y, entering, dA_cumsum, dtc = _scan_stages(
+        parts, x, dt, A, B, C, chunk, D, passing, seq_idx, (dt_bias, dt_limit)
+    )
     ops.final_states(x[0], B[0], dtc[0], dA_cumsum[0], entering[0], rows.cu, pool, rows.slots, spare)
     return y
 

@@ -204,8 +204,9 @@ def assert_packed_scan_is_each_sequence_alone(
     ops: Any, parts: Any, device: str, pool_dtype: torch.dtype, close: Close, shapes: str = "tiny"
 ) -> None:
     """The packed chunked scan (`gpu_layers.chunk_scan_packed`) over fresh sequences back to back
-    (`PACKED_SCANS`), in a bucket with a tail and an empty sequence on the spare slot: each sequence's outputs
-    and final state in its slot are the torch scan's over it alone from the zero state; the spare slot and
+    (`PACKED_SCANS`), in a bucket with a tail and an empty sequence on the spare slot, its dt raw (the scan
+    adds the bias, takes the softplus and clamps): each sequence's outputs and final state in its slot are
+    the torch scan's over it alone from the zero state; the spare slot and
     the slots no sequence holds keep their bytes (`gpu_ops.final_states` writes nothing for the spare's
     sequences)."""
     from server.model.gpu_layers import chunk_scan_packed
@@ -216,18 +217,20 @@ def assert_packed_scan_is_each_sequence_alone(
     slots, spare = [6, 0, 3, 5, 1, 7], MAX_SLOTS
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(1, width, h * p + 5, generator=gen)[..., 2 : 2 + h * p].unflatten(-1, (h, p))  # strided
-    dt = torch.nn.functional.softplus(torch.randn(1, width, h, generator=gen) - 2.0)
+    raw = torch.randn(1, width, h + 3, generator=gen)[..., 1 : 1 + h] - 2.0  # strided, as in_proj's slice
+    bias, limit = torch.randn(h, generator=gen) * 0.5, (1e-3, 0.4)  # a clamp some dt reach
     bc = torch.randn(1, width, 2, g, n, generator=gen)
     A, D = -torch.rand(h, generator=gen) - 0.1, torch.randn(h, generator=gen)
     pool = torch.randn(MAX_SLOTS + 1, h, p, n, generator=gen).to(pool_dtype)
-    x, dt, bc, A, D, pool = (t.to(device) for t in (x, dt, bc, A, D, pool))
+    x, raw, bias, bc, A, D, pool = (t.to(device) for t in (x, raw, bias, bc, A, D, pool))
+    dt = torch.nn.functional.softplus(raw + bias).clamp(*limit)  # what the scan applies to the raw dt
     B, C = bc[:, :, 0], bc[:, :, 1]
     longs, ints = PackedRows.host(
         [[0] * k for k in lengths], slots, spare, width, len(lengths) + 2, len(lengths)
     )
     _, rows = PackedRows.views(longs.to(device), ints.to(device), width, len(lengths) + 2, len(lengths))
     before = pool.clone()
-    y = chunk_scan_packed(parts, ops, x, dt, A, B, C, chunk, D, rows, pool, spare)
+    y = chunk_scan_packed(parts, ops, x, raw, A, B, C, chunk, D, rows, pool, spare, bias, limit)
     start = 0
     for length, slot in zip(lengths, slots, strict=True):
         part = slice(start, start + length)
