@@ -157,7 +157,8 @@ def test_profiled_follow_ups_leave_a_trace_each(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bursts_show_the_servers_prefill_steps_with_the_debug_log(tmp_path: Path) -> None:
     """The burst section: a warm-up and the smoke plan's two timed bursts, each with the engine's prefill
-    steps meanwhile (every prompt in one of them) and where each step's time went."""
+    steps meanwhile (every prompt in one of them), where each step's time went, and how long storing its
+    captures took before the next step (each step ends prompts, so each captures)."""
     text, _ = _run_smoke(tmp_path / "bench.md", "--sections", "burst", "--variants", " --log-level debug")
     rows = _table(_tables(text), "bursts of 4 simultaneous 24-token prompts")
     assert [row[0] for row in rows[1:]] == ["warm-up", "1", "2"]
@@ -167,4 +168,5 @@ def test_bursts_show_the_servers_prefill_steps_with_the_debug_log(tmp_path: Path
         assert sum(int(step.split(" ")[0]) for step in steps) >= 4  # every prompt's last chunk is in a step
         for step in steps:
             parts = dict(re.findall(r"(\w+) (-?[\d.]+)", step.split("(", 2)[-1]))
-            assert {"admit", "prefill", "wait", "handoff", "apply"} <= set(parts), step
+            assert {"admit", "prefill", "stored", "wait", "handoff", "apply"} <= set(parts), step
+            assert re.search(r"\) \[stored [\d.]+\]$", step), step
