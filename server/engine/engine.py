@@ -367,8 +367,12 @@ class Engine:
         while True:
             if not self._scheduler.num_running and not self._scheduler.num_waiting:
                 if self._worker.captures_pending and self._executor is not None:
-                    # held for a step that did not come (its requests aborted): stored before idling
-                    await self.in_worker(self._worker.flush_captures)
+                    # held for a step that did not come (its requests aborted): stored before idling. The
+                    # worker takes them off its queue before storing, so a failure is not retried
+                    try:
+                        await self.in_worker(self._worker.flush_captures)
+                    except Exception:
+                        log.exception("storing the held captures failed")
                     continue
                 self._wake.clear()
                 await self._wake.wait()

@@ -13,6 +13,8 @@
   capture the final state of each finished request. With decode ahead (`server.engine.ahead`; on by
   default where the runner computes asynchronously, CUDA), the next step's decode of the sampled rows is
   launched before their tokens are copied to the host, and the next `execute` takes its logits.
+- `settle_captures(carry)`: once a step's tokens went out, store its captures, or hold them for the next
+  `execute` to store while its device work runs.
 
 The event loop never touches tensors and this worker never touches the scheduler: results go back
 as plain values (`Admitted`, `StepResult`).
@@ -113,9 +115,7 @@ class ModelWorker:
         self._ahead: Ahead | None = None  # the decode step launched by the last `execute`, if any
         self._batch: tuple[tuple[Seq, ...], SamplingBatch] | None = None  # `_sampling_batch`'s last, by rows
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
-        self._carried: list[
-            _Pending
-        ] = []  # the last step's, stored behind this step's launches (`settle_captures`)
+        self._carried: list[_Pending] = []  # the last step's, held for this one (`settle_captures`)
         self._clock: StepClock | None = None  # the running step's, when the debug log is on
 
     # ---- admission ---------------------------------------------------------------------------
