@@ -109,7 +109,6 @@ class Engine:
         self._checked = LastPrompts()  # each session's last prompt that passed `_validate`
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._flush: asyncio.Future[None] | None = None  # the last step's deferred captures, being stored
         self._wake = asyncio.Event()
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
         self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
@@ -171,15 +170,16 @@ class Engine:
         return int(await asyncio.to_thread(cache.delete_session, namespace, session_id))
 
     async def _captures_stored(self) -> None:
-        """Wait until the captures of every step delivered so far are in the cache (a step stores them after
-        its tokens went out). Its failure is the step's to log, and a cancelled wait leaves it running."""
-        flush = self._flush
-        if flush is not None and not flush.done():
-            await asyncio.wait([flush])
-        if self._cache is not None and self._executor is not None:
-            # captures held for the next step (`settle_captures`) are stored by its `execute`, which this
-            # call waits for (the worker runs one call at a time), or by this call
+        """Wait until the captures of every step delivered so far are in the cache. The worker runs one call
+        at a time, so this one runs after the step storing or holding them (`settle_captures`) and after the
+        step that stores held ones, and stores whatever is still queued. A failure is logged; a cancelled
+        wait leaves the call running."""
+        if self._cache is None or self._executor is None:
+            return
+        try:
             await self.in_worker(self._worker.flush_captures)
+        except Exception:
+            log.exception("storing the queued captures failed")
 
     # ---- profiling (the admin routes, with --profile-dir) ------------------------------------
 
@@ -416,15 +416,16 @@ class Engine:
             self._log_step(plan, {"admit": (started - began) * 1e3, **result.times}, started, returned)
         if self._worker.captures_pending and self._executor is not None:
             # after the step's tokens went out: not in their latency. Submitted in the same turn of the loop
-            # as the delivery, so that a client woken by it finds `_flush` set; shielded, so that a `stop`
-            # cancelling this step still stores them (it waits for the worker). With another step to come,
-            # the worker may hold them for it to store behind its launches (`ModelWorker.settle_captures`)
+            # as the delivery, so that a client woken by it queues its own worker call behind this one
+            # (`_captures_stored`); shielded, so that a `stop` cancelling this step still stores them (it waits
+            # for the worker). With another step to come, the worker may hold them for it to store behind its
+            # launches (`ModelWorker.settle_captures`)
             more = bool(self._scheduler.num_running or self._scheduler.num_waiting)
-            self._flush = asyncio.get_running_loop().run_in_executor(
+            settle = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._worker.settle_captures, more
             )
             flushed = time.monotonic()
-            await asyncio.shield(self._flush)
+            await asyncio.shield(settle)
             if plan.prefills and log.isEnabledFor(logging.DEBUG):
                 log.debug("step captures stored: %.1f ms", (time.monotonic() - flushed) * 1e3)
 

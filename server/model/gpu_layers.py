@@ -314,17 +314,17 @@ Passing = Callable[[Tensor, Tensor], Tensor]
 
 def _scan_stages(
     parts: SsdParts, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, D: Tensor,
-    passing: Passing, seq_idx: Tensor | None = None, raw: tuple[Tensor, tuple[float, float]] | None = None,
+    passing: Passing, seq_idx: Tensor | None = None, dt_bias: Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """mamba-ssm's chunked scan, stage by stage as in its `_mamba_chunk_scan_combined_fwd`, its state passing
     given (and with `seq_idx` (b, l) int32, sequences packed in a row, none seeing another's tokens) -> (y, the
     states entering the chunks (b, c, h, p, n) fp32, the dA cumsum and the dt per chunk (b, h, c, chunk)).
-    With `raw` (dt_bias (h,), dt_limit), dt is raw and the chunk cumsum's kernel applies the bias, the softplus
-    and the clamp: no kernels of their own."""
-    if raw is None:
-        dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk)  # (b, h, c, chunk) fp32 each
-    else:
-        dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk, dt_bias=raw[0], dt_softplus=True, dt_limit=raw[1])
+    With `dt_bias` (h,), dt is raw and the chunk cumsum's kernel applies the bias, the softplus and the clamp to
+    `dt_limit`: no kernels of their own."""
+    softplus = dt_bias is not None
+    # (b, h, c, chunk) fp32 each
+    dA_cumsum, dt = parts.chunk_cumsum(dt, A, chunk, dt_bias=dt_bias, dt_softplus=softplus, dt_limit=dt_limit)
     # (b, c, h, p, n): each chunk's own end state, from 0 in each chunk
     own = parts.chunk_state(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
     entering = passing(own.flatten(-2), dA_cumsum[:, :, :, -1]).unflatten(-1, (-1, B.shape[-1]))
@@ -395,7 +395,7 @@ def chunk_scan_packed(
         return entering
 
     y, entering, dA_cumsum, dtc = _scan_stages(
-        parts, x, dt, A, B, C, chunk, D, passing, seq_idx, (dt_bias, dt_limit)
+        parts, x, dt, A, B, C, chunk, D, passing, seq_idx, dt_bias, dt_limit
     )
     ops.final_states(x[0], B[0], dtc[0], dA_cumsum[0], entering[0], rows.cu, pool, rows.slots, spare)
     return y
