@@ -132,30 +132,41 @@ class ModelWorker:
             except Exception as exc:
                 log.exception("admission failed", extra={"request_id": seq.request_id})
                 out.append(exc)
+        # the slots that start from the zero state, zeroed together (a miss, or a fetch that failed after
+        # writing part of its slot)
+        fresh = [i for i, n in enumerate(out) if n == 0]
+        try:
+            self.runner.reset_many([seqs[i].slot for i in fresh])
+        except Exception as exc:
+            log.exception("resetting the admitted slots failed")
+            for i in fresh:
+                out[i] = exc
+        now = time.monotonic()
+        for seq in seqs:
+            seq.t_restored = now
         return out
 
     def _admit_one(self, seq: Seq) -> int:
-        req, slot = seq.req, seq.slot
+        """Restore the request's slot from its deepest checkpoint and prepare its prefill; the prompt tokens
+        restored (0: the caller zeroes the slot)."""
+        req = seq.req
         # prompt logprobs need every position's logits: such a request is prefilled from the start
         restore = self.cache is not None and req.prompt_logprobs is None
         cached = self._restore(seq) if restore else 0
-        if cached == 0:
-            self.runner.reset(slot)
         if req.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
         if has_penalty(req.params):
-            self.counts.reset(slot, req.prompt_tokens)
+            self.counts.reset(seq.slot, req.prompt_tokens)
         if req.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # nothing precedes the first prompt token
         if self.cache is not None:
             end = len(req.prompt_tokens)
             seq.capture_plan = tuple(self.cache.capture_positions(cached, end, req.boundaries))
-        seq.t_restored = time.monotonic()
         return cached
 
     def _restore(self, seq: Seq) -> int:
         """Deepest checkpoint decoded straight into the slot's views; 0 on a miss or a failed fetch. On 0 the
-        caller resets the slot, which also clears a fetch that failed after writing part of it."""
+        slot is reset (`admit`), which also clears a fetch that failed after writing part of it."""
         assert self.cache is not None
         req = seq.req
         try:

@@ -74,6 +74,11 @@ class HybridRunner(ModelRunner):
         super().reset(slot)
         self._empty_kv(slot)
 
+    def reset_many(self, slots: Sequence[int]) -> None:
+        super().reset_many(slots)
+        for slot in slots:
+            self._empty_kv(slot)
+
     def kv_source(self, slot: int) -> PagedKV:
         self.pool.check_slot(slot)
         return self.seqs[slot]

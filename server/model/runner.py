@@ -159,6 +159,10 @@ class ModelRunner:
     def reset(self, slot: int) -> None:
         self.pool.reset(slot)
 
+    def reset_many(self, slots: Sequence[int]) -> None:
+        """`reset` of each slot, batched."""
+        self.pool.reset_many(slots)
+
     def kv_source(self, slot: int) -> KVSource | None:
         """The slot's attention KV, which a capture reads its prefix from (a hybrid's); None: no KV."""
         return None

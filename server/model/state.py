@@ -17,7 +17,7 @@ A slot's state as named tensors (what the cache stores) drops the slot axis:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -89,3 +89,19 @@ class StatePool:
         self.check_slot(slot)
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
+
+    def reset_many(self, slots: Sequence[int]) -> None:
+        """Zero several slots: one kernel a state whatever their number (a burst admits dozens of fresh
+        requests at once, and `reset` is two launches a slot). The index goes to the device without a host
+        synchronisation, so that work queued before is not waited for."""
+        for slot in slots:
+            self.check_slot(slot)
+        if len(slots) <= 1:
+            for slot in slots:
+                self.reset(slot)
+            return
+        index = torch.tensor(list(slots), dtype=torch.long)
+        cuda = self.conv.device.type == "cuda"
+        index = index.pin_memory().to(self.conv.device, non_blocking=True) if cuda else index
+        self.conv.index_fill_(1, index, 0)
+        self.ssm.index_fill_(1, index, 0)

@@ -97,6 +97,22 @@ def test_handoff_restore_then_prefill_equals_one_prefill(model_dir: Path, split:
         assert _rel(gpu.capture(1)[name], tensor) < 2e-3
 
 
+def test_reset_many_behind_queued_work_zeroes_those_slots(model_dir: Path) -> None:
+    """The batched reset of an admission, queued behind a prefill still in flight on the stream: the slots
+    it names are zero once that work is done, the others hold what the prefill left."""
+    gpu = _gpu(load_model(model_dir, device="cuda")[1])
+    for slot in range(4):
+        gpu.prefill(_tokens(seed=slot), slot)
+    kept = {k: v.clone() for k, v in gpu.slot_state(1).items()}
+    gpu.prefill(_tokens(400, seed=9), 0)  # in flight while the reset is queued
+    gpu.reset_many([0, 2, 3])
+    torch.cuda.synchronize()
+    for name, tensor in gpu.slot_state(1).items():
+        assert torch.equal(tensor, kept[name]), name
+        for slot in (0, 2, 3):
+            assert not gpu.slot_state(slot)[name].any(), (name, slot)
+
+
 def test_prefill_equals_token_by_token_decode(model_dir: Path) -> None:
     gpu = _gpu(load_model(model_dir, device="cuda")[1])
     tokens = _tokens()

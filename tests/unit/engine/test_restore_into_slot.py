@@ -129,6 +129,39 @@ def test_a_failed_fetch_leaves_a_reset_slot(model: MambaLM, tmp_path: Path) -> N
     assert cache.stats().disk_corrupt == 1
 
 
+def test_one_admission_zeroes_its_misses_together_and_restores_its_hits(model: MambaLM) -> None:
+    """A batch of admissions: the slots of misses are zeroed (with one `reset_many`), hits hold their
+    checkpoints, and the slots outside the batch, and the spare, are untouched."""
+    runner = ModelRunner(model, max_slots=SLOTS, spare_slots=1)
+    cache = _make_cache(runner, hot_dtype="fp32")
+    turn1 = _prompt(21, seed=11)
+    runner.prefill(turn1, 0)
+    exact = runner.capture(0)
+    assert cache.capture("anon", "s", turn1, exact, reason="prompt")
+    before = _fill_slots(runner)
+    runner.pool.conv[:, SLOTS] = 3.0  # the spare row
+    resets: list[list[int]] = []
+    batched = runner.reset_many
+
+    def reset_many(slots: Sequence[int]) -> None:
+        resets.append(list(slots))
+        batched(slots)
+
+    runner.reset_many = reset_many  # type: ignore[method-assign]
+    seqs = [
+        _seq(_req("miss-a", _prompt(9, seed=12)), 0),
+        _seq(_req("hit", (*turn1, 5, 6), session="s"), SLOT),
+        _seq(_req("miss-b", _prompt(9, seed=13)), 3),
+    ]
+    assert ModelWorker(runner, cache).admit(seqs) == [0, len(turn1), 0]
+    assert resets == [[0, 3]]
+    for name, tensor in runner.pool.views(0).items():
+        assert not tensor.any() and not runner.pool.views(3)[name].any(), name
+        assert torch.equal(runner.slot_state(SLOT)[name], exact[name]), name
+        assert torch.equal(runner.pool.views(1)[name], before[name][:, 1]), name
+    assert bool((runner.pool.conv[:, SLOTS] == 3.0).all())
+
+
 def _make_engine(model_dir: Path, slots: int, cache: bool) -> Engine:
     runner = ModelRunner(load_model(model_dir)[1], max_slots=slots)
     config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32")

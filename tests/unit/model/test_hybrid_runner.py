@@ -97,6 +97,20 @@ def test_reset_and_restore_free_the_slots_blocks(model: HybridLM) -> None:
     assert runner.position(1) == 9 and runner.kv.allocator.free == free - 2
 
 
+def test_reset_many_empties_the_slots_kv_and_zeroes_their_states(model: HybridLM) -> None:
+    runner = _make_runner(model, slots=3, max_len=32)
+    free = runner.kv.allocator.free
+    for slot in range(3):
+        runner.prefill(_tokens(9 + slot, seed=slot), slot=slot)
+    kept = {name: t.clone() for name, t in runner.slot_state(1).items()}
+    runner.reset_many([0, 2])
+    assert [runner.position(s) for s in range(3)] == [0, 10, 0]
+    assert runner.kv.allocator.free == free - 2
+    for name, tensor in runner.slot_state(1).items():
+        assert torch.equal(tensor, kept[name]) and not runner.slot_state(0)[name].any(), name
+        assert not runner.slot_state(2)[name].any(), name
+
+
 def test_a_slot_never_holds_more_than_max_model_len(model: HybridLM) -> None:
     runner = _make_runner(model, slots=1, max_len=16)
     runner.prefill(_tokens(16), slot=0)

@@ -77,6 +77,24 @@ def test_spare_slots_are_allocated_but_refused_to_callers(model: MambaLM) -> Non
         pool.spare_views(1)
 
 
+@pytest.mark.parametrize("ssm_dtype", [torch.float32, BF16])
+def test_reset_many_zeroes_those_slots_alone(model: MambaLM, ssm_dtype: torch.dtype) -> None:
+    pool = StatePool(model.cfg, 4, torch.float32, torch.device("cpu"), ssm_dtype=ssm_dtype, spare=1)
+    pool.conv.fill_(1.0)
+    pool.ssm.fill_(2.0)
+    pool.reset_many([3, 1])
+    for slot in range(5):
+        zero = slot in (1, 3)
+        for t in (pool.conv[:, slot], pool.ssm[:, slot]):
+            assert bool((t == 0).all()) if zero else not bool((t == 0).any()), slot
+    pool.reset_many([2])
+    assert not pool.conv[:, 2].any() and not pool.ssm[:, 2].any()
+    with pytest.raises(IndexError):
+        pool.reset_many([0, 4])  # the spare is the runner's own: refused before anything is zeroed
+    assert bool((pool.conv[:, 0] == 1).all()) and bool((pool.conv[:, 4] == 1).all())
+    pool.reset_many([])
+
+
 def test_prefill_with_captures_stays_close_to_the_fp32_runner(model: MambaLM) -> None:
     fp32, bf16 = _pair(model)
     cuts = [3, CHUNK, 2 * CHUNK + 1]
