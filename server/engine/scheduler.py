@@ -4,7 +4,8 @@ The engine drives one scheduler from its event loop (a single thread), once per 
 
 1. `admit()` moves waiting entries, oldest first, into free live slots. The engine then looks each
    one up in the cache and records how many prompt tokens the restored checkpoint already covers
-   (`Entry.num_computed`).
+   (`Entry.num_computed`). Requests that arrive while a step runs are admitted at once
+   (`admit(in_flight=...)`), and restored by the worker within that step.
 2. `plan()` splits the per-step prefill token budget over running entries that still have prompt
    tokens to prefill (oldest first: chunked prefill), and lists the entries that decode one token.
    While any entry decodes, the budget is `decode_prefill_budget`: a step that carries both is as long
@@ -133,14 +134,16 @@ class Scheduler:
         entry.slot = None
         self._waiting[entry.request_id] = entry
 
-    def admit(self) -> list[Entry]:
+    def admit(self, in_flight: int = 0) -> list[Entry]:
         """Move the oldest waiting entries into free slots while the prefill backlog allows.
 
         The head of the queue is admitted whenever a slot is free and nothing else is waiting to be
         prefilled, however long its prompt: admission never skips the head, so nothing starves.
+        `in_flight`: prompt tokens that a step now running prefills (admitting while it runs): not counted
+        in the backlog, which is what will be left once that step is done.
         """
         admitted: list[Entry] = []
-        backlog = self._prefill_backlog()
+        backlog = self._prefill_backlog() - in_flight
         while self._waiting and self._free:
             if backlog > 0 and backlog >= self.config.prefill_budget:
                 break

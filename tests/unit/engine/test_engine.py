@@ -395,7 +395,8 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
     model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the debug log on, each step with prefill logs its admission, the worker's laps (flush, prefill,
-    decode, sample, storing the captures held from the last step, wait for the tokens, finish), the worker
+    decode, sample, storing the captures held from the last step, admitting the requests that arrived during
+    the step, wait for the tokens, finish), the worker
     round trip beyond them and the delivery, and
     those parts add up to no more than the step's wall time; with it off, the worker keeps no clock."""
     caplog.set_level(logging.DEBUG, logger="server.engine")
@@ -415,6 +416,7 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
             "decode",
             "sample",
             "stored",
+            "arrivals",
             "wait",
             "finish",
             "handoff",

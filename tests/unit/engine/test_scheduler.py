@@ -248,3 +248,20 @@ class SlotMachine(RuleBasedStateMachine):
 
 TestSlotMachine = SlotMachine.TestCase
 TestSlotMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_admission_during_a_step_leaves_out_the_prefill_in_flight() -> None:
+    """While a step prefills 150 of the backlog's tokens, admission counts only what that step leaves."""
+
+    def admitted(in_flight: int) -> list[str]:
+        s = _make(max_slots=8, budget=200)
+        s.add(Entry("a", num_prompt=150))
+        s.admit()
+        (chunk,) = s.plan().prefills
+        assert chunk.end - chunk.start == 150
+        for i in range(5):
+            s.add(Entry(f"r{i}", num_prompt=60))
+        return [e.request_id for e in s.admit(in_flight=in_flight)]
+
+    assert admitted(0) == ["r0"]  # between steps: a's 150 tokens are still to prefill
+    assert admitted(150) == ["r0", "r1", "r2", "r3"]  # 60 * 3 < 200: the 4th fills the budget
