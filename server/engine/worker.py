@@ -62,9 +62,8 @@ class StepResult:
     events: list[tuple[Seq, TokenEvent]] = field(default_factory=list)
     prefilled: list[tuple[Seq, int]] = field(default_factory=list)  # (seq, prompt tokens advanced)
     errors: list[tuple[Seq, BaseException]] = field(default_factory=list)
-    admitted: list[tuple[Seq, int | BaseException]] = field(
-        default_factory=list
-    )  # `admit_soon`'s, as `admit`
+    # the requests of `admit_soon` this step admitted, each with what `admit` would have returned for it
+    admitted: list[tuple[Seq, int | BaseException]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)  # where the step went, ms (`StepClock`; debug only)
 
 

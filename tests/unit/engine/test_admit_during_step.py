@@ -218,3 +218,48 @@ async def test_a_request_that_arrives_during_a_step_is_admitted_by_that_step(mod
         assert got == await _tokens(alone.generate(late_req)) and len(got) == 4
     finally:
         await alone.stop()
+
+
+def assert_restored_after_the_decode_ahead(runner: ModelRunner, cache: StateCache) -> None:
+    """A request aborted once its step launched the decode ahead of its row (which writes its slot) frees the
+    slot, which an arrival takes at once: the arrival's restore, after that decode within the step, leaves the
+    slot holding exactly the arrival's checkpoint."""
+    turn1 = _prompt(23, seed=700)
+    runner.prefill(turn1, 3)
+    assert cache.capture("anon", "s", turn1, runner.capture(3), reason="prompt")
+    worker = ModelWorker(runner, cache, decode_ahead=True)
+    a, x = (_seq(_req(rid, _prompt(9, seed=701 + i)), i) for i, rid in enumerate("ax"))
+    worker.admit([a, x])
+    worker.execute(StepPlan(tuple(PrefillChunk(s.entry, 0, 9) for s in (a, x)), ()), {"a": a, "x": x})
+    for s in (a, x):
+        s.entry.num_computed = 9
+    follow = _seq(_req("follow", (*turn1, 5, 6), "s"), 1)
+    assert worker.ahead is not None
+    launch, fed = worker.ahead.launch, []
+
+    def launch_then_abort(rows: list[Seq], tokens: torch.Tensor) -> Any:
+        launched = launch(rows, tokens)  # x's row fed: this decode ahead writes slot 1
+        fed.extend(launched.slots if launched is not None else ())
+        x.aborted = True  # then the engine frees slot 1 and slots the follow-up there
+        worker.admit_soon([follow])
+        return launched
+
+    worker.ahead.launch = launch_then_abort  # type: ignore[method-assign]
+    result = worker.execute(StepPlan((), (a.entry, x.entry)), {"a": a, "x": x})
+    assert fed == [0, 1] and result.admitted == [(follow, len(turn1))]
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    lease = cache.lookup("anon", "s", follow.req.prompt_tokens)
+    assert lease is not None
+    try:
+        want = cache.fetch(lease)
+    finally:
+        cache.release(lease)
+    for name, tensor in runner.slot_state(1).items():
+        assert torch.equal(tensor, want[name]), name
+
+
+def test_a_slot_freed_during_a_step_is_restored_after_the_steps_decode_ahead(model_dir: Path) -> None:
+    runner = ModelRunner(load_model(model_dir)[1], max_slots=SLOTS)
+    config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32")
+    assert_restored_after_the_decode_ahead(runner, StateCache(config, runner.state_spec()))
