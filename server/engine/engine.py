@@ -74,6 +74,9 @@ class EngineConfig:
     max_slots: int  # live slots, at most the runner's
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
+    idle_prefill_budget: int | None = (
+        None  # the same from an idle engine, beyond its oldest prompt (None: as above)
+    )
     short_prompt: int = 0  # while decoding, prompts this short are prefilled whole past that budget
     decode_ahead: bool | None = (
         None  # launch the next decode before this one's tokens reach the host (None: CUDA)
@@ -106,7 +109,13 @@ class Engine:
             runner, cache, vocab_limit=tokenizer.vocab_size, decode_ahead=cfg.decode_ahead
         )
         self._scheduler = Scheduler(
-            SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget, cfg.short_prompt)
+            SchedulerConfig(
+                cfg.max_slots,
+                cfg.prefill_budget,
+                cfg.decode_prefill_budget,
+                cfg.short_prompt,
+                cfg.idle_prefill_budget,
+            )
         )
         self._seqs: dict[str, Seq] = {}
         self._checked = LastPrompts()  # each session's last prompt that passed `_validate`
@@ -114,6 +123,7 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._in_flight: int | None = None  # prompt tokens of the step the worker runs (None: none runs)
+        self._idle = True  # no step has run since the engine last waited for work
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
         self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
         self._profile_timer: asyncio.Task[None] | None = None
@@ -389,6 +399,7 @@ class Engine:
                     continue
                 self._wake.clear()
                 await self._wake.wait()
+                self._idle = True
                 continue
             try:
                 await self._step()
@@ -414,7 +425,8 @@ class Engine:
         admitted = [*late, *self._slotted(self._scheduler.admit())]
         if admitted:
             await self._admit(admitted)
-        plan = self._scheduler.plan()  # built after every abort so far: an aborted request is not in it
+        # built after every abort so far: an aborted request is not in it
+        plan, self._idle = self._scheduler.plan(idle=self._idle), False
         if plan.empty:
             return
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}

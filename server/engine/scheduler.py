@@ -36,6 +36,11 @@ class SchedulerConfig:
     # pass whose launch cost does not grow with them, so splitting a burst of them over several steps
     # multiplies that cost and every one's time to first token.
     short_prompt: int = 0
+    # The budget of a step from an idle engine (`plan(idle=True)`), beyond the oldest prompt, which it takes
+    # whole up to `prefill_budget` (None: `prefill_budget`). A step's time grows with its rows, and the
+    # requests of a burst that arrive while the first step runs wait for it: a small first step lets them
+    # start sooner, together, in the next one.
+    idle_prefill_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -46,6 +51,8 @@ class SchedulerConfig:
             raise ValueError("decode_prefill_budget must be >= 1")
         if self.short_prompt < 0:
             raise ValueError("short_prompt must be >= 0")
+        if self.idle_prefill_budget is not None and self.idle_prefill_budget < 1:
+            raise ValueError("idle_prefill_budget must be >= 1")
 
     def budget(self, decoding: bool) -> int:
         """Prompt tokens a step may prefill, with or without entries decoding in it."""
@@ -154,13 +161,16 @@ class Scheduler:
             admitted.append(entry)
         return admitted
 
-    def plan(self) -> StepPlan:
+    def plan(self, idle: bool = False) -> StepPlan:
         """Prefill chunks (oldest first, within the step's budget) and the entries that decode. Once the
         budget is spent, a step with decodes still takes whole short prompts (`short_prompt`) while the
-        step's prefill stays within `prefill_budget`."""
+        step's prefill stays within `prefill_budget`. `idle`: the first step since the engine was idle, which
+        takes the oldest prompt and then only whole prompts within `idle_prefill_budget`."""
         cfg = self.config
         decodes = [e for e in self._running.values() if e.decoding]
         budget = cfg.budget(decoding=bool(decodes))
+        if idle and cfg.idle_prefill_budget is not None:
+            return self._plan_idle(decodes, budget, cfg.idle_prefill_budget)
         short = cfg.short_prompt if decodes else 0
         used = 0
         prefills: list[PrefillChunk] = []
@@ -174,6 +184,20 @@ class Scheduler:
                 n = left
             else:
                 continue
+            prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
+            used += n
+        return StepPlan(tuple(prefills), tuple(decodes))
+
+    def _plan_idle(self, decodes: list[Entry], budget: int, small: int) -> StepPlan:
+        prefills: list[PrefillChunk] = []
+        used = 0
+        for entry in self._running.values():
+            left = entry.remaining_prefill
+            if entry.decoding:
+                continue
+            n = min(left, budget) if not prefills else left
+            if prefills and used + n > small:
+                break
             prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
             used += n
         return StepPlan(tuple(prefills), tuple(decodes))
