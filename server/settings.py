@@ -70,14 +70,6 @@ class Settings(BaseSettings):
         description="The same, in steps where some request is decoding: smaller keeps their inter-token "
         "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
     )
-    idle_prefill_budget: int | None = Field(
-        None,
-        ge=1,
-        description="The same, in a step that starts from an idle engine, beyond the oldest prompt (always "
-        "taken whole, up to the prefill budget): a burst's first request runs at once in a small pass, and "
-        "those that arrive meanwhile are batched into the next step; default 512 on CUDA, the prefill "
-        "budget on CPU.",
-    )
     decode_ahead: DecodeAhead = Field(
         "auto",
         description="Launch each decode step before the previous one's tokens reach the host, so that the "

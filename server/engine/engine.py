@@ -8,9 +8,6 @@ responsive while a step computes. A step is:
     ->  prefill chunks + one batched decode + sampling + finish captures (worker)
     ->  deliver events, free finished slots, record metrics (loop)
 
-A request that arrives while a step runs is slotted at once, and the worker restores its slot within that
-step, while the device computes (`ModelWorker.admit_soon`): the next step then starts without an admission.
-
 `generate(req)` yields `TokenEvent`s; closing or cancelling the iterator aborts the request, which
 frees its slot immediately (the scheduler lives on the loop, so no step can be using a freed slot
 for a new request). A step already in flight may still compute the aborted row; its results are
@@ -35,7 +32,7 @@ from server.engine.events import EventQueue, event_batches, one_by_one
 from server.engine.profiling import WorkerProfiler
 from server.engine.prompts import LastPrompts, prompt_key
 from server.engine.request import EventSink, Seq
-from server.engine.scheduler import Entry, Scheduler, SchedulerConfig, StepPlan
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.types import EngineError, EngineNotReady, EngineShutdown, GenerationRequest, TokenEvent
 from server.engine.worker import ModelWorker, StepResult
 from server.metrics import EngineStats, engine_stats
@@ -74,9 +71,6 @@ class EngineConfig:
     max_slots: int  # live slots, at most the runner's
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
-    idle_prefill_budget: int | None = (
-        None  # the same from an idle engine, beyond its oldest prompt (None: as above)
-    )
     short_prompt: int = 0  # while decoding, prompts this short are prefilled whole past that budget
     decode_ahead: bool | None = (
         None  # launch the next decode before this one's tokens reach the host (None: CUDA)
@@ -109,21 +103,13 @@ class Engine:
             runner, cache, vocab_limit=tokenizer.vocab_size, decode_ahead=cfg.decode_ahead
         )
         self._scheduler = Scheduler(
-            SchedulerConfig(
-                cfg.max_slots,
-                cfg.prefill_budget,
-                cfg.decode_prefill_budget,
-                cfg.short_prompt,
-                cfg.idle_prefill_budget,
-            )
+            SchedulerConfig(cfg.max_slots, cfg.prefill_budget, cfg.decode_prefill_budget, cfg.short_prompt)
         )
         self._seqs: dict[str, Seq] = {}
         self._checked = LastPrompts()  # each session's last prompt that passed `_validate`
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._in_flight: int | None = None  # prompt tokens of the step the worker runs (None: none runs)
-        self._idle = True  # no step has run since the engine last waited for work
         self._closing: str | None = None  # set by `end_all`: the reason new requests are refused
         self._profiler = WorkerProfiler(profile_dir) if profile_dir is not None else None
         self._profile_timer: asyncio.Task[None] | None = None
@@ -350,17 +336,8 @@ class Engine:
         seq = Seq.create(req, self._tokenizer.decode, self._tokenizer.eos_ids, time.monotonic(), sink)
         self._scheduler.add(seq.entry)
         self._seqs[req.request_id] = seq
-        if self._in_flight is not None:
-            self._admit_soon()
         self._wake.set()
         return seq
-
-    def _admit_soon(self) -> None:
-        """Slot what the running step leaves room for, for the worker to admit within that step."""
-        assert self._in_flight is not None
-        seqs = self._slotted(self._scheduler.admit(in_flight=self._in_flight))
-        if seqs:
-            self._worker.admit_soon(seqs)
 
     def _abort(self, seq: Seq) -> None:
         """Drop a still-open request (client gone); its slot is free on return."""
@@ -399,7 +376,6 @@ class Engine:
                     continue
                 self._wake.clear()
                 await self._wake.wait()
-                self._idle = True
                 continue
             try:
                 await self._step()
@@ -419,26 +395,22 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _step(self) -> None:
-        began = time.monotonic()
-        # those slotted during the last step that it did not reach (and that are still open), then the waiting
-        late = [seq for seq in self._worker.take_arrivals() if self._seqs.get(seq.request_id) is seq]
-        admitted = [*late, *self._slotted(self._scheduler.admit())]
+        began, admitted = time.monotonic(), []
+        for entry in self._scheduler.admit():
+            seq = self._seqs[entry.request_id]
+            assert entry.slot is not None
+            seq.slot = entry.slot
+            admitted.append(seq)
         if admitted:
             await self._admit(admitted)
-        # built after every abort so far: an aborted request is not in it
-        plan, self._idle = self._scheduler.plan(idle=self._idle), False
+        plan = self._scheduler.plan()  # built after every abort so far: an aborted request is not in it
         if plan.empty:
             return
         seq_of = {c.entry.request_id: self._seqs[c.entry.request_id] for c in plan.prefills}
         seq_of.update((e.request_id, self._seqs[e.request_id]) for e in plan.decodes)
         started = time.monotonic()
-        self._in_flight = sum(c.end - c.start for c in plan.prefills)
-        try:
-            result = await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True)
-        finally:
-            self._in_flight = None
+        result = await self.in_worker(self._worker.execute, plan, seq_of, defer_captures=True)
         returned = time.monotonic()
-        self._admitted(result.admitted)
         self._apply(result)
         if plan.prefills and log.isEnabledFor(logging.DEBUG):
             self._log_step(plan, {"admit": (started - began) * 1e3, **result.times}, started, returned)
@@ -476,24 +448,13 @@ class Engine:
             parts,
         )
 
-    def _slotted(self, entries: list[Entry]) -> list[Seq]:
-        """The requests of entries the scheduler just admitted, with their slots and queue times."""
-        now, seqs = time.monotonic(), []
-        for entry in entries:
-            seq = self._seqs[entry.request_id]
-            assert entry.slot is not None
-            seq.slot, seq.t_admitted = entry.slot, now
-            self._metrics.observe_queue(now - seq.t_queued)
-            seqs.append(seq)
-        return seqs
-
     async def _admit(self, seqs: list[Seq]) -> None:
+        now = time.monotonic()
+        for seq in seqs:
+            seq.t_admitted = now
+            self._metrics.observe_queue(now - seq.t_queued)
         outcomes = await self.in_worker(self._worker.admit, seqs)
-        self._admitted(list(zip(seqs, outcomes, strict=True)))
-
-    def _admitted(self, outcomes: list[tuple[Seq, int | BaseException]]) -> None:
-        """Record admissions: the prompt tokens each request's checkpoint covers, or the error that ends it."""
-        for seq, n in outcomes:
+        for seq, n in zip(seqs, outcomes, strict=True):
             if self._seqs.get(seq.request_id) is not seq:
                 continue  # aborted while the worker restored it
             if isinstance(n, BaseException):

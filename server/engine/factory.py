@@ -45,7 +45,6 @@ class ServingDefaults:
     prefill_budget: int
     checkpoint_interval: int
     decode_prefill_budget: int  # the prefill budget of a step in which some request decodes
-    idle_prefill_budget: int  # that of a step from an idle engine, beyond its oldest prompt
     # prompts prefilled whole past that budget, within the full one: on CUDA those below the length at
     # which a row runs alone as graph pieces, since shorter rows share one eager pass whatever their number
     short_prompt: int = 0
@@ -56,8 +55,7 @@ class ServingDefaults:
         budget = settings.prefill_budget or (8192 if cuda else 512)
         interval = settings.checkpoint_interval or (4096 if cuda else 256)
         decoding = settings.decode_prefill_budget or (min(budget, 2048) if cuda else budget)
-        idle = settings.idle_prefill_budget or (min(budget, 512) if cuda else budget)
-        return cls(budget, -(-interval // chunk) * chunk, decoding, idle, SHORT_PROMPT if cuda else 0)
+        return cls(budget, -(-interval // chunk) * chunk, decoding, SHORT_PROMPT if cuda else 0)
 
 
 def build_cache(
@@ -250,8 +248,7 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
     if metrics is not None:
         metrics.set_model_info(model=settings.model_name, arch=loaded.arch, dtype=dtype, device=device.type)
     log.info(
-        "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d (%d while decoding, %d from "
-        "idle), "
+        "engine built: %s on %s (%s, ssm state %s), %d slots, prefill budget %d (%d while decoding), "
         "checkpoint interval %d, decode ahead %s, cache %s",
         settings.model_name,
         device,
@@ -260,7 +257,6 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
         settings.max_num_seqs,
         defaults.prefill_budget,
         defaults.decode_prefill_budget,
-        defaults.idle_prefill_budget,
         defaults.checkpoint_interval,
         settings.decode_ahead,
         "off" if cache is None else "on",
@@ -274,7 +270,6 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             max_slots=settings.max_num_seqs,
             prefill_budget=defaults.prefill_budget,
             decode_prefill_budget=defaults.decode_prefill_budget,
-            idle_prefill_budget=defaults.idle_prefill_budget,
             short_prompt=defaults.short_prompt,
             decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),

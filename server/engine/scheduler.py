@@ -4,8 +4,7 @@ The engine drives one scheduler from its event loop (a single thread), once per 
 
 1. `admit()` moves waiting entries, oldest first, into free live slots. The engine then looks each
    one up in the cache and records how many prompt tokens the restored checkpoint already covers
-   (`Entry.num_computed`). Requests that arrive while a step runs are admitted at once
-   (`admit(in_flight=...)`), and restored by the worker within that step.
+   (`Entry.num_computed`).
 2. `plan()` splits the per-step prefill token budget over running entries that still have prompt
    tokens to prefill (oldest first: chunked prefill), and lists the entries that decode one token.
    While any entry decodes, the budget is `decode_prefill_budget`: a step that carries both is as long
@@ -36,11 +35,6 @@ class SchedulerConfig:
     # pass whose launch cost does not grow with them, so splitting a burst of them over several steps
     # multiplies that cost and every one's time to first token.
     short_prompt: int = 0
-    # The budget of a step from an idle engine (`plan(idle=True)`), beyond the oldest prompt, which it takes
-    # whole up to `prefill_budget` (None: `prefill_budget`). A step's time grows with its rows, and the
-    # requests of a burst that arrive while the first step runs wait for it: a small first step lets them
-    # start sooner, together, in the next one.
-    idle_prefill_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -51,8 +45,6 @@ class SchedulerConfig:
             raise ValueError("decode_prefill_budget must be >= 1")
         if self.short_prompt < 0:
             raise ValueError("short_prompt must be >= 0")
-        if self.idle_prefill_budget is not None and self.idle_prefill_budget < 1:
-            raise ValueError("idle_prefill_budget must be >= 1")
 
     def budget(self, decoding: bool) -> int:
         """Prompt tokens a step may prefill, with or without entries decoding in it."""
@@ -141,16 +133,14 @@ class Scheduler:
         entry.slot = None
         self._waiting[entry.request_id] = entry
 
-    def admit(self, in_flight: int = 0) -> list[Entry]:
+    def admit(self) -> list[Entry]:
         """Move the oldest waiting entries into free slots while the prefill backlog allows.
 
         The head of the queue is admitted whenever a slot is free and nothing else is waiting to be
         prefilled, however long its prompt: admission never skips the head, so nothing starves.
-        `in_flight`: prompt tokens that a step now running prefills (admitting while it runs): not counted
-        in the backlog, which is what will be left once that step is done.
         """
         admitted: list[Entry] = []
-        backlog = self._prefill_backlog() - in_flight
+        backlog = self._prefill_backlog()
         while self._waiting and self._free:
             if backlog > 0 and backlog >= self.config.prefill_budget:
                 break
@@ -161,16 +151,13 @@ class Scheduler:
             admitted.append(entry)
         return admitted
 
-    def plan(self, idle: bool = False) -> StepPlan:
+    def plan(self) -> StepPlan:
         """Prefill chunks (oldest first, within the step's budget) and the entries that decode. Once the
         budget is spent, a step with decodes still takes whole short prompts (`short_prompt`) while the
-        step's prefill stays within `prefill_budget`. `idle`: the first step since the engine was idle, which
-        takes the oldest prompt and then only whole prompts within `idle_prefill_budget`."""
+        step's prefill stays within `prefill_budget`."""
         cfg = self.config
         decodes = [e for e in self._running.values() if e.decoding]
         budget = cfg.budget(decoding=bool(decodes))
-        if idle and cfg.idle_prefill_budget is not None:
-            return self._plan_idle(decodes, budget, cfg.idle_prefill_budget)
         short = cfg.short_prompt if decodes else 0
         used = 0
         prefills: list[PrefillChunk] = []
@@ -184,20 +171,6 @@ class Scheduler:
                 n = left
             else:
                 continue
-            prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
-            used += n
-        return StepPlan(tuple(prefills), tuple(decodes))
-
-    def _plan_idle(self, decodes: list[Entry], budget: int, small: int) -> StepPlan:
-        prefills: list[PrefillChunk] = []
-        used = 0
-        for entry in self._running.values():
-            left = entry.remaining_prefill
-            if entry.decoding:
-                continue
-            n = min(left, budget) if not prefills else left
-            if prefills and used + n > small:
-                break
             prefills.append(PrefillChunk(entry, entry.num_computed, entry.num_computed + n))
             used += n
         return StepPlan(tuple(prefills), tuple(decodes))

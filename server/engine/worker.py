@@ -15,10 +15,6 @@
   launched before their tokens are copied to the host, and the next `execute` takes its logits.
 - `settle_captures(carry)`: once a step's tokens went out, store its captures, or hold them for the next
   `execute` to store while its device work runs.
-- `admit_soon(seqs)`: requests that arrived while a step runs, slotted by the engine at once; the step admits
-  them (as `admit` does) while its device work runs, and returns their outcomes (`StepResult.admitted`), so
-  that the next step starts without an admission of its own. Those it did not reach are taken back by the
-  engine (`take_arrivals`) and admitted before the next step.
 
 The event loop never touches tensors and this worker never touches the scheduler: results go back
 as plain values (`Admitted`, `StepResult`).
@@ -27,10 +23,8 @@ as plain values (`Admitted`, `StepResult`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -50,7 +44,7 @@ from server.engine.sampler import (
     to_device,
 )
 from server.engine.scheduler import StepPlan
-from server.engine.types import EngineError, TokenEvent, TopLogprob
+from server.engine.types import TokenEvent, TopLogprob
 from server.model.runner import ModelRunner, PrefillSeg
 
 log = logging.getLogger(__name__)
@@ -62,8 +56,6 @@ class StepResult:
     events: list[tuple[Seq, TokenEvent]] = field(default_factory=list)
     prefilled: list[tuple[Seq, int]] = field(default_factory=list)  # (seq, prompt tokens advanced)
     errors: list[tuple[Seq, BaseException]] = field(default_factory=list)
-    # the requests of `admit_soon` this step admitted, each with what `admit` would have returned for it
-    admitted: list[tuple[Seq, int | BaseException]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)  # where the step went, ms (`StepClock`; debug only)
 
 
@@ -125,8 +117,6 @@ class ModelWorker:
         self._pending: list[_Pending] = []  # the step's captures (`_capture`)
         self._carried: list[_Pending] = []  # the last step's, held for this one (`settle_captures`)
         self._clock: StepClock | None = None  # the running step's, when the debug log is on
-        self._arrivals: deque[Seq] = deque()  # `admit_soon`'s requests, not yet admitted
-        self._arrived = threading.Event()  # set by `admit_soon`
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -135,48 +125,8 @@ class ModelWorker:
         exception that failed that request alone (the others are admitted all the same)."""
         if self._pending or self._may_serve(seqs):
             self.flush_captures()  # a deferred capture reads its slot before a restore may write it
-        return self._admit_all(seqs)
-
-    def admit_soon(self, seqs: Sequence[Seq]) -> None:
-        """Requests slotted while a step runs (called on the event loop's thread): the step admits them while
-        its device work runs, or the engine takes them back with `take_arrivals`."""
-        self._arrivals.extend(seqs)
-        self._arrived.set()
-
-    def take_arrivals(self) -> list[Seq]:
-        """The requests of `admit_soon` that no step has admitted yet (called between steps), oldest first."""
-        out: list[Seq] = []
-        while True:
-            try:
-                out.append(self._arrivals.popleft())
-            except IndexError:
-                return out
-
-    def _admit_arrivals(self, busy: Callable[[], bool], result: StepResult) -> None:
-        """Admit the requests of `admit_soon` while the step's device work runs (`busy`): its launches are all
-        queued, so a restore or reset, queued behind them, reaches a slot after everything this step does
-        there (a slot freed by an abort during the step included). After a first batch, wait for more while
-        the device is busy: a burst's requests arrive over the step."""
-        while self._arrivals:
-            seqs = self.take_arrivals()
-            if self._may_serve(seqs):
-                self.flush_captures()  # this step's prompt checkpoints (owned copies) are what they resume from
-            result.admitted.extend(zip(seqs, self._admit_all(seqs), strict=True))
-            while busy():
-                self._arrived.clear()
-                if self._arrivals:
-                    break
-                self._arrived.wait(ARRIVAL_POLL_SECONDS)
-
-    def _admit_all(self, seqs: Sequence[Seq]) -> list[int | BaseException]:
-        # a slot named twice belongs to the later request: the earlier one ended and freed it (an abort
-        # while it waited to be admitted), so it is skipped (its outcome is never read)
-        holder = {seq.slot: seq for seq in seqs}
         out: list[int | BaseException] = []
         for seq in seqs:
-            if holder[seq.slot] is not seq:
-                out.append(EngineError("the request ended before its admission"))
-                continue
             try:
                 out.append(self._admit_one(seq))
             except Exception as exc:
@@ -324,8 +274,6 @@ class ModelWorker:
             self._lap("sample")
             self._store_carried()  # the last step's captures: host work while this step's device work runs
             self._lap("stored")
-            self._admit_arrivals(host.busy, result)
-            self._lap("arrivals")
             sampled = list(zip(rows, host.wait(), strict=True))
             self._lap("wait")
             if launched is not None:
@@ -477,13 +425,13 @@ class ModelWorker:
         )
 
     def _may_serve(self, seqs: Sequence[Seq]) -> bool:
-        """Whether a queued or held capture may be a checkpoint that one of `seqs` resumes from: its tokens a
-        prefix of the prompt before its last token (a lookup's key; namespaces and trees are not compared)."""
-        for p in (*self._pending, *self._carried):
-            n, last = p.end + len(p.extra), p.extra[-1] if p.extra else p.base[p.end - 1]
-            for seq in seqs:  # the length and the last token first: no copy for an unrelated pair
+        """Whether a held capture may be a checkpoint that one of `seqs` resumes from: its tokens a prefix of
+        the prompt before its last token (a lookup's key; namespaces and trees are not compared)."""
+        for p in self._carried:
+            tokens = p.tokens()
+            for seq in seqs:
                 prompt = seq.req.prompt_tokens
-                if n < len(prompt) and prompt[n - 1] == last and prompt[:n] == p.tokens():
+                if len(tokens) < len(prompt) and prompt[: len(tokens)] == tokens:
                     return True
         return False
 
@@ -585,7 +533,6 @@ class ModelWorker:
 
 CAPTURE_BATCH_BYTES = 512 << 20  # states stacked for one `capture_many` (a copy, unless already stacked)
 CARRY_BYTES = 1 << 30  # a step's captures held for the next step to store (`settle_captures`), at most
-ARRIVAL_POLL_SECONDS = 2e-4  # how often a step admitting arrivals checks whether its device work is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,10 +605,6 @@ class _HostCopy:
         self.done = torch.cuda.Event() if cuda else None
         if self.done is not None:
             self.done.record()
-
-    def busy(self) -> bool:
-        """Whether the device is still computing up to the copy (False once `wait` would not block)."""
-        return self.done is not None and not self.done.query()
 
     def wait(self) -> list[Sampled]:
         if self.done is not None:

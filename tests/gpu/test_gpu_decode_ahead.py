@@ -17,7 +17,6 @@ from server.model.gpu_runner import GpuModelRunner
 from server.model.loader import load_model
 from server.model.tokenizer import Tokenizer
 from tests.tiny_models import make_chat_model_dir
-from tests.unit.engine.test_admit_during_step import assert_restored_after_the_decode_ahead
 from tests.unit.engine.test_engine import TOK_VOCAB, _collect, _prompt, _req, _running, _tokens
 
 pytestmark = pytest.mark.gpu
@@ -115,13 +114,3 @@ async def test_finish_checkpoints_deciding_ahead_hold_each_requests_own_state(mo
         fresh.prefill(tokens[: lease.position], 0)
         for name, want in fresh.capture(0).items():
             torch.testing.assert_close(state[name], want, rtol=1e-4, atol=1e-4)
-
-
-def test_a_slot_freed_during_a_step_is_restored_after_the_steps_decode_ahead(model_dir: Path) -> None:
-    """As on CPU (`assert_restored_after_the_decode_ahead`), with the GPU runner and cache: the arrival's restore
-    is queued on the stream behind the step's decode ahead, which writes the same slot."""
-    runner = GpuModelRunner(load_model(model_dir, device="cuda")[1], 4, "cuda")
-    config = CacheConfig(
-        hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32", device="cuda"
-    )
-    assert_restored_after_the_decode_ahead(runner, StateCache(config, runner.state_spec()))

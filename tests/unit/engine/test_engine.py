@@ -8,7 +8,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -396,8 +395,7 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
     model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the debug log on, each step with prefill logs its admission, the worker's laps (flush, prefill,
-    decode, sample, storing the captures held from the last step, admitting the requests that arrived during
-    the step, wait for the tokens, finish), the worker
+    decode, sample, storing the captures held from the last step, wait for the tokens, finish), the worker
     round trip beyond them and the delivery, and
     those parts add up to no more than the step's wall time; with it off, the worker keeps no clock."""
     caplog.set_level(logging.DEBUG, logger="server.engine")
@@ -417,7 +415,6 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
             "decode",
             "sample",
             "stored",
-            "arrivals",
             "wait",
             "finish",
             "handoff",
@@ -433,26 +430,3 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
         await _collect(engine, _req("q", _prompt(9, 5), max_tokens=2))
         assert engine._worker._clock is None
     assert not [r for r in caplog.records if r.getMessage().startswith("step: ")]
-
-
-async def test_a_step_from_idle_takes_the_first_prompt_alone_and_batches_the_rest(
-    model_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With an idle budget below two prompts, requests sent together to an idle engine: its first step
-    prefills the oldest alone, the next one all the others (within the prefill budget); after the engine
-    idles again, the next burst starts alone too. Every request gets the tokens it gets alone."""
-    caplog.set_level(logging.DEBUG, logger="server.engine")
-    runner = ModelRunner(load_model(model_dir)[1], max_slots=4)
-    config = EngineConfig(max_slots=4, prefill_budget=64, idle_prefill_budget=10)
-    reqs = [_req(f"r{i}", _prompt(9, 40 + i), max_tokens=3) for i in range(4)]
-    async with _running(Engine(runner, Tokenizer.from_pretrained(model_dir), None, config=config)) as engine:
-        bursts = []
-        for burst in range(2):
-            caplog.clear()
-            outs = await asyncio.gather(
-                *(_collect(engine, replace(r, request_id=f"{r.request_id}-{burst}")) for r in reqs)
-            )
-            lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step: ")]
-            bursts.append([int(line.split()[1]) for line in lines])
-            assert [_tokens(o) for o in outs] == await _alone(model_dir, reqs)
-    assert bursts == [[1, 3], [1, 3]]

@@ -248,38 +248,3 @@ class SlotMachine(RuleBasedStateMachine):
 
 TestSlotMachine = SlotMachine.TestCase
 TestSlotMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-
-
-def test_admission_during_a_step_leaves_out_the_prefill_in_flight() -> None:
-    """While a step prefills 150 of the backlog's tokens, admission counts only what that step leaves."""
-
-    def admitted(in_flight: int) -> list[str]:
-        s = _make(max_slots=8, budget=200)
-        s.add(Entry("a", num_prompt=150))
-        s.admit()
-        (chunk,) = s.plan().prefills
-        assert chunk.end - chunk.start == 150
-        for i in range(5):
-            s.add(Entry(f"r{i}", num_prompt=60))
-        return [e.request_id for e in s.admit(in_flight=in_flight)]
-
-    assert admitted(0) == ["r0"]  # between steps: a's 150 tokens are still to prefill
-    assert admitted(150) == ["r0", "r1", "r2", "r3"]  # 60 * 3 < 200: the 4th fills the budget
-
-
-def test_a_step_from_idle_takes_the_oldest_prompt_and_whole_prompts_within_the_idle_budget() -> None:
-    def planned(prompts: list[int], idle: bool, small: int | None = 100) -> list[tuple[str, int]]:
-        s = Scheduler(SchedulerConfig(8, prefill_budget=1000, idle_prefill_budget=small))
-        for i, n in enumerate(prompts):
-            s.add(Entry(f"r{i}", num_prompt=n))
-        s.admit()
-        return [(c.entry.request_id, c.end - c.start) for c in s.plan(idle=idle).prefills]
-
-    assert planned([40, 50, 30], idle=True) == [("r0", 40), ("r1", 50)]  # 40 + 50 <= 100; + 30 is not
-    assert planned([40, 70, 10], idle=True) == [("r0", 40)]  # stops at the first that does not fit
-    assert planned([900, 10], idle=True) == [("r0", 900)]  # the oldest always, whole up to the budget
-    assert planned([1500], idle=True) == [("r0", 1000)]
-    assert planned([40, 70, 10], idle=False) == [("r0", 40), ("r1", 70), ("r2", 10)]
-    assert planned([40, 70, 10], idle=True, small=None) == [("r0", 40), ("r1", 70), ("r2", 10)]
-    with pytest.raises(ValueError):
-        SchedulerConfig(2, idle_prefill_budget=0)

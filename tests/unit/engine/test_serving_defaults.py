@@ -17,13 +17,12 @@ def _resolve(device: torch.device, **flags: int) -> ServingDefaults:
 def test_cuda_prefills_less_while_requests_decode() -> None:
     d = _resolve(CUDA)
     assert (d.prefill_budget, d.decode_prefill_budget, d.checkpoint_interval) == (8192, 2048, 4096)
-    assert d.idle_prefill_budget == 512
     assert d.short_prompt == 1023  # rows shorter than a graph piece share one eager pass: not split
 
 
 def test_cpu_uses_one_budget_for_every_step() -> None:
     d = _resolve(CPU)
-    assert d.prefill_budget == d.decode_prefill_budget == d.idle_prefill_budget == 512
+    assert d.prefill_budget == d.decode_prefill_budget == 512
     assert d.short_prompt == 0
 
 
@@ -31,9 +30,6 @@ def test_the_decode_budget_never_exceeds_a_smaller_prefill_budget_unless_asked()
     assert _resolve(CUDA, prefill_budget=1024).decode_prefill_budget == 1024
     assert _resolve(CUDA, prefill_budget=1024, decode_prefill_budget=4096).decode_prefill_budget == 4096
     assert _resolve(CPU, decode_prefill_budget=64).decode_prefill_budget == 64
-    assert _resolve(CUDA, prefill_budget=256).idle_prefill_budget == 256
-    assert _resolve(CUDA, idle_prefill_budget=2048).idle_prefill_budget == 2048
-    assert _resolve(CPU, prefill_budget=4096).idle_prefill_budget == 4096
 
 
 def test_the_interval_rounds_up_to_the_scan_chunk() -> None:
