@@ -162,6 +162,24 @@ def test_one_admission_zeroes_its_misses_together_and_restores_its_hits(model: M
     assert bool((runner.pool.conv[:, SLOTS] == 3.0).all())
 
 
+def test_a_failed_reset_fails_the_fresh_admissions_alone(model: MambaLM) -> None:
+    """The batched reset raising (a device error): the requests that needed it fail with that error; the one
+    restored from a checkpoint is admitted."""
+    runner = ModelRunner(model, max_slots=SLOTS)
+    cache = _make_cache(runner, hot_dtype="fp32")
+    turn1 = _prompt(21, seed=14)
+    runner.prefill(turn1, 0)
+    assert cache.capture("anon", "s", turn1, runner.capture(0), reason="prompt")
+    error = RuntimeError("device lost")
+
+    def reset_many(slots: Sequence[int]) -> None:
+        raise error
+
+    runner.reset_many = reset_many  # type: ignore[method-assign]
+    seqs = [_seq(_req("miss", _prompt(9, seed=15)), 1), _seq(_req("hit", (*turn1, 5), session="s"), SLOT)]
+    assert ModelWorker(runner, cache).admit(seqs) == [error, len(turn1)]
+
+
 def _make_engine(model_dir: Path, slots: int, cache: bool) -> Engine:
     runner = ModelRunner(load_model(model_dir)[1], max_slots=slots)
     config = CacheConfig(hot_bytes=1 << 22, cold_bytes=1 << 22, hot_dtype="fp32", cold_dtype="fp32")
