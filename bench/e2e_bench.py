@@ -397,7 +397,8 @@ def section_burst(server: Server, texts: Texts, plan: Plan) -> list[list[str]]:
         heads = pct([s.headers for s in samples], 0.5)
         ttft = [s.ttft for s in samples]
         row = (pct(ttft, 0.5), pct(ttft, 0.99), heads)
-        timed += [row] if i else []
+        if i:
+            timed.append(row)
         rows.append(["warm-up" if i == 0 else str(i), *map(ms, row), steps])
     medians = [ms(statistics.median(column)) for column in zip(*timed, strict=True)]
     within = sum(p50 * 1e3 <= BURST_TARGET_MS for p50, _, _ in timed)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from server.engine.request import Seq
-from server.engine.sampler import to_device
+from server.model.defaults import to_device
 from server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)

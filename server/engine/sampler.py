@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from server.engine.types import SamplingParams
+from server.model.defaults import to_device
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,6 @@ def apply_logit_adds(logits: Tensor, batch: SamplingBatch) -> Tensor:
         return logits
     rows, ids, values = batch.logit_adds
     return logits.index_put((rows, ids), values, accumulate=True)
-
-
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on `device`: pinned and copied non_blocking on CUDA (no host synchronisation)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def penalised_rows(batch: SamplingBatch) -> Tensor:

@@ -41,10 +41,10 @@ from server.engine.sampler import (
     TokenCounts,
     has_penalty,
     penalised_rows,
-    to_device,
 )
 from server.engine.scheduler import StepPlan
 from server.engine.types import TokenEvent, TopLogprob
+from server.model.defaults import to_device
 from server.model.runner import ModelRunner, PrefillSeg
 
 log = logging.getLogger(__name__)

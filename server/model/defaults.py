@@ -1,4 +1,5 @@
-"""Where the bundled demo model lives, and device selection shared by the CLI and the server."""
+"""Where the bundled demo model lives, device selection shared by the CLI and the server, and host tensors
+copied to the device without a host synchronisation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 DEMO_MODEL_PACKAGE_DIR = "assets/demo-mamba2"
 
@@ -21,3 +23,11 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(device)
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`: pinned and copied non_blocking on CUDA (no host synchronisation, so work
+    queued before is not waited for)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

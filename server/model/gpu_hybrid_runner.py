@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from server.model.defaults import to_device
 from server.model.ffn import MLP, MoE
 from server.model.gpu_graphs import Captured, DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_hybrid_layers import AttentionGpu, ffn_static, mamba_gpu
@@ -384,10 +385,8 @@ class GpuHybridRunner(HybridRunner):
             self._synced[s] = (seq, len(seq.blocks))
         if not updates:
             return
-        host = torch.tensor(updates, dtype=torch.int32)  # (u, 3): slot, entry, block
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True).long()
+        # (u, 3): slot, entry, block
+        dev = to_device(torch.tensor(updates, dtype=torch.int32), self.device).long()
         self.tables[dev[:, 0], dev[:, 1]] = dev[:, 2].int()
 
     @torch.inference_mode()

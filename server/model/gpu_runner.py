@@ -42,6 +42,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from server.model.defaults import to_device
 from server.model.gpu_graphs import DecodeGraphs, InputStager, buckets_for
 from server.model.gpu_layers import ConvPrefill, Mamba1Gpu, Mamba2Gpu, SsmStep
 from server.model.gpu_packed import PACKED_BUCKETS, PackedGraphs, PackedRows, packed_eager
@@ -418,13 +419,7 @@ class GpuModelRunner(ModelRunner):
 
     def _to_device(self, values: Sequence[int]) -> Tensor:
         """Integers as a (n,) long device tensor, through pinned memory on CUDA: a non-blocking copy."""
-        host = torch.as_tensor(list(values), dtype=torch.long)
-        if self._pinned():
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
-
-    def _pinned(self) -> bool:
-        return self.device.type == "cuda"
+        return to_device(torch.as_tensor(list(values), dtype=torch.long), self.device)
 
     @property
     def computes_async(self) -> bool:

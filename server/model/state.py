@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from server.model.config import ModelConfig
+from server.model.defaults import to_device
 
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the live ssm dtypes
@@ -92,16 +93,13 @@ class StatePool:
 
     def reset_many(self, slots: Sequence[int]) -> None:
         """Zero several slots: one kernel a state whatever their number (a burst admits dozens of fresh
-        requests at once, and `reset` is two launches a slot). The index goes to the device without a host
-        synchronisation, so that work queued before is not waited for."""
+        requests at once, and `reset` is two launches a slot)."""
         for slot in slots:
             self.check_slot(slot)
+        if len(slots) == 1:
+            self.reset(slots[0])  # views: no index to copy
         if len(slots) <= 1:
-            for slot in slots:
-                self.reset(slot)
             return
-        index = torch.tensor(list(slots), dtype=torch.long)
-        cuda = self.conv.device.type == "cuda"
-        index = index.pin_memory().to(self.conv.device, non_blocking=True) if cuda else index
+        index = to_device(torch.tensor(list(slots), dtype=torch.long), self.conv.device)
         self.conv.index_fill_(1, index, 0)
         self.ssm.index_fill_(1, index, 0)
