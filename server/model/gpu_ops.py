@@ -20,6 +20,9 @@
   straight into its slot: mamba-ssm's `chunk_state_varlen` and the scatter after it, in one kernel that skips
   the layout's padding sequences. The two took 23 of the 200 ms of device time of a 64 x 200-token packed pass
   on mamba2-2.7b (an H200, session 22), for 65 sequences a layer whatever the rows;
+- `chunk_scan`, `chunk_state`: two stages of the Mamba2 chunked scan, mamba-ssm's `_chunk_scan_fwd` and
+  `_chunk_state_fwd` in other blocks: the outputs with the state entering each chunk loaded once per head
+  (faster at every length measured), and each chunk's own state for a packed row (1.6x faster there);
 - `selective_scan`: the Mamba1 scan over a segment starting from an initial state (mamba-ssm's
   `selective_scan_fn` has no initial-state argument), sequential in time, parallel over channels.
 
@@ -481,6 +484,248 @@ def final_states(
         pool.stride(0), pool.stride(1), pool.stride(2), pool.stride(3),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=num_warps,
     )  # fmt: skip
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    cb_ptr, x_ptr, dt_ptr, da_ptr, c_ptr, s_ptr, d_ptr, seq_ptr, y_ptr,
+    chunk, p, n, batch, length, heads_per_group,
+    stride_cbb, stride_cbc, stride_cbg, stride_cbm, stride_cbk,
+    stride_xb, stride_xl, stride_xh, stride_xp, stride_db, stride_dh, stride_dc, stride_dk,
+    stride_cb, stride_cl, stride_cg, stride_cn, stride_sb, stride_sc, stride_sh, stride_sp, stride_sn,
+    stride_dd, stride_qb, stride_ql, stride_yb, stride_yl, stride_yh, stride_yp,
+    HAS_D: tl.constexpr, D_HAS_P: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    pid_bc = tl.program_id(1)
+    c = pid_bc // batch
+    b = pid_bc - c * batch
+    head = tl.program_id(2)
+    group = head // heads_per_group
+    base = c.to(tl.int64) * chunk
+    limit = tl.minimum(chunk, length - base)  # this chunk's tokens (the last chunk may be short)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_n, mask_s = offs_n < p, offs_s < n
+    cb_ptr += b * stride_cbb + c * stride_cbc + group * stride_cbg
+    x_ptr += b * stride_xb + base * stride_xl + head * stride_xh
+    dt_ptr += b * stride_db + head * stride_dh + c * stride_dc
+    da_ptr += b * stride_db + head * stride_dh + c * stride_dc
+    c_ptr += b * stride_cb + base * stride_cl + group * stride_cg
+    y_ptr += b * stride_yb + base * stride_yl + head * stride_yh
+    # the state entering the chunk, loaded once for all its rows, rounded to C's dtype for the product
+    entering = tl.load(
+        s_ptr
+        + b * stride_sb
+        + c * stride_sc
+        + head * stride_sh
+        + offs_s[:, None] * stride_sn
+        + offs_n[None, :] * stride_sp,
+        mask=mask_s[:, None] & mask_n[None, :],
+        other=0.0,
+    ).to(c_ptr.dtype.element_ty)  # (S, N)
+    seq_prev = 0
+    if HAS_SEQ:  # the sequence the entering state belongs to: the previous chunk's last token's
+        seq_ptr += b * stride_qb + base * stride_ql
+        seq_prev = tl.load(seq_ptr - stride_ql, mask=c >= 1, other=0)
+    skip = 0.0
+    if HAS_D:
+        if D_HAS_P:
+            skip = tl.load(d_ptr + head * stride_dd + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            skip = tl.load(d_ptr + head * stride_dd).to(tl.float32)
+    for m0 in range(0, limit, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < limit
+        da_m = tl.load(da_ptr + offs_m * stride_dk, mask=mask_m, other=0.0)
+        scale = tl.exp(da_m)
+        if HAS_SEQ:  # a row whose sequence began inside this chunk does not see the entering state
+            seq_m = tl.load(seq_ptr + offs_m * stride_ql, mask=mask_m, other=-1)
+            scale = tl.where(seq_m == seq_prev, scale, 0.0)
+        c_m = tl.load(
+            c_ptr + offs_m[:, None] * stride_cl + offs_s[None, :] * stride_cn,
+            mask=mask_m[:, None] & mask_s[None, :],
+            other=0.0,
+        )  # (M, S)
+        acc = tl.dot(c_m, entering) * scale[:, None]  # (M, N) fp32
+        for k0 in range(0, tl.minimum(m0 + BLOCK_M, limit), BLOCK_K):  # causal: tokens up to the block's last
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < limit
+            # C_m . B_k (zero across sequences), decayed from k to m, times dt_k
+            cb = tl.load(
+                cb_ptr + offs_m[:, None] * stride_cbm + offs_k[None, :] * stride_cbk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            da_k = tl.load(da_ptr + offs_k * stride_dk, mask=mask_k, other=0.0)
+            dt_k = tl.load(dt_ptr + offs_k * stride_dk, mask=mask_k, other=0.0)
+            cb *= tl.exp(tl.minimum(da_m[:, None] - da_k[None, :], 0.0)) * dt_k[None, :]
+            cb = tl.where(offs_m[:, None] >= offs_k[None, :], cb, 0.0)
+            x_k = tl.load(
+                x_ptr + offs_k[:, None] * stride_xl + offs_n[None, :] * stride_xp,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )  # (K, N)
+            acc += tl.dot(cb.to(x_k.dtype), x_k)
+        block = mask_m[:, None] & mask_n[None, :]
+        if HAS_D:
+            x_m = tl.load(
+                x_ptr + offs_m[:, None] * stride_xl + offs_n[None, :] * stride_xp, mask=block, other=0.0
+            )
+            acc += x_m.to(tl.float32) * skip
+        tl.store(
+            y_ptr + offs_m[:, None] * stride_yl + offs_n[None, :] * stride_yp,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=block,
+        )
+
+
+def chunk_scan(
+    cb: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    dA_cumsum: Tensor,
+    C: Tensor,
+    states: Tensor,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    block_k: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 1,
+) -> Tensor:
+    """The chunked scan's outputs: mamba-ssm's `_chunk_scan_fwd` (causal, no z), with one program per chunk,
+    head and block of the head's channels, which loads the state entering the chunk once and walks the
+    chunk's rows in blocks (mamba-ssm's has a program per block of rows, each loading that state again:
+    32 KB of fp32 a head a chunk on mamba2-2.7b). On an H200 at mamba2-2.7b's heads (session 26, two calls),
+    a packed row of 41 x 197 tokens takes 251-252 us against mamba-ssm's 265-266, one sequence of 8,192
+    tokens 232-233 against 277-279, and of 32,768 tokens 919-947 against 1,105-1,156; the blocks are the
+    best of 27 tried there (more stages of pipelining lose: 344-406 us on the packed row).
+
+    cb: (b, c, g, L, L), C_t . B_s within each chunk (zero across sequences where `seq_idx` is given);
+    x: (b, l, h, p); dt, dA_cumsum: (b, h, c, L) fp32; C: (b, l, g, n); states: (b, c, h, p, n), the states
+    entering the chunks; D: (h,) or (h, p); seq_idx: (b, l) int32, sequences packed in a row -> y (b, l, h, p)
+    in x's dtype, with the D skip. The entering states and the decayed cb are rounded to C's and x's dtype for
+    their products, as mamba-ssm's kernel does."""
+    b, length, h, p = x.shape
+    _, _, chunks, chunk = dt.shape
+    g, n = C.shape[-2:]
+    assert cb.shape == (b, chunks, g, chunk, chunk) and states.shape == (b, chunks, h, p, n)
+    assert dA_cumsum.shape == dt.shape == (b, h, chunks, chunk) and dA_cumsum.stride() == dt.stride()
+    assert C.shape == (b, length, g, n) and h % g == 0
+    y = torch.empty(b, length, h, p, dtype=x.dtype, device=x.device)
+    block_n = max(16, min(block_n, triton.next_power_of_2(p)))
+    block_m = max(16, min(block_m, triton.next_power_of_2(chunk)))
+    block_k = max(16, min(block_k, triton.next_power_of_2(chunk)))
+    seq = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    _chunk_scan_kernel[(triton.cdiv(p, block_n), b * chunks, h)](
+        cb, x, dt, dA_cumsum, C, states, D, seq_idx, y,
+        chunk, p, n, b, length, h // g,
+        *cb.stride(), *x.stride(), dt.stride(0), dt.stride(1), dt.stride(2), dt.stride(3),
+        *C.stride(), *states.stride(),
+        D.stride(0) if D is not None else 0, *seq, *y.stride(),
+        HAS_D=D is not None, D_HAS_P=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=max(16, triton.next_power_of_2(n)),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _chunk_state_kernel(
+    x_ptr, b_ptr, dt_ptr, da_ptr, seq_ptr, out_ptr,
+    chunk, p, n, batch, length, heads_per_group,
+    stride_xb, stride_xl, stride_xh, stride_xp, stride_bb, stride_bl, stride_bg, stride_bn,
+    stride_db, stride_dh, stride_dc, stride_dk, stride_qb, stride_ql,
+    stride_ob, stride_oc, stride_oh, stride_op, stride_on,
+    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_bc = tl.program_id(1)
+    c = pid_bc // batch
+    b = pid_bc - c * batch
+    head = tl.program_id(2)
+    blocks_n = tl.cdiv(n, BLOCK_N)
+    offs_m = (tl.program_id(0) // blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < p, offs_n < n
+    base = c.to(tl.int64) * chunk
+    limit = tl.minimum(chunk, length - base)
+    x_ptr += b * stride_xb + base * stride_xl + head * stride_xh
+    b_ptr += b * stride_bb + base * stride_bl + (head // heads_per_group) * stride_bg
+    dt_ptr += b * stride_db + head * stride_dh + c * stride_dc
+    da_ptr += b * stride_db + head * stride_dh + c * stride_dc
+    da_last = tl.load(da_ptr + (chunk - 1) * stride_dk)  # past a short last chunk's end, dt is 0
+    seq_last = 0
+    if HAS_SEQ:  # only the chunk's last sequence's tokens count: its state is the one passed on
+        seq_ptr += b * stride_qb + base * stride_ql
+        seq_last = tl.load(seq_ptr + (limit - 1) * stride_ql)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, limit, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < limit
+        da_k = tl.load(da_ptr + offs_k * stride_dk, mask=mask_k, other=0.0)
+        dt_k = tl.load(dt_ptr + offs_k * stride_dk, mask=mask_k, other=0.0)
+        scale = tl.exp(tl.minimum(da_last - da_k, 0.0)) * dt_k
+        if HAS_SEQ:
+            seq_k = tl.load(seq_ptr + offs_k * stride_ql, mask=mask_k, other=-1)
+            scale = tl.where(seq_k == seq_last, scale, 0.0)
+        x_k = tl.load(
+            x_ptr + offs_m[:, None] * stride_xp + offs_k[None, :] * stride_xl,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (M, K)
+        b_k = tl.load(
+            b_ptr + offs_k[:, None] * stride_bl + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (K, N)
+        acc += tl.dot(x_k, (b_k * scale[:, None]).to(x_k.dtype))
+    tl.store(
+        out_ptr + b * stride_ob + c * stride_oc + head * stride_oh + offs_m[:, None] * stride_op
+        + offs_n[None, :] * stride_on,
+        acc,
+        mask=mask_m[:, None] & mask_n[None, :],
+    )  # fmt: skip
+
+
+def chunk_state(
+    B: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    dA_cumsum: Tensor,
+    seq_idx: Tensor | None = None,
+    block_n: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Tensor:
+    """Each chunk's own end state (from 0 within the chunk): mamba-ssm's `_chunk_state_fwd` with fp32 states,
+    for a packed row: on an H200 at mamba2-2.7b's heads (session 26, two calls), 41 x 197 tokens with
+    `seq_idx` take 91 us against mamba-ssm's 102-149 (its autotuner's pick depends on the first shape it
+    meets; these blocks are the best of 16 tried). On one long sequence mamba-ssm's is faster where it picks
+    well (289 against 325 us for 32,768 tokens), so the runner calls this one for packed rows only.
+
+    B: (b, l, g, n); x: (b, l, h, p); dt, dA_cumsum: (b, h, c, L) fp32; seq_idx: (b, l) int32 (only the
+    tokens of the sequence that ends the chunk count) -> (b, c, h, p, n) fp32."""
+    b, length, h, p = x.shape
+    _, _, chunks, chunk = dt.shape
+    g, n = B.shape[-2:]
+    assert B.shape == (b, length, g, n) and h % g == 0
+    assert dA_cumsum.shape == dt.shape == (b, h, chunks, chunk) and dA_cumsum.stride() == dt.stride()
+    out = torch.empty(b, chunks, h, p, n, dtype=torch.float32, device=x.device)
+    block_m = max(16, min(64, triton.next_power_of_2(p)))
+    block_n = max(16, min(block_n, triton.next_power_of_2(n)))
+    block_k = max(16, min(block_k, triton.next_power_of_2(chunk)))
+    seq = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    _chunk_state_kernel[(triton.cdiv(p, block_m) * triton.cdiv(n, block_n), b * chunks, h)](
+        x, B, dt, dA_cumsum, seq_idx, out,
+        chunk, p, n, b, length, h // g,
+        *x.stride(), *B.stride(), *dt.stride(), *seq, *out.stride(),
+        HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
 
 
 @triton.jit

@@ -240,3 +240,57 @@ def assert_packed_scan_is_each_sequence_alone(
         start += length
     kept = [s for s in range(MAX_SLOTS + 1) if s not in slots]  # 2, 4 and the spare
     assert torch.equal(pool[kept], before[kept])
+
+
+# (batch, length, heads, head dim, state dim, groups, chunk, sequence starts in a packed row or None, D per
+# channel): a short last chunk, several groups, sequences starting inside a chunk and on its boundary
+SCAN_STAGES = {
+    "tiny": (2, 37, 4, 16, 16, 2, CHUNK, None, True),
+    "tiny packed": (1, 37, 4, 16, 16, 2, CHUNK, (0, 3, 8, 9, 30), False),
+    "realistic packed": (1, 600, 4, 64, 128, 1, 256, (0, 197, 256, 394, 591), False),
+}
+
+
+def assert_scan_stages_are_mamba_ssm(
+    ops: Any, device: str, dtype: torch.dtype, close: Close, shapes: str = "tiny"
+) -> None:
+    """`gpu_ops.chunk_scan` and `gpu_ops.chunk_state` give what mamba-ssm's `_chunk_scan_fwd` and
+    `_chunk_state_fwd` give on the same inputs (`SCAN_STAGES`): the outputs with the D skip, from states
+    entering the chunks that the state passing made from a random initial state (or, packed, from each
+    sequence's zero state), and each chunk's own state (packed: its last sequence's)."""
+    from mamba_ssm.ops.triton.ssd_combined import (
+        _bmm_chunk_fwd,
+        _chunk_cumsum_fwd,
+        _chunk_scan_fwd,
+        _chunk_state_fwd,
+        _state_passing_fwd,
+    )
+
+    b, length, h, p, n, g, chunk, starts, d_per_channel = SCAN_STAGES[shapes]
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(b, length, h, p, generator=gen)
+    B, C = (torch.randn(b, length, g, n, generator=gen) * n**-0.5 for _ in "BC")
+    raw = torch.randn(b, length, h, generator=gen) - 2.0
+    A = -torch.rand(h, generator=gen) - 0.1
+    D = torch.randn(h, p, generator=gen) if d_per_channel else torch.randn(h, generator=gen)
+    init = torch.randn(b, h, p * n, generator=gen) if starts is None else None
+    seq_idx = None
+    if starts is not None:
+        seq_idx = torch.zeros(b, length, dtype=torch.int32)
+        for start in starts[1:]:
+            seq_idx[:, start:] += 1
+    x, B, C = (t.to(device, dtype) for t in (x, B, C))
+    raw, A, D, init, seq_idx = (None if t is None else t.to(device) for t in (raw, A, D, init, seq_idx))
+    dA, dt = _chunk_cumsum_fwd(raw, A, chunk, dt_softplus=True)
+    own = _chunk_state_fwd(B, x, dt, dA, seq_idx=seq_idx, states_in_fp32=True)
+    close(ops.chunk_state(B, x, dt, dA, seq_idx), own)
+    entering, _ = _state_passing_fwd(
+        own.flatten(-2), dA[..., -1], initial_states=init, seq_idx=seq_idx, chunk_size=chunk,
+        out_dtype=torch.float32,
+    )  # fmt: skip
+    entering = entering.unflatten(-1, (p, n))
+    cb = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
+    want, _ = _chunk_scan_fwd(cb, x, dt, dA, C, entering, D=D, seq_idx=seq_idx)
+    got = ops.chunk_scan(cb, x, dt, dA, C, entering, D, seq_idx)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    close(got, want)

@@ -154,7 +154,7 @@ def _ssd_inputs(b: int, length: int, h: int = 4, p: int = 16, n: int = 16, g: in
     }
 
 
-def test_chunk_scan_states_are_the_torch_scan_states() -> None:
+def test_chunk_scan_states_are_the_torch_scan_states(ops: ModuleType) -> None:
     from server.model.gpu_layers import chunk_scan_states
     from server.model.kernels import load_kernels
 
@@ -162,7 +162,9 @@ def test_chunk_scan_states_are_the_torch_scan_states() -> None:
     assert parts is not None
     t = _ssd_inputs(2, 20)
     D = torch.randn(4)
-    y, entering, final = chunk_scan_states(parts, t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D, t["init"])
+    y, entering, final = chunk_scan_states(
+        parts, ops, t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D, t["init"]
+    )
     y_ref, states_ref = ssd_scan_states(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, t["init"])
     assert entering.dtype == final.dtype == torch.float32
     _close(y, y_ref + t["x"] * D[:, None])
@@ -198,6 +200,12 @@ def test_the_packed_scan_leaves_each_sequence_alone_in_its_slot(
     cases.assert_packed_scan_is_each_sequence_alone(
         ops, load_kernels().ssd_parts, "cpu", pool_dtype, close, shapes
     )
+
+
+@pytest.mark.parametrize("shapes", list(cases.SCAN_STAGES))
+def test_our_scan_stages_are_mamba_ssms(ops: ModuleType, shapes: str) -> None:
+    # the same sums in the same order, both in the interpreter's fp32 numpy: measured differences about 1e-6
+    cases.assert_scan_stages_are_mamba_ssm(ops, "cpu", torch.float32, _close, shapes)
 
 
 def test_mamba1_scan_keeps_the_state_through_padding(ops: ModuleType) -> None:
