@@ -1,7 +1,7 @@
 """Where the GPU time goes: kernel profiles of prefill and decode, and block-size sweeps of our Triton kernels.
 
     python -m bench.gpu_profile [--model mamba2-2.7b] [--length 8192] [--rows 64] [--tokens 200]
-                                [--sections prefill,burst,decode,sweep] [--out profile.md]
+                                [--sections prefill,burst,decode,sweep,stages] [--out profile.md]
 
 - prefill: one prefill of `--length` tokens by upstream mamba_ssm, by ours with the torch conv and by ours
   with the Triton conv; wall time (median of 3) and the kernels that take the most device time;
@@ -11,7 +11,9 @@
 - decode: one eager decode step at batch 64 (ours), its top kernels;
 - sweep: `ssm_step` (batch 1 / 64 / 256) and `conv_prefill` (one row of the prefill length, and a burst's
   64 rows of 208 tokens, reading xBC inside the in_proj output as the runner does) over block sizes and
-  warps, in GB/s of the bytes each kernel must move.
+  warps, in GB/s of the bytes each kernel must move;
+- stages (not in the default list): the chunked scan's chunk_state and chunk_scan stages, mamba-ssm's kernels
+  against ours (`gpu_ops`), on a burst's packed row and on one long sequence.
 Everything is printed and appended to `--out` as markdown; this is the evidence behind the bench tables.
 """
 
@@ -288,6 +290,56 @@ def section_sweep(rep: Report, model: str, length: int, d2d: float) -> None:
     rep.table(f"sweep: our Triton kernels, {model} shapes", header, rows)
 
 
+def section_stages(rep: Report, model: str) -> None:
+    """Two stages of the chunked scan at the model's head shapes, mamba-ssm's kernel against ours
+    (`gpu_ops.chunk_state`, `gpu_ops.chunk_scan`), device us by `triton.testing.do_bench`: a burst's packed
+    row of 41 x 197 tokens (`seq_idx`), and one sequence of 8,192 and of 32,768 tokens."""
+    cfg = build_pair(model)[1].cfg  # (first: it registers the stub of mamba-ssm's CUDA extension)
+    from mamba_ssm.ops.triton.ssd_combined import (
+        _bmm_chunk_fwd,
+        _chunk_cumsum_fwd,
+        _chunk_scan_fwd,
+        _chunk_state_fwd,
+        _state_passing_fwd,
+    )
+    from triton.testing import do_bench
+
+    h, p, n, g, chunk = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.chunk_size
+    rows = []
+    for label, length, packed in (("41 x 197 packed", 41 * 197, True), ("8,192", 8192, False),
+                                  ("32,768", 32768, False)):  # fmt: skip
+        x = torch.randn(1, length, h, p, device="cuda", dtype=torch.bfloat16)
+        B, C = (torch.randn(1, length, g, n, device="cuda", dtype=torch.bfloat16) * n**-0.5 for _ in "BC")
+        raw, A = torch.randn(1, length, h, device="cuda") - 2, -torch.rand(h, device="cuda") - 0.5
+        D = torch.ones(h, device="cuda")
+        seq = torch.arange(length, device="cuda", dtype=torch.int32)[None] // 197 if packed else None
+        dA, dt = _chunk_cumsum_fwd(raw, A, chunk, dt_softplus=True)
+        own = _chunk_state_fwd(B, x, dt, dA, seq_idx=seq, states_in_fp32=True)
+        entering = _state_passing_fwd(own.flatten(-2), dA[..., -1], seq_idx=seq, chunk_size=chunk,
+                                      out_dtype=torch.float32)[0].unflatten(-1, (p, n))  # fmt: skip
+        cb = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq, output_dtype=torch.float32)
+        pairs = {
+            "chunk_state": (
+                partial(_chunk_state_fwd, B, x, dt, dA, seq_idx=seq, states_in_fp32=True),
+                partial(gpu_ops.chunk_state, B, x, dt, dA, seq),
+            ),
+            "chunk_scan": (
+                partial(_chunk_scan_fwd, cb, x, dt, dA, C, entering, D=D, seq_idx=seq),
+                partial(gpu_ops.chunk_scan, cb, x, dt, dA, C, entering, D, seq),
+            ),
+        }
+        for stage, (theirs, ours) in pairs.items():
+            want = theirs()
+            want = want[0] if isinstance(want, tuple) else want  # _chunk_scan_fwd: (out, out_x)
+            diff = (ours().float() - want.float()).abs().max().item()
+            us = [do_bench(fn, warmup=20, rep=200) * 1e3 for fn in (theirs, ours)]
+            rows.append(
+                [stage, label, f"{us[0]:.1f}", f"{us[1]:.1f}", f"{us[0] / us[1]:.2f}x", f"{diff:.3g}"]
+            )
+    header = ["stage", "tokens", "mamba-ssm us", "ours us", "ours faster by", "max abs difference"]
+    rep.table(f"the chunked scan's stages, {model} heads ({h} x {p}, state {n}, chunk {chunk})", header, rows)
+
+
 def _sweep_ssm(h: int, p: int, n: int, g: int, batch: int, d2d: float) -> list[list[str]]:
     state = torch.randn(batch, h, p, n, device="cuda")  # (S, h, p, n) fp32
     x = torch.randn(batch, h, p, device="cuda", dtype=torch.bfloat16)
@@ -337,6 +389,8 @@ def main() -> None:
         section_decode(rep, args.model)
     if "sweep" in sections:
         section_sweep(rep, args.model, args.length, d2d)
+    if "stages" in sections:
+        section_stages(rep, args.model)
 
 
 if __name__ == "__main__":
