@@ -205,7 +205,7 @@ def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -
 
     def packed(into_slots: bool) -> None:
         dA_cumsum, dtc = parts.chunk_cumsum(pdt, A, chunk)
-        own = parts.chunk_state(pB, px, dtc, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        own = gpu_ops.chunk_state(pB, px, dtc, dA_cumsum, seq_idx)
         entering, _ = parts.state_passing(
             own.flatten(-2),
             dA_cumsum[:, :, :, -1],
@@ -215,7 +215,7 @@ def _scan_layouts(rep: Report, runner: GpuModelRunner, rows: int, tokens: int) -
         )
         entering = entering.unflatten(-1, (p, n))
         cb = parts.bmm_chunk(pC, pB, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
-        parts.chunk_scan(cb, px, dtc, dA_cumsum, pC, entering, D=D, seq_idx=seq_idx)
+        gpu_ops.chunk_scan(cb, px, dtc, dA_cumsum, pC, entering, D, seq_idx)
         if into_slots:
             gpu_ops.final_states(px[0], pB[0], dtc[0], dA_cumsum[0], entering[0], cu, pool, slots, rows)
         else:

@@ -39,13 +39,13 @@ class MissingExtensionError(RuntimeError):
 class SsdParts:
     """The stages of mamba-ssm's chunked scan (`_mamba_chunk_scan_combined_fwd`, private API of 2.x), so that
     the GPU runner can run them with fp32 chunk-entering states: the public function rounds those to the
-    inputs' dtype and returns only the final state in fp32."""
+    inputs' dtype and returns only the final state in fp32. The outputs' stage, and a packed row's chunk
+    states, are ours (`gpu_ops.chunk_scan`, `gpu_ops.chunk_state`)."""
 
     chunk_cumsum: KernelFn  # _chunk_cumsum_fwd: dt -> (dA cumsum, dt) per chunk
     chunk_state: KernelFn  # _chunk_state_fwd: each chunk's own end state
     state_passing: KernelFn  # _state_passing_fwd: states entering each chunk, and the final one
     bmm_chunk: KernelFn  # _bmm_chunk_fwd: C^T B within each chunk
-    chunk_scan: KernelFn  # _chunk_scan_fwd: the outputs
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,8 @@ def _import_ssd_parts() -> SsdParts | None:
     try:
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         return SsdParts(
-            ssd._chunk_cumsum_fwd, ssd._chunk_state_fwd, ssd._state_passing_fwd, ssd._bmm_chunk_fwd,
-            ssd._chunk_scan_fwd,
-        )  # fmt: skip
+            ssd._chunk_cumsum_fwd, ssd._chunk_state_fwd, ssd._state_passing_fwd, ssd._bmm_chunk_fwd
+        )
     except (ImportError, AttributeError) as exc:
         log.warning("mamba-ssm's chunked scan stages are missing (%s): captures split prefills", exc)
         return None
