@@ -98,8 +98,7 @@ class StatePool:
             self.check_slot(slot)
         if len(slots) == 1:
             self.reset(slots[0])  # views: no index to copy
-        if len(slots) <= 1:
-            return
-        index = to_device(torch.tensor(list(slots), dtype=torch.long), self.conv.device)
-        self.conv.index_fill_(1, index, 0)
-        self.ssm.index_fill_(1, index, 0)
+        elif slots:
+            index = to_device(torch.tensor(list(slots), dtype=torch.long), self.conv.device)
+            self.conv.index_fill_(1, index, 0)
+            self.ssm.index_fill_(1, index, 0)
