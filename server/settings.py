@@ -70,6 +70,21 @@ class Settings(BaseSettings):
         description="The same, in steps where some request is decoding: smaller keeps their inter-token "
         "latency steady while prompts arrive; default 2048 on CUDA, the prefill budget on CPU.",
     )
+    gather_ms: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="From idle, the first step waits at most this long for further requests while they keep "
+        "arriving (a burst), so that they share its pass instead of waiting for the next; default 20 on CUDA, "
+        "0 (off) on CPU.",
+    )
+    gather_gap_ms: float = Field(
+        2.0,
+        gt=0,
+        le=100,
+        description="That wait ends once no request has arrived for this long (a lone request waits this "
+        "long), or once the waiting prompts fill the prefill budget or the free slots.",
+    )
     decode_ahead: DecodeAhead = Field(
         "auto",
         description="Launch each decode step before the previous one's tokens reach the host, so that the "

@@ -17,6 +17,7 @@ dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -72,6 +73,10 @@ class EngineConfig:
     prefill_budget: int = 512  # prompt tokens prefilled per step (chunked prefill)
     decode_prefill_budget: int | None = None  # the same in a step where some request decodes (None: as above)
     short_prompt: int = 0  # while decoding, prompts this short are prefilled whole past that budget
+    # from idle, the first step waits at most `gather_seconds` for further requests while they arrive less
+    # than `gather_gap_seconds` apart (0: it starts at once)
+    gather_seconds: float = 0.0
+    gather_gap_seconds: float = 0.001
     decode_ahead: bool | None = (
         None  # launch the next decode before this one's tokens reach the host (None: CUDA)
     )
@@ -376,6 +381,7 @@ class Engine:
                     continue
                 self._wake.clear()
                 await self._wake.wait()
+                await self._gather()
                 continue
             try:
                 await self._step()
@@ -385,6 +391,27 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 for seq in [self._seqs[e.request_id] for e in self._scheduler.running()]:
                     self._end(seq, error=exc)
+
+    async def _gather(self) -> None:
+        """From idle: hold the first step while requests keep arriving (`EngineConfig.gather_seconds`), so that
+        a burst's requests share its pass. Started at the first arrival, that step would hold the few that
+        came first, and every later one would wait for it to end before its own pass began: a burst of 64
+        prompts on an idle GPU is a short step, then a full one, then the rest. The wait ends at the first gap
+        of `gather_gap_seconds` without an arrival (a lone request waits one gap), at the cap, or once the
+        waiting prompts fill the step's prefill budget or the free slots: then nothing more could join."""
+        cfg, sched = self.config, self._scheduler
+        deadline = time.monotonic() + cfg.gather_seconds
+        seen = 0
+        while (
+            not sched.num_running
+            and seen < sched.num_waiting < sched.num_free_slots
+            and sched.waiting_tokens < sched.config.prefill_budget
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            seen = sched.num_waiting
+            self._wake.clear()  # set by the next arrival (or abort): the loop reads the queues, not the event
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(cfg.gather_gap_seconds, left))
 
     async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """fn(*args, **kwargs) on the model worker thread, where every step's model and cache work runs, in

@@ -48,6 +48,7 @@ class ServingDefaults:
     # prompts prefilled whole past that budget, within the full one: on CUDA those below the length at
     # which a row runs alone as graph pieces, since shorter rows share one eager pass whatever their number
     short_prompt: int = 0
+    gather_seconds: float = 0.0  # from idle, the first step's wait for a burst's further requests
 
     @classmethod
     def resolve(cls, settings: Settings, device: torch.device, chunk: int) -> ServingDefaults:
@@ -55,7 +56,8 @@ class ServingDefaults:
         budget = settings.prefill_budget or (8192 if cuda else 512)
         interval = settings.checkpoint_interval or (4096 if cuda else 256)
         decoding = settings.decode_prefill_budget or (min(budget, 2048) if cuda else budget)
-        return cls(budget, -(-interval // chunk) * chunk, decoding, SHORT_PROMPT if cuda else 0)
+        gather = settings.gather_ms if settings.gather_ms is not None else (20.0 if cuda else 0.0)
+        return cls(budget, -(-interval // chunk) * chunk, decoding, SHORT_PROMPT if cuda else 0, gather / 1e3)
 
 
 def build_cache(
@@ -271,6 +273,8 @@ def build_engine(settings: Settings, metrics: EngineMetrics | None = None) -> En
             prefill_budget=defaults.prefill_budget,
             decode_prefill_budget=defaults.decode_prefill_budget,
             short_prompt=defaults.short_prompt,
+            gather_seconds=defaults.gather_seconds,
+            gather_gap_seconds=settings.gather_gap_ms / 1e3,
             decode_ahead=None if settings.decode_ahead == "auto" else settings.decode_ahead == "on",
         ),
         profile_dir=settings.profile_dir,

@@ -106,6 +106,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def waiting_tokens(self) -> int:
+        """Prompt tokens of the waiting entries (before any cache hit)."""
+        return sum(e.num_prompt for e in self._waiting.values())
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

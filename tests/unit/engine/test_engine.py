@@ -41,12 +41,19 @@ def _lossless_cache(runner: ModelRunner, interval: int = 8) -> StateCache:
 
 
 def _make_engine(
-    model_dir: Path, slots: int = 4, cache: bool = False, budget: int = 16, metrics: Metrics | None = None
+    model_dir: Path,
+    slots: int = 4,
+    cache: bool = False,
+    budget: int = 16,
+    metrics: Metrics | None = None,
+    gather: tuple[float, float] = (0.0, 0.001),
 ) -> Engine:
     runner = ModelRunner(load_model(model_dir)[1], max_slots=slots)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     state_cache = _lossless_cache(runner) if cache else None
-    config = EngineConfig(max_slots=slots, prefill_budget=budget)
+    config = EngineConfig(
+        max_slots=slots, prefill_budget=budget, gather_seconds=gather[0], gather_gap_seconds=gather[1]
+    )
     return Engine(runner, tokenizer, state_cache, metrics=metrics, config=config)
 
 
@@ -430,3 +437,45 @@ async def test_the_debug_line_of_a_prefill_step_says_where_its_time_went(
         await _collect(engine, _req("q", _prompt(9, 5), max_tokens=2))
         assert engine._worker._clock is None
     assert not [r for r in caplog.records if r.getMessage().startswith("step: ")]
+
+
+async def _first_step_rows(
+    model_dir: Path, caplog: pytest.LogCaptureFixture, gather: tuple[float, float], prompts: int,
+    apart: float = 0.03, slots: int = 4, budget: int = 64,
+) -> tuple[int, float]:  # fmt: skip
+    """Prompts of 9 tokens sent `apart` seconds apart to an idle engine -> (the rows of its first prefill step,
+    seconds until every request finished)."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="server.engine")
+    began = time.monotonic()
+    async with _running(_make_engine(model_dir, slots=slots, budget=budget, gather=gather)) as engine:
+        tasks = []
+        for i in range(prompts):
+            tasks.append(asyncio.create_task(_collect(engine, _req(f"g{i}", _prompt(9, i), max_tokens=2))))
+            await asyncio.sleep(apart)
+        results = await asyncio.gather(*tasks)
+    assert all(len(_tokens(events)) == 2 for events in results)
+    first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step: "))
+    return int(re.match(r"step: (\d+) prefill rows", first).group(1)), time.monotonic() - began  # type: ignore[union-attr]
+
+
+async def test_from_idle_a_burst_shares_the_first_step(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests arriving closer together than the gap join the first step; without the wait, the first step
+    starts at the first arrival and holds it alone."""
+    assert (await _first_step_rows(model_dir, caplog, (10.0, 1.0), prompts=3))[0] == 3
+    assert (await _first_step_rows(model_dir, caplog, (0.0, 1.0), prompts=3))[0] == 1
+
+
+async def test_the_first_steps_wait_ends_at_a_gap_a_full_budget_or_full_slots(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wait never runs to its cap of 30 s here: a lone request waits one gap (0.2 s); two prompts that
+    fill the prefill budget (16 tokens), or the free slots (2), start at once although the gap is 30 s."""
+    rows, took = await _first_step_rows(model_dir, caplog, (30.0, 0.2), prompts=1)
+    assert rows == 1 and took < 10
+    rows, took = await _first_step_rows(model_dir, caplog, (30.0, 30.0), prompts=2, budget=16)
+    assert rows == 2 and took < 10
+    rows, took = await _first_step_rows(model_dir, caplog, (30.0, 30.0), prompts=2, slots=2)
+    assert rows == 2 and took < 10

@@ -10,7 +10,7 @@ from server.settings import Settings
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
 
-def _resolve(device: torch.device, **flags: int) -> ServingDefaults:
+def _resolve(device: torch.device, **flags: float) -> ServingDefaults:
     return ServingDefaults.resolve(Settings(**flags), device, chunk=256)
 
 
@@ -24,6 +24,12 @@ def test_cpu_uses_one_budget_for_every_step() -> None:
     d = _resolve(CPU)
     assert d.prefill_budget == d.decode_prefill_budget == 512
     assert d.short_prompt == 0
+
+
+def test_cuda_gathers_a_burst_from_idle_and_the_cpu_does_not_unless_asked() -> None:
+    assert _resolve(CUDA).gather_seconds == 0.02 and _resolve(CPU).gather_seconds == 0.0
+    assert _resolve(CPU, gather_ms=5).gather_seconds == 0.005
+    assert _resolve(CUDA, gather_ms=0).gather_seconds == 0.0
 
 
 def test_the_decode_budget_never_exceeds_a_smaller_prefill_budget_unless_asked() -> None:
