@@ -76,7 +76,7 @@ class EngineConfig:
     # from idle, the first step waits at most `gather_seconds` for further requests while they arrive less
     # than `gather_gap_seconds` apart (0: it starts at once)
     gather_seconds: float = 0.0
-    gather_gap_seconds: float = 0.001
+    gather_gap_seconds: float = 0.002
     decode_ahead: bool | None = (
         None  # launch the next decode before this one's tokens reach the host (None: CUDA)
     )
@@ -381,9 +381,9 @@ class Engine:
                     continue
                 self._wake.clear()
                 await self._wake.wait()
-                await self._gather()
                 continue
             try:
+                await self._gather()  # at once unless the device is idle
                 await self._step()
             except asyncio.CancelledError:
                 raise
@@ -393,8 +393,8 @@ class Engine:
                     self._end(seq, error=exc)
 
     async def _gather(self) -> None:
-        """From idle: hold the first step while requests keep arriving (`EngineConfig.gather_seconds`), so that
-        a burst's requests share its pass. Started at the first arrival, that step would hold the few that
+        """With nothing running: hold the step while requests keep arriving (`EngineConfig.gather_seconds`), so
+        that a burst's requests share its pass. Started at the first arrival, that step would hold the few that
         came first, and every later one would wait for it to end before its own pass began: a burst of 64
         prompts on an idle GPU is a short step, then a full one, then the rest. The wait ends at the first gap
         of `gather_gap_seconds` without an arrival (a lone request waits one gap), at the cap, or once the

@@ -479,3 +479,20 @@ async def test_the_first_steps_wait_ends_at_a_gap_a_full_budget_or_full_slots(
     assert rows == 2 and took < 10
     rows, took = await _first_step_rows(model_dir, caplog, (30.0, 30.0), prompts=2, slots=2)
     assert rows == 2 and took < 10
+
+
+async def test_a_request_cancelled_during_the_first_steps_wait_leaves_nothing_behind(model_dir: Path) -> None:
+    """A client gone while the idle engine waits for more (a 30 s cap, 0.5 s gaps): its request leaves the
+    queue, the wait ends, and the next request is served as it would be alone, every slot free after."""
+    want = (await _alone(model_dir, [_req("b", _prompt(9, 2), max_tokens=4)]))[0]
+    async with _running(_make_engine(model_dir, slots=2, gather=(30.0, 0.5))) as engine:
+        gone = asyncio.create_task(_collect(engine, _req("a", _prompt(9, 1), max_tokens=4)))
+        await asyncio.sleep(0.1)
+        assert engine.num_waiting == 1 and engine.num_running == 0  # held by the wait
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert engine.num_waiting == 0
+        began = time.monotonic()
+        assert _tokens(await _collect(engine, _req("b", _prompt(9, 2), max_tokens=4))) == want
+        assert time.monotonic() - began < 10  # one gap, not the cap
+        assert engine.num_free_slots == 2
